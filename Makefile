@@ -1,0 +1,30 @@
+# make test   create .venv, install torch + triton + test deps, build fastcl (and its extension), run every test
+# make bench  the benchmark suite on the best local device (a small CPU run when there is no GPU)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.14.1
+DEPS   := "$(TORCH)" "triton>=3.0" ninja pybind11 pytest pytest-benchmark numpy matplotlib rich
+CUDA_HOME ?= $(wildcard /usr/local/cuda)
+export CUDA_HOME
+export MAX_JOBS ?= 2
+
+.PHONY: test bench install clean
+
+$(VENV)/.deps: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+install: $(VENV)/.deps
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest tests -q -ra
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf build *.egg-info fastcl/*.so .pytest_cache

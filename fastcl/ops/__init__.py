@@ -1,0 +1,95 @@
+"""The engine contract shared by every backend.
+
+Every loss in fastcl is a closure over one engine that sweeps (row block x column block) tiles of
+
+    S_ij = s * <q_i, k_j> + b        queries q: (N, D), keys k: (M, D), scale s, bias b
+
+and keeps only O(N + M) statistics. A backend implements two functions with these signatures:
+
+    forward(queries, keys, scale, bias, targets, spec) -> EngineStats
+    backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs)
+        -> (d_queries | None, d_keys | None, d_scale | None, d_bias | None)
+
+``scale`` is a float32 tensor of shape (1,), ``bias`` a float32 tensor of shape (1,) or None
+(float64 for float64 features, which only the torch backend accepts).
+``needs`` is a 4-tuple of bools (queries, keys, scale, bias) saying which gradients to compute;
+``d_scale``/``d_bias`` are float32 tensors of shape (1,).
+
+Validity and targets (per tile, from O(N + M) metadata, never an N x M tensor):
+
+* ``valid_ij`` = i < N and j < M, and, with ``spec.exclude_self``, j != i + spec.offset.
+* index mode (``targets.row_labels is None``): T_ij = [j == p(i)] with p = ``targets.positives``
+  or p(i) = i + spec.offset when that is None.
+* label mode: T_ij = [row_labels[i] == col_labels[j]]. In both modes T_ij is and-ed with valid_ij.
+* symmetric (softmax, index mode only): column positive pc = ``targets.col_positives`` or
+  pc(j) = j - spec.offset; Tc_ij = [i == pc(j)] and valid_ij.
+
+Softmax closure (``spec.kind == "softmax"``):
+
+* stats.row_lse[i]  = LSE_{j valid} S_ij           stats.row_pos[i] = sum_j T_ij S_ij
+  stats.row_npos[i] = sum_j T_ij                   (float32)
+* symmetric: stats.col_lse[j] = LSE_{i valid} S_ij, stats.col_pos[j] = sum_i Tc_ij S_ij
+* row loss  L_i = row_lse_i - row_pos_i / row_npos_i   (0 when row_npos_i == 0)
+  col loss  Lc_j = col_lse_j - col_pos_j   (symmetric losses give every column one positive)
+* dS_ij = g_i (P_ij - T_ij / npos_i) + gc_j (Pc_ij - Tc_ij) on valid entries, 0 elsewhere,
+  P_ij = exp(S_ij - row_lse_i), Pc_ij = exp(S_ij - col_lse_j); rows with npos_i == 0 get no
+  gradient. ``grad_row`` = g (N,), ``grad_col`` = gc (M,) or None.
+
+Sigmoid closure (``spec.kind == "sigmoid"``, SigLIP): z_ij = +1 where T_ij else -1;
+stats.row_lse[i] holds the row loss sum_{j valid} softplus(-z_ij S_ij) (row_pos/row_npos are zeros,
+col_* None); dS_ij = -g_i z_ij sigmoid(-z_ij S_ij).
+
+Gradients: dQ = s dS K, dK = s dS^T Q, d_scale = sum dS_ij <q_i, k_j>, d_bias = sum dS_ij.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Compile-time description of a loss closure (hashable: it selects kernel variants)."""
+
+    kind: str = "softmax"  # "softmax" | "sigmoid"
+    symmetric: bool = False  # also column statistics (softmax, index mode)
+    exclude_self: bool = False  # drop j == i + offset from every sum
+    offset: int = 0  # diagonal offset for default positives and self-exclusion
+    exact: bool = False  # fp32 inputs: IEEE fp32 products instead of TF32
+
+
+class Targets(NamedTuple):
+    """Per-row / per-column target metadata; every field is a tensor on the inputs' device or None."""
+
+    positives: Optional[torch.Tensor] = None  # (N,) int64
+    col_positives: Optional[torch.Tensor] = None  # (M,) int64
+    row_labels: Optional[torch.Tensor] = None  # (N,) int64
+    col_labels: Optional[torch.Tensor] = None  # (M,) int64
+
+
+class EngineStats(NamedTuple):
+    """O(N + M) statistics saved by the forward sweep (float32, or float64 on the torch backend)."""
+
+    row_lse: torch.Tensor  # (N,)
+    row_pos: torch.Tensor  # (N,)
+    row_npos: torch.Tensor  # (N,)
+    col_lse: Optional[torch.Tensor] = None  # (M,) when symmetric
+    col_pos: Optional[torch.Tensor] = None  # (M,) when symmetric
+
+
+def row_losses(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
+    """Per-row loss L_i (N,) from the statistics."""
+    if spec.kind == "sigmoid":
+        return stats.row_lse
+    has = stats.row_npos > 0
+    mean_pos = stats.row_pos / torch.where(has, stats.row_npos, torch.ones_like(stats.row_npos))
+    return torch.where(has, stats.row_lse - mean_pos, torch.zeros_like(stats.row_lse))
+
+
+def col_losses(stats: EngineStats) -> torch.Tensor:
+    """Per-column loss Lc_j (M,) of a symmetric softmax loss."""
+    return stats.col_lse - stats.col_pos

@@ -1,0 +1,23 @@
+"""The "torch" backend: the engine contract on materialised row chunks (``fastcl.reference``)."""
+from __future__ import annotations
+
+from .. import reference
+from . import EngineStats
+
+
+def _kw(spec, targets):
+    return dict(kind=spec.kind, symmetric=spec.symmetric, exclude_self=spec.exclude_self,
+                offset=spec.offset, positives=targets.positives,
+                col_positives=targets.col_positives, row_labels=targets.row_labels,
+                col_labels=targets.col_labels)
+
+
+def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
+    return EngineStats(*reference.engine_forward(queries, keys, scale, bias, **_kw(spec, targets)))
+
+
+def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs):
+    return reference.engine_backward(
+        queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
+        col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col, needs=tuple(needs),
+        **_kw(spec, targets))

@@ -1,0 +1,190 @@
+"""Pure-PyTorch implementations: the fallback backend and the oracle of every test.
+
+Two layers live here, and neither imports anything from the package:
+
+* loss references (``info_nce``, ``clip_loss``) written the obvious way, on the materialised
+  logits with ``F.cross_entropy``; float64-capable, differentiable by autograd.
+* the engine (``engine_forward`` / ``engine_backward``): the statistics contract documented in
+  ``fastcl.ops``, computed on materialised logits one row chunk at a time so that CPU memory stays
+  bounded by ``chunk_rows x M``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# ----------------------------------------------------------------------------------------------
+# Loss references (materialised)
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_scalar(x, like: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.reshape(()).to(like.dtype)
+    return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def logits(queries: Tensor, keys: Tensor, scale, bias=None) -> Tensor:
+    """S = scale * queries @ keys.T + bias, materialised: (N, M)."""
+    s = scale * (queries @ keys.transpose(0, 1))
+    if bias is not None:
+        s = s + bias
+    return s
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, scale=1.0 / 0.07,
+             bias=None, reduction: str = "mean") -> Tensor:
+    """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or arange."""
+    S = logits(queries, keys, scale, bias)
+    if positives is None:
+        positives = torch.arange(queries.shape[0], device=queries.device)
+    return F.cross_entropy(S, positives, reduction=reduction)
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
+              reduction: str = "mean") -> Tensor:
+    """Symmetric CLIP loss; ``reduction="none"`` gives (2, N): [image->text rows, text->image rows]."""
+    S = logits(image_features, text_features, logit_scale, logit_bias)
+    labels = torch.arange(S.shape[0], device=S.device)
+    per = torch.stack([F.cross_entropy(S, labels, reduction="none"),
+                       F.cross_entropy(S.transpose(0, 1), labels, reduction="none")])
+    return _reduce(per, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine on materialised row chunks (contract: see fastcl/ops/__init__.py)
+# ----------------------------------------------------------------------------------------------
+
+_CHUNK_ELEMENTS = 1 << 24  # at most 16M logits (64 MiB in fp32) materialised at once
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, m: int):
+    step = max(1, min(n, _CHUNK_ELEMENTS // max(m, 1)))
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, positives,
+          row_labels, col_labels, dtype):
+    """Logits, raw similarities, validity and target masks of rows [r0, r1)."""
+    q = queries[r0:r1].to(dtype)
+    c = q @ keys.to(dtype).transpose(0, 1)
+    S = scale.to(dtype) * c
+    if bias is not None:
+        S = S + bias.to(dtype)
+    rows = torch.arange(r0, r1, device=queries.device)
+    cols = torch.arange(keys.shape[0], device=queries.device)
+    if exclude_self:
+        valid = cols[None, :] != (rows + offset)[:, None]
+    else:
+        valid = torch.ones_like(S, dtype=torch.bool)
+    if row_labels is not None:
+        T = row_labels[r0:r1, None] == col_labels[None, :]
+    else:
+        p = positives[r0:r1] if positives is not None else rows + offset
+        T = cols[None, :] == p[:, None]
+    return S, c, valid, T & valid, rows, cols
+
+
+def _col_targets(rows, cols, col_positives, offset):
+    pc = col_positives if col_positives is not None else cols - offset
+    return rows[:, None] == pc[None, :]
+
+
+def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
+                   kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
+                   offset: int = 0, positives=None, col_positives=None, row_labels=None,
+                   col_labels=None):
+    """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None)."""
+    N, M = queries.shape[0], keys.shape[0]
+    dt = _compute_dtype(queries)
+    dev = queries.device
+    row_lse = torch.empty(N, dtype=dt, device=dev)
+    row_pos = torch.zeros(N, dtype=dt, device=dev)
+    row_npos = torch.zeros(N, dtype=dt, device=dev)
+    col_lse = torch.full((M,), -math.inf, dtype=dt, device=dev) if symmetric else None
+    col_pos = torch.zeros(M, dtype=dt, device=dev) if symmetric else None
+    for r0, r1 in _chunks(N, M):
+        S, _, valid, T, rows, cols = _tile(
+            queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
+            offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
+            dtype=dt)
+        if kind == "sigmoid":
+            z = torch.where(T, 1.0, -1.0).to(dt)
+            row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
+            continue
+        Sm = S.masked_fill(~valid, -math.inf)
+        row_lse[r0:r1] = torch.logsumexp(Sm, dim=1)
+        row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
+        row_npos[r0:r1] = T.sum(1).to(dt)
+        if symmetric:
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sm, dim=0))
+            Tc = _col_targets(rows, cols, col_positives, offset) & valid
+            col_pos += torch.where(Tc, S, 0.0).sum(0)
+    return row_lse, row_pos, row_npos, col_lse, col_pos
+
+
+def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
+                    row_lse: Tensor, row_npos: Tensor, col_lse: Optional[Tensor],
+                    grad_row: Tensor, grad_col: Optional[Tensor], needs: Tuple[bool, ...],
+                    kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
+                    offset: int = 0, positives=None, col_positives=None, row_labels=None,
+                    col_labels=None):
+    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None)."""
+    N, M = queries.shape[0], keys.shape[0]
+    dt = _compute_dtype(queries)
+    need_q, need_k, need_s, need_b = needs
+    dq = torch.zeros(queries.shape, dtype=dt, device=queries.device) if need_q else None
+    dk = torch.zeros(keys.shape, dtype=dt, device=keys.device) if need_k else None
+    ds = torch.zeros((), dtype=dt, device=queries.device)
+    db = torch.zeros((), dtype=dt, device=queries.device)
+    s = scale.to(dt).reshape(())
+    kf = keys.to(dt)
+    for r0, r1 in _chunks(N, M):
+        S, c, valid, T, rows, cols = _tile(
+            queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
+            offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
+            dtype=dt)
+        g = grad_row[r0:r1].to(dt)[:, None]
+        if kind == "sigmoid":
+            z = torch.where(T, 1.0, -1.0).to(dt)
+            dS = torch.where(valid, -z * torch.sigmoid(-z * S) * g, 0.0)
+        else:
+            npos = row_npos[r0:r1].to(dt)[:, None]
+            has = npos > 0
+            P = torch.where(valid, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
+            Tn = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)
+            dS = torch.where(has, g * (P - Tn), 0.0)
+            if symmetric and grad_col is not None:
+                Pc = torch.where(valid, torch.exp(S - col_lse.to(dt)[None, :]), 0.0)
+                Tc = (_col_targets(rows, cols, col_positives, offset) & valid).to(dt)
+                dS = dS + grad_col.to(dt)[None, :] * (Pc - Tc)
+        if need_q:
+            dq[r0:r1] = s * (dS @ kf)
+        if need_k:
+            dk += s * (dS.transpose(0, 1) @ queries[r0:r1].to(dt))
+        if need_s:
+            ds += (dS * c).sum()
+        if need_b:
+            db += dS.sum()
+    return (dq.to(queries.dtype) if need_q else None,
+            dk.to(keys.dtype) if need_k else None,
+            ds.reshape(1) if need_s else None,
+            db.reshape(1) if need_b else None)

@@ -1,0 +1,36 @@
+"""Test configuration. Without a GPU, Triton kernels run on CPU tensors under TRITON_INTERPRET=1,
+which must be set before any kernel module is imported; nothing here touches CUDA at import."""
+import os
+
+import pytest
+import torch
+
+
+def _gpu_present() -> bool:
+    # Checked through the driver only when torch was built with CUDA; no CUDA context is created.
+    return torch.cuda.is_available()
+
+
+GPU = _gpu_present()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the device the Triton tests run on: CUDA when present, else CPU under the interpreter
+DEVICE = torch.device("cuda") if GPU else torch.device("cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: long-running")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
