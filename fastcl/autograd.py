@@ -23,12 +23,13 @@ class EngineLoss(torch.autograd.Function):
 
     Inputs: queries (N, D), keys (M, D), scale (0-d or (1,) tensor), bias (same, or None),
     targets (:class:`fastcl.ops.Targets`), spec (:class:`fastcl.ops.LossSpec`), backend name.
-    Outputs: row losses (N,), column losses (M,) when ``spec.symmetric`` else an empty tensor.
+    Outputs: row losses (N,), column losses (M,) when ``spec.symmetric`` else an empty tensor,
+    and the number of positives of each row (N,) (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
-                targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor]:
+                targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
         eng = _backend.engine(backend)
         scale32, bias32 = _scalar32(scale, queries), _scalar32(bias, queries)
         with torch.autocast(queries.device.type, enabled=False):
@@ -39,11 +40,11 @@ class EngineLoss(torch.autograd.Function):
         ctx.targets, ctx.spec, ctx.backend = targets, spec, backend
         ctx.scale_meta = (scale.shape, scale.dtype)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        ctx.mark_non_differentiable(*([] if spec.symmetric else [cols]))
-        return rows, cols
+        ctx.mark_non_differentiable(stats.row_npos, *([] if spec.symmetric else [cols]))
+        return rows, cols, stats.row_npos
 
     @staticmethod
-    def backward(ctx, grad_rows: Optional[Tensor], grad_cols: Optional[Tensor]):
+    def backward(ctx, grad_rows: Optional[Tensor], grad_cols: Optional[Tensor], _grad_npos=None):
         queries, keys, scale32, bias32, *saved = ctx.saved_tensors
         stats = EngineStats(*saved)
         needs = tuple(ctx.needs_input_grad[:4])
@@ -65,6 +66,6 @@ class EngineLoss(torch.autograd.Function):
 
 
 def engine_loss(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
-                targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor]:
+                targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional form of :class:`EngineLoss` (inputs already validated and resolved)."""
     return EngineLoss.apply(queries, keys, scale, bias, targets, spec, backend)

@@ -64,6 +64,63 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     return _reduce(per, reduction)
 
 
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                labels: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Pairwise sigmoid loss; "none" gives per-image sums (N,) of -log sigmoid(z_ij S_ij), "mean"
+    their mean (open_clip's value: the total divided by N)."""
+    S = logits(image_features, text_features, logit_scale, logit_bias)
+    if labels is None:
+        z = 2 * torch.eye(S.shape[0], S.shape[1], dtype=S.dtype, device=S.device) - 1
+    else:
+        z = 2 * (labels[:, None] == labels[None, :]).to(S.dtype) - 1
+    return _reduce(-F.logsigmoid(z * S).sum(1), reduction)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = True,
+            reduction: str = "mean") -> Tensor:
+    """SimCLR NT-Xent over the 2N rows of Z = [z1; z2]: self excluded, positive of a is a +- N."""
+    Z = torch.cat([z1, z2])
+    if normalize:
+        Z = F.normalize(Z, dim=1)
+    n2 = Z.shape[0]
+    S = (Z @ Z.transpose(0, 1)) / temperature
+    S = S.masked_fill(torch.eye(n2, dtype=torch.bool, device=Z.device), -math.inf)
+    target = (torch.arange(n2, device=Z.device) + n2 // 2) % n2
+    return F.cross_entropy(S, target, reduction=reduction)
+
+
+def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, variant: str = "out",
+           normalize: bool = True, reduction: str = "mean"):
+    """Supervised contrastive loss (Khosla et al.); features (B, D) or (B, V, D), labels (B,).
+
+    Rows are the V*B views (view-major); A(i) = all j != i, P(i) = {j != i : y_j = y_i}.
+    Returns (loss, valid): rows without positives get loss 0 and are excluded from the mean.
+    """
+    if features.dim() == 3:
+        V = features.shape[1]
+        features = torch.cat(torch.unbind(features, dim=1))
+        labels = labels.repeat(V)
+    if normalize:
+        features = F.normalize(features, dim=1)
+    n = features.shape[0]
+    S = (features @ features.transpose(0, 1)) / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=S.device)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    lse_all = torch.logsumexp(S.masked_fill(eye, -math.inf), dim=1)
+    npos = pos.sum(1)
+    valid = npos > 0
+    if variant == "out":
+        mean_pos = torch.where(pos, S, 0.0).sum(1) / npos.clamp(min=1)
+        per = lse_all - mean_pos
+    else:
+        lse_pos = torch.logsumexp(S.masked_fill(~pos, -math.inf), dim=1)
+        per = lse_all - lse_pos + torch.log(npos.clamp(min=1).to(S.dtype))
+    per = torch.where(valid, per, torch.zeros_like(per))
+    if reduction == "mean":
+        return per.sum() / valid.sum().clamp(min=1), valid
+    return _reduce(per, reduction), valid
+
+
 # ----------------------------------------------------------------------------------------------
 # The engine on materialised row chunks (contract: see fastcl/ops/__init__.py)
 # ----------------------------------------------------------------------------------------------
