@@ -89,7 +89,7 @@ def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device) ->
         raise ValueError(f"{name} must have shape ({n},), got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the features are on {device}")
-    idx = idx.to(torch.int64)
+    idx = idx.to(torch.int64).contiguous()
     if idx.device.type == "cpu":
         if n and (int(idx.min()) < 0 or int(idx.max()) >= bound):
             raise ValueError(f"{name} must lie in [0, {bound}) ({bound_name}), got values in "
@@ -109,7 +109,7 @@ def _check_labels(name: str, labels, n: int, device) -> Tensor:
         raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    return labels.to(torch.int64)
+    return labels.to(torch.int64).contiguous()
 
 
 def _inverse_temperature(temperature) -> Scalar:

@@ -1,0 +1,537 @@
+"""Triton kernels of the engine, and their launchers (no autograd here).
+
+One forward kernel and two backward kernels serve every loss; the loss is chosen by compile-time
+flags (KIND, SYMMETRIC, LABELS, EXCLUDE_SELF, HAS_POS, HAS_CPOS, HAS_BIAS). The contract they
+implement (statistics, targets, gradients) is documented in :mod:`fastcl.ops`.
+
+Numerics: tiles of S = s * Q K^T + b are accumulated in float32 (tensor cores for fp16/bf16, TF32
+for fp32 unless ``spec.exact``); all statistics are float32. The symmetric column LSE is merged from
+per-row-block partial LSEs (exact at any scale: no fixed offset that could underflow at small tau);
+the partial buffer holds at most ``max(32 MiB, bytes of the inputs)`` and row blocks are launched in
+groups that fit in it. All index arithmetic on tensors is 64-bit.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import EngineStats
+
+KIND_SOFTMAX = 0
+KIND_SIGMOID = 1
+_PARTIAL_BYTES_MIN = 32 << 20
+
+# Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D).
+config_override: dict = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# shared device functions
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """c = Q[rows] . K[cols]^T as a (BLOCK_M, BLOCK_N) float32 tile, accumulated over D chunks."""
+    q_off = rows.to(tl.int64)[:, None] * stride_qn
+    k_off = cols.to(tl.int64)[:, None] * stride_kn
+    rmask = (rows < N)[:, None]
+    cmask = (cols < M)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dmask = (d < D)[None, :]
+        d64 = d.to(tl.int64)[None, :]
+        q = tl.load(q_ptr + q_off + d64 * stride_qd, mask=rmask & dmask, other=0.0)
+        k = tl.load(k_ptr + k_off + d64 * stride_kd, mask=cmask & dmask, other=0.0)
+        acc = tl.dot(_operand(q, UPCAST), tl.trans(_operand(k, UPCAST)), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _operand(x, UPCAST: tl.constexpr):
+    """A dot operand; UPCAST (CPU interpreter with bf16 only, whose bf16 dot is unreliable) widens
+    to float32 after the bf16 rounding the GPU path applies."""
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS: tl.constexpr, LABELS: tl.constexpr):
+    """Per-row target metadata: the row's class id (label mode) or its positive column."""
+    rmask = rows < N
+    if LABELS:
+        meta = tl.load(rlab_ptr + rows.to(tl.int64), mask=rmask, other=0)
+    elif HAS_POS:
+        meta = tl.load(pos_ptr + rows.to(tl.int64), mask=rmask, other=-1)
+    else:
+        meta = (rows + offset).to(tl.int64)
+    return meta
+
+
+@triton.jit
+def _col_labels(cols, M, clab_ptr, LABELS: tl.constexpr):
+    if LABELS:
+        meta = tl.load(clab_ptr + cols.to(tl.int64), mask=cols < M, other=0)
+    else:
+        meta = cols.to(tl.int64)
+    return meta
+
+
+@triton.jit
+def _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS: tl.constexpr):
+    """Row index of each column's positive (symmetric losses)."""
+    if HAS_CPOS:
+        tgt = tl.load(cpos_ptr + cols.to(tl.int64), mask=cols < M, other=-1)
+    else:
+        tgt = (cols - offset).to(tl.int64)
+    return tgt
+
+
+@triton.jit
+def _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS: tl.constexpr,
+                EXCLUDE_SELF: tl.constexpr):
+    """valid_ij (inside the matrix, self excluded) and T_ij (target, and valid)."""
+    valid = (rows < N)[:, None] & (cols < M)[None, :]
+    if EXCLUDE_SELF:
+        valid = valid & (cols[None, :] != (rows + offset)[:, None])
+    if LABELS:
+        target = valid & (row_meta[:, None] == col_meta[None, :])
+    else:
+        target = valid & (cols.to(tl.int64)[None, :] == row_meta[:, None])
+    return valid, target
+
+
+@triton.jit
+def _row_grad_meta(rows, N, row_lse_ptr, row_npos_ptr, g_row_ptr, stride_g, KIND: tl.constexpr):
+    """(row_lse, weight g_i (0 for rows without a positive), 1 / npos_i) of a block of rows."""
+    rmask = rows < N
+    r64 = rows.to(tl.int64)
+    lse = tl.load(row_lse_ptr + r64, mask=rmask, other=0.0)
+    g = tl.load(g_row_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
+    if KIND == 0:
+        npos = tl.load(row_npos_ptr + r64, mask=rmask, other=0.0)
+        has = npos > 0
+        w = tl.where(has, g, 0.0)
+        inv = tl.where(has, 1.0 / tl.where(has, npos, 1.0), 0.0)
+    else:
+        w = g
+        inv = tl.zeros_like(g)
+    return lse, w, inv
+
+
+@triton.jit
+def _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, stride_g, SYMMETRIC: tl.constexpr):
+    cmask = cols < M
+    c64 = cols.to(tl.int64)
+    if SYMMETRIC:
+        lse = tl.load(col_lse_ptr + c64, mask=cmask, other=0.0)
+        w = tl.load(g_col_ptr + c64 * stride_g, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        lse = tl.zeros(cols.shape, dtype=tl.float32)
+        w = tl.zeros(cols.shape, dtype=tl.float32)
+    return lse, w
+
+
+@triton.jit
+def _grad_logits(S, valid, target, col_target, lse_r, w_r, inv_r, lse_c, w_c,
+                 KIND: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """dL/dS of one tile from the saved statistics (the loss closure)."""
+    if KIND == 0:
+        p = tl.where(valid, tl.exp(S - lse_r[:, None]), 0.0)
+        dS = w_r[:, None] * (p - tl.where(target, inv_r[:, None], 0.0))
+        if SYMMETRIC:
+            pc = tl.where(valid, tl.exp(S - lse_c[None, :]), 0.0)
+            dS += w_c[None, :] * (pc - col_target.to(tl.float32))
+    else:
+        z = tl.where(target, 1.0, -1.0)
+        dS = tl.where(valid, -z * tl.sigmoid(-z * S), 0.0) * w_r[:, None]
+    return dS
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
+    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_pos_ptr,
+    N, M, D, row_block_start, offset,
+    stride_qn, stride_qd, stride_kn, stride_kd,
+    KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Forward sweep of one row block over every column block.
+    #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
+    #            symmetric: partial column LSE over this block's rows, and S_{pc(j), j}.
+    #   sigmoid: row_lse_i = sum_{j valid} softplus(-z_ij S_ij), z = +1 on targets else -1.
+    # 1. load the row block's target metadata, scale and bias;
+    # 2. for each column block: c = Q_blk K_blk^T (fp32 accumulate over D), S = s c + b;
+    # 3. masks: valid (in range, self excluded), T (targets);
+    # 4. online row max / sum-exp update (or softplus sum), target logit sums;
+    # 5. symmetric: the tile's column max / sum-exp -> one partial LSE per column, stored for
+    #    this row block; the column's positive logit stored by the block that holds its row;
+    # 6. store the row statistics.
+    pid = tl.program_id(0)
+    rows = (row_block_start + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr).to(tl.float32)
+    else:
+        b = 0.0
+    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        c = _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn,
+                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        S = c * s + b
+        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+        if KIND == 0:
+            Sm = tl.where(valid, S, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(Sm, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
+            m_i = m_new
+            pos_i += tl.sum(tl.where(target, S, 0.0), 1)
+            npos_i += tl.sum(target.to(tl.float32), 1)
+            if SYMMETRIC:
+                cm = tl.max(Sm, 0)
+                cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
+                part = cm_safe + tl.log(tl.sum(tl.exp(Sm - cm_safe[None, :]), 0))
+                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
+                ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+                col_target = valid & (rows.to(tl.int64)[:, None] == ctgt[None, :])
+                hit = tl.max(col_target.to(tl.int32), 0) > 0
+                tl.store(col_pos_ptr + cols.to(tl.int64), tl.sum(tl.where(col_target, S, 0.0), 0),
+                         mask=cmask & hit)
+        else:
+            x = tl.where(target, -S, S)
+            softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+            l_i += tl.sum(tl.where(valid, softplus, 0.0), 1)
+
+    r64 = rows.to(tl.int64)
+    if KIND == 0:
+        tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+    else:
+        tl.store(row_lse_ptr + r64, l_i, mask=rmask)
+    tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
+    tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _backward_rows_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
+    row_lse_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, dq_ptr, dsb_ptr,
+    N, M, D, offset,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_gc,
+    KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # Backward over one row block (and one chunk of D for dQ):
+    #   dS_ij = g_i (P_ij - T_ij / npos_i) + gc_j (Pc_ij - Tc_ij)   (softmax)
+    #   dS_ij = -g_i z_ij sigmoid(-z_ij S_ij)                         (sigmoid)
+    #   dQ_i = s sum_j dS_ij k_j;  d_scale += sum dS_ij c_ij;  d_bias += sum dS_ij
+    # 1. load the rows' statistics (row_lse, weights g_i, 1/npos_i) and targets;
+    # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
+    # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
+    # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything.
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dvmask = dv < D
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr).to(tl.float32)
+    else:
+        b = 0.0
+    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+    lse_r, w_r, inv_r = _row_grad_meta(rows, N, row_lse_ptr, row_npos_ptr, g_row_ptr, stride_gr, KIND)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < M
+        c = _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn,
+                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        S = c * s + b
+        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+        lse_c, w_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, stride_gc, SYMMETRIC)
+        ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+        col_target = valid & (rows.to(tl.int64)[:, None] == ctgt[None, :])
+        dS = _grad_logits(S, valid, target, col_target, lse_r, w_r, inv_r, lse_c, w_c, KIND, SYMMETRIC)
+        if COMPUTE_DQ:
+            kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
+                         mask=cmask[:, None] & dvmask[None, :], other=0.0)
+            acc = tl.dot(_operand(dS.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
+                         input_precision=PRECISION)
+        if COMPUTE_SB:
+            acc_s += tl.sum(dS * c, 1)
+            acc_b += tl.sum(dS, 1)
+
+    if COMPUTE_DQ:
+        out = dq_ptr + rows.to(tl.int64)[:, None] * stride_dqn + dv.to(tl.int64)[None, :]
+        tl.store(out, (acc * s).to(dq_ptr.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+    if COMPUTE_SB:
+        first = pid_d == 0
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
+
+
+@triton.jit
+def _backward_cols_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
+    row_lse_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, dk_ptr, dsb_ptr,
+    N, M, D, offset,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_gc,
+    KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # Backward over one column block (and one chunk of D for dK), the transpose of the rows kernel:
+    #   dK_j = s sum_i dS_ij q_i, with dS_ij as in _backward_rows_kernel.
+    # 1. load the columns' statistics (col_lse, weights gc_j) and targets;
+    # 2. for each row block: load its statistics, recompute c, S, the masks and dS;
+    # 3. accumulate dS^T . Q[:, d chunk]; 4. scale/bias partial sums when asked; store.
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < M
+    dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dvmask = dv < D
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr).to(tl.float32)
+    else:
+        b = 0.0
+    col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+    lse_c, w_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, stride_gc, SYMMETRIC)
+    ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+        lse_r, w_r, inv_r = _row_grad_meta(rows, N, row_lse_ptr, row_npos_ptr, g_row_ptr, stride_gr, KIND)
+        c = _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn,
+                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        S = c * s + b
+        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+        col_target = valid & (rows.to(tl.int64)[:, None] == ctgt[None, :])
+        dS = _grad_logits(S, valid, target, col_target, lse_r, w_r, inv_r, lse_c, w_c, KIND, SYMMETRIC)
+        qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
+                     mask=rmask[:, None] & dvmask[None, :], other=0.0)
+        acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
+                     input_precision=PRECISION)
+        if COMPUTE_SB:
+            acc_s += tl.sum(dS * c, 0)
+            acc_b += tl.sum(dS, 0)
+
+    out = dk_ptr + cols.to(tl.int64)[:, None] * stride_dkn + dv.to(tl.int64)[None, :]
+    tl.store(out, (acc * s).to(dk_ptr.dtype.element_ty), mask=cmask[:, None] & dvmask[None, :])
+    if COMPUTE_SB:
+        first = pid_d == 0
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _config(queries: torch.Tensor, pass_: str) -> dict:
+    """Fixed block sizes per (device, dtype, D range); ``config_override`` wins."""
+    D = queries.shape[1]
+    if queries.device.type != "cuda":  # interpreter: small tiles keep CPU runs fast
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
+    else:
+        wide = queries.dtype != torch.float32
+        bd = 64 if wide else 32
+        if pass_ == "fwd":
+            cfg = dict(BLOCK_M=128, BLOCK_N=128 if D <= 128 else 64, BLOCK_D=bd,
+                       num_warps=8, num_stages=3)
+        else:
+            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, BLOCK_DV=min(128, max(16, _next_pow2(D))),
+                       num_warps=8 if wide else 4, num_stages=2)
+    cfg.update(config_override)
+    if pass_ == "fwd":
+        cfg.pop("BLOCK_DV", None)
+    return cfg
+
+
+def _autotuning() -> bool:
+    return os.environ.get("FASTCL_AUTOTUNE", "0") == "1"
+
+
+_autotuned: dict = {}
+
+
+def _launch(kernel, grid, args, const: dict, cfg: dict, tuned: str) -> None:
+    """Launch with the fixed config, or, with FASTCL_AUTOTUNE=1, through triton.autotune over the
+    parameters that leave the grid and buffers unchanged (BLOCK_D, ``tuned``, warps, stages)."""
+    if not _autotuning():
+        kernel[grid](*args, **const, **cfg)
+        return
+    free = ("BLOCK_D", tuned, "num_warps", "num_stages")
+    fixed = {k: v for k, v in cfg.items() if k not in free}
+    key = (kernel.fn.__name__, tuned, tuple(sorted(fixed)))
+    if key not in _autotuned:
+        configs = [triton.Config({"BLOCK_D": bd, tuned: tile}, num_warps=w, num_stages=st)
+                   for bd in (32, 64, 128) for tile in (32, 64, 128)
+                   for w, st in ((4, 2), (8, 3), (8, 4))]
+        _autotuned[key] = triton.autotune(configs=configs, key=["N", "M", "D"])(kernel)
+    _autotuned[key][grid](*args, **const, **fixed)
+
+
+def _precision(queries: torch.Tensor, exact: bool) -> str:
+    return "tf32" if queries.dtype == torch.float32 and not exact else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers (the engine contract)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flags(queries, spec, targets, bias) -> dict:
+    return dict(UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
+                KIND=KIND_SIGMOID if spec.kind == "sigmoid" else KIND_SOFTMAX,
+                HAS_BIAS=bias is not None, HAS_POS=targets.positives is not None,
+                HAS_CPOS=targets.col_positives is not None, LABELS=targets.row_labels is not None,
+                EXCLUDE_SELF=spec.exclude_self)
+
+
+def _ptr(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    return dummy if t is None else t
+
+
+def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
+    """Row (and column) statistics of S = scale * queries keys^T + bias; see :mod:`fastcl.ops`."""
+    N, D = queries.shape
+    M = keys.shape[0]
+    dev = queries.device
+    f32 = torch.float32
+    cfg = _config(queries, "fwd")
+    BM = cfg["BLOCK_M"]
+    n_row_blocks = triton.cdiv(N, BM)
+    row_lse = torch.empty(N, dtype=f32, device=dev)
+    row_pos = torch.empty(N, dtype=f32, device=dev)
+    row_npos = torch.empty(N, dtype=f32, device=dev)
+    symmetric = spec.symmetric and spec.kind == "softmax"
+    if symmetric:
+        budget = max(_PARTIAL_BYTES_MIN, (N + M) * D * queries.element_size())
+        per_launch = max(1, min(n_row_blocks, budget // (4 * M)))
+        partial = torch.empty((per_launch, M), dtype=f32, device=dev)
+        col_pos = torch.zeros(M, dtype=f32, device=dev)
+        col_lse = None
+    else:
+        per_launch = n_row_blocks
+        partial = col_pos = row_lse  # unused pointers
+    flags = _flags(queries, spec, targets, bias)
+    const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact), **flags)
+    for start in range(0, n_row_blocks, per_launch):
+        nb = min(per_launch, n_row_blocks - start)
+        args = (queries, keys, scale, _ptr(bias, scale), _ptr(targets.positives, row_lse),
+                _ptr(targets.col_positives, row_lse), _ptr(targets.row_labels, row_lse),
+                _ptr(targets.col_labels, row_lse), row_lse, row_pos, row_npos, partial, col_pos,
+                N, M, D, start, spec.offset,
+                queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+        _launch(_forward_kernel, (nb,), args, const, cfg, "BLOCK_N")
+        if symmetric:
+            chunk = torch.logsumexp(partial[:nb], dim=0)
+            col_lse = chunk if col_lse is None else torch.logaddexp(col_lse, chunk)
+    if symmetric:
+        return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos)
+    return EngineStats(row_lse, row_pos, row_npos)
+
+
+def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs):
+    """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`."""
+    need_q, need_k, need_s, need_b = needs
+    need_sb = need_s or need_b
+    N, D = queries.shape
+    M = keys.shape[0]
+    dev = queries.device
+    f32 = torch.float32
+    symmetric = spec.symmetric and spec.kind == "softmax" and grad_col is not None
+    grad_row = grad_row.to(f32)
+    grad_col = grad_col.to(f32) if symmetric else grad_row
+    col_lse = stats.col_lse if symmetric else stats.row_lse
+    cfg = _config(queries, "bwd")
+    BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
+    flags = _flags(queries, spec, targets, bias)
+    common = (scale, _ptr(bias, scale), _ptr(targets.positives, stats.row_lse),
+              _ptr(targets.col_positives, stats.row_lse), _ptr(targets.row_labels, stats.row_lse),
+              _ptr(targets.col_labels, stats.row_lse), stats.row_lse, stats.row_npos, col_lse,
+              grad_row, grad_col)
+    strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+    precision = _precision(queries, spec.exact)
+    dq = dk = None
+    dsb = None
+    rows_do_sb = need_sb and (need_q or not need_k)
+    if need_q or rows_do_sb:
+        dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
+        n_blocks = triton.cdiv(N, BM)
+        if rows_do_sb:
+            dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
+        grid = (n_blocks, triton.cdiv(D, BDV) if need_q else 1)
+        args = (queries, keys, *common, _ptr(dq, stats.row_lse), _ptr(dsb, stats.row_lse),
+                N, M, D, spec.offset, *strides, D, grad_row.stride(0), grad_col.stride(0))
+        const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
+                     COMPUTE_SB=rows_do_sb, **flags)
+        _launch(_backward_rows_kernel, grid, args, const, cfg, "BLOCK_N")
+    if need_k:
+        dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
+        n_blocks = triton.cdiv(M, BN)
+        cols_do_sb = need_sb and not rows_do_sb
+        if cols_do_sb:
+            dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
+        grid = (n_blocks, triton.cdiv(D, BDV))
+        args = (queries, keys, *common, dk, _ptr(dsb if cols_do_sb else None, stats.row_lse),
+                N, M, D, spec.offset, *strides, D, grad_row.stride(0), grad_col.stride(0))
+        const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb, **flags)
+        _launch(_backward_cols_kernel, grid, args, const, cfg, "BLOCK_M")
+    ds = db = None
+    if need_sb:
+        sums = dsb.sum(0)
+        ds = sums[0:1] if need_s else None
+        db = sums[1:2] if need_b else None
+    return dq, dk, ds, db

@@ -1,0 +1,275 @@
+"""The Triton engine against the float64 reference: losses and every gradient.
+
+Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (set in conftest) at small, awkward
+shapes; with a GPU the same tests run on CUDA tensors.
+"""
+import math
+
+import pytest
+import torch
+
+import fastcl
+from fastcl import reference as R
+from fastcl.ops.triton import engine as E
+
+from ._utils import as64, assert_close, features, grads, lowp
+
+from .conftest import DEVICE
+
+BACKEND = "triton"
+F32 = torch.float32
+
+# (N, M, D): awkward (not multiples of any block), exact multiples, tiny, D spanning several chunks
+SHAPES = [(37, 53, 29), (64, 64, 32), (1, 3, 5), (50, 50, 70), (33, 100, 16)]
+SQUARE = [(37, 29), (64, 32), (1, 5), (50, 70)]
+
+
+def _scalar(v, requires_grad=True):
+    return torch.tensor(v, dtype=F32, device=DEVICE, requires_grad=requires_grad)
+
+
+def _check(name_fn, fn, ref_fn, inputs, *, dtype=F32, rtol=2e-5, factor=2.0):
+    """Run ``fn`` on ``inputs`` and ``ref_fn`` on float64 copies (and on ``dtype`` copies, the
+    PyTorch low-precision baseline); compare the output and every requested gradient."""
+    out = fn(*inputs)
+    ins64 = [as64(x) for x in inputs]
+    ref = ref_fn(*ins64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all()
+    g = torch.rand_like(ref) + 0.5  # grad_output != 1, positive and varied
+    ins_lp = [lowp(x, dtype) for x in inputs]  # PyTorch's own computation in the inputs' dtype
+    base = ref_fn(*ins_lp)
+    g_base = grads(base, ins_lp, g.to(base.dtype))
+    assert_close(f"{name_fn} loss", out, ref, base, rtol=rtol, factor=factor)
+    g_out = grads(out, inputs, g.to(DEVICE))
+    g_ref = grads(ref, ins64, g)
+    # scalar gradients (scale, bias) are sums over N*M terms: measure them against that size
+    size = max(sum(x.detach().double().norm().item() for x in g_ref if x is not None and x.dim() > 0), 1.0)
+    for i, (a, r) in enumerate(zip(g_out, g_ref)):
+        if r is None:
+            assert a is None
+            continue
+        assert a is not None and a.shape == inputs[i].shape and torch.isfinite(a).all()
+        b = g_base[i] if g_base is not None else None
+        assert_close(f"{name_fn} grad[{i}]", a, r, b, rtol=rtol, factor=factor,
+                     scale=None if r.dim() > 0 else size)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# info_nce
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("explicit_positives", [False, True])
+def test_info_nce(shape, reduction, explicit_positives):
+    N, M, D = shape
+    q, k = features(N, D, F32, DEVICE), features(M, D, F32, DEVICE)
+    s, b = _scalar(12.5), _scalar(-0.7)
+    pos = torch.randint(0, M, (N,), device=DEVICE) if explicit_positives else None
+
+    def fn(q, k, s, b):
+        return fastcl.info_nce(q, k, positives=pos, scale=s, bias=b, reduction=reduction,
+                               backend=BACKEND, exact=True)
+
+    def ref(q, k, s, b):
+        return R.info_nce(q, k, None if pos is None else pos.to(q.device), s, b, reduction)
+
+    _check("info_nce", fn, ref, [q, k, s, b])
+
+
+# ----------------------------------------------------------------------------------------------
+# clip_loss
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SQUARE)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_clip(shape, reduction, with_bias):
+    N, D = shape
+    img, txt = features(N, D, F32, DEVICE), features(N, D, F32, DEVICE)
+    s = _scalar(1 / 0.07)
+    inputs = [img, txt, s] + ([_scalar(0.3)] if with_bias else [])
+
+    def fn(img, txt, s, b=None):
+        return fastcl.clip_loss(img, txt, s, b, reduction=reduction, backend=BACKEND, exact=True)
+
+    def ref(img, txt, s, b=None):
+        return R.clip_loss(img, txt, s, b, reduction)
+
+    _check("clip", fn, ref, inputs)
+
+
+@pytest.mark.parametrize("scale", [100.0, 1000.0])
+def test_clip_small_temperature(scale):
+    """tau = 0.01 and 0.001: the column LSE is merged from exact partials, no fixed offset."""
+    img, txt = features(45, 24, F32, DEVICE), features(45, 24, F32, DEVICE)
+    s = _scalar(scale)
+    _check("clip-small-tau",
+           lambda i, t, s: fastcl.clip_loss(i, t, s, reduction="none", backend=BACKEND, exact=True),
+           lambda i, t, s: R.clip_loss(i, t, s, reduction="none"), [img, txt, s], rtol=1e-4)
+
+
+def test_info_nce_small_temperature_unnormalised():
+    """Large logits (tau = 0.01 on unnormalised features, |S| up to ~1e3) stay finite and exact."""
+    q, k = features(20, 16, F32, DEVICE, normalize=False), features(30, 16, F32, DEVICE, normalize=False)
+    _check("info_nce-large-logits",
+           lambda q, k: fastcl.info_nce(q, k, scale=100.0, reduction="none", backend=BACKEND, exact=True),
+           lambda q, k: R.info_nce(q, k, None, 100.0, None, "none"), [q, k], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# partial requires_grad, float parameters, low precision
+# ----------------------------------------------------------------------------------------------
+
+PATTERNS = {  # which of (queries, keys, scale, bias) require grad
+    "queries": (1, 0, 0, 0), "keys": (0, 1, 0, 0), "scale": (0, 0, 1, 0), "bias": (0, 0, 0, 1),
+    "queries+scale": (1, 0, 1, 0), "keys+bias": (0, 1, 0, 1), "features": (1, 1, 0, 0),
+}
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "clip", "siglip"])
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_partial_requires_grad(loss, pattern):
+    N, M, D = (23, 41, 19) if loss == "info_nce" else (23, 23, 19)
+    flags = PATTERNS[pattern]
+    q = features(N, D, F32, DEVICE, requires_grad=bool(flags[0]))
+    k = features(M, D, F32, DEVICE, requires_grad=bool(flags[1]))
+    s = _scalar(10.0, bool(flags[2]))
+    b = _scalar(-5.0 if loss == "siglip" else 0.4, bool(flags[3]))
+    fns = {
+        "info_nce": (lambda q, k, s, b: fastcl.info_nce(q, k, scale=s, bias=b, backend=BACKEND, exact=True),
+                     lambda q, k, s, b: R.info_nce(q, k, None, s, b)),
+        "clip": (lambda q, k, s, b: fastcl.clip_loss(q, k, s, b, backend=BACKEND, exact=True),
+                 lambda q, k, s, b: R.clip_loss(q, k, s, b)),
+        "siglip": (lambda q, k, s, b: fastcl.siglip_loss(q, k, s, b, backend=BACKEND, exact=True),
+                   lambda q, k, s, b: R.siglip_loss(q, k, s, b)),
+    }
+    fn, ref = fns[loss]
+    _check(f"{loss}-{pattern}", fn, ref, [q, k, s, b])
+
+
+def test_float_scale_and_no_grad_keys():
+    q = features(17, 9, F32, DEVICE)
+    k = features(30, 9, F32, DEVICE, requires_grad=False)
+    _check("float-scale", lambda q: fastcl.info_nce(q, k, scale=14.0, backend=BACKEND, exact=True),
+           lambda q: R.info_nce(q, k.detach().to(q.dtype), None, 14.0), [q])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", ["info_nce", "clip"])
+def test_low_precision(dtype, loss):
+    """bf16/fp16 inputs: within 2x of PyTorch's own error in that dtype (fp32 statistics)."""
+    N, M, D = (40, 56, 48) if loss == "info_nce" else (40, 40, 48)
+    q, k = features(N, D, dtype, DEVICE), features(M, D, dtype, DEVICE)
+    s = _scalar(1 / 0.07)
+    if loss == "info_nce":
+        fn = lambda q, k, s: fastcl.info_nce(q, k, scale=s, reduction="none", backend=BACKEND)  # noqa: E731
+        ref = lambda q, k, s: R.info_nce(q, k, None, s.to(q.dtype), None, "none")  # noqa: E731
+    else:
+        fn = lambda q, k, s: fastcl.clip_loss(q, k, s, reduction="none", backend=BACKEND)  # noqa: E731
+        ref = lambda q, k, s: R.clip_loss(q, k, s.to(q.dtype), None, "none")  # noqa: E731
+    out = _check(f"{loss}-{dtype}", fn, ref, [q, k, s], dtype=dtype, rtol=1e-3)
+    assert out.dtype == torch.float32
+
+
+def test_tf32_default_close_to_exact():
+    q, k = features(64, 64, F32, DEVICE), features(64, 64, F32, DEVICE)
+    a = fastcl.clip_loss(q, k, 20.0, backend=BACKEND)
+    b = fastcl.clip_loss(q, k, 20.0, backend=BACKEND, exact=True)
+    assert abs(a.item() - b.item()) <= 2e-3 * abs(b.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# launch-level paths: several D chunks, several partial-LSE launches, strides
+# ----------------------------------------------------------------------------------------------
+
+
+def test_split_feature_dim(monkeypatch):
+    """dQ/dK accumulated over several D chunks (BLOCK_DV < D) and the similarity over several."""
+    monkeypatch.setattr(E, "config_override", {"BLOCK_DV": 16, "BLOCK_D": 16})
+    img, txt = features(37, 45, F32, DEVICE), features(37, 45, F32, DEVICE)
+    _check("split-D", lambda i, t, s: fastcl.clip_loss(i, t, s, reduction="none", backend=BACKEND, exact=True),
+           lambda i, t, s: R.clip_loss(i, t, s, reduction="none"), [img, txt, _scalar(30.0)])
+
+
+def test_column_partials_over_several_launches(monkeypatch):
+    """A small partial-LSE budget forces one row block per launch; the merge must be exact."""
+    monkeypatch.setattr(E, "_PARTIAL_BYTES_MIN", 1)
+    img, txt = features(70, 20, F32, DEVICE), features(70, 20, F32, DEVICE)
+    _check("multi-launch", lambda i, t, s: fastcl.clip_loss(i, t, s, reduction="none", backend=BACKEND, exact=True),
+           lambda i, t, s: R.clip_loss(i, t, s, reduction="none"), [img, txt, _scalar(50.0)])
+
+
+def test_non_contiguous_inputs():
+    base_q = features(40, 2 * 21, F32, DEVICE, requires_grad=False)
+    base_k = features(21, 60, F32, DEVICE, requires_grad=False)
+    q = base_q[:, ::2].detach().requires_grad_()  # stride (42, 2)
+    k = base_k.t().detach().requires_grad_()  # (60, 21), column-major
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check("strided", lambda q, k: fastcl.info_nce(q, k, scale=9.0, reduction="none", backend=BACKEND, exact=True),
+           lambda q, k: R.info_nce(q, k, None, 9.0, None, "none"), [q, k])
+
+
+def test_expanded_grad_output_and_repeated_backward():
+    q, k = features(19, 11, F32, DEVICE), features(19, 11, F32, DEVICE)
+    loss = fastcl.clip_loss(q, k, 10.0, backend=BACKEND, exact=True)
+    (gq,) = torch.autograd.grad(3.0 * loss, [q])
+    qd, kd = as64(q), as64(k)
+    (rq,) = torch.autograd.grad(3.0 * R.clip_loss(qd, kd, 10.0), [qd])
+    assert_close("expanded", gq, rq)
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine's other closures through their public losses
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_siglip(reduction, with_labels):
+    N, D = 37, 29
+    img, txt = features(N, D, F32, DEVICE), features(N, D, F32, DEVICE)
+    labels = torch.randint(0, 5, (N,), device=DEVICE) if with_labels else None
+    s, b = _scalar(10.0), _scalar(-10.0)
+
+    def fn(i, t, s, b):
+        return fastcl.siglip_loss(i, t, s, b, labels=labels, reduction=reduction, backend=BACKEND, exact=True)
+
+    def ref(i, t, s, b):
+        return R.siglip_loss(i, t, s, b, None if labels is None else labels.to(i.device), reduction)
+
+    _check("siglip", fn, ref, [img, txt, s, b])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nt_xent(reduction):
+    z1, z2 = features(21, 13, F32, DEVICE, normalize=False), features(21, 13, F32, DEVICE, normalize=False)
+    _check("nt_xent", lambda a, b: fastcl.nt_xent(a, b, 0.2, reduction=reduction, backend=BACKEND, exact=True),
+           lambda a, b: R.nt_xent(a, b, 0.2, reduction=reduction), [z1, z2])
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_supcon(views):
+    B, D = 26, 17
+    x = torch.randn(B, views, D, dtype=F32, device=DEVICE) if views > 1 else torch.randn(B, D, device=DEVICE)
+    x.requires_grad_()
+    labels = torch.randint(0, 6, (B,), device=DEVICE)[torch.randperm(B, device=DEVICE)]
+    labels[1:13] = torch.arange(6, device=DEVICE).repeat(2)  # every class has two members
+    labels[0] = 99  # a class of one: with one view that row has no positive
+    out, valid = fastcl.supcon(x, labels, 0.1, backend=BACKEND, exact=True, return_valid=True)
+    assert valid.sum().item() == B * views - (1 if views == 1 else 0)
+    _check("supcon", lambda x: fastcl.supcon(x, labels, 0.1, backend=BACKEND, exact=True),
+           lambda x: R.supcon(x, labels.to(x.device), 0.1)[0], [x])
+
+
+def test_supcon_no_positives_anywhere():
+    x = features(8, 5, F32, DEVICE)
+    labels = torch.arange(8, device=DEVICE)
+    loss = fastcl.supcon(x, labels, backend=BACKEND)
+    assert loss.item() == 0.0
+    (g,) = torch.autograd.grad(loss, [x])
+    assert torch.all(g == 0)
