@@ -168,7 +168,7 @@ def _col_targets(rows, cols, col_positives, offset):
 def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
                    kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
                    offset: int = 0, positives=None, col_positives=None, row_labels=None,
-                   col_labels=None):
+                   col_labels=None, exclude_targets: bool = False, target_lse: bool = False):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
@@ -187,13 +187,17 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             z = torch.where(T, 1.0, -1.0).to(dt)
             row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
             continue
-        Sm = S.masked_fill(~valid, -math.inf)
+        Sm = S.masked_fill(~(valid & ~T) if exclude_targets else ~valid, -math.inf)
         row_lse[r0:r1] = torch.logsumexp(Sm, dim=1)
-        row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
+        if target_lse:
+            row_pos[r0:r1] = torch.logsumexp(S.masked_fill(~T, -math.inf), dim=1)
+        else:
+            row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
         row_npos[r0:r1] = T.sum(1).to(dt)
         if symmetric:
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sm, dim=0))
             Tc = _col_targets(rows, cols, col_positives, offset) & valid
+            Sc = S.masked_fill(~(valid & ~Tc), -math.inf) if exclude_targets else Sm
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sc, dim=0))
             col_pos += torch.where(Tc, S, 0.0).sum(0)
     return row_lse, row_pos, row_npos, col_lse, col_pos
 
@@ -203,8 +207,13 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     grad_row: Tensor, grad_col: Optional[Tensor], needs: Tuple[bool, ...],
                     kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
                     offset: int = 0, positives=None, col_positives=None, row_labels=None,
-                    col_labels=None):
-    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None)."""
+                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
+                    row_pos: Optional[Tensor] = None, grad_row_pos: Optional[Tensor] = None,
+                    grad_col_pos: Optional[Tensor] = None):
+    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
+
+    dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
+    rows without targets get no gradient), ac = grad_col, bc = grad_col_pos (None: -ac)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     need_q, need_k, need_s, need_b = needs
@@ -226,13 +235,23 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
         else:
             npos = row_npos[r0:r1].to(dt)[:, None]
             has = npos > 0
-            P = torch.where(valid, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
-            Tn = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)
-            dS = torch.where(has, g * (P - Tn), 0.0)
+            in_lse = valid & ~T if exclude_targets else valid
+            P = torch.where(in_lse, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
+            if target_lse:
+                dT = torch.where(T, torch.exp(S - row_pos[r0:r1].to(dt)[:, None]), 0.0)
+            else:
+                dT = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)
+            if grad_row_pos is None:
+                dS = torch.where(has, g * (P - dT), 0.0)
+            else:
+                dS = g * P + grad_row_pos[r0:r1].to(dt)[:, None] * dT
             if symmetric and grad_col is not None:
-                Pc = torch.where(valid, torch.exp(S - col_lse.to(dt)[None, :]), 0.0)
-                Tc = (_col_targets(rows, cols, col_positives, offset) & valid).to(dt)
-                dS = dS + grad_col.to(dt)[None, :] * (Pc - Tc)
+                Tc = _col_targets(rows, cols, col_positives, offset) & valid
+                in_col = valid & ~Tc if exclude_targets else valid
+                Pc = torch.where(in_col, torch.exp(S - col_lse.to(dt)[None, :]), 0.0)
+                gc = grad_col.to(dt)[None, :]
+                bc = -gc if grad_col_pos is None else grad_col_pos.to(dt)[None, :]
+                dS = dS + gc * Pc + bc * Tc.to(dt)
         if need_q:
             dq[r0:r1] = s * (dS @ kf)
         if need_k:

@@ -18,15 +18,15 @@ _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
 _INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr")
 
+_PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
+              EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False)
 CLOSURES = {
-    "clip": dict(KIND=0, SYMMETRIC=True, HAS_BIAS=True, HAS_POS=False, HAS_CPOS=False, LABELS=False,
-                 EXCLUDE_SELF=False),
-    "info_nce": dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=True, HAS_CPOS=False,
-                     LABELS=False, EXCLUDE_SELF=False),
-    "supcon": dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False,
-                   LABELS=True, EXCLUDE_SELF=True),
-    "siglip": dict(KIND=1, SYMMETRIC=False, HAS_BIAS=True, HAS_POS=False, HAS_CPOS=False,
-                   LABELS=False, EXCLUDE_SELF=False),
+    "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
+    "info_nce": dict(_PLAIN, HAS_POS=True),
+    "supcon": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True),
+    "supcon_in": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, TARGET_LSE=True),
+    "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True),
+    "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True),
 }
 KERNELS = {
     "fwd": (E._forward_kernel, "fwd", {}),
@@ -41,6 +41,9 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90):
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
+    missing = [n for n in fn.arg_names if n.isupper() and len(n) > 1 and n not in consts]
+    if missing:
+        raise ValueError(f"no value for the constexpr parameters {missing}")
     sig = {}
     for name in fn.arg_names:
         if name in consts:
