@@ -54,9 +54,16 @@ def _backward(ctx, grad_row, grad_col, **split):
     if not any(needs):
         return (None,) * 4
     eng = _backend.engine(ctx.backend)
+    gram = ctx.spec.gram
+    if gram:  # queries is keys: one gradient for the shared tensor, returned in the queries slot
+        both = needs[0] or needs[1]
+        needs = (both, both and not getattr(eng, "GRAM", False), needs[2], needs[3])
     with torch.autocast(queries.device.type, enabled=False):
         dq, dk, ds, db = eng.backward(queries, keys, scale32, bias32, ctx.targets, ctx.spec,
                                       stats, grad_row, grad_col, needs, **split)
+    if gram:
+        dq = dq + dk if dk is not None else dq
+        dk = None
     if ds is not None:
         ds = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
     if db is not None:

@@ -356,7 +356,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
         Z = torch.nn.functional.normalize(Z, dim=1)
     n2 = Z.shape[0]
     positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
-    spec = LossSpec(kind="softmax", exclude_self=True, exact=exact)
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
     rows, _, _ = engine_loss(Z, Z, s, None, Targets(positives=positives), spec, be)
     return _reduce(rows, reduction)
 
@@ -413,7 +413,8 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
     if normalize:
         rows_x = torch.nn.functional.normalize(rows_x, dim=1)
         cols_x = rows_x if keys is None else torch.nn.functional.normalize(cols_x, dim=1)
-    spec = LossSpec(kind="softmax", exclude_self=keys is None, target_lse=variant == "in", exact=exact)
+    spec = LossSpec(kind="softmax", exclude_self=keys is None, target_lse=variant == "in",
+                    gram=keys is None, exact=exact)
     per, _, npos = engine_loss(rows_x, cols_x, s, None, Targets(row_labels=rows_y, col_labels=cols_y),
                                spec, be)
     valid = npos > 0
@@ -452,7 +453,7 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
         Z = torch.nn.functional.normalize(Z, dim=1)
     n2 = Z.shape[0]
     positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, exact=exact)
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
     lse, tgt, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
     if weight_sigma is not None:
         if not weight_sigma > 0:
@@ -535,7 +536,8 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
     n = x.shape[0]
     none = torch.full((n,), -1, dtype=torch.int64, device=x.device)
     lse, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
-                                        LossSpec(kind="softmax", exclude_self=True, exact=exact), be)
+                                        LossSpec(kind="softmax", exclude_self=True, gram=True,
+                                                 exact=exact), be)
     return torch.logsumexp(lse, 0) - 2.0 * float(t) - math.log(n * (n - 1))
 
 

@@ -30,7 +30,8 @@ CLOSURES = {
 }
 KERNELS = {
     "fwd": (E._forward_kernel, "fwd", {}),
-    "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True)),
+    "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
+    "bwd_gram": (E._backward_rows_kernel, "bwd_gram", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
 }
 
@@ -78,8 +79,10 @@ def _resource_usage(compiled):
     return None
 
 
-VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES]
-            + [(k, "clip", "bfloat16", 80) for k in KERNELS])
+_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce")  # self-similarity closures (no column stats)
+VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
+             if k != "bwd_gram" or c in _GRAM_CLOSURES]
+            + [(k, "clip", "bfloat16", 80) for k in KERNELS if k != "bwd_gram"])
 
 
 def variant_name(kernel, closure, dtype, cc):

@@ -44,6 +44,9 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
   passes the gradients of the *statistics* here, so a loss can be any function of (row_lse, mean
   target logit, column statistics) plus O((N + M) D) terms, differentiated by autograd.
 * ``spec.exclude_targets`` (decoupled losses): targets are left out of the row and column LSEs.
+* ``spec.gram``: queries and keys are one tensor Z (offset 0, no column statistics); a backend
+  with ``GRAM = True`` returns the whole gradient of Z as d_queries (and None for d_keys), the
+  others return both parts, which the autograd layer adds.
 * ``spec.target_lse`` (SupCon L_in): stats.row_pos[i] = LSE_{j: T_ij} S_ij instead of the sum, and
   dT_ij = T_ij exp(S_ij - row_pos_i).
 
@@ -74,6 +77,7 @@ class LossSpec:
     exact: bool = False  # fp32 inputs: IEEE fp32 products instead of TF32
     exclude_targets: bool = False  # targets left out of the LSEs (decoupled contrastive loss)
     target_lse: bool = False  # row_pos = LSE over targets instead of their sum (SupCon L_in)
+    gram: bool = False  # queries and keys are the same tensor (NT-Xent, SupCon, DCL, uniformity)
 
 
 class Targets(NamedTuple):

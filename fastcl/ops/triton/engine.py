@@ -23,6 +23,7 @@ import triton.language as tl
 from .. import EngineStats
 
 SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
+GRAM = True  # with spec.gram, backward returns the whole gradient of the shared features as dq
 
 # Block pointers lower to efficient loads on every Triton >= 3.0 and every arch >= sm_80; newer
 # Triton releases prefer TMA descriptors (Hopper-only) and warn about them at compile time.
@@ -186,6 +187,23 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
     return dS
 
 
+@triton.jit
+def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TARGETS: tl.constexpr,
+                            TARGET_LSE: tl.constexpr):
+    """dS_ji laid out as tile (i, j), for a self-similarity (queries == keys: S_ji = S_ij), from
+    the statistics of rows j; ``target_t`` is T_ji."""
+    if EXCLUDE_TARGETS:
+        in_lse = valid & (target_t == 0)
+    else:
+        in_lse = valid
+    p = tl.where(in_lse, tl.exp(S - lse_j[None, :]), 0.0)
+    if TARGET_LSE:
+        dT = tl.where(target_t, tl.exp(S - t_j[None, :]), 0.0)
+    else:
+        dT = tl.where(target_t, t_j[None, :], 0.0)
+    return a_j[None, :] * p + b_j[None, :] * dT
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +322,7 @@ def _backward_rows_kernel(
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    GRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one row block (and one chunk of D for dQ):
@@ -315,6 +334,9 @@ def _backward_rows_kernel(
     # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
     # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
     # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything.
+    # GRAM (queries are the keys, softmax, no column statistics): S is symmetric, so the whole
+    # gradient of row i, s sum_j (dS_ij + dS_ji) z_j, comes from the same tiles using the
+    # statistics of rows j too -- the column kernel is not needed.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     row0 = pid * BLOCK_M
@@ -351,7 +373,20 @@ def _backward_rows_kernel(
         if COMPUTE_DQ:
             kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
                          mask=cmask[:, None] & dvmask[None, :], other=0.0)
-            acc = tl.dot(_operand(dS.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
+            if GRAM:
+                lse_j, a_j, b_j, t_j = _row_grad_meta(cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr,
+                                                      g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
+                                                      KIND, TARGET_LSE)
+                if LABELS:
+                    target_t = target
+                else:
+                    tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+                    target_t = valid & (rows[:, None] == tgt_j[None, :])
+                dS_all = dS + _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j,
+                                                      EXCLUDE_TARGETS, TARGET_LSE)
+            else:
+                dS_all = dS
+            acc = tl.dot(_operand(dS_all.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
                          input_precision=PRECISION)
         if COMPUTE_SB:
             acc_s += tl.sum(dS * c, 1)
@@ -446,7 +481,7 @@ def _config(queries: torch.Tensor, pass_: str) -> dict:
 
 
 def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict:
-    """Fixed block sizes per (device, dtype, D range) for pass_ "fwd" or "bwd";
+    """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "bwd" or "bwd_gram";
     ``config_override`` wins."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
@@ -454,11 +489,12 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
-    if pass_ == "bwd" and device_type == "cuda":
+    if pass_ != "fwd" and device_type == "cuda":
         # dQ / dK accumulate a (64, BLOCK_DV) float32 tile per program; wider D is split across
         # programs (each recomputes the similarity). These sizes compile without register spills
         # on sm_90 (checked in tests/test_triton_compile.py).
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=min(128, max(16, _next_pow2(D))),
+        widest = 64 if (pass_ == "bwd_gram" and dtype == torch.float32) else 128
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=min(widest, max(16, _next_pow2(D))),
                    num_warps=8, num_stages=2)
     cfg.update(config_override)
     if pass_ == "fwd":
@@ -562,6 +598,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     dev = queries.device
     f32 = torch.float32
     softmax = spec.kind == "softmax"
+    gram = spec.gram and softmax and not spec.symmetric
+    if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
+        need_q, need_k = need_q or need_k, False
     symmetric = spec.symmetric and softmax and grad_col is not None
     a_row = grad_row.to(f32)
     if grad_row_pos is None:  # tied: L_i = lse_i - target_i, rows without targets have no loss
@@ -573,7 +612,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     a_col = grad_col.to(f32) if symmetric else a_row
     b_col = (-a_col if grad_col_pos is None else grad_col_pos.to(f32)) if symmetric else a_row
     col_lse = stats.col_lse if symmetric else stats.row_lse
-    cfg = _config(queries, "bwd")
+    cfg = _config(queries, "bwd_gram" if gram else "bwd")
     BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
     common = (scale, _ptr(bias, scale), _ptr(targets.positives, stats.row_lse),
@@ -595,7 +634,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         args = (queries, keys, *common, _ptr(dq, stats.row_lse), _ptr(dsb, stats.row_lse),
                 N, M, D, spec.offset, *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
-                     COMPUTE_SB=rows_do_sb, **flags)
+                     COMPUTE_SB=rows_do_sb, GRAM=gram, **flags)
         _launch(_backward_rows_kernel, grid, args, const, cfg, "BLOCK_N")
     if need_k:
         dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
