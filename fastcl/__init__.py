@@ -6,8 +6,10 @@ from .losses import (ClipLoss, DCLLoss, InfoNCELoss, NTXentLoss, SigLipLoss, Sup
                      alignment_loss, clip_loss, dcl, info_nce, nt_xent, siglip_loss, soft_info_nce,
                      supcon, uniformity_loss)
 
+from . import metrics  # noqa: E402  (retrieval metrics from the sweep)
+
 __version__ = "0.1.0"
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
            "uniformity_loss", "alignment_loss", "InfoNCELoss", "ClipLoss", "SigLipLoss",
-           "NTXentLoss", "SupConLoss", "DCLLoss", "__version__"]
+           "NTXentLoss", "SupConLoss", "DCLLoss", "metrics", "__version__"]

@@ -26,17 +26,18 @@ def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return None if x is None else x.detach().reshape(1).to(dt)
 
 
-def _engine(backend: str, spec: LossSpec):
+def _engine(backend: str, spec: LossSpec, targets: Targets):
     eng = _backend.engine(backend)
-    extended = spec.exclude_targets or spec.target_lse
+    extended = (spec.exclude_targets or spec.target_lse or spec.fn_space != 0
+                or targets.row_ids is not None)
     if extended and not getattr(eng, "SPLIT_TARGET_GRADS", False):
-        raise ValueError(f"backend={backend!r} does not implement this loss (decoupled / target-LSE "
-                         "closures); use backend='triton' or backend='torch'")
+        raise ValueError(f"backend={backend!r} does not implement this loss (decoupled, target-LSE "
+                         "or false-negative closures); use backend='triton' or backend='torch'")
     return eng
 
 
 def _forward(ctx, queries, keys, scale, bias, targets, spec, backend) -> EngineStats:
-    eng = _engine(backend, spec)
+    eng = _engine(backend, spec, targets)
     scale32, bias32 = _scalar32(scale, queries), _scalar32(bias, queries)
     with torch.autocast(queries.device.type, enabled=False):
         stats = eng.forward(queries, keys, scale32, bias32, targets, spec)

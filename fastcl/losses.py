@@ -197,8 +197,9 @@ def _focal(loss: Tensor, gamma: float) -> Tensor:
 def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = None,
              scale: Scalar = 1.0 / 0.07, bias: Optional[Scalar] = None, reduction: str = "mean",
              label_smoothing: float = 0.0, focal_gamma: float = 0.0,
-             hard_negatives: Optional[Tensor] = None, backend: str = "auto",
-             exact: bool = False) -> Tensor:
+             hard_negatives: Optional[Tensor] = None, fn_margin: Optional[float] = None,
+             fn_ratio: Optional[float] = None, key_ids: Optional[Tensor] = None,
+             backend: str = "auto", exact: bool = False) -> Tensor:
     """One-way InfoNCE (MoCo, DPR, MultipleNegativesRanking): ``L_i = LSE_j S_ij - S_{i,p(i)}``.
 
     Args:
@@ -213,6 +214,10 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         label_smoothing: epsilon of ``F.cross_entropy``'s label smoothing (uniform over all columns).
         focal_gamma: per-row focal weighting ``(1 - p_i)^gamma * L_i``, p_i the positive's probability.
         hard_negatives: optional (N, h, D) private negatives of each query, merged into its LSE.
+        fn_margin / fn_ratio / key_ids: in-tile false-negative masking: keys j != p(i) with
+            ``S_ij > S_{i,p(i)} - fn_margin``, or cosine ``c_ij > fn_ratio * c_{i,p(i)}``, or
+            ``key_ids[j] == key_ids[p(i)]`` (duplicates of the positive, (M,) int64) leave row i.
+            Entries within rounding of the threshold may fall either way.
         backend: "auto" (Triton on CUDA, torch elsewhere) | "triton" | "torch" | "cuda" | "cpu".
         exact: float32 inputs use IEEE fp32 products instead of TF32.
     Returns:
@@ -243,9 +248,27 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
+    if fn_margin is not None and fn_ratio is not None:
+        raise ValueError("fn_margin and fn_ratio cannot be combined")
+    if key_ids is not None:
+        key_ids = _check_labels("key_ids", key_ids, M, queries.device)
     queries, keys, be = _prepare(queries, keys, backend)
-    spec = LossSpec(kind="softmax", exact=exact)
-    targets = Targets(positives=positives)
+    fn_space, threshold, row_ids = 0, None, None
+    if fn_margin is not None or fn_ratio is not None:
+        with torch.no_grad():
+            kp = keys[:N] if positives is None else keys.index_select(0, positives)
+            c_pos = _row_dots(queries, kp).float()
+            if fn_margin is not None:
+                fn_space = 1
+                threshold = s.detach().float() * c_pos - float(fn_margin)
+                threshold = threshold + b.detach().float() if b is not None else threshold
+            else:
+                fn_space, threshold = 2, float(fn_ratio) * c_pos
+    if key_ids is not None:
+        row_ids = key_ids[:N] if positives is None else key_ids.index_select(0, positives)
+    spec = LossSpec(kind="softmax", exact=exact, fn_space=fn_space)
+    targets = Targets(positives=positives, fn_threshold=threshold, row_ids=row_ids,
+                      col_ids=key_ids if row_ids is not None else None)
     extra_sum = None
     if hard_negatives is None:
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)

@@ -52,10 +52,28 @@ def _focal(per: Tensor, gamma: float) -> Tensor:
 
 def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, scale=1.0 / 0.07,
              bias=None, reduction: str = "mean", label_smoothing: float = 0.0,
-             focal_gamma: float = 0.0, hard_negatives: Optional[Tensor] = None) -> Tensor:
+             focal_gamma: float = 0.0, hard_negatives: Optional[Tensor] = None,
+             fn_margin: Optional[float] = None, fn_ratio: Optional[float] = None,
+             key_ids: Optional[Tensor] = None) -> Tensor:
     """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or
-    arange; optional private hard negatives (N, h, D) appended as extra columns of each row."""
+    arange; optional private hard negatives (N, h, D) appended as extra columns of each row;
+    false negatives (keys j != p(i) with S_ij > S_ip - fn_margin, or c_ij > fn_ratio c_ip, or
+    key_ids[j] == key_ids[p(i)]) masked out."""
     S = logits(queries, keys, scale, bias)
+    pos = positives if positives is not None else torch.arange(queries.shape[0], device=queries.device)
+    if fn_margin is not None or fn_ratio is not None or key_ids is not None:
+        rows = torch.arange(queries.shape[0], device=queries.device)
+        non_target = torch.ones_like(S, dtype=torch.bool)
+        non_target[rows, pos] = False
+        drop = torch.zeros_like(non_target)
+        if fn_margin is not None:
+            drop |= S > (S[rows, pos] - fn_margin)[:, None]
+        if fn_ratio is not None:
+            c = queries @ keys.transpose(0, 1)
+            drop |= c > (fn_ratio * c[rows, pos])[:, None]
+        if key_ids is not None:
+            drop |= key_ids[None, :] == key_ids[pos][:, None]
+        S = S.masked_fill(drop & non_target, -math.inf)
     if hard_negatives is not None:
         Sh = scale * torch.einsum("nd,nhd->nh", queries, hard_negatives)
         S = torch.cat([S, Sh + bias if bias is not None else Sh], dim=1)
@@ -211,7 +229,7 @@ def _chunks(n: int, m: int):
 
 
 def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, positives,
-          row_labels, col_labels, dtype):
+          row_labels, col_labels, dtype, fn_space=0, fn_threshold=None, row_ids=None, col_ids=None):
     """Logits, raw similarities, validity and target masks of rows [r0, r1)."""
     q = queries[r0:r1].to(dtype)
     c = q @ keys.to(dtype).transpose(0, 1)
@@ -229,7 +247,13 @@ def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, pos
     else:
         p = positives[r0:r1] if positives is not None else rows + offset
         T = cols[None, :] == p[:, None]
-    return S, c, valid, T & valid, rows, cols
+    T = T & valid
+    if fn_space:
+        thr = fn_threshold[r0:r1].to(dtype)[:, None]
+        valid = valid & (T | ~((S if fn_space == 1 else c) > thr))
+    if row_ids is not None:
+        valid = valid & (T | (row_ids[r0:r1, None] != col_ids[None, :]))
+    return S, c, valid, T, rows, cols
 
 
 def _col_targets(rows, cols, col_positives, offset):
@@ -240,7 +264,8 @@ def _col_targets(rows, cols, col_positives, offset):
 def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
                    kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
                    offset: int = 0, positives=None, col_positives=None, row_labels=None,
-                   col_labels=None, exclude_targets: bool = False, target_lse: bool = False):
+                   col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
+                   fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
@@ -254,7 +279,7 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
         S, _, valid, T, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
             offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
-            dtype=dt)
+            dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids)
         if kind == "sigmoid":
             z = torch.where(T, 1.0, -1.0).to(dt)
             row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
@@ -281,7 +306,8 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     offset: int = 0, positives=None, col_positives=None, row_labels=None,
                     col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
                     row_pos: Optional[Tensor] = None, grad_row_pos: Optional[Tensor] = None,
-                    grad_col_pos: Optional[Tensor] = None):
+                    grad_col_pos: Optional[Tensor] = None, fn_space: int = 0, fn_threshold=None,
+                    row_ids=None, col_ids=None):
     """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
 
     dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
@@ -299,7 +325,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
         S, c, valid, T, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
             offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
-            dtype=dt)
+            dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids)
         g = grad_row[r0:r1].to(dt)[:, None]
         if kind == "sigmoid":
             z = torch.where(T, 1.0, -1.0).to(dt)
@@ -336,3 +362,18 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             dk.to(keys.dtype) if need_k else None,
             ds.reshape(1) if need_s else None,
             db.reshape(1) if need_b else None)
+
+
+def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
+                       threshold: Tensor, *, exclude_self: bool = False, offset: int = 0,
+                       positives=None, row_labels=None, col_labels=None, **_):
+    """(N,) for each row, the number of valid non-target j with S_ij > threshold_i."""
+    N, M = queries.shape[0], keys.shape[0]
+    dt = _compute_dtype(queries)
+    out = torch.empty(N, dtype=dt, device=queries.device)
+    for r0, r1 in _chunks(N, M):
+        S, _, valid, T, _, _ = _tile(queries, keys, scale, bias, r0, r1, kind="softmax",
+                                     exclude_self=exclude_self, offset=offset, positives=positives,
+                                     row_labels=row_labels, col_labels=col_labels, dtype=dt)
+        out[r0:r1] = (valid & ~T & (S > threshold[r0:r1].to(dt)[:, None])).sum(1).to(dt)
+    return out

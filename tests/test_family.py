@@ -111,3 +111,46 @@ def test_extended_losses_reject_backends_without_split_gradients():
         pytest.skip("needs the compiled extension")
     with pytest.raises(ValueError, match="does not implement this loss"):
         fastcl.dcl(torch.randn(4, 3), torch.randn(4, 3), backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["margin", "ratio", "ids", "margin+ids"])
+def test_false_negative_masking(backend, option):
+    N, M, D = 30, 45, 6  # small D: many near-duplicates, so every rule masks something
+    q, k = _feat(N, D), _feat(M, D)
+    kw = {}
+    if "margin" in option:
+        kw["fn_margin"] = 0.4
+    if "ratio" in option:
+        kw["fn_ratio"] = 0.8
+    if "ids" in option:
+        kw["key_ids"] = torch.randint(0, 20, (M,), device=DEVICE)
+    plain = fastcl.info_nce(q, k, scale=8.0, reduction="none", backend=backend, exact=True)
+    masked = fastcl.info_nce(q, k, scale=8.0, reduction="none", backend=backend, exact=True, **kw)
+    assert (plain - masked).abs().max() > 1e-3  # the masking changed something
+    _check(f"fn-{option}", lambda q, k: fastcl.info_nce(q, k, scale=8.0, reduction="none", backend=backend,
+                                                        exact=True, **kw),
+           lambda q, k: R.info_nce(q, k, None, 8.0, None, "none",
+                                   **{a: (v.to(q.device) if torch.is_tensor(v) else v) for a, v in kw.items()}),
+           [q, k])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retrieval_metrics(backend):
+    N, M, D = 37, 53, 8
+    q, k = _feat(N, D, requires_grad=False), _feat(M, D, requires_grad=False)
+    pos = torch.randint(0, M, (N,), device=DEVICE)
+    out = fastcl.metrics.retrieval(q, k, pos, ks=(1, 5, 10), backend=backend)
+    S = q.double() @ k.double().T
+    ranks = 1 + (S > S[torch.arange(N), pos][:, None]).sum(1)
+    assert torch.equal(out["ranks"].long().cpu(), ranks.cpu())
+    for kk in (1, 5, 10):
+        assert abs(out[f"R@{kk}"].item() - (ranks <= kk).double().mean().item()) < 1e-6
+    assert abs(out["MRR"].item() - (1.0 / ranks.double()).mean().item()) < 1e-6
+    assert 0 < out["R@10"].item() <= 1 and out["R@1"] <= out["R@5"] <= out["R@10"]
+
+
+def test_uniformity_alignment_metrics():
+    x, y = _feat(20, 5, requires_grad=False), _feat(20, 5, requires_grad=False)
+    assert abs(fastcl.metrics.uniformity(x).item() - R.uniformity(x.double()).item()) < 1e-5
+    assert abs(fastcl.metrics.alignment(x, y).item() - R.alignment(x.double(), y.double()).item()) < 1e-5

@@ -44,6 +44,11 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
   passes the gradients of the *statistics* here, so a loss can be any function of (row_lse, mean
   target logit, column statistics) plus O((N + M) D) terms, differentiated by autograd.
 * ``spec.exclude_targets`` (decoupled losses): targets are left out of the row and column LSEs.
+* False negatives (``spec.fn_space``, ``targets.row_ids``): non-target entries with S_ij (1) or
+  c_ij (2) above ``targets.fn_threshold[i]``, or with ``col_ids[j] == row_ids[i]``, are dropped
+  from ``valid`` in every sweep.
+* ``count_above(queries, keys, scale, bias, targets, spec, threshold)`` (optional): per row, the
+  number of valid non-target j with S_ij > threshold_i (retrieval ranks).
 * ``spec.gram``: queries and keys are one tensor Z (offset 0, no column statistics); a backend
   with ``GRAM = True`` returns the whole gradient of Z as d_queries (and None for d_keys), the
   others return both parts, which the autograd layer adds.
@@ -78,6 +83,7 @@ class LossSpec:
     exclude_targets: bool = False  # targets left out of the LSEs (decoupled contrastive loss)
     target_lse: bool = False  # row_pos = LSE over targets instead of their sum (SupCon L_in)
     gram: bool = False  # queries and keys are the same tensor (NT-Xent, SupCon, DCL, uniformity)
+    fn_space: int = 0  # false-negative masking by threshold: 0 off, 1 on S_ij, 2 on c_ij
 
 
 class Targets(NamedTuple):
@@ -87,6 +93,9 @@ class Targets(NamedTuple):
     col_positives: Optional[torch.Tensor] = None  # (M,) int64
     row_labels: Optional[torch.Tensor] = None  # (N,) int64
     col_labels: Optional[torch.Tensor] = None  # (M,) int64
+    fn_threshold: Optional[torch.Tensor] = None  # (N,) float32: drop non-targets above it
+    row_ids: Optional[torch.Tensor] = None  # (N,) int64 duplicate id of each row's positive
+    col_ids: Optional[torch.Tensor] = None  # (M,) int64 duplicate id of each key
 
 
 class EngineStats(NamedTuple):

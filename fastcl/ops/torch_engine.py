@@ -12,7 +12,8 @@ def _kw(spec, targets):
                 offset=spec.offset, positives=targets.positives,
                 col_positives=targets.col_positives, row_labels=targets.row_labels,
                 col_labels=targets.col_labels, exclude_targets=spec.exclude_targets,
-                target_lse=spec.target_lse)
+                target_lse=spec.target_lse, fn_space=spec.fn_space,
+                fn_threshold=targets.fn_threshold, row_ids=targets.row_ids, col_ids=targets.col_ids)
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
@@ -26,3 +27,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col, needs=tuple(needs),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
         **_kw(spec, targets))
+
+
+def count_above(queries, keys, scale, bias, targets, spec, threshold):
+    return reference.engine_count_above(queries, keys, scale, bias, threshold, **_kw(spec, targets))

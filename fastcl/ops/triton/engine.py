@@ -119,6 +119,26 @@ def _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS: tl.constex
 
 
 @triton.jit
+def _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+                          FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr):
+    """In-tile false-negative masking of non-target entries: FN_SPACE 1 drops S_ij > thr_i (a
+    margin below the positive's logit), 2 drops c_ij > thr_i (a ratio of the positive's cosine);
+    FN_IDS drops keys whose duplicate id equals that of the row's positive."""
+    if FN_SPACE != 0:
+        thr = tl.load(thr_ptr + rows.to(tl.int64), mask=rows < N, other=float("inf"))
+        if FN_SPACE == 1:
+            above = S > thr[:, None]
+        else:
+            above = c > thr[:, None]
+        valid = valid & ((target != 0) | (above == 0))
+    if FN_IDS:
+        rid = tl.load(rid_ptr + rows.to(tl.int64), mask=rows < N, other=-1)
+        cid = tl.load(cid_ptr + cols.to(tl.int64), mask=cols < M, other=-2)
+        valid = valid & ((target != 0) | (rid[:, None] != cid[None, :]))
+    return valid
+
+
+@triton.jit
 def _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_pos_ptr, stride_g,
                    stride_gp, KIND: tl.constexpr, TARGET_LSE: tl.constexpr):
     """(row_lse, a_i, b_i, t_i) of a block of rows: the weights of P and of the target term, and
@@ -211,13 +231,15 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TA
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_pos_ptr,
     N, M, D, row_block_start, offset,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
+    FN_IDS: tl.constexpr,
+    COUNT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -225,7 +247,8 @@ def _forward_kernel(
     #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
     #            symmetric: partial column LSE over this block's rows, and S_{pc(j), j}.
     #            EXCLUDE_TARGETS leaves targets out of the LSEs; TARGET_LSE makes row_pos the LSE
-    #            over targets.
+    #            over targets; FN_SPACE / FN_IDS drop false negatives from every sum.
+    #   COUNT (retrieval metrics): row_lse_i = #{valid non-target j : S_ij > thr_i}, nothing else.
     #   sigmoid: row_lse_i = sum_{j valid} softplus(-z_ij S_ij), z = +1 on targets else -1.
     # 1. load the row block's target metadata, scale and bias;
     # 2. for each column block: c = Q_blk K_blk^T (fp32 accumulate over D), S = s c + b;
@@ -258,7 +281,12 @@ def _forward_kernel(
         S = c * s + b
         col_meta = _col_labels(cols, M, clab_ptr, LABELS)
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-        if KIND == 0:
+        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+                                      FN_SPACE, FN_IDS)
+        if COUNT:
+            l_i += tl.sum(((target == 0) & valid & (S > tl.load(thr_ptr + rows.to(tl.int64), mask=rmask,
+                                                                  other=float("inf"))[:, None])).to(tl.float32), 1)
+        elif KIND == 0:
             if EXCLUDE_TARGETS:
                 Sm = tl.where(valid & (target == 0), S, float("-inf"))
             else:
@@ -296,15 +324,18 @@ def _forward_kernel(
             l_i += tl.sum(tl.where(valid, softplus, 0.0), 1)
 
     r64 = rows.to(tl.int64)
-    if KIND == 0:
-        tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
-    else:
+    if COUNT:
         tl.store(row_lse_ptr + r64, l_i, mask=rmask)
-    if TARGET_LSE:
-        tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
     else:
-        tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
-    tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
+        if KIND == 0:
+            tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+        else:
+            tl.store(row_lse_ptr + r64, l_i, mask=rmask)
+        if TARGET_LSE:
+            tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
+        else:
+            tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
+        tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,13 +345,14 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_rows_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     dq_ptr, dsb_ptr, N, M, D, offset,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_grp, stride_gc, stride_gcp,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
+    FN_IDS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
     GRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -364,6 +396,8 @@ def _backward_rows_kernel(
         S = c * s + b
         col_meta = _col_labels(cols, M, clab_ptr, LABELS)
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+                                      FN_SPACE, FN_IDS)
         lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                          stride_gcp, SYMMETRIC)
         ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
@@ -403,13 +437,14 @@ def _backward_rows_kernel(
 
 @triton.jit
 def _backward_cols_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     dk_ptr, dsb_ptr, N, M, D, offset,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_grp, stride_gc, stride_gcp,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
+    FN_IDS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -448,6 +483,8 @@ def _backward_cols_kernel(
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         S = c * s + b
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+                                      FN_SPACE, FN_IDS)
         col_target = valid & (rows[:, None] == ctgt[None, :])
         dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
                           KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE)
@@ -538,6 +575,7 @@ def _precision(queries: torch.Tensor, exact: bool) -> str:
 def _flags(queries, spec, targets, bias) -> dict:
     return dict(UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
                 EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
+                FN_SPACE=spec.fn_space, FN_IDS=targets.row_ids is not None,
                 KIND=KIND_SIGMOID if spec.kind == "sigmoid" else KIND_SOFTMAX,
                 HAS_BIAS=bias is not None, HAS_POS=targets.positives is not None,
                 HAS_CPOS=targets.col_positives is not None, LABELS=targets.row_labels is not None,
@@ -546,6 +584,15 @@ def _flags(queries, spec, targets, bias) -> dict:
 
 def _ptr(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     return dummy if t is None else t
+
+
+def _metadata(targets, dummy, threshold=None):
+    """The kernels' metadata pointers, in order: positives, column positives, row / column labels,
+    the per-row threshold (false negatives, or the count threshold), row / column duplicate ids."""
+    thr = threshold if threshold is not None else targets.fn_threshold
+    return (_ptr(targets.positives, dummy), _ptr(targets.col_positives, dummy),
+            _ptr(targets.row_labels, dummy), _ptr(targets.col_labels, dummy), _ptr(thr, dummy),
+            _ptr(targets.row_ids, dummy), _ptr(targets.col_ids, dummy))
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
@@ -571,12 +618,11 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
         per_launch = n_row_blocks
         partial = col_pos = row_lse  # unused pointers
     flags = _flags(queries, spec, targets, bias)
-    const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact), **flags)
+    const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact), **flags)
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
-        args = (queries, keys, scale, _ptr(bias, scale), _ptr(targets.positives, row_lse),
-                _ptr(targets.col_positives, row_lse), _ptr(targets.row_labels, row_lse),
-                _ptr(targets.col_labels, row_lse), row_lse, row_pos, row_npos, partial, col_pos,
+        args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse),
+                row_lse, row_pos, row_npos, partial, col_pos,
                 N, M, D, start, spec.offset,
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
         _launch(_forward_kernel, (nb,), args, const, cfg, "BLOCK_N")
@@ -615,9 +661,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     cfg = _config(queries, "bwd_gram" if gram else "bwd")
     BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
-    common = (scale, _ptr(bias, scale), _ptr(targets.positives, stats.row_lse),
-              _ptr(targets.col_positives, stats.row_lse), _ptr(targets.row_labels, stats.row_lse),
-              _ptr(targets.col_labels, stats.row_lse), stats.row_lse, stats.row_pos, stats.row_npos,
+    common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse), stats.row_lse, stats.row_pos, stats.row_npos,
               col_lse, a_row, b_row, a_col, b_col)
     strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0))
@@ -653,3 +697,20 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         ds = sums[0:1] if need_s else None
         db = sums[1:2] if need_b else None
     return dq, dk, ds, db
+
+
+def count_above(queries, keys, scale, bias, targets, spec, threshold):
+    """(N,) float32: for each row, the number of valid non-target columns with S_ij > threshold_i
+    (the rank of the positive minus one when threshold is its logit). No gradient."""
+    N, D = queries.shape
+    M = keys.shape[0]
+    counts = torch.empty(N, dtype=torch.float32, device=queries.device)
+    cfg = _config(queries, "fwd")
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
+    args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, threshold.float()),
+            counts, counts, counts, counts, counts, N, M, D, 0, spec.offset,
+            queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+    const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact),
+                 **_flags(queries, spec, targets, bias))
+    _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
+    return counts

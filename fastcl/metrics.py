@@ -1,0 +1,65 @@
+"""Metrics from the engine's sweep, without an N x M matrix (no gradients)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from . import _backend
+from .losses import _check_index, _check_pair, alignment_loss, uniformity_loss
+from .ops import LossSpec, Targets
+
+Tensor = torch.Tensor
+
+__all__ = ["retrieval", "uniformity", "alignment"]
+
+
+@torch.no_grad()
+def retrieval(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None,
+              ks: Sequence[int] = (1, 5, 10), *, backend: str = "auto",
+              exact: bool = False) -> Dict[str, Tensor]:
+    """Recall@k and MRR of retrieving each query's positive key among all keys.
+
+    Args:
+        queries: (N, D); keys: (M, D); positives: (N,) key index of each query's positive
+            (default ``arange(N)``, M >= N).
+        ks: the cut-offs of Recall@k.
+    Returns:
+        ``{"R@k": 0-d tensor for each k, "MRR": 0-d tensor, "ranks": (N,) float32}``; the rank
+        of the positive is 1 + the number of keys scoring strictly higher (ties favour it).
+    """
+    _check_pair("queries", queries, "keys", keys)
+    N, M = queries.shape[0], keys.shape[0]
+    if positives is None:
+        if M < N:
+            raise ValueError(f"keys must have at least as many rows as queries when positives is "
+                             f"None, got N={N} and M={M}")
+    else:
+        positives = _check_index("positives", positives, N, M, "key indices", queries.device)
+    if any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    be = _backend.resolve(backend, queries.device, queries.dtype)
+    eng = _backend.engine(be)
+    if not hasattr(eng, "count_above"):
+        raise ValueError(f"backend={be!r} does not compute ranks; use backend='triton' or 'torch'")
+    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    scale = torch.ones(1, dtype=dt, device=queries.device)
+    targets, spec = Targets(positives=positives), LossSpec(kind="softmax", exact=exact)
+    positive_logit = eng.forward(queries, keys, scale, None, targets, spec).row_pos
+    ranks = eng.count_above(queries, keys, scale, None, targets, spec, positive_logit).float() + 1
+    out = {f"R@{k}": (ranks <= k).float().mean() for k in ks}
+    out["MRR"] = ranks.reciprocal().mean()
+    out["ranks"] = ranks
+    return out
+
+
+@torch.no_grad()
+def uniformity(x: Tensor, t: float = 2.0, *, backend: str = "auto") -> Tensor:
+    """Uniformity metric (Wang & Isola 2020) of the rows of x (N, D); see :func:`uniformity_loss`."""
+    return uniformity_loss(x, t, backend=backend)
+
+
+@torch.no_grad()
+def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
+    """Alignment metric (Wang & Isola 2020) of paired rows; see :func:`alignment_loss`."""
+    return alignment_loss(x, y, alpha)
