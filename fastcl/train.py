@@ -26,7 +26,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["chunked_contrastive_step", "RngState"]
+__all__ = ["chunked_contrastive_step", "chunked_loss", "RngState"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +158,114 @@ def _modules(enc) -> List[nn.Module]:
     return [enc] if isinstance(enc, nn.Module) else []
 
 
+def _plan(encoders, inputs, loss_fn, chunk_size, autocast):
+    """Validate the arguments; returns (towers, sizes, devices, autocast factory, jobs)."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
+        raise TypeError("inputs must be a non-empty list or tuple with one batch per tower, got "
+                        f"{type(inputs).__name__}")
+    if isinstance(encoders, (list, tuple)):
+        if len(encoders) != len(inputs):
+            raise ValueError(f"encoders has {len(encoders)} entries but inputs has {len(inputs)}; "
+                             "pass one encoder per input, or a single shared encoder")
+        towers = list(encoders)
+    else:
+        towers = [encoders] * len(inputs)
+    for i, enc in enumerate(towers):
+        if not callable(enc):
+            raise TypeError(f"encoders[{i}] must be callable, got {type(enc).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    sizes = [_batch_size(f"inputs[{t}]", x) for t, x in enumerate(inputs)]
+    devices = [d for d in (_device_of(x) for x in inputs) if d is not None]
+    for enc in towers:
+        for m in _modules(enc):
+            p = next(m.parameters(), None)
+            if p is not None:
+                devices.append(p.device)
+    device = devices[0] if devices else torch.device("cpu")
+    jobs = [(t, s, min(s + chunk_size, n)) for t, n in enumerate(sizes) for s in range(0, n, chunk_size)]
+    return towers, devices, _autocast_ctx(autocast, device), jobs
+
+
+class _Replayer:
+    """Phase 3 for one tower: a hook on the cached embeddings (B_t, D) that, when their gradient
+    arrives, re-encodes each chunk with autograd and back-propagates its slice."""
+
+    def __init__(self, tower, t, inputs, chunks, ac, remaining, bar):
+        self.tower, self.t, self.inputs, self.chunks = tower, t, inputs, chunks
+        self.ac, self.remaining, self.bar = ac, remaining, bar
+
+    def __call__(self, grad: Tensor) -> None:
+        mods = _modules(self.tower)
+        for s, e, state in self.chunks:
+            with contextlib.ExitStack() as stack:
+                for m in mods:  # DDP: synchronise only on the module's very last chunk
+                    self.remaining[id(m)] -= 1
+                    if hasattr(m, "no_sync") and self.remaining[id(m)] > 0:
+                        stack.enter_context(m.no_sync())
+                with state.replay(), torch.enable_grad():  # hooks run with grad mode off
+                    with self.ac():
+                        out = _embedding(f"encoders[{self.t}]", self.tower(_slice(self.inputs, s, e)))
+                    if out.requires_grad:  # a frozen tower has nothing to back-propagate
+                        torch.autograd.backward(out, grad[s:e].to(out.dtype))
+            if self.bar is not None:
+                self.bar.update(1)
+        self.chunks = []  # one backward per forward
+        if self.bar is not None and all(v <= 0 for v in self.remaining.values()):
+            self.bar.close()
+
+
+def chunked_loss(
+        encoders: Union[Callable, Sequence[Callable]],
+        inputs: Sequence[Any],
+        loss_fn: Callable[..., Tensor],
+        chunk_size: int,
+        *,
+        autocast: Any = None,
+        progress: bool = False,
+) -> Tensor:
+    """The loss of a big batch encoded ``chunk_size`` samples at a time, as a differentiable scalar.
+
+    Encodes every chunk without autograd (phase 1) and evaluates ``loss_fn`` on the cached
+    embeddings (phase 2). The returned scalar's backward (``loss.backward()``,
+    ``scaler.scale(loss).backward()``, a trainer's backward) first back-propagates through the loss
+    (learnable loss parameters get their gradients), then re-encodes each chunk with autograd under
+    its phase-1 RNG state and back-propagates the chunk's slice of the embedding gradient
+    (phase 3). Arguments as :func:`chunked_contrastive_step`. The graph is used once: call
+    backward at most once.
+    """
+    towers, devices, ac, jobs = _plan(encoders, inputs, loss_fn, chunk_size, autocast)
+    bar = _progress(2 * len(jobs), progress, "chunks")
+    pieces: List[List[Tensor]] = [[] for _ in inputs]
+    chunks: List[list] = [[] for _ in inputs]
+    with torch.no_grad():  # phase 1
+        for t, s, e in jobs:
+            state = RngState(devices)
+            with ac():
+                out = _embedding(f"encoders[{t}]", towers[t](_slice(inputs[t], s, e)))
+            pieces[t].append(out.detach())
+            chunks[t].append((s, e, state))
+            if bar is not None:
+                bar.update(1)
+    remaining = {}
+    for t, _, _ in jobs:
+        for m in _modules(towers[t]):
+            remaining[id(m)] = remaining.get(id(m), 0) + 1
+    embeddings = []
+    for t, p in enumerate(pieces):
+        emb = torch.cat(p).requires_grad_(True)
+        emb.register_hook(_Replayer(towers[t], t, inputs[t], chunks[t], ac, remaining, bar))
+        embeddings.append(emb)
+    with torch.enable_grad(), ac():  # phase 2
+        loss = loss_fn(*embeddings)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError("loss_fn must return a one-element tensor (a reduced loss), got "
+                        f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+    return loss
+
+
 def chunked_contrastive_step(
         encoders: Union[Callable, Sequence[Callable]],
         inputs: Sequence[Any],
@@ -185,8 +293,8 @@ def chunked_contrastive_step(
             ``lambda i, t: fastcl.clip_loss(i, t, model.logit_scale.exp())``. Learnable loss
             parameters (logit scale and bias) get their gradients directly.
         chunk_size: samples per encoder call; bounds the activation memory.
-        scaler: optional ``torch.amp.GradScaler`` (or ``torch.cuda.amp.GradScaler``); the loss
-            gradient is scaled by it, so every parameter gradient is scaled as with
+        scaler: optional ``torch.amp.GradScaler`` (or ``torch.cuda.amp.GradScaler``): the loss is
+            scaled by it before the backward, so every parameter gradient is scaled as with
             ``scaler.scale(loss).backward()``.
         autocast: None, a dtype (``torch.bfloat16``/``torch.float16``), True (the device's default
             autocast dtype) or a callable returning a context manager; wraps the encoders and the
@@ -203,79 +311,6 @@ def chunked_contrastive_step(
         chunk twice. A ``DistributedDataParallel`` encoder synchronises gradients only on its
         last re-encoding backward (``no_sync`` for the others).
     """
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
-        raise TypeError("inputs must be a non-empty list or tuple with one batch per tower, got "
-                        f"{type(inputs).__name__}")
-    if isinstance(encoders, (list, tuple)):
-        if len(encoders) != len(inputs):
-            raise ValueError(f"encoders has {len(encoders)} entries but inputs has {len(inputs)}; "
-                             "pass one encoder per input, or a single shared encoder")
-        towers = list(encoders)
-    else:
-        towers = [encoders] * len(inputs)
-    for i, enc in enumerate(towers):
-        if not callable(enc):
-            raise TypeError(f"encoders[{i}] must be callable, got {type(enc).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-
-    sizes = [_batch_size(f"inputs[{t}]", x) for t, x in enumerate(inputs)]
-    devices = [d for d in (_device_of(x) for x in inputs) if d is not None]
-    for enc in towers:
-        for m in _modules(enc):
-            p = next(m.parameters(), None)
-            if p is not None:
-                devices.append(p.device)
-    device = devices[0] if devices else torch.device("cpu")
-    ac = _autocast_ctx(autocast, device)
-    jobs: List[Tuple[int, int, int]] = [(t, s, min(s + chunk_size, n))
-                                        for t, n in enumerate(sizes) for s in range(0, n, chunk_size)]
-    bar = _progress(2 * len(jobs), progress, "chunks")
-
-    # phase 1: no-grad encoding, RNG state saved per chunk
-    states: List[RngState] = []
-    pieces: List[List[Tensor]] = [[] for _ in inputs]
-    with torch.no_grad():
-        for t, s, e in jobs:
-            states.append(RngState(devices))
-            with ac():
-                out = _embedding(f"encoders[{t}]", towers[t](_slice(inputs[t], s, e)))
-            pieces[t].append(out.detach())
-            if bar is not None:
-                bar.update(1)
-
-    # phase 2: loss and its gradient w.r.t. the cached embeddings
-    embeddings = [torch.cat(p).requires_grad_(True) for p in pieces]
-    del pieces
-    with ac():
-        loss = loss_fn(*embeddings)
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise TypeError("loss_fn must return a one-element tensor (a reduced loss), got "
-                        f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
-    to_backward = scaler.scale(loss) if scaler is not None else loss
-    to_backward.backward()
-    grads = [emb.grad if emb.grad is not None else torch.zeros_like(emb) for emb in embeddings]
-    del embeddings
-
-    # phase 3: re-encode with autograd, back-propagate each chunk's embedding gradient
-    last_use = {}
-    for j, (t, _, _) in enumerate(jobs):
-        for m in _modules(towers[t]):
-            last_use[id(m)] = j
-    for j, ((t, s, e), state) in enumerate(zip(jobs, states)):
-        with contextlib.ExitStack() as stack:
-            for m in _modules(towers[t]):
-                if hasattr(m, "no_sync") and last_use[id(m)] != j:
-                    stack.enter_context(m.no_sync())
-            with state.replay():
-                with ac():
-                    out = _embedding(f"encoders[{t}]", towers[t](_slice(inputs[t], s, e)))
-                if out.requires_grad:  # a frozen tower has nothing to back-propagate
-                    torch.autograd.backward(out, grads[t][s:e].to(out.dtype))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    loss = chunked_loss(encoders, inputs, loss_fn, chunk_size, autocast=autocast, progress=progress)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss.detach()

@@ -208,3 +208,27 @@ def test_bad_arguments():
         chunked_contrastive_step((img, txt), (x, t),
                                  lambda a, b: fastcl.clip_loss(a, b, 10.0, reduction="none",
                                                                backend="torch"), 4)
+
+
+def test_chunked_loss_deferred_backward():
+    """chunked_loss returns a differentiable scalar: the re-encoding happens in its backward, with
+    the upstream gradient (2.5 here) applied, as a trainer's ``loss.backward()`` would call it."""
+    from fastcl.train import chunked_loss
+
+    dtype, B, chunk, seed = torch.float64, 14, 4, 11
+    img, txt, ls = _make(dtype)
+    x, t = _data(B, dtype)
+
+    def loss_fn(ei, et):
+        return fastcl.siglip_loss(ei, et, ls.exp(), -2.0, backend="torch")
+
+    _reference_step(img, txt, ls, x, t, chunk, lambda a, b: 2.5 * loss_fn(a, b), seed)
+    ref = [p.grad.clone() for p in _params(img, txt, ls)]
+    for p in _params(img, txt, ls):
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = chunked_loss((img, txt), (x, t), loss_fn, chunk, progress=True)
+    assert all(p.grad is None for p in _params(img, txt, ls))  # nothing happens before backward
+    (2.5 * loss).backward()
+    for r, p in zip(ref, _params(img, txt, ls)):
+        assert (p.grad - r).abs().max().item() <= 1e-10
