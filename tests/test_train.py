@@ -232,3 +232,17 @@ def test_chunked_loss_deferred_backward():
     (2.5 * loss).backward()
     for r, p in zip(ref, _params(img, txt, ls)):
         assert (p.grad - r).abs().max().item() <= 1e-10
+
+
+def test_example_tiny_runs(capsys):
+    """examples/train_clip_huge_batch.py --tiny, two steps, in-process."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_clip_huge_batch.py"
+    spec = importlib.util.spec_from_file_location("train_clip_huge_batch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--tiny", "--steps", "2", "--device", "cpu", "--batch", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2: loss" in out and "R@1" in out
