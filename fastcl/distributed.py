@@ -186,14 +186,18 @@ class _Ring:
         self.next = _global_rank(group, (r + 1) % W)
         self.prev = _global_rank(group, (r - 1) % W)
 
-    def exchange(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> List:
+    def exchange(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> Tuple[List, tuple]:
+        """Posts the transfers; returns (requests, tensors) - the tensors stay referenced until
+        :meth:`wait` so that no buffer in flight is freed and reused."""
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
-        return dist.batch_isend_irecv(ops)
+        return dist.batch_isend_irecv(ops), (tuple(send), tuple(recv))
 
     @staticmethod
-    def wait(reqs) -> None:
-        for req in reqs:
+    def wait(pending) -> None:
+        if not pending:
+            return
+        for req in pending[0]:
             req.wait()
 
 
@@ -230,12 +234,12 @@ class _RingLoss(torch.autograd.Function):
         row_lse = torch.full((n,), -math.inf if kind == "softmax" else 0.0, dtype=sdt, device=dev)
         row_pos = torch.zeros(n, dtype=sdt, device=dev)
         row_npos = torch.zeros(n, dtype=sdt, device=dev)
-        own_col, col_in, col_req = None, None, []
+        own_col, col_in, col_req = None, None, None
         kb = keys.contiguous()
         with torch.autocast(dev.type, enabled=False):
             for t in range(W):
                 o = (r - t) % W
-                k_req, nkb = [], None
+                k_req, nkb = None, None
                 if t < W - 1:  # next block in flight while this one is computed
                     nkb = torch.empty_like(kb)
                     k_req = ring.exchange([kb], [nkb])
@@ -297,12 +301,12 @@ class _RingLoss(torch.autograd.Function):
         if symmetric:
             gc = grad_cols if grad_cols is not None else torch.zeros(m, device=dev)
             cinfo = torch.stack([col_lse, gc.to(sdt)])
-        dk_own, dk_in, dk_req = None, None, []
+        dk_own, dk_in, dk_req = None, None, None
         needs = (bool(need_q), bool(need_k), bool(need_s), bool(need_b))
         with torch.autocast(dev.type, enabled=False):
             for t in range(W):
                 o = (r - t) % W
-                reqs, nkb, ncinfo = [], None, None
+                reqs, nkb, ncinfo = None, None, None
                 if t < W - 1:
                     nkb = torch.empty_like(kb)
                     send, recv = [kb], [nkb]
