@@ -139,6 +139,25 @@ def _open_clip_worker(r, W, port, errfile):
                     dist.all_reduce(bb)
                 if bb.abs().max() == 0 or (a - bb).abs().max() > TOL * max(1.0, bb.abs().max().item()):
                     raise AssertionError(f"{name}: grad {k} off by {(a - bb).abs().max().item():.3e}")
+        # sentence-transformers gather_across_devices, all four directions, one hard-negative column
+        try:
+            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Real
+            from sentence_transformers import util as st_util
+        except Exception:
+            Real = None
+        if Real is not None:
+            dirs = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+            cols = [local(_feats(gen, W * n, d, normalize=False).detach()) for _ in range(3)]
+            ours = st.mnrl_from_embeddings(cols, scale=20.0, directions=dirs, gather_across_devices=True,
+                                           backend="torch")
+            twins = [c.detach().clone().requires_grad_(True) for c in cols]
+            theirs = Real(nn.Identity(), scale=20.0, similarity_fct=st_util.cos_sim, directions=dirs,
+                          gather_across_devices=True).compute_loss_from_embeddings(twins, None)
+            if abs(ours.item() - theirs.item()) > TOL:
+                raise AssertionError(f"mnrl/gather: {ours.item()} vs {theirs.item()}")
+            for k, (a, bb) in enumerate(zip(torch.autograd.grad(ours, cols), torch.autograd.grad(theirs, twins))):
+                if bb.abs().max() == 0 or (a - bb).abs().max() > TOL:
+                    raise AssertionError(f"mnrl/gather: grad {k} off by {(a - bb).abs().max().item():.3e}")
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -147,7 +166,7 @@ def _open_clip_worker(r, W, port, errfile):
         raise
 
 
-def test_open_clip_distributed_matches_open_clip():
+def test_distributed_matches_open_clip_and_sentence_transformers():
     pytest.importorskip("open_clip.loss")
     with tempfile.TemporaryDirectory() as tmp:
         errfile = os.path.join(tmp, "err")
