@@ -2,10 +2,12 @@
 
 No GPU work happens at import: backends are resolved and compiled on first use.
 """
-from .losses import (ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss, clip_loss, info_nce,
-                     nt_xent, siglip_loss, supcon)
+from .losses import (ClipLoss, DCLLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss,
+                     alignment_loss, clip_loss, dcl, info_nce, nt_xent, siglip_loss, soft_info_nce,
+                     supcon, uniformity_loss)
 
 __version__ = "0.1.0"
 
-__all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "InfoNCELoss", "ClipLoss",
-           "SigLipLoss", "NTXentLoss", "SupConLoss", "__version__"]
+__all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
+           "uniformity_loss", "alignment_loss", "InfoNCELoss", "ClipLoss", "SigLipLoss",
+           "NTXentLoss", "SupConLoss", "DCLLoss", "__version__"]

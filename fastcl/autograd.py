@@ -1,5 +1,13 @@
-"""The autograd Function over the engine: forward saves O(N + M) statistics, backward calls the
-backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes through here."""
+"""The autograd Functions over the engine: forward saves O(N + M) statistics, backward calls the
+backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes through here.
+
+* :class:`EngineLoss` returns per-row (and per-column) losses ``lse - target``: the closures every
+  backend implements.
+* :class:`EngineStatistics` returns the statistics themselves (row LSE, target statistic, column
+  LSE and target logit) as differentiable outputs, so a loss can be any function of them (plus
+  O((N + M) D) terms) and autograd supplies separate weights for each; this needs a backend with
+  ``SPLIT_TARGET_GRADS``.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -7,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _backend
-from .ops import EngineStats, LossSpec, Targets, col_losses, row_losses
+from .ops import EngineStats, LossSpec, Targets, col_losses, row_losses, row_target_logit
 
 Tensor = torch.Tensor
 
@@ -18,54 +26,130 @@ def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return None if x is None else x.detach().reshape(1).to(dt)
 
 
+def _engine(backend: str, spec: LossSpec):
+    eng = _backend.engine(backend)
+    extended = spec.exclude_targets or spec.target_lse
+    if extended and not getattr(eng, "SPLIT_TARGET_GRADS", False):
+        raise ValueError(f"backend={backend!r} does not implement this loss (decoupled / target-LSE "
+                         "closures); use backend='triton' or backend='torch'")
+    return eng
+
+
+def _forward(ctx, queries, keys, scale, bias, targets, spec, backend) -> EngineStats:
+    eng = _engine(backend, spec)
+    scale32, bias32 = _scalar32(scale, queries), _scalar32(bias, queries)
+    with torch.autocast(queries.device.type, enabled=False):
+        stats = eng.forward(queries, keys, scale32, bias32, targets, spec)
+    ctx.save_for_backward(queries, keys, scale32, bias32, *stats)
+    ctx.targets, ctx.spec, ctx.backend = targets, spec, backend
+    ctx.scale_meta = (scale.shape, scale.dtype)
+    ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+    return stats
+
+
+def _backward(ctx, grad_row, grad_col, **split):
+    queries, keys, scale32, bias32, *saved = ctx.saved_tensors
+    stats = EngineStats(*saved)
+    needs = tuple(ctx.needs_input_grad[:4])
+    if not any(needs):
+        return (None,) * 4
+    eng = _backend.engine(ctx.backend)
+    gram = ctx.spec.gram
+    if gram:  # queries is keys: one gradient for the shared tensor, returned in the queries slot
+        both = needs[0] or needs[1]
+        needs = (both, both and not getattr(eng, "GRAM", False), needs[2], needs[3])
+    with torch.autocast(queries.device.type, enabled=False):
+        dq, dk, ds, db = eng.backward(queries, keys, scale32, bias32, ctx.targets, ctx.spec,
+                                      stats, grad_row, grad_col, needs, **split)
+    if gram:
+        dq = dq + dk if dk is not None else dq
+        dk = None
+    if ds is not None:
+        ds = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
+    if db is not None:
+        db = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
+    return dq, dk, ds, db
+
+
 class EngineLoss(torch.autograd.Function):
     """Per-row (N,) and per-column (M,) losses of one engine closure.
 
     Inputs: queries (N, D), keys (M, D), scale (0-d or (1,) tensor), bias (same, or None),
     targets (:class:`fastcl.ops.Targets`), spec (:class:`fastcl.ops.LossSpec`), backend name.
     Outputs: row losses (N,), column losses (M,) when ``spec.symmetric`` else an empty tensor,
-    and the number of positives of each row (N,) (not differentiable).
+    and the number of targets of each row (N,) (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
                 targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-        eng = _backend.engine(backend)
-        scale32, bias32 = _scalar32(scale, queries), _scalar32(bias, queries)
-        with torch.autocast(queries.device.type, enabled=False):
-            stats = eng.forward(queries, keys, scale32, bias32, targets, spec)
-            rows = row_losses(stats, spec)
-            cols = col_losses(stats) if spec.symmetric else rows.new_zeros(0)
-        ctx.save_for_backward(queries, keys, scale32, bias32, *stats)
-        ctx.targets, ctx.spec, ctx.backend = targets, spec, backend
-        ctx.scale_meta = (scale.shape, scale.dtype)
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend)
+        rows = row_losses(stats, spec)
+        cols = col_losses(stats) if spec.symmetric else rows.new_zeros(0)
         ctx.mark_non_differentiable(stats.row_npos, *([] if spec.symmetric else [cols]))
         return rows, cols, stats.row_npos
 
     @staticmethod
     def backward(ctx, grad_rows: Optional[Tensor], grad_cols: Optional[Tensor], _grad_npos=None):
-        queries, keys, scale32, bias32, *saved = ctx.saved_tensors
-        stats = EngineStats(*saved)
-        needs = tuple(ctx.needs_input_grad[:4])
-        if not any(needs):
-            return (None,) * 7
+        N = ctx.saved_tensors[0].shape[0]
         if grad_rows is None:
-            grad_rows = stats.row_lse.new_zeros(1).expand(queries.shape[0])
+            grad_rows = ctx.saved_tensors[4].new_zeros(1).expand(N)
         if not ctx.spec.symmetric:
             grad_cols = None
-        eng = _backend.engine(ctx.backend)
-        with torch.autocast(queries.device.type, enabled=False):
-            dq, dk, ds, db = eng.backward(queries, keys, scale32, bias32, ctx.targets, ctx.spec,
-                                          stats, grad_rows, grad_cols, needs)
-        if ds is not None:
-            ds = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1])
-        if db is not None:
-            db = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1])
-        return dq, dk, ds, db, None, None, None
+        return (*_backward(ctx, grad_rows, grad_cols), None, None, None)
+
+
+class EngineStatistics(torch.autograd.Function):
+    """The engine's statistics as differentiable outputs (softmax closures).
+
+    Outputs: row_lse (N,), row target statistic (N,) (mean target logit, 0 for rows without
+    targets, or the target LSE with ``spec.target_lse``), number of targets per row (N,) (not
+    differentiable), and when ``spec.symmetric`` col_lse (M,) and the column target logit (M,)
+    (else empty tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
+                targets: Targets, spec: LossSpec, backend: str):
+        if spec.kind != "softmax":
+            raise ValueError("EngineStatistics serves the softmax closures")
+        if not getattr(_backend.engine(backend), "SPLIT_TARGET_GRADS", False):
+            raise ValueError(f"backend={backend!r} does not implement this loss (it needs separate "
+                             "gradients of the statistics); use backend='triton' or backend='torch'")
+        stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend)
+        tgt = row_target_logit(stats, spec)
+        if spec.symmetric:
+            col_lse, col_pos = stats.col_lse, stats.col_pos
+        else:
+            col_lse = col_pos = stats.row_lse.new_zeros(0)
+        ctx.mark_non_differentiable(stats.row_npos, *([] if spec.symmetric else [col_lse, col_pos]))
+        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos
+
+    @staticmethod
+    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos):
+        ref = ctx.saved_tensors[4]
+        N = ctx.saved_tensors[0].shape[0]
+        zeros = ref.new_zeros(1).expand(N)
+        g_lse = zeros if g_lse is None else g_lse
+        g_tgt = zeros if g_tgt is None else g_tgt
+        grad_col = grad_col_pos = None
+        if ctx.spec.symmetric and (g_col_lse is not None or g_col_pos is not None):
+            M = ctx.saved_tensors[1].shape[0]
+            mz = ref.new_zeros(1).expand(M)
+            grad_col = mz if g_col_lse is None else g_col_lse
+            grad_col_pos = mz if g_col_pos is None else g_col_pos
+        grads = _backward(ctx, g_lse, grad_col, grad_row_pos=g_tgt, grad_col_pos=grad_col_pos)
+        return (*grads, None, None, None)
 
 
 def engine_loss(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
                 targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional form of :class:`EngineLoss` (inputs already validated and resolved)."""
     return EngineLoss.apply(queries, keys, scale, bias, targets, spec, backend)
+
+
+def engine_statistics(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
+                      targets: Targets, spec: LossSpec, backend: str):
+    """Functional form of :class:`EngineStatistics`:
+    (row_lse, row_target, row_npos, col_lse, col_target)."""
+    return EngineStatistics.apply(queries, keys, scale, bias, targets, spec, backend)

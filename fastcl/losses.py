@@ -6,20 +6,22 @@ Losses are returned in float32 (float64 for float64 inputs on the torch backend)
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import _backend
-from .autograd import engine_loss
+from .autograd import engine_loss, engine_statistics
 from .ops import LossSpec, Targets
 
 Tensor = torch.Tensor
 Scalar = Union[float, int, Tensor]
 
-__all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon",
-           "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss"]
+__all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
+           "uniformity_loss", "alignment_loss",
+           "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "DCLLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -153,6 +155,40 @@ def _reduce(per: Tensor, reduction: str) -> Tensor:
     return per
 
 
+def _check_unit(name: str, x: float, *, high_open: bool = True) -> float:
+    if isinstance(x, bool) or not isinstance(x, (float, int)):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    if not (0.0 <= x < 1.0 if high_open else 0.0 <= x):
+        raise ValueError(f"{name} must be in [0, 1), got {x}" if high_open else f"{name} must be >= 0, got {x}")
+    return float(x)
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> in float32 (float64 for float64 inputs): O(N D), differentiable."""
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a.to(dt) * b.to(dt)).sum(-1)
+
+
+def _smoothing_term(q: Tensor, k: Tensor, pos: Optional[Tensor], s: Tensor, extra_sum=None,
+                    extra_count: int = 0) -> Tensor:
+    """S_{i,p(i)} - mean_j S_ij = s <q_i, k_{p(i)} - mean_j k_j> (the bias cancels), O(N D).
+
+    ``extra_sum`` (N, D) / ``extra_count`` add private columns to the mean (hard negatives)."""
+    kp = k[: q.shape[0]] if pos is None else k.index_select(0, pos)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    total = k.to(dt).sum(0)
+    if extra_sum is None:
+        mean = total / k.shape[0]
+    else:
+        mean = (total + extra_sum.to(dt)) / (k.shape[0] + extra_count)
+    return s.to(dt) * _row_dots(q, kp.to(dt) - mean)
+
+
+def _focal(loss: Tensor, gamma: float) -> Tensor:
+    """(1 - p)^gamma * loss with p = exp(-loss) the positive's probability."""
+    return (-torch.expm1(-loss)).clamp(min=0).pow(gamma) * loss
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
@@ -160,17 +196,23 @@ def _reduce(per: Tensor, reduction: str) -> Tensor:
 
 def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = None,
              scale: Scalar = 1.0 / 0.07, bias: Optional[Scalar] = None, reduction: str = "mean",
-             backend: str = "auto", exact: bool = False) -> Tensor:
+             label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+             hard_negatives: Optional[Tensor] = None, backend: str = "auto",
+             exact: bool = False) -> Tensor:
     """One-way InfoNCE (MoCo, DPR, MultipleNegativesRanking): ``L_i = LSE_j S_ij - S_{i,p(i)}``.
 
     Args:
         queries: (N, D) float16/bfloat16/float32/float64.
         keys: (M, D), same dtype and device; M >= N when ``positives`` is None (in-batch keys
-            first, then extra hard-negative / queue keys). Keys may be detached (no gradient work).
+            first, then extra hard-negative / queue keys shared by every row). Keys may be
+            detached (no gradient work).
         positives: (N,) int64 key index of each query's positive; default ``arange(N)``.
         scale: float or one-element tensor (1/temperature); a tensor gets a gradient.
         bias: optional float or one-element tensor added to every logit.
         reduction: "mean" | "sum" | "none" (per-query losses, shape (N,)).
+        label_smoothing: epsilon of ``F.cross_entropy``'s label smoothing (uniform over all columns).
+        focal_gamma: per-row focal weighting ``(1 - p_i)^gamma * L_i``, p_i the positive's probability.
+        hard_negatives: optional (N, h, D) private negatives of each query, merged into its LSE.
         backend: "auto" (Triton on CUDA, torch elsewhere) | "triton" | "torch" | "cuda" | "cpu".
         exact: float32 inputs use IEEE fp32 products instead of TF32.
     Returns:
@@ -178,6 +220,10 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     """
     _check_pair("queries", queries, "keys", keys)
     _check_reduction(reduction)
+    eps = _check_unit("label_smoothing", label_smoothing)
+    gamma = _check_unit("focal_gamma", focal_gamma, high_open=False)
+    if eps and gamma:
+        raise ValueError("label_smoothing and focal_gamma cannot be combined")
     N, M = queries.shape[0], keys.shape[0]
     if positives is None:
         if M < N:
@@ -185,19 +231,43 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
                              f"None (key i is query i's positive), got N={N} queries and M={M} keys")
     else:
         positives = _check_index("positives", positives, N, M, "key indices", queries.device)
-    s = _scalar_param("scale", scale, queries.device, optional=False,
-                      dtype=queries.dtype if queries.dtype == torch.float64 else torch.float32)
-    b = _scalar_param("bias", bias, queries.device, optional=True,
-                      dtype=queries.dtype if queries.dtype == torch.float64 else torch.float32)
+    if hard_negatives is not None:
+        if not isinstance(hard_negatives, Tensor) or hard_negatives.dim() != 3 or \
+                hard_negatives.shape[0] != N or hard_negatives.shape[2] != queries.shape[1]:
+            raise ValueError(f"hard_negatives must have shape (N={N}, h, D={queries.shape[1]}), got "
+                             f"{tuple(hard_negatives.shape) if isinstance(hard_negatives, Tensor) else type(hard_negatives).__name__}")
+        if hard_negatives.dtype != queries.dtype and not _autocast_dtype(queries.device):
+            raise TypeError(f"hard_negatives must have the queries' dtype {queries.dtype}, got {hard_negatives.dtype}")
+        if hard_negatives.device != queries.device:
+            raise ValueError(f"hard_negatives is on {hard_negatives.device} but queries are on {queries.device}")
+    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
+    b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     queries, keys, be = _prepare(queries, keys, backend)
     spec = LossSpec(kind="softmax", exact=exact)
-    rows, _, _ = engine_loss(queries, keys, s, b, Targets(positives=positives), spec, be)
+    targets = Targets(positives=positives)
+    extra_sum = None
+    if hard_negatives is None:
+        rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
+    else:
+        hn = hard_negatives.to(queries.dtype)
+        lse, tgt, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
+        logits_h = s.to(dt) * torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
+        if b is not None:
+            logits_h = logits_h + b.to(dt)
+        rows = torch.logaddexp(lse, torch.logsumexp(logits_h, dim=1)) - tgt
+        extra_sum = hn.to(dt).sum(1)
+    if eps:
+        rows = rows + eps * _smoothing_term(queries, keys, positives, s, extra_sum,
+                                            0 if hard_negatives is None else hard_negatives.shape[1])
+    if gamma:
+        rows = _focal(rows, gamma)
     return _reduce(rows, reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
               logit_bias: Optional[Scalar] = None, reduction: str = "mean", backend: str = "auto",
-              exact: bool = False) -> Tensor:
+              exact: bool = False, *, label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> Tensor:
     """Symmetric CLIP loss ``1/2 [CE(S, diag) + CE(S^T, diag)]`` in one fused sweep.
 
     Args:
@@ -208,20 +278,29 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar
         reduction: "mean" (open_clip's value) | "sum" | "none". "none" returns a (2, N) tensor:
             row 0 the image->text loss of each image, row 1 the text->image loss of each text;
             "mean" and "sum" are that tensor's ``mean()`` and ``sum()``.
+        label_smoothing, focal_gamma: as in :func:`info_nce`, applied in both directions.
         backend, exact: as in :func:`info_nce`.
     """
     _check_pair("image_features", image_features, "text_features", text_features)
     _check_reduction(reduction)
+    eps = _check_unit("label_smoothing", label_smoothing)
+    gamma = _check_unit("focal_gamma", focal_gamma, high_open=False)
+    if eps and gamma:
+        raise ValueError("label_smoothing and focal_gamma cannot be combined")
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError("image_features and text_features must have the same batch size N, got "
                          f"{image_features.shape[0]} and {text_features.shape[0]}")
-    s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False,
-                      dtype=image_features.dtype if image_features.dtype == torch.float64 else torch.float32)
-    b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True,
-                      dtype=image_features.dtype if image_features.dtype == torch.float64 else torch.float32)
+    dt = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
+    b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
     spec = LossSpec(kind="softmax", symmetric=True, exact=exact)
     rows, cols, _ = engine_loss(q, k, s, b, Targets(), spec, be)
+    if eps:
+        rows = rows + eps * _smoothing_term(q, k, None, s)
+        cols = cols + eps * _smoothing_term(k, q, None, s)
+    if gamma:
+        rows, cols = _focal(rows, gamma), _focal(cols, gamma)
     return _reduce(torch.stack([rows, cols]), reduction)
 
 
@@ -247,10 +326,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
             raise ValueError(f"labels need paired batches (N == M), got N={N}, M={M}")
         labels = _check_labels("labels", labels, N, image_features.device)
         targets = Targets(row_labels=labels, col_labels=labels)
-    s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False,
-                      dtype=image_features.dtype if image_features.dtype == torch.float64 else torch.float32)
-    b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True,
-                      dtype=image_features.dtype if image_features.dtype == torch.float64 else torch.float32)
+    dt = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
+    b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
     rows, _, _ = engine_loss(q, k, s, b, targets, LossSpec(kind="sigmoid", exact=exact), be)
     return _reduce(rows, reduction)
@@ -278,12 +356,27 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
         Z = torch.nn.functional.normalize(Z, dim=1)
     n2 = Z.shape[0]
     positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
-    spec = LossSpec(kind="softmax", exclude_self=True, exact=exact)
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
     rows, _, _ = engine_loss(Z, Z, s, None, Targets(positives=positives), spec, be)
     return _reduce(rows, reduction)
 
 
+def _views_flat(name: str, x, labels, label_name: str):
+    """(B, D) or (B, V, D) features + (B,) labels -> (V*B, D) view-major rows + (V*B,) labels."""
+    if not isinstance(x, Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"{name} must be a tensor of shape (B, D) or (B, V, D), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    labels = _check_labels(label_name, labels, x.shape[0], x.device)
+    if x.dim() == 3:
+        V = x.shape[1]
+        x = torch.cat(torch.unbind(x, dim=1))
+        labels = labels.repeat(V)
+    _check_features(name, x)
+    return x, labels
+
+
 def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, variant: str = "out",
+           keys: Optional[Tensor] = None, key_labels: Optional[Tensor] = None,
            normalize: bool = True, reduction: str = "mean", backend: str = "auto",
            exact: bool = False, return_valid: bool = False):
     """Supervised contrastive loss (Khosla et al. 2020), fused.
@@ -291,40 +384,171 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
     Args:
         features: (B, D), or (B, V, D) for V views of each sample (rows are taken view-major, as
             ``torch.cat(features.unbind(1))``); labels: (B,) integer class ids.
-        variant: "out" (L^sup_out: mean log-probability of the positives; the paper's choice).
+        variant: "out" (mean log-probability of the positives: the paper's L_out) or "in"
+            (log of the mean probability: L_in = LSE_A - LSE_P + log |P|).
+        keys, key_labels: the rectangular form: anchors (``features``) against a separate key set
+            ((B_k, D) or (B_k, V_k, D)) with its own labels; no self-exclusion then.
         normalize: L2-normalise the rows first.
         reduction: "mean" over rows that have at least one positive | "sum" | "none" ((V*B,)).
         return_valid: also return the (V*B,) bool mask of rows that have a positive. Rows without
             a positive get loss 0 and no gradient; they never produce NaN.
     """
-    if not isinstance(features, Tensor) or features.dim() not in (2, 3):
-        raise ValueError("features must be a tensor of shape (B, D) or (B, V, D), got "
-                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
-    if variant != "out":
-        raise ValueError(f"variant must be 'out', got {variant!r}")
+    if variant not in ("out", "in"):
+        raise ValueError(f"variant must be 'out' or 'in', got {variant!r}")
     _check_reduction(reduction)
-    B = features.shape[0]
-    labels = _check_labels("labels", labels, B, features.device)
-    if features.dim() == 3:
-        V = features.shape[1]
-        features = torch.cat(torch.unbind(features, dim=1))
-        labels = labels.repeat(V)
-    _check_features("features", features)
-    inv_t = _inverse_temperature(temperature)
-    s = _scalar_param("temperature", inv_t, features.device, optional=False,
-                      dtype=features.dtype if features.dtype == torch.float64 else torch.float32)
-    features, _, be = _prepare(features, features, backend)
-    if normalize:
-        features = torch.nn.functional.normalize(features, dim=1)
-    spec = LossSpec(kind="softmax", exclude_self=True, exact=exact)
-    rows, _, npos = engine_loss(features, features, s, None,
-                                Targets(row_labels=labels, col_labels=labels), spec, be)
-    valid = npos > 0
-    if reduction == "mean":
-        loss = rows.sum() / valid.sum().clamp(min=1)
+    rows_x, rows_y = _views_flat("features", features, labels, "labels")
+    if keys is None:
+        if key_labels is not None:
+            raise ValueError("key_labels needs keys")
+        cols_x, cols_y = rows_x, rows_y
     else:
-        loss = _reduce(rows, reduction)
+        if key_labels is None:
+            raise ValueError("keys need key_labels")
+        cols_x, cols_y = _views_flat("keys", keys, key_labels, "key_labels")
+        _check_pair("features", rows_x, "keys", cols_x)
+    inv_t = _inverse_temperature(temperature)
+    dt = torch.float64 if rows_x.dtype == torch.float64 else torch.float32
+    s = _scalar_param("temperature", inv_t, rows_x.device, optional=False, dtype=dt)
+    rows_x, cols_x, be = _prepare(rows_x, cols_x, backend)
+    if normalize:
+        rows_x = torch.nn.functional.normalize(rows_x, dim=1)
+        cols_x = rows_x if keys is None else torch.nn.functional.normalize(cols_x, dim=1)
+    spec = LossSpec(kind="softmax", exclude_self=keys is None, target_lse=variant == "in",
+                    gram=keys is None, exact=exact)
+    per, _, npos = engine_loss(rows_x, cols_x, s, None, Targets(row_labels=rows_y, col_labels=cols_y),
+                               spec, be)
+    valid = npos > 0
+    if variant == "in":
+        per = torch.where(valid, per + torch.log(npos.clamp(min=1)), torch.zeros_like(per))
+    if reduction == "mean":
+        loss = per.sum() / valid.sum().clamp(min=1)
+    else:
+        loss = _reduce(per, reduction)
     return (loss, valid) if return_valid else loss
+
+
+def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Optional[float] = None,
+        normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+        exact: bool = False) -> Tensor:
+    """Decoupled contrastive loss (Yeh et al. 2022) over the 2N rows of ``[z1; z2]``: the positive
+    is left out of the denominator, ``L_a = -w_a S_{a,p(a)} + LSE_{b not in {a, p(a)}} S_ab``.
+
+    Args:
+        z1, z2: (N, D) the two views; temperature: float or one-element tensor.
+        weight_sigma: DCLW when set (the paper uses 0.5): ``w_a = 2 - N softmax_a(<z1_a, z2_a> / sigma)``
+            over the batch (von Mises-Fisher weighting); else w = 1 (DCL).
+        normalize: L2-normalise the rows first.
+        reduction: "mean" | "sum" | "none" ((2N,) per-row losses, z1's rows first).
+    """
+    _check_pair("z1", z1, "z2", z2)
+    _check_reduction(reduction)
+    if z1.shape[0] != z2.shape[0]:
+        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
+    inv_t = _inverse_temperature(temperature)
+    dt = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    s = _scalar_param("temperature", inv_t, z1.device, optional=False, dtype=dt)
+    z1, z2, be = _prepare(z1, z2, backend)
+    Z = torch.cat([z1, z2])
+    if normalize:
+        Z = torch.nn.functional.normalize(Z, dim=1)
+    n2 = Z.shape[0]
+    positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
+    lse, tgt, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
+    if weight_sigma is not None:
+        if not weight_sigma > 0:
+            raise ValueError(f"weight_sigma must be > 0, got {weight_sigma}")
+        half = n2 // 2
+        cos = _row_dots(Z[:half], Z[half:])
+        w = 2.0 - half * torch.softmax(cos / weight_sigma, dim=0)
+        tgt = tgt * torch.cat([w, w])
+    return _reduce(lse - tgt, reduction)
+
+
+def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0 / 0.07,
+                  bias: Optional[Scalar] = None, reduction: str = "mean", backend: str = "auto",
+                  exact: bool = False) -> Tensor:
+    """InfoNCE with soft targets: ``L_i = (sum_j T_ij) LSE_j S_ij - sum_j T_ij S_ij``.
+
+    Args:
+        queries: (N, D); keys: (M, D).
+        targets: either a pair ``(indices, weights)`` of (N, K) tensors -- a sparse list of K
+            targets per row (mixup / i-Mix / MixCo: ``[[i, perm[i]]]`` with ``[[lam, 1 - lam]]``) --
+            or a dense (N, M) float tensor (a fallback for small M: it is an N x M input).
+        scale, bias, reduction, backend, exact: as in :func:`info_nce`.
+    """
+    _check_pair("queries", queries, "keys", keys)
+    _check_reduction(reduction)
+    N, M = queries.shape[0], keys.shape[0]
+    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    if isinstance(targets, (tuple, list)) and len(targets) == 2:
+        idx, w = targets
+        if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[0] != N:
+            raise ValueError(f"target indices must have shape (N={N}, K), got "
+                             f"{tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__}")
+        if not isinstance(w, Tensor) or w.shape != idx.shape or not w.is_floating_point():
+            raise ValueError(f"target weights must be a float tensor of shape {tuple(idx.shape)}")
+        idx = _check_index("target indices", idx.reshape(-1), idx.numel(), M, "key indices",
+                           queries.device).reshape(idx.shape)
+        dense = None
+    elif isinstance(targets, Tensor):
+        if targets.shape != (N, M) or not targets.is_floating_point():
+            raise ValueError(f"dense targets must be a float tensor of shape (N={N}, M={M}), got "
+                             f"{tuple(targets.shape)} {targets.dtype}")
+        dense, idx, w = targets, None, None
+    else:
+        raise TypeError("targets must be (indices, weights) of shape (N, K) or a dense (N, M) tensor")
+    s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
+    b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
+    queries, keys, be = _prepare(queries, keys, backend)
+    none = torch.full((N,), -1, dtype=torch.int64, device=queries.device)  # no in-kernel targets
+    lse, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
+                                        LossSpec(kind="softmax", exact=exact), be)
+    qf = queries.to(dt)
+    if dense is None:
+        wf = w.to(dt)
+        target_logits = s.to(dt) * torch.einsum("nd,nkd->nk", qf, keys.to(dt)[idx])
+        mass = wf.sum(1)
+        weighted = (wf * target_logits).sum(1)
+    else:
+        wf = dense.to(dt)
+        mass = wf.sum(1)
+        weighted = s.to(dt) * _row_dots(qf, wf @ keys.to(dt))
+    if b is not None:
+        weighted = weighted + b.to(dt) * mass
+    return _reduce(mass * lse - weighted, reduction)
+
+
+def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",
+                    exact: bool = False) -> Tensor:
+    """Uniformity (Wang & Isola 2020): ``log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over the
+    L2-normalised rows of x (N, D), N >= 2: a global LSE of ``2t <x_i, x_j>``, fused."""
+    _check_features("x", x)
+    if x.shape[0] < 2:
+        raise ValueError(f"uniformity needs at least 2 rows, got {x.shape[0]}")
+    if not t > 0:
+        raise ValueError(f"t must be > 0, got {t}")
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = _scalar_param("t", 2.0 * float(t), x.device, optional=False, dtype=dt)
+    x, _, be = _prepare(x, x, backend)
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=1)
+    n = x.shape[0]
+    none = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    lse, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
+                                        LossSpec(kind="softmax", exclude_self=True, gram=True,
+                                                 exact=exact), be)
+    return torch.logsumexp(lse, 0) - 2.0 * float(t) - math.log(n * (n - 1))
+
+
+def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0, *, normalize: bool = True) -> Tensor:
+    """Alignment (Wang & Isola 2020): ``mean_i ||x_i - y_i||^alpha`` of paired rows (N, D)."""
+    _check_pair("x", x, "y", y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    if normalize:
+        x, y = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    return (x - y).norm(dim=1).pow(alpha).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,3 +631,19 @@ class SupConLoss(nn.Module):
         return supcon(features, labels, self.temperature, variant=self.variant,
                       normalize=self.normalize, reduction=self.reduction, backend=self.backend,
                       exact=self.exact)
+
+
+class DCLLoss(nn.Module):
+    """Module form of :func:`dcl` (DCLW with ``weight_sigma``): ``forward(z1 (N, D), z2 (N, D))``."""
+
+    def __init__(self, temperature: Scalar = 0.1, weight_sigma: Optional[float] = None,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 exact: bool = False):
+        super().__init__()
+        _check_reduction(reduction)
+        self.temperature, self.weight_sigma, self.normalize = temperature, weight_sigma, normalize
+        self.reduction, self.backend, self.exact = reduction, backend, exact
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return dcl(z1, z2, self.temperature, weight_sigma=self.weight_sigma, normalize=self.normalize,
+                   reduction=self.reduction, backend=self.backend, exact=self.exact)

@@ -45,22 +45,38 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss
 
 
+def _focal(per: Tensor, gamma: float) -> Tensor:
+    p = torch.exp(-per)
+    return (1 - p) ** gamma * per
+
+
 def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, scale=1.0 / 0.07,
-             bias=None, reduction: str = "mean") -> Tensor:
-    """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or arange."""
+             bias=None, reduction: str = "mean", label_smoothing: float = 0.0,
+             focal_gamma: float = 0.0, hard_negatives: Optional[Tensor] = None) -> Tensor:
+    """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or
+    arange; optional private hard negatives (N, h, D) appended as extra columns of each row."""
     S = logits(queries, keys, scale, bias)
+    if hard_negatives is not None:
+        Sh = scale * torch.einsum("nd,nhd->nh", queries, hard_negatives)
+        S = torch.cat([S, Sh + bias if bias is not None else Sh], dim=1)
     if positives is None:
         positives = torch.arange(queries.shape[0], device=queries.device)
-    return F.cross_entropy(S, positives, reduction=reduction)
+    per = F.cross_entropy(S, positives, reduction="none", label_smoothing=label_smoothing)
+    if focal_gamma:
+        per = _focal(per, focal_gamma)
+    return _reduce(per, reduction)
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
-              reduction: str = "mean") -> Tensor:
+              reduction: str = "mean", label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> Tensor:
     """Symmetric CLIP loss; ``reduction="none"`` gives (2, N): [image->text rows, text->image rows]."""
     S = logits(image_features, text_features, logit_scale, logit_bias)
     labels = torch.arange(S.shape[0], device=S.device)
-    per = torch.stack([F.cross_entropy(S, labels, reduction="none"),
-                       F.cross_entropy(S.transpose(0, 1), labels, reduction="none")])
+    per = torch.stack([F.cross_entropy(S, labels, reduction="none", label_smoothing=label_smoothing),
+                       F.cross_entropy(S.transpose(0, 1), labels, reduction="none",
+                                       label_smoothing=label_smoothing)])
+    if focal_gamma:
+        per = _focal(per, focal_gamma)
     return _reduce(per, reduction)
 
 
@@ -89,23 +105,39 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = 
     return F.cross_entropy(S, target, reduction=reduction)
 
 
+def _flat_views(x, y):
+    if x.dim() == 3:
+        V = x.shape[1]
+        return torch.cat(torch.unbind(x, dim=1)), y.repeat(V)
+    return x, y
+
+
 def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, variant: str = "out",
-           normalize: bool = True, reduction: str = "mean"):
+           normalize: bool = True, reduction: str = "mean", keys: Optional[Tensor] = None,
+           key_labels: Optional[Tensor] = None):
     """Supervised contrastive loss (Khosla et al.); features (B, D) or (B, V, D), labels (B,).
 
-    Rows are the V*B views (view-major); A(i) = all j != i, P(i) = {j != i : y_j = y_i}.
+    Rows are the V*B views (view-major); A(i) = all j != i, P(i) = {j != i : y_j = y_i}; with
+    ``keys``/``key_labels`` the columns are that separate set and nothing is excluded.
     Returns (loss, valid): rows without positives get loss 0 and are excluded from the mean.
     """
-    if features.dim() == 3:
-        V = features.shape[1]
-        features = torch.cat(torch.unbind(features, dim=1))
-        labels = labels.repeat(V)
+    features, labels = _flat_views(features, labels)
     if normalize:
         features = F.normalize(features, dim=1)
+    if keys is None:
+        cols, col_labels = features, labels
+    else:
+        cols, col_labels = _flat_views(keys, key_labels)
+        if normalize:
+            cols = F.normalize(cols, dim=1)
     n = features.shape[0]
-    S = (features @ features.transpose(0, 1)) / temperature
-    eye = torch.eye(n, dtype=torch.bool, device=S.device)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
+    S = (features @ cols.transpose(0, 1)) / temperature
+    if keys is None:
+        eye = torch.eye(n, dtype=torch.bool, device=S.device)
+    else:
+        eye = torch.zeros_like(S, dtype=torch.bool)
+    labels, col_labels = labels[:, None], col_labels[None, :]
+    pos = (labels == col_labels) & ~eye
     lse_all = torch.logsumexp(S.masked_fill(eye, -math.inf), dim=1)
     npos = pos.sum(1)
     valid = npos > 0
@@ -119,6 +151,46 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, variant: 
     if reduction == "mean":
         return per.sum() / valid.sum().clamp(min=1), valid
     return _reduce(per, reduction), valid
+
+
+def dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, weight_sigma: Optional[float] = None,
+        normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """Decoupled contrastive loss (Yeh et al.), both directions averaged: for view a of sample i,
+    L = -w_i <a_i, b_i>/t + LSE over [a_i . a_j (j != i), a_i . b_j (j != i)] / t; DCLW weights
+    w_i = 2 - N softmax_i(<a_i, b_i> / sigma). "none": (2N,) rows, z1's first."""
+    if normalize:
+        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = z1.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=z1.device)
+
+    def one_way(a, b):
+        s_aa = (a @ a.T / temperature)[off].view(n, n - 1)
+        s_ab = a @ b.T / temperature
+        pos = s_ab.diagonal()
+        if weight_sigma is not None:
+            pos = pos * (2 - n * torch.softmax((a * b).sum(1) / weight_sigma, dim=0))
+        neg = torch.logsumexp(torch.cat([s_aa, s_ab[off].view(n, n - 1)], dim=1), dim=1)
+        return neg - pos
+
+    return _reduce(torch.cat([one_way(z1, z2), one_way(z2, z1)]), reduction)
+
+
+def soft_info_nce(queries: Tensor, keys: Tensor, targets: Tensor, scale=1.0 / 0.07, bias=None,
+                  reduction: str = "mean") -> Tensor:
+    """Soft-target cross-entropy ``-sum_j T_ij log softmax_j(S_i)``, T a dense (N, M) tensor."""
+    S = logits(queries, keys, scale, bias)
+    return _reduce(-(targets * torch.log_softmax(S, dim=1)).sum(1), reduction)
+
+
+def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
+    """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the L2-normalised rows (Wang & Isola)."""
+    x = F.normalize(x, dim=1)
+    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
+
+
+def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
+    x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    return (x - y).norm(p=2, dim=1).pow(alpha).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +240,7 @@ def _col_targets(rows, cols, col_positives, offset):
 def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
                    kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
                    offset: int = 0, positives=None, col_positives=None, row_labels=None,
-                   col_labels=None):
+                   col_labels=None, exclude_targets: bool = False, target_lse: bool = False):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
@@ -187,13 +259,17 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             z = torch.where(T, 1.0, -1.0).to(dt)
             row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
             continue
-        Sm = S.masked_fill(~valid, -math.inf)
+        Sm = S.masked_fill(~(valid & ~T) if exclude_targets else ~valid, -math.inf)
         row_lse[r0:r1] = torch.logsumexp(Sm, dim=1)
-        row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
+        if target_lse:
+            row_pos[r0:r1] = torch.logsumexp(S.masked_fill(~T, -math.inf), dim=1)
+        else:
+            row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
         row_npos[r0:r1] = T.sum(1).to(dt)
         if symmetric:
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sm, dim=0))
             Tc = _col_targets(rows, cols, col_positives, offset) & valid
+            Sc = S.masked_fill(~(valid & ~Tc), -math.inf) if exclude_targets else Sm
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sc, dim=0))
             col_pos += torch.where(Tc, S, 0.0).sum(0)
     return row_lse, row_pos, row_npos, col_lse, col_pos
 
@@ -203,8 +279,13 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     grad_row: Tensor, grad_col: Optional[Tensor], needs: Tuple[bool, ...],
                     kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
                     offset: int = 0, positives=None, col_positives=None, row_labels=None,
-                    col_labels=None):
-    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None)."""
+                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
+                    row_pos: Optional[Tensor] = None, grad_row_pos: Optional[Tensor] = None,
+                    grad_col_pos: Optional[Tensor] = None):
+    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
+
+    dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
+    rows without targets get no gradient), ac = grad_col, bc = grad_col_pos (None: -ac)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     need_q, need_k, need_s, need_b = needs
@@ -226,13 +307,23 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
         else:
             npos = row_npos[r0:r1].to(dt)[:, None]
             has = npos > 0
-            P = torch.where(valid, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
-            Tn = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)
-            dS = torch.where(has, g * (P - Tn), 0.0)
+            in_lse = valid & ~T if exclude_targets else valid
+            P = torch.where(in_lse, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
+            if target_lse:
+                dT = torch.where(T, torch.exp(S - row_pos[r0:r1].to(dt)[:, None]), 0.0)
+            else:
+                dT = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)
+            if grad_row_pos is None:
+                dS = torch.where(has, g * (P - dT), 0.0)
+            else:
+                dS = g * P + grad_row_pos[r0:r1].to(dt)[:, None] * dT
             if symmetric and grad_col is not None:
-                Pc = torch.where(valid, torch.exp(S - col_lse.to(dt)[None, :]), 0.0)
-                Tc = (_col_targets(rows, cols, col_positives, offset) & valid).to(dt)
-                dS = dS + grad_col.to(dt)[None, :] * (Pc - Tc)
+                Tc = _col_targets(rows, cols, col_positives, offset) & valid
+                in_col = valid & ~Tc if exclude_targets else valid
+                Pc = torch.where(in_col, torch.exp(S - col_lse.to(dt)[None, :]), 0.0)
+                gc = grad_col.to(dt)[None, :]
+                bc = -gc if grad_col_pos is None else grad_col_pos.to(dt)[None, :]
+                dS = dS + gc * Pc + bc * Tc.to(dt)
         if need_q:
             dq[r0:r1] = s * (dS @ kf)
         if need_k:

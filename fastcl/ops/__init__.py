@@ -35,6 +35,21 @@ Softmax closure (``spec.kind == "softmax"``):
   P_ij = exp(S_ij - row_lse_i), Pc_ij = exp(S_ij - col_lse_j); rows with npos_i == 0 get no
   gradient. ``grad_row`` = g (N,), ``grad_col`` = gc (M,) or None.
 
+Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise for them):
+
+* ``backward(..., grad_row_pos=None, grad_col_pos=None)``: separate weights on the target terms,
+  dS_ij = a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij with a = grad_row, b = grad_row_pos,
+  ac = grad_col, bc = grad_col_pos, where dT_ij = T_ij / npos_i is the derivative of the mean target
+  logit row_pos_i / npos_i. None means the tied form above (b = -a, bc = -ac). The autograd layer
+  passes the gradients of the *statistics* here, so a loss can be any function of (row_lse, mean
+  target logit, column statistics) plus O((N + M) D) terms, differentiated by autograd.
+* ``spec.exclude_targets`` (decoupled losses): targets are left out of the row and column LSEs.
+* ``spec.gram``: queries and keys are one tensor Z (offset 0, no column statistics); a backend
+  with ``GRAM = True`` returns the whole gradient of Z as d_queries (and None for d_keys), the
+  others return both parts, which the autograd layer adds.
+* ``spec.target_lse`` (SupCon L_in): stats.row_pos[i] = LSE_{j: T_ij} S_ij instead of the sum, and
+  dT_ij = T_ij exp(S_ij - row_pos_i).
+
 Sigmoid closure (``spec.kind == "sigmoid"``, SigLIP): z_ij = +1 where T_ij else -1;
 stats.row_lse[i] holds the row loss sum_{j valid} softplus(-z_ij S_ij) (row_pos/row_npos are zeros,
 col_* None); dS_ij = -g_i z_ij sigmoid(-z_ij S_ij).
@@ -48,7 +63,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses"]
+__all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,9 @@ class LossSpec:
     exclude_self: bool = False  # drop j == i + offset from every sum
     offset: int = 0  # diagonal offset for default positives and self-exclusion
     exact: bool = False  # fp32 inputs: IEEE fp32 products instead of TF32
+    exclude_targets: bool = False  # targets left out of the LSEs (decoupled contrastive loss)
+    target_lse: bool = False  # row_pos = LSE over targets instead of their sum (SupCon L_in)
+    gram: bool = False  # queries and keys are the same tensor (NT-Xent, SupCon, DCL, uniformity)
 
 
 class Targets(NamedTuple):
@@ -81,13 +99,22 @@ class EngineStats(NamedTuple):
     col_pos: Optional[torch.Tensor] = None  # (M,) when symmetric
 
 
+def row_target_logit(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
+    """The row's target statistic: mean target logit row_pos / npos (0 without targets), or the
+    target LSE when ``spec.target_lse``."""
+    if spec.target_lse:
+        return stats.row_pos
+    has = stats.row_npos > 0
+    return torch.where(has, stats.row_pos / torch.where(has, stats.row_npos, torch.ones_like(stats.row_npos)),
+                       torch.zeros_like(stats.row_pos))
+
+
 def row_losses(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
-    """Per-row loss L_i (N,) from the statistics."""
+    """Per-row loss L_i (N,) from the statistics (0 for rows without targets)."""
     if spec.kind == "sigmoid":
         return stats.row_lse
     has = stats.row_npos > 0
-    mean_pos = stats.row_pos / torch.where(has, stats.row_npos, torch.ones_like(stats.row_npos))
-    return torch.where(has, stats.row_lse - mean_pos, torch.zeros_like(stats.row_lse))
+    return torch.where(has, stats.row_lse - row_target_logit(stats, spec), torch.zeros_like(stats.row_lse))
 
 
 def col_losses(stats: EngineStats) -> torch.Tensor:

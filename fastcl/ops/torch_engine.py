@@ -4,20 +4,25 @@ from __future__ import annotations
 from .. import reference
 from . import EngineStats
 
+SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
+
 
 def _kw(spec, targets):
     return dict(kind=spec.kind, symmetric=spec.symmetric, exclude_self=spec.exclude_self,
                 offset=spec.offset, positives=targets.positives,
                 col_positives=targets.col_positives, row_labels=targets.row_labels,
-                col_labels=targets.col_labels)
+                col_labels=targets.col_labels, exclude_targets=spec.exclude_targets,
+                target_lse=spec.target_lse)
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     return EngineStats(*reference.engine_forward(queries, keys, scale, bias, **_kw(spec, targets)))
 
 
-def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs):
+def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
+             grad_row_pos=None, grad_col_pos=None):
     return reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col, needs=tuple(needs),
+        row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
         **_kw(spec, targets))

@@ -13,6 +13,7 @@ groups that fit in it. All index arithmetic on tensors is 64-bit.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -20,6 +21,13 @@ import triton
 import triton.language as tl
 
 from .. import EngineStats
+
+SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
+GRAM = True  # with spec.gram, backward returns the whole gradient of the shared features as dq
+
+# Block pointers lower to efficient loads on every Triton >= 3.0 and every arch >= sm_80; newer
+# Triton releases prefer TMA descriptors (Hopper-only) and warn about them at compile time.
+warnings.filterwarnings("ignore", message=r"tl\.make_block_ptr is deprecated")
 
 KIND_SOFTMAX = 0
 KIND_SIGMOID = 1
@@ -35,22 +43,22 @@ config_override: dict = {}
 
 
 @triton.jit
-def _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd,
+def _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """c = Q[rows] . K[cols]^T as a (BLOCK_M, BLOCK_N) float32 tile, accumulated over D chunks."""
-    q_off = rows.to(tl.int64)[:, None] * stride_qn
-    k_off = cols.to(tl.int64)[:, None] * stride_kn
-    rmask = (rows < N)[:, None]
-    cmask = (cols < M)[:, None]
+    """c = Q[row0:row0+BLOCK_M] . K[col0:col0+BLOCK_N]^T as a float32 tile, accumulated over D
+    chunks (block pointers: 64-bit strides, zero padding outside the matrices)."""
+    q_blk = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(stride_qn, stride_qd), offsets=(row0, 0),
+                              block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+    k_blk = tl.make_block_ptr(k_ptr, shape=(D, M), strides=(stride_kd, stride_kn), offsets=(0, col0),
+                              block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dmask = (d < D)[None, :]
-        d64 = d.to(tl.int64)[None, :]
-        q = tl.load(q_ptr + q_off + d64 * stride_qd, mask=rmask & dmask, other=0.0)
-        k = tl.load(k_ptr + k_off + d64 * stride_kd, mask=cmask & dmask, other=0.0)
-        acc = tl.dot(_operand(q, UPCAST), tl.trans(_operand(k, UPCAST)), acc, input_precision=PRECISION)
+    for _ in range(0, D, BLOCK_D):
+        q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+        k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
+        acc = tl.dot(_operand(q, UPCAST), _operand(k, UPCAST), acc, input_precision=PRECISION)
+        q_blk = tl.advance(q_blk, (0, BLOCK_D))
+        k_blk = tl.advance(k_blk, (BLOCK_D, 0))
     return acc
 
 
@@ -65,14 +73,15 @@ def _operand(x, UPCAST: tl.constexpr):
 
 @triton.jit
 def _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS: tl.constexpr, LABELS: tl.constexpr):
-    """Per-row target metadata: the row's class id (label mode) or its positive column."""
+    """Per-row target metadata: the row's class id (label mode, int64) or its positive column
+    (int32: column indices are below 2^31 even where offsets into the features are not)."""
     rmask = rows < N
     if LABELS:
         meta = tl.load(rlab_ptr + rows.to(tl.int64), mask=rmask, other=0)
     elif HAS_POS:
-        meta = tl.load(pos_ptr + rows.to(tl.int64), mask=rmask, other=-1)
+        meta = tl.load(pos_ptr + rows.to(tl.int64), mask=rmask, other=-1).to(tl.int32)
     else:
-        meta = (rows + offset).to(tl.int64)
+        meta = rows + offset
     return meta
 
 
@@ -81,7 +90,7 @@ def _col_labels(cols, M, clab_ptr, LABELS: tl.constexpr):
     if LABELS:
         meta = tl.load(clab_ptr + cols.to(tl.int64), mask=cols < M, other=0)
     else:
-        meta = cols.to(tl.int64)
+        meta = cols
     return meta
 
 
@@ -89,9 +98,9 @@ def _col_labels(cols, M, clab_ptr, LABELS: tl.constexpr):
 def _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS: tl.constexpr):
     """Row index of each column's positive (symmetric losses)."""
     if HAS_CPOS:
-        tgt = tl.load(cpos_ptr + cols.to(tl.int64), mask=cols < M, other=-1)
+        tgt = tl.load(cpos_ptr + cols.to(tl.int64), mask=cols < M, other=-1).to(tl.int32)
     else:
-        tgt = (cols - offset).to(tl.int64)
+        tgt = cols - offset
     return tgt
 
 
@@ -105,55 +114,94 @@ def _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS: tl.constex
     if LABELS:
         target = valid & (row_meta[:, None] == col_meta[None, :])
     else:
-        target = valid & (cols.to(tl.int64)[None, :] == row_meta[:, None])
+        target = valid & (cols[None, :] == row_meta[:, None])
     return valid, target
 
 
 @triton.jit
-def _row_grad_meta(rows, N, row_lse_ptr, row_npos_ptr, g_row_ptr, stride_g, KIND: tl.constexpr):
-    """(row_lse, weight g_i (0 for rows without a positive), 1 / npos_i) of a block of rows."""
+def _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_pos_ptr, stride_g,
+                   stride_gp, KIND: tl.constexpr, TARGET_LSE: tl.constexpr):
+    """(row_lse, a_i, b_i, t_i) of a block of rows: the weights of P and of the target term, and
+    the target term's statistic (1 / npos_i, or the target LSE)."""
     rmask = rows < N
     r64 = rows.to(tl.int64)
     lse = tl.load(row_lse_ptr + r64, mask=rmask, other=0.0)
-    g = tl.load(g_row_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
+    a = tl.load(g_row_ptr + r64 * stride_g, mask=rmask, other=0.0).to(tl.float32)
     if KIND == 0:
-        npos = tl.load(row_npos_ptr + r64, mask=rmask, other=0.0)
-        has = npos > 0
-        w = tl.where(has, g, 0.0)
-        inv = tl.where(has, 1.0 / tl.where(has, npos, 1.0), 0.0)
+        b = tl.load(g_pos_ptr + r64 * stride_gp, mask=rmask, other=0.0).to(tl.float32)
+        if TARGET_LSE:
+            t = tl.load(row_pos_ptr + r64, mask=rmask, other=0.0)
+        else:
+            npos = tl.load(row_npos_ptr + r64, mask=rmask, other=0.0)
+            t = tl.where(npos > 0, 1.0 / tl.where(npos > 0, npos, 1.0), 0.0)
     else:
-        w = g
-        inv = tl.zeros_like(g)
-    return lse, w, inv
+        b = tl.zeros_like(a)
+        t = tl.zeros_like(a)
+    return lse, a, b, t
 
 
 @triton.jit
-def _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, stride_g, SYMMETRIC: tl.constexpr):
+def _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_g, stride_gp,
+                   SYMMETRIC: tl.constexpr):
+    """(col_lse, ac_j, bc_j) of a block of columns (zeros unless symmetric)."""
     cmask = cols < M
     c64 = cols.to(tl.int64)
     if SYMMETRIC:
         lse = tl.load(col_lse_ptr + c64, mask=cmask, other=0.0)
-        w = tl.load(g_col_ptr + c64 * stride_g, mask=cmask, other=0.0).to(tl.float32)
+        a = tl.load(g_col_ptr + c64 * stride_g, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(g_cpos_ptr + c64 * stride_gp, mask=cmask, other=0.0).to(tl.float32)
     else:
         lse = tl.zeros(cols.shape, dtype=tl.float32)
-        w = tl.zeros(cols.shape, dtype=tl.float32)
-    return lse, w
+        a = tl.zeros(cols.shape, dtype=tl.float32)
+        b = tl.zeros(cols.shape, dtype=tl.float32)
+    return lse, a, b
 
 
 @triton.jit
-def _grad_logits(S, valid, target, col_target, lse_r, w_r, inv_r, lse_c, w_c,
-                 KIND: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """dL/dS of one tile from the saved statistics (the loss closure)."""
+def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
+                 KIND: tl.constexpr, SYMMETRIC: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
+                 TARGET_LSE: tl.constexpr):
+    """dL/dS of one tile from the saved statistics (the loss closure):
+    softmax: a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij;  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij)."""
     if KIND == 0:
-        p = tl.where(valid, tl.exp(S - lse_r[:, None]), 0.0)
-        dS = w_r[:, None] * (p - tl.where(target, inv_r[:, None], 0.0))
+        if EXCLUDE_TARGETS:
+            in_lse = valid & (target == 0)
+        else:
+            in_lse = valid
+        p = tl.where(in_lse, tl.exp(S - lse_r[:, None]), 0.0)
+        if TARGET_LSE:
+            dT = tl.where(target, tl.exp(S - t_r[:, None]), 0.0)
+        else:
+            dT = tl.where(target, t_r[:, None], 0.0)
+        dS = a_r[:, None] * p + b_r[:, None] * dT
         if SYMMETRIC:
-            pc = tl.where(valid, tl.exp(S - lse_c[None, :]), 0.0)
-            dS += w_c[None, :] * (pc - col_target.to(tl.float32))
+            if EXCLUDE_TARGETS:
+                in_col = valid & (col_target == 0)
+            else:
+                in_col = valid
+            pc = tl.where(in_col, tl.exp(S - lse_c[None, :]), 0.0)
+            dS += a_c[None, :] * pc + b_c[None, :] * col_target.to(tl.float32)
     else:
         z = tl.where(target, 1.0, -1.0)
-        dS = tl.where(valid, -z * tl.sigmoid(-z * S), 0.0) * w_r[:, None]
+        dS = tl.where(valid, -z * tl.sigmoid(-z * S), 0.0) * a_r[:, None]
     return dS
+
+
+@triton.jit
+def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TARGETS: tl.constexpr,
+                            TARGET_LSE: tl.constexpr):
+    """dS_ji laid out as tile (i, j), for a self-similarity (queries == keys: S_ji = S_ij), from
+    the statistics of rows j; ``target_t`` is T_ji."""
+    if EXCLUDE_TARGETS:
+        in_lse = valid & (target_t == 0)
+    else:
+        in_lse = valid
+    p = tl.where(in_lse, tl.exp(S - lse_j[None, :]), 0.0)
+    if TARGET_LSE:
+        dT = tl.where(target_t, tl.exp(S - t_j[None, :]), 0.0)
+    else:
+        dT = tl.where(target_t, t_j[None, :], 0.0)
+    return a_j[None, :] * p + b_j[None, :] * dT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,12 +217,15 @@ def _forward_kernel(
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # Forward sweep of one row block over every column block.
     #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
     #            symmetric: partial column LSE over this block's rows, and S_{pc(j), j}.
+    #            EXCLUDE_TARGETS leaves targets out of the LSEs; TARGET_LSE makes row_pos the LSE
+    #            over targets.
     #   sigmoid: row_lse_i = sum_{j valid} softplus(-z_ij S_ij), z = +1 on targets else -1.
     # 1. load the row block's target metadata, scale and bias;
     # 2. for each column block: c = Q_blk K_blk^T (fp32 accumulate over D), S = s c + b;
@@ -184,7 +235,8 @@ def _forward_kernel(
     #    this row block; the column's positive logit stored by the block that holds its row;
     # 6. store the row statistics.
     pid = tl.program_id(0)
-    rows = (row_block_start + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = (row_block_start + pid) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < N
     s = tl.load(scale_ptr).to(tl.float32)
     if HAS_BIAS:
@@ -195,31 +247,46 @@ def _forward_kernel(
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # target sum, or target sum-exp (TARGET_LSE)
+    mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target max (TARGET_LSE)
     npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, M, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    for col0 in range(0, M, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        c = _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn,
+        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         S = c * s + b
         col_meta = _col_labels(cols, M, clab_ptr, LABELS)
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
         if KIND == 0:
-            Sm = tl.where(valid, S, float("-inf"))
+            if EXCLUDE_TARGETS:
+                Sm = tl.where(valid & (target == 0), S, float("-inf"))
+            else:
+                Sm = tl.where(valid, S, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(Sm, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
             m_i = m_new
-            pos_i += tl.sum(tl.where(target, S, 0.0), 1)
+            if TARGET_LSE:
+                St = tl.where(target, S, float("-inf"))
+                mt_new = tl.maximum(mt_i, tl.max(St, 1))
+                mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+                pos_i = pos_i * tl.exp(mt_i - mt_safe) + tl.sum(tl.exp(St - mt_safe[:, None]), 1)
+                mt_i = mt_new
+            else:
+                pos_i += tl.sum(tl.where(target, S, 0.0), 1)
             npos_i += tl.sum(target.to(tl.float32), 1)
             if SYMMETRIC:
-                cm = tl.max(Sm, 0)
-                cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
-                part = cm_safe + tl.log(tl.sum(tl.exp(Sm - cm_safe[None, :]), 0))
-                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
                 ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-                col_target = valid & (rows.to(tl.int64)[:, None] == ctgt[None, :])
+                col_target = valid & (rows[:, None] == ctgt[None, :])
+                if EXCLUDE_TARGETS:
+                    Sc = tl.where(valid & (col_target == 0), S, float("-inf"))
+                else:
+                    Sc = Sm
+                cm = tl.max(Sc, 0)
+                cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
+                part = cm_safe + tl.log(tl.sum(tl.exp(Sc - cm_safe[None, :]), 0))
+                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
                 hit = tl.max(col_target.to(tl.int32), 0) > 0
                 tl.store(col_pos_ptr + cols.to(tl.int64), tl.sum(tl.where(col_target, S, 0.0), 0),
                          mask=cmask & hit)
@@ -233,7 +300,10 @@ def _forward_kernel(
         tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
     else:
         tl.store(row_lse_ptr + r64, l_i, mask=rmask)
-    tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
+    if TARGET_LSE:
+        tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
+    else:
+        tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
     tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
 
 
@@ -245,25 +315,32 @@ def _forward_kernel(
 @triton.jit
 def _backward_rows_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
-    row_lse_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, dq_ptr, dsb_ptr,
-    N, M, D, offset,
-    stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_gc,
+    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
+    dq_ptr, dsb_ptr, N, M, D, offset,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_grp, stride_gc, stride_gcp,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    GRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one row block (and one chunk of D for dQ):
-    #   dS_ij = g_i (P_ij - T_ij / npos_i) + gc_j (Pc_ij - Tc_ij)   (softmax)
-    #   dS_ij = -g_i z_ij sigmoid(-z_ij S_ij)                         (sigmoid)
+    #   dS_ij = a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij   (softmax; a, b, ac, bc are the
+    #           gradients of row_lse, the target statistic, col_lse, col_pos; dT = T / npos)
+    #   dS_ij = -a_i z_ij sigmoid(-z_ij S_ij)                   (sigmoid)
     #   dQ_i = s sum_j dS_ij k_j;  d_scale += sum dS_ij c_ij;  d_bias += sum dS_ij
     # 1. load the rows' statistics (row_lse, weights g_i, 1/npos_i) and targets;
     # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
     # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
     # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything.
+    # GRAM (queries are the keys, softmax, no column statistics): S is symmetric, so the whole
+    # gradient of row i, s sum_j (dS_ij + dS_ji) z_j, comes from the same tiles using the
+    # statistics of rows j too -- the column kernel is not needed.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < N
     dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv < D
@@ -273,27 +350,43 @@ def _backward_rows_kernel(
     else:
         b = 0.0
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-    lse_r, w_r, inv_r = _row_grad_meta(rows, N, row_lse_ptr, row_npos_ptr, g_row_ptr, stride_gr, KIND)
+    lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
+                                          g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, M, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    for col0 in range(0, M, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        c = _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn,
+        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         S = c * s + b
         col_meta = _col_labels(cols, M, clab_ptr, LABELS)
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-        lse_c, w_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, stride_gc, SYMMETRIC)
+        lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
+                                         stride_gcp, SYMMETRIC)
         ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-        col_target = valid & (rows.to(tl.int64)[:, None] == ctgt[None, :])
-        dS = _grad_logits(S, valid, target, col_target, lse_r, w_r, inv_r, lse_c, w_c, KIND, SYMMETRIC)
+        col_target = valid & (rows[:, None] == ctgt[None, :])
+        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
+                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE)
         if COMPUTE_DQ:
             kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
                          mask=cmask[:, None] & dvmask[None, :], other=0.0)
-            acc = tl.dot(_operand(dS.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
+            if GRAM:
+                lse_j, a_j, b_j, t_j = _row_grad_meta(cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr,
+                                                      g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
+                                                      KIND, TARGET_LSE)
+                if LABELS:
+                    target_t = target
+                else:
+                    tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+                    target_t = valid & (rows[:, None] == tgt_j[None, :])
+                dS_all = dS + _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j,
+                                                      EXCLUDE_TARGETS, TARGET_LSE)
+            else:
+                dS_all = dS
+            acc = tl.dot(_operand(dS_all.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
                          input_precision=PRECISION)
         if COMPUTE_SB:
             acc_s += tl.sum(dS * c, 1)
@@ -311,11 +404,12 @@ def _backward_rows_kernel(
 @triton.jit
 def _backward_cols_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr,
-    row_lse_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, dk_ptr, dsb_ptr,
-    N, M, D, offset,
-    stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_gc,
+    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
+    dk_ptr, dsb_ptr, N, M, D, offset,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_grp, stride_gc, stride_gcp,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -326,7 +420,8 @@ def _backward_cols_kernel(
     # 3. accumulate dS^T . Q[:, d chunk]; 4. scale/bias partial sums when asked; store.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = pid * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     cmask = cols < M
     dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv < D
@@ -336,23 +431,26 @@ def _backward_cols_kernel(
     else:
         b = 0.0
     col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-    lse_c, w_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, stride_gc, SYMMETRIC)
+    lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
+                                     stride_gcp, SYMMETRIC)
     ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
 
     acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, N, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+    for row0 in range(0, N, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < N
         row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-        lse_r, w_r, inv_r = _row_grad_meta(rows, N, row_lse_ptr, row_npos_ptr, g_row_ptr, stride_gr, KIND)
-        c = _similarity_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_qn, stride_qd, stride_kn,
+        lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
+                                          g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
+        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         S = c * s + b
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-        col_target = valid & (rows.to(tl.int64)[:, None] == ctgt[None, :])
-        dS = _grad_logits(S, valid, target, col_target, lse_r, w_r, inv_r, lse_c, w_c, KIND, SYMMETRIC)
+        col_target = valid & (rows[:, None] == ctgt[None, :])
+        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
+                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE)
         qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
                      mask=rmask[:, None] & dvmask[None, :], other=0.0)
         acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
@@ -379,19 +477,25 @@ def _next_pow2(x: int) -> int:
 
 
 def _config(queries: torch.Tensor, pass_: str) -> dict:
-    """Fixed block sizes per (device, dtype, D range); ``config_override`` wins."""
-    D = queries.shape[1]
-    if queries.device.type != "cuda":  # interpreter: small tiles keep CPU runs fast
+    return config_for(queries.device.type, queries.dtype, queries.shape[1], pass_)
+
+
+def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict:
+    """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "bwd" or "bwd_gram";
+    ``config_override`` wins."""
+    if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
+    elif dtype == torch.float32:  # TF32 / fp32 tiles are twice the bytes: smaller row blocks
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
     else:
-        wide = queries.dtype != torch.float32
-        bd = 64 if wide else 32
-        if pass_ == "fwd":
-            cfg = dict(BLOCK_M=128, BLOCK_N=128 if D <= 128 else 64, BLOCK_D=bd,
-                       num_warps=8, num_stages=3)
-        else:
-            cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=bd, BLOCK_DV=min(128, max(16, _next_pow2(D))),
-                       num_warps=8 if wide else 4, num_stages=2)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
+    if pass_ != "fwd" and device_type == "cuda":
+        # dQ / dK accumulate a (64, BLOCK_DV) float32 tile per program; wider D is split across
+        # programs (each recomputes the similarity). These sizes compile without register spills
+        # on sm_90 (checked in tests/test_triton_compile.py).
+        widest = 64 if (pass_ == "bwd_gram" and dtype == torch.float32) else 128
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=min(widest, max(16, _next_pow2(D))),
+                   num_warps=8, num_stages=2)
     cfg.update(config_override)
     if pass_ == "fwd":
         cfg.pop("BLOCK_DV", None)
@@ -433,6 +537,7 @@ def _precision(queries: torch.Tensor, exact: bool) -> str:
 
 def _flags(queries, spec, targets, bias) -> dict:
     return dict(UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
+                EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
                 KIND=KIND_SIGMOID if spec.kind == "sigmoid" else KIND_SOFTMAX,
                 HAS_BIAS=bias is not None, HAS_POS=targets.positives is not None,
                 HAS_CPOS=targets.col_positives is not None, LABELS=targets.row_labels is not None,
@@ -483,7 +588,8 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     return EngineStats(row_lse, row_pos, row_npos)
 
 
-def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs):
+def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
+             grad_row_pos=None, grad_col_pos=None):
     """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`."""
     need_q, need_k, need_s, need_b = needs
     need_sb = need_s or need_b
@@ -491,18 +597,30 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
-    symmetric = spec.symmetric and spec.kind == "softmax" and grad_col is not None
-    grad_row = grad_row.to(f32)
-    grad_col = grad_col.to(f32) if symmetric else grad_row
+    softmax = spec.kind == "softmax"
+    gram = spec.gram and softmax and not spec.symmetric
+    if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
+        need_q, need_k = need_q or need_k, False
+    symmetric = spec.symmetric and softmax and grad_col is not None
+    a_row = grad_row.to(f32)
+    if grad_row_pos is None:  # tied: L_i = lse_i - target_i, rows without targets have no loss
+        if softmax:
+            a_row = torch.where(stats.row_npos > 0, a_row, 0.0)
+        b_row = -a_row
+    else:
+        b_row = grad_row_pos.to(f32)
+    a_col = grad_col.to(f32) if symmetric else a_row
+    b_col = (-a_col if grad_col_pos is None else grad_col_pos.to(f32)) if symmetric else a_row
     col_lse = stats.col_lse if symmetric else stats.row_lse
-    cfg = _config(queries, "bwd")
+    cfg = _config(queries, "bwd_gram" if gram else "bwd")
     BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
     common = (scale, _ptr(bias, scale), _ptr(targets.positives, stats.row_lse),
               _ptr(targets.col_positives, stats.row_lse), _ptr(targets.row_labels, stats.row_lse),
-              _ptr(targets.col_labels, stats.row_lse), stats.row_lse, stats.row_npos, col_lse,
-              grad_row, grad_col)
+              _ptr(targets.col_labels, stats.row_lse), stats.row_lse, stats.row_pos, stats.row_npos,
+              col_lse, a_row, b_row, a_col, b_col)
     strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+    grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0))
     precision = _precision(queries, spec.exact)
     dq = dk = None
     dsb = None
@@ -514,9 +632,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
         grid = (n_blocks, triton.cdiv(D, BDV) if need_q else 1)
         args = (queries, keys, *common, _ptr(dq, stats.row_lse), _ptr(dsb, stats.row_lse),
-                N, M, D, spec.offset, *strides, D, grad_row.stride(0), grad_col.stride(0))
+                N, M, D, spec.offset, *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
-                     COMPUTE_SB=rows_do_sb, **flags)
+                     COMPUTE_SB=rows_do_sb, GRAM=gram, **flags)
         _launch(_backward_rows_kernel, grid, args, const, cfg, "BLOCK_N")
     if need_k:
         dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
@@ -526,7 +644,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
         grid = (n_blocks, triton.cdiv(D, BDV))
         args = (queries, keys, *common, dk, _ptr(dsb if cols_do_sb else None, stats.row_lse),
-                N, M, D, spec.offset, *strides, D, grad_row.stride(0), grad_col.stride(0))
+                N, M, D, spec.offset, *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb, **flags)
         _launch(_backward_cols_kernel, grid, args, const, cfg, "BLOCK_M")
     ds = db = None

@@ -1,0 +1,110 @@
+"""Public API: modules, backend resolution, autocast, import hygiene."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastcl
+from fastcl import _backend
+from fastcl import reference as R
+
+from .conftest import DEVICE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pair(n=12, d=8, dtype=torch.float32):
+    return (torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1).to(dtype),
+            torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1).to(dtype))
+
+
+def test_import_touches_no_gpu():
+    code = ("import sys, torch, fastcl; assert not torch.cuda.is_initialized(); "
+            "assert 'fastcl.ops.triton.engine' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_public_names():
+    for name in ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "InfoNCELoss",
+                 "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss"]:
+        assert name in fastcl.__all__ and hasattr(fastcl, name)
+    assert isinstance(fastcl.__version__, str)
+
+
+def test_clip_module_matches_open_clip_signature():
+    i, t = _pair()
+    scale = torch.tensor(14.0, device=DEVICE, requires_grad=True)
+    loss_fn = fastcl.ClipLoss()
+    out = loss_fn(i, t, scale, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(out["contrastive_loss"], fastcl.clip_loss(i, t, scale))
+    ref = R.clip_loss(i.double(), t.double(), 14.0)
+    assert abs(out["contrastive_loss"].item() - ref.item()) < 1e-5
+    out["contrastive_loss"].backward()
+    assert scale.grad is not None and scale.grad.shape == scale.shape
+
+
+def test_reduction_none_layout():
+    i, t = _pair()
+    per = fastcl.clip_loss(i, t, 10.0, reduction="none")
+    assert per.shape == (2, 12)
+    torch.testing.assert_close(per.mean(), fastcl.clip_loss(i, t, 10.0))
+    torch.testing.assert_close(per.sum(), fastcl.clip_loss(i, t, 10.0, reduction="sum"))
+    assert fastcl.info_nce(i, t, reduction="none").shape == (12,)
+
+
+def test_other_modules():
+    i, t = _pair()
+    torch.testing.assert_close(fastcl.InfoNCELoss(scale=20.0)(i, t), fastcl.info_nce(i, t, scale=20.0))
+    torch.testing.assert_close(fastcl.SigLipLoss()(i, t, 10.0, -10.0), fastcl.siglip_loss(i, t, 10.0, -10.0))
+    torch.testing.assert_close(fastcl.NTXentLoss(0.3)(i, t), fastcl.nt_xent(i, t, 0.3))
+    y = torch.arange(12, device=DEVICE) % 3
+    torch.testing.assert_close(fastcl.SupConLoss(0.2)(i, y), fastcl.supcon(i, y, 0.2))
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert _backend.resolve("auto", cpu, torch.float32) == "torch"
+    assert _backend.resolve("torch", cpu, torch.bfloat16) == "torch"
+    if _backend.has_triton():
+        assert _backend.resolve("auto", torch.device("cuda"), torch.bfloat16) == "triton"
+        assert _backend.resolve("auto", torch.device("cuda"), torch.float64) == "torch"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            _backend.resolve("triton", cpu, torch.float32)
+
+
+def test_extension_backends_explain_themselves():
+    if _backend.has_extension():
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            _backend.resolve("cuda", torch.device("cpu"), torch.float32)
+    else:
+        with pytest.raises(RuntimeError, match="compiled extension"):
+            _backend.resolve("cpu", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_features_like_a_matmul(backend):
+    """Under autocast, float32 features are cast to the autocast dtype (as the similarity matmul
+    would be); statistics and the loss stay float32 and gradients reach the float32 inputs."""
+    i, t = _pair(16, 16)
+    i.requires_grad_()
+    dev = DEVICE.type
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        loss = fastcl.clip_loss(i, t, 10.0, backend=backend)
+    assert loss.dtype == torch.float32
+    expect = fastcl.clip_loss(i.detach().to(torch.bfloat16), t.to(torch.bfloat16), 10.0, backend=backend)
+    torch.testing.assert_close(loss.detach(), expect)
+    loss.backward()
+    assert i.grad is not None and i.grad.dtype == torch.float32 and torch.isfinite(i.grad).all()
+
+
+def test_mixed_dtypes_allowed_under_autocast():
+    i, t = _pair(8, 8)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = fastcl.info_nce(i, t.to(torch.bfloat16), backend="torch")
+    assert torch.isfinite(loss)

@@ -1,0 +1,113 @@
+"""The InfoNCE family on the engine: each loss, through the Triton engine (interpreter on CPU) and
+the torch backend, against its float64 reference -- loss and every gradient."""
+import pytest
+import torch
+
+import fastcl
+from fastcl import reference as R
+
+from ._utils import features
+from .conftest import DEVICE
+from .test_triton import _check, _scalar
+
+F32 = torch.float32
+BACKENDS = ["triton", "torch"]
+
+
+def _feat(n, d, **kw):
+    return features(n, d, F32, DEVICE, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", [dict(label_smoothing=0.1), dict(focal_gamma=2.0),
+                                    dict(hard_negatives=3), dict(hard_negatives=2, label_smoothing=0.2)])
+def test_info_nce_options(backend, option):
+    N, M, D = 29, 41, 19
+    q, k = _feat(N, D), _feat(M, D)
+    s, b = _scalar(11.0), _scalar(0.3)
+    kw = dict(option)
+    if "hard_negatives" in kw:
+        kw["hard_negatives"] = torch.nn.functional.normalize(
+            torch.randn(N, kw["hard_negatives"], D, device=DEVICE), dim=-1).requires_grad_()
+    hn = kw.pop("hard_negatives", None)
+    inputs = [q, k, s, b] + ([hn] if hn is not None else [])
+
+    def fn(q, k, s, b, hn=None):
+        return fastcl.info_nce(q, k, scale=s, bias=b, reduction="none", hard_negatives=hn,
+                               backend=backend, exact=True, **kw)
+
+    def ref(q, k, s, b, hn=None):
+        return R.info_nce(q, k, None, s, b, "none", hard_negatives=hn, **kw)
+
+    _check(f"info_nce{option}", fn, ref, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", [dict(label_smoothing=0.1), dict(focal_gamma=1.0)])
+def test_clip_options(backend, option):
+    i, t = _feat(33, 21), _feat(33, 21)
+    _check(f"clip{option}",
+           lambda i, t, s: fastcl.clip_loss(i, t, s, reduction="none", backend=backend, exact=True, **option),
+           lambda i, t, s: R.clip_loss(i, t, s, None, "none", **option), [i, t, _scalar(20.0)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_sigma", [None, 0.5])
+def test_dcl(backend, weight_sigma):
+    z1, z2 = _feat(23, 17, normalize=False), _feat(23, 17, normalize=False)
+    _check("dcl", lambda a, b: fastcl.dcl(a, b, 0.2, weight_sigma=weight_sigma, reduction="none",
+                                          backend=backend, exact=True),
+           lambda a, b: R.dcl(a, b, 0.2, weight_sigma, reduction="none"), [z1, z2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["sparse", "dense"])
+def test_soft_targets_mixup(backend, form):
+    N, M, D = 27, 35, 13
+    q, k = _feat(N, D), _feat(M, D)
+    idx = torch.stack([torch.arange(N), torch.randperm(M)[:N]], 1).to(DEVICE)
+    lam = torch.rand(N, 1, device=DEVICE)
+    w = torch.cat([lam, 1 - lam], 1)
+    dense = torch.zeros(N, M, device=DEVICE).scatter_add_(1, idx, w)
+    tg = (idx, w) if form == "sparse" else dense
+    _check("soft", lambda q, k, s: fastcl.soft_info_nce(q, k, tg, scale=s, bias=0.2, reduction="none",
+                                                        backend=backend, exact=True),
+           lambda q, k, s: R.soft_info_nce(q, k, dense.to(q.dtype), s, 0.2, "none"), [q, k, _scalar(9.0)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["out", "in"])
+def test_supcon_variants(backend, variant):
+    B, D = 22, 15
+    x = torch.randn(B, 2, D, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, 5, (B,), device=DEVICE)
+    _check(f"supcon-{variant}", lambda x: fastcl.supcon(x, y, 0.2, variant=variant, reduction="none",
+                                                        backend=backend, exact=True),
+           lambda x: R.supcon(x, y.to(x.device), 0.2, variant=variant, reduction="none")[0], [x])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_rectangular(backend):
+    x, kx = torch.randn(19, 11, device=DEVICE, requires_grad=True), torch.randn(31, 11, device=DEVICE, requires_grad=True)
+    y, ky = torch.randint(0, 4, (19,), device=DEVICE), torch.randint(0, 4, (31,), device=DEVICE)
+    _check("supcon-rect", lambda x, kx: fastcl.supcon(x, y, 0.3, keys=kx, key_labels=ky, reduction="none",
+                                                      backend=backend, exact=True),
+           lambda x, kx: R.supcon(x, y.to(x.device), 0.3, reduction="none", keys=kx,
+                                  key_labels=ky.to(x.device))[0], [x, kx])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniformity_and_alignment(backend):
+    x, y = _feat(40, 9, normalize=False), _feat(40, 9, normalize=False)
+    _check("uniformity", lambda x: fastcl.uniformity_loss(x, 2.0, backend=backend, exact=True),
+           lambda x: R.uniformity(x, 2.0), [x])
+    _check("alignment", lambda x, y: fastcl.alignment_loss(x, y), lambda x, y: R.alignment(x, y), [x, y])
+
+
+def test_extended_losses_reject_backends_without_split_gradients():
+    from fastcl import _backend
+
+    if not _backend.has_extension():
+        pytest.skip("needs the compiled extension")
+    with pytest.raises(ValueError, match="does not implement this loss"):
+        fastcl.dcl(torch.randn(4, 3), torch.randn(4, 3), backend="cpu")

@@ -1,0 +1,100 @@
+"""CUDA-only checks: larger shapes in low precision, memory bounds, no host-device syncs, 64-bit
+offsets. Skipped on machines without a GPU."""
+import pytest
+import torch
+
+import fastcl
+from fastcl import reference as R
+
+from ._utils import as64, assert_close, features, grads, lowp
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N,D", [(1000, 256), (2048, 512), (777, 1024)])
+def test_clip_large_low_precision(dtype, N, D):
+    i, t = features(N, D, dtype, CUDA), features(N, D, dtype, CUDA)
+    s = torch.tensor(1 / 0.07, device=CUDA, requires_grad=True)
+    out = fastcl.clip_loss(i, t, s, backend="triton")
+    ins64 = [as64(x) for x in (i, t, s)]
+    ref = R.clip_loss(*ins64)
+    lp = [lowp(x, dtype) for x in (i, t, s)]
+    if dtype == torch.float32:  # the default path is TF32: compare against PyTorch in TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        base = R.clip_loss(lp[0], lp[1], lp[2].to(dtype))
+        g_base = grads(base, lp, torch.tensor(0.7, device=CUDA, dtype=base.dtype))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert_close("loss", out, ref, base, rtol=1e-4)
+    g = torch.tensor(0.7, device=CUDA, dtype=torch.float64)
+    for name, a, r, b in zip("its", grads(out, [i, t, s], g), grads(ref, ins64, g), g_base):
+        assert_close(name, a, r, b, rtol=1e-4)
+
+
+def test_no_host_device_sync():
+    i, t = features(4096, 256, torch.bfloat16, CUDA), features(4096, 256, torch.bfloat16, CUDA)
+    s = torch.tensor(14.0, device=CUDA, requires_grad=True)
+    fastcl.clip_loss(i, t, s).backward()  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastcl.clip_loss(i, t, s).backward()
+        fastcl.info_nce(i, t, scale=s).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _peak_extra(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def test_memory_is_linear_in_batch():
+    """N = M = 16384, D = 256, bf16: the fused loss needs < 64 MiB beyond the inputs (the
+    gradients themselves are 16 MiB); the naive loss needs > 1 GiB."""
+    N, D = 16384, 256
+    i, t = features(N, D, torch.bfloat16, CUDA), features(N, D, torch.bfloat16, CUDA)
+    s = torch.tensor(14.0, device=CUDA, requires_grad=True)
+    fastcl.clip_loss(i, t, s).backward()  # warm-up / compile
+    i.grad = t.grad = s.grad = None
+
+    def fused():
+        fastcl.clip_loss(i, t, s).backward()
+
+    def naive():
+        R.clip_loss(i, t, s).backward()
+
+    fused_bytes = _peak_extra(fused)
+    i.grad = t.grad = s.grad = None
+    naive_bytes = _peak_extra(naive)
+    assert fused_bytes < 64 * 2**20, fused_bytes / 2**20
+    assert naive_bytes > 2**30, naive_bytes / 2**20
+
+
+@pytest.mark.slow
+def test_64bit_offsets_keys():
+    """M * D > 2^31 elements: keys offsets need 64-bit arithmetic; checked on all rows."""
+    N, M, D = 64, (2**31) // 512 + 4099, 512
+    q = features(N, D, torch.bfloat16, CUDA)
+    k = torch.randn(M, D, device=CUDA, dtype=torch.bfloat16)
+    k = torch.nn.functional.normalize(k.float(), dim=1).to(torch.bfloat16).requires_grad_()
+    pos = torch.randint(M - 5000, M, (N,), device=CUDA)  # positives deep past 2^31 elements
+    out = fastcl.info_nce(q, k, positives=pos, scale=20.0, reduction="none", backend="triton")
+    stats = R.engine_forward(q.detach(), k.detach(), torch.tensor([20.0], device=CUDA), None,
+                             positives=pos)
+    ref = stats[0] - stats[1]
+    assert_close("loss", out, ref, rtol=2e-3)
+    out.sum().backward()
+    rows = torch.arange(M - 5000, M, device=CUDA)
+    g_ref = R.engine_backward(q.detach(), k.detach(), torch.tensor([20.0], device=CUDA), None,
+                              row_lse=stats[0], row_npos=stats[2], col_lse=None,
+                              grad_row=torch.ones(N, device=CUDA), grad_col=None,
+                              needs=(False, True, False, False), positives=pos)[1]
+    assert_close("dK tail", k.grad[rows].float(), g_ref[rows].float(), rtol=2e-2)
