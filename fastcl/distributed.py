@@ -1,0 +1,481 @@
+"""Contrastive losses over a data-parallel group (``torch.distributed``): gather and ring modes.
+
+Every rank holds its local slice of the global batch: ``n`` queries/images and ``m`` keys/texts
+(the same ``n``, ``m`` on every rank; uneven slices are rejected with a ValueError). The loss is the
+single-process loss of the concatenated global batch (rank order), N = W * n rows.
+
+Modes
+-----
+``mode="gather"``: the keys (and, for the symmetric CLIP loss, the queries) are all-gathered with
+an autograd-aware gather; each rank computes the loss rows of its local queries against all keys
+(positives offset by ``rank * m``) and, for CLIP, the rows of its local texts against all images.
+Memory per rank: O(N * D) features.
+
+``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
+(``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
+each rank merges the row statistics of its queries over all blocks (log-sum-exp with ``logaddexp``,
+positive terms summed), while the column statistics of a block travel with it and are merged on the
+way, then sent home. The backward runs the same ring: a key block travels with its column
+statistics and column gradient weights, and its dK accumulator follows it, so each rank ends with
+the exact dQ of its queries and dK of its keys. Memory per rank: O((n + m) * D).
+
+Gradient convention (both modes): data-parallel *averaging*, as ``DistributedDataParallel`` does.
+* The returned loss is the global single-process loss, the same value on every rank.
+* The gradient of a rank's local features is ``W`` times its slice of the single-process gradient,
+  so that after DDP averages parameter gradients over the W ranks they equal the single-process
+  gradients exactly. (Without DDP: all-reduce parameter gradients and divide by W.)
+* A learnable scale / bias gets its gradient all-reduced inside the loss: every rank holds exactly
+  the single-process ``dL/d scale`` (averaging identical values leaves them unchanged, so it is right
+  both inside a DDP module and outside one).
+
+This is open_clip's convention for ``local_loss=True, gather_with_grad=True`` (its gradients are
+the same), except that the returned value is the global loss instead of the rank's local term.
+
+Collectives and P2P ops are the same on NCCL (CUDA tensors) and gloo (CPU tensors); the only host
+synchronisation is the optional batch-size check (``check_sizes=True``: one tiny all-gather).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import _backend
+from .autograd import _scalar32, engine_loss
+from .losses import _check_index, _check_pair, _prepare, _scalar_param
+from .ops import EngineStats, LossSpec, Targets, row_losses
+
+Tensor = torch.Tensor
+
+__all__ = ["all_gather_with_grad", "clip_loss", "info_nce", "siglip_loss", "MODES"]
+
+MODES = ("gather", "ring")
+
+
+# ----------------------------------------------------------------------------------------------
+# group helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _world(group) -> Tuple[int, int]:
+    """(world size, rank) of the group; (1, 0) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _global_rank(group, rank: int) -> int:
+    if group is None or group is dist.group.WORLD:
+        return rank
+    return dist.get_global_rank(group, rank)
+
+
+def _is_nccl(group) -> bool:
+    return str(dist.get_backend(group)).lower() == "nccl"
+
+
+def _check_sizes(name: str, local: int, group, device: torch.device) -> None:
+    """Every rank must hold the same number of rows (one tiny all-gather: a host sync)."""
+    W, _ = _world(group)
+    if W == 1:
+        return
+    mine = torch.tensor([local], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(W)]
+    dist.all_gather(every, mine, group=group)
+    sizes = [int(x.item()) for x in every]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"{name} must have the same number of rows on every rank, got {sizes} "
+                         "(rank order); pad or drop the last uneven batch")
+
+
+def _check_mode(mode: str, reduction: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for a distributed loss, got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd-aware collectives
+# ----------------------------------------------------------------------------------------------
+
+
+class _AllGather(torch.autograd.Function):
+    """(n, ...) on every rank -> (W * n, ...) in rank order; backward sums the gradients of all
+    ranks and returns this rank's slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        W, r = _world(group)
+        ctx.group, ctx.rank, ctx.world = group, r, W
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(W)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        n = grad.shape[0] // ctx.world
+        if _is_nccl(ctx.group):
+            out = grad.new_empty((n,) + grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
+        return grad[ctx.rank * n:(ctx.rank + 1) * n], None
+
+
+def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
+    """All-gather (n, ...) -> (W * n, ...) in rank order, differentiable: the gradient of the
+    local slice is the sum over ranks of the gradients of the gathered copies."""
+    W, _ = _world(group)
+    if W == 1:
+        return x
+    return _AllGather.apply(x, group)
+
+
+class _ScalarGradMean(torch.autograd.Function):
+    """Identity in the forward; the backward all-reduces the scalar's gradient and divides by W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        W, _ = _world(ctx.group)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad / W, None
+
+
+def _sync_scalar(x: Optional[Tensor], group) -> Optional[Tensor]:
+    if x is None or not x.requires_grad or _world(group)[0] == 1:
+        return x
+    return _ScalarGradMean.apply(x, group)
+
+
+def _global_value(contribution: Tensor, group) -> Tensor:
+    """A tensor whose value is the sum of every rank's contribution and whose gradient is that of
+    ``W * contribution`` (the data-parallel averaging convention)."""
+    W, _ = _world(group)
+    if W == 1:
+        return contribution
+    total = contribution.detach().clone()
+    dist.all_reduce(total, group=group)
+    graph = contribution * W
+    return graph + (total - graph).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# ring P2P
+# ----------------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """Sends to rank + 1 and receives from rank - 1 with ``batch_isend_irecv`` (valid on NCCL)."""
+
+    def __init__(self, group):
+        self.group = group
+        W, r = _world(group)
+        self.world, self.rank = W, r
+        self.next = _global_rank(group, (r + 1) % W)
+        self.prev = _global_rank(group, (r - 1) % W)
+
+    def exchange(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> Tuple[List, tuple]:
+        """Posts the transfers; returns (requests, tensors) - the tensors stay referenced until
+        :meth:`wait` so that no buffer in flight is freed and reused."""
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
+        return dist.batch_isend_irecv(ops), (tuple(send), tuple(recv))
+
+    @staticmethod
+    def wait(pending) -> None:
+        if not pending:
+            return
+        for req in pending[0]:
+            req.wait()
+
+
+def _merge_col(acc: Tensor, part: Tensor) -> Tensor:
+    """Column statistics packed as (2, m): [col_lse; col_pos]."""
+    return torch.stack([torch.logaddexp(acc[0], part[0]), acc[1] + part[1]])
+
+
+def _tile_args(kind, symmetric, exact, positives, r, o, m):
+    """Spec and targets of the (local queries) x (key block of rank o) tile: with offset
+    (r - o) * m the default positive i + offset is in range only on the diagonal block."""
+    spec = LossSpec(kind=kind, symmetric=symmetric, offset=(r - o) * m, exact=exact)
+    if o == r and positives is not None:
+        return LossSpec(kind=kind, symmetric=symmetric, offset=0, exact=exact), Targets(positives=positives)
+    return spec, Targets()
+
+
+class _RingLoss(torch.autograd.Function):
+    """Per-row losses (n,) of the local queries against every rank's keys, and (symmetric) the
+    per-column losses (m,) of the local keys against every rank's queries, with exact global
+    statistics. Gradients are those of the sum over ranks of each rank's weighted outputs (scale
+    and bias: this rank's share; the caller all-reduces them)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, positives, cfg):
+        kind, symmetric, exact, backend, group = cfg
+        ring = _Ring(group)
+        W, r = ring.world, ring.rank
+        eng = _backend.engine(backend)
+        s32, b32 = _scalar32(scale, queries), _scalar32(bias, queries)
+        n, m = queries.shape[0], keys.shape[0]
+        sdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        dev = queries.device
+        row_lse = torch.full((n,), -math.inf if kind == "softmax" else 0.0, dtype=sdt, device=dev)
+        row_pos = torch.zeros(n, dtype=sdt, device=dev)
+        row_npos = torch.zeros(n, dtype=sdt, device=dev)
+        own_col, col_in, col_req = None, None, None
+        kb = keys.contiguous()
+        with torch.autocast(dev.type, enabled=False):
+            for t in range(W):
+                o = (r - t) % W
+                k_req, nkb = None, None
+                if t < W - 1:  # next block in flight while this one is computed
+                    nkb = torch.empty_like(kb)
+                    k_req = ring.exchange([kb], [nkb])
+                spec, targets = _tile_args(kind, symmetric, exact, positives, r, o, m)
+                st = eng.forward(queries, kb, s32, b32, targets, spec)
+                if kind == "sigmoid":
+                    row_lse = row_lse + st.row_lse.to(sdt)
+                else:
+                    row_lse = torch.logaddexp(row_lse, st.row_lse.to(sdt))
+                    row_pos = row_pos + st.row_pos.to(sdt)
+                    row_npos = row_npos + st.row_npos.to(sdt)
+                if symmetric:
+                    part = torch.stack([st.col_lse.to(sdt), st.col_pos.to(sdt)])
+                    if t > 0:  # block o's statistics from the ranks it visited before
+                        ring.wait(col_req)
+                        part = _merge_col(col_in, part)
+                    if W == 1:
+                        own_col = part
+                    else:  # on to the next rank; after the last step this sends it home
+                        col_in = torch.empty_like(part)
+                        col_req = ring.exchange([part], [col_in])
+                ring.wait(k_req)
+                if nkb is not None:
+                    kb = nkb
+            if symmetric and W > 1:
+                ring.wait(col_req)
+                own_col = col_in
+        stats = EngineStats(row_lse, row_pos, row_npos)
+        rows = row_losses(stats, LossSpec(kind=kind))
+        cols = own_col[0] - own_col[1] if symmetric else rows.new_zeros(0)
+        ctx.save_for_backward(queries, keys, s32, b32, row_lse, row_pos, row_npos,
+                              own_col[0] if symmetric else None, positives)
+        ctx.cfg = cfg
+        ctx.scale_meta = (scale.shape, scale.dtype)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        if not symmetric:
+            ctx.mark_non_differentiable(cols)
+        return rows, cols
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_cols):
+        queries, keys, s32, b32, row_lse, row_pos, row_npos, col_lse, positives = ctx.saved_tensors
+        kind, symmetric, exact, backend, group = ctx.cfg
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        ring = _Ring(group)
+        W, r = ring.world, ring.rank
+        eng = _backend.engine(backend)
+        n, m = queries.shape[0], keys.shape[0]
+        sdt = row_lse.dtype
+        dev = queries.device
+        g = (grad_rows if grad_rows is not None else torch.zeros(n, device=dev)).to(sdt).contiguous()
+        stats_dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(queries.shape, dtype=stats_dt, device=dev) if need_q else None
+        ds = torch.zeros(1, dtype=sdt, device=dev)
+        db = torch.zeros(1, dtype=sdt, device=dev)
+        kb = keys.contiguous()
+        # column info travelling with the key block: [col_lse; col grad weights]
+        cinfo = None
+        if symmetric:
+            gc = grad_cols if grad_cols is not None else torch.zeros(m, device=dev)
+            cinfo = torch.stack([col_lse, gc.to(sdt)])
+        dk_own, dk_in, dk_req = None, None, None
+        needs = (bool(need_q), bool(need_k), bool(need_s), bool(need_b))
+        with torch.autocast(dev.type, enabled=False):
+            for t in range(W):
+                o = (r - t) % W
+                reqs, nkb, ncinfo = None, None, None
+                if t < W - 1:
+                    nkb = torch.empty_like(kb)
+                    send, recv = [kb], [nkb]
+                    if symmetric:
+                        ncinfo = torch.empty_like(cinfo)
+                        send.append(cinfo)
+                        recv.append(ncinfo)
+                    reqs = ring.exchange(send, recv)
+                spec, targets = _tile_args(kind, symmetric, exact, positives, r, o, m)
+                stats = EngineStats(row_lse, row_pos, row_npos,
+                                    cinfo[0].contiguous() if symmetric else None, None)
+                gcol = cinfo[1].contiguous() if symmetric else None
+                dq_t, dk_t, ds_t, db_t = eng.backward(queries, kb, s32, b32, targets, spec, stats,
+                                                      g, gcol, needs)
+                if need_q:
+                    dq += dq_t.to(stats_dt)
+                if need_s:
+                    ds += ds_t.to(sdt)
+                if need_b:
+                    db += db_t.to(sdt)
+                if need_k:
+                    part = dk_t.to(stats_dt)
+                    if t > 0:  # block o's dK accumulated by the ranks it visited before
+                        ring.wait(dk_req)
+                        part = part + dk_in
+                    if W == 1:
+                        dk_own = part
+                    else:  # on to the next rank; after the last step this sends it home
+                        dk_in = torch.empty_like(part)
+                        dk_req = ring.exchange([part], [dk_in])
+                ring.wait(reqs)
+                if nkb is not None:
+                    kb, cinfo = nkb, ncinfo
+            if need_k and W > 1:
+                ring.wait(dk_req)
+                dk_own = dk_in
+        d_scale = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1]) if need_s else None
+        d_bias = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
+        return (dq.to(queries.dtype) if need_q else None,
+                dk_own.to(keys.dtype) if need_k else None,
+                d_scale, d_bias, None, None)
+
+
+def _ring(queries, keys, scale, bias, positives, *, kind, symmetric, exact, backend, group):
+    return _RingLoss.apply(queries, keys, scale, bias, positives,
+                           (kind, symmetric, exact, backend, group))
+
+
+# ----------------------------------------------------------------------------------------------
+# public losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _setup(qname, q, kname, k, scale_name, scale, bias_name, bias, *, mode, reduction, group,
+           check_sizes, backend, scale_optional=False):
+    _check_pair(qname, q, kname, k)
+    _check_mode(mode, reduction)
+    if check_sizes:
+        _check_sizes(qname, q.shape[0], group, q.device)
+        _check_sizes(kname, k.shape[0], group, q.device)
+    sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = _scalar_param(scale_name, scale, q.device, optional=scale_optional, dtype=sdt)
+    b = _scalar_param(bias_name, bias, q.device, optional=True, dtype=sdt)
+    s, b = _sync_scalar(s, group), _sync_scalar(b, group)
+    q, k, be = _prepare(q, k, backend)
+    return q, k, s, b, be
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
+              mode: str = "ring", group=None, reduction: str = "mean", backend: str = "auto",
+              exact: bool = False, check_sizes: bool = True) -> Tensor:
+    """Symmetric CLIP loss of the global batch, from each rank's local pairs.
+
+    Args:
+        image_features, text_features: (n, D) local pairs (the same n on every rank).
+        logit_scale: the exponentiated scale (float or one-element tensor); logit_bias optional.
+        mode: "ring" (P2P key ring, no rank holds all features) | "gather" (all-gather).
+        group: the process group (default: the world).
+        reduction: "mean" (open_clip's value over the global batch) | "sum".
+        check_sizes: verify equal n on every rank (ValueError otherwise); one tiny all-gather.
+    Returns:
+        the global loss (same value on every rank); gradients follow the averaging convention of
+        this module's docstring.
+    """
+    _check_pair("image_features", image_features, "text_features", text_features)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError("image_features and text_features must have the same batch size n, got "
+                         f"{image_features.shape[0]} and {text_features.shape[0]}")
+    q, k, s, b, be = _setup("image_features", image_features, "text_features", text_features,
+                            "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
+                            reduction=reduction, group=group, check_sizes=check_sizes, backend=backend)
+    W, r = _world(group)
+    n = q.shape[0]
+    norm = 1.0 / (2 * W * n) if reduction == "mean" else 1.0
+    if mode == "gather":
+        from .losses import info_nce as _info_nce
+        all_q, all_k = all_gather_with_grad(q, group), all_gather_with_grad(k, group)
+        pos = torch.arange(n, device=q.device) + r * n
+        rows = _info_nce(q, all_k, positives=pos, scale=s, bias=b, reduction="sum", backend=be, exact=exact)
+        cols = _info_nce(k, all_q, positives=pos, scale=s, bias=b, reduction="sum", backend=be, exact=exact)
+        contribution = (rows + cols) * norm
+    else:
+        rows, cols = _ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=exact,
+                           backend=be, group=group)
+        contribution = (rows.sum() + cols.sum()) * norm
+    return _global_value(contribution, group)
+
+
+def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = None,
+             scale=1.0 / 0.07, bias=None, mode: str = "ring", group=None, reduction: str = "mean",
+             backend: str = "auto", exact: bool = False, check_sizes: bool = True) -> Tensor:
+    """One-way InfoNCE of the global batch: every local query against the keys of every rank.
+
+    Args:
+        queries: (n, D) local queries; keys: (m, D) local keys (e.g. n positives then hard
+            negatives), the same n and m on every rank.
+        positives: (n,) index of each query's positive in its own rank's key block; default
+            ``arange(n)`` (needs m >= n). Keys of other ranks are negatives.
+        scale, bias: as :func:`fastcl.info_nce`; mode, group, reduction, check_sizes: as
+            :func:`clip_loss`. "mean" divides the global sum by N = W * n.
+    """
+    q, k, s, b, be = _setup("queries", queries, "keys", keys, "scale", scale, "bias", bias,
+                            mode=mode, reduction=reduction, group=group, check_sizes=check_sizes,
+                            backend=backend)
+    W, r = _world(group)
+    n, m = q.shape[0], k.shape[0]
+    if positives is None:
+        if m < n:
+            raise ValueError(f"keys must have at least as many rows as queries on each rank when "
+                             f"positives is None, got n={n} queries and m={m} keys")
+    else:
+        positives = _check_index("positives", positives, n, m, "indices into this rank's keys", q.device)
+    norm = 1.0 / (W * n) if reduction == "mean" else 1.0
+    if mode == "gather":
+        from .losses import info_nce as _info_nce
+        all_k = all_gather_with_grad(k, group)
+        local = positives if positives is not None else torch.arange(n, device=q.device)
+        rows = _info_nce(q, all_k, positives=local + r * m, scale=s, bias=b, reduction="sum",
+                         backend=be, exact=exact)
+        contribution = rows * norm
+    else:
+        rows, _ = _ring(q, k, s, b, positives, kind="softmax", symmetric=False, exact=exact,
+                        backend=be, group=group)
+        contribution = rows.sum() * norm
+    return _global_value(contribution, group)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+                mode: str = "ring", group=None, reduction: str = "mean", backend: str = "auto",
+                exact: bool = False, check_sizes: bool = True) -> Tensor:
+    """SigLIP pairwise sigmoid loss of the global batch ``-(1/N) sum_ij log sigmoid(z_ij S_ij)``
+    (z = +1 on the global diagonal). No statistics to merge: each rank sums its images' rows over
+    every text block. Arguments as :func:`clip_loss`; "mean" divides by N = W * n."""
+    _check_pair("image_features", image_features, "text_features", text_features)
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError("image_features and text_features must have the same batch size n, got "
+                         f"{image_features.shape[0]} and {text_features.shape[0]}")
+    q, k, s, b, be = _setup("image_features", image_features, "text_features", text_features,
+                            "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
+                            reduction=reduction, group=group, check_sizes=check_sizes, backend=backend)
+    W, r = _world(group)
+    n = q.shape[0]
+    norm = 1.0 / (W * n) if reduction == "mean" else 1.0
+    if mode == "gather":
+        all_k = all_gather_with_grad(k, group)
+        pos = torch.arange(n, device=q.device) + r * n
+        rows, _, _ = engine_loss(q, all_k, s, b, Targets(positives=pos),
+                                 LossSpec(kind="sigmoid", exact=exact), be)
+    else:
+        rows, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
+                        backend=be, group=group)
+    return _global_value(rows.sum() * norm, group)

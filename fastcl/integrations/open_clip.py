@@ -1,0 +1,140 @@
+"""open_clip drop-ins: ``ClipLoss`` and ``SigLipLoss`` with open_clip's constructor and forward
+signatures and numbers, on the fused engine. open_clip itself is not imported.
+
+Single process (``world_size == 1``): the fused :func:`fastcl.clip_loss` / :func:`fastcl.siglip_loss`.
+Several processes (``world_size > 1``, torch.distributed initialised, ``rank`` / ``world_size`` as
+given to open_clip) reproduce open_clip's per-rank values and gradients:
+
+* ``ClipLoss(local_loss=True, gather_with_grad=True)``: the rank's local rows against all-gathered
+  features; with ``dist_mode="ring"`` the same value and feature gradients from
+  :mod:`fastcl.distributed`'s ring instead (no rank holds all features). The ring splits the
+  logit scale / bias gradient across ranks differently (each rank's share is its tiles' part):
+  the sum over ranks, hence the DDP-averaged gradient, is the same.
+* ``local_loss=False``: the full global loss on every rank from gathered features (the rank's own
+  slice keeps its gradient when ``gather_with_grad=False``, as in open_clip).
+* ``SigLipLoss``: the rank's images against every rank's texts (the positive only on its own
+  block), divided by the local batch size; ``dist_impl`` "gather" all-gathers the texts, every
+  other value ("bidir", "shift", "reduce", "ring") uses the ring: the texts travel, not all held.
+  (SigLIP's per-rank scale / bias gradients equal open_clip's in both: the tiles of a rank are
+  exactly its own rows.)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import distributed as fdist
+from ..autograd import engine_loss
+from ..losses import _check_pair, _prepare, _scalar_param, clip_loss, info_nce, siglip_loss
+from ..ops import LossSpec, Targets
+
+Tensor = torch.Tensor
+
+__all__ = ["ClipLoss", "SigLipLoss"]
+
+
+def _gather_no_grad(x: Tensor, rank: int, world_size: int, keep_local: bool) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    if keep_local:  # the local slice keeps its autograd graph
+        parts[rank] = x
+    return torch.cat(parts)
+
+
+def _sdt(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class ClipLoss(nn.Module):
+    """open_clip ``ClipLoss``: ``forward(image_features, text_features, logit_scale,
+    logit_bias=None, output_dict=False)``, image/text features (n, D) per rank."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, dist_mode: str = "gather", backend: str = "auto"):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("use_horovod=True is not supported; run with torch.distributed")
+        if dist_mode not in fdist.MODES:
+            raise ValueError(f"dist_mode must be one of {fdist.MODES}, got {dist_mode!r}")
+        if dist_mode == "ring" and world_size > 1 and not (local_loss and gather_with_grad):
+            raise ValueError("dist_mode='ring' reproduces local_loss=True, gather_with_grad=True only")
+        self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
+        self.cache_labels = cache_labels  # labels are never materialised: nothing to cache
+        self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
+        self.dist_mode, self.backend = dist_mode, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                logit_bias=None, output_dict: bool = False):
+        if self.world_size <= 1:
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        elif not self.local_loss:
+            if self.gather_with_grad:
+                all_i = fdist.all_gather_with_grad(image_features)
+                all_t = fdist.all_gather_with_grad(text_features)
+            else:
+                all_i = _gather_no_grad(image_features, self.rank, self.world_size, True)
+                all_t = _gather_no_grad(text_features, self.rank, self.world_size, True)
+            loss = clip_loss(all_i, all_t, logit_scale, logit_bias, backend=self.backend)
+        else:
+            loss = self._local(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _local(self, img: Tensor, txt: Tensor, logit_scale, logit_bias) -> Tensor:
+        _check_pair("image_features", img, "text_features", txt)
+        n = img.shape[0]
+        if self.dist_mode == "ring":
+            s = _scalar_param("logit_scale", logit_scale, img.device, optional=False, dtype=_sdt(img))
+            b = _scalar_param("logit_bias", logit_bias, img.device, optional=True, dtype=_sdt(img))
+            q, k, be = _prepare(img, txt, self.backend)
+            rows, cols = fdist._ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=False,
+                                     backend=be, group=None)
+            return (rows.sum() + cols.sum()) / (2 * n)
+        if self.gather_with_grad:
+            all_i, all_t = fdist.all_gather_with_grad(img), fdist.all_gather_with_grad(txt)
+        else:
+            all_i = _gather_no_grad(img, self.rank, self.world_size, False)
+            all_t = _gather_no_grad(txt, self.rank, self.world_size, False)
+        labels = torch.arange(n, device=img.device) + n * self.rank
+        rows = info_nce(img, all_t, positives=labels, scale=logit_scale, bias=logit_bias, backend=self.backend)
+        cols = info_nce(txt, all_i, positives=labels, scale=logit_scale, bias=logit_bias, backend=self.backend)
+        return (rows + cols) / 2
+
+
+class SigLipLoss(nn.Module):
+    """open_clip ``SigLipLoss``: ``forward(image_features, text_features, logit_scale, logit_bias,
+    output_dict=False)``; the value is ``-sum_ij log sigmoid(z_ij S_ij) / n_local``."""
+
+    _IMPLS = ("bidir", "shift", "reduce", "gather", "ring")
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, backend: str = "auto"):
+        super().__init__()
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in self._IMPLS:
+            raise ValueError(f"dist_impl must be one of {self._IMPLS}, got {dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size, self.backend = cache_labels, rank, world_size, backend
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        if self.world_size <= 1:
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        else:
+            _check_pair("image_features", image_features, "text_features", text_features)
+            n = image_features.shape[0]
+            dev = image_features.device
+            s = _scalar_param("logit_scale", logit_scale, dev, optional=False, dtype=_sdt(image_features))
+            b = _scalar_param("logit_bias", logit_bias, dev, optional=True, dtype=_sdt(image_features))
+            q, k, be = _prepare(image_features, text_features, self.backend)
+            if self.dist_impl == "gather":
+                all_t = fdist.all_gather_with_grad(k)
+                pos = torch.arange(n, device=dev) + n * self.rank
+                rows, _, _ = engine_loss(q, all_t, s, b, Targets(positives=pos), LossSpec(kind="sigmoid"), be)
+            else:
+                rows, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=False,
+                                      backend=be, group=None)
+            loss = rows.sum() / n
+        return {"contrastive_loss": loss} if output_dict else loss

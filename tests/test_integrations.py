@@ -1,0 +1,343 @@
+"""Drop-in integrations against the real peer libraries (where installed) and, always, against a
+transcription of the peer's formula on the materialised matrix. Float64, fresh random inputs,
+learnable scale/bias, every gradient, grad_output != 1."""
+import math
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fastcl import reference
+from fastcl.integrations import open_clip as oc
+from fastcl.integrations import pytorch_metric_learning as pml
+from fastcl.integrations import sentence_transformers as st
+
+TOL = 1e-9
+
+
+def _feats(gen, n, d, normalize=True):
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if normalize:
+        x = nn.functional.normalize(x, dim=1)
+    return x.requires_grad_(True)
+
+
+def _leaf(v):
+    return torch.tensor(v, dtype=torch.float64, requires_grad=True)
+
+
+def _compare(name, ours, theirs, inputs, g=0.7, tol=TOL):
+    assert abs(ours.item() - theirs.item()) <= tol * max(1.0, abs(theirs.item())), \
+        f"{name}: loss {ours.item()} vs {theirs.item()}"
+    ga = torch.autograd.grad(ours, inputs, torch.tensor(g, dtype=ours.dtype), allow_unused=True)
+    gb = torch.autograd.grad(theirs, inputs, torch.tensor(g, dtype=theirs.dtype), allow_unused=True)
+    for i, (a, b) in enumerate(zip(ga, gb)):
+        assert b is not None and a is not None, f"{name}: missing gradient {i}"
+        assert b.abs().max() > 0, f"{name}: zero reference gradient {i}"
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: grad {i} off by {err:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip
+# ----------------------------------------------------------------------------------------------
+
+
+def _siglip_formula(img, txt, scale, bias):
+    """open_clip's SigLipLoss._loss on one process, transcribed."""
+    logits = scale * img @ txt.T + bias
+    labels = 2 * torch.eye(img.shape[0], dtype=img.dtype) - 1
+    return -nn.functional.logsigmoid(labels * logits).sum() / img.shape[0]
+
+
+def test_open_clip_single_process():
+    gen = torch.Generator().manual_seed(0)
+    img, txt = _feats(gen, 9, 16), _feats(gen, 9, 16)
+    s, b = _leaf(14.0), _leaf(-0.5)
+    # (a constant bias cannot change a softmax: its CLIP gradient is 0, so it is not compared)
+    ours = oc.ClipLoss()(img, txt, s, b)
+    _compare("clip/reference", ours, reference.clip_loss(img, txt, s, b), [img, txt, s])
+    assert set(oc.ClipLoss()(img, txt, s, output_dict=True)) == {"contrastive_loss"}
+    s2, b2 = _leaf(10.0), _leaf(-10.0)
+    ours = oc.SigLipLoss()(img, txt, s2, b2)
+    _compare("siglip/transcription", ours, _siglip_formula(img, txt, s2, b2), [img, txt, s2, b2])
+
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    _compare("clip/open_clip", oc.ClipLoss()(img, txt, s, b),
+             open_clip_loss.ClipLoss()(img, txt, s, b), [img, txt, s])
+    _compare("siglip/open_clip", oc.SigLipLoss()(img, txt, s2, b2),
+             open_clip_loss.SigLipLoss()(img, txt, s2, b2), [img, txt, s2, b2])
+    with pytest.raises(ValueError, match="use_horovod"):
+        oc.ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="dist_impl"):
+        oc.SigLipLoss(dist_impl="allgather")
+
+
+def _free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _open_clip_worker(r, W, port, errfile):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=W)
+        try:
+            import open_clip.loss as ocl
+        except Exception:
+            ocl = None
+        gen = torch.Generator().manual_seed(42)
+        n, d = 4, 8
+        I = nn.functional.normalize(torch.randn(W * n, d, generator=gen, dtype=torch.float64), dim=1)
+        T = nn.functional.normalize(torch.randn(W * n, d, generator=gen, dtype=torch.float64), dim=1)
+
+        def local(x):
+            return x[r * n:(r + 1) * n].clone().requires_grad_(True)
+
+        cases = []
+        for local_loss, with_grad, mode in ((True, True, "gather"), (True, True, "ring"),
+                                            (False, False, "gather"), (False, True, "gather"),
+                                            (True, False, "gather")):
+            i, t, s, b = local(I), local(T), _leaf(9.0), _leaf(0.25)
+            ours = oc.ClipLoss(local_loss, with_grad, rank=r, world_size=W, dist_mode=mode)(i, t, s, b)
+            cases.append((f"clip{(local_loss, with_grad, mode)}", ours, [i, t, s],
+                          ("clip", local_loss, with_grad)))
+        for impl in ("bidir", "gather"):
+            i, t, s, b = local(I), local(T), _leaf(10.0), _leaf(-10.0)
+            ours = oc.SigLipLoss(rank=r, world_size=W, dist_impl=impl)(i, t, s, b)
+            cases.append((f"siglip/{impl}", ours, [i, t, s, b], ("siglip", impl)))
+
+        for name, ours, inp, cfg in cases:
+            i2, t2, s2 = [x.detach().clone().requires_grad_(True) for x in inp[:3]]
+            b2 = inp[3].detach().clone().requires_grad_(True) if len(inp) > 3 else _leaf(0.25)
+            if ocl is not None:
+                if cfg[0] == "clip":
+                    theirs = ocl.ClipLoss(cfg[1], cfg[2], rank=r, world_size=W)(i2, t2, s2, b2)
+                else:
+                    theirs = ocl.SigLipLoss(rank=r, world_size=W, dist_impl=cfg[1])(i2, t2, s2, b2)
+            else:  # transcription of open_clip's per-rank formulas, single process on gathered data
+                theirs = None
+            if theirs is None:
+                continue
+            ga = torch.autograd.grad(ours, inp, torch.tensor(0.6, dtype=ours.dtype))
+            gb = torch.autograd.grad(theirs, [i2, t2, s2, b2][:len(inp)], torch.tensor(0.6, dtype=theirs.dtype))
+            if abs(ours.item() - theirs.item()) > TOL:
+                raise AssertionError(f"{name}: {ours.item()} vs {theirs.item()}")
+            for k, (a, bb) in enumerate(zip(ga, gb)):
+                if k >= 2 and "ring" in name:
+                    # the ring splits a scalar's gradient across ranks differently: compare the
+                    # sums over ranks (what DDP's averaging sees)
+                    a, bb = a.clone(), bb.clone()
+                    dist.all_reduce(a)
+                    dist.all_reduce(bb)
+                if bb.abs().max() == 0 or (a - bb).abs().max() > TOL * max(1.0, bb.abs().max().item()):
+                    raise AssertionError(f"{name}: grad {k} off by {(a - bb).abs().max().item():.3e}")
+        # sentence-transformers gather_across_devices, all four directions, one hard-negative column
+        try:
+            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Real
+            from sentence_transformers import util as st_util
+        except Exception:
+            Real = None
+        if Real is not None:
+            dirs = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+            cols = [local(_feats(gen, W * n, d, normalize=False).detach()) for _ in range(3)]
+            ours = st.mnrl_from_embeddings(cols, scale=20.0, directions=dirs, gather_across_devices=True,
+                                           backend="torch")
+            twins = [c.detach().clone().requires_grad_(True) for c in cols]
+            theirs = Real(nn.Identity(), scale=20.0, similarity_fct=st_util.cos_sim, directions=dirs,
+                          gather_across_devices=True).compute_loss_from_embeddings(twins, None)
+            if abs(ours.item() - theirs.item()) > TOL:
+                raise AssertionError(f"mnrl/gather: {ours.item()} vs {theirs.item()}")
+            for k, (a, bb) in enumerate(zip(torch.autograd.grad(ours, cols), torch.autograd.grad(theirs, twins))):
+                if bb.abs().max() == 0 or (a - bb).abs().max() > TOL:
+                    raise AssertionError(f"mnrl/gather: grad {k} off by {(a - bb).abs().max().item():.3e}")
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{errfile}.{r}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_distributed_matches_open_clip_and_sentence_transformers():
+    pytest.importorskip("open_clip.loss")
+    with tempfile.TemporaryDirectory() as tmp:
+        errfile = os.path.join(tmp, "err")
+        try:
+            mp.start_processes(_open_clip_worker, args=(2, _free_port(), errfile), nprocs=2,
+                               join=True, start_method="spawn")
+        except Exception:
+            pytest.fail("worker failed:\n" + "\n".join(open(os.path.join(tmp, f)).read()
+                                                      for f in sorted(os.listdir(tmp))))
+
+
+# ----------------------------------------------------------------------------------------------
+# sentence-transformers
+# ----------------------------------------------------------------------------------------------
+
+
+class ToyEncoder(nn.Module):
+    """features {"input_ids", "attention_mask"} -> features + {"sentence_embedding"}."""
+
+    def __init__(self, vocab=40, d=12):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, dtype=torch.float64)
+        self.proj = nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, features):
+        h = self.emb(features["input_ids"])
+        m = features["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out = dict(features)
+        out["sentence_embedding"] = self.proj((h * m).sum(1) / m.sum(1).clamp(min=1))
+        return out
+
+
+def _columns(gen, n, cols, vocab=40, length=6):
+    feats = []
+    for _ in range(cols):
+        ids = torch.randint(1, vocab, (n, length), generator=gen)
+        mask = torch.ones(n, length, dtype=torch.long)
+        mask[:, 4:] = torch.randint(0, 2, (n, 2), generator=gen)
+        feats.append({"input_ids": ids, "attention_mask": mask})
+    return feats
+
+
+def _mnrl_formula(embs, scale, directions, partition_mode, cos=True):
+    """sentence-transformers' MultipleNegativesRankingLoss on one process, transcribed."""
+    if cos:
+        embs = [nn.functional.normalize(e, dim=-1) for e in embs]
+    q, docs = embs[0], embs[1:]
+    n = q.shape[0]
+    docs_all = torch.cat(docs)
+    eye = torch.eye(n, dtype=torch.bool)
+    sims = {"query_to_doc": q @ docs_all.T}
+    if "query_to_query" in directions:
+        sims["query_to_query"] = (q @ q.T).masked_fill(eye, -math.inf)
+    if "doc_to_query" in directions:
+        sims["doc_to_query"] = (q @ docs[0].T).T
+    if "doc_to_doc" in directions:
+        sims["doc_to_doc"] = (docs_all @ docs[0].T).T.masked_fill(eye.repeat(1, len(docs)), -math.inf)
+    sims = {k: v * scale for k, v in sims.items()}
+    pos = sims["query_to_doc"].diagonal()
+    if partition_mode == "joint":
+        log_z = torch.logsumexp(torch.cat(list(sims.values()), 1), 1)
+    else:
+        log_z = sum(torch.logsumexp(v, 1) for v in sims.values()) / len(sims)
+    return (log_z - pos).mean()
+
+
+MNRL_CASES = [
+    (("query_to_doc",), "joint", 2, True),
+    (("query_to_doc",), "joint", 4, False),  # two hard-negative columns, dot product
+    (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", 3, True),
+    (("query_to_doc", "doc_to_query"), "per_direction", 3, True),
+]
+
+
+@pytest.mark.parametrize("directions,partition_mode,cols,cos", MNRL_CASES)
+def test_sentence_transformers_mnrl(directions, partition_mode, cols, cos):
+    gen = torch.Generator().manual_seed(len(directions) * 10 + cols)
+    torch.manual_seed(0)
+    model = ToyEncoder()
+    feats = _columns(gen, 7, cols)
+    params = list(model.parameters())
+    sim = None
+    try:
+        from sentence_transformers import util as st_util
+        sim = st_util.cos_sim if cos else st_util.dot_score
+    except Exception:
+        st_util = None
+    kw = dict(directions=directions, partition_mode=partition_mode)
+    if sim is not None:
+        kw["similarity_fct"] = sim
+    elif not cos:
+        kw["similarity_fct"] = lambda a, b: a @ b.T
+        kw["similarity_fct"].__name__ = "dot_score"
+    ours = st.MultipleNegativesRankingLoss(model, scale=20.0, **kw)(feats, None)
+    def formula():
+        embs = [model(f)["sentence_embedding"] for f in feats]
+        return _mnrl_formula(embs, 20.0, directions, partition_mode, cos)
+
+    _compare("mnrl/transcription", ours, formula(), params)
+    # chunked (cached) form: same loss and gradients
+    model.zero_grad(set_to_none=True)
+    cached = st.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=3, **kw)(feats, None)
+    ref = formula()
+    assert abs(cached.item() - ref.item()) <= TOL
+    (0.7 * cached).backward()  # the re-encoding happens here, gradients land in .grad
+    for p, g in zip(params, torch.autograd.grad(0.7 * ref, params)):
+        assert g.abs().max() > 0 and (p.grad - g).abs().max() <= TOL, "mnrl/cached gradient"
+    model.zero_grad(set_to_none=True)
+    if sim is None:
+        pytest.skip("sentence-transformers not installed: real-peer comparison skipped")
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Real
+    ours = st.MultipleNegativesRankingLoss(model, scale=20.0, **kw)(feats, None)
+    _compare("mnrl/sentence-transformers", ours, Real(model, scale=20.0, **kw)(feats, None), params)
+
+
+def test_sentence_transformers_errors():
+    model = ToyEncoder()
+    with pytest.raises(ValueError, match="query_to_doc"):
+        st.MultipleNegativesRankingLoss(model, directions=("doc_to_query",))
+    with pytest.raises(ValueError, match="hardness_mode"):
+        st.MultipleNegativesRankingLoss(model, hardness_mode="hard_negatives", hardness_strength=1.0)
+    with pytest.raises(ValueError, match="similarity_fct"):
+        st.MultipleNegativesRankingLoss(model, similarity_fct=lambda a, b: a @ b.T)
+    with pytest.raises(ValueError, match="at least 2"):
+        st.MultipleNegativesRankingLoss(model)(_columns(torch.Generator().manual_seed(0), 3, 1), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# pytorch-metric-learning
+# ----------------------------------------------------------------------------------------------
+
+
+def _pml_ntxent_formula(x, labels, t):
+    """pml's NTXentLoss (cosine similarity, MeanReducer over positive pairs), transcribed."""
+    x = nn.functional.normalize(x, dim=1)
+    S = x @ x.T / t
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(x.shape[0], dtype=torch.bool)
+    a, p = torch.nonzero(same & ~eye, as_tuple=True)
+    neg = S.masked_fill(same, -math.inf)[a]
+    den = torch.logsumexp(torch.cat([S[a, p][:, None], neg], 1), 1)
+    return (den - S[a, p]).mean()
+
+
+@pytest.mark.parametrize("kind", ["simclr", "groups"])
+def test_pml_ntxent(kind):
+    gen = torch.Generator().manual_seed(5)
+    if kind == "simclr":
+        labels = torch.arange(6).repeat(2)
+    else:
+        labels = torch.randint(0, 4, (14,), generator=gen)
+    x = _feats(gen, labels.shape[0], 10, normalize=False)
+    ours = pml.NTXentLoss(temperature=0.2)(x, labels)
+    _compare("ntxent/transcription", ours, _pml_ntxent_formula(x, labels, 0.2), [x])
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    _compare("ntxent/pml", pml.NTXentLoss(temperature=0.2)(x, labels),
+             losses.NTXentLoss(temperature=0.2)(x, labels), [x], tol=1e-8)
+
+
+def test_pml_supcon():
+    gen = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 5, (15,), generator=gen)
+    labels[0] = 99  # an anchor without positives: excluded from the mean
+    x = _feats(gen, 15, 10, normalize=False)
+    ours = pml.SupConLoss(temperature=0.1)(x, labels)
+    ref, _ = reference.supcon(x, labels, 0.1)
+    _compare("supcon/reference", ours, ref, [x])
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    _compare("supcon/pml", pml.SupConLoss(temperature=0.1)(x, labels),
+             losses.SupConLoss(temperature=0.1)(x, labels), [x], tol=1e-8)
+    with pytest.raises(ValueError, match="labels"):
+        pml.SupConLoss()(x, None)
+    with pytest.raises(ValueError, match="not supported"):
+        pml.NTXentLoss()(x, labels, ref_emb=x)
