@@ -19,7 +19,7 @@ _FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
 _INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr")
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
-              EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False)
+              EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False)
 CLOSURES = {
     "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
     "info_nce": dict(_PLAIN, HAS_POS=True),
@@ -27,9 +27,11 @@ CLOSURES = {
     "supcon_in": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, TARGET_LSE=True),
     "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True),
     "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True),
+    "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
 }
 KERNELS = {
-    "fwd": (E._forward_kernel, "fwd", {}),
+    "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
+    "count": (E._forward_kernel, "fwd", dict(COUNT=True)),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
@@ -81,8 +83,8 @@ def _resource_usage(compiled):
 
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
-             if k != "bwd_gram" or c in _GRAM_CLOSURES]
-            + [(k, "clip", "bfloat16", 80) for k in KERNELS if k != "bwd_gram"])
+             if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k != "count" or c == "info_nce")]
+            + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count")])
 
 
 def variant_name(kernel, closure, dtype, cc):
