@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1
-DEPS   := "$(TORCH)" "triton>=3.0" ninja pybind11 pytest pytest-benchmark numpy matplotlib rich
+DEPS   := "$(TORCH)" "triton>=3.0" ninja pybind11 pytest pytest-benchmark numpy matplotlib rich tqdm
+# peer libraries the integration tests compare against (installed with the pinned torch)
+PEERS  := open_clip_torch sentence-transformers pytorch-metric-learning
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 export MAX_JOBS ?= 2
@@ -14,7 +16,7 @@ export MAX_JOBS ?= 2
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q $(DEPS) $(PEERS)
 	touch $@
 
 install: $(VENV)/.deps
