@@ -29,7 +29,7 @@ def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
 def _engine(backend: str, spec: LossSpec, targets: Targets):
     eng = _backend.engine(backend)
     extended = (spec.exclude_targets or spec.target_lse or spec.fn_space != 0
-                or targets.row_ids is not None)
+                or targets.row_ids is not None or targets.teacher_queries is not None)
     if extended and not getattr(eng, "SPLIT_TARGET_GRADS", False):
         raise ValueError(f"backend={backend!r} does not implement this loss (decoupled, target-LSE "
                          "or false-negative closures); use backend='triton' or backend='torch'")
@@ -105,8 +105,9 @@ class EngineStatistics(torch.autograd.Function):
 
     Outputs: row_lse (N,), row target statistic (N,) (mean target logit, 0 for rows without
     targets, or the target LSE with ``spec.target_lse``), number of targets per row (N,) (not
-    differentiable), and when ``spec.symmetric`` col_lse (M,) and the column target logit (M,)
-    (else empty tensors).
+    differentiable), when ``spec.symmetric`` col_lse (M,) and the column target logit (M,)
+    (else empty tensors), and with teacher targets the (2, N) teacher statistics (not
+    differentiable; else empty).
     """
 
     @staticmethod
@@ -123,11 +124,13 @@ class EngineStatistics(torch.autograd.Function):
             col_lse, col_pos = stats.col_lse, stats.col_pos
         else:
             col_lse = col_pos = stats.row_lse.new_zeros(0)
-        ctx.mark_non_differentiable(stats.row_npos, *([] if spec.symmetric else [col_lse, col_pos]))
-        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos
+        aux = stats.row_aux if stats.row_aux is not None else stats.row_lse.new_zeros(0)
+        ctx.mark_non_differentiable(stats.row_npos, aux,
+                                    *([] if spec.symmetric else [col_lse, col_pos]))
+        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos, aux
 
     @staticmethod
-    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos):
+    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos, _g_aux=None):
         ref = ctx.saved_tensors[4]
         N = ctx.saved_tensors[0].shape[0]
         zeros = ref.new_zeros(1).expand(N)

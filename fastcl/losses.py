@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 Scalar = Union[float, int, Tensor]
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
-           "uniformity_loss", "alignment_loss",
+           "uniformity_loss", "alignment_loss", "distill", "softclip", "cwcl",
            "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "DCLLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -274,7 +274,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
     else:
         hn = hard_negatives.to(queries.dtype)
-        lse, tgt, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
+        lse, tgt, _, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
         logits_h = s.to(dt) * torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
         if b is not None:
             logits_h = logits_h + b.to(dt)
@@ -477,7 +477,7 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
     n2 = Z.shape[0]
     positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
-    lse, tgt, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
+    lse, tgt, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
     if weight_sigma is not None:
         if not weight_sigma > 0:
             raise ValueError(f"weight_sigma must be > 0, got {weight_sigma}")
@@ -525,7 +525,7 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     queries, keys, be = _prepare(queries, keys, backend)
     none = torch.full((N,), -1, dtype=torch.int64, device=queries.device)  # no in-kernel targets
-    lse, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
+    lse, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
                                         LossSpec(kind="softmax", exact=exact), be)
     qf = queries.to(dt)
     if dense is None:
@@ -540,6 +540,127 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     if b is not None:
         weighted = weighted + b.to(dt) * mass
     return _reduce(mass * lse - weighted, reduction)
+
+
+def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int, like: Tensor):
+    _check_pair(name_q, u, name_k, v)
+    if u.shape[0] != n or v.shape[0] != m:
+        raise ValueError(f"{name_q} / {name_k} must have {n} / {m} rows (one per query / key), got "
+                         f"{u.shape[0]} / {v.shape[0]}")
+    if u.device != like.device:
+        raise ValueError(f"{name_q} is on {u.device} but the features are on {like.device}")
+    return u.detach().to(like.dtype), v.detach().to(like.dtype)
+
+
+def _teacher_stats(q, k, s, u, v, ts, spec, be):
+    """Engine statistics of queries vs keys with teacher softmax targets softmax_j(ts <u_i, v_j>)."""
+    none = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
+    t32 = ts.detach().reshape(1).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    targets = Targets(positives=none, teacher_queries=u, teacher_keys=v, teacher_scale=t32)
+    lse, soft_logit, _, _, _, aux = engine_statistics(q, k, s, None, targets, spec, be)
+    return lse, soft_logit, aux
+
+
+def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys: Tensor,
+            scale: Scalar, teacher_scale: Scalar, *, directions: str = "both",
+            reduction: str = "mean", backend: str = "auto", exact: bool = False) -> Tensor:
+    """Contrastive distillation (CLIP-KD, DistillClipLoss): ``KL(softmax(St_i) || softmax(S_i))``
+    with teacher logits ``St_ij = teacher_scale <qt_i, kt_j>`` recomputed inside the tiles (two
+    GEMMs per tile, no N x M matrix); the teacher gets no gradient.
+
+    Args:
+        queries (N, D), keys (M, D): the student's embeddings; teacher_queries (N, Dt),
+            teacher_keys (M, Dt): the teacher's (any Dt).
+        scale, teacher_scale: floats or one-element tensors (the student's scale gets a gradient).
+        directions: "row" (queries -> keys), "col" (keys -> queries) or "both".
+        reduction: "mean" | "sum" | "none" ((N,) per row, or (2, N) for "both", rows then columns).
+    """
+    _check_pair("queries", queries, "keys", keys)
+    _check_reduction(reduction)
+    if directions not in ("row", "col", "both"):
+        raise ValueError(f"directions must be 'row', 'col' or 'both', got {directions!r}")
+    N, M = queries.shape[0], keys.shape[0]
+    if directions == "both" and N != M:
+        raise ValueError(f"directions='both' needs N == M, got N={N}, M={M}")
+    u, v = _teacher_pair("teacher_queries", teacher_queries, "teacher_keys", teacher_keys, N, M, queries)
+    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
+    ts = _scalar_param("teacher_scale", teacher_scale, queries.device, optional=False, dtype=dt)
+    q, k, be = _prepare(queries, keys, backend)
+    spec = LossSpec(kind="softmax", exact=exact)
+    parts = []
+    for a, b_, ua, vb in ((q, k, u, v), (k, q, v, u)):
+        if (directions == "row" and a is k) or (directions == "col" and a is q):
+            continue
+        lse, soft_logit, aux = _teacher_stats(a, b_, s, ua.to(a.dtype), vb.to(a.dtype), ts, spec, be)
+        parts.append(aux[1] - aux[0] - soft_logit + lse)  # sum_j Tt (St - S) - LSEt + LSE
+    per = torch.stack(parts) if directions == "both" else parts[0]
+    return _reduce(per, reduction)
+
+
+def softclip(image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
+             target_features: Tensor, target_scale: Scalar = 10.0, *, alpha: float = 0.5,
+             reduction: str = "mean", backend: str = "auto", exact: bool = False) -> Tensor:
+    """SoftCLIP-style soft labels: symmetric CLIP cross-entropy against
+    ``(1 - alpha) I + alpha softmax_j(target_scale <u_i, u_j>)``, u = ``target_features`` (N, Du)
+    (e.g. intra-modal or region features; no gradient), the soft part recomputed in-tile.
+
+    Returns as :func:`clip_loss` ("none": (2, N)).
+    """
+    _check_pair("image_features", image_features, "text_features", text_features)
+    _check_reduction(reduction)
+    alpha = _check_unit("alpha", alpha, high_open=False)
+    if alpha > 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    N = image_features.shape[0]
+    if text_features.shape[0] != N:
+        raise ValueError("image_features and text_features must have the same batch size N")
+    u, _ = _teacher_pair("target_features", target_features, "target_features", target_features,
+                         N, N, image_features)
+    dt = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
+    ts = _scalar_param("target_scale", target_scale, image_features.device, optional=False, dtype=dt)
+    q, k, be = _prepare(image_features, text_features, backend)
+    spec = LossSpec(kind="softmax", exact=exact)
+    diag = s.to(dt) * _row_dots(q, k)
+    parts = []
+    for a, b_ in ((q, k), (k, q)):
+        lse, soft_logit, _ = _teacher_stats(a, b_, s, u.to(a.dtype), u.to(a.dtype), ts, spec, be)
+        parts.append(lse - (1 - alpha) * diag - alpha * soft_logit)
+    return _reduce(torch.stack(parts), reduction)
+
+
+def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Optional[Tensor] = None,
+         *, scale: Scalar = 1.0 / 0.07, reduction: str = "mean", backend: str = "auto",
+         exact: bool = False) -> Tensor:
+    """Continuously weighted contrastive loss (CWCL, Srinivasa et al. 2023), one direction:
+    ``L_i = -sum_j T_ij log softmax_j(S_i)`` with ``T_ij = w_ij / sum_j w_ij``,
+    ``w_ij = (1 + <u_i, v_j>) / 2`` from a frozen modality's L2-normalised embeddings u (N, Du),
+    v (M, Du) (default v = u). The weighted sum is the affine identity
+    ``sum_j w_ij S_ij = (s <q_i, sum k> + s q_i^T (K^T V) u_i + b terms) / 2``: O((N + M) D Du)
+    beside the fused LSE sweep, no N x M matrix.
+    """
+    _check_pair("queries", queries, "keys", keys)
+    _check_reduction(reduction)
+    N, M = queries.shape[0], keys.shape[0]
+    if target_keys is None:
+        if M != N:
+            raise ValueError("target_keys is required when keys and queries differ in number")
+        target_keys = target_queries
+    u, v = _teacher_pair("target_queries", target_queries, "target_keys", target_keys, N, M, queries)
+    u = torch.nn.functional.normalize(u.double() if u.dtype == torch.float64 else u.float(), dim=1)
+    v = torch.nn.functional.normalize(v.double() if v.dtype == torch.float64 else v.float(), dim=1)
+    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
+    q, k, be = _prepare(queries, keys, backend)
+    none = torch.full((N,), -1, dtype=torch.int64, device=q.device)
+    lse, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(positives=none),
+                                           LossSpec(kind="softmax", exact=exact), be)
+    qf, kf = q.to(dt), k.to(dt)
+    u, v = u.to(dt), v.to(dt)
+    mass = (M + u @ v.sum(0)) / 2  # W_i = sum_j w_ij
+    weighted = (s.to(dt) / 2) * (qf @ kf.sum(0) + ((qf @ (kf.transpose(0, 1) @ v)) * u).sum(1))
+    return _reduce(lse - weighted / mass, reduction)
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",
@@ -558,7 +679,7 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
         x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
     none = torch.full((n,), -1, dtype=torch.int64, device=x.device)
-    lse, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
+    lse, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
                                         LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                  exact=exact), be)
     return torch.logsumexp(lse, 0) - 2.0 * float(t) - math.log(n * (n - 1))

@@ -200,6 +200,39 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets: Tensor, scale=1.0 / 0.
     return _reduce(-(targets * torch.log_softmax(S, dim=1)).sum(1), reduction)
 
 
+def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys: Tensor, scale,
+            teacher_scale, reduction: str = "mean") -> Tensor:
+    """Per-row KL(softmax(teacher logits) || softmax(student logits)), teacher logits
+    st <u_i, v_j>, materialised."""
+    S = logits(queries, keys, scale)
+    St = teacher_scale * (teacher_queries @ teacher_keys.transpose(0, 1))
+    logp_t = torch.log_softmax(St, dim=1)
+    per = (logp_t.exp() * (logp_t - torch.log_softmax(S, dim=1))).sum(1)
+    return _reduce(per, reduction)
+
+
+def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Tensor, scale,
+         reduction: str = "mean") -> Tensor:
+    """Continuously weighted contrastive loss, one direction: T_ij = w_ij / sum_j w_ij with
+    w_ij = (1 + <u_i, v_j>) / 2, L_i = -sum_j T_ij log softmax_j(S_i)."""
+    w = (1 + target_queries @ target_keys.transpose(0, 1)) / 2
+    T = w / w.sum(1, keepdim=True)
+    return _reduce(-(T * torch.log_softmax(logits(queries, keys, scale), dim=1)).sum(1), reduction)
+
+
+def softclip(image_features: Tensor, text_features: Tensor, logit_scale, target_features: Tensor,
+             target_scale, alpha: float = 0.5, reduction: str = "mean") -> Tensor:
+    """Soft-label CLIP: both directions' cross-entropy against (1 - alpha) I + alpha softmax(st U U^T);
+    "none" gives (2, N)."""
+    S = logits(image_features, text_features, logit_scale)
+    n = S.shape[0]
+    T = (1 - alpha) * torch.eye(n, dtype=S.dtype, device=S.device) + \
+        alpha * torch.softmax(target_scale * (target_features @ target_features.transpose(0, 1)), dim=1)
+    rows = -(T * torch.log_softmax(S, dim=1)).sum(1)
+    cols = -(T * torch.log_softmax(S.transpose(0, 1), dim=1)).sum(1)
+    return _reduce(torch.stack([rows, cols]), reduction)
+
+
 def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
     """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the L2-normalised rows (Wang & Isola)."""
     x = F.normalize(x, dim=1)
@@ -265,8 +298,9 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
                    kind: str = "softmax", symmetric: bool = False, exclude_self: bool = False,
                    offset: int = 0, positives=None, col_positives=None, row_labels=None,
                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
-                   fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None):
-    """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None)."""
+                   fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None,
+                   teacher_queries=None, teacher_keys=None, teacher_scale=None):
+    """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     dev = queries.device
@@ -275,6 +309,7 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     row_npos = torch.zeros(N, dtype=dt, device=dev)
     col_lse = torch.full((M,), -math.inf, dtype=dt, device=dev) if symmetric else None
     col_pos = torch.zeros(M, dtype=dt, device=dev) if symmetric else None
+    row_aux = torch.empty((2, N), dtype=dt, device=dev) if teacher_queries is not None else None
     for r0, r1 in _chunks(N, M):
         S, _, valid, T, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
@@ -291,12 +326,24 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
         else:
             row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
         row_npos[r0:r1] = T.sum(1).to(dt)
+        if teacher_queries is not None:
+            St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
+            t_lse = torch.logsumexp(St.masked_fill(~valid, -math.inf), dim=1)
+            Tt = torch.where(valid, torch.exp(St - t_lse[:, None]), 0.0)
+            row_pos[r0:r1] = (Tt * torch.where(valid, S, 0.0)).sum(1)
+            row_npos[r0:r1] = 1.0
+            row_aux[0, r0:r1] = t_lse
+            row_aux[1, r0:r1] = (Tt * torch.where(valid, St, 0.0)).sum(1)
         if symmetric:
             Tc = _col_targets(rows, cols, col_positives, offset) & valid
             Sc = S.masked_fill(~(valid & ~Tc), -math.inf) if exclude_targets else Sm
             col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sc, dim=0))
             col_pos += torch.where(Tc, S, 0.0).sum(0)
-    return row_lse, row_pos, row_npos, col_lse, col_pos
+    return row_lse, row_pos, row_npos, col_lse, col_pos, row_aux
+
+
+def _teacher_logits(tq, tk, ts, r0, r1, dt):
+    return ts.to(dt) * (tq[r0:r1].to(dt) @ tk.to(dt).transpose(0, 1))
 
 
 def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
@@ -307,7 +354,8 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
                     row_pos: Optional[Tensor] = None, grad_row_pos: Optional[Tensor] = None,
                     grad_col_pos: Optional[Tensor] = None, fn_space: int = 0, fn_threshold=None,
-                    row_ids=None, col_ids=None):
+                    row_ids=None, col_ids=None, teacher_queries=None, teacher_keys=None,
+                    teacher_scale=None, row_aux: Optional[Tensor] = None):
     """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
 
     dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
@@ -335,7 +383,10 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             has = npos > 0
             in_lse = valid & ~T if exclude_targets else valid
             P = torch.where(in_lse, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
-            if target_lse:
+            if teacher_queries is not None:
+                St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
+                dT = torch.where(valid, torch.exp(St - row_aux[0, r0:r1].to(dt)[:, None]), 0.0)
+            elif target_lse:
                 dT = torch.where(T, torch.exp(S - row_pos[r0:r1].to(dt)[:, None]), 0.0)
             else:
                 dT = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)

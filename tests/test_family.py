@@ -154,3 +154,45 @@ def test_uniformity_alignment_metrics():
     x, y = _feat(20, 5, requires_grad=False), _feat(20, 5, requires_grad=False)
     assert abs(fastcl.metrics.uniformity(x).item() - R.uniformity(x.double()).item()) < 1e-5
     assert abs(fastcl.metrics.alignment(x, y).item() - R.alignment(x.double(), y.double()).item()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("directions", ["row", "col", "both"])
+def test_distillation(backend, directions):
+    N, D, Dt = 31, 13, 22
+    q, k = _feat(N, D), _feat(N, D)
+    tq, tk = _feat(N, Dt, requires_grad=False), _feat(N, Dt, requires_grad=False)
+
+    def ref(q, k, s):
+        rows = R.distill(q, k, tq.to(q.dtype), tk.to(q.dtype), s, 15.0, "none")
+        cols = R.distill(k, q, tk.to(q.dtype), tq.to(q.dtype), s, 15.0, "none")
+        return {"row": rows, "col": cols, "both": torch.stack([rows, cols])}[directions]
+
+    out = _check(f"distill-{directions}",
+                 lambda q, k, s: fastcl.distill(q, k, tq, tk, s, 15.0, directions=directions,
+                                                reduction="none", backend=backend, exact=True),
+                 ref, [q, k, _scalar(12.0)])
+    assert (out > -1e-5).all()  # a KL divergence
+
+
+def test_distillation_teacher_equals_student_is_zero():
+    q, k = _feat(20, 9, requires_grad=False), _feat(20, 9, requires_grad=False)
+    kl = fastcl.distill(q, k, q, k, 10.0, 10.0, reduction="none", backend="triton", exact=True)
+    assert kl.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softclip(backend):
+    N, D = 29, 11
+    i, t, u = _feat(N, D), _feat(N, D), _feat(N, 7, requires_grad=False)
+    _check("softclip", lambda i, t, s: fastcl.softclip(i, t, s, u, 8.0, alpha=0.3, reduction="none",
+                                                       backend=backend, exact=True),
+           lambda i, t, s: R.softclip(i, t, s, u.to(i.dtype), 8.0, 0.3, "none"), [i, t, _scalar(14.0)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cwcl(backend):
+    N, D = 26, 10
+    q, k, u = _feat(N, D), _feat(N, D), _feat(N, 6, requires_grad=False)
+    _check("cwcl", lambda q, k, s: fastcl.cwcl(q, k, u, scale=s, reduction="none", backend=backend, exact=True),
+           lambda q, k, s: R.cwcl(q, k, u.to(q.dtype), u.to(q.dtype), s, "none"), [q, k, _scalar(10.0)])

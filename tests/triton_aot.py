@@ -19,7 +19,8 @@ _FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
 _INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr")
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
-              EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False)
+              EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False,
+              SOFT_SIM=False)
 CLOSURES = {
     "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
     "info_nce": dict(_PLAIN, HAS_POS=True),
@@ -28,6 +29,7 @@ CLOSURES = {
     "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True),
     "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True),
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
+    "distill": dict(_PLAIN, HAS_POS=True, SOFT_SIM=True),
 }
 KERNELS = {
     "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
@@ -44,14 +46,14 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90):
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
-    missing = [n for n in fn.arg_names if n.isupper() and len(n) > 1 and n not in consts]
+    missing = [n for n in fn.arg_names if n.isupper() and n not in ("N", "M", "D", "DT") and n not in consts]
     if missing:
         raise ValueError(f"no value for the constexpr parameters {missing}")
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in _FEATURE_PTRS:
+        elif name in _FEATURE_PTRS or name in ("tq_ptr", "tk_ptr"):
             sig[name] = _PTR[dtype]
         elif name in _INDEX_PTRS:
             sig[name] = "*i64"

@@ -47,6 +47,10 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
 * False negatives (``spec.fn_space``, ``targets.row_ids``): non-target entries with S_ij (1) or
   c_ij (2) above ``targets.fn_threshold[i]``, or with ``col_ids[j] == row_ids[i]``, are dropped
   from ``valid`` in every sweep.
+* Teacher soft targets (``targets.teacher_queries`` u, ``teacher_keys`` v, ``teacher_scale`` st;
+  softmax closure, no labels / index targets): T_ij = softmax_j(st <u_i, v_j>) over valid j,
+  recomputed in each tile with a second GEMM; stats.row_pos = sum_j T_ij S_ij, row_npos = 1,
+  stats.row_aux = (teacher LSE, sum_j T_ij st <u_i, v_j>); dT_ij = T_ij. No gradient reaches u, v.
 * ``count_above(queries, keys, scale, bias, targets, spec, threshold)`` (optional): per row, the
   number of valid non-target j with S_ij > threshold_i (retrieval ranks).
 * ``spec.gram``: queries and keys are one tensor Z (offset 0, no column statistics); a backend
@@ -96,6 +100,9 @@ class Targets(NamedTuple):
     fn_threshold: Optional[torch.Tensor] = None  # (N,) float32: drop non-targets above it
     row_ids: Optional[torch.Tensor] = None  # (N,) int64 duplicate id of each row's positive
     col_ids: Optional[torch.Tensor] = None  # (M,) int64 duplicate id of each key
+    teacher_queries: Optional[torch.Tensor] = None  # (N, Dt) soft-target embeddings u
+    teacher_keys: Optional[torch.Tensor] = None  # (M, Dt) soft-target embeddings v
+    teacher_scale: Optional[torch.Tensor] = None  # (1,) float32 st
 
 
 class EngineStats(NamedTuple):
@@ -106,6 +113,7 @@ class EngineStats(NamedTuple):
     row_npos: torch.Tensor  # (N,)
     col_lse: Optional[torch.Tensor] = None  # (M,) when symmetric
     col_pos: Optional[torch.Tensor] = None  # (M,) when symmetric
+    row_aux: Optional[torch.Tensor] = None  # (2, N) with teacher targets: teacher LSE, sum Tt St
 
 
 def row_target_logit(stats: EngineStats, spec: LossSpec) -> torch.Tensor:

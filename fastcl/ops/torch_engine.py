@@ -13,7 +13,9 @@ def _kw(spec, targets):
                 col_positives=targets.col_positives, row_labels=targets.row_labels,
                 col_labels=targets.col_labels, exclude_targets=spec.exclude_targets,
                 target_lse=spec.target_lse, fn_space=spec.fn_space,
-                fn_threshold=targets.fn_threshold, row_ids=targets.row_ids, col_ids=targets.col_ids)
+                fn_threshold=targets.fn_threshold, row_ids=targets.row_ids, col_ids=targets.col_ids,
+                teacher_queries=targets.teacher_queries, teacher_keys=targets.teacher_keys,
+                teacher_scale=targets.teacher_scale)
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
@@ -26,6 +28,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col, needs=tuple(needs),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
+        row_aux=stats.row_aux,
         **_kw(spec, targets))
 
 

@@ -178,9 +178,9 @@ def _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_g, stride
 
 
 @triton.jit
-def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
+def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
                  KIND: tl.constexpr, SYMMETRIC: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
-                 TARGET_LSE: tl.constexpr):
+                 TARGET_LSE: tl.constexpr, SOFT_SIM: tl.constexpr):
     """dL/dS of one tile from the saved statistics (the loss closure):
     softmax: a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij;  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij)."""
     if KIND == 0:
@@ -189,7 +189,9 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
         else:
             in_lse = valid
         p = tl.where(in_lse, tl.exp(S - lse_r[:, None]), 0.0)
-        if TARGET_LSE:
+        if SOFT_SIM:  # targets: the teacher's softmax, recomputed in the tile
+            dT = soft
+        elif TARGET_LSE:
             dT = tl.where(target, tl.exp(S - t_r[:, None]), 0.0)
         else:
             dT = tl.where(target, t_r[:, None], 0.0)
@@ -205,6 +207,24 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
         z = tl.where(target, 1.0, -1.0)
         dS = tl.where(valid, -z * tl.sigmoid(-z * S), 0.0) * a_r[:, None]
     return dS
+
+
+@triton.jit
+def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
+                   stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr, SOFT_SIM: tl.constexpr):
+    """Teacher probabilities Tt_ij = exp(st <u_i, v_j> - teacher_lse_i) of one tile (SOFT_SIM),
+    from the teacher LSE saved by the forward (aux row 0); zeros otherwise."""
+    if SOFT_SIM:
+        ts = tl.load(tscale_ptr).to(tl.float32)
+        t_lse = tl.load(aux_ptr + rows.to(tl.int64), mask=rows < N, other=0.0)
+        c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd, stride_tkn,
+                              stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        soft = tl.where(valid, tl.exp(c2 * ts - t_lse[:, None]), 0.0)
+    else:
+        soft = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return soft
 
 
 @triton.jit
@@ -232,13 +252,14 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TA
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_pos_ptr,
     N, M, D, row_block_start, offset,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
     COUNT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -271,8 +292,14 @@ def _forward_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # target sum, or target sum-exp (TARGET_LSE)
-    mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target max (TARGET_LSE)
+    mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target / teacher max
     npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: teacher sum-exp
+    tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) St_ij
+    if SOFT_SIM:
+        ts = tl.load(tscale_ptr).to(tl.float32)
+    else:
+        ts = 0.0
     for col0 in range(0, M, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
@@ -295,7 +322,20 @@ def _forward_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
             m_i = m_new
-            if TARGET_LSE:
+            if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
+                c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
+                                      stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                                      UPCAST)
+                St = tl.where(valid, c2 * ts, 0.0)
+                mt_new = tl.maximum(mt_i, tl.max(tl.where(valid, St, float("-inf")), 1))
+                mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+                alpha = tl.exp(mt_i - mt_safe)
+                e = tl.where(valid, tl.exp(St - mt_safe[:, None]), 0.0)
+                lt_i = lt_i * alpha + tl.sum(e, 1)
+                pos_i = pos_i * alpha + tl.sum(e * tl.where(valid, S, 0.0), 1)
+                tt_i = tt_i * alpha + tl.sum(e * St, 1)
+                mt_i = mt_new
+            elif TARGET_LSE:
                 St = tl.where(target, S, float("-inf"))
                 mt_new = tl.maximum(mt_i, tl.max(St, 1))
                 mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
@@ -331,11 +371,18 @@ def _forward_kernel(
             tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
         else:
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
-        if TARGET_LSE:
-            tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
+        if SOFT_SIM:  # row_pos = sum_j Tt_ij S_ij; aux = (teacher LSE, sum_j Tt_ij St_ij)
+            lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
+            tl.store(row_pos_ptr + r64, pos_i / lt_safe, mask=rmask)
+            tl.store(row_npos_ptr + r64, tl.full((BLOCK_M,), 1.0, dtype=tl.float32), mask=rmask)
+            tl.store(aux_ptr + r64, mt_i + tl.log(lt_safe), mask=rmask)
+            tl.store(aux_ptr + N + r64, tt_i / lt_safe, mask=rmask)
         else:
-            tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
-        tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
+            if TARGET_LSE:
+                tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
+            else:
+                tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
+            tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,13 +393,14 @@ def _forward_kernel(
 @triton.jit
 def _backward_rows_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     dq_ptr, dsb_ptr, N, M, D, offset,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_grp, stride_gc, stride_gcp,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
     GRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -402,8 +450,11 @@ def _backward_rows_kernel(
                                          stride_gcp, SYMMETRIC)
         ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
         col_target = valid & (rows[:, None] == ctgt[None, :])
-        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
-                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE)
+        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
+                              stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
+                              BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
+        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
+                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM)
         if COMPUTE_DQ:
             kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
                          mask=cmask[:, None] & dvmask[None, :], other=0.0)
@@ -438,13 +489,14 @@ def _backward_rows_kernel(
 @triton.jit
 def _backward_cols_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     dk_ptr, dsb_ptr, N, M, D, offset,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_grp, stride_gc, stride_gcp,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -486,8 +538,11 @@ def _backward_cols_kernel(
         valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
                                       FN_SPACE, FN_IDS)
         col_target = valid & (rows[:, None] == ctgt[None, :])
-        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
-                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE)
+        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
+                              stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
+                              BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
+        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
+                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM)
         qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
                      mask=rmask[:, None] & dvmask[None, :], other=0.0)
         acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
@@ -576,6 +631,7 @@ def _flags(queries, spec, targets, bias) -> dict:
     return dict(UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
                 EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
                 FN_SPACE=spec.fn_space, FN_IDS=targets.row_ids is not None,
+                SOFT_SIM=targets.teacher_queries is not None,
                 KIND=KIND_SIGMOID if spec.kind == "sigmoid" else KIND_SOFTMAX,
                 HAS_BIAS=bias is not None, HAS_POS=targets.positives is not None,
                 HAS_CPOS=targets.col_positives is not None, LABELS=targets.row_labels is not None,
@@ -586,13 +642,18 @@ def _ptr(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     return dummy if t is None else t
 
 
-def _metadata(targets, dummy, threshold=None):
-    """The kernels' metadata pointers, in order: positives, column positives, row / column labels,
-    the per-row threshold (false negatives, or the count threshold), row / column duplicate ids."""
+def _metadata(targets, dummy, threshold=None, aux=None):
+    """The kernels' metadata arguments, in order: positives, column positives, row / column labels,
+    the per-row threshold (false negatives, or the count threshold), row / column duplicate ids,
+    then the teacher pair, its scale, the teacher statistics buffer, its D and strides."""
     thr = threshold if threshold is not None else targets.fn_threshold
+    tq, tk = targets.teacher_queries, targets.teacher_keys
+    teacher = (tq, tk, targets.teacher_scale, _ptr(aux, dummy), tq.shape[1], tq.stride(0),
+               tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
+        (dummy, dummy, dummy, dummy, 1, 0, 0, 0, 0)
     return (_ptr(targets.positives, dummy), _ptr(targets.col_positives, dummy),
             _ptr(targets.row_labels, dummy), _ptr(targets.col_labels, dummy), _ptr(thr, dummy),
-            _ptr(targets.row_ids, dummy), _ptr(targets.col_ids, dummy))
+            _ptr(targets.row_ids, dummy), _ptr(targets.col_ids, dummy), *teacher)
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
@@ -617,11 +678,12 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     else:
         per_launch = n_row_blocks
         partial = col_pos = row_lse  # unused pointers
+    aux = torch.empty((2, N), dtype=f32, device=dev) if targets.teacher_queries is not None else None
     flags = _flags(queries, spec, targets, bias)
     const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact), **flags)
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
-        args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse),
+        args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
                 row_lse, row_pos, row_npos, partial, col_pos,
                 N, M, D, start, spec.offset,
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
@@ -630,8 +692,8 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
             chunk = torch.logsumexp(partial[:nb], dim=0)
             col_lse = chunk if col_lse is None else torch.logaddexp(col_lse, chunk)
     if symmetric:
-        return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos)
-    return EngineStats(row_lse, row_pos, row_npos)
+        return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, aux)
+    return EngineStats(row_lse, row_pos, row_npos, None, None, aux)
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
@@ -644,7 +706,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     dev = queries.device
     f32 = torch.float32
     softmax = spec.kind == "softmax"
-    gram = spec.gram and softmax and not spec.symmetric
+    gram = spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
     if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
         need_q, need_k = need_q or need_k, False
     symmetric = spec.symmetric and softmax and grad_col is not None
@@ -661,7 +723,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     cfg = _config(queries, "bwd_gram" if gram else "bwd")
     BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
-    common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse), stats.row_lse, stats.row_pos, stats.row_npos,
+    common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
+              stats.row_lse, stats.row_pos, stats.row_npos,
               col_lse, a_row, b_row, a_col, b_col)
     strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0))
