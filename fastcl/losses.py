@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 Scalar = Union[float, int, Tensor]
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
-           "uniformity_loss", "alignment_loss", "distill", "softclip", "cwcl",
+           "uniformity_loss", "alignment_loss", "distill", "softclip", "cwcl", "hcl",
            "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "DCLLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -661,6 +661,58 @@ def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Opt
     mass = (M + u @ v.sum(0)) / 2  # W_i = sum_j w_ij
     weighted = (s.to(dt) / 2) * (qf @ kf.sum(0) + ((qf @ (kf.transpose(0, 1) @ v)) * u).sum(1))
     return _reduce(lse - weighted / mass, reduction)
+
+
+def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, tau_plus: float = 0.1,
+        normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+        exact: bool = False) -> Tensor:
+    """Hard-negative contrastive loss (Robinson et al. 2021) with debiasing (Chuang et al. 2020)
+    over the 2N rows of ``[z1; z2]`` (positive a +- N, negatives the other 2N - 2 rows):
+
+        R_i = |N| sum_neg e^{(1+beta) S} / sum_neg e^{beta S}
+        Ng_i = max((R_i - |N| tau_plus e^{S_pos}) / (1 - tau_plus), |N| e^{-1/t})
+        L_i = -S_pos + log(e^{S_pos} + Ng_i)
+
+    The two negatives-only LSEs come from two fused sweeps (scales (1+beta)/t and beta/t); the rest
+    is evaluated in log space, so small temperatures do not overflow.
+    """
+    _check_pair("z1", z1, "z2", z2)
+    _check_reduction(reduction)
+    if z1.shape[0] != z2.shape[0]:
+        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
+    if z1.shape[0] < 2:
+        raise ValueError("hcl needs at least 2 samples (negatives)")
+    if isinstance(temperature, Tensor) or not temperature > 0:
+        raise ValueError(f"temperature must be a float > 0, got {temperature}")
+    tau_plus = _check_unit("tau_plus", tau_plus)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
+        raise ValueError(f"beta must be a float >= 0, got {beta}")
+    dt = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    z1, z2, be = _prepare(z1, z2, backend)
+    Z = torch.cat([z1, z2])
+    if normalize:
+        Z = torch.nn.functional.normalize(Z, dim=1)
+    n2 = Z.shape[0]
+    positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
+    targets = Targets(positives=positives)
+    inv_t = 1.0 / float(temperature)
+    s_hi = torch.full((), (1.0 + beta) * inv_t, dtype=dt, device=Z.device)
+    s_lo = torch.full((), beta * inv_t, dtype=dt, device=Z.device)
+    lse_hi, pos_hi, _, _, _, _ = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
+    n_neg = n2 - 2
+    if beta > 0:
+        lse_lo, _, _, _, _, _ = engine_statistics(Z, Z, s_lo, None, targets, spec, be)
+    else:  # e^{0 S}: the plain count of negatives
+        lse_lo = torch.full_like(lse_hi, math.log(n_neg))
+    s_pos = pos_hi / (1.0 + beta)  # the positive logit S_pos = <z_a, z_p> / t
+    log_r = math.log(n_neg) + lse_hi - lse_lo
+    log_c = math.log(n_neg * tau_plus) + s_pos if tau_plus > 0 else torch.full_like(s_pos, -math.inf)
+    gap = (log_c - log_r).clamp(max=0.0)
+    log_a = torch.where(log_c < log_r, log_r + torch.log1p(-torch.exp(gap).clamp(max=1 - 1e-12)),
+                        torch.full_like(log_r, -math.inf)) - math.log(1.0 - tau_plus)
+    log_ng = torch.maximum(log_a, torch.full_like(log_a, math.log(n_neg) - inv_t))
+    return _reduce(torch.logaddexp(s_pos, log_ng) - s_pos, reduction)
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",

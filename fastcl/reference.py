@@ -233,6 +233,30 @@ def softclip(image_features: Tensor, text_features: Tensor, logit_scale, target_
     return _reduce(torch.stack([rows, cols]), reduction)
 
 
+def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
+        normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """Hard-negative contrastive loss (Robinson et al. 2021) over the 2N rows of [z1; z2] as in the
+    paper's code: importance weights e^{beta S}, debiasing prior tau_plus, clamp at N_neg e^{-1/t}."""
+    Z = torch.cat([z1, z2])
+    if normalize:
+        Z = F.normalize(Z, dim=1)
+    n2 = Z.shape[0]
+    S = Z @ Z.transpose(0, 1) / temperature
+    rows = torch.arange(n2, device=Z.device)
+    pos_idx = (rows + n2 // 2) % n2
+    neg_mask = torch.ones_like(S, dtype=torch.bool)
+    neg_mask[rows, rows] = False
+    neg_mask[rows, pos_idx] = False
+    neg = torch.exp(S[neg_mask].view(n2, n2 - 2))
+    pos = torch.exp(S[rows, pos_idx])
+    n_neg = n2 - 2
+    imp = neg ** beta
+    reweight = (imp * neg).sum(1) / imp.mean(1)
+    ng = (-tau_plus * n_neg * pos + reweight) / (1 - tau_plus)
+    ng = torch.clamp(ng, min=n_neg * math.exp(-1 / temperature))
+    return _reduce(-torch.log(pos / (pos + ng)), reduction)
+
+
 def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
     """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the L2-normalised rows (Wang & Isola)."""
     x = F.normalize(x, dim=1)

@@ -196,3 +196,20 @@ def test_cwcl(backend):
     q, k, u = _feat(N, D), _feat(N, D), _feat(N, 6, requires_grad=False)
     _check("cwcl", lambda q, k, s: fastcl.cwcl(q, k, u, scale=s, reduction="none", backend=backend, exact=True),
            lambda q, k, s: R.cwcl(q, k, u.to(q.dtype), u.to(q.dtype), s, "none"), [q, k, _scalar(10.0)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta,tau_plus", [(1.0, 0.1), (0.5, 0.0), (0.0, 0.1)])
+def test_hcl(backend, beta, tau_plus):
+    z1, z2 = _feat(21, 12, normalize=False), _feat(21, 12, normalize=False)
+    _check("hcl", lambda a, b: fastcl.hcl(a, b, 0.5, beta=beta, tau_plus=tau_plus, reduction="none",
+                                          backend=backend, exact=True),
+           lambda a, b: R.hcl(a, b, 0.5, beta, tau_plus, reduction="none"), [z1, z2])
+
+
+def test_hcl_small_temperature_is_finite():
+    z1, z2 = _feat(16, 8), _feat(16, 8)
+    loss = fastcl.hcl(z1, z2, 0.01, beta=1.0, backend="triton", exact=True)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(z1.grad).all()
