@@ -13,7 +13,9 @@
 # Every phase is time-limited and its failure is logged; the script always goes on and exits 0.
 # Environment knobs: PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's),
 # GPU_RUN_BUDGET_S (total seconds, default 570), TESTS_MAX_S (default 200),
-# BENCH_ARGS (extra arguments for `python -m bench`), SKIP_TESTS=1, SKIP_SANITIZER=1.
+# BENCH_ARGS (extra arguments for `python -m bench`), SKIP_TESTS=1, SKIP_SANITIZER=1,
+# PHASES (default "install tests bench memcheck"): a subset, e.g. two calls on a warm machine,
+# PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,6 +60,9 @@ phase() {
   return $rc
 }
 
+PHASES=" ${PHASES:-install tests bench memcheck} "
+want() { case "$PHASES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +89,9 @@ log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CU
 # build + install
 # ---------------------------------------------------------------------------------------------
 PIP_FLAGS=(--no-build-isolation --no-deps --no-index -e .)
-if ! phase install "$(min 300 "$(left)")" "$PY" -m pip install "${PIP_FLAGS[@]}"; then
+if ! want install; then
+  log "=== [install] not requested (PHASES=$PHASES); using the source tree as is"
+elif ! phase install "$(min 300 "$(left)")" "$PY" -m pip install "${PIP_FLAGS[@]}"; then
   if ! phase install-system "$(min 300 "$(left)")" "$PY" -m pip install --break-system-packages "${PIP_FLAGS[@]}"; then
     phase build-inplace "$(min 300 "$(left)")" "$PY" setup.py build_ext --inplace
   fi
@@ -100,7 +107,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------
-if [ "${SKIP_TESTS:-0}" != "1" ]; then
+if [ "${SKIP_TESTS:-0}" != "1" ] && want tests; then
   # leave the bench at least ~4 minutes
   phase tests "$(min "${TESTS_MAX_S:-200}" $(( $(left) - 240 )))" \
     "$PY" -m pytest tests -q -ra -p no:cacheprovider --junitxml="$OUT/junit.xml"
@@ -110,18 +117,18 @@ fi
 # the headline sweep
 # ---------------------------------------------------------------------------------------------
 RESERVE=30
-[ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && RESERVE=100
+[ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && RESERVE=100
 BENCH_LIMIT=$(( $(left) - RESERVE ))
 # stop starting new shapes early enough to finish the current one and write the plots
 BENCH_BUDGET=$(( BENCH_LIMIT > 120 ? BENCH_LIMIT - 75 : BENCH_LIMIT / 2 ))
 # shellcheck disable=SC2086
-phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
+want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
 
 # ---------------------------------------------------------------------------------------------
 # compute-sanitizer memcheck of the CUDA extension on a tiny run
 # ---------------------------------------------------------------------------------------------
 SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
-if [ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && [ -x "$SAN" ]; then
+if [ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && [ -x "$SAN" ]; then
   phase memcheck "$(min 150 $(( $(left) - 15 )))" "$SAN" --tool memcheck --error-exitcode 99 \
     "$PY" -m bench --quick --device cuda --provider fastcl-cuda --loss clip info_nce siglip \
     --mode fwdbwd --N 256 --D 64 --dtype bf16 fp32 --repeats 1 --warmup 0 --no-save
@@ -139,13 +146,21 @@ if [ -f "$OUT/bench/bench.csv" ]; then
 fi
 
 mapfile -t FILES < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
-if [ "${#FILES[@]}" -gt 8 ]; then
+DEEP=0
+for f in "${FILES[@]}"; do
+  slashes="${f//[^\/]/}"
+  [ "${#slashes}" -gt 2 ] && DEEP=1
+done
+if [ "${#FILES[@]}" -gt 8 ] || [ "$DEEP" = 1 ]; then
   KEEP=()
   for f in gpu_run.log bench/bench.csv bench/bench.json junit.xml; do
     [ -f "$OUT/$f" ] && KEEP+=("$f")
   done
-  for f in "${FILES[@]}"; do
+  # then the plots, then the rest in name order; files more than 2 folders deep go in the archive
+  for f in $(printf "%s\n" "${FILES[@]}" | grep '\.png$') $(printf "%s\n" "${FILES[@]}" | grep -v '\.png$'); do
     [ "${#KEEP[@]}" -ge 7 ] && break
+    slashes="${f//[^\/]/}"
+    [ "${#slashes}" -gt 2 ] && continue
     case " ${KEEP[*]} " in *" $f "*) ;; *) KEEP+=("$f") ;; esac
   done
   REST=()
@@ -155,6 +170,7 @@ if [ "${#FILES[@]}" -gt 8 ]; then
   echo "packing ${#REST[@]} files into extras.tar.gz: ${REST[*]}" >>"$LOG"
   if (cd "$OUT" && tar czf extras.tar.gz "${REST[@]}"); then
     (cd "$OUT" && rm -f "${REST[@]}")
+    find "$OUT" -mindepth 1 -type d -empty -delete 2>/dev/null
   fi
 fi
 exit 0
