@@ -369,7 +369,10 @@ def run(args, log=None) -> Dict:
     if not args.no_save:
         files = report.write_results(args.out, rows, prov, skipped)
         if not args.no_plots:
-            files += report.plot_results(args.out, rows, prov)
+            try:
+                files += report.plot_results(args.out, rows, prov)
+            except Exception as e:  # a plotting problem never loses the measured rows
+                print(f"note: plots not written ({type(e).__name__}: {e})")
     return {"rows": rows, "skipped": skipped, "provenance": prov, "files": files,
             "peak": any(peak_for(args, dt) for dt in args.dtype)}
 

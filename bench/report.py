@@ -192,6 +192,10 @@ def _footer(prov: Dict[str, str]) -> str:
             f"fastcl {prov.get('fastcl')} @ {prov.get('git_sha', '')[:10]} | {prov.get('date')}")
 
 
+def _n_label(v, _pos) -> str:
+    return f"{int(round(v))}" if v >= 1 else f"{v:g}"
+
+
 def plot_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str]) -> List[str]:
     """Per (loss, dtype): time vs N (one row of panels per mode, one column per D) and peak memory
     vs N (one panel per D), log axes, one line per provider. Returns the files written; nothing
@@ -201,10 +205,12 @@ def plot_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str]) -> Li
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except Exception:
         print("note: matplotlib is not installed; no plots written")
         return []
     ok = [r for r in rows if r["status"] == "ok"]
+    os.makedirs(out_dir, exist_ok=True)
     written = []
     meta = {"Description": json.dumps(prov), "Software": "fastcl bench"}
     for loss, dtype in sorted({(r["loss"], r["dtype"]) for r in ok}):
@@ -212,9 +218,10 @@ def plot_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str]) -> Li
         Ds = sorted({r["D"] for r in sel})
         modes = [m for m in ("fwd", "bwd", "fwdbwd") if any(r["mode"] == m for r in sel)]
         providers = sorted({r["provider"] for r in sel})
+        colour = {p: f"C{i % 10}" for i, p in enumerate(providers)}
 
-        fig, axes = plt.subplots(len(modes), len(Ds), figsize=(4.2 * len(Ds), 3.2 * len(modes)),
-                                 squeeze=False)
+        width = max(6.5, 4.2 * len(Ds))
+        fig, axes = plt.subplots(len(modes), len(Ds), figsize=(width, 3.2 * len(modes)), squeeze=False)
         for i, mode in enumerate(modes):
             for j, D in enumerate(Ds):
                 ax = axes[i][j]
@@ -222,8 +229,9 @@ def plot_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str]) -> Li
                     pts = sorted((r["N"], r["ms"]) for r in sel
                                  if r["provider"] == p and r["mode"] == mode and r["D"] == D)
                     if pts:
-                        ax.plot(*zip(*pts), marker="o", label=p)
+                        ax.plot(*zip(*pts), marker="o", label=p, color=colour[p])
                 ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_formatter(ticker.FuncFormatter(_n_label))
                 ax.set_yscale("log")
                 ax.set_title(f"{loss} {mode} D={D} {dtype}", fontsize=9)
                 ax.set_xlabel("N")
@@ -240,7 +248,7 @@ def plot_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str]) -> Li
         mem = [r for r in sel if r.get("peak_extra_mib") is not None]
         if not mem:
             continue
-        fig, axes = plt.subplots(1, len(Ds), figsize=(4.2 * len(Ds), 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(Ds), figsize=(width, 3.4), squeeze=False)
         for j, D in enumerate(Ds):
             ax = axes[0][j]
             for p in providers:
@@ -251,8 +259,9 @@ def plot_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str]) -> Li
                         if r["mode"] == "fwdbwd" or r["N"] not in by_n:
                             by_n[r["N"]] = max(r["peak_extra_mib"], 1e-3)
                 if by_n:
-                    ax.plot(*zip(*sorted(by_n.items())), marker="o", label=p)
+                    ax.plot(*zip(*sorted(by_n.items())), marker="o", label=p, color=colour[p])
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(_n_label))
             ax.set_yscale("log")
             ax.set_title(f"{loss} peak extra memory D={D} {dtype}", fontsize=9)
             ax.set_xlabel("N")

@@ -252,7 +252,8 @@ def test_results_files_with_provenance(tmp_path):
     from PIL import Image
 
     img = Image.open(os.path.join(tmp_path, "time_clip_float32.png"))
-    assert img.size[0] > 100 and json.loads(img.info["Description"])["git_sha"] == data["provenance"]["git_sha"]
+    assert img.size[0] > 100
+    assert json.loads(img.info["Description"])["git_sha"] == data["provenance"]["git_sha"]
 
 
 def test_memory_plot_and_plain_fallbacks(tmp_path, monkeypatch, capsys):
@@ -266,7 +267,8 @@ def test_memory_plot_and_plain_fallbacks(tmp_path, monkeypatch, capsys):
                      ms=scale * n / 100, peak_extra_mib=scale * n * n * 4 / 2**20)
             rows.append(r)
     files = report.plot_results(str(tmp_path), rows, prov)
-    assert sorted(os.path.basename(f) for f in files) == ["memory_clip_bfloat16.png", "time_clip_bfloat16.png"]
+    assert sorted(os.path.basename(f) for f in files) == ["memory_clip_bfloat16.png",
+                                                          "time_clip_bfloat16.png"]
 
     real_import = builtins.__import__
 
