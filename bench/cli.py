@@ -270,6 +270,7 @@ def run_case(fn, input_sets, row: Dict, args, peak: Optional[float]) -> Dict:
         row["status"] = _error_status(e)
         for k in ("ms", "p20", "p80", "tflops", "pct_peak", "peak_extra_mib", "loss_value"):
             row[k] = None
+    if row["status"] != "ok":  # outside the handler: the traceback no longer pins the tensors
         timing.free_memory(dev)
     return row
 
@@ -326,7 +327,7 @@ def run(args, log=None) -> Dict:
                 continue
             if "compiled" in todo:
                 P.reset_compiled()
-            input_sets = None
+            input_sets = first = None
             try:
                 gen = torch.Generator(device=gen_device).manual_seed(args.seed + N + 7 * D)
                 first = P.make_inputs(loss, N, M, D, dtype, dev, gen)
@@ -335,14 +336,17 @@ def run(args, log=None) -> Dict:
                                         for _ in range(n - 1)]
             except Exception as e:
                 status = _error_status(e)
+            else:
+                status = None
+            if status is not None:
+                input_sets = first = None
+                timing.free_memory(dev)
                 for prov_name in todo:
                     for mode in args.mode:
                         r = _row(loss, prov_name, mode, N, M, D, dtype)
                         r["status"] = status
                         rows.append(r)
                 bar.step(f"{loss} N={N} D={D}: inputs {status}", advance=len(todo) * len(args.mode))
-                input_sets = None
-                timing.free_memory(dev)
                 continue
             peak = peak_for(args, dtype)
             for prov_name in todo:
@@ -360,7 +364,7 @@ def run(args, log=None) -> Dict:
                     shown = f"{r['ms']:.3f} ms" if r["status"] == "ok" else r["status"]
                     bar.step(f"{loss} {prov_name} {mode} N={N} M={M} D={D} {dname}: {shown}")
                 fn = None
-            del input_sets
+            input_sets = first = None
             timing.free_memory(dev)
             report.add_ratios(rows)
             if not args.no_save:

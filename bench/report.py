@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -160,11 +161,19 @@ def write_csv(path: str, rows: Iterable[Dict], prov: Dict[str, str],
             w.writerow([_fmt(r.get(c)) for c in COLUMNS])
 
 
+def _strict(v):
+    """JSON has no NaN / Infinity: non-finite floats become the strings "nan", "inf", "-inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
 def write_json(path: str, rows: Sequence[Dict], prov: Dict[str, str],
                skipped: Sequence[Dict] = ()) -> None:
+    rows = [{k: _strict(v) for k, v in r.items()} for r in rows]
     with open(path, "w") as f:
-        json.dump({"provenance": prov, "columns": list(COLUMNS), "rows": list(rows),
-                   "skipped": list(skipped)}, f, indent=1)
+        json.dump({"provenance": prov, "columns": list(COLUMNS), "rows": rows,
+                   "skipped": list(skipped)}, f, indent=1, allow_nan=False)
 
 
 def write_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str],

@@ -396,3 +396,29 @@ def test_make_inputs_validation():
     assert x["features"].dtype == torch.bfloat16 and x["features"].requires_grad
     assert x["labels"].dtype == torch.int64 and not x["labels"].requires_grad
     torch.testing.assert_close(x["features"].float().norm(dim=1), torch.ones(64), atol=1e-2, rtol=0)
+
+
+def test_input_oom_marks_the_shape(tmp_path, monkeypatch):
+    real = P.make_inputs
+
+    def big(loss, N, M, D, dtype, device, generator=None):
+        if N > 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real(loss, N, M, D, dtype, device, generator)
+    monkeypatch.setattr(P, "make_inputs", big)
+    res = cli.run(_args(tmp_path, "--N", "32", "64", "--provider", "naive", "--mode", "fwd", "bwd",
+                        "--no-plots"))
+    status = {(r["N"], r["mode"]): r["status"] for r in res["rows"]}
+    assert status == {(32, "fwd"): "ok", (32, "bwd"): "ok", (64, "fwd"): "OOM", (64, "bwd"): "OOM"}
+
+
+def test_json_is_strict_with_non_finite_values(tmp_path):
+    r = {c: None for c in report.COLUMNS}
+    r.update(loss="clip", provider="naive", mode="fwd", N=4, M=4, D=2, dtype="float32", status="ok",
+             ms=1.0, loss_value=float("nan"), tflops=float("inf"))
+    prov = report.provenance(CPU, argv=["bench"])
+    report.write_json(str(tmp_path / "r.json"), [r], prov)
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text)["rows"][0]
+    assert row["loss_value"] == "nan" and row["tflops"] == "inf"
