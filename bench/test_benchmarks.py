@@ -54,12 +54,14 @@ def _run(benchmark, loss, provider, mode, N, D, dtype, device):
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in P.leaves(x))
 
 
+@pytest.mark.benchmark(max_time=0.5, min_rounds=5)
 @pytest.mark.parametrize("loss,provider,mode", CPU_CASES)
 def test_cpu(benchmark, loss, provider, mode):
     _run(benchmark, loss, provider, mode, 256, 64, torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.gpu
+@pytest.mark.benchmark(max_time=1.0, min_rounds=10)
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("loss,provider,mode", GPU_CASES)
 def test_gpu(benchmark, loss, provider, mode):
