@@ -1,0 +1,1 @@
+"""The fastcl benchmark suite: ``python -m bench --help``. See bench/README.md."""

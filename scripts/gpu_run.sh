@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# One-call GPU run: build + install fastcl, run the test suite, the headline benchmark sweep and a
+# compute-sanitizer memcheck of the CUDA extension; everything lands under $OUT.
+#
+#   OUT=/path/to/results bash scripts/gpu_run.sh
+#
+# Files under $OUT (at most 8 come back, so the logs share one file):
+#   gpu_run.log          environment, build, tests, bench and sanitizer output, phase summary
+#   junit.xml            the test results
+#   bench/bench.csv      the sweep (provenance in '# ' lines), bench/bench.json, bench/*.png
+#   extras.tar.gz        only when more than 8 files were produced: everything beyond the first 7
+#
+# Every phase is time-limited and its failure is logged; the script always goes on and exits 0.
+# Environment knobs: PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's),
+# GPU_RUN_BUDGET_S (total seconds, default 570), TESTS_MAX_S (default 200),
+# BENCH_ARGS (extra arguments for `python -m bench`), SKIP_TESTS=1, SKIP_SANITIZER=1,
+# PHASES (default "install tests bench memcheck"): a subset, e.g. two calls on a warm machine,
+# PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
+set -u
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 0
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT/bench"
+LOG="$OUT/gpu_run.log"
+: >"$LOG"
+
+T0=$(date +%s)
+BUDGET="${GPU_RUN_BUDGET_S:-570}"
+DEADLINE=$((T0 + BUDGET))
+SUMMARY=""
+
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the source tree imports even if pip fails
+
+log() { echo "$*" | tee -a "$LOG"; }
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# phase NAME LIMIT_S CMD...: run CMD with a time limit, output into the log, record rc and time
+phase() {
+  local name="$1" limit="$2"; shift 2
+  if [ "$limit" -lt 10 ]; then
+    log "=== [$name] skipped: ${limit}s left in the budget"
+    SUMMARY+="$name: skipped (budget)"$'\n'
+    return 124
+  fi
+  local t=$(date +%s)
+  log "=== [$name] $(date -u +%FT%TZ) limit ${limit}s: $*"
+  timeout -k 20 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t ))
+  local what="rc=$rc"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="rc=$rc (time limit)"
+  log "=== [$name] $what in ${dt}s"
+  SUMMARY+="$name: $what, ${dt}s"$'\n'
+  return $rc
+}
+
+PHASES=" ${PHASES:-install tests bench memcheck} "
+want() { case "$PHASES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+
+# ---------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------
+{
+  echo "=== environment $(date -u +%FT%TZ)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  echo "python: $PY"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
+  nvcc --version 2>&1 | tail -n 2 || echo "nvcc not found"
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" 2>&1
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+  "$PY" -c "import inf_cl; print('inf_cl importable')" 2>&1 | tail -n 1
+} >>"$LOG" 2>&1
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')" 2>/dev/null)
+  export TORCH_CUDA_ARCH_LIST="${ARCH:-8.0;9.0}"
+fi
+log "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=$CUDA_HOME budget=${BUDGET}s"
+
+# ---------------------------------------------------------------------------------------------
+# build + install
+# ---------------------------------------------------------------------------------------------
+PIP_FLAGS=(--no-build-isolation --no-deps --no-index -e .)
+if ! want install; then
+  log "=== [install] not requested (PHASES=$PHASES); using the source tree as is"
+elif ! phase install "$(min 300 "$(left)")" "$PY" -m pip install "${PIP_FLAGS[@]}"; then
+  if ! phase install-system "$(min 300 "$(left)")" "$PY" -m pip install --break-system-packages "${PIP_FLAGS[@]}"; then
+    phase build-inplace "$(min 300 "$(left)")" "$PY" setup.py build_ext --inplace
+  fi
+fi
+EXT=0
+if "$PY" -c "import fastcl._C" >>"$LOG" 2>&1; then
+  EXT=1
+  log "fastcl._C: built ($("$PY" -c "import fastcl._C as m; print(m.__file__)" 2>/dev/null))"
+else
+  log "fastcl._C: not built (fastcl-cuda is skipped by the bench)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------
+if [ "${SKIP_TESTS:-0}" != "1" ] && want tests; then
+  # leave the bench at least ~4 minutes
+  phase tests "$(min "${TESTS_MAX_S:-200}" $(( $(left) - 240 )))" \
+    "$PY" -m pytest tests -q -ra -p no:cacheprovider --junitxml="$OUT/junit.xml"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# the headline sweep
+# ---------------------------------------------------------------------------------------------
+RESERVE=30
+[ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && RESERVE=100
+BENCH_LIMIT=$(( $(left) - RESERVE ))
+# stop starting new shapes early enough to finish the current one and write the plots
+BENCH_BUDGET=$(( BENCH_LIMIT > 120 ? BENCH_LIMIT - 75 : BENCH_LIMIT / 2 ))
+# shellcheck disable=SC2086
+want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
+
+# ---------------------------------------------------------------------------------------------
+# compute-sanitizer memcheck of the CUDA extension on a tiny run
+# ---------------------------------------------------------------------------------------------
+SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
+if [ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && [ -x "$SAN" ]; then
+  phase memcheck "$(min 150 $(( $(left) - 15 )))" "$SAN" --tool memcheck --error-exitcode 99 \
+    "$PY" -m bench --quick --device cuda --provider fastcl-cuda --loss clip info_nce siglip \
+    --mode fwdbwd --N 256 --D 64 --dtype bf16 fp32 --repeats 1 --warmup 0 --no-save
+else
+  log "=== [memcheck] not run (extension built: $EXT, compute-sanitizer: $SAN)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# summary + packaging (at most 8 files come back, at most 2 folders deep)
+# ---------------------------------------------------------------------------------------------
+log "=== summary (total $(( $(date +%s) - T0 ))s)"
+printf "%s" "$SUMMARY" | tee -a "$LOG"
+if [ -f "$OUT/bench/bench.csv" ]; then
+  grep -v '^#' "$OUT/bench/bench.csv" | cut -d, -f1-13 | tee -a "$LOG"
+fi
+
+mapfile -t FILES < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
+DEEP=0
+for f in "${FILES[@]}"; do
+  slashes="${f//[^\/]/}"
+  [ "${#slashes}" -gt 2 ] && DEEP=1
+done
+if [ "${#FILES[@]}" -gt 8 ] || [ "$DEEP" = 1 ]; then
+  KEEP=()
+  for f in gpu_run.log bench/bench.csv bench/bench.json junit.xml; do
+    [ -f "$OUT/$f" ] && KEEP+=("$f")
+  done
+  # then the plots, then the rest in name order; files more than 2 folders deep go in the archive
+  for f in $(printf "%s\n" "${FILES[@]}" | grep '\.png$') $(printf "%s\n" "${FILES[@]}" | grep -v '\.png$'); do
+    [ "${#KEEP[@]}" -ge 7 ] && break
+    slashes="${f//[^\/]/}"
+    [ "${#slashes}" -gt 2 ] && continue
+    case " ${KEEP[*]} " in *" $f "*) ;; *) KEEP+=("$f") ;; esac
+  done
+  REST=()
+  for f in "${FILES[@]}"; do
+    case " ${KEEP[*]} " in *" $f "*) ;; *) REST+=("$f") ;; esac
+  done
+  echo "packing ${#REST[@]} files into extras.tar.gz: ${REST[*]}" >>"$LOG"
+  if (cd "$OUT" && tar czf extras.tar.gz "${REST[@]}"); then
+    (cd "$OUT" && rm -f "${REST[@]}")
+    find "$OUT" -mindepth 1 -type d -empty -delete 2>/dev/null
+  fi
+fi
+exit 0
