@@ -24,6 +24,7 @@ install: $(VENV)/.deps
 
 test: install
 	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest bench -q
 
 bench: install
 	$(PY) -m bench

@@ -16,7 +16,8 @@ supcon    SupCon L_out, temperature 0.1, N/8 classes   features (N, D), labels (
 
 Providers:
 
-* ``naive``: the materialised losses of :mod:`fastcl.reference` (the logits in the input dtype).
+* ``naive``: the materialised losses of :mod:`fastcl.reference`: the logits in the input dtype,
+  cast to float32 for the loss (as the common implementation and the committed peer anchors do).
 * ``compiled``: ``torch.compile(naive, dynamic=False)``, compiled afresh for each shape.
 * ``infcl`` / ``infcl-ring``: Inf-CL's ``cal_flash_loss`` / ``cal_inf_loss`` (CUDA, clip and
   info_nce only; optional ``inf_cl`` package).
@@ -173,14 +174,16 @@ def _scalar_out(x):
 def naive_fn(loss: str) -> LossFn:
     """The materialised reference of ``loss`` as ``fn(inputs) -> scalar``."""
     ref = _reference_fn(loss)
+    f32 = torch.float32
     if loss == "clip":
-        return lambda x: ref(x["queries"], x["keys"], CLIP_SCALE)
+        return lambda x: ref(x["queries"], x["keys"], CLIP_SCALE, logits_dtype=f32)
     if loss == "info_nce":
-        return lambda x: ref(x["queries"], x["keys"], scale=CLIP_SCALE)
+        return lambda x: ref(x["queries"], x["keys"], scale=CLIP_SCALE, logits_dtype=f32)
     if loss == "siglip":
-        return lambda x: ref(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS)
+        return lambda x: ref(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, logits_dtype=f32)
     # reference.supcon returns (loss, valid rows)
-    return lambda x: _scalar_out(ref(x["features"], x["labels"], SUPCON_TEMPERATURE, normalize=False))
+    return lambda x: _scalar_out(ref(x["features"], x["labels"], SUPCON_TEMPERATURE, normalize=False,
+                                     logits_dtype=f32))
 
 
 def fastcl_fn(loss: str, backend: str) -> LossFn:

@@ -54,12 +54,14 @@ def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, 
              bias=None, reduction: str = "mean", label_smoothing: float = 0.0,
              focal_gamma: float = 0.0, hard_negatives: Optional[Tensor] = None,
              fn_margin: Optional[float] = None, fn_ratio: Optional[float] = None,
-             key_ids: Optional[Tensor] = None) -> Tensor:
+             key_ids: Optional[Tensor] = None, logits_dtype: Optional[torch.dtype] = None) -> Tensor:
     """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or
     arange; optional private hard negatives (N, h, D) appended as extra columns of each row;
     false negatives (keys j != p(i) with S_ij > S_ip - fn_margin, or c_ij > fn_ratio c_ip, or
-    key_ids[j] == key_ids[p(i)]) masked out."""
+    key_ids[j] == key_ids[p(i)]) masked out. ``logits_dtype`` casts the materialised logits
+    before the loss (float32 as the common naive implementation does)."""
     S = logits(queries, keys, scale, bias)
+    S = S if logits_dtype is None else S.to(logits_dtype)
     pos = positives if positives is not None else torch.arange(queries.shape[0], device=queries.device)
     if fn_margin is not None or fn_ratio is not None or key_ids is not None:
         rows = torch.arange(queries.shape[0], device=queries.device)
@@ -86,9 +88,12 @@ def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, 
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
-              reduction: str = "mean", label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> Tensor:
-    """Symmetric CLIP loss; ``reduction="none"`` gives (2, N): [image->text rows, text->image rows]."""
+              reduction: str = "mean", label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+              logits_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Symmetric CLIP loss; ``reduction="none"`` gives (2, N): [image->text rows, text->image rows].
+    ``logits_dtype`` casts the materialised logits before the loss."""
     S = logits(image_features, text_features, logit_scale, logit_bias)
+    S = S if logits_dtype is None else S.to(logits_dtype)
     labels = torch.arange(S.shape[0], device=S.device)
     per = torch.stack([F.cross_entropy(S, labels, reduction="none", label_smoothing=label_smoothing),
                        F.cross_entropy(S.transpose(0, 1), labels, reduction="none",
@@ -99,10 +104,12 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
-                labels: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+                labels: Optional[Tensor] = None, reduction: str = "mean",
+                logits_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Pairwise sigmoid loss; "none" gives per-image sums (N,) of -log sigmoid(z_ij S_ij), "mean"
     their mean (open_clip's value: the total divided by N)."""
     S = logits(image_features, text_features, logit_scale, logit_bias)
+    S = S if logits_dtype is None else S.to(logits_dtype)
     if labels is None:
         z = 2 * torch.eye(S.shape[0], S.shape[1], dtype=S.dtype, device=S.device) - 1
     else:
@@ -132,7 +139,7 @@ def _flat_views(x, y):
 
 def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, variant: str = "out",
            normalize: bool = True, reduction: str = "mean", keys: Optional[Tensor] = None,
-           key_labels: Optional[Tensor] = None):
+           key_labels: Optional[Tensor] = None, logits_dtype: Optional[torch.dtype] = None):
     """Supervised contrastive loss (Khosla et al.); features (B, D) or (B, V, D), labels (B,).
 
     Rows are the V*B views (view-major); A(i) = all j != i, P(i) = {j != i : y_j = y_i}; with
@@ -150,6 +157,7 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, variant: 
             cols = F.normalize(cols, dim=1)
     n = features.shape[0]
     S = (features @ cols.transpose(0, 1)) / temperature
+    S = S if logits_dtype is None else S.to(logits_dtype)
     if keys is None:
         eye = torch.eye(n, dtype=torch.bool, device=S.device)
     else:
