@@ -20,7 +20,7 @@ Tensor = torch.Tensor
 Scalar = Union[float, int, Tensor]
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
-           "uniformity_loss", "alignment_loss", "distill", "softclip", "cwcl", "hcl",
+           "uniformity_loss", "alignment_loss", "distill", "softclip", "cwcl", "hcl", "mv_infonce",
            "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "DCLLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -713,6 +713,41 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
                         torch.full_like(log_r, -math.inf)) - math.log(1.0 - tau_plus)
     log_ng = torch.maximum(log_a, torch.full_like(log_a, math.log(n_neg) - inv_t))
     return _reduce(torch.logaddexp(s_pos, log_ng) - s_pos, reduction)
+
+
+def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,
+               reduction: str = "mean", backend: str = "auto", exact: bool = False) -> Tensor:
+    """MV-InfoNCE for V >= 2 views of B instances (features (B, V, D)), one fused sweep over the
+    V*B rows:
+
+        L_i = log sum_v sum_{c != (v,i)} e^{S_(v,i),c} - log 2 - log sum_{v<w} e^{S_(v,i),(w,i)}
+
+    The first term merges the per-row LSEs of instance i's V rows; the positive pairs are
+    O(B V^2 D) beside the sweep. "none" gives (B,).
+    """
+    if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
+        raise ValueError("features must have shape (B, V, D) with V >= 2 views, got "
+                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    _check_reduction(reduction)
+    B, V, _ = features.shape
+    Z = torch.cat(torch.unbind(features, dim=1))
+    _check_features("features", Z)
+    inv_t = _inverse_temperature(temperature)
+    dt = torch.float64 if Z.dtype == torch.float64 else torch.float32
+    s = _scalar_param("temperature", inv_t, Z.device, optional=False, dtype=dt)
+    Z, _, be = _prepare(Z, Z, backend)
+    if normalize:
+        Z = torch.nn.functional.normalize(Z, dim=1)
+    none = torch.full((V * B,), -1, dtype=torch.int64, device=Z.device)
+    lse, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=none),
+                                           LossSpec(kind="softmax", exclude_self=True, gram=True,
+                                                    exact=exact), be)
+    all_terms = torch.logsumexp(lse.view(V, B), dim=0)
+    views = Z.to(dt).view(V, B, -1)
+    iu = torch.triu_indices(V, V, offset=1, device=Z.device)
+    pair_logits = s.to(dt) * (views[iu[0]] * views[iu[1]]).sum(-1)  # (V(V-1)/2, B)
+    pos = torch.logsumexp(pair_logits, dim=0)
+    return _reduce(all_terms - math.log(2.0) - pos, reduction)
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",

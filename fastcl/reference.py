@@ -265,6 +265,22 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, beta: float = 1.0, tau
     return _reduce(-torch.log(pos / (pos + ng)), reduction)
 
 
+def mv_infonce(features: Tensor, temperature: float = 0.1, normalize: bool = True,
+               reduction: str = "mean") -> Tensor:
+    """MV-InfoNCE over V views of B instances, features (B, V, D):
+    L_i = log sum_v sum_{c != (v,i)} e^{S_(v,i),c} - log 2 - log sum_{v<w} e^{S_(v,i),(w,i)}."""
+    B, V, _ = features.shape
+    Z = torch.cat(torch.unbind(features, dim=1))  # view-major rows: (v, i) -> v * B + i
+    if normalize:
+        Z = F.normalize(Z, dim=1)
+    S = Z @ Z.transpose(0, 1) / temperature
+    S = S.masked_fill(torch.eye(V * B, dtype=torch.bool, device=S.device), -math.inf)
+    all_terms = torch.logsumexp(S.view(V, B, V * B).permute(1, 0, 2).reshape(B, -1), dim=1)
+    pairs = [S[v * B + torch.arange(B), w * B + torch.arange(B)] for v in range(V) for w in range(v + 1, V)]
+    pos = torch.logsumexp(torch.stack(pairs, dim=1), dim=1)
+    return _reduce(all_terms - math.log(2.0) - pos, reduction)
+
+
 def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
     """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the L2-normalised rows (Wang & Isola)."""
     x = F.normalize(x, dim=1)

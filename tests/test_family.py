@@ -213,3 +213,22 @@ def test_hcl_small_temperature_is_finite():
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(z1.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("views", [2, 4])
+def test_mv_infonce(backend, views):
+    x = torch.randn(17, views, 9, device=DEVICE, requires_grad=True)
+    _check("mv_infonce", lambda x: fastcl.mv_infonce(x, 0.2, reduction="none", backend=backend, exact=True),
+           lambda x: R.mv_infonce(x, 0.2, reduction="none"), [x])
+
+
+def test_mv_infonce_two_views_is_a_pair_classification():
+    """With V = 2 the loss is -log(2 e^{S_12} / sum over both anchors' non-self entries)."""
+    x = torch.randn(9, 2, 5, dtype=torch.float64)
+    z = torch.nn.functional.normalize(torch.cat([x[:, 0], x[:, 1]]), dim=1)
+    S = (z @ z.T / 0.5).fill_diagonal_(-float("inf"))
+    i = torch.arange(9)
+    denom = torch.logsumexp(torch.cat([S[i], S[i + 9]], dim=1), dim=1)
+    expect = -(torch.log(torch.tensor(2.0, dtype=torch.float64)) + S[i, i + 9] - denom)
+    torch.testing.assert_close(fastcl.mv_infonce(x, 0.5, reduction="none", backend="torch"), expect)
