@@ -82,7 +82,9 @@ def _scalar_param(name: str, x, device: torch.device, *, optional: bool,
     return torch.full((), float(x), dtype=dtype, device=device)
 
 
-def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device) -> Tensor:
+def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device, *,
+                 allow_missing: bool = False) -> Tensor:
+    """(n,) integer indices in [0, bound) (or -1 for "none" with ``allow_missing``), as int64."""
     if not isinstance(idx, Tensor):
         raise TypeError(f"{name} must be an int64 tensor of shape ({n},), got {type(idx).__name__}")
     if idx.dtype not in (torch.int64, torch.int32):
@@ -92,13 +94,14 @@ def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device) ->
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the features are on {device}")
     idx = idx.to(torch.int64).contiguous()
+    low = -1 if allow_missing else 0
     if idx.device.type == "cpu":
-        if n and (int(idx.min()) < 0 or int(idx.max()) >= bound):
-            raise ValueError(f"{name} must lie in [0, {bound}) ({bound_name}), got values in "
+        if n and (int(idx.min()) < low or int(idx.max()) >= bound):
+            raise ValueError(f"{name} must lie in [{low}, {bound}) ({bound_name}), got values in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
     else:  # checked on the device without a host sync; fails at the next synchronisation
-        torch._assert_async(((idx >= 0) & (idx < bound)).all(),
-                            f"{name} must lie in [0, {bound}) ({bound_name})")
+        torch._assert_async(((idx >= low) & (idx < bound)).all(),
+                            f"{name} must lie in [{low}, {bound}) ({bound_name})")
     return idx
 
 

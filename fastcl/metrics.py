@@ -11,7 +11,7 @@ from .ops import LossSpec, Targets
 
 Tensor = torch.Tensor
 
-__all__ = ["retrieval", "uniformity", "alignment"]
+__all__ = ["retrieval", "hard_negatives", "uniformity", "alignment"]
 
 
 @torch.no_grad()
@@ -51,6 +51,40 @@ def retrieval(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None,
     out["MRR"] = ranks.reciprocal().mean()
     out["ranks"] = ranks
     return out
+
+
+@torch.no_grad()
+def hard_negatives(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, k: int = 10, *,
+                   exclude_self: bool = False, backend: str = "auto", exact: bool = False):
+    """Hard-negative mining from one sweep: each query's k most similar keys (by <q_i, k_j>)
+    other than its positive, without an N x M matrix.
+
+    Args:
+        queries: (N, D); keys: (M, D); positives: (N,) key index of each query's positive
+            (default ``arange(N)`` when M >= N; -1 for a row with no positive to exclude).
+        k: how many negatives per row (1 <= k <= 64).
+        exclude_self: also skip key i for query i (queries and keys are the same set).
+    Returns:
+        (values (N, k) float32, indices (N, k) int64), descending; -inf / -1 where a row has fewer
+        than k negatives.
+    """
+    _check_pair("queries", queries, "keys", keys)
+    N, M = queries.shape[0], keys.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
+        raise ValueError(f"k must be an integer in [1, 64], got {k}")
+    if positives is None:
+        if M < N:
+            raise ValueError(f"keys must have at least as many rows as queries when positives is "
+                             f"None, got N={N} and M={M}")
+    else:
+        positives = _check_index("positives", positives, N, M, "key indices, or -1 for none",
+                                 queries.device, allow_missing=True)
+    be = _backend.resolve(backend, queries.device, queries.dtype)
+    eng = _backend.engine(be)
+    if not hasattr(eng, "top_negatives"):
+        raise ValueError(f"backend={be!r} does not mine negatives; use backend='triton' or 'torch'")
+    spec = LossSpec(kind="softmax", exclude_self=exclude_self, exact=exact)
+    return eng.top_negatives(queries, keys, Targets(positives=positives), spec, k)
 
 
 @torch.no_grad()

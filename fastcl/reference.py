@@ -476,3 +476,22 @@ def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optio
                                      row_labels=row_labels, col_labels=col_labels, dtype=dt)
         out[r0:r1] = (valid & ~T & (S > threshold[r0:r1].to(dt)[:, None])).sum(1).to(dt)
     return out
+
+
+def engine_top_negatives(queries: Tensor, keys: Tensor, k: int, *, exclude_self: bool = False,
+                         offset: int = 0, positives=None, row_labels=None, col_labels=None, **_):
+    """((N, k) values, (N, k) indices) of the k largest <q_i, k_j> over valid non-target j."""
+    N, M = queries.shape[0], keys.shape[0]
+    dt = _compute_dtype(queries)
+    vals = torch.full((N, k), -math.inf, dtype=dt, device=queries.device)
+    idx = torch.full((N, k), -1, dtype=torch.int64, device=queries.device)
+    one = torch.ones(1, dtype=dt, device=queries.device)
+    for r0, r1 in _chunks(N, M):
+        _, c, valid, T, _, _ = _tile(queries, keys, one, None, r0, r1, kind="softmax",
+                                     exclude_self=exclude_self, offset=offset, positives=positives,
+                                     row_labels=row_labels, col_labels=col_labels, dtype=dt)
+        kk = min(k, M)
+        v, i = torch.topk(c.masked_fill(~valid | T, -math.inf), kk, dim=1)
+        vals[r0:r1, :kk] = v
+        idx[r0:r1, :kk] = torch.where(v == -math.inf, -1, i)
+    return vals, idx

@@ -232,3 +232,26 @@ def test_mv_infonce_two_views_is_a_pair_classification():
     denom = torch.logsumexp(torch.cat([S[i], S[i + 9]], dim=1), dim=1)
     expect = -(torch.log(torch.tensor(2.0, dtype=torch.float64)) + S[i, i + 9] - denom)
     torch.testing.assert_close(fastcl.mv_infonce(x, 0.5, reduction="none", backend="torch"), expect)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_hard_negative_mining(backend, k):
+    N, M, D = 37, 53, 6
+    q, kx = _feat(N, D, requires_grad=False), _feat(M, D, requires_grad=False)
+    pos = torch.randint(0, M, (N,), device=DEVICE)
+    vals, idx = fastcl.metrics.hard_negatives(q, kx, pos, k=k, backend=backend)
+    c = (q.double() @ kx.double().T)
+    c[torch.arange(N), pos] = -float("inf")
+    ref_v, ref_i = torch.topk(c, k, dim=1)
+    torch.testing.assert_close(vals.double().cpu(), ref_v.cpu(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx.cpu(), ref_i.cpu())
+    assert not (idx == pos[:, None]).any()
+
+
+def test_hard_negative_mining_fewer_negatives_than_k():
+    q = _feat(5, 4, requires_grad=False)
+    vals, idx = fastcl.metrics.hard_negatives(q, q, k=8, exclude_self=True,
+                                              positives=torch.arange(5, device=DEVICE).roll(1),
+                                              backend="triton")
+    assert (idx[:, :3] >= 0).all() and (idx[:, 3:] == -1).all() and torch.isinf(vals[:, 3:]).all()

@@ -16,7 +16,7 @@ from fastcl.ops.triton import engine as E
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
-_INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr")
+_INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr", "rid_ptr", "cid_ptr", "idx_ptr")
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
               EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False,
@@ -37,15 +37,18 @@ KERNELS = {
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
+    "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
 
 
 def _compile(kernel_name, closure, dtype, D=512, cc=90):
     fn, pass_, extra = KERNELS[kernel_name]
-    cfg = E.config_for("cuda", dtype, D, pass_)
+    cfg = dict(E.config_for("cuda", dtype, D, pass_))
+    cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     missing = [n for n in fn.arg_names if n.isupper() and n not in ("N", "M", "D", "DT") and n not in consts]
     if missing:
         raise ValueError(f"no value for the constexpr parameters {missing}")
@@ -85,8 +88,8 @@ def _resource_usage(compiled):
 
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
-             if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k != "count" or c == "info_nce")]
-            + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count")])
+             if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")]
+            + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count", "topk")])
 
 
 def variant_name(kernel, closure, dtype, cc):

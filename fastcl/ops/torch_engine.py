@@ -34,3 +34,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
 
 def count_above(queries, keys, scale, bias, targets, spec, threshold):
     return reference.engine_count_above(queries, keys, scale, bias, threshold, **_kw(spec, targets))
+
+
+def top_negatives(queries, keys, targets, spec, k):
+    return reference.engine_top_negatives(queries, keys, k, **_kw(spec, targets))

@@ -777,3 +777,83 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold):
                  **_flags(queries, spec, targets, bias))
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
     return counts
+
+
+@triton.jit
+def _top_negatives_kernel(
+    q_ptr, k_ptr, pos_ptr, rlab_ptr, clab_ptr, val_ptr, idx_ptr,
+    N, M, D, offset, stride_qn, stride_qd, stride_kn, stride_kd,
+    HAS_POS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, K: tl.constexpr,
+    KP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Hard-negative mining: the K largest similarities c_ij = <q_i, k_j> over valid non-target j.
+    # 1. keep a running, descending top-K (values, column indices) per row in a (BLOCK_M, KP) tile;
+    # 2. for each column block: c, masks; candidates = c on valid non-targets, -inf elsewhere;
+    # 3. K rounds: the larger of the running list's and the tile's best not yet taken becomes
+    #    entry r of the new list (ties keep the running entry); 4. store values and indices
+    #    (-inf / -1 where a row has fewer than K negatives).
+    pid = tl.program_id(0)
+    row0 = pid * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    slots = tl.arange(0, KP)
+    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+    top_v = tl.full((BLOCK_M, KP), float("-inf"), dtype=tl.float32)
+    top_i = tl.full((BLOCK_M, KP), -1, dtype=tl.int32)
+    for col0 in range(0, M, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
+                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+        cand = tl.where(valid & (target == 0), c, float("-inf"))
+        old_v = top_v
+        new_v = tl.full((BLOCK_M, KP), float("-inf"), dtype=tl.float32)
+        new_i = tl.full((BLOCK_M, KP), -1, dtype=tl.int32)
+        for r in tl.static_range(K):
+            best_old = tl.max(old_v, 1)
+            arg_old = tl.argmax(old_v, 1)
+            best_new = tl.max(cand, 1)
+            arg_new = tl.argmax(cand, 1)
+            take_new = best_new > best_old
+            old_idx = tl.sum(tl.where(slots[None, :] == arg_old[:, None], top_i, 0), 1)
+            val = tl.where(take_new, best_new, best_old)
+            idx = tl.where(take_new, col0 + arg_new, old_idx)
+            idx = tl.where(val == float("-inf"), -1, idx)
+            new_v = tl.where(slots[None, :] == r, val[:, None], new_v)
+            new_i = tl.where(slots[None, :] == r, idx[:, None], new_i)
+            old_v = tl.where((slots[None, :] == arg_old[:, None]) & (take_new == 0)[:, None],
+                             float("-inf"), old_v)
+            cand = tl.where((tl.arange(0, BLOCK_N)[None, :] == arg_new[:, None]) & take_new[:, None],
+                            float("-inf"), cand)
+        top_v = new_v
+        top_i = new_i
+    out = rows.to(tl.int64)[:, None] * K + slots[None, :]
+    omask = rmask[:, None] & (slots[None, :] < K)
+    tl.store(val_ptr + out, top_v, mask=omask)
+    tl.store(idx_ptr + out, top_i.to(tl.int64), mask=omask)
+
+
+def top_negatives(queries, keys, targets, spec, k: int):
+    """((N, k) float32 values, (N, k) int64 indices) of each row's k most similar valid non-target
+    keys by c_ij = <q_i, k_j> (-inf / -1 past the available negatives). No gradient."""
+    N, D = queries.shape
+    M = keys.shape[0]
+    vals = torch.empty((N, k), dtype=torch.float32, device=queries.device)
+    idx = torch.empty((N, k), dtype=torch.int64, device=queries.device)
+    cfg = dict(config_for(queries.device.type, queries.dtype, D, "fwd"))
+    if queries.device.type == "cuda":  # the (BLOCK_M, KP) running lists live in registers
+        cfg.update(BLOCK_M=64, num_stages=2)
+    cfg.update(config_override)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
+    _top_negatives_kernel[grid](
+        queries, keys, _ptr(targets.positives, vals), _ptr(targets.row_labels, vals),
+        _ptr(targets.col_labels, vals), vals, idx, N, M, D, spec.offset,
+        queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
+        HAS_POS=targets.positives is not None, LABELS=targets.row_labels is not None,
+        EXCLUDE_SELF=spec.exclude_self, K=k, KP=max(2, _next_pow2(k)),
+        PRECISION=_precision(queries, spec.exact),
+        UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
+        **{name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")})
+    return vals, idx
