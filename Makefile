@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1
 DEPS   := "$(TORCH)" "triton>=3.0" ninja pybind11 pytest pytest-benchmark numpy matplotlib rich tqdm
 # peer libraries the integration tests compare against (installed with the pinned torch)
-PEERS  := open_clip_torch sentence-transformers pytorch-metric-learning
+PEERS  := open_clip_torch sentence-transformers pytorch-metric-learning lightly
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 export MAX_JOBS ?= 2

@@ -470,6 +470,8 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
     _check_reduction(reduction)
     if z1.shape[0] != z2.shape[0]:
         raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
+    if z1.shape[0] < 2:
+        raise ValueError("dcl needs at least 2 samples: with one there are no negatives")
     inv_t = _inverse_temperature(temperature)
     dt = torch.float64 if z1.dtype == torch.float64 else torch.float32
     s = _scalar_param("temperature", inv_t, z1.device, optional=False, dtype=dt)

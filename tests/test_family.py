@@ -255,3 +255,25 @@ def test_hard_negative_mining_fewer_negatives_than_k():
                                               positives=torch.arange(5, device=DEVICE).roll(1),
                                               backend="triton")
     assert (idx[:, :3] >= 0).all() and (idx[:, 3:] == -1).all() and torch.isinf(vals[:, 3:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend):
+    # a single class: every other row is a positive, no negatives in the denominator but self
+    x = _feat(6, 4)
+    y = torch.zeros(6, dtype=torch.int64, device=DEVICE)
+    _check("supcon-one-class", lambda x: fastcl.supcon(x, y, 0.1, reduction="none", backend=backend, exact=True),
+           lambda x: R.supcon(x, y.to(x.device), 0.1, reduction="none")[0], [x])
+    # NT-Xent with one pair: each row's only other column is its positive -> loss exactly 0
+    z1, z2 = _feat(1, 3), _feat(1, 3)
+    out = fastcl.nt_xent(z1, z2, 0.1, reduction="none", backend=backend)
+    assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)
+    # tau = 0.01 on the self-similarity losses
+    a, b = _feat(12, 5), _feat(12, 5)
+    for fn, ref in ((lambda a, b: fastcl.nt_xent(a, b, 0.01, reduction="none", backend=backend, exact=True),
+                     lambda a, b: R.nt_xent(a, b, 0.01, reduction="none")),
+                    (lambda a, b: fastcl.dcl(a, b, 0.01, reduction="none", backend=backend, exact=True),
+                     lambda a, b: R.dcl(a, b, 0.01, reduction="none"))):
+        _check("small-tau", fn, ref, [a, b], rtol=1e-4)
+    with pytest.raises(ValueError, match="no negatives"):
+        fastcl.dcl(z1, z2, backend=backend)
