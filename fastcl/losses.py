@@ -150,6 +150,21 @@ def _prepare(q: Tensor, k: Tensor, backend: str) -> Tuple[Tensor, Tensor, str]:
     return q, k, _backend.resolve(backend, q.device, q.dtype)
 
 
+def _two_views(z1: Tensor, z2: Tensor, normalize: bool, backend: str, min_batch: int = 1):
+    """Validate two views (N, D) and stack them: (Z (2N, D), positives a +- N (2N,), backend)."""
+    _check_pair("z1", z1, "z2", z2)
+    if z1.shape[0] != z2.shape[0]:
+        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
+    if z1.shape[0] < min_batch:
+        raise ValueError(f"this loss needs at least {min_batch} samples: with fewer there are no negatives")
+    z1, z2, be = _prepare(z1, z2, backend)
+    Z = torch.cat([z1, z2])
+    if normalize:
+        Z = torch.nn.functional.normalize(Z, dim=1)
+    n2 = Z.shape[0]
+    return Z, torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2), be
+
+
 def _reduce(per: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return per.mean()
@@ -369,19 +384,10 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
         normalize: L2-normalise the rows first (cosine similarity, as SimCLR).
         reduction: "mean" | "sum" | "none" ((2N,) per-row losses, z1's rows first).
     """
-    _check_pair("z1", z1, "z2", z2)
     _check_reduction(reduction)
-    if z1.shape[0] != z2.shape[0]:
-        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
-    inv_t = _inverse_temperature(temperature)
-    s = _scalar_param("temperature", inv_t, z1.device, optional=False,
-                      dtype=z1.dtype if z1.dtype == torch.float64 else torch.float32)
-    z1, z2, be = _prepare(z1, z2, backend)
-    Z = torch.cat([z1, z2])
-    if normalize:
-        Z = torch.nn.functional.normalize(Z, dim=1)
-    n2 = Z.shape[0]
-    positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
+    Z, positives, be = _two_views(z1, z2, normalize, backend)
+    s = _scalar_param("temperature", _inverse_temperature(temperature), Z.device, optional=False,
+                      dtype=torch.float64 if Z.dtype == torch.float64 else torch.float32)
     spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
     rows, _, _ = engine_loss(Z, Z, s, None, Targets(positives=positives), spec, be)
     return _reduce(rows, reduction)
@@ -466,21 +472,11 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
         normalize: L2-normalise the rows first.
         reduction: "mean" | "sum" | "none" ((2N,) per-row losses, z1's rows first).
     """
-    _check_pair("z1", z1, "z2", z2)
     _check_reduction(reduction)
-    if z1.shape[0] != z2.shape[0]:
-        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
-    if z1.shape[0] < 2:
-        raise ValueError("dcl needs at least 2 samples: with one there are no negatives")
-    inv_t = _inverse_temperature(temperature)
-    dt = torch.float64 if z1.dtype == torch.float64 else torch.float32
-    s = _scalar_param("temperature", inv_t, z1.device, optional=False, dtype=dt)
-    z1, z2, be = _prepare(z1, z2, backend)
-    Z = torch.cat([z1, z2])
-    if normalize:
-        Z = torch.nn.functional.normalize(Z, dim=1)
+    Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
+    s = _scalar_param("temperature", _inverse_temperature(temperature), Z.device, optional=False,
+                      dtype=torch.float64 if Z.dtype == torch.float64 else torch.float32)
     n2 = Z.shape[0]
-    positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
     lse, tgt, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
     if weight_sigma is not None:
@@ -681,24 +677,15 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     The two negatives-only LSEs come from two fused sweeps (scales (1+beta)/t and beta/t); the rest
     is evaluated in log space, so small temperatures do not overflow.
     """
-    _check_pair("z1", z1, "z2", z2)
     _check_reduction(reduction)
-    if z1.shape[0] != z2.shape[0]:
-        raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
-    if z1.shape[0] < 2:
-        raise ValueError("hcl needs at least 2 samples (negatives)")
     if isinstance(temperature, Tensor) or not temperature > 0:
         raise ValueError(f"temperature must be a float > 0, got {temperature}")
     tau_plus = _check_unit("tau_plus", tau_plus)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta must be a float >= 0, got {beta}")
-    dt = torch.float64 if z1.dtype == torch.float64 else torch.float32
-    z1, z2, be = _prepare(z1, z2, backend)
-    Z = torch.cat([z1, z2])
-    if normalize:
-        Z = torch.nn.functional.normalize(Z, dim=1)
+    Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
+    dt = torch.float64 if Z.dtype == torch.float64 else torch.float32
     n2 = Z.shape[0]
-    positives = torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2)
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
     targets = Targets(positives=positives)
     inv_t = 1.0 / float(temperature)
