@@ -244,6 +244,39 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TA
     return a_j[None, :] * p + b_j[None, :] * dT
 
 
+@triton.jit
+def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
+               stride_qn, stride_qd, stride_kn, stride_kd,
+               row_meta, lse_r, a_r, b_r, t_r,
+               cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+               tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+               col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
+               KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CPOS: tl.constexpr,
+               LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
+               TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr,
+               SOFT_SIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Recompute one tile and its dL/dS from the saved statistics (the rows' side pre-loaded):
+    returns (dS, c, S, valid, target)."""
+    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
+                         stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+    S = c * s + b
+    col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+    valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+    valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+                                  FN_SPACE, FN_IDS)
+    lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
+                                     stride_gcp, SYMMETRIC)
+    ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+    col_target = valid & (rows[:, None] == ctgt[None, :])
+    soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
+                          stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
+                          BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
+    dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
+                      KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM)
+    return dS, c, S, valid, target
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -439,22 +472,14 @@ def _backward_rows_kernel(
     for col0 in range(0, M, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        S = c * s + b
-        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
-                                      FN_SPACE, FN_IDS)
-        lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
-                                         stride_gcp, SYMMETRIC)
-        ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-        col_target = valid & (rows[:, None] == ctgt[None, :])
-        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
-                              stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
-                              BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
-        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
-                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM)
+        dS, c, S, valid, target = _tile_grad(
+            q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
+            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r,
+            cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+            stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+            col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
+            KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
+            FN_IDS, SOFT_SIM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         if COMPUTE_DQ:
             kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
                          mask=cmask[:, None] & dvmask[None, :], other=0.0)
@@ -517,11 +542,6 @@ def _backward_cols_kernel(
         b = tl.load(bias_ptr).to(tl.float32)
     else:
         b = 0.0
-    col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-    lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
-                                     stride_gcp, SYMMETRIC)
-    ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-
     acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -531,18 +551,14 @@ def _backward_cols_kernel(
         row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
         lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
                                           g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
-        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        S = c * s + b
-        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
-                                      FN_SPACE, FN_IDS)
-        col_target = valid & (rows[:, None] == ctgt[None, :])
-        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
-                              stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
-                              BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
-        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
-                          KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM)
+        dS, c, S, valid, target = _tile_grad(
+            q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
+            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r,
+            cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+            stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+            col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
+            KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
+            FN_IDS, SOFT_SIM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
                      mask=rmask[:, None] & dvmask[None, :], other=0.0)
         acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
