@@ -14,6 +14,16 @@ F32 = torch.float32
 BACKENDS = ["triton", "torch"]
 
 
+@pytest.fixture(autouse=True, params=["fused", "dense"])
+def backward_path(request, monkeypatch):
+    """Every family test runs through both Triton backward paths: the fused kernels and the
+    wide-feature path (dS row chunks + GEMMs)."""
+    from fastcl.ops.triton import engine as E
+
+    monkeypatch.setattr(E, "config_override", {"DENSE": request.param == "dense"})
+    return request.param
+
+
 def _feat(n, d, **kw):
     return features(n, d, F32, DEVICE, **kw)
 

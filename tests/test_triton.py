@@ -273,3 +273,42 @@ def test_supcon_no_positives_anywhere():
     assert loss.item() == 0.0
     (g,) = torch.autograd.grad(loss, [x])
     assert torch.all(g == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the wide-feature backward (dS row chunks + GEMMs), forced at small shapes
+# ----------------------------------------------------------------------------------------------
+
+DENSE_CASES = {
+    "info_nce": (lambda q, k, s, b: fastcl.info_nce(q, k[:, :], positives=torch.arange(q.shape[0], device=q.device).flip(0),
+                                                    scale=s, bias=b, reduction="none", backend=BACKEND, exact=True),
+                 lambda q, k, s, b: R.info_nce(q, k, torch.arange(q.shape[0], device=q.device).flip(0), s, b, "none")),
+    "clip": (lambda q, k, s, b: fastcl.clip_loss(q, k[: q.shape[0]], s, b, reduction="none", backend=BACKEND, exact=True),
+             lambda q, k, s, b: R.clip_loss(q, k[: q.shape[0]], s, b, "none")),
+    "siglip": (lambda q, k, s, b: fastcl.siglip_loss(q, k, s, b, reduction="none", backend=BACKEND, exact=True),
+               lambda q, k, s, b: R.siglip_loss(q, k, s, b, reduction="none")),
+    "nt_xent": (lambda q, k: fastcl.nt_xent(q, k, 0.3, reduction="none", backend=BACKEND, exact=True),
+                lambda q, k: R.nt_xent(q, k, 0.3, reduction="none")),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dense_backward(monkeypatch, case, chunked):
+    monkeypatch.setattr(E, "config_override", {"DENSE": True})
+    if chunked:  # several row chunks: dK accumulated across chunks
+        monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    N, M, D = (37, 53, 29) if case in ("info_nce", "siglip") else (37, 37, 29)
+    fn, ref = DENSE_CASES[case]
+    inputs = [features(N, D, F32, DEVICE), features(M, D, F32, DEVICE)]
+    if case != "nt_xent":
+        inputs += [_scalar(9.0), _scalar(-0.4)]
+    _check(f"dense-{case}", fn, ref, inputs)
+
+
+def test_dense_backward_low_precision(monkeypatch):
+    monkeypatch.setattr(E, "config_override", {"DENSE": True})
+    q, k = features(40, 48, torch.bfloat16, DEVICE), features(40, 48, torch.bfloat16, DEVICE)
+    _check("dense-bf16", lambda q, k, s: fastcl.clip_loss(q, k, s, reduction="none", backend=BACKEND),
+           lambda q, k, s: R.clip_loss(q, k, s.to(q.dtype), None, "none"), [q, k, _scalar(14.0)],
+           dtype=torch.bfloat16, rtol=1e-3)

@@ -37,6 +37,7 @@ KERNELS = {
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
+    "grad_tiles": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True)),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
 

@@ -575,6 +575,57 @@ def _backward_cols_kernel(
         tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
 
 
+@triton.jit
+def _grad_tiles_kernel(
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
+    ds_ptr, dsb_ptr, N, M, D, offset, row_start,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_gr, stride_grp, stride_gc, stride_gcp,
+    KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+    EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Backward for wide features: one tile per program writes dL/dS (same closure as the fused
+    # kernels), times s, into a row chunk [row_start, row_start + R) x M buffer in the inputs'
+    # dtype; the launcher then forms dQ = (s dS) K and dK += (s dS)^T Q with tensor-core GEMMs. Costs 2 N M D
+    # (recompute) + 4 N M D (GEMMs) FLOPs and 3 passes over the chunk, instead of recomputing S
+    # once per D chunk of the fused kernels.
+    # 1. load the rows' statistics; 2. recompute the tile and dS; 3. store dS and the tile's
+    # scale / bias partial sums.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row0 = row_start + pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    col0 = pid_n * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr).to(tl.float32)
+    else:
+        b = 0.0
+    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+    lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
+                                          g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
+    dS, c, S, valid, target = _tile_grad(
+        q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
+        stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r,
+        cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+        stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+        col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
+        KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
+        FN_IDS, SOFT_SIM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+    out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * M + cols[None, :]
+    tl.store(out, (dS * s).to(ds_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < M)[None, :])
+    if COMPUTE_SB:
+        slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
+        tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * c, 1), 0))
+        tl.store(dsb_ptr + slot + 1, tl.sum(tl.sum(dS, 1), 0))
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
@@ -608,6 +659,72 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict
     if pass_ == "fwd":
         cfg.pop("BLOCK_DV", None)
     return cfg
+
+
+_DENSE_BYTES_MIN = 16 << 20
+
+
+def _dense_backward(queries: torch.Tensor) -> bool:
+    """The backward through dS chunks + GEMMs when a row block's gradient does not fit one D chunk
+    of the fused kernels (which would recompute S once per chunk); ``config_override["DENSE"]``
+    forces either path."""
+    if "DENSE" in config_override:
+        return bool(config_override["DENSE"])
+    return queries.device.type == "cuda" and queries.shape[1] > 128
+
+
+def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
+    """dQ / dK / d_scale / d_bias from dS written one bounded row chunk at a time (at most
+    ``max(16 MiB, bytes of the inputs)``), then multiplied on the tensor cores."""
+    a_row, b_row, a_col, b_col, col_lse, symmetric = flags_args
+    need_q, need_k, need_s, need_b = needs
+    need_k = need_k or (gram and need_q)
+    N, D = queries.shape
+    M = keys.shape[0]
+    dev = queries.device
+    cfg = dict(_config(queries, "fwd"))
+    cfg.pop("BLOCK_DV", None)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size())
+    rows_per = max(BM, (budget // (M * queries.element_size())) // BM * BM)
+    n_chunks = triton.cdiv(N, rows_per)
+    ds_buf = torch.empty((min(rows_per, N), M), dtype=queries.dtype, device=dev)
+    need_sb = need_s or need_b
+    dsb = torch.zeros((n_chunks, triton.cdiv(min(rows_per, N), BM) * triton.cdiv(M, BN), 2),
+                      dtype=torch.float32, device=dev) if need_sb else None
+    dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
+    dk_acc = None
+    flags = _flags(queries, spec, targets, bias)
+    common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
+              stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col)
+    for ci, r0 in enumerate(range(0, N, rows_per)):
+        r1 = min(N, r0 + rows_per)
+        dS = ds_buf[: r1 - r0]
+        grid = (triton.cdiv(r1 - r0, BM), triton.cdiv(M, BN))
+        args = (queries, keys, *common, dS, _ptr(dsb[ci] if need_sb else None, stats.row_lse),
+                N, M, D, spec.offset, r0, queries.stride(0), queries.stride(1), keys.stride(0),
+                keys.stride(1), a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0))
+        const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
+                     COMPUTE_SB=need_sb, **flags)
+        _grad_tiles_kernel[grid](*args, **const, **cfg)
+        if need_q:
+            torch.mm(dS, keys, out=dq[r0:r1])
+        if need_k:
+            part = dS.transpose(0, 1) @ queries[r0:r1]
+            if n_chunks == 1:
+                dk_acc = part
+            else:
+                dk_acc = part.float() if dk_acc is None else dk_acc.add_(part)
+    dk = dk_acc.to(keys.dtype) if need_k else None
+    if gram and need_q:
+        dq.add_(dk)
+        dk = None
+    ds = db = None
+    if need_sb:
+        sums = dsb.sum((0, 1))
+        ds = sums[0:1] if need_s else None
+        db = sums[1:2] if need_b else None
+    return dq, dk, ds, db
 
 
 def _autotuning() -> bool:
@@ -736,6 +853,10 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     a_col = grad_col.to(f32) if symmetric else a_row
     b_col = (-a_col if grad_col_pos is None else grad_col_pos.to(f32)) if symmetric else a_row
     col_lse = stats.col_lse if symmetric else stats.row_lse
+    if _dense_backward(queries):
+        return _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args=(
+            a_row, b_row, a_col, b_col, col_lse, symmetric), needs=(need_q, need_k, need_s, need_b),
+            gram=gram)
     cfg = _config(queries, "bwd_gram" if gram else "bwd")
     BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
