@@ -29,7 +29,8 @@ def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
 def _engine(backend: str, spec: LossSpec, targets: Targets):
     eng = _backend.engine(backend)
     extended = (spec.exclude_targets or spec.target_lse or spec.fn_space != 0
-                or targets.row_ids is not None or targets.teacher_queries is not None)
+                or spec.lse2_ratio is not None or targets.row_ids is not None
+                or targets.teacher_queries is not None)
     if extended and not getattr(eng, "SPLIT_TARGET_GRADS", False):
         raise ValueError(f"backend={backend!r} does not implement this loss (decoupled, target-LSE "
                          "or false-negative closures); use backend='triton' or backend='torch'")
@@ -107,7 +108,8 @@ class EngineStatistics(torch.autograd.Function):
     targets, or the target LSE with ``spec.target_lse``), number of targets per row (N,) (not
     differentiable), when ``spec.symmetric`` col_lse (M,) and the column target logit (M,)
     (else empty tensors), and with teacher targets the (2, N) teacher statistics (not
-    differentiable; else empty).
+    differentiable; else empty), and with ``spec.lse2_ratio`` the second row LSE (N,)
+    (differentiable; else empty).
     """
 
     @staticmethod
@@ -124,13 +126,15 @@ class EngineStatistics(torch.autograd.Function):
             col_lse, col_pos = stats.col_lse, stats.col_pos
         else:
             col_lse = col_pos = stats.row_lse.new_zeros(0)
-        aux = stats.row_aux if stats.row_aux is not None else stats.row_lse.new_zeros(0)
+        aux = stats.row_aux[:2].clone() if stats.row_aux is not None else stats.row_lse.new_zeros(0)
+        lse2 = stats.row_aux[2].clone() if spec.lse2_ratio is not None else stats.row_lse.new_zeros(0)
         ctx.mark_non_differentiable(stats.row_npos, aux,
-                                    *([] if spec.symmetric else [col_lse, col_pos]))
-        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos, aux
+                                    *([] if spec.symmetric else [col_lse, col_pos]),
+                                    *([] if spec.lse2_ratio is not None else [lse2]))
+        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos, aux, lse2
 
     @staticmethod
-    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos, _g_aux=None):
+    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos, _g_aux=None, g_lse2=None):
         ref = ctx.saved_tensors[4]
         N = ctx.saved_tensors[0].shape[0]
         zeros = ref.new_zeros(1).expand(N)
@@ -142,7 +146,10 @@ class EngineStatistics(torch.autograd.Function):
             mz = ref.new_zeros(1).expand(M)
             grad_col = mz if g_col_lse is None else g_col_lse
             grad_col_pos = mz if g_col_pos is None else g_col_pos
-        grads = _backward(ctx, g_lse, grad_col, grad_row_pos=g_tgt, grad_col_pos=grad_col_pos)
+        split = dict(grad_row_pos=g_tgt, grad_col_pos=grad_col_pos)
+        if ctx.spec.lse2_ratio is not None:
+            split["grad_row_lse2"] = zeros if g_lse2 is None else g_lse2
+        grads = _backward(ctx, g_lse, grad_col, **split)
         return (*grads, None, None, None)
 
 

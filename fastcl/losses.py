@@ -292,7 +292,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
     else:
         hn = hard_negatives.to(queries.dtype)
-        lse, tgt, _, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
+        lse, tgt, _, _, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
         logits_h = s.to(dt) * torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
         if b is not None:
             logits_h = logits_h + b.to(dt)
@@ -478,7 +478,7 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
                       dtype=torch.float64 if Z.dtype == torch.float64 else torch.float32)
     n2 = Z.shape[0]
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
-    lse, tgt, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
+    lse, tgt, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
     if weight_sigma is not None:
         if not weight_sigma > 0:
             raise ValueError(f"weight_sigma must be > 0, got {weight_sigma}")
@@ -526,7 +526,7 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     queries, keys, be = _prepare(queries, keys, backend)
     none = torch.full((N,), -1, dtype=torch.int64, device=queries.device)  # no in-kernel targets
-    lse, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
+    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
                                         LossSpec(kind="softmax", exact=exact), be)
     qf = queries.to(dt)
     if dense is None:
@@ -558,7 +558,7 @@ def _teacher_stats(q, k, s, u, v, ts, spec, be):
     none = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
     t32 = ts.detach().reshape(1).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     targets = Targets(positives=none, teacher_queries=u, teacher_keys=v, teacher_scale=t32)
-    lse, soft_logit, _, _, _, aux = engine_statistics(q, k, s, None, targets, spec, be)
+    lse, soft_logit, _, _, _, aux, _ = engine_statistics(q, k, s, None, targets, spec, be)
     return lse, soft_logit, aux
 
 
@@ -655,7 +655,7 @@ def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Opt
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     q, k, be = _prepare(queries, keys, backend)
     none = torch.full((N,), -1, dtype=torch.int64, device=q.device)
-    lse, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(positives=none),
+    lse, _, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(positives=none),
                                            LossSpec(kind="softmax", exact=exact), be)
     qf, kf = q.to(dt), k.to(dt)
     u, v = u.to(dt), v.to(dt)
@@ -674,7 +674,7 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
         Ng_i = max((R_i - |N| tau_plus e^{S_pos}) / (1 - tau_plus), |N| e^{-1/t})
         L_i = -S_pos + log(e^{S_pos} + Ng_i)
 
-    The two negatives-only LSEs come from two fused sweeps (scales (1+beta)/t and beta/t); the rest
+    Both negatives-only LSEs (of (1+beta) S / t and beta S / t) come from one fused sweep; the rest
     is evaluated in log space, so small temperatures do not overflow.
     """
     _check_reduction(reduction)
@@ -686,16 +686,15 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
     dt = torch.float64 if Z.dtype == torch.float64 else torch.float32
     n2 = Z.shape[0]
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
     targets = Targets(positives=positives)
     inv_t = 1.0 / float(temperature)
     s_hi = torch.full((), (1.0 + beta) * inv_t, dtype=dt, device=Z.device)
-    s_lo = torch.full((), beta * inv_t, dtype=dt, device=Z.device)
-    lse_hi, pos_hi, _, _, _, _ = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
     n_neg = n2 - 2
-    if beta > 0:
-        lse_lo, _, _, _, _, _ = engine_statistics(Z, Z, s_lo, None, targets, spec, be)
-    else:  # e^{0 S}: the plain count of negatives
+    # one sweep: LSE over negatives of (1 + beta) S / t, and of beta S / t = ratio * the former
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact,
+                    lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
+    lse_hi, pos_hi, _, _, _, _, lse_lo = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
+    if not beta > 0:  # e^{0 S}: the plain count of negatives
         lse_lo = torch.full_like(lse_hi, math.log(n_neg))
     s_pos = pos_hi / (1.0 + beta)  # the positive logit S_pos = <z_a, z_p> / t
     log_r = math.log(n_neg) + lse_hi - lse_lo
@@ -731,7 +730,7 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     if normalize:
         Z = torch.nn.functional.normalize(Z, dim=1)
     none = torch.full((V * B,), -1, dtype=torch.int64, device=Z.device)
-    lse, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=none),
+    lse, _, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=none),
                                            LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                     exact=exact), be)
     all_terms = torch.logsumexp(lse.view(V, B), dim=0)
@@ -758,7 +757,7 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
         x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
     none = torch.full((n,), -1, dtype=torch.int64, device=x.device)
-    lse, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
+    lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
                                         LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                  exact=exact), be)
     return torch.logsumexp(lse, 0) - 2.0 * float(t) - math.log(n * (n - 1))

@@ -347,8 +347,10 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
                    offset: int = 0, positives=None, col_positives=None, row_labels=None,
                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
                    fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None,
-                   teacher_queries=None, teacher_keys=None, teacher_scale=None):
-    """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None)."""
+                   teacher_queries=None, teacher_keys=None, teacher_scale=None,
+                   lse2_ratio: Optional[float] = None):
+    """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None);
+    row_aux (3, N) holds the teacher LSE, sum_j T_ij St_ij and the second LSE (lse2_ratio)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     dev = queries.device
@@ -357,7 +359,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     row_npos = torch.zeros(N, dtype=dt, device=dev)
     col_lse = torch.full((M,), -math.inf, dtype=dt, device=dev) if symmetric else None
     col_pos = torch.zeros(M, dtype=dt, device=dev) if symmetric else None
-    row_aux = torch.empty((2, N), dtype=dt, device=dev) if teacher_queries is not None else None
+    has_aux = teacher_queries is not None or lse2_ratio is not None
+    row_aux = torch.zeros((3, N), dtype=dt, device=dev) if has_aux else None
     for r0, r1 in _chunks(N, M):
         S, _, valid, T, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
@@ -369,6 +372,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             continue
         Sm = S.masked_fill(~(valid & ~T) if exclude_targets else ~valid, -math.inf)
         row_lse[r0:r1] = torch.logsumexp(Sm, dim=1)
+        if lse2_ratio is not None:
+            row_aux[2, r0:r1] = torch.logsumexp(Sm * lse2_ratio, dim=1)
         if target_lse:
             row_pos[r0:r1] = torch.logsumexp(S.masked_fill(~T, -math.inf), dim=1)
         else:
@@ -403,7 +408,8 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     row_pos: Optional[Tensor] = None, grad_row_pos: Optional[Tensor] = None,
                     grad_col_pos: Optional[Tensor] = None, fn_space: int = 0, fn_threshold=None,
                     row_ids=None, col_ids=None, teacher_queries=None, teacher_keys=None,
-                    teacher_scale=None, row_aux: Optional[Tensor] = None):
+                    teacher_scale=None, row_aux: Optional[Tensor] = None,
+                    lse2_ratio: Optional[float] = None, grad_row_lse2: Optional[Tensor] = None):
     """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
 
     dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
@@ -442,6 +448,9 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                 dS = torch.where(has, g * (P - dT), 0.0)
             else:
                 dS = g * P + grad_row_pos[r0:r1].to(dt)[:, None] * dT
+            if lse2_ratio is not None and grad_row_lse2 is not None:
+                P2 = torch.where(in_lse, torch.exp(S * lse2_ratio - row_aux[2, r0:r1].to(dt)[:, None]), 0.0)
+                dS = dS + (grad_row_lse2[r0:r1].to(dt) * lse2_ratio)[:, None] * P2
             if symmetric and grad_col is not None:
                 Tc = _col_targets(rows, cols, col_positives, offset) & valid
                 in_col = valid & ~Tc if exclude_targets else valid

@@ -20,7 +20,7 @@ _INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr", "rid_ptr", "cid_pt
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
               EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False,
-              SOFT_SIM=False)
+              SOFT_SIM=False, LSE2=False)
 CLOSURES = {
     "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
     "info_nce": dict(_PLAIN, HAS_POS=True),
@@ -30,6 +30,7 @@ CLOSURES = {
     "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True),
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
     "distill": dict(_PLAIN, HAS_POS=True, SOFT_SIM=True),
+    "hcl": dict(_PLAIN, HAS_POS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True, LSE2=True),
 }
 KERNELS = {
     "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
@@ -87,7 +88,7 @@ def _resource_usage(compiled):
     return None
 
 
-_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce")  # self-similarity closures (no column stats)
+_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count", "topk")])

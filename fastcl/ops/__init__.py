@@ -51,6 +51,8 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
   softmax closure, no labels / index targets): T_ij = softmax_j(st <u_i, v_j>) over valid j,
   recomputed in each tile with a second GEMM; stats.row_pos = sum_j T_ij S_ij, row_npos = 1,
   stats.row_aux = (teacher LSE, sum_j T_ij st <u_i, v_j>); dT_ij = T_ij. No gradient reaches u, v.
+* ``spec.lse2_ratio`` r: a second row LSE over the same entries, LSE_j (r S_ij), in stats.row_aux[2]
+  (same sweep); ``backward(..., grad_row_lse2=a2)`` adds a2_i r exp(r S_ij - lse2_i) to dS.
 * ``count_above(queries, keys, scale, bias, targets, spec, threshold)`` (optional): per row, the
   number of valid non-target j with S_ij > threshold_i (retrieval ranks).
 * ``spec.gram``: queries and keys are one tensor Z (offset 0, no column statistics); a backend
@@ -88,6 +90,7 @@ class LossSpec:
     target_lse: bool = False  # row_pos = LSE over targets instead of their sum (SupCon L_in)
     gram: bool = False  # queries and keys are the same tensor (NT-Xent, SupCon, DCL, uniformity)
     fn_space: int = 0  # false-negative masking by threshold: 0 off, 1 on S_ij, 2 on c_ij
+    lse2_ratio: Optional[float] = None  # also LSE_{j in the row LSE} (lse2_ratio * S_ij) (HCL)
 
 
 class Targets(NamedTuple):
@@ -113,7 +116,7 @@ class EngineStats(NamedTuple):
     row_npos: torch.Tensor  # (N,)
     col_lse: Optional[torch.Tensor] = None  # (M,) when symmetric
     col_pos: Optional[torch.Tensor] = None  # (M,) when symmetric
-    row_aux: Optional[torch.Tensor] = None  # (2, N) with teacher targets: teacher LSE, sum Tt St
+    row_aux: Optional[torch.Tensor] = None  # (3, N): teacher LSE, sum Tt St (teacher targets); LSE2
 
 
 def row_target_logit(stats: EngineStats, spec: LossSpec) -> torch.Tensor:

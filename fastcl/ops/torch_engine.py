@@ -15,7 +15,7 @@ def _kw(spec, targets):
                 target_lse=spec.target_lse, fn_space=spec.fn_space,
                 fn_threshold=targets.fn_threshold, row_ids=targets.row_ids, col_ids=targets.col_ids,
                 teacher_queries=targets.teacher_queries, teacher_keys=targets.teacher_keys,
-                teacher_scale=targets.teacher_scale)
+                teacher_scale=targets.teacher_scale, lse2_ratio=spec.lse2_ratio)
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
@@ -23,12 +23,12 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
-             grad_row_pos=None, grad_col_pos=None):
+             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None):
     return reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col, needs=tuple(needs),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
-        row_aux=stats.row_aux,
+        row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2,
         **_kw(spec, targets))
 
 

@@ -140,9 +140,11 @@ def _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_pt
 
 @triton.jit
 def _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_pos_ptr, stride_g,
-                   stride_gp, KIND: tl.constexpr, TARGET_LSE: tl.constexpr):
-    """(row_lse, a_i, b_i, t_i) of a block of rows: the weights of P and of the target term, and
-    the target term's statistic (1 / npos_i, or the target LSE)."""
+                   stride_gp, aux_ptr, g_l2_ptr, stride_gl2, KIND: tl.constexpr,
+                   TARGET_LSE: tl.constexpr, LSE2: tl.constexpr):
+    """(row_lse, a_i, b_i, t_i, lse2_i, a2_i) of a block of rows: the weights of P and of the
+    target term, the target term's statistic (1 / npos_i, or the target LSE), and the second
+    LSE with its weight (LSE2; zeros otherwise)."""
     rmask = rows < N
     r64 = rows.to(tl.int64)
     lse = tl.load(row_lse_ptr + r64, mask=rmask, other=0.0)
@@ -157,7 +159,13 @@ def _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g
     else:
         b = tl.zeros_like(a)
         t = tl.zeros_like(a)
-    return lse, a, b, t
+    if LSE2:
+        lse2 = tl.load(aux_ptr + 2 * N + r64, mask=rmask, other=0.0)
+        a2 = tl.load(g_l2_ptr + r64 * stride_gl2, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        lse2 = tl.zeros_like(a)
+        a2 = tl.zeros_like(a)
+    return lse, a, b, t, lse2, a2
 
 
 @triton.jit
@@ -179,8 +187,9 @@ def _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_g, stride
 
 @triton.jit
 def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
-                 KIND: tl.constexpr, SYMMETRIC: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
-                 TARGET_LSE: tl.constexpr, SOFT_SIM: tl.constexpr):
+                 l2_r, a2_r, ratio2, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, SOFT_SIM: tl.constexpr,
+                 LSE2: tl.constexpr):
     """dL/dS of one tile from the saved statistics (the loss closure):
     softmax: a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij;  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij)."""
     if KIND == 0:
@@ -196,6 +205,8 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
         else:
             dT = tl.where(target, t_r[:, None], 0.0)
         dS = a_r[:, None] * p + b_r[:, None] * dT
+        if LSE2:  # a second LSE over the same entries, of ratio2 * S
+            dS += (a2_r * ratio2)[:, None] * tl.where(in_lse, tl.exp(S * ratio2 - l2_r[:, None]), 0.0)
         if SYMMETRIC:
             if EXCLUDE_TARGETS:
                 in_col = valid & (col_target == 0)
@@ -228,8 +239,9 @@ def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid,
 
 
 @triton.jit
-def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TARGETS: tl.constexpr,
-                            TARGET_LSE: tl.constexpr):
+def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j, a2_j, ratio2,
+                            EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
+                            LSE2: tl.constexpr):
     """dS_ji laid out as tile (i, j), for a self-similarity (queries == keys: S_ji = S_ij), from
     the statistics of rows j; ``target_t`` is T_ji."""
     if EXCLUDE_TARGETS:
@@ -241,21 +253,25 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, EXCLUDE_TA
         dT = tl.where(target_t, tl.exp(S - t_j[None, :]), 0.0)
     else:
         dT = tl.where(target_t, t_j[None, :], 0.0)
-    return a_j[None, :] * p + b_j[None, :] * dT
+    dS_t = a_j[None, :] * p + b_j[None, :] * dT
+    if LSE2:
+        dS_t += (a2_j * ratio2)[None, :] * tl.where(in_lse, tl.exp(S * ratio2 - l2_j[None, :]), 0.0)
+    return dS_t
 
 
 @triton.jit
 def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
                stride_qn, stride_qd, stride_kn, stride_kd,
-               row_meta, lse_r, a_r, b_r, t_r,
+               row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r, ratio2,
                cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
                tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
                col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
                KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CPOS: tl.constexpr,
                LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
                TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr,
-               SOFT_SIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
     """Recompute one tile and its dL/dS from the saved statistics (the rows' side pre-loaded):
     returns (dS, c, S, valid, target)."""
     c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
@@ -273,7 +289,8 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
                           stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
                           BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
     dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
-                      KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM)
+                      l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM,
+                      LSE2)
     return dS, c, S, valid, target
 
 
@@ -287,12 +304,12 @@ def _forward_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_pos_ptr,
-    N, M, D, row_block_start, offset,
+    N, M, D, row_block_start, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     COUNT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -327,6 +344,8 @@ def _forward_kernel(
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # target sum, or target sum-exp (TARGET_LSE)
     mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target / teacher max
     npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # LSE2: max of ratio2 * S
+    l2_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # LSE2: sum-exp
     lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: teacher sum-exp
     tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) St_ij
     if SOFT_SIM:
@@ -355,6 +374,12 @@ def _forward_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
             m_i = m_new
+            if LSE2:
+                S2 = Sm * ratio2
+                m2_new = tl.maximum(m2_i, tl.max(S2, 1))
+                m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+                l2_i = l2_i * tl.exp(m2_i - m2_safe) + tl.sum(tl.exp(S2 - m2_safe[:, None]), 1)
+                m2_i = m2_new
             if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
                 c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
                                       stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
@@ -404,6 +429,8 @@ def _forward_kernel(
             tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
         else:
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
+        if LSE2:
+            tl.store(aux_ptr + 2 * N + r64, m2_i + tl.log(l2_i), mask=rmask)
         if SOFT_SIM:  # row_pos = sum_j Tt_ij S_ij; aux = (teacher LSE, sum_j Tt_ij St_ij)
             lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
             tl.store(row_pos_ptr + r64, pos_i / lt_safe, mask=rmask)
@@ -428,12 +455,13 @@ def _backward_rows_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    dq_ptr, dsb_ptr, N, M, D, offset,
+    g_l2_ptr, dq_ptr, dsb_ptr, N, M, D, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_grp, stride_gc, stride_gcp,
+    stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
     GRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -463,8 +491,9 @@ def _backward_rows_kernel(
     else:
         b = 0.0
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-    lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
-                                          g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
+    lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
+        rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
+        aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -474,26 +503,27 @@ def _backward_rows_kernel(
         cmask = cols < M
         dS, c, S, valid, target = _tile_grad(
             q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r,
+            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
+            ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+            FN_IDS, SOFT_SIM, LSE2, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         if COMPUTE_DQ:
             kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
                          mask=cmask[:, None] & dvmask[None, :], other=0.0)
             if GRAM:
-                lse_j, a_j, b_j, t_j = _row_grad_meta(cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr,
-                                                      g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
-                                                      KIND, TARGET_LSE)
+                lse_j, a_j, b_j, t_j, l2_j, a2_j = _row_grad_meta(
+                    cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
+                    stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
                 if LABELS:
                     target_t = target
                 else:
                     tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
                     target_t = valid & (rows[:, None] == tgt_j[None, :])
-                dS_all = dS + _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j,
-                                                      EXCLUDE_TARGETS, TARGET_LSE)
+                dS_all = dS + _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j,
+                                                      a2_j, ratio2, EXCLUDE_TARGETS, TARGET_LSE, LSE2)
             else:
                 dS_all = dS
             acc = tl.dot(_operand(dS_all.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
@@ -516,12 +546,13 @@ def _backward_cols_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    dk_ptr, dsb_ptr, N, M, D, offset,
+    g_l2_ptr, dk_ptr, dsb_ptr, N, M, D, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_grp, stride_gc, stride_gcp,
+    stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -549,16 +580,18 @@ def _backward_cols_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < N
         row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-        lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
-                                          g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
+        lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
+            rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
+            stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
         dS, c, S, valid, target = _tile_grad(
             q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r,
+            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
+            ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+            FN_IDS, SOFT_SIM, LSE2, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
                      mask=rmask[:, None] & dvmask[None, :], other=0.0)
         acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
@@ -580,12 +613,13 @@ def _grad_tiles_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    ds_ptr, dsb_ptr, N, M, D, offset, row_start,
+    g_l2_ptr, ds_ptr, dsb_ptr, N, M, D, offset, ratio2, row_start,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_gr, stride_grp, stride_gc, stride_gcp,
+    stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -608,16 +642,17 @@ def _grad_tiles_kernel(
     else:
         b = 0.0
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-    lse_r, a_r, b_r, t_r = _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr,
-                                          g_rpos_ptr, stride_gr, stride_grp, KIND, TARGET_LSE)
+    lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
+        rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
+        aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
     dS, c, S, valid, target = _tile_grad(
         q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-        stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r,
+        stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r, ratio2,
         cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
         stride_tqn, stride_tqd, stride_tkn, stride_tkd,
         col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
         KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-        FN_IDS, SOFT_SIM, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        FN_IDS, SOFT_SIM, LSE2, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * M + cols[None, :]
     tl.store(out, (dS * s).to(ds_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < M)[None, :])
     if COMPUTE_SB:
@@ -676,7 +711,7 @@ def _dense_backward(queries: torch.Tensor) -> bool:
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
     """dQ / dK / d_scale / d_bias from dS written one bounded row chunk at a time (at most
     ``max(16 MiB, bytes of the inputs)``), then multiplied on the tensor cores."""
-    a_row, b_row, a_col, b_col, col_lse, symmetric = flags_args
+    a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
     N, D = queries.shape
@@ -696,14 +731,16 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     dk_acc = None
     flags = _flags(queries, spec, targets, bias)
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
-              stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col)
+              stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
+              a2_row)
     for ci, r0 in enumerate(range(0, N, rows_per)):
         r1 = min(N, r0 + rows_per)
         dS = ds_buf[: r1 - r0]
         grid = (triton.cdiv(r1 - r0, BM), triton.cdiv(M, BN))
         args = (queries, keys, *common, dS, _ptr(dsb[ci] if need_sb else None, stats.row_lse),
-                N, M, D, spec.offset, r0, queries.stride(0), queries.stride(1), keys.stride(0),
-                keys.stride(1), a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0))
+                N, M, D, spec.offset, _ratio2(spec), r0, queries.stride(0), queries.stride(1),
+                keys.stride(0), keys.stride(1), a_row.stride(0), b_row.stride(0), a_col.stride(0),
+                b_col.stride(0), a2_row.stride(0))
         const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
                      COMPUTE_SB=need_sb, **flags)
         _grad_tiles_kernel[grid](*args, **const, **cfg)
@@ -751,6 +788,10 @@ def _launch(kernel, grid, args, const: dict, cfg: dict, tuned: str) -> None:
     _autotuned[key][grid](*args, **const, **fixed)
 
 
+def _ratio2(spec) -> float:
+    return 0.0 if spec.lse2_ratio is None else float(spec.lse2_ratio)
+
+
 def _precision(queries: torch.Tensor, exact: bool) -> str:
     return "tf32" if queries.dtype == torch.float32 and not exact else "ieee"
 
@@ -764,7 +805,7 @@ def _flags(queries, spec, targets, bias) -> dict:
     return dict(UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
                 EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
                 FN_SPACE=spec.fn_space, FN_IDS=targets.row_ids is not None,
-                SOFT_SIM=targets.teacher_queries is not None,
+                SOFT_SIM=targets.teacher_queries is not None, LSE2=spec.lse2_ratio is not None,
                 KIND=KIND_SIGMOID if spec.kind == "sigmoid" else KIND_SOFTMAX,
                 HAS_BIAS=bias is not None, HAS_POS=targets.positives is not None,
                 HAS_CPOS=targets.col_positives is not None, LABELS=targets.row_labels is not None,
@@ -783,7 +824,7 @@ def _metadata(targets, dummy, threshold=None, aux=None):
     tq, tk = targets.teacher_queries, targets.teacher_keys
     teacher = (tq, tk, targets.teacher_scale, _ptr(aux, dummy), tq.shape[1], tq.stride(0),
                tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
-        (dummy, dummy, dummy, dummy, 1, 0, 0, 0, 0)
+        (dummy, dummy, dummy, _ptr(aux, dummy), 1, 0, 0, 0, 0)
     return (_ptr(targets.positives, dummy), _ptr(targets.col_positives, dummy),
             _ptr(targets.row_labels, dummy), _ptr(targets.col_labels, dummy), _ptr(thr, dummy),
             _ptr(targets.row_ids, dummy), _ptr(targets.col_ids, dummy), *teacher)
@@ -811,14 +852,15 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     else:
         per_launch = n_row_blocks
         partial = col_pos = row_lse  # unused pointers
-    aux = torch.empty((2, N), dtype=f32, device=dev) if targets.teacher_queries is not None else None
+    has_aux = targets.teacher_queries is not None or spec.lse2_ratio is not None
+    aux = torch.empty((3, N), dtype=f32, device=dev) if has_aux else None  # teacher (2 rows), LSE2
     flags = _flags(queries, spec, targets, bias)
     const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact), **flags)
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
         args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
                 row_lse, row_pos, row_npos, partial, col_pos,
-                N, M, D, start, spec.offset,
+                N, M, D, start, spec.offset, _ratio2(spec),
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
         _launch(_forward_kernel, (nb,), args, const, cfg, "BLOCK_N")
         if symmetric:
@@ -830,7 +872,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
-             grad_row_pos=None, grad_col_pos=None):
+             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None):
     """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`."""
     need_q, need_k, need_s, need_b = needs
     need_sb = need_s or need_b
@@ -853,18 +895,20 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     a_col = grad_col.to(f32) if symmetric else a_row
     b_col = (-a_col if grad_col_pos is None else grad_col_pos.to(f32)) if symmetric else a_row
     col_lse = stats.col_lse if symmetric else stats.row_lse
+    a2_row = grad_row_lse2.to(f32) if grad_row_lse2 is not None else a_row.new_zeros(1).expand(N)
     if _dense_backward(queries):
         return _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args=(
-            a_row, b_row, a_col, b_col, col_lse, symmetric), needs=(need_q, need_k, need_s, need_b),
-            gram=gram)
+            a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
+            needs=(need_q, need_k, need_s, need_b), gram=gram)
     cfg = _config(queries, "bwd_gram" if gram else "bwd")
     BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos,
-              col_lse, a_row, b_row, a_col, b_col)
+              col_lse, a_row, b_row, a_col, b_col, a2_row)
     strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
-    grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0))
+    grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
+                    a2_row.stride(0))
     precision = _precision(queries, spec.exact)
     dq = dk = None
     dsb = None
@@ -876,7 +920,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
         grid = (n_blocks, triton.cdiv(D, BDV) if need_q else 1)
         args = (queries, keys, *common, _ptr(dq, stats.row_lse), _ptr(dsb, stats.row_lse),
-                N, M, D, spec.offset, *strides, D, *grad_strides)
+                N, M, D, spec.offset, _ratio2(spec), *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
                      COMPUTE_SB=rows_do_sb, GRAM=gram, **flags)
         _launch(_backward_rows_kernel, grid, args, const, cfg, "BLOCK_N")
@@ -888,7 +932,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
         grid = (n_blocks, triton.cdiv(D, BDV))
         args = (queries, keys, *common, dk, _ptr(dsb if cols_do_sb else None, stats.row_lse),
-                N, M, D, spec.offset, *strides, D, *grad_strides)
+                N, M, D, spec.offset, _ratio2(spec), *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb, **flags)
         _launch(_backward_cols_kernel, grid, args, const, cfg, "BLOCK_M")
     ds = db = None
@@ -908,7 +952,7 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold):
     cfg = _config(queries, "fwd")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, threshold.float()),
-            counts, counts, counts, counts, counts, N, M, D, 0, spec.offset,
+            counts, counts, counts, counts, counts, N, M, D, 0, spec.offset, 0.0,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact),
                  **_flags(queries, spec, targets, bias))
