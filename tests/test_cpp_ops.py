@@ -364,6 +364,26 @@ def test_compile_fullgraph_traces_through_ops():
     torch.testing.assert_close(compiled(q, k, s), fn(q, k, s))
 
 
+def test_compile_fullgraph_clip_loss_cpu_forward_backward():
+    n = 37
+    img, txt = _feats(n, D, seed=98), _feats(n, D, seed=99)
+
+    def fn(a, b, s):
+        return fastcl.clip_loss(a, b, s, backend="cpu", reduction="sum")
+
+    def run(f):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(30.0, requires_grad=True)
+        loss = f(a, b, s)
+        return (loss, *torch.autograd.grad(loss * 0.7, (a, b, s)))
+
+    eager = run(fn)  # also resolves (and caches) the backend lookup outside the traced region
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
+
+
 def test_op_input_errors():
     q, k = _feats(N, D, seed=96), _feats(M, D, seed=97)
     s = torch.tensor([1.0])

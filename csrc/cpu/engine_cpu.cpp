@@ -19,9 +19,10 @@
 namespace fastcl {
 namespace {
 
-constexpr int64_t kRows = 64;   // rows (queries) per tile
+constexpr int64_t kRows = 128;  // rows (queries) per tile
 constexpr int64_t kCols = 256;  // columns (keys) per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kFusedScratchBytes = int64_t{64} << 20;  // per-thread dK partials, all threads
 
 // exp(x) for x <= 88 without branches, so that tile loops vectorise. Relative error ~2e-7;
 // returns 0 for x < -87.3 and for -inf.
@@ -46,6 +47,14 @@ inline float exp_fast(float x) {
   std::memcpy(&two_n, &e, sizeof(two_n));
   return p * two_n;
 }
+
+// The tile loops are compiled twice, for AVX2/FMA (x86-64-v3) and for the baseline ISA, and the
+// right one is picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTCL_TILE_FN __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTCL_TILE_FN
+#endif
 
 inline float lse_of(float m, float l) { return m == kNegInf ? kNegInf : m + std::log(l); }
 
@@ -115,7 +124,7 @@ struct RowState {
 };
 
 // Turns raw C into masked logits S in place (-inf on invalid entries) and updates row statistics.
-void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* C,
+FASTCL_TILE_FN void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* C,
                        RowState& st) {
   const TargetMeta& t = p.t;
   const float s = p.s, b = p.b;
@@ -170,7 +179,7 @@ void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int
 }
 
 // Column partials of one thread group from masked logits S (nr x nc).
-void forward_tile_cols(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+FASTCL_TILE_FN void forward_tile_cols(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                        const float* S, float* cmax, float* csum, float* col_pos, float* scratch) {
   float* tmax = scratch;
   float* tsum = scratch + kCols;
@@ -284,7 +293,7 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
 // ---------------------------------------------------------------------------------------------
 
 // dS of tile (rows r0.., cols c0..) from raw C into Gt; accumulates sum dS*C and sum dS.
-void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                const float* C, float* Gt, double& acc_s, double& acc_b) {
   const TargetMeta& t = p.t;
   const float s = p.s, b = p.b;
@@ -380,8 +389,16 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   const int64_t nrb = (N + kRows - 1) / kRows, ncb = (M + kCols - 1) / kCols;
   double sum_s = 0.0, sum_b = 0.0;
 
+  // With few threads, dQ and dK come from one sweep: each thread group adds its dS^T Q into a
+  // private (M, D) partial of dK (summed in a fixed order afterwards). When those partials would
+  // be large, dK gets its own column sweep instead (recomputing the tiles).
+  const int64_t G_rows = num_groups(nrb);
+  const bool fused = need_q && need_k && N > 0 && M > 0 &&
+                     G_rows * M * D * static_cast<int64_t>(sizeof(float)) <= kFusedScratchBytes;
+  at::Tensor dk_parts = fused ? at::zeros({G_rows, M, D}, f32) : at::Tensor();
+
   if (row_sweep && N > 0 && M > 0) {
-    const int64_t G = num_groups(nrb);
+    const int64_t G = G_rows;
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> C(kRows * kCols), Gt(kRows * kCols), acc(need_q ? kRows * D : 0);
@@ -401,6 +418,9 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
             grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), ps[g], pb[g]);
             if (need_q)
               dq_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32), p.k.narrow(0, c0, nc));
+            if (fused)
+              dk_parts.select(0, g).narrow(0, c0, nc).addmm_(
+                  at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
           }
           if (need_q) {
             at::Tensor rows = dq.narrow(0, r0, nr);
@@ -411,7 +431,10 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
     });
     for (int64_t g = 0; g < G; ++g) sum_s += ps[g], sum_b += pb[g];
   }
-  if (need_k && N > 0 && M > 0) {
+  if (fused) {
+    at::sum_out(dk, dk_parts, {0});
+    dk.mul_(p.s);
+  } else if (need_k && N > 0 && M > 0) {
     const int64_t G = num_groups(ncb);
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
