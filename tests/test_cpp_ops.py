@@ -497,3 +497,18 @@ def test_cuda_info_nce_rectangular_no_grad_keys():
     (rq,) = torch.autograd.grad(ref, qr)
     _close(loss, ref, rtol=1e-4, atol=1e-3)
     _close(gq, rq, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck_and_determinism():
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _fwd_args(symmetric=True))
+    torch.library.opcheck(torch.ops.fastcl.engine_forward.default, args)
+    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    n = args[0].shape[0]
+    g = torch.rand(n, device="cuda")
+    bwd = args + (row_lse, row_npos, col_lse, g, torch.rand(n, device="cuda"), True, True, True, False)
+    torch.library.opcheck(torch.ops.fastcl.engine_backward.default, bwd)
+    first = torch.ops.fastcl.engine_backward(*bwd)
+    second = torch.ops.fastcl.engine_backward(*bwd)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -5,7 +5,10 @@
 // per-thread scratch; nothing of size N x M is ever allocated. Row statistics are kept online per
 // row block; column statistics of symmetric losses are kept per thread group (G x M partial max /
 // sum-exp) and merged afterwards, so the column LSE is exact at any scale. The backward sweep
-// recomputes tiles: a row sweep (dQ, owning its rows) and a column sweep (dK, owning its columns).
+// recomputes tiles from the saved statistics: a row sweep owns dQ rows and, while the per-thread
+// (M, D) partials stay small, also accumulates dK into them; otherwise dK gets a column sweep
+// that owns its columns. Reductions run in a fixed order, so results are deterministic for a
+// given thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
