@@ -17,20 +17,24 @@
 //                  dS * C and dS give d_scale / d_bias after a deterministic reduction.
 //
 // All launches go on the current stream; nothing here synchronises with the host.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
-#include <torch/library.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-
 #include <limits>
 #include <type_traits>
 
 #include "fastcl.h"
+
+#ifdef FASTCL_CUDA_EMULATION
+// tests/cpp: the kernels compiled as host C++ and run on CPU threads (launchers left out)
+#include "cuda_emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <torch/library.h>
+#endif
 
 namespace fastcl {
 namespace {
@@ -455,6 +459,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+#ifndef FASTCL_CUDA_EMULATION
 // ---------------------------------------------------------------------------------------------
 // launchers
 // ---------------------------------------------------------------------------------------------
@@ -638,10 +643,14 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
   return {out_q, out_k, out_s, out_b};
 }
 
+#endif  // FASTCL_CUDA_EMULATION
+
 }  // namespace
 }  // namespace fastcl
 
+#ifndef FASTCL_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fastcl, CUDA, m) {
   m.impl("engine_forward", &fastcl::engine_forward_cuda);
   m.impl("engine_backward", &fastcl::engine_backward_cuda);
 }
+#endif
