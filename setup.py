@@ -20,6 +20,18 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
+def _cxx_standard() -> str:
+    """The C++ standard the installed torch headers need (recent releases require C++20)."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    for inc in cpp_ext.include_paths():
+        header = os.path.join(inc, "ATen", "ATen.h")
+        if os.path.exists(header):
+            with open(header) as f:
+                return "-std=c++20" if "C++20" in f.read() else "-std=c++17"
+    return "-std=c++17"
+
+
 def _extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -31,11 +43,12 @@ def _extensions():
     if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
     use_cuda = bool(nvcc and cu) and not _flag("FASTCL_SKIP_CUDA_BUILD")
-    cxx = ["-O3", "-std=c++17"]
+    std = _cxx_standard()
+    cxx = ["-O3", std]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        nvcc_flags = ["-O3", std, "--expt-relaxed-constexpr", "-lineinfo",
                       "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                       "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         ext = CUDAExtension("fastcl._C", cpp + cu, include_dirs=include_dirs,

@@ -1,0 +1,483 @@
+// CPU kernels of the engine ops: blocked over (row block x column block) tiles, threads over
+// contiguous groups of blocks (at::parallel_for), fp32 accumulation for fp16/bf16/fp32 inputs.
+//
+// A tile of raw similarities C = Q_blk K_blk^T (kRows x kCols) is computed with a small GEMM into
+// per-thread scratch; nothing of size N x M is ever allocated. Row statistics are kept online per
+// row block; column statistics of symmetric losses are kept per thread group (G x M partial max /
+// sum-exp) and merged afterwards, so the column LSE is exact at any scale. The backward sweep
+// recomputes tiles from the saved statistics: a row sweep owns dQ rows and, while the per-thread
+// (M, D) partials stay small, also accumulates dK into them; otherwise dK gets a column sweep
+// that owns its columns. Reductions run in a fixed order, so results are deterministic for a
+// given thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "fastcl.h"
+
+namespace fastcl {
+namespace {
+
+constexpr int64_t kRows = 128;  // rows (queries) per tile
+constexpr int64_t kCols = 256;  // columns (keys) per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kFusedScratchBytes = int64_t{64} << 20;  // per-thread dK partials, all threads
+
+// exp(x) for x <= 88 without branches, so that tile loops vectorise. Relative error ~2e-7;
+// returns 0 for x < -87.3 and for -inf.
+inline float exp_fast(float x) {
+  x = x < -88.f ? -88.f : x;
+  const float shifter = 12582912.f;  // 1.5 * 2^23: t + shifter rounds t to an integer
+  const float r = x * 1.44269504088896341f + shifter;
+  int32_t bits;
+  std::memcpy(&bits, &r, sizeof(bits));
+  const int32_t n = bits - 0x4B400000;
+  const float nf = r - shifter;
+  const float f = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
+  float p = 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t e = (n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &e, sizeof(two_n));
+  return p * two_n;
+}
+
+// The tile loops are compiled twice, for AVX2/FMA (x86-64-v3) and for the baseline ISA, and the
+// right one is picked at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTCL_TILE_FN __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTCL_TILE_FN
+#endif
+
+inline float lse_of(float m, float l) { return m == kNegInf ? kNegInf : m + std::log(l); }
+
+// Block range [b0, b1) of group g when nblocks blocks are split into ngroups contiguous groups.
+inline void group_range(int64_t g, int64_t ngroups, int64_t nblocks, int64_t& b0, int64_t& b1) {
+  b0 = g * nblocks / ngroups;
+  b1 = (g + 1) * nblocks / ngroups;
+}
+
+inline int64_t num_groups(int64_t nblocks) {
+  return std::max<int64_t>(1, std::min<int64_t>(nblocks, at::get_num_threads()));
+}
+
+at::Tensor as_f32(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
+
+float scalar_of(const OptT& x, float dflt) {
+  return (x.has_value() && x->defined()) ? x->item<float>() : dflt;
+}
+
+struct Problem {
+  at::Tensor q, k;  // float32, contiguous
+  int64_t N, M, D;
+  float s, b;
+  int64_t kind;
+  bool symmetric;
+  TargetMeta t;
+  at::Tensor keep[4];  // owners of the index pointers in t
+};
+
+Problem make_problem(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& scale,
+                     const OptT& bias, const OptT& positives, const OptT& col_positives,
+                     const OptT& row_labels, const OptT& col_labels, int64_t kind, bool symmetric,
+                     bool exclude_self, int64_t offset) {
+  check_engine_inputs(queries, keys, scale, bias, positives, col_positives, row_labels, col_labels,
+                      kind, symmetric);
+  Problem p;
+  p.q = as_f32(queries);
+  p.k = as_f32(keys);
+  p.N = queries.size(0);
+  p.M = keys.size(0);
+  p.D = queries.size(1);
+  p.s = scale.item<float>();
+  p.b = scalar_of(bias, 0.f);
+  p.kind = kind;
+  p.symmetric = symmetric;
+  p.keep[0] = index_or_empty(positives);
+  p.keep[1] = index_or_empty(col_positives);
+  p.keep[2] = index_or_empty(row_labels);
+  p.keep[3] = index_or_empty(col_labels);
+  p.t = TargetMeta{ptr_or_null(p.keep[0]), ptr_or_null(p.keep[1]), ptr_or_null(p.keep[2]),
+                   ptr_or_null(p.keep[3]), offset, exclude_self};
+  return p;
+}
+
+// C (nr x nc, row-major) = Q[r0:r0+nr] K[c0:c0+nc]^T
+inline void tile_dot(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* C) {
+  at::Tensor out = at::from_blob(C, {nr, nc}, at::TensorOptions().dtype(at::kFloat));
+  at::mm_out(out, p.q.narrow(0, r0, nr), p.k.narrow(0, c0, nc).t());
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+
+struct RowState {
+  float m[kRows], l[kRows], pos[kRows], npos[kRows];
+};
+
+// Turns raw C into masked logits S in place (-inf on invalid entries) and updates row statistics.
+FASTCL_TILE_FN void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc, float* C,
+                       RowState& st) {
+  const TargetMeta& t = p.t;
+  const float s = p.s, b = p.b;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r;
+    float* S = C + r * nc;
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) S[c] = s * S[c] + b;
+    if (t.exclude_self) {
+      const int64_t j = i + t.offset;
+      if (j >= c0 && j < c0 + nc) S[j - c0] = kNegInf;
+    }
+    if (p.kind == kSigmoid) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t j = c0 + c;
+        if (!t.valid(i, j)) continue;
+        acc += softplus_f(t.target(i, j) ? -S[c] : S[c]);
+      }
+      st.m[r] += acc;  // the sigmoid closure keeps its running row loss in m
+      continue;
+    }
+    if (t.label_mode()) {
+      const int64_t li = t.row_labels[i];
+      const int64_t* cl = t.col_labels + c0;
+      float pos = 0.f, cnt = 0.f;
+      for (int64_t c = 0; c < nc; ++c) {
+        const bool hit = cl[c] == li && t.valid(i, c0 + c);
+        pos += hit ? S[c] : 0.f;
+        cnt += hit ? 1.f : 0.f;
+      }
+      st.pos[r] += pos;
+      st.npos[r] += cnt;
+    } else {
+      const int64_t j = t.pos_of_row(i);
+      if (j >= c0 && j < c0 + nc && t.valid(i, j)) {
+        st.pos[r] += S[j - c0];
+        st.npos[r] += 1.f;
+      }
+    }
+    float tmax = kNegInf;
+#pragma omp simd reduction(max : tmax)
+    for (int64_t c = 0; c < nc; ++c) tmax = std::max(tmax, S[c]);
+    const float mnew = std::max(st.m[r], tmax);
+    if (mnew == kNegInf) continue;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < nc; ++c) sum += exp_fast(S[c] - mnew);
+    st.l[r] = st.l[r] * exp_fast(st.m[r] - mnew) + sum;
+    st.m[r] = mnew;
+  }
+}
+
+// Column partials of one thread group from masked logits S (nr x nc).
+FASTCL_TILE_FN void forward_tile_cols(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+                       const float* S, float* cmax, float* csum, float* col_pos, float* scratch) {
+  float* tmax = scratch;
+  float* tsum = scratch + kCols;
+  for (int64_t c = 0; c < nc; ++c) tmax[c] = cmax[c0 + c];
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* Sr = S + r * nc;
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) tmax[c] = std::max(tmax[c], Sr[c]);
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    const float old = cmax[c0 + c];
+    const float mnew = tmax[c];
+    tsum[c] = mnew == kNegInf ? 0.f : csum[c0 + c] * exp_fast(old - mnew);
+    tmax[c] = mnew == kNegInf ? 0.f : mnew;  // shift used below; -inf rows give exp(-inf) = 0
+    cmax[c0 + c] = mnew;
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* Sr = S + r * nc;
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) tsum[c] += exp_fast(Sr[c] - tmax[c]);
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    csum[c0 + c] = tsum[c];
+    const int64_t j = c0 + c;
+    const int64_t i = p.t.pos_of_col(j);
+    if (i >= r0 && i < r0 + nr && p.t.valid(i, j)) col_pos[j] = S[(i - r0) * nc + c];
+  }
+}
+
+ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                              const at::Tensor& scale, const OptT& bias, const OptT& positives,
+                              const OptT& col_positives, const OptT& row_labels,
+                              const OptT& col_labels, int64_t kind, bool symmetric,
+                              bool exclude_self, int64_t offset, bool exact) {
+  (void)exact;  // CPU products are always IEEE fp32
+  const Problem p = make_problem(queries, keys, scale, bias, positives, col_positives, row_labels,
+                                 col_labels, kind, symmetric, exclude_self, offset);
+  const auto f32 = queries.options().dtype(at::kFloat);
+  const int64_t N = p.N, M = p.M;
+  at::Tensor row_lse = at::empty({N}, f32);
+  at::Tensor row_pos = at::zeros({N}, f32);
+  at::Tensor row_npos = at::zeros({N}, f32);
+  at::Tensor col_lse = at::empty({symmetric ? M : 0}, f32);
+  at::Tensor col_pos = at::zeros({symmetric ? M : 0}, f32);
+  if (N == 0) {
+    col_lse.fill_(-std::numeric_limits<float>::infinity());
+    return {row_lse, row_pos, row_npos, col_lse, col_pos};
+  }
+  const int64_t nrb = (N + kRows - 1) / kRows;
+  const int64_t G = num_groups(nrb);
+  at::Tensor cmax = symmetric ? at::full({G, M}, kNegInf, f32) : at::Tensor();
+  at::Tensor csum = symmetric ? at::zeros({G, M}, f32) : at::Tensor();
+  float* lse_p = row_lse.data_ptr<float>();
+  float* pos_p = row_pos.data_ptr<float>();
+  float* npos_p = row_npos.data_ptr<float>();
+  float* colpos_p = symmetric ? col_pos.data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<float> C(kRows * kCols), scratch(2 * kCols);
+    RowState st;
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t b0, b1;
+      group_range(g, G, nrb, b0, b1);
+      float* gmax = symmetric ? cmax.data_ptr<float>() + g * M : nullptr;
+      float* gsum = symmetric ? csum.data_ptr<float>() + g * M : nullptr;
+      for (int64_t rb = b0; rb < b1; ++rb) {
+        const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
+        for (int64_t r = 0; r < kRows; ++r) {
+          st.m[r] = kind == kSigmoid ? 0.f : kNegInf;
+          st.l[r] = st.pos[r] = st.npos[r] = 0.f;
+        }
+        for (int64_t c0 = 0; c0 < M; c0 += kCols) {
+          const int64_t nc = std::min(kCols, M - c0);
+          tile_dot(p, r0, nr, c0, nc, C.data());
+          forward_tile_rows(p, r0, nr, c0, nc, C.data(), st);
+          if (symmetric)
+            forward_tile_cols(p, r0, nr, c0, nc, C.data(), gmax, gsum, colpos_p, scratch.data());
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          lse_p[r0 + r] = kind == kSigmoid ? st.m[r] : lse_of(st.m[r], st.l[r]);
+          pos_p[r0 + r] = st.pos[r];
+          npos_p[r0 + r] = st.npos[r];
+        }
+      }
+    }
+  });
+
+  if (symmetric) {  // merge the G column partials (fixed order: deterministic)
+    const float* pm = cmax.data_ptr<float>();
+    const float* ps = csum.data_ptr<float>();
+    float* out = col_lse.data_ptr<float>();
+    at::parallel_for(0, M, 2048, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        float m = kNegInf;
+        for (int64_t g = 0; g < G; ++g) m = std::max(m, pm[g * M + j]);
+        if (m == kNegInf) {
+          out[j] = kNegInf;
+          continue;
+        }
+        float l = 0.f;
+        for (int64_t g = 0; g < G; ++g) l += ps[g * M + j] * std::exp(pm[g * M + j] - m);
+        out[j] = m + std::log(l);
+      }
+    });
+  }
+  return {row_lse, row_pos, row_npos, col_lse, col_pos};
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
+
+// dS of tile (rows r0.., cols c0..) from raw C into Gt; accumulates sum dS*C and sum dS.
+FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
+               const float* C, float* Gt, double& acc_s, double& acc_b) {
+  const TargetMeta& t = p.t;
+  const float s = p.s, b = p.b;
+  if (p.kind == kSigmoid) {
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t c = 0; c < nc; ++c)
+        Gt[r * nc + c] = grad_logit(t, gm, r0 + r, c0 + c, s * C[r * nc + c] + b);
+  } else {
+    const float* gc = gm.grad_col ? gm.grad_col + c0 : nullptr;
+    const float* clse = gm.grad_col ? gm.col_lse + c0 : nullptr;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = r0 + r;
+      const float* Cr = C + r * nc;
+      float* Gr = Gt + r * nc;
+      const float npos = gm.row_npos[i];
+      const float g = npos > 0.f ? gm.grad_row[i] : 0.f;
+      const float lse = gm.row_lse[i];
+      if (gc) {
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) {
+          const float S = s * Cr[c] + b;
+          Gr[c] = g * exp_fast(S - lse) + gc[c] * exp_fast(S - clse[c]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast(s * Cr[c] + b - lse);
+      }
+      if (npos > 0.f) {
+        const float gt = g / npos;
+        if (t.label_mode()) {
+          const int64_t li = t.row_labels[i];
+          const int64_t* cl = t.col_labels + c0;
+          for (int64_t c = 0; c < nc; ++c)
+            Gr[c] -= (cl[c] == li && t.valid(i, c0 + c)) ? gt : 0.f;
+        } else {
+          const int64_t j = t.pos_of_row(i);
+          if (j >= c0 && j < c0 + nc && t.valid(i, j)) Gr[j - c0] -= gt;
+        }
+      }
+    }
+    if (gc) {
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t j = c0 + c;
+        const int64_t i = t.pos_of_col(j);
+        if (i >= r0 && i < r0 + nr && t.valid(i, j)) Gt[(i - r0) * nc + c] -= gc[c];
+      }
+    }
+    if (t.exclude_self) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t j = r0 + r + t.offset;
+        if (j >= c0 && j < c0 + nc) Gt[r * nc + (j - c0)] = 0.f;
+      }
+    }
+  }
+  float ts = 0.f, tb = 0.f;
+  const int64_t n = nr * nc;
+#pragma omp simd reduction(+ : ts, tb)
+  for (int64_t e = 0; e < n; ++e) {
+    ts += Gt[e] * C[e];
+    tb += Gt[e];
+  }
+  acc_s += ts;
+  acc_b += tb;
+}
+
+BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& keys,
+                                const at::Tensor& scale, const OptT& bias, const OptT& positives,
+                                const OptT& col_positives, const OptT& row_labels,
+                                const OptT& col_labels, int64_t kind, bool symmetric,
+                                bool exclude_self, int64_t offset, bool exact,
+                                const at::Tensor& row_lse, const at::Tensor& row_npos,
+                                const OptT& col_lse, const at::Tensor& grad_row,
+                                const OptT& grad_col, bool need_q, bool need_k, bool need_scale,
+                                bool need_bias) {
+  (void)exact;
+  const Problem p = make_problem(queries, keys, scale, bias, positives, col_positives, row_labels,
+                                 col_labels, kind, symmetric, exclude_self, offset);
+  check_backward_inputs(queries, keys, symmetric, row_lse, row_npos, col_lse, grad_row, grad_col);
+  const int64_t N = p.N, M = p.M, D = p.D;
+  const auto f32 = queries.options().dtype(at::kFloat);
+  const bool has_gc = grad_col.has_value() && grad_col->defined();
+  at::Tensor lse32 = as_f32(row_lse), npos32 = as_f32(row_npos), g32 = as_f32(grad_row);
+  at::Tensor clse32 = has_gc ? as_f32(*col_lse) : at::Tensor();
+  at::Tensor gc32 = has_gc ? as_f32(*grad_col) : at::Tensor();
+  const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(),
+                    has_gc ? clse32.data_ptr<float>() : nullptr, g32.data_ptr<float>(),
+                    has_gc ? gc32.data_ptr<float>() : nullptr, kind};
+
+  at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::Tensor();
+  at::Tensor dk = need_k ? at::empty({M, D}, f32) : at::Tensor();
+  const bool need_sb = need_scale || need_bias;
+  const bool row_sweep = need_q || (need_sb && !need_k);
+  const int64_t nrb = (N + kRows - 1) / kRows, ncb = (M + kCols - 1) / kCols;
+  double sum_s = 0.0, sum_b = 0.0;
+
+  // With few threads, dQ and dK come from one sweep: each thread group adds its dS^T Q into a
+  // private (M, D) partial of dK (summed in a fixed order afterwards). When those partials would
+  // be large, dK gets its own column sweep instead (recomputing the tiles).
+  const int64_t G_rows = num_groups(nrb);
+  const bool fused = need_q && need_k && N > 0 && M > 0 &&
+                     G_rows * M * D * static_cast<int64_t>(sizeof(float)) <= kFusedScratchBytes;
+  at::Tensor dk_parts = fused ? at::zeros({G_rows, M, D}, f32) : at::Tensor();
+
+  if (row_sweep && N > 0 && M > 0) {
+    const int64_t G = G_rows;
+    std::vector<double> ps(G, 0.0), pb(G, 0.0);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), acc(need_q ? kRows * D : 0);
+      for (int64_t g = g0; g < g1; ++g) {
+        int64_t b0, b1;
+        group_range(g, G, nrb, b0, b1);
+        for (int64_t rb = b0; rb < b1; ++rb) {
+          const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
+          at::Tensor dq_acc;
+          if (need_q) {
+            dq_acc = at::from_blob(acc.data(), {nr, D}, f32);
+            dq_acc.zero_();
+          }
+          for (int64_t c0 = 0; c0 < M; c0 += kCols) {
+            const int64_t nc = std::min(kCols, M - c0);
+            tile_dot(p, r0, nr, c0, nc, C.data());
+            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), ps[g], pb[g]);
+            if (need_q)
+              dq_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32), p.k.narrow(0, c0, nc));
+            if (fused)
+              dk_parts.select(0, g).narrow(0, c0, nc).addmm_(
+                  at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
+          }
+          if (need_q) {
+            at::Tensor rows = dq.narrow(0, r0, nr);
+            at::mul_out(rows, dq_acc, p.s);
+          }
+        }
+      }
+    });
+    for (int64_t g = 0; g < G; ++g) sum_s += ps[g], sum_b += pb[g];
+  }
+  if (fused) {
+    at::sum_out(dk, dk_parts, {0});
+    dk.mul_(p.s);
+  } else if (need_k && N > 0 && M > 0) {
+    const int64_t G = num_groups(ncb);
+    std::vector<double> ps(G, 0.0), pb(G, 0.0);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), acc(kCols * D);
+      for (int64_t g = g0; g < g1; ++g) {
+        int64_t b0, b1;
+        group_range(g, G, ncb, b0, b1);
+        for (int64_t cb = b0; cb < b1; ++cb) {
+          const int64_t c0 = cb * kCols, nc = std::min(kCols, M - c0);
+          at::Tensor dk_acc = at::from_blob(acc.data(), {nc, D}, f32);
+          dk_acc.zero_();
+          for (int64_t r0 = 0; r0 < N; r0 += kRows) {
+            const int64_t nr = std::min(kRows, N - r0);
+            tile_dot(p, r0, nr, c0, nc, C.data());
+            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), ps[g], pb[g]);
+            dk_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
+          }
+          at::Tensor cols = dk.narrow(0, c0, nc);
+          at::mul_out(cols, dk_acc, p.s);
+        }
+      }
+    });
+    if (!row_sweep)
+      for (int64_t g = 0; g < G; ++g) sum_s += ps[g], sum_b += pb[g];
+  }
+  if (need_q && N > 0 && M == 0) dq.zero_();
+  if (need_k && M > 0 && N == 0) dk.zero_();
+
+  const auto empty_like_dtype = [&](const at::Tensor& x) { return at::empty({0}, x.options()); };
+  at::Tensor out_q = need_q ? dq.to(queries.scalar_type()) : empty_like_dtype(queries);
+  at::Tensor out_k = need_k ? dk.to(keys.scalar_type()) : empty_like_dtype(keys);
+  at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
+  at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
+  return {out_q, out_k, out_s, out_b};
+}
+
+}  // namespace
+}  // namespace fastcl
+
+TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
+  m.impl("engine_forward", &fastcl::engine_forward_cpu);
+  m.impl("engine_backward", &fastcl::engine_backward_cpu);
+}

@@ -1,0 +1,136 @@
+// Schemas of the fastcl engine ops (declared once here; kernels in cpu/ and cuda/) and the input
+// checks shared by every device.
+//
+// Conventions:
+//  * kind: 0 = softmax closure, 1 = sigmoid closure.
+//  * engine_forward returns (row_lse, row_pos, row_npos, col_lse, col_pos), float32; col_lse and
+//    col_pos have shape (0,) unless symmetric.
+//  * engine_backward returns (d_queries, d_keys, d_scale, d_bias); a gradient that was not asked for
+//    (need_* false) is returned as an empty (0,) tensor of its dtype. d_queries / d_keys have the
+//    dtype of queries / keys, d_scale / d_bias are float32 of shape (1,).
+//  * grad_col is None unless the column term of a symmetric loss receives a gradient.
+#include <torch/library.h>
+
+#include "fastcl.h"
+
+#ifdef TORCH_EXTENSION_NAME
+#include <Python.h>
+#endif
+
+namespace fastcl {
+
+namespace {
+
+bool is_feature_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
+}
+
+void check_index(const OptT& x, const char* name, int64_t n, const at::Tensor& like) {
+  if (!x.has_value() || !x->defined()) return;
+  TORCH_CHECK_TYPE(x->scalar_type() == at::kLong || x->scalar_type() == at::kInt, name,
+                   " must be an int64 tensor, got ", x->scalar_type());
+  TORCH_CHECK_VALUE(x->dim() == 1 && x->size(0) == n, name, " must have shape (", n, ",), got ",
+                    x->sizes());
+  TORCH_CHECK_VALUE(x->device() == like.device(), name, " is on ", x->device(),
+                    " but the features are on ", like.device());
+}
+
+void check_vec(const at::Tensor& x, const char* name, int64_t n, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(x.defined(), name, " must be a tensor of shape (", n, ",)");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name, " must be a floating-point tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == n, name, " must have shape (", n, ",), got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.device() == like.device(), name, " is on ", x.device(),
+                    " but the features are on ", like.device());
+}
+
+void check_scalar(const at::Tensor& x, const char* name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(x.numel() == 1, name, " must be a float32 tensor of shape (1,), got shape ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, name, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == like.device(), name, " is on ", x.device(),
+                    " but the features are on ", like.device());
+}
+
+}  // namespace
+
+void check_engine_inputs(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& scale,
+                         const OptT& bias, const OptT& positives, const OptT& col_positives,
+                         const OptT& row_labels, const OptT& col_labels, int64_t kind, bool symmetric) {
+  TORCH_CHECK_VALUE(queries.dim() == 2, "queries must have shape (N, D), got ", queries.sizes());
+  TORCH_CHECK_VALUE(keys.dim() == 2, "keys must have shape (M, D), got ", keys.sizes());
+  TORCH_CHECK_VALUE(queries.size(1) == keys.size(1),
+                    "queries and keys must share the feature dimension D, got ", queries.sizes(),
+                    " and ", keys.sizes());
+  TORCH_CHECK_TYPE(is_feature_dtype(queries.scalar_type()),
+                   "queries must be float16, bfloat16 or float32, got ", queries.scalar_type());
+  TORCH_CHECK_TYPE(keys.scalar_type() == queries.scalar_type(),
+                   "keys must have the dtype of queries (", queries.scalar_type(), "), got ",
+                   keys.scalar_type());
+  TORCH_CHECK_VALUE(keys.device() == queries.device(), "keys are on ", keys.device(),
+                    " but queries are on ", queries.device());
+  check_scalar(scale, "scale", queries);
+  if (bias.has_value() && bias->defined()) check_scalar(*bias, "bias", queries);
+  TORCH_CHECK_VALUE(kind == kSoftmax || kind == kSigmoid,
+                    "kind must be 0 (softmax) or 1 (sigmoid), got ", kind);
+  const int64_t N = queries.size(0), M = keys.size(0);
+  check_index(positives, "positives", N, queries);
+  check_index(col_positives, "col_positives", M, queries);
+  check_index(row_labels, "row_labels", N, queries);
+  check_index(col_labels, "col_labels", M, queries);
+  const bool has_rl = row_labels.has_value() && row_labels->defined();
+  const bool has_cl = col_labels.has_value() && col_labels->defined();
+  TORCH_CHECK_VALUE(has_rl == has_cl, "row_labels and col_labels must be given together");
+  TORCH_CHECK_VALUE(!symmetric || (kind == kSoftmax && !has_rl),
+                    "symmetric needs the softmax kind and index targets (no labels)");
+}
+
+void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bool symmetric,
+                           const at::Tensor& row_lse, const at::Tensor& row_npos, const OptT& col_lse,
+                           const at::Tensor& grad_row, const OptT& grad_col) {
+  const int64_t N = queries.size(0), M = keys.size(0);
+  check_vec(row_lse, "row_lse", N, queries);
+  check_vec(row_npos, "row_npos", N, queries);
+  check_vec(grad_row, "grad_row", N, queries);
+  if (grad_col.has_value() && grad_col->defined()) {
+    TORCH_CHECK_VALUE(symmetric, "grad_col is only used by symmetric losses");
+    check_vec(*grad_col, "grad_col", M, queries);
+    TORCH_CHECK_VALUE(col_lse.has_value() && col_lse->defined(), "grad_col needs col_lse");
+    check_vec(*col_lse, "col_lse", M, queries);
+  }
+}
+
+at::Tensor index_or_empty(const OptT& x) {
+  if (!x.has_value() || !x->defined()) return at::Tensor();
+  return x->to(at::kLong).contiguous();
+}
+
+}  // namespace fastcl
+
+TORCH_LIBRARY(fastcl, m) {
+  m.def(
+      "engine_forward(Tensor queries, Tensor keys, Tensor scale, Tensor? bias, Tensor? positives, "
+      "Tensor? col_positives, Tensor? row_labels, Tensor? col_labels, int kind, bool symmetric, "
+      "bool exclude_self, int offset, bool exact) -> (Tensor row_lse, Tensor row_pos, "
+      "Tensor row_npos, Tensor col_lse, Tensor col_pos)");
+  m.def(
+      "engine_backward(Tensor queries, Tensor keys, Tensor scale, Tensor? bias, Tensor? positives, "
+      "Tensor? col_positives, Tensor? row_labels, Tensor? col_labels, int kind, bool symmetric, "
+      "bool exclude_self, int offset, bool exact, Tensor row_lse, Tensor row_npos, Tensor? col_lse, "
+      "Tensor grad_row, Tensor? grad_col, bool need_queries, bool need_keys, bool need_scale, "
+      "bool need_bias) -> (Tensor d_queries, Tensor d_keys, Tensor d_scale, Tensor d_bias)");
+}
+
+#ifdef TORCH_EXTENSION_NAME
+// A bare Python module: importing fastcl._C loads this library, which registers the ops above.
+#define FASTCL_CONCAT_(a, b) a##b
+#define FASTCL_CONCAT(a, b) FASTCL_CONCAT_(a, b)
+#define FASTCL_STR_(a) #a
+#define FASTCL_STR(a) FASTCL_STR_(a)
+PyMODINIT_FUNC FASTCL_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, FASTCL_STR(TORCH_EXTENSION_NAME),
+                                   "fastcl engine ops (torch.ops.fastcl.*)", -1, nullptr};
+  return PyModule_Create(&def);
+}
+#endif

@@ -1,0 +1,106 @@
+"""The "cpu" and "cuda" backends: typed wrappers over the compiled ops ``torch.ops.fastcl.*``.
+
+The ops live in the extension ``fastcl._C`` (csrc/); the dispatcher picks the CPU or CUDA kernel
+from the device of the inputs. Fake (meta) kernels are registered here so that
+``torch.compile(fullgraph=True)`` traces through both ops.
+
+Op conventions (see csrc/ops.cpp): ``kind`` is 0 (softmax) or 1 (sigmoid); ``engine_forward``
+returns (row_lse, row_pos, row_npos, col_lse, col_pos) in float32 with (0,)-shaped column outputs
+when not symmetric; ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias) with an empty
+(0,) tensor for every gradient that was not asked for.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import EngineStats, LossSpec, Targets
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.fastcl.*)
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "fastcl.ops.cpp needs the compiled extension fastcl._C, which failed to import "
+        f"({e}). Rebuild with a C++ compiler (and CUDA_HOME for the CUDA kernels), e.g. "
+        "`pip install --no-build-isolation -e .`, or use backend='torch' / 'triton'.") from e
+
+Tensor = torch.Tensor
+
+__all__ = ["forward", "backward", "KINDS"]
+
+KINDS = {"softmax": 0, "sigmoid": 1}
+
+
+def _register_fake(name: str):
+    reg = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
+    return reg(name)
+
+
+@_register_fake("fastcl::engine_forward")
+def _engine_forward_fake(queries, keys, scale, bias, positives, col_positives, row_labels,
+                         col_labels, kind, symmetric, exclude_self, offset, exact):
+    N, M = queries.shape[0], keys.shape[0]
+    f32 = dict(dtype=torch.float32, device=queries.device)
+    mc = M if symmetric else 0
+    return (queries.new_empty((N,), **f32), queries.new_empty((N,), **f32),
+            queries.new_empty((N,), **f32), queries.new_empty((mc,), **f32),
+            queries.new_empty((mc,), **f32))
+
+
+@_register_fake("fastcl::engine_backward")
+def _engine_backward_fake(queries, keys, scale, bias, positives, col_positives, row_labels,
+                          col_labels, kind, symmetric, exclude_self, offset, exact, row_lse,
+                          row_npos, col_lse, grad_row, grad_col, need_queries, need_keys,
+                          need_scale, need_bias):
+    f32 = dict(dtype=torch.float32, device=queries.device)
+    return (queries.new_empty(queries.shape if need_queries else (0,)),
+            keys.new_empty(keys.shape if need_keys else (0,)),
+            queries.new_empty((1,) if need_scale else (0,), **f32),
+            queries.new_empty((1,) if need_bias else (0,), **f32))
+
+
+def _kind(spec: LossSpec) -> int:
+    if spec.kind not in KINDS:
+        raise ValueError(f"spec.kind must be one of {tuple(KINDS)}, got {spec.kind!r}")
+    return KINDS[spec.kind]
+
+
+def forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
+            targets: Targets, spec: LossSpec) -> EngineStats:
+    """Engine statistics of queries (N, D) against keys (M, D); see :mod:`fastcl.ops`.
+
+    scale / bias: float32 (1,) tensors (bias may be None). Returns float32 statistics:
+    row_lse, row_pos, row_npos (N,), and col_lse, col_pos (M,) when ``spec.symmetric``.
+    """
+    row_lse, row_pos, row_npos, col_lse, col_pos = torch.ops.fastcl.engine_forward(
+        queries, keys, scale, bias, targets.positives, targets.col_positives, targets.row_labels,
+        targets.col_labels, _kind(spec), spec.symmetric, spec.exclude_self, spec.offset,
+        spec.exact)
+    if not spec.symmetric:
+        col_lse = col_pos = None
+    return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos)
+
+
+def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
+             targets: Targets, spec: LossSpec, stats: EngineStats, grad_row: Tensor,
+             grad_col: Optional[Tensor], needs: Sequence[bool]
+             ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of sum_i g_i L_i (+ sum_j gc_j Lc_j) from the saved statistics.
+
+    grad_row: (N,), grad_col: (M,) or None (either may be a stride-0 expanded tensor).
+    needs: (queries, keys, scale, bias) flags. Returns (d_queries (N, D) | None, d_keys (M, D) |
+    None, d_scale (1,) | None, d_bias (1,) | None); d_bias is None whenever bias is None.
+    """
+    need_q, need_k, need_s, need_b = (bool(x) for x in needs)
+    need_b = need_b and bias is not None
+    if not spec.symmetric:
+        grad_col = None
+    col_lse = stats.col_lse if grad_col is not None else None
+    dq, dk, ds, db = torch.ops.fastcl.engine_backward(
+        queries, keys, scale, bias, targets.positives, targets.col_positives, targets.row_labels,
+        targets.col_labels, _kind(spec), spec.symmetric, spec.exclude_self, spec.offset,
+        spec.exact, stats.row_lse, stats.row_npos, col_lse, grad_row, grad_col, need_q, need_k,
+        need_s, need_b)
+    return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
+            db if need_b else None)

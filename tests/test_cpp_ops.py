@@ -1,0 +1,514 @@
+"""The C++ extension backends ("cpu" kernels here, "cuda" kernels on a GPU) against the float64
+reference: public losses, the engine contract directly, low precision, and the op registrations."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
+
+import fastcl  # noqa: E402
+from fastcl import reference  # noqa: E402
+from fastcl.ops import LossSpec, Targets  # noqa: E402
+from fastcl.ops import cpp  # noqa: E402
+
+N, M, D = 37, 53, 29  # awkward sizes: no multiple of any tile or vector width
+
+
+def _feats(n, d, *, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    return x.to(device=device, dtype=dtype)
+
+
+def _close(actual, expected, *, rtol=2e-4, atol=2e-5, what=""):
+    assert actual is not None and expected is not None, what
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=what)
+
+
+def _grads(loss_fn, tensors, grad_out):
+    out = loss_fn()
+    return out.detach(), torch.autograd.grad(out, tensors, grad_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API, backend="cpu"
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("custom_positives", [False, True])
+def test_info_nce_cpu_matches_reference(reduction, custom_positives):
+    q, k = _feats(N, D, seed=1), _feats(M, D, seed=2)
+    positives = torch.randperm(M, generator=torch.Generator().manual_seed(3))[:N] if custom_positives else None
+    scale = torch.tensor(1 / 0.07)
+    bias = torch.tensor(-0.4)
+    leaves = [t.clone().requires_grad_() for t in (q, k, scale, bias)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    gshape = (N,) if reduction == "none" else ()
+    grad_out = torch.randn(gshape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 1.5
+
+    out, grads = _grads(lambda: fastcl.info_nce(leaves[0], leaves[1], positives=positives, scale=leaves[2],
+                                                bias=leaves[3], reduction=reduction, backend="cpu"),
+                        leaves, grad_out.float())
+    ref, ref_grads = _grads(lambda: reference.info_nce(*ref_leaves[:2], positives=positives,
+                                                       scale=ref_leaves[2], bias=ref_leaves[3],
+                                                       reduction=reduction), ref_leaves, grad_out)
+    _close(out, ref, what="loss")
+    for name, g, r in zip(("queries", "keys", "scale", "bias"), grads, ref_grads):
+        _close(g, r, what=f"d_{name}")
+
+
+def test_info_nce_cpu_no_grad_keys_and_fixed_scale():
+    """Partial requires_grad: only the queries are trained (queue / frozen-key setting)."""
+    q, k = _feats(N, D, seed=5), _feats(M, D, seed=6)
+    qq = q.clone().requires_grad_()
+    loss = fastcl.info_nce(qq, k, scale=20.0, reduction="sum", backend="cpu")
+    (gq,) = torch.autograd.grad(loss * 0.3, qq)
+    qr = q.double().requires_grad_()
+    ref = reference.info_nce(qr, k.double(), scale=20.0, reduction="sum")
+    (rq,) = torch.autograd.grad(ref * 0.3, qr)
+    _close(loss, ref, what="loss")
+    _close(gq, rq, what="d_queries")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_clip_loss_cpu_matches_reference_at_tau_001(reduction, with_bias):
+    n = 45
+    img, txt = _feats(n, D, seed=7), _feats(n, D, seed=8)
+    scale = torch.tensor(100.0)  # tau = 0.01
+    bias = torch.tensor(0.25) if with_bias else None
+    leaves = [t.clone().requires_grad_() for t in (img, txt, scale)]
+    if bias is not None:
+        leaves.append(bias.clone().requires_grad_())
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    gshape = (2, n) if reduction == "none" else ()
+    grad_out = torch.rand(gshape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 0.5
+
+    def ours():
+        return fastcl.clip_loss(leaves[0], leaves[1], leaves[2], leaves[3] if with_bias else None,
+                                reduction=reduction, backend="cpu")
+
+    def ref():
+        return reference.clip_loss(ref_leaves[0], ref_leaves[1], ref_leaves[2],
+                                   ref_leaves[3] if with_bias else None, reduction=reduction)
+
+    out, grads = _grads(ours, leaves, grad_out.float())
+    r, rgrads = _grads(ref, ref_leaves, grad_out)
+    _close(out, r, rtol=5e-4, atol=5e-4, what="loss")
+    for g, rg in zip(grads, rgrads):
+        _close(g, rg, rtol=5e-4, atol=5e-4, what="grad")
+
+
+def test_clip_loss_cpu_only_text_tower_trains():
+    n = 40
+    img, txt = _feats(n, 64, seed=10), _feats(n, 64, seed=11)
+    tt = txt.clone().requires_grad_()
+    loss = fastcl.clip_loss(img, tt, 50.0, backend="cpu")
+    (gt,) = torch.autograd.grad(loss, tt)
+    tr = txt.double().requires_grad_()
+    (rt,) = torch.autograd.grad(reference.clip_loss(img.double(), tr, 50.0), tr)
+    _close(gt, rt, rtol=5e-4, atol=1e-5, what="d_text")
+
+
+# ----------------------------------------------------------------------------------------------
+# engine contract directly: every closure, metadata modes, strides
+# ----------------------------------------------------------------------------------------------
+
+
+def _ref_kw(spec, tg):
+    return dict(kind=spec.kind, symmetric=spec.symmetric, exclude_self=spec.exclude_self,
+                offset=spec.offset, positives=tg.positives, col_positives=tg.col_positives,
+                row_labels=tg.row_labels, col_labels=tg.col_labels)
+
+
+def _engine_case(spec, tg, q, k, scale, bias, needs=(True, True, True, True), grad_row=None,
+                 grad_col=None, rtol=3e-4, atol=3e-4):
+    n, m = q.shape[0], k.shape[0]
+    stats = cpp.forward(q, k, scale, bias, tg, spec)
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference.engine_forward(d64(q), d64(k), d64(scale), d64(bias), **_ref_kw(spec, tg))
+    for name, a, r in zip(("row_lse", "row_pos", "row_npos", "col_lse", "col_pos"), stats, ref):
+        if r is None:
+            assert a is None, name
+            continue
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        _close(a, r, rtol=rtol, atol=atol, what=name)
+    gen = torch.Generator().manual_seed(123)
+    if grad_row is None:
+        grad_row = torch.randn(n, generator=gen) + 1.0
+    if grad_col is None and spec.symmetric:
+        grad_col = torch.randn(m, generator=gen) - 0.5
+    got = cpp.backward(q, k, scale, bias, tg, spec, stats, grad_row, grad_col, needs)
+    want = reference.engine_backward(
+        d64(q), d64(k), d64(scale), d64(bias), row_lse=ref[0], row_npos=ref[2], col_lse=ref[3],
+        grad_row=grad_row.double(), grad_col=d64(grad_col), needs=needs, **_ref_kw(spec, tg))
+    for name, need, a, r in zip(("d_queries", "d_keys", "d_scale", "d_bias"), needs, got, want):
+        if not need or (name == "d_bias" and bias is None):
+            assert a is None, name
+            continue
+        _close(a, r, rtol=rtol, atol=atol, what=name)
+    return stats, got
+
+
+def _labels(n, classes, seed):
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_engine_label_mode_exclude_self(offset):
+    """SupCon / NT-Xent closure: label-equality positives, self-pairs j == i + offset removed."""
+    n, m = 41, 70
+    q, k = _feats(n, D, seed=20), _feats(m, D, seed=21)
+    labels = _labels(m, 6, 22)
+    tg = Targets(row_labels=labels[offset:offset + n].clone(), col_labels=labels)
+    spec = LossSpec(exclude_self=True, offset=offset)
+    stats, _ = _engine_case(spec, tg, q, k, torch.tensor([1 / 0.07]), None)
+    assert (stats.row_npos > 0).any() and (stats.row_npos >= 0).all()
+
+
+def test_engine_label_mode_rows_without_positives():
+    """Rows whose label appears nowhere else get no gradient and a zero npos."""
+    n = 30
+    x = _feats(n, D, seed=23)
+    labels = _labels(n, 4, 24)
+    labels[:3] = torch.tensor([100, 101, 102])  # singletons
+    tg = Targets(row_labels=labels, col_labels=labels)
+    spec = LossSpec(exclude_self=True)
+    stats, (dq, dk, ds, db) = _engine_case(spec, tg, x, x.clone(), torch.tensor([10.0]),
+                                           torch.tensor([0.1]))
+    assert (stats.row_npos[:3] == 0).all()
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_engine_sigmoid(labels):
+    """SigLIP closure (with learnable scale and bias)."""
+    q, k = _feats(N, D, seed=30), _feats(M, D, seed=31)
+    tg = Targets(row_labels=_labels(N, 5, 32), col_labels=_labels(M, 5, 33)) if labels else Targets()
+    spec = LossSpec(kind="sigmoid")
+    stats, _ = _engine_case(spec, tg, q, k, torch.tensor([10.0]), torch.tensor([-10.0]))
+    assert (stats.row_pos == 0).all() and (stats.row_npos == 0).all()
+
+
+def test_engine_sigmoid_exclude_self_offset():
+    q, k = _feats(N, D, seed=34), _feats(M, D, seed=35)
+    _engine_case(LossSpec(kind="sigmoid", exclude_self=True, offset=3), Targets(), q, k,
+                 torch.tensor([5.0]), torch.tensor([-2.0]))
+
+
+def test_engine_symmetric_custom_positives_and_offset():
+    n = 48
+    q, k = _feats(n, D, seed=40), _feats(n, D, seed=41)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(42))
+    tg = Targets(positives=perm, col_positives=torch.argsort(perm))
+    _engine_case(LossSpec(symmetric=True), tg, q, k, torch.tensor([100.0]), torch.tensor([1.0]))
+    # default targets on a shifted diagonal: pc(j) = j - offset falls outside [0, N) for some j
+    _engine_case(LossSpec(symmetric=True, offset=4), Targets(), q[:40], k, torch.tensor([30.0]), None)
+
+
+def test_engine_symmetric_row_term_only():
+    """grad_col=None: the column statistics get no gradient (one-way use of a symmetric sweep)."""
+    n = 33
+    q, k = _feats(n, D, seed=43), _feats(n, D, seed=44)
+    spec = LossSpec(symmetric=True)
+    stats = cpp.forward(q, k, torch.tensor([20.0]), None, Targets(), spec)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(45))
+    got = cpp.backward(q, k, torch.tensor([20.0]), None, Targets(), spec, stats, g, None,
+                       (True, True, False, False))
+    want = reference.engine_backward(q.double(), k.double(), torch.tensor([20.0], dtype=torch.float64),
+                                     None, row_lse=stats.row_lse.double(), row_npos=stats.row_npos.double(),
+                                     col_lse=None, grad_row=g.double(), grad_col=None,
+                                     needs=(True, True, False, False), symmetric=True)
+    _close(got[0], want[0], what="d_queries")
+    _close(got[1], want[1], what="d_keys")
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
+                                   (False, False, True, True), (True, True, True, False),
+                                   (False, True, False, True)])
+def test_engine_partial_needs(needs):
+    q, k = _feats(N, D, seed=50), _feats(M, D, seed=51)
+    _engine_case(LossSpec(), Targets(), q, k, torch.tensor([14.0]), torch.tensor([0.5]), needs=needs)
+
+
+def test_engine_non_contiguous_inputs_and_expanded_grads():
+    n = 36
+    base_q = _feats(n, 2 * D, seed=60)
+    base_k = _feats(D, n, seed=61)
+    q = base_q[:, ::2]  # strided rows
+    k = base_k.t()  # column-major
+    assert not q.is_contiguous() and not k.is_contiguous()
+    g = torch.tensor(0.7).expand(n)
+    gc = torch.tensor(-1.3).expand(n)
+    _engine_case(LossSpec(symmetric=True), Targets(), q, k, torch.tensor([25.0]), None,
+                 grad_row=g, grad_col=gc)
+
+
+def test_engine_multiple_tiles():
+    """Sizes spanning several row and column tiles and thread groups, large scale."""
+    n, m, d = 150, 600, 40
+    q, k = _feats(n, d, seed=70), _feats(m, d, seed=71)
+    tg = Targets(positives=torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(72)))
+    _engine_case(LossSpec(), tg, q, k, torch.tensor([100.0]), None, rtol=1e-3, atol=1e-3)
+    _engine_case(LossSpec(symmetric=True), Targets(), q, k[:n], torch.tensor([100.0]),
+                 torch.tensor([2.0]), rtol=1e-3, atol=1e-3)
+
+
+def test_engine_single_column_fully_excluded():
+    """M = 1 with self-exclusion: every entry invalid, LSE -inf, no gradient, no NaN."""
+    q, k = _feats(1, 8, seed=73), _feats(1, 8, seed=74)
+    spec = LossSpec(exclude_self=True)
+    tg = Targets(row_labels=torch.zeros(1, dtype=torch.long), col_labels=torch.zeros(1, dtype=torch.long))
+    st = cpp.forward(q, k, torch.tensor([3.0]), None, tg, spec)
+    assert st.row_lse.item() == -math.inf and st.row_npos.item() == 0
+    dq, dk, ds, _ = cpp.backward(q, k, torch.tensor([3.0]), None, tg, spec, st, torch.ones(1), None,
+                                 (True, True, True, False))
+    assert torch.all(dq == 0) and torch.all(dk == 0) and ds.item() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# low precision: error judged against torch's own error in that dtype
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_clip_loss_cpu_low_precision(dtype):
+    n, d = 64, 48
+    img, txt = _feats(n, d, seed=80, dtype=dtype), _feats(n, d, seed=81, dtype=dtype)
+    scale = 30.0
+
+    def run(fn, a, b):
+        a = a.clone().requires_grad_()
+        b = b.clone().requires_grad_()
+        loss = fn(a, b)
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        return loss.double(), ga.double(), gb.double()
+
+    exact = run(lambda a, b: reference.clip_loss(a, b, scale), img.double(), txt.double())
+    ours = run(lambda a, b: fastcl.clip_loss(a, b, scale, backend="cpu"), img, txt)
+    torch_lp = run(lambda a, b: reference.clip_loss(a, b, scale), img, txt)
+    assert ours[1].dtype == torch.float64  # (cast above); the raw grads come back in `dtype`
+    for name, o, t, e in zip(("loss", "d_image", "d_text"), ours, torch_lp, exact):
+        err_ours = (o - e).abs().max().item()
+        err_torch = (t - e).abs().max().item()
+        assert err_ours <= 2.0 * err_torch + 1e-3 * e.abs().max().item(), (name, err_ours, err_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_dtype_follows_inputs(dtype):
+    q, k = _feats(N, D, seed=82, dtype=dtype), _feats(M, D, seed=83, dtype=dtype)
+    st = cpp.forward(q, k, torch.tensor([10.0]), None, Targets(), LossSpec())
+    assert st.row_lse.dtype == torch.float32
+    dq, dk, ds, db = cpp.backward(q, k, torch.tensor([10.0]), None, Targets(), LossSpec(), st,
+                                  torch.ones(N), None, (True, True, True, False))
+    assert dq.dtype == dtype and dk.dtype == dtype and ds.dtype == torch.float32 and db is None
+
+
+# ----------------------------------------------------------------------------------------------
+# op registrations: schemas, fake kernels, compile tracing, input checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_args(kind=0, symmetric=False, labels=False, exclude_self=False, bias=True):
+    q, k = _feats(N, D, seed=90), _feats(M if not symmetric else N, D, seed=91)
+    m = k.shape[0]
+    rl = _labels(N, 3, 92) if labels else None
+    cl = _labels(m, 3, 93) if labels else None
+    return (q, k, torch.tensor([8.0]), torch.tensor([0.2]) if bias else None, None, None, rl, cl,
+            kind, symmetric, exclude_self, 0, False)
+
+
+_FWD_SAMPLES = [
+    _fwd_args(),
+    _fwd_args(symmetric=True, bias=False),
+    _fwd_args(labels=True, exclude_self=True),
+    _fwd_args(kind=1, labels=True),
+]
+
+
+@pytest.mark.parametrize("args", _FWD_SAMPLES, ids=["index", "symmetric", "labels", "sigmoid"])
+def test_opcheck_engine_forward(args):
+    torch.library.opcheck(torch.ops.fastcl.engine_forward.default, args)
+
+
+@pytest.mark.parametrize("args", _FWD_SAMPLES, ids=["index", "symmetric", "labels", "sigmoid"])
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False)])
+def test_opcheck_engine_backward(args, needs):
+    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    symmetric = args[9]
+    n, m = args[0].shape[0], args[1].shape[0]
+    grad_col = torch.rand(m) if symmetric else None
+    bwd = args + (row_lse, row_npos, col_lse if symmetric else None, torch.rand(n), grad_col) + needs
+    torch.library.opcheck(torch.ops.fastcl.engine_backward.default, bwd)
+
+
+def test_backward_empty_outputs_convention():
+    args = _fwd_args()
+    row_lse, _, row_npos, _, _ = torch.ops.fastcl.engine_forward(*args)
+    dq, dk, ds, db = torch.ops.fastcl.engine_backward(*args, row_lse, row_npos, None, torch.ones(N),
+                                                      None, False, True, False, False)
+    assert dq.shape == (0,) and dk.shape == (M, D) and ds.shape == (0,) and db.shape == (0,)
+
+
+def test_compile_fullgraph_traces_through_ops():
+    q, k = _feats(N, D, seed=94), _feats(M, D, seed=95)
+
+    def fn(q, k, s):
+        st = cpp.forward(q, k, s, None, Targets(), LossSpec())
+        return st.row_lse - st.row_pos
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    s = torch.tensor([12.0])
+    torch.testing.assert_close(compiled(q, k, s), fn(q, k, s))
+
+
+def test_compile_fullgraph_clip_loss_cpu_forward_backward():
+    n = 37
+    img, txt = _feats(n, D, seed=98), _feats(n, D, seed=99)
+
+    def fn(a, b, s):
+        return fastcl.clip_loss(a, b, s, backend="cpu", reduction="sum")
+
+    def run(f):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(30.0, requires_grad=True)
+        loss = f(a, b, s)
+        return (loss, *torch.autograd.grad(loss * 0.7, (a, b, s)))
+
+    eager = run(fn)  # also resolves (and caches) the backend lookup outside the traced region
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
+
+
+def test_op_input_errors():
+    q, k = _feats(N, D, seed=96), _feats(M, D, seed=97)
+    s = torch.tensor([1.0])
+    fwd = torch.ops.fastcl.engine_forward
+    with pytest.raises(ValueError, match="feature dimension"):
+        fwd(q, k[:, :-1], s, None, None, None, None, None, 0, False, False, 0, False)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        fwd(q.double(), k.double(), s, None, None, None, None, None, 0, False, False, 0, False)
+    with pytest.raises(ValueError, match="positives"):
+        fwd(q, k, s, None, torch.zeros(N + 1, dtype=torch.long), None, None, None, 0, False, False,
+            0, False)
+    with pytest.raises(ValueError, match="kind"):
+        fwd(q, k, s, None, None, None, None, None, 7, False, False, 0, False)
+    with pytest.raises(TypeError, match="scale"):
+        fwd(q, k, s.double(), None, None, None, None, None, 0, False, False, 0, False)
+    with pytest.raises(ValueError, match="row_labels and col_labels"):
+        fwd(q, k, s, None, None, None, _labels(N, 2, 0), None, 0, False, False, 0, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels (need a GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cuda_case(spec, tg, dtype, n, m, d, scale, bias, tol):
+    q = _feats(n, d, seed=100, dtype=dtype, device="cuda")
+    k = _feats(m, d, seed=101, dtype=dtype, device="cuda")
+    s = torch.tensor([scale], device="cuda")
+    b = None if bias is None else torch.tensor([bias], device="cuda")
+    tg = Targets(*[None if t is None else t.cuda() for t in tg])
+    stats = cpp.forward(q, k, s, b, tg, spec)
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference.engine_forward(d64(q), d64(k), d64(s), d64(b), **_ref_kw(spec, tg))
+    for name, a, r in zip(("row_lse", "row_pos", "row_npos", "col_lse", "col_pos"), stats, ref):
+        if r is not None:
+            _close(a, r, rtol=tol, atol=tol, what=name)
+    gen = torch.Generator().manual_seed(7)
+    g = (torch.randn(n, generator=gen) + 1).cuda()
+    gc = (torch.randn(m, generator=gen) - 0.5).cuda() if spec.symmetric else None
+    needs = (True, True, True, bias is not None)
+    got = cpp.backward(q, k, s, b, tg, spec, stats, g, gc, needs)
+    want = reference.engine_backward(d64(q), d64(k), d64(s), d64(b), row_lse=ref[0], row_npos=ref[2],
+                                     col_lse=ref[3], grad_row=g.double(), grad_col=d64(gc), needs=needs,
+                                     **_ref_kw(spec, tg))
+    for name, a, r in zip(("d_queries", "d_keys", "d_scale", "d_bias"), got, want):
+        if r is not None:
+            # gradients of sums over M entries: scale the tolerance by the reference magnitude
+            _close(a, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()), what=name)
+
+
+_CUDA_DTYPES = [(torch.float32, True, 2e-4), (torch.float32, False, 3e-2), (torch.bfloat16, False, 6e-2),
+                (torch.float16, False, 3e-2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,exact,tol", _CUDA_DTYPES)
+@pytest.mark.parametrize("case", ["index", "symmetric", "labels", "sigmoid"])
+def test_cuda_engine_matches_reference(dtype, exact, tol, case):
+    n, m, d = 197, 261, 77
+    if case == "index":
+        spec, tg, scale, bias = LossSpec(exact=exact), Targets(), 14.0, 0.3
+    elif case == "symmetric":
+        # tau = 0.01 with IEEE products; TF32 rounds S by ~scale * 5e-4, so a smaller scale there
+        scale = 100.0 if (exact or dtype != torch.float32) else 20.0
+        spec, tg, bias, m = LossSpec(symmetric=True, exact=exact), Targets(), None, n
+    elif case == "labels":
+        spec = LossSpec(exclude_self=True, offset=2, exact=exact)
+        tg = Targets(row_labels=_labels(n, 7, 1), col_labels=_labels(m, 7, 2))
+        scale, bias = 10.0, None
+    else:
+        spec, tg, scale, bias = LossSpec(kind="sigmoid", exact=exact), Targets(), 10.0, -10.0
+    _cuda_case(spec, tg, dtype, n, m, d, scale, bias, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_clip_loss_matches_reference_and_triton(dtype):
+    n, d = 300, 128
+    img = _feats(n, d, seed=110, dtype=dtype, device="cuda")
+    txt = _feats(n, d, seed=111, dtype=dtype, device="cuda")
+
+    def run(fn, a, b, s):
+        a, b, s = (t.clone().requires_grad_() for t in (a, b, s))
+        loss = fn(a, b, s)
+        return (loss.double(), *(g.double() for g in torch.autograd.grad(loss * 1.3, (a, b, s))))
+
+    s = torch.tensor(50.0, device="cuda")
+    ours = run(lambda a, b, s: fastcl.clip_loss(a, b, s, backend="cuda", exact=True), img, txt, s)
+    ref = run(lambda a, b, s: reference.clip_loss(a, b, s), img.double(), txt.double(), s.double())
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for o, r in zip(ours, ref):
+        _close(o, r, rtol=tol, atol=tol)
+    try:
+        tri = run(lambda a, b, s: fastcl.clip_loss(a, b, s, backend="triton", exact=True), img, txt, s)
+    except (ImportError, RuntimeError) as e:  # the Triton backend is optional here
+        pytest.skip(f"triton backend unavailable: {e}")
+    for o, t in zip(ours, tri):
+        _close(o, t, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_cuda_info_nce_rectangular_no_grad_keys():
+    n, m, d = 129, 1000, 64
+    q = _feats(n, d, seed=120, device="cuda").requires_grad_()
+    k = _feats(m, d, seed=121, device="cuda")
+    pos = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(3)).cuda()
+    loss = fastcl.info_nce(q, k, positives=pos, scale=20.0, reduction="sum", backend="cuda", exact=True)
+    (gq,) = torch.autograd.grad(loss, q)
+    qr = q.detach().double().requires_grad_()
+    ref = reference.info_nce(qr, k.double(), positives=pos, scale=20.0, reduction="sum")
+    (rq,) = torch.autograd.grad(ref, qr)
+    _close(loss, ref, rtol=1e-4, atol=1e-3)
+    _close(gq, rq, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck_and_determinism():
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _fwd_args(symmetric=True))
+    torch.library.opcheck(torch.ops.fastcl.engine_forward.default, args)
+    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    n = args[0].shape[0]
+    g = torch.rand(n, device="cuda")
+    bwd = args + (row_lse, row_npos, col_lse, g, torch.rand(n, device="cuda"), True, True, True, False)
+    torch.library.opcheck(torch.ops.fastcl.engine_backward.default, bwd)
+    first = torch.ops.fastcl.engine_backward(*bwd)
+    second = torch.ops.fastcl.engine_backward(*bwd)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
