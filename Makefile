@@ -25,6 +25,9 @@ install: $(VENV)/.deps
 test: install
 	$(PY) -m pytest tests -q -ra
 	$(PY) -m pytest bench -q
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake -j$(MAX_JOBS)
+	ctest --test-dir build/cmake --output-on-failure
 
 bench: install
 	$(PY) -m bench

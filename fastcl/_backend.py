@@ -8,6 +8,12 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "cuda", "cpu")
+
+
+def _constant_under_compile(fn):
+    """Probes below import modules; under torch.compile their answer is a constant."""
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _loaded: dict = {}
 
@@ -16,6 +22,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@_constant_under_compile
 def has_triton() -> bool:
     if "has_triton" not in _loaded:
         try:
@@ -27,6 +34,7 @@ def has_triton() -> bool:
     return _loaded["has_triton"]
 
 
+@_constant_under_compile
 def has_extension() -> bool:
     """True when the compiled ``fastcl._C`` extension is importable."""
     if "has_ext" not in _loaded:
