@@ -117,6 +117,22 @@ def _check_labels(name: str, labels, n: int, device) -> Tensor:
     return labels.to(torch.int64).contiguous()
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of statistics and scalar parameters for features x: float64 only for float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _temperature_scale(temperature, like: Tensor) -> Tensor:
+    """scale = 1 / temperature as a scalar parameter (a tensor temperature keeps its gradient)."""
+    return _scalar_param("temperature", _inverse_temperature(temperature), like.device,
+                         optional=False, dtype=_stat_dtype(like))
+
+
+def _no_targets(n: int, device) -> Tensor:
+    """Positives -1: rows without an in-kernel target (the loss supplies its own target terms)."""
+    return torch.full((n,), -1, dtype=torch.int64, device=device)
+
+
 def _inverse_temperature(temperature) -> Scalar:
     if isinstance(temperature, Tensor):
         return 1.0 / temperature
@@ -183,7 +199,7 @@ def _check_unit(name: str, x: float, *, high_open: bool = True) -> float:
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
     """<a_i, b_i> in float32 (float64 for float64 inputs): O(N D), differentiable."""
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(a)
     return (a.to(dt) * b.to(dt)).sum(-1)
 
 
@@ -193,7 +209,7 @@ def _smoothing_term(q: Tensor, k: Tensor, pos: Optional[Tensor], s: Tensor, extr
 
     ``extra_sum`` (N, D) / ``extra_count`` add private columns to the mean (hard negatives)."""
     kp = k[: q.shape[0]] if pos is None else k.index_select(0, pos)
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(q)
     total = k.to(dt).sum(0)
     if extra_sum is None:
         mean = total / k.shape[0]
@@ -263,7 +279,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
             raise TypeError(f"hard_negatives must have the queries' dtype {queries.dtype}, got {hard_negatives.dtype}")
         if hard_negatives.device != queries.device:
             raise ValueError(f"hard_negatives is on {hard_negatives.device} but queries are on {queries.device}")
-    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(queries)
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     if fn_margin is not None and fn_ratio is not None:
@@ -331,7 +347,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError("image_features and text_features must have the same batch size N, got "
                          f"{image_features.shape[0]} and {text_features.shape[0]}")
-    dt = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(image_features)
     s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
     b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
@@ -367,7 +383,7 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
             raise ValueError(f"labels need paired batches (N == M), got N={N}, M={M}")
         labels = _check_labels("labels", labels, N, image_features.device)
         targets = Targets(row_labels=labels, col_labels=labels)
-    dt = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(image_features)
     s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
     b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
@@ -386,8 +402,7 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
     """
     _check_reduction(reduction)
     Z, positives, be = _two_views(z1, z2, normalize, backend)
-    s = _scalar_param("temperature", _inverse_temperature(temperature), Z.device, optional=False,
-                      dtype=torch.float64 if Z.dtype == torch.float64 else torch.float32)
+    s = _temperature_scale(temperature, Z)
     spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
     rows, _, _ = engine_loss(Z, Z, s, None, Targets(positives=positives), spec, be)
     return _reduce(rows, reduction)
@@ -438,9 +453,7 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
             raise ValueError("keys need key_labels")
         cols_x, cols_y = _views_flat("keys", keys, key_labels, "key_labels")
         _check_pair("features", rows_x, "keys", cols_x)
-    inv_t = _inverse_temperature(temperature)
-    dt = torch.float64 if rows_x.dtype == torch.float64 else torch.float32
-    s = _scalar_param("temperature", inv_t, rows_x.device, optional=False, dtype=dt)
+    s = _temperature_scale(temperature, rows_x)
     rows_x, cols_x, be = _prepare(rows_x, cols_x, backend)
     if normalize:
         rows_x = torch.nn.functional.normalize(rows_x, dim=1)
@@ -474,8 +487,7 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
     """
     _check_reduction(reduction)
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
-    s = _scalar_param("temperature", _inverse_temperature(temperature), Z.device, optional=False,
-                      dtype=torch.float64 if Z.dtype == torch.float64 else torch.float32)
+    s = _temperature_scale(temperature, Z)
     n2 = Z.shape[0]
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
     lse, tgt, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
@@ -504,7 +516,7 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     _check_pair("queries", queries, "keys", keys)
     _check_reduction(reduction)
     N, M = queries.shape[0], keys.shape[0]
-    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(queries)
     if isinstance(targets, (tuple, list)) and len(targets) == 2:
         idx, w = targets
         if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.shape[0] != N:
@@ -525,7 +537,7 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     queries, keys, be = _prepare(queries, keys, backend)
-    none = torch.full((N,), -1, dtype=torch.int64, device=queries.device)  # no in-kernel targets
+    none = _no_targets(N, queries.device)
     lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
                                         LossSpec(kind="softmax", exact=exact), be)
     qf = queries.to(dt)
@@ -555,8 +567,8 @@ def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int
 
 def _teacher_stats(q, k, s, u, v, ts, spec, be):
     """Engine statistics of queries vs keys with teacher softmax targets softmax_j(ts <u_i, v_j>)."""
-    none = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
-    t32 = ts.detach().reshape(1).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    none = _no_targets(q.shape[0], q.device)
+    t32 = ts.detach().reshape(1).to(_stat_dtype(q))
     targets = Targets(positives=none, teacher_queries=u, teacher_keys=v, teacher_scale=t32)
     lse, soft_logit, _, _, _, aux, _ = engine_statistics(q, k, s, None, targets, spec, be)
     return lse, soft_logit, aux
@@ -584,7 +596,7 @@ def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys
     if directions == "both" and N != M:
         raise ValueError(f"directions='both' needs N == M, got N={N}, M={M}")
     u, v = _teacher_pair("teacher_queries", teacher_queries, "teacher_keys", teacher_keys, N, M, queries)
-    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(queries)
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     ts = _scalar_param("teacher_scale", teacher_scale, queries.device, optional=False, dtype=dt)
     q, k, be = _prepare(queries, keys, backend)
@@ -618,7 +630,7 @@ def softclip(image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
         raise ValueError("image_features and text_features must have the same batch size N")
     u, _ = _teacher_pair("target_features", target_features, "target_features", target_features,
                          N, N, image_features)
-    dt = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(image_features)
     s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
     ts = _scalar_param("target_scale", target_scale, image_features.device, optional=False, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
@@ -651,10 +663,10 @@ def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Opt
     u, v = _teacher_pair("target_queries", target_queries, "target_keys", target_keys, N, M, queries)
     u = torch.nn.functional.normalize(u.double() if u.dtype == torch.float64 else u.float(), dim=1)
     v = torch.nn.functional.normalize(v.double() if v.dtype == torch.float64 else v.float(), dim=1)
-    dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(queries)
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     q, k, be = _prepare(queries, keys, backend)
-    none = torch.full((N,), -1, dtype=torch.int64, device=q.device)
+    none = _no_targets(N, q.device)
     lse, _, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(positives=none),
                                            LossSpec(kind="softmax", exact=exact), be)
     qf, kf = q.to(dt), k.to(dt)
@@ -684,7 +696,7 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta must be a float >= 0, got {beta}")
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
-    dt = torch.float64 if Z.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(Z)
     n2 = Z.shape[0]
     targets = Targets(positives=positives)
     inv_t = 1.0 / float(temperature)
@@ -723,17 +735,16 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     B, V, _ = features.shape
     Z = torch.cat(torch.unbind(features, dim=1))
     _check_features("features", Z)
-    inv_t = _inverse_temperature(temperature)
-    dt = torch.float64 if Z.dtype == torch.float64 else torch.float32
-    s = _scalar_param("temperature", inv_t, Z.device, optional=False, dtype=dt)
+    s = _temperature_scale(temperature, Z)
     Z, _, be = _prepare(Z, Z, backend)
     if normalize:
         Z = torch.nn.functional.normalize(Z, dim=1)
-    none = torch.full((V * B,), -1, dtype=torch.int64, device=Z.device)
+    none = _no_targets(V * B, Z.device)
     lse, _, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=none),
                                            LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                     exact=exact), be)
     all_terms = torch.logsumexp(lse.view(V, B), dim=0)
+    dt = _stat_dtype(Z)
     views = Z.to(dt).view(V, B, -1)
     iu = torch.triu_indices(V, V, offset=1, device=Z.device)
     pair_logits = s.to(dt) * (views[iu[0]] * views[iu[1]]).sum(-1)  # (V(V-1)/2, B)
@@ -750,13 +761,13 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
         raise ValueError(f"uniformity needs at least 2 rows, got {x.shape[0]}")
     if not t > 0:
         raise ValueError(f"t must be > 0, got {t}")
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = _stat_dtype(x)
     s = _scalar_param("t", 2.0 * float(t), x.device, optional=False, dtype=dt)
     x, _, be = _prepare(x, x, backend)
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
-    none = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    none = _no_targets(n, x.device)
     lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
                                         LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                  exact=exact), be)

@@ -3,8 +3,6 @@
 Without a GPU these run on CPU tensors under TRITON_INTERPRET=1 (set in conftest) at small, awkward
 shapes; with a GPU the same tests run on CUDA tensors.
 """
-import math
-
 import pytest
 import torch
 

@@ -63,6 +63,17 @@ def _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, st
 
 
 @triton.jit
+def _scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """The scale s and bias b (0 without one) as float32 scalars, read on the device."""
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr).to(tl.float32)
+    else:
+        b = 0.0
+    return s, b
+
+
+@triton.jit
 def _operand(x, UPCAST: tl.constexpr):
     """A dot operand; UPCAST (CPU interpreter with bf16 only, whose bf16 dot is unreliable) widens
     to float32 after the bf16 rounding the GPU path applies."""
@@ -332,11 +343,7 @@ def _forward_kernel(
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    s = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr).to(tl.float32)
-    else:
-        b = 0.0
+    s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -485,11 +492,7 @@ def _backward_rows_kernel(
     rmask = rows < N
     dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv < D
-    s = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr).to(tl.float32)
-    else:
-        b = 0.0
+    s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
     lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
         rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
@@ -558,9 +561,9 @@ def _backward_cols_kernel(
 ):
     # Backward over one column block (and one chunk of D for dK), the transpose of the rows kernel:
     #   dK_j = s sum_i dS_ij q_i, with dS_ij as in _backward_rows_kernel.
-    # 1. load the columns' statistics (col_lse, weights gc_j) and targets;
-    # 2. for each row block: load its statistics, recompute c, S, the masks and dS;
-    # 3. accumulate dS^T . Q[:, d chunk]; 4. scale/bias partial sums when asked; store.
+    # 1. for each row block: load the rows' statistics and targets, recompute c, S, the masks and
+    #    dS (the columns' statistics are read with the tile);
+    # 2. accumulate dS^T . Q[:, d chunk]; 3. scale/bias partial sums when asked; store.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     col0 = pid * BLOCK_N
@@ -568,11 +571,7 @@ def _backward_cols_kernel(
     cmask = cols < M
     dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv < D
-    s = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr).to(tl.float32)
-    else:
-        b = 0.0
+    s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -636,11 +635,7 @@ def _grad_tiles_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     col0 = pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
-    s = tl.load(scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(bias_ptr).to(tl.float32)
-    else:
-        b = 0.0
+    s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
     lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
         rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
