@@ -691,7 +691,7 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict
     return cfg
 
 
-_DENSE_BYTES_MIN = 16 << 20
+_DENSE_BYTES_MIN = 8 << 20
 
 
 def _dense_backward(queries: torch.Tensor) -> bool:
@@ -703,9 +703,26 @@ def _dense_backward(queries: torch.Tensor) -> bool:
     return queries.device.type == "cuda" and queries.shape[1] > 128
 
 
+class _tf32_matmul:
+    """Within the block, float32 GEMMs of the wide-feature backward use TF32 (the engine's
+    default precision for float32 inputs) unless ``exact``; the global setting is restored."""
+
+    def __init__(self, enable: bool):
+        self.enable = enable
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        if self.enable:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
+
+
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
     """dQ / dK / d_scale / d_bias from dS written one bounded row chunk at a time (at most
-    ``max(16 MiB, bytes of the inputs)``), then multiplied on the tensor cores."""
+    ``max(8 MiB, half the bytes of the inputs)``), then multiplied on the tensor cores."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
@@ -715,7 +732,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     cfg = dict(_config(queries, "fwd"))
     cfg.pop("BLOCK_DV", None)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size())
+    budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size() // 2)
     rows_per = max(BM, (budget // (M * queries.element_size())) // BM * BM)
     n_chunks = triton.cdiv(N, rows_per)
     ds_buf = torch.empty((min(rows_per, N), M), dtype=queries.dtype, device=dev)
@@ -739,14 +756,15 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
         const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
                      COMPUTE_SB=need_sb, **flags)
         _grad_tiles_kernel[grid](*args, **const, **cfg)
-        if need_q:
-            torch.mm(dS, keys, out=dq[r0:r1])
-        if need_k:
-            part = dS.transpose(0, 1) @ queries[r0:r1]
-            if n_chunks == 1:
-                dk_acc = part
-            else:
-                dk_acc = part.float() if dk_acc is None else dk_acc.add_(part)
+        with _tf32_matmul(queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"):
+            if need_q:
+                torch.mm(dS, keys, out=dq[r0:r1])
+            if need_k:
+                part = dS.transpose(0, 1) @ queries[r0:r1]
+                if n_chunks == 1:
+                    dk_acc = part
+                else:
+                    dk_acc = part.float() if dk_acc is None else dk_acc.add_(part)
     dk = dk_acc.to(keys.dtype) if need_k else None
     if gram and need_q:
         dq.add_(dk)
