@@ -354,6 +354,7 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     dev = queries.device
+    keys = keys.to(dt)  # once, not per chunk
     row_lse = torch.empty(N, dtype=dt, device=dev)
     row_pos = torch.zeros(N, dtype=dt, device=dev)
     row_npos = torch.zeros(N, dtype=dt, device=dev)
@@ -422,7 +423,8 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
     ds = torch.zeros((), dtype=dt, device=queries.device)
     db = torch.zeros((), dtype=dt, device=queries.device)
     s = scale.to(dt).reshape(())
-    kf = keys.to(dt)
+    keys_dtype = keys.dtype
+    kf = keys = keys.to(dt)  # once, not per chunk
     for r0, r1 in _chunks(N, M):
         S, c, valid, T, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
@@ -467,7 +469,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
         if need_b:
             db += dS.sum()
     return (dq.to(queries.dtype) if need_q else None,
-            dk.to(keys.dtype) if need_k else None,
+            dk.to(keys_dtype) if need_k else None,
             ds.reshape(1) if need_s else None,
             db.reshape(1) if need_b else None)
 
@@ -478,6 +480,7 @@ def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optio
     """(N,) for each row, the number of valid non-target j with S_ij > threshold_i."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
+    keys = keys.to(dt)
     out = torch.empty(N, dtype=dt, device=queries.device)
     for r0, r1 in _chunks(N, M):
         S, _, valid, T, _, _ = _tile(queries, keys, scale, bias, r0, r1, kind="softmax",
@@ -492,6 +495,7 @@ def engine_top_negatives(queries: Tensor, keys: Tensor, k: int, *, exclude_self:
     """((N, k) values, (N, k) indices) of the k largest <q_i, k_j> over valid non-target j."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
+    keys = keys.to(dt)
     vals = torch.full((N, k), -math.inf, dtype=dt, device=queries.device)
     idx = torch.full((N, k), -1, dtype=torch.int64, device=queries.device)
     one = torch.ones(1, dtype=dt, device=queries.device)
