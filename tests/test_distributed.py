@@ -2,25 +2,17 @@
 reference: loss values and the gradients of features, scale and bias, under the documented
 averaging convention (features: W x their slice of the reference gradient; scale/bias: exact)."""
 import os
-import socket
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastcl import distributed as fdist
 from fastcl import reference
 
+from ._gloo import run_gloo
+
 TOL = 1e-10
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _feats(gen, n, d, requires_grad=True):
@@ -75,126 +67,110 @@ def _leaf(v):
     return torch.tensor(v, dtype=torch.float64, requires_grad=True)
 
 
-def _worker(r, W, port, errfile):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=W)
-        gen = torch.Generator().manual_seed(1234 + W)
-        n, d, h = 5, 8, 2
-        N = W * n
+def _worker(r, W):
+    gen = torch.Generator().manual_seed(1234 + W)
+    n, d, h = 5, 8, 2
+    N = W * n
 
-        # --- symmetric CLIP, learnable scale and bias, both modes, mean and sum ---
-        I, T = _feats(gen, N, d), _feats(gen, N, d)
-        for mode in ("ring", "gather"):
-            for reduction, g in (("mean", 0.6), ("sum", -1.3)):
-                s, b = _leaf(7.5), _leaf(-0.4)
-                ref = reference.clip_loss(I, T, s, b, reduction=reduction)
-                i, t = _slices(r, W, I, T)
-                sl, bl = _leaf(7.5), _leaf(-0.4)
-                loss = fdist.clip_loss(i, t, sl, bl, mode=mode, reduction=reduction, backend="torch")
-                # the bias cannot change a softmax: its gradient is ~0 and is checked apart
-                _check(f"clip/{mode}/{reduction}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], g,
-                       [n, n], zero_ok=(3,))
-
-        # texts frozen (partial requires_grad), float scale
-        It, Tt = I.detach().requires_grad_(True), T.detach()
-        for mode in ("ring", "gather"):
-            ref = reference.clip_loss(It, Tt, 10.0)
-            i, t = _slices(r, W, It, Tt)
-            loss = fdist.clip_loss(i, t, 10.0, mode=mode, backend="torch")
-            _check(f"clip-frozen/{mode}", W, r, loss, ref, [i, t], [It, Tt], 0.8, [n, n])
-
-        # --- one-way InfoNCE: per-rank keys = n positives + h hard negatives, custom positives ---
-        Q = _feats(gen, N, d)
-        K = _feats(gen, W * (n + h), d)
-        local_pos = torch.randperm(n + h, generator=gen)[:n]  # same on every rank
-        glob_pos = torch.cat([local_pos + q * (n + h) for q in range(W)])
-        for mode in ("ring", "gather"):
-            s = _leaf(12.0)
-            ref = reference.info_nce(Q, K, glob_pos, scale=s)
-            q, k = _slices(r, W, Q, K)
-            sl = _leaf(12.0)
-            loss = fdist.info_nce(q, k, positives=local_pos.clone(), scale=sl, mode=mode, backend="torch")
-            _check(f"infonce/{mode}", W, r, loss, ref, [q, k, sl], [Q, K, s], 1.7, [n, n + h])
-            # default positives, bias, no-grad keys (a queue / teacher), reduction sum
-            Kd = K.detach()
-            b = _leaf(0.3)
-            ref = reference.info_nce(Q, Kd, torch.cat([torch.arange(n) + q_ * (n + h) for q_ in range(W)]),
-                                     scale=20.0, bias=b, reduction="sum")
-            q, k = _slices(r, W, Q, Kd)
-            bl = _leaf(0.3)
-            loss = fdist.info_nce(q, k, scale=20.0, bias=bl, mode=mode, reduction="sum", backend="torch")
-            _check(f"infonce-nograd/{mode}", W, r, loss, ref, [q, k, bl], [Q, Kd, b], 0.5, [n, n + h])
-
-        # --- SigLIP: learnable scale and bias ---
-        for mode in ("ring", "gather"):
-            s, b = _leaf(10.0), _leaf(-10.0)
-            ref = reference.siglip_loss(I, T, s, b)
+    # --- symmetric CLIP, learnable scale and bias, both modes, mean and sum ---
+    I, T = _feats(gen, N, d), _feats(gen, N, d)
+    for mode in ("ring", "gather"):
+        for reduction, g in (("mean", 0.6), ("sum", -1.3)):
+            s, b = _leaf(7.5), _leaf(-0.4)
+            ref = reference.clip_loss(I, T, s, b, reduction=reduction)
             i, t = _slices(r, W, I, T)
-            sl, bl = _leaf(10.0), _leaf(-10.0)
-            loss = fdist.siglip_loss(i, t, sl, bl, mode=mode, backend="torch")
-            _check(f"siglip/{mode}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], 2.0, [n, n])
+            sl, bl = _leaf(7.5), _leaf(-0.4)
+            loss = fdist.clip_loss(i, t, sl, bl, mode=mode, reduction=reduction, backend="torch")
+            # the bias cannot change a softmax: its gradient is ~0 and is checked apart
+            _check(f"clip/{mode}/{reduction}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], g,
+                   [n, n], zero_ok=(3,))
 
-        # --- float32 through the Triton engine (interpreted on CPU): the offset trick on a real
-        # kernel, merged statistics within float32 error of the float64 reference ---
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            for mode in ("ring", "gather"):
-                s = _leaf(9.0)
-                ref = reference.clip_loss(I, T, s, 0.1)
-                i, t = (x.float().requires_grad_(True) for x in _slices(r, W, I, T))
-                sl = torch.tensor(9.0, requires_grad=True)
-                loss = fdist.clip_loss(i, t, sl, 0.1, mode=mode, backend="triton", exact=True)
-                got = torch.autograd.grad(loss, [i, t, sl])
-                want = torch.autograd.grad(ref, [I, T, s])
-                _close(f"triton/{mode} loss", loss.double(), ref, tol=1e-5)
-                for k, (a, b) in enumerate(zip(got, want)):
-                    if k < 2:
-                        b = W * b[r * n:(r + 1) * n]
-                    _close(f"triton/{mode} grad {k}", a.double(), b, tol=1e-5)
+    # texts frozen (partial requires_grad), float scale
+    It, Tt = I.detach().requires_grad_(True), T.detach()
+    for mode in ("ring", "gather"):
+        ref = reference.clip_loss(It, Tt, 10.0)
+        i, t = _slices(r, W, It, Tt)
+        loss = fdist.clip_loss(i, t, 10.0, mode=mode, backend="torch")
+        _check(f"clip-frozen/{mode}", W, r, loss, ref, [i, t], [It, Tt], 0.8, [n, n])
 
-        # --- DDP-style averaging of a parameter gradient gives the single-process gradient ---
-        lin = torch.nn.Linear(d, d, dtype=torch.float64)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            lin.weight.copy_(torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, generator=gen,
-                                                                                 dtype=torch.float64))
-            lin.bias.zero_()
-        X = torch.randn(N, d, generator=gen, dtype=torch.float64)
-        ref = reference.clip_loss(lin(X), T.detach(), 5.0)
-        (w_ref,) = torch.autograd.grad(ref, [lin.weight])
-        x, t = _slices(r, W, X, T.detach())
-        loss = fdist.clip_loss(lin(x), t, 5.0, mode="ring", backend="torch")
-        (w,) = torch.autograd.grad(loss, [lin.weight])
-        dist.all_reduce(w)
-        _close("ddp-average weight grad", w / W, w_ref)
+    # --- one-way InfoNCE: per-rank keys = n positives + h hard negatives, custom positives ---
+    Q = _feats(gen, N, d)
+    K = _feats(gen, W * (n + h), d)
+    local_pos = torch.randperm(n + h, generator=gen)[:n]  # same on every rank
+    glob_pos = torch.cat([local_pos + q * (n + h) for q in range(W)])
+    for mode in ("ring", "gather"):
+        s = _leaf(12.0)
+        ref = reference.info_nce(Q, K, glob_pos, scale=s)
+        q, k = _slices(r, W, Q, K)
+        sl = _leaf(12.0)
+        loss = fdist.info_nce(q, k, positives=local_pos.clone(), scale=sl, mode=mode, backend="torch")
+        _check(f"infonce/{mode}", W, r, loss, ref, [q, k, sl], [Q, K, s], 1.7, [n, n + h])
+        # default positives, bias, no-grad keys (a queue / teacher), reduction sum
+        Kd = K.detach()
+        b = _leaf(0.3)
+        ref = reference.info_nce(Q, Kd, torch.cat([torch.arange(n) + q_ * (n + h) for q_ in range(W)]),
+                                 scale=20.0, bias=b, reduction="sum")
+        q, k = _slices(r, W, Q, Kd)
+        bl = _leaf(0.3)
+        loss = fdist.info_nce(q, k, scale=20.0, bias=bl, mode=mode, reduction="sum", backend="torch")
+        _check(f"infonce-nograd/{mode}", W, r, loss, ref, [q, k, bl], [Q, Kd, b], 0.5, [n, n + h])
 
-        # --- uneven batch sizes are rejected on every rank ---
-        m = n - 1 if r == 0 else n
-        try:
-            fdist.clip_loss(I[:m].detach(), T[:m].detach(), 10.0, backend="torch")
-        except ValueError as e:
-            if "same number of rows on every rank" not in str(e):
-                raise
-        else:
-            raise AssertionError("uneven batch sizes were accepted")
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{errfile}.{r}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    # --- SigLIP: learnable scale and bias ---
+    for mode in ("ring", "gather"):
+        s, b = _leaf(10.0), _leaf(-10.0)
+        ref = reference.siglip_loss(I, T, s, b)
+        i, t = _slices(r, W, I, T)
+        sl, bl = _leaf(10.0), _leaf(-10.0)
+        loss = fdist.siglip_loss(i, t, sl, bl, mode=mode, backend="torch")
+        _check(f"siglip/{mode}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], 2.0, [n, n])
+
+    # --- float32 through the Triton engine (interpreted on CPU): the offset trick on a real
+    # kernel, merged statistics within float32 error of the float64 reference ---
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        for mode in ("ring", "gather"):
+            s = _leaf(9.0)
+            ref = reference.clip_loss(I, T, s, 0.1)
+            i, t = (x.float().requires_grad_(True) for x in _slices(r, W, I, T))
+            sl = torch.tensor(9.0, requires_grad=True)
+            loss = fdist.clip_loss(i, t, sl, 0.1, mode=mode, backend="triton", exact=True)
+            got = torch.autograd.grad(loss, [i, t, sl])
+            want = torch.autograd.grad(ref, [I, T, s])
+            _close(f"triton/{mode} loss", loss.double(), ref, tol=1e-5)
+            for k, (a, b) in enumerate(zip(got, want)):
+                if k < 2:
+                    b = W * b[r * n:(r + 1) * n]
+                _close(f"triton/{mode} grad {k}", a.double(), b, tol=1e-5)
+
+    # --- DDP-style averaging of a parameter gradient gives the single-process gradient ---
+    lin = torch.nn.Linear(d, d, dtype=torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(d, d, generator=gen,
+                                                                             dtype=torch.float64))
+        lin.bias.zero_()
+    X = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    ref = reference.clip_loss(lin(X), T.detach(), 5.0)
+    (w_ref,) = torch.autograd.grad(ref, [lin.weight])
+    x, t = _slices(r, W, X, T.detach())
+    loss = fdist.clip_loss(lin(x), t, 5.0, mode="ring", backend="torch")
+    (w,) = torch.autograd.grad(loss, [lin.weight])
+    dist.all_reduce(w)
+    _close("ddp-average weight grad", w / W, w_ref)
+
+    # --- uneven batch sizes are rejected on every rank ---
+    m = n - 1 if r == 0 else n
+    try:
+        fdist.clip_loss(I[:m].detach(), T[:m].detach(), 10.0, backend="torch")
+    except ValueError as e:
+        if "same number of rows on every rank" not in str(e):
+            raise
+    else:
+        raise AssertionError("uneven batch sizes were accepted")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_gather_and_ring_match_single_process(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        errfile = os.path.join(tmp, "err")
-        try:
-            mp.start_processes(_worker, args=(world, _free_port(), errfile), nprocs=world,
-                               join=True, start_method="spawn")
-        except Exception:
-            msgs = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))]
-            pytest.fail("worker failed:\n" + "\n".join(msgs))
+    run_gloo(_worker, world)
 
 
 def test_single_process_fallback():

@@ -2,21 +2,18 @@
 transcription of the peer's formula on the materialised matrix. Float64, fresh random inputs,
 learnable scale/bias, every gradient, grad_output != 1."""
 import math
-import os
-import socket
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from fastcl import reference
 from fastcl.integrations import open_clip as oc
 from fastcl.integrations import pytorch_metric_learning as pml
 from fastcl.integrations import sentence_transformers as st
+
+from ._gloo import run_gloo
 
 TOL = 1e-9
 
@@ -79,103 +76,81 @@ def test_open_clip_single_process():
         oc.SigLipLoss(dist_impl="allgather")
 
 
-def _free_port():
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
-def _open_clip_worker(r, W, port, errfile):
+def _open_clip_worker(r, W):
     try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=W)
-        try:
-            import open_clip.loss as ocl
-        except Exception:
-            ocl = None
-        gen = torch.Generator().manual_seed(42)
-        n, d = 4, 8
-        I = nn.functional.normalize(torch.randn(W * n, d, generator=gen, dtype=torch.float64), dim=1)
-        T = nn.functional.normalize(torch.randn(W * n, d, generator=gen, dtype=torch.float64), dim=1)
+        import open_clip.loss as ocl
+    except Exception:
+        ocl = None
+    gen = torch.Generator().manual_seed(42)
+    n, d = 4, 8
+    I = nn.functional.normalize(torch.randn(W * n, d, generator=gen, dtype=torch.float64), dim=1)
+    T = nn.functional.normalize(torch.randn(W * n, d, generator=gen, dtype=torch.float64), dim=1)
 
-        def local(x):
-            return x[r * n:(r + 1) * n].clone().requires_grad_(True)
+    def local(x):
+        return x[r * n:(r + 1) * n].clone().requires_grad_(True)
 
-        cases = []
-        for local_loss, with_grad, mode in ((True, True, "gather"), (True, True, "ring"),
-                                            (False, False, "gather"), (False, True, "gather"),
-                                            (True, False, "gather")):
-            i, t, s, b = local(I), local(T), _leaf(9.0), _leaf(0.25)
-            ours = oc.ClipLoss(local_loss, with_grad, rank=r, world_size=W, dist_mode=mode)(i, t, s, b)
-            cases.append((f"clip{(local_loss, with_grad, mode)}", ours, [i, t, s],
-                          ("clip", local_loss, with_grad)))
-        for impl in ("bidir", "gather"):
-            i, t, s, b = local(I), local(T), _leaf(10.0), _leaf(-10.0)
-            ours = oc.SigLipLoss(rank=r, world_size=W, dist_impl=impl)(i, t, s, b)
-            cases.append((f"siglip/{impl}", ours, [i, t, s, b], ("siglip", impl)))
+    cases = []
+    for local_loss, with_grad, mode in ((True, True, "gather"), (True, True, "ring"),
+                                        (False, False, "gather"), (False, True, "gather"),
+                                        (True, False, "gather")):
+        i, t, s, b = local(I), local(T), _leaf(9.0), _leaf(0.25)
+        ours = oc.ClipLoss(local_loss, with_grad, rank=r, world_size=W, dist_mode=mode)(i, t, s, b)
+        cases.append((f"clip{(local_loss, with_grad, mode)}", ours, [i, t, s],
+                      ("clip", local_loss, with_grad)))
+    for impl in ("bidir", "gather"):
+        i, t, s, b = local(I), local(T), _leaf(10.0), _leaf(-10.0)
+        ours = oc.SigLipLoss(rank=r, world_size=W, dist_impl=impl)(i, t, s, b)
+        cases.append((f"siglip/{impl}", ours, [i, t, s, b], ("siglip", impl)))
 
-        for name, ours, inp, cfg in cases:
-            i2, t2, s2 = [x.detach().clone().requires_grad_(True) for x in inp[:3]]
-            b2 = inp[3].detach().clone().requires_grad_(True) if len(inp) > 3 else _leaf(0.25)
-            if ocl is not None:
-                if cfg[0] == "clip":
-                    theirs = ocl.ClipLoss(cfg[1], cfg[2], rank=r, world_size=W)(i2, t2, s2, b2)
-                else:
-                    theirs = ocl.SigLipLoss(rank=r, world_size=W, dist_impl=cfg[1])(i2, t2, s2, b2)
-            else:  # transcription of open_clip's per-rank formulas, single process on gathered data
-                theirs = None
-            if theirs is None:
-                continue
-            ga = torch.autograd.grad(ours, inp, torch.tensor(0.6, dtype=ours.dtype))
-            gb = torch.autograd.grad(theirs, [i2, t2, s2, b2][:len(inp)], torch.tensor(0.6, dtype=theirs.dtype))
-            if abs(ours.item() - theirs.item()) > TOL:
-                raise AssertionError(f"{name}: {ours.item()} vs {theirs.item()}")
-            for k, (a, bb) in enumerate(zip(ga, gb)):
-                if k >= 2 and "ring" in name:
-                    # the ring splits a scalar's gradient across ranks differently: compare the
-                    # sums over ranks (what DDP's averaging sees)
-                    a, bb = a.clone(), bb.clone()
-                    dist.all_reduce(a)
-                    dist.all_reduce(bb)
-                if bb.abs().max() == 0 or (a - bb).abs().max() > TOL * max(1.0, bb.abs().max().item()):
-                    raise AssertionError(f"{name}: grad {k} off by {(a - bb).abs().max().item():.3e}")
-        # sentence-transformers gather_across_devices, all four directions, one hard-negative column
-        try:
-            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Real
-            from sentence_transformers import util as st_util
-        except Exception:
-            Real = None
-        if Real is not None:
-            dirs = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-            cols = [local(_feats(gen, W * n, d, normalize=False).detach()) for _ in range(3)]
-            ours = st.mnrl_from_embeddings(cols, scale=20.0, directions=dirs, gather_across_devices=True,
-                                           backend="torch")
-            twins = [c.detach().clone().requires_grad_(True) for c in cols]
-            theirs = Real(nn.Identity(), scale=20.0, similarity_fct=st_util.cos_sim, directions=dirs,
-                          gather_across_devices=True).compute_loss_from_embeddings(twins, None)
-            if abs(ours.item() - theirs.item()) > TOL:
-                raise AssertionError(f"mnrl/gather: {ours.item()} vs {theirs.item()}")
-            for k, (a, bb) in enumerate(zip(torch.autograd.grad(ours, cols), torch.autograd.grad(theirs, twins))):
-                if bb.abs().max() == 0 or (a - bb).abs().max() > TOL:
-                    raise AssertionError(f"mnrl/gather: grad {k} off by {(a - bb).abs().max().item():.3e}")
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(f"{errfile}.{r}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    for name, ours, inp, cfg in cases:
+        i2, t2, s2 = [x.detach().clone().requires_grad_(True) for x in inp[:3]]
+        b2 = inp[3].detach().clone().requires_grad_(True) if len(inp) > 3 else _leaf(0.25)
+        if ocl is not None:
+            if cfg[0] == "clip":
+                theirs = ocl.ClipLoss(cfg[1], cfg[2], rank=r, world_size=W)(i2, t2, s2, b2)
+            else:
+                theirs = ocl.SigLipLoss(rank=r, world_size=W, dist_impl=cfg[1])(i2, t2, s2, b2)
+        else:  # transcription of open_clip's per-rank formulas, single process on gathered data
+            theirs = None
+        if theirs is None:
+            continue
+        ga = torch.autograd.grad(ours, inp, torch.tensor(0.6, dtype=ours.dtype))
+        gb = torch.autograd.grad(theirs, [i2, t2, s2, b2][:len(inp)], torch.tensor(0.6, dtype=theirs.dtype))
+        if abs(ours.item() - theirs.item()) > TOL:
+            raise AssertionError(f"{name}: {ours.item()} vs {theirs.item()}")
+        for k, (a, bb) in enumerate(zip(ga, gb)):
+            if k >= 2 and "ring" in name:
+                # the ring splits a scalar's gradient across ranks differently: compare the
+                # sums over ranks (what DDP's averaging sees)
+                a, bb = a.clone(), bb.clone()
+                dist.all_reduce(a)
+                dist.all_reduce(bb)
+            if bb.abs().max() == 0 or (a - bb).abs().max() > TOL * max(1.0, bb.abs().max().item()):
+                raise AssertionError(f"{name}: grad {k} off by {(a - bb).abs().max().item():.3e}")
+    # sentence-transformers gather_across_devices, all four directions, one hard-negative column
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as Real
+        from sentence_transformers import util as st_util
+    except Exception:
+        Real = None
+    if Real is not None:
+        dirs = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+        cols = [local(_feats(gen, W * n, d, normalize=False).detach()) for _ in range(3)]
+        ours = st.mnrl_from_embeddings(cols, scale=20.0, directions=dirs, gather_across_devices=True,
+                                       backend="torch")
+        twins = [c.detach().clone().requires_grad_(True) for c in cols]
+        theirs = Real(nn.Identity(), scale=20.0, similarity_fct=st_util.cos_sim, directions=dirs,
+                      gather_across_devices=True).compute_loss_from_embeddings(twins, None)
+        if abs(ours.item() - theirs.item()) > TOL:
+            raise AssertionError(f"mnrl/gather: {ours.item()} vs {theirs.item()}")
+        for k, (a, bb) in enumerate(zip(torch.autograd.grad(ours, cols), torch.autograd.grad(theirs, twins))):
+            if bb.abs().max() == 0 or (a - bb).abs().max() > TOL:
+                raise AssertionError(f"mnrl/gather: grad {k} off by {(a - bb).abs().max().item():.3e}")
 
 
 def test_distributed_matches_open_clip_and_sentence_transformers():
     pytest.importorskip("open_clip.loss")
-    with tempfile.TemporaryDirectory() as tmp:
-        errfile = os.path.join(tmp, "err")
-        try:
-            mp.start_processes(_open_clip_worker, args=(2, _free_port(), errfile), nprocs=2,
-                               join=True, start_method="spawn")
-        except Exception:
-            pytest.fail("worker failed:\n" + "\n".join(open(os.path.join(tmp, f)).read()
-                                                      for f in sorted(os.listdir(tmp))))
+    run_gloo(_open_clip_worker, 2)
 
 
 # ----------------------------------------------------------------------------------------------

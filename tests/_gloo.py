@@ -1,0 +1,43 @@
+"""Run a test body on several CPU processes joined in a gloo process group."""
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, body, world, port, errfile, args):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+        body(rank, world, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(f"{errfile}.{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_gloo(body, world: int, *args) -> None:
+    """Call ``body(rank, world, *args)`` (a module-level function) in ``world`` spawned processes;
+    fail the test with every failing rank's traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        errfile = os.path.join(tmp, "err")
+        try:
+            mp.start_processes(_entry, args=(body, world, _free_port(), errfile, args), nprocs=world,
+                               join=True, start_method="spawn")
+        except Exception:
+            msgs = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))]
+            pytest.fail("worker failed:\n" + "\n".join(msgs))
