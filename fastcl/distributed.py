@@ -361,8 +361,11 @@ def _ring(queries, keys, scale, bias, positives, *, kind, symmetric, exact, back
 
 
 def _setup(qname, q, kname, k, scale_name, scale, bias_name, bias, *, mode, reduction, group,
-           check_sizes, backend, scale_optional=False):
+           check_sizes, backend, scale_optional=False, paired=False):
     _check_pair(qname, q, kname, k)
+    if paired and q.shape[0] != k.shape[0]:
+        raise ValueError(f"{qname} and {kname} must have the same batch size n, got "
+                         f"{q.shape[0]} and {k.shape[0]}")
     _check_mode(mode, reduction)
     if check_sizes:
         _check_sizes(qname, q.shape[0], group, q.device)
@@ -391,13 +394,10 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         the global loss (same value on every rank); gradients follow the averaging convention of
         this module's docstring.
     """
-    _check_pair("image_features", image_features, "text_features", text_features)
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError("image_features and text_features must have the same batch size n, got "
-                         f"{image_features.shape[0]} and {text_features.shape[0]}")
     q, k, s, b, be = _setup("image_features", image_features, "text_features", text_features,
                             "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
-                            reduction=reduction, group=group, check_sizes=check_sizes, backend=backend)
+                            reduction=reduction, group=group, check_sizes=check_sizes, backend=backend,
+                            paired=True)
     W, r = _world(group)
     n = q.shape[0]
     norm = 1.0 / (2 * W * n) if reduction == "mean" else 1.0
@@ -460,13 +460,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     """SigLIP pairwise sigmoid loss of the global batch ``-(1/N) sum_ij log sigmoid(z_ij S_ij)``
     (z = +1 on the global diagonal). No statistics to merge: each rank sums its images' rows over
     every text block. Arguments as :func:`clip_loss`; "mean" divides by N = W * n."""
-    _check_pair("image_features", image_features, "text_features", text_features)
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError("image_features and text_features must have the same batch size n, got "
-                         f"{image_features.shape[0]} and {text_features.shape[0]}")
     q, k, s, b, be = _setup("image_features", image_features, "text_features", text_features,
                             "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
-                            reduction=reduction, group=group, check_sizes=check_sizes, backend=backend)
+                            reduction=reduction, group=group, check_sizes=check_sizes, backend=backend,
+                            paired=True)
     W, r = _world(group)
     n = q.shape[0]
     norm = 1.0 / (W * n) if reduction == "mean" else 1.0

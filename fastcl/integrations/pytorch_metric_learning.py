@@ -83,32 +83,37 @@ def ntxent_pairs(embeddings: Tensor, labels: Tensor, temperature: float = 0.07, 
     return pair.mean().to(lse_all.dtype)
 
 
-class NTXentLoss(nn.Module):
+class _PairLoss(nn.Module):
+    """pml's call convention ``loss(embeddings (B, D), labels (B,))`` around a fused loss."""
+
+    def __init__(self, temperature: float, backend: str):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.backend = float(temperature), backend
+
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
+                ref_emb=None, ref_labels=None) -> Tensor:
+        labels = _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        return self._loss(embeddings, labels)
+
+
+class NTXentLoss(_PairLoss):
     """Fused pml ``NTXentLoss``: ``forward(embeddings (B, D), labels (B,))``."""
 
     def __init__(self, temperature: float = 0.07, *, backend: str = "auto"):
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.backend = float(temperature), backend
+        super().__init__(temperature, backend)
 
-    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
-                ref_emb=None, ref_labels=None) -> Tensor:
-        labels = _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return ntxent_pairs(embeddings, labels, self.temperature, backend=self.backend)
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_PairLoss):
     """Fused pml ``SupConLoss``: ``forward(embeddings (B, D), labels (B,))``."""
 
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto"):
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.backend = float(temperature), backend
+        super().__init__(temperature, backend)
 
-    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
-                ref_emb=None, ref_labels=None) -> Tensor:
-        labels = _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return supcon(embeddings, labels, self.temperature, normalize=True, reduction="mean",
                       backend=self.backend)
