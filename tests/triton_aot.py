@@ -1,8 +1,10 @@
 """Compile the Triton kernels of the engine for GPU targets without a GPU (run as a module in a
 process where TRITON_INTERPRET is unset): ``python -m tests.triton_aot`` prints a JSON report
 {variant: {"ok", "error", "usage"}} used by tests/test_triton_compile.py."""
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,13 +22,14 @@ _INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr", "rid_ptr", "cid_pt
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
               EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False,
-              SOFT_SIM=False, LSE2=False)
+              SOFT_SIM=False, LSE2=False, PLAIN=False)
 CLOSURES = {
-    "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
+    "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True, PLAIN=True),
+    "clip_masked": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
     "info_nce": dict(_PLAIN, HAS_POS=True),
     "supcon": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True),
     "supcon_in": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, TARGET_LSE=True),
-    "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True),
+    "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True, PLAIN=True),
     "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True),
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
     "distill": dict(_PLAIN, HAS_POS=True, SOFT_SIM=True),
@@ -34,22 +37,34 @@ CLOSURES = {
 }
 KERNELS = {
     "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
-    "count": (E._forward_kernel, "fwd", dict(COUNT=True)),
+    "count": (E._forward_kernel, "fwd", dict(COUNT=True, PLAIN=False)),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
-    "bwd_gram": (E._backward_rows_kernel, "bwd_gram", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True)),
+    "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
+                 dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True, PLAIN=False)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
     "grad_tiles": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True)),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
 
 
-def _compile(kernel_name, closure, dtype, D=512, cc=90):
+# What Triton's JIT specialises on a launch with contiguous, 16-byte aligned features whose sizes
+# are multiples of 16 (the benchmark shapes): pointers and these integers divisible by 16, unit
+# feature strides as constants. Without these hints the compiler cannot vectorise the tile loads
+# into asynchronous copies and does not pipeline the D loop.
+_ALIGNED_INTS = ("N", "M", "D", "DT", "stride_qn", "stride_kn", "stride_tqn", "stride_tkn",
+                 "stride_dqn", "stride_dkn")
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd")
+
+
+def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     fn, pass_, extra = KERNELS[kernel_name]
     cfg = dict(E.config_for("cuda", dtype, D, pass_))
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
+    if aligned:
+        consts.update({k: 1 for k in _UNIT_STRIDES})
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     missing = [n for n in fn.arg_names if n.isupper() and n not in ("N", "M", "D", "DT") and n not in consts]
     if missing:
@@ -68,7 +83,11 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90):
             sig[name] = "i64"  # the 64-bit path: strides as large as N * D allows
         else:
             sig[name] = "i32"
-    src = ASTSource(fn=fn, signature=sig,
+    attrs = {}
+    if aligned:
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in consts and (sig[name].startswith("*") or name in _ALIGNED_INTS)}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
@@ -98,7 +117,90 @@ def variant_name(kernel, closure, dtype, cc):
     return f"{kernel}-{closure}-{dtype}-sm{cc}"
 
 
+# ----------------------------------------------------------------------------------------------
+# static cost model: issued instructions per tile from the SASS of the compiled kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _sass(compiled):
+    """[(address, opcode)] of the kernel's SASS (cuobjdump shipped with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ins = []
+    for line in out.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return ins
+
+
+def _loops(ins):
+    """(start, end) address ranges of the backward branches, widest first."""
+    spans = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) <= addr:
+            spans.append((int(target.group(1), 16), addr))
+    return sorted(spans, key=lambda s: s[0] - s[1])
+
+
+def _per_tile(compiled):
+    """(instructions per thread per tile outside the D loop, per D chunk, opcode mix per tile)."""
+    ins = _sass(compiled)
+    spans = _loops(ins)
+    outer = spans[0]
+    inner = [s for s in spans[1:] if outer[0] <= s[0] and s[1] <= outer[1]]
+    in_inner = lambda a: any(lo <= a <= hi for lo, hi in inner)  # noqa: E731
+    body = [op for a, op, _ in ins if outer[0] <= a <= outer[1] and not in_inner(a)]
+    chunk = sum(1 for a, _, _ in ins if in_inner(a))
+    mix = collections.Counter(op.split(".")[0] if not op.startswith("MUFU") else op for op in body)
+    return len(body), chunk, mix
+
+
+@triton.jit
+def _always(*args):
+    return True
+
+
+@triton.jit
+def _never(*args):
+    return False
+
+
+def cost_report(path, D=256):
+    """Per-tile issue cost of the forward and fused backward kernels (bf16, sm_90, CLIP closure)
+    on the general (masked) path or on the lean path of interior tiles ("plain": the branch
+    predicates are pinned so that only that path is compiled; call in a fresh process, since
+    Triton memoises a kernel's dependencies). issue_clk = instructions per thread x warps / 4
+    schedulers; tensor_clk = the tile's MMA FLOPs / 4096 per clock (dense bf16 per SM)."""
+    if path == "plain":
+        E._plain_tile, E._lses_close, E._any_underflow = _always, _always, _never
+    closure = "clip" if path == "plain" else "clip_masked"
+    report = {}
+    for kernel in ("fwd", "bwd_rows", "bwd_cols"):
+        compiled = _compile(kernel, closure, torch.bfloat16, D=D)
+        body, chunk, mix = _per_tile(compiled)
+        cfg = E.config_for("cuda", torch.bfloat16, D, "fwd" if kernel == "fwd" else "bwd")
+        chunks = -(-D // cfg["BLOCK_D"])
+        flops = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D
+        if kernel != "fwd":
+            flops += 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * min(D, cfg["BLOCK_DV"])
+        issue = (body + chunks * chunk) * cfg["num_warps"] / 4
+        report[kernel] = dict(body=body, per_chunk=chunk, chunks=chunks, issue_clk=issue,
+                              tensor_clk=flops / 4096, ratio=issue / (flops / 4096),
+                              mufu_ex2=mix["MUFU.EX2"], shfl=mix["SHFL"], bar=mix["BAR"],
+                              tile=f'{cfg["BLOCK_M"]}x{cfg["BLOCK_N"]}x{cfg["BLOCK_D"]}')
+    return report
+
+
 def main():
+    if "--cost" in sys.argv:  # python -m tests.triton_aot --cost general|plain [D]
+        args = sys.argv[sys.argv.index("--cost") + 1:]
+        json.dump(cost_report(args[0], D=int(args[1]) if len(args) > 1 else 256), sys.stdout)
+        return
     report = {}
     for kernel, closure, dtype, cc in VARIANTS:
         name = variant_name(kernel, closure, dtype, cc)

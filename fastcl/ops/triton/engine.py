@@ -32,9 +32,22 @@ warnings.filterwarnings("ignore", message=r"tl\.make_block_ptr is deprecated")
 KIND_SOFTMAX = 0
 KIND_SIGMOID = 1
 _PARTIAL_BYTES_MIN = 32 << 20
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Interior tiles take the one-exponential column statistics while every column keeps a sum of
+# 2^(x_ij - tile max) above this; below it (a column ~55 nats under the tile's largest logit) the
+# tile is recomputed with per-column maxima, so nothing underflows at any temperature.
+_COLSUM_FLOOR = tl.constexpr(2.0 ** -80)
+# Backward: P^col_ij = P_ij * 2^(r_i - c_j) is used when the row and column LSEs of a tile lie
+# within this many powers of two of each other (else the second exponential is computed).
+_LSE_SPREAD = tl.constexpr(60.0)
+_MERGE_BLOCK = 256
 
-# Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D).
+# Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D), and
+# choose paths: "DENSE" (the wide-feature backward on or off), "PLAIN" (False: every tile takes
+# the general, masked path).
 config_override: dict = {}
+_POLICY_KEYS = ("DENSE", "PLAIN")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,6 +84,55 @@ def _scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
     else:
         b = 0.0
     return s, b
+
+
+@triton.jit
+def _plain_tile(row0, col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """True when the tile lies inside the matrix and off the band j = i + offset that holds the
+    default targets and the self-similarities: every entry is a valid non-target."""
+    inside = (row0 + BLOCK_M <= N) & (col0 + BLOCK_N <= M)
+    band_lo = row0 + offset
+    return inside & ((col0 + BLOCK_N <= band_lo) | (col0 >= band_lo + BLOCK_M))
+
+
+@triton.jit
+def _any_underflow(flags):
+    """Whether a plain tile of the row block had a raw column sum below _COLSUM_FLOOR."""
+    return tl.max(flags, 0) > 0
+
+
+@triton.jit
+def _merge_column_partials_kernel(part_ptr, ref_ptr, out_ptr, n_blocks, M, n_col_tiles,
+                                  TILE_N: tl.constexpr, BLOCK: tl.constexpr):
+    # Column LSEs of the symmetric forward from its per-row-block partials:
+    #   col_lse_j = LSE_b part_bj,  part_bj = ln(A_bj) + ln(2) ref_bt  (plain tile t: raw sum)
+    #                                      = A_bj                      (ref_bt = -inf: a log)
+    # 1. for each row block b: read A_bj and its tile's ref, form part_bj; 2. online LSE over b.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < M
+    c64 = cols.to(tl.int64)
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK,), dtype=tl.float32)
+    for blk in range(0, n_blocks):
+        a = tl.load(part_ptr + blk * M + c64, mask=cmask, other=1.0)
+        ref = tl.load(ref_ptr + blk * n_col_tiles + cols // TILE_N, mask=cmask,
+                      other=float("-inf"))
+        v = tl.where(ref == float("-inf"), a, tl.log(a) + ref * LN2)
+        m_new = tl.maximum(m, v)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.exp(v - m_safe)
+        m = m_new
+    tl.store(out_ptr + c64, m + tl.log(l), mask=cmask)
+
+
+@triton.jit
+def _lses_close(r2, c2):
+    """Whether P^col can be formed from P: the rows' and columns' LSEs (base 2) lie within
+    _LSE_SPREAD of the largest row LSE, so neither factor of the rank-one rescaling over- or
+    underflows and entries it flushes to zero are below 2^-66 of the column's mass."""
+    top = tl.max(r2, 0)
+    return (top - tl.min(r2, 0) <= _LSE_SPREAD) & (tl.max(tl.abs(top - c2), 0) <= _LSE_SPREAD)
 
 
 @triton.jit
@@ -280,28 +342,54 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
                KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CPOS: tl.constexpr,
                LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
                TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr,
-               SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+               SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Recompute one tile and its dL/dS from the saved statistics (the rows' side pre-loaded):
-    returns (dS, c, S, valid, target)."""
+    returns (dS, c, S, valid, target). PLAIN: tiles inside the matrix and off the target band
+    take a lean path without masks (valid is all true, target all false there)."""
     c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                          stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-    S = c * s + b
-    col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-    valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-    valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
-                                  FN_SPACE, FN_IDS)
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
-    ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-    col_target = valid & (rows[:, None] == ctgt[None, :])
-    soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
-                          stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
-                          BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
-    dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
-                      l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM,
-                      LSE2)
+    if PLAIN:
+        plain = _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
+    else:
+        plain = False
+    if plain:  # every entry a valid non-target: dS = a_i P_ij + ac_j Pc_ij, one exponential each
+        sl2 = s * LOG2E
+        r2 = lse_r * LOG2E
+        p = tl.exp2(c * sl2 + (b * LOG2E - r2)[:, None])
+        if SYMMETRIC:
+            # Pc_ij = 2^(x_ij - c_j) = P_ij 2^(r_i - top) 2^(top - c_j) when the LSEs are close
+            c2 = lse_c * LOG2E
+            top = tl.max(r2, 0)
+            if _lses_close(r2, c2):
+                dS = p * ((a_c * tl.exp2(top - c2))[None, :] * tl.exp2(r2 - top)[:, None]
+                          + a_r[:, None])
+            else:
+                pc = tl.exp2(c * sl2 + (b * LOG2E - c2)[None, :])
+                dS = a_r[:, None] * p + a_c[None, :] * pc
+        else:
+            dS = a_r[:, None] * p
+        S = c * s + b
+        valid = (rows < N)[:, None] & (cols < M)[None, :]
+        target = valid & (cols < 0)[None, :]
+    else:
+        S = c * s + b
+        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS,
+                                    EXCLUDE_SELF)
+        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr,
+                                      cid_ptr, FN_SPACE, FN_IDS)
+        ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+        col_target = valid & (rows[:, None] == ctgt[None, :])
+        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M,
+                              DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
+                              BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
+        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
+                          soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE,
+                          SOFT_SIM, LSE2)
     return dS, c, S, valid, target
 
 
@@ -314,14 +402,14 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
 def _forward_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
-    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_pos_ptr,
+    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_ref_ptr, col_pos_ptr,
     N, M, D, row_block_start, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
-    COUNT: tl.constexpr,
+    COUNT: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -339,6 +427,10 @@ def _forward_kernel(
     # 5. symmetric: the tile's column max / sum-exp -> one partial LSE per column, stored for
     #    this row block; the column's positive logit stored by the block that holds its row;
     # 6. store the row statistics.
+    # PLAIN (closures whose targets and exclusions lie on the band j = i + offset): tiles inside
+    # the matrix and off the band skip steps 3-5 and take a lean path in base 2 with one
+    # exponential per entry: x = S log2(e), p = 2^(x - tile row max), and the column sums from
+    # the same p weighted by 2^(row max - tile max) (guarded against underflow).
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -359,74 +451,114 @@ def _forward_kernel(
         ts = tl.load(tscale_ptr).to(tl.float32)
     else:
         ts = 0.0
+    n_col_tiles = tl.cdiv(M, BLOCK_N)
+    underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # PLAIN, SYMMETRIC: a raw column sum < floor
     for col0 in range(0, M, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
         c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        S = c * s + b
-        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
-                                      FN_SPACE, FN_IDS)
-        if COUNT:
-            l_i += tl.sum(((target == 0) & valid & (S > tl.load(thr_ptr + rows.to(tl.int64), mask=rmask,
-                                                                  other=float("inf"))[:, None])).to(tl.float32), 1)
-        elif KIND == 0:
-            if EXCLUDE_TARGETS:
-                Sm = tl.where(valid & (target == 0), S, float("-inf"))
-            else:
-                Sm = tl.where(valid, S, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(Sm, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
-            m_i = m_new
-            if LSE2:
-                S2 = Sm * ratio2
-                m2_new = tl.maximum(m2_i, tl.max(S2, 1))
-                m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)
-                l2_i = l2_i * tl.exp(m2_i - m2_safe) + tl.sum(tl.exp(S2 - m2_safe[:, None]), 1)
-                m2_i = m2_new
-            if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
-                c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
-                                      stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-                                      UPCAST)
-                St = tl.where(valid, c2 * ts, 0.0)
-                mt_new = tl.maximum(mt_i, tl.max(tl.where(valid, St, float("-inf")), 1))
-                mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
-                alpha = tl.exp(mt_i - mt_safe)
-                e = tl.where(valid, tl.exp(St - mt_safe[:, None]), 0.0)
-                lt_i = lt_i * alpha + tl.sum(e, 1)
-                pos_i = pos_i * alpha + tl.sum(e * tl.where(valid, S, 0.0), 1)
-                tt_i = tt_i * alpha + tl.sum(e * St, 1)
-                mt_i = mt_new
-            elif TARGET_LSE:
-                St = tl.where(target, S, float("-inf"))
-                mt_new = tl.maximum(mt_i, tl.max(St, 1))
-                mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
-                pos_i = pos_i * tl.exp(mt_i - mt_safe) + tl.sum(tl.exp(St - mt_safe[:, None]), 1)
-                mt_i = mt_new
-            else:
-                pos_i += tl.sum(tl.where(target, S, 0.0), 1)
-            npos_i += tl.sum(target.to(tl.float32), 1)
-            if SYMMETRIC:
-                ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-                col_target = valid & (rows[:, None] == ctgt[None, :])
-                if EXCLUDE_TARGETS:
-                    Sc = tl.where(valid & (col_target == 0), S, float("-inf"))
-                else:
-                    Sc = Sm
-                cm = tl.max(Sc, 0)
-                cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
-                part = cm_safe + tl.log(tl.sum(tl.exp(Sc - cm_safe[None, :]), 0))
-                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
-                hit = tl.max(col_target.to(tl.int32), 0) > 0
-                tl.store(col_pos_ptr + cols.to(tl.int64), tl.sum(tl.where(col_target, S, 0.0), 0),
-                         mask=cmask & hit)
+        if PLAIN:
+            plain = _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
         else:
-            x = tl.where(target, -S, S)
-            softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            l_i += tl.sum(tl.where(valid, softplus, 0.0), 1)
+            plain = False
+        if plain:
+            x = c * (s * LOG2E) + b * LOG2E
+            tm2 = tl.max(x, 1)
+            p = tl.exp2(x - tm2[:, None])
+            tm = tm2 * LN2
+            m_new = tl.maximum(m_i, tm)
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1) * tl.exp(tm - m_new)
+            m_i = m_new
+            if SYMMETRIC:  # raw sums 2^-top2 sum_i 2^x_ij; the merge takes their logarithms
+                top2 = tl.max(tm2, 0)
+                colsum = tl.sum(p * tl.exp2(tm2 - top2)[:, None], 0)
+                underflow = tl.maximum(underflow, (colsum < _COLSUM_FLOOR).to(tl.int32))
+                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, colsum, mask=cmask)
+                tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N, top2)
+        else:
+            S = c * s + b
+            col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+            valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS,
+                                        EXCLUDE_SELF)
+            valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr,
+                                          cid_ptr, FN_SPACE, FN_IDS)
+            if COUNT:
+                thr = tl.load(thr_ptr + rows.to(tl.int64), mask=rmask, other=float("inf"))
+                above = (target == 0) & valid & (S > thr[:, None])
+                l_i += tl.sum(above.to(tl.float32), 1)
+            elif KIND == 0:
+                if EXCLUDE_TARGETS:
+                    Sm = tl.where(valid & (target == 0), S, float("-inf"))
+                else:
+                    Sm = tl.where(valid, S, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(Sm, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
+                m_i = m_new
+                if LSE2:
+                    S2 = Sm * ratio2
+                    m2_new = tl.maximum(m2_i, tl.max(S2, 1))
+                    m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)
+                    l2_i = l2_i * tl.exp(m2_i - m2_safe) + tl.sum(tl.exp(S2 - m2_safe[:, None]), 1)
+                    m2_i = m2_new
+                if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
+                    c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
+                                          stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                                          UPCAST)
+                    St = tl.where(valid, c2 * ts, 0.0)
+                    mt_new = tl.maximum(mt_i, tl.max(tl.where(valid, St, float("-inf")), 1))
+                    mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+                    alpha = tl.exp(mt_i - mt_safe)
+                    e = tl.where(valid, tl.exp(St - mt_safe[:, None]), 0.0)
+                    lt_i = lt_i * alpha + tl.sum(e, 1)
+                    pos_i = pos_i * alpha + tl.sum(e * tl.where(valid, S, 0.0), 1)
+                    tt_i = tt_i * alpha + tl.sum(e * St, 1)
+                    mt_i = mt_new
+                elif TARGET_LSE:
+                    St = tl.where(target, S, float("-inf"))
+                    mt_new = tl.maximum(mt_i, tl.max(St, 1))
+                    mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+                    pos_i = pos_i * tl.exp(mt_i - mt_safe) + tl.sum(tl.exp(St - mt_safe[:, None]), 1)
+                    mt_i = mt_new
+                else:
+                    pos_i += tl.sum(tl.where(target, S, 0.0), 1)
+                npos_i += tl.sum(target.to(tl.float32), 1)
+                if SYMMETRIC:
+                    ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+                    col_target = valid & (rows[:, None] == ctgt[None, :])
+                    if EXCLUDE_TARGETS:
+                        Sc = tl.where(valid & (col_target == 0), S, float("-inf"))
+                    else:
+                        Sc = Sm
+                    cm = tl.max(Sc, 0)
+                    cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
+                    part = cm_safe + tl.log(tl.sum(tl.exp(Sc - cm_safe[None, :]), 0))
+                    tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
+                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N,
+                             float("-inf"))  # marks natural-log partials
+                    hit = tl.max(col_target.to(tl.int32), 0) > 0
+                    tl.store(col_pos_ptr + cols.to(tl.int64), tl.sum(tl.where(col_target, S, 0.0), 0),
+                             mask=cmask & hit)
+            else:
+                x = tl.where(target, -S, S)
+                softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+                l_i += tl.sum(tl.where(valid, softplus, 0.0), 1)
+
+    if PLAIN and SYMMETRIC:
+        if _any_underflow(underflow):  # rare: redo the plain tiles' columns with their own maxima
+            for col0 in range(0, M, BLOCK_N):
+                if _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N):
+                    cols = col0 + tl.arange(0, BLOCK_N)
+                    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                         stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                                         UPCAST)
+                    x = c * (s * LOG2E) + b * LOG2E
+                    cm2 = tl.max(x, 0)
+                    part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
+                    tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cols < M)
+                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N,
+                             float("-inf"))
 
     r64 = rows.to(tl.int64)
     if COUNT:
@@ -468,7 +600,7 @@ def _backward_rows_kernel(
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
     GRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -512,7 +644,7 @@ def _backward_rows_kernel(
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         if COMPUTE_DQ:
             kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
                          mask=cmask[:, None] & dvmask[None, :], other=0.0)
@@ -555,7 +687,7 @@ def _backward_cols_kernel(
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -590,7 +722,7 @@ def _backward_cols_kernel(
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
                      mask=rmask[:, None] & dvmask[None, :], other=0.0)
         acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
@@ -618,7 +750,7 @@ def _grad_tiles_kernel(
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -647,7 +779,7 @@ def _grad_tiles_kernel(
         stride_tqn, stride_tqd, stride_tkn, stride_tkd,
         col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
         KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-        FN_IDS, SOFT_SIM, LSE2, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * M + cols[None, :]
     tl.store(out, (dS * s).to(ds_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < M)[None, :])
     if COMPUTE_SB:
@@ -685,7 +817,7 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict
         widest = 64 if (pass_ == "bwd_gram" and dtype == torch.float32) else 128
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=min(widest, max(16, _next_pow2(D))),
                    num_warps=8, num_stages=2)
-    cfg.update(config_override)
+    cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
     if pass_ == "fwd":
         cfg.pop("BLOCK_DV", None)
     return cfg
@@ -814,8 +946,18 @@ def _precision(queries: torch.Tensor, exact: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _plain(spec, targets) -> bool:
+    """Whether the closure's targets and exclusions all lie on the band j = i + offset, so that
+    tiles off it take the kernels' lean path (``config_override["PLAIN"] = False`` disables it)."""
+    return bool(config_override.get("PLAIN", True) and spec.kind == "softmax" and spec.fn_space == 0
+            and spec.lse2_ratio is None and targets.positives is None
+            and targets.col_positives is None and targets.row_labels is None
+            and targets.row_ids is None and targets.teacher_queries is None)
+
+
 def _flags(queries, spec, targets, bias) -> dict:
-    return dict(UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
+    return dict(PLAIN=_plain(spec, targets),
+                UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
                 EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
                 FN_SPACE=spec.fn_space, FN_IDS=targets.row_ids is not None,
                 SOFT_SIM=targets.teacher_queries is not None, LSE2=spec.lse2_ratio is not None,
@@ -860,11 +1002,13 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
         budget = max(_PARTIAL_BYTES_MIN, (N + M) * D * queries.element_size())
         per_launch = max(1, min(n_row_blocks, budget // (4 * M)))
         partial = torch.empty((per_launch, M), dtype=f32, device=dev)
+        n_col_tiles = triton.cdiv(M, cfg["BLOCK_N"])
+        refs = torch.empty((per_launch, n_col_tiles), dtype=f32, device=dev)
         col_pos = torch.zeros(M, dtype=f32, device=dev)
         col_lse = None
     else:
         per_launch = n_row_blocks
-        partial = col_pos = row_lse  # unused pointers
+        partial = refs = col_pos = row_lse  # unused pointers
     has_aux = targets.teacher_queries is not None or spec.lse2_ratio is not None
     aux = torch.empty((3, N), dtype=f32, device=dev) if has_aux else None  # teacher (2 rows), LSE2
     flags = _flags(queries, spec, targets, bias)
@@ -872,12 +1016,14 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
         args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
-                row_lse, row_pos, row_npos, partial, col_pos,
+                row_lse, row_pos, row_npos, partial, refs, col_pos,
                 N, M, D, start, spec.offset, _ratio2(spec),
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
         _launch(_forward_kernel, (nb,), args, const, cfg, "BLOCK_N")
         if symmetric:
-            chunk = torch.logsumexp(partial[:nb], dim=0)
+            chunk = torch.empty(M, dtype=f32, device=dev)
+            _merge_column_partials_kernel[(triton.cdiv(M, _MERGE_BLOCK),)](
+                partial, refs, chunk, nb, M, n_col_tiles, TILE_N=cfg["BLOCK_N"], BLOCK=_MERGE_BLOCK)
             col_lse = chunk if col_lse is None else torch.logaddexp(col_lse, chunk)
     if symmetric:
         return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, aux)
@@ -935,7 +1081,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         args = (queries, keys, *common, _ptr(dq, stats.row_lse), _ptr(dsb, stats.row_lse),
                 N, M, D, spec.offset, _ratio2(spec), *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
-                     COMPUTE_SB=rows_do_sb, GRAM=gram, **flags)
+                     COMPUTE_SB=rows_do_sb, GRAM=gram,
+                     # the transposed term of GRAM has its targets on the other band
+                     **dict(flags, PLAIN=flags["PLAIN"] and not gram))
         _launch(_backward_rows_kernel, grid, args, const, cfg, "BLOCK_N")
     if need_k:
         dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
@@ -965,10 +1113,10 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold):
     cfg = _config(queries, "fwd")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, threshold.float()),
-            counts, counts, counts, counts, counts, N, M, D, 0, spec.offset, 0.0,
+            counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset, 0.0,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact),
-                 **_flags(queries, spec, targets, bias))
+                 **dict(_flags(queries, spec, targets, bias), PLAIN=False))
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
     return counts
 
@@ -1039,7 +1187,7 @@ def top_negatives(queries, keys, targets, spec, k: int):
     cfg = dict(config_for(queries.device.type, queries.dtype, D, "fwd"))
     if queries.device.type == "cuda":  # the (BLOCK_M, KP) running lists live in registers
         cfg.update(BLOCK_M=64, num_stages=2)
-    cfg.update(config_override)
+    cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     _top_negatives_kernel[grid](
         queries, keys, _ptr(targets.positives, vals), _ptr(targets.row_labels, vals),

@@ -1,0 +1,131 @@
+"""The lean path of the Triton kernels for tiles inside the matrix and off the target band (one
+exponential per entry, column sums from the row-normalised exponentials, P^col from P by a rank-one
+rescaling) and its guarded fallbacks, against the float64 reference.
+
+Under the interpreter the branch predicates are wrapped to record which way each tile went, so a
+test fails if the path it is about was not taken (with the interpreter's 32 x 32 tiles).
+"""
+import collections
+
+import pytest
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (the wrapped predicates are jit functions of this module)
+
+import fastcl
+from fastcl.ops.triton import engine as E
+
+from .conftest import DEVICE
+from .test_triton import _check, _scalar
+from ._utils import features, rel
+
+interpreter_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="records branches under the interpreter")
+
+
+# The interpreter re-executes a jit function from its source with the module's globals, so the
+# wrappers are module-level functions that look up the originals and the counter here.
+_ORIGINAL = {}
+_SEEN = collections.Counter()
+
+
+def _record(name, out):
+    _SEEN[(name, bool(out))] += 1
+    return out
+
+
+def _spy_plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N):
+    return _record("_plain_tile", _ORIGINAL["_plain_tile"](row0, col0, N, M, offset, BLOCK_M, BLOCK_N))
+
+
+def _spy_any_underflow(flags):
+    return _record("_any_underflow", _ORIGINAL["_any_underflow"](flags))
+
+
+def _spy_lses_close(r2, c2):
+    return _record("_lses_close", _ORIGINAL["_lses_close"](r2, c2))
+
+
+@pytest.fixture
+def branches(monkeypatch):
+    """Counts of (predicate name, outcome) over every tile the kernels visit."""
+    _SEEN.clear()
+    for name, spy in (("_plain_tile", _spy_plain_tile), ("_any_underflow", _spy_any_underflow),
+                      ("_lses_close", _spy_lses_close)):
+        _ORIGINAL[name] = getattr(E, name)
+        monkeypatch.setattr(E, name, triton.jit(spy))
+    return _SEEN
+
+
+def _clip(q, k, s, b):
+    return fastcl.clip_loss(q, k, logit_scale=s, logit_bias=b, backend="triton")
+
+
+def _clip_ref(q, k, s, b):
+    return fastcl.clip_loss(q, k, logit_scale=s, logit_bias=b, backend="torch")
+
+
+@interpreter_only
+@pytest.mark.parametrize("N,D", [(100, 40), (97, 19), (128, 8)])
+def test_clip_plain_tiles(branches, N, D):
+    q, k = features(N, D, torch.float32, DEVICE), features(N, D, torch.float32, DEVICE)
+    s, b = _scalar(14.0), _scalar(-0.5)
+    _check("clip", _clip, _clip_ref, (q, k, s, b))
+    assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0
+    assert branches[("_lses_close", True)] > 0  # P^col formed from P in the backward
+    assert branches[("_any_underflow", False)] > 0
+
+
+@interpreter_only
+def test_info_nce_extra_keys_plain_tiles(branches):
+    q, k = features(70, 24, torch.float32, DEVICE), features(150, 24, torch.float32, DEVICE)
+
+    def fn(q, k, s):
+        return fastcl.info_nce(q, k, scale=s, backend="triton")
+
+    def ref(q, k, s):
+        return fastcl.info_nce(q, k, scale=s, backend="torch")
+
+    _check("info_nce", fn, ref, (q, k, _scalar(20.0)))
+    assert branches[("_plain_tile", True)] > 0
+
+
+@interpreter_only
+@pytest.mark.parametrize("scale", [300.0, 3000.0])
+def test_column_underflow_and_spread_fallbacks(branches, scale):
+    """At tiny temperatures column sums relative to a tile's largest logit underflow and row / column
+    LSEs spread apart: the forward redoes those columns with their own maxima and the backward
+    computes P^col directly; both still match the reference."""
+    q, k = features(96, 6, torch.float32, DEVICE), features(96, 6, torch.float32, DEVICE)
+    _check("clip", _clip, _clip_ref, (q, k, _scalar(scale), _scalar(0.3)), rtol=1e-4)
+    assert branches[("_any_underflow", True)] > 0
+    assert branches[("_lses_close", False)] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_and_general_paths_agree(monkeypatch, dtype):
+    q, k = features(100, 33, dtype, DEVICE), features(100, 33, dtype, DEVICE)
+    g = torch.rand(2, 100, device=DEVICE) + 0.5
+    out = {}
+    for plain in (True, False):
+        monkeypatch.setattr(E, "config_override", {"PLAIN": plain})
+        qq, kk = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+        s = _scalar(30.0)
+        loss = fastcl.clip_loss(qq, kk, logit_scale=s, backend="triton", reduction="none")
+        loss.backward(g)
+        out[plain] = (loss.detach(), qq.grad, kk.grad, s.grad)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: dS and the gradients round to bf16
+    for a, b in zip(out[True], out[False]):
+        assert rel(a, b) < tol, (rel(a, b), tol)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU tile sizes")
+@pytest.mark.parametrize("scale", [14.0, 3000.0])
+def test_clip_plain_tiles_gpu(scale):
+    """With the GPU's 128-row tiles: most tiles interior, and at tau = 1/3000 the column-underflow
+    and LSE-spread fallbacks (fp32 exact products, so only the paths differ from the reference)."""
+    q, k = features(1000, 64, torch.float32, DEVICE), features(1000, 64, torch.float32, DEVICE)
+
+    def fn(q, k, s, b):
+        return fastcl.clip_loss(q, k, logit_scale=s, logit_bias=b, backend="triton", exact=True)
+
+    _check("clip", fn, _clip_ref, (q, k, _scalar(scale), _scalar(0.3)), rtol=1e-4)
