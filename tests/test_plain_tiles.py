@@ -13,6 +13,7 @@ import triton
 import triton.language as tl  # noqa: F401  (the wrapped predicates are jit functions of this module)
 
 import fastcl
+from fastcl import reference as R
 from fastcl.ops.triton import engine as E
 
 from .conftest import DEVICE
@@ -129,3 +130,18 @@ def test_clip_plain_tiles_gpu(scale):
         return fastcl.clip_loss(q, k, logit_scale=s, logit_bias=b, backend="triton", exact=True)
 
     _check("clip", fn, _clip_ref, (q, k, _scalar(scale), _scalar(0.3)), rtol=1e-4)
+
+
+@interpreter_only
+def test_clip_plain_tiles_bf16(branches):
+    """bf16 inputs: within 2x of PyTorch's own bf16 CLIP loss error (the materialised loss in bf16)."""
+    q, k = features(100, 40, torch.bfloat16, DEVICE), features(100, 40, torch.bfloat16, DEVICE)
+
+    def fn(q, k, s):
+        return fastcl.clip_loss(q, k, s, reduction="none", backend="triton")
+
+    def ref(q, k, s):
+        return R.clip_loss(q, k, s.to(q.dtype), None, "none")
+
+    _check("clip-bf16", fn, ref, (q, k, _scalar(14.0)), dtype=torch.bfloat16, rtol=1e-3)
+    assert branches[("_plain_tile", True)] > 0

@@ -30,7 +30,8 @@ def report():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("variant", [triton_aot.variant_name(*v) for v in triton_aot.VARIANTS])
+@pytest.mark.parametrize("variant", [triton_aot.variant_name(*v) for v in triton_aot.VARIANTS]
+                         + ["merge-sm90", "merge-sm80"])
 def test_compiles(report, variant):
     assert report[variant]["ok"], report[variant]["error"]
 

@@ -202,6 +202,19 @@ def main():
         json.dump(cost_report(args[0], D=int(args[1]) if len(args) > 1 else 256), sys.stdout)
         return
     report = {}
+    for cc in (90, 80):  # the column-partials merge of the symmetric forward
+        fn = E._merge_column_partials_kernel
+        sig = dict(part_ptr="*fp32", ref_ptr="*fp32", out_ptr="*fp32", n_blocks="i32", M="i32",
+                   n_col_tiles="i32", TILE_N="constexpr", BLOCK="constexpr")
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index("TILE_N"),): 64,
+                                                              (fn.arg_names.index("BLOCK"),): E._MERGE_BLOCK})
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4))
+            report[f"merge-sm{cc}"] = {"ok": bool(compiled.asm["cubin"]), "error": "",
+                                       "usage": _resource_usage(compiled)}
+        except Exception as exc:
+            report[f"merge-sm{cc}"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                       "usage": None}
     for kernel, closure, dtype, cc in VARIANTS:
         name = variant_name(kernel, closure, dtype, cc)
         try:

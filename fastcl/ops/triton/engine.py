@@ -114,15 +114,18 @@ def _merge_column_partials_kernel(part_ptr, ref_ptr, out_ptr, n_blocks, M, n_col
     c64 = cols.to(tl.int64)
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK,), dtype=tl.float32)
-    for blk in range(0, n_blocks):
-        a = tl.load(part_ptr + blk * M + c64, mask=cmask, other=1.0)
-        ref = tl.load(ref_ptr + blk * n_col_tiles + cols // TILE_N, mask=cmask,
-                      other=float("-inf"))
+    a_ptrs = part_ptr + c64  # advanced as pointers: 64-bit offsets however large the buffer
+    ref_ptrs = ref_ptr + cols // TILE_N
+    for _ in range(0, n_blocks):
+        a = tl.load(a_ptrs, mask=cmask, other=1.0)
+        ref = tl.load(ref_ptrs, mask=cmask, other=float("-inf"))
         v = tl.where(ref == float("-inf"), a, tl.log(a) + ref * LN2)
         m_new = tl.maximum(m, v)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.exp(v - m_safe)
         m = m_new
+        a_ptrs += M
+        ref_ptrs += n_col_tiles
     tl.store(out_ptr + c64, m + tl.log(l), mask=cmask)
 
 
