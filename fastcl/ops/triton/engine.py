@@ -215,6 +215,19 @@ def _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_pt
 
 
 @triton.jit
+def _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+                  LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, FN_SPACE: tl.constexpr,
+                  FN_IDS: tl.constexpr):
+    """(S, valid, target) of a tile on the general path: logits, then every mask of the closure."""
+    S = c * s + b
+    col_meta = _col_labels(cols, M, clab_ptr, LABELS)
+    valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
+    valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+                                  FN_SPACE, FN_IDS)
+    return S, valid, target
+
+
+@triton.jit
 def _row_grad_meta(rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_pos_ptr, stride_g,
                    stride_gp, aux_ptr, g_l2_ptr, stride_gl2, KIND: tl.constexpr,
                    TARGET_LSE: tl.constexpr, LSE2: tl.constexpr):
@@ -379,12 +392,9 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
         valid = (rows < N)[:, None] & (cols < M)[None, :]
         target = valid & (cols < 0)[None, :]
     else:
-        S = c * s + b
-        col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-        valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS,
-                                    EXCLUDE_SELF)
-        valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr,
-                                      cid_ptr, FN_SPACE, FN_IDS)
+        S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
+                                         thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF, FN_SPACE,
+                                         FN_IDS)
         ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
         col_target = valid & (rows[:, None] == ctgt[None, :])
         soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M,
@@ -480,12 +490,9 @@ def _forward_kernel(
                 tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, colsum, mask=cmask)
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N, top2)
         else:
-            S = c * s + b
-            col_meta = _col_labels(cols, M, clab_ptr, LABELS)
-            valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS,
-                                        EXCLUDE_SELF)
-            valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr,
-                                          cid_ptr, FN_SPACE, FN_IDS)
+            S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
+                                             thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF,
+                                             FN_SPACE, FN_IDS)
             if COUNT:
                 thr = tl.load(thr_ptr + rows.to(tl.int64), mask=rmask, other=float("inf"))
                 above = (target == 0) & valid & (S > thr[:, None])
