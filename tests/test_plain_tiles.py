@@ -38,6 +38,12 @@ def _spy_plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N):
     return _record("_plain_tile", _ORIGINAL["_plain_tile"](row0, col0, N, M, offset, BLOCK_M, BLOCK_N))
 
 
+def _spy_plain_spans(row0, N, M, offset, BLOCK_M, BLOCK_N):
+    lo_end, hi_start, hi_end = _ORIGINAL["_plain_spans"](row0, N, M, offset, BLOCK_M, BLOCK_N)
+    _record("_plain_spans", (lo_end > 0) | (hi_end > hi_start))  # some interior tile in the row block
+    return lo_end, hi_start, hi_end
+
+
 def _spy_any_underflow(flags):
     return _record("_any_underflow", _ORIGINAL["_any_underflow"](flags))
 
@@ -50,8 +56,8 @@ def _spy_lses_close(r2, c2):
 def branches(monkeypatch):
     """Counts of (predicate name, outcome) over every tile the kernels visit."""
     _SEEN.clear()
-    for name, spy in (("_plain_tile", _spy_plain_tile), ("_any_underflow", _spy_any_underflow),
-                      ("_lses_close", _spy_lses_close)):
+    for name, spy in (("_plain_tile", _spy_plain_tile), ("_plain_spans", _spy_plain_spans),
+                      ("_any_underflow", _spy_any_underflow), ("_lses_close", _spy_lses_close)):
         _ORIGINAL[name] = getattr(E, name)
         monkeypatch.setattr(E, name, triton.jit(spy))
     return _SEEN
@@ -72,6 +78,7 @@ def test_clip_plain_tiles(branches, N, D):
     s, b = _scalar(14.0), _scalar(-0.5)
     _check("clip", _clip, _clip_ref, (q, k, s, b))
     assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0
+    assert branches[("_plain_spans", True)] > 0  # the forward's interior-tile launch had work
     assert branches[("_lses_close", True)] > 0  # P^col formed from P in the backward
     assert branches[("_any_underflow", False)] > 0
 
@@ -87,7 +94,42 @@ def test_info_nce_extra_keys_plain_tiles(branches):
         return fastcl.info_nce(q, k, scale=s, backend="torch")
 
     _check("info_nce", fn, ref, (q, k, _scalar(20.0)))
-    assert branches[("_plain_tile", True)] > 0
+    assert branches[("_plain_tile", True)] > 0 and branches[("_plain_spans", True)] > 0
+
+
+@triton.jit
+def _classify_kernel(out_ptr, N, M, offset, n_col_tiles, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    # out[row block, column tile] = (in the forward's plain spans, _plain_tile)
+    pid = tl.program_id(0)
+    row0 = pid * BLOCK_M
+    lo_end, hi_start, hi_end = E._plain_spans(row0, N, M, offset, BLOCK_M, BLOCK_N)
+    for t in range(0, n_col_tiles):
+        col0 = t * BLOCK_N
+        in_span = (col0 < lo_end) | ((col0 >= hi_start) & (col0 < hi_end))
+        tile = E._plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
+        tl.store(out_ptr + (pid * n_col_tiles + t) * 2, in_span.to(tl.int32))
+        tl.store(out_ptr + (pid * n_col_tiles + t) * 2 + 1, tile.to(tl.int32))
+
+
+@pytest.mark.parametrize("N,M,offset,BM,BN", [
+    (100, 100, 0, 32, 32), (256, 256, 0, 64, 32), (256, 256, 0, 32, 64), (70, 150, 0, 16, 32),
+    (64, 512, 192, 32, 64), (64, 512, 200, 32, 64), (300, 300, 0, 128, 128), (96, 40, 0, 32, 64),
+    (128, 1000, 870, 64, 32), (33, 33, 0, 16, 16)])
+def test_forward_spans_are_the_plain_tiles(N, M, offset, BM, BN):
+    """The forward's interior launch sweeps exactly the tiles the backward treats as plain, and
+    its band-and-edge launch (the complement) every other tile."""
+    n_row_blocks, n_col_tiles = triton.cdiv(N, BM), triton.cdiv(M, BN)
+    out = torch.full((n_row_blocks, n_col_tiles, 2), -1, dtype=torch.int32, device=DEVICE)
+    _classify_kernel[(n_row_blocks,)](out, N, M, offset, n_col_tiles, BLOCK_M=BM, BLOCK_N=BN)
+    out = out.cpu()
+    assert torch.equal(out[..., 0], out[..., 1])
+    rows = torch.arange(n_row_blocks)[:, None] * BM
+    cols = torch.arange(n_col_tiles)[None, :] * BN
+    expect = ((rows + BM <= N) & (cols + BN <= M)
+              & ((cols + BN <= rows + offset) | (cols >= rows + offset + BM)))
+    assert torch.equal(out[..., 0].bool(), expect)
+    assert out[..., 0].any() or N < BM or M < BN
 
 
 @interpreter_only
@@ -145,3 +187,25 @@ def test_clip_plain_tiles_bf16(branches):
 
     _check("clip-bf16", fn, ref, (q, k, _scalar(14.0)), dtype=torch.bfloat16, rtol=1e-3)
     assert branches[("_plain_tile", True)] > 0
+
+
+@pytest.mark.parametrize("plain_n,general_n", [(64, 32), (64, 16)])
+def test_interior_launch_wider_than_band_launch(branches, monkeypatch, plain_n, general_n):
+    """The interior tiles' launch may use wider column tiles than the band-and-edge launch (as on
+    the GPU, where the masked path would spill at the interior's width): the column partials
+    keep one reference per interior-width tile and the loss still matches the reference."""
+    config_for = E.config_for
+
+    def widths(device_type, dtype, D, pass_):
+        cfg = dict(config_for(device_type, dtype, D, pass_))
+        if pass_ == "fwd_plain":
+            cfg.update(BLOCK_N=plain_n)
+        elif pass_ == "fwd":
+            cfg.update(BLOCK_N=general_n)
+        return cfg
+
+    monkeypatch.setattr(E, "config_for", widths)
+    q, k = features(150, 24, torch.float32, DEVICE), features(150, 24, torch.float32, DEVICE)
+    _check("clip", _clip, _clip_ref, (q, k, _scalar(25.0), _scalar(-0.5)))
+    if DEVICE.type == "cpu":
+        assert branches[("_plain_spans", True)] > 0

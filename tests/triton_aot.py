@@ -11,6 +11,7 @@ import tempfile
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -36,7 +37,10 @@ CLOSURES = {
     "hcl": dict(_PLAIN, HAS_POS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True, LSE2=True),
 }
 KERNELS = {
+    # the forward of closures with PLAIN: the band-and-edge launch (TILES=1, with the interior
+    # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)
     "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
+    "fwd_plain": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
     "count": (E._forward_kernel, "fwd", dict(COUNT=True, PLAIN=False)),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
@@ -62,6 +66,13 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    if fn is E._forward_kernel:  # as the launcher: the partials' tiling is the interior launch's
+        consts.setdefault("TILES", 1 if consts["PLAIN"] else 0)
+        consts["TILE_N"] = cfg["BLOCK_N"]
+        if consts["TILES"] == 1:
+            plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain")
+            cfg["BLOCK_M"] = plain_cfg["BLOCK_M"]
+            consts["TILE_N"] = plain_cfg["BLOCK_N"]
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
     if aligned:
         consts.update({k: 1 for k in _UNIT_STRIDES})
@@ -109,7 +120,8 @@ def _resource_usage(compiled):
 
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
-             if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")]
+             if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
+             and (k != "fwd_plain" or CLOSURES[c]["PLAIN"])]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count", "topk")])
 
 
@@ -161,12 +173,17 @@ def _per_tile(compiled):
 
 
 @triton.jit
-def _always(*args):
+def _always_tile(row0, col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return True
 
 
 @triton.jit
-def _never(*args):
+def _always_close(r2, c2):
+    return True
+
+
+@triton.jit
+def _never_underflow(flags):
     return False
 
 
@@ -177,19 +194,23 @@ def cost_report(path, D=256):
     Triton memoises a kernel's dependencies). issue_clk = instructions per thread x warps / 4
     schedulers; tensor_clk = the tile's MMA FLOPs / 4096 per clock (dense bf16 per SM)."""
     if path == "plain":
-        E._plain_tile, E._lses_close, E._any_underflow = _always, _always, _never
+        E._plain_tile, E._lses_close, E._any_underflow = _always_tile, _always_close, _never_underflow
     closure = "clip" if path == "plain" else "clip_masked"
     report = {}
     for kernel in ("fwd", "bwd_rows", "bwd_cols"):
-        compiled = _compile(kernel, closure, torch.bfloat16, D=D)
+        # the lean forward is the interior tiles' launch, with its own tile shape
+        name = "fwd_plain" if (kernel == "fwd" and path == "plain") else kernel
+        compiled = _compile(name, closure, torch.bfloat16, D=D)
         body, chunk, mix = _per_tile(compiled)
-        cfg = E.config_for("cuda", torch.bfloat16, D, "fwd" if kernel == "fwd" else "bwd")
+        cfg = E.config_for("cuda", torch.bfloat16, D, name if kernel == "fwd" else "bwd")
         chunks = -(-D // cfg["BLOCK_D"])
         flops = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D
         if kernel != "fwd":
             flops += 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * min(D, cfg["BLOCK_DV"])
         issue = (body + chunks * chunk) * cfg["num_warps"] / 4
-        report[kernel] = dict(body=body, per_chunk=chunk, chunks=chunks, issue_clk=issue,
+        report[kernel] = dict(body=body, entries=cfg["BLOCK_M"] * cfg["BLOCK_N"],
+                              per_entry=body / (cfg["BLOCK_M"] * cfg["BLOCK_N"]),
+                              per_chunk=chunk, chunks=chunks, issue_clk=issue,
                               tensor_clk=flops / 4096, ratio=issue / (flops / 4096),
                               mufu_ex2=mix["MUFU.EX2"], shfl=mix["SHFL"], bar=mix["BAR"],
                               tile=f'{cfg["BLOCK_M"]}x{cfg["BLOCK_N"]}x{cfg["BLOCK_D"]}')

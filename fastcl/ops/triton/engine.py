@@ -96,6 +96,21 @@ def _plain_tile(row0, col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _plain_spans(row0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The plain column tiles of the row block at row0 (those _plain_tile accepts), as two spans
+    of tile starts: [0, lo_end) and [hi_start, hi_end); the rest, [lo_end, hi_start) and
+    [hi_end, M), are the band and the edge tiles. All multiples of BLOCK_N, lo_end <= hi_start <=
+    hi_end; empty when the row block is cut by N."""
+    m_full = M // BLOCK_N * BLOCK_N
+    band_lo = row0 + offset
+    lo_end = tl.minimum(tl.maximum(band_lo, 0) // BLOCK_N * BLOCK_N, m_full)
+    band_hi = tl.maximum(band_lo + BLOCK_M, 0)
+    hi_start = tl.minimum(tl.maximum((band_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo_end), m_full)
+    inside = row0 + BLOCK_M <= N
+    return tl.where(inside, lo_end, 0), tl.where(inside, hi_start, 0), tl.where(inside, m_full, 0)
+
+
+@triton.jit
 def _any_underflow(flags):
     """Whether a plain tile of the row block had a raw column sum below _COLSUM_FLOOR."""
     return tl.max(flags, 0) > 0
@@ -415,14 +430,14 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
 def _forward_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
-    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_ref_ptr, col_pos_ptr,
+    row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_ref_ptr, col_pos_ptr, row_init_ptr,
     N, M, D, row_block_start, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
-    COUNT: tl.constexpr, PLAIN: tl.constexpr,
+    COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -440,42 +455,38 @@ def _forward_kernel(
     # 5. symmetric: the tile's column max / sum-exp -> one partial LSE per column, stored for
     #    this row block; the column's positive logit stored by the block that holds its row;
     # 6. store the row statistics.
-    # PLAIN (closures whose targets and exclusions lie on the band j = i + offset): tiles inside
-    # the matrix and off the band skip steps 3-5 and take a lean path in base 2 with one
-    # exponential per entry: x = S log2(e), p = 2^(x - tile row max), and the column sums from
-    # the same p weighted by 2^(row max - tile max) (guarded against underflow).
+    # TILES (closures whose targets and exclusions lie on the band j = i + offset are swept in
+    # two launches over disjoint tiles): 1 = the band and edge tiles, through steps 2-6, leaving
+    # the row LSE in row_init; 2 = the interior ("plain") tiles, which skip steps 3-5 and take a
+    # lean path in base 2 with one exponential per entry (x = S log2(e), p = 2^(x - tile row
+    # max)), the column sums from the same p weighted by 2^(row max - tile max), guarded against
+    # underflow; its online row LSE starts from row_init. 0 = every tile through steps 2-6.
+    # TILE_N: the width of the column tiles that hold one reference each in col_ref (and the
+    # granularity of the plain spans); the plain launch has BLOCK_N = TILE_N, the others sweep
+    # their columns in BLOCK_N-wide pieces, TILE_N a multiple of BLOCK_N.
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < N
+    r64 = rows.to(tl.int64)
     s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
-    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # target sum, or target sum-exp (TARGET_LSE)
-    mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target / teacher max
-    npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # LSE2: max of ratio2 * S
-    l2_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # LSE2: sum-exp
-    lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: teacher sum-exp
-    tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) St_ij
-    if SOFT_SIM:
-        ts = tl.load(tscale_ptr).to(tl.float32)
+    n_col_tiles = tl.cdiv(M, TILE_N)
+    if TILES == 0:
+        lo_end = 0
+        hi_start = M
+        hi_end = M
     else:
-        ts = 0.0
-    n_col_tiles = tl.cdiv(M, BLOCK_N)
-    underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # PLAIN, SYMMETRIC: a raw column sum < floor
-    for col0 in range(0, M, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        cmask = cols < M
-        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
-        if PLAIN:
-            plain = _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
-        else:
-            plain = False
-        if plain:
+        lo_end, hi_start, hi_end = _plain_spans(row0, N, M, offset, BLOCK_M, TILE_N)
+    if TILES == 2:
+        m_i = tl.load(row_init_ptr + r64, mask=rmask, other=float("-inf"))
+        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # SYMMETRIC: a raw column sum < floor
+        n_plain = lo_end + (hi_end - hi_start)
+        for u in range(0, n_plain, BLOCK_N):
+            col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
+            cols = col0 + tl.arange(0, BLOCK_N)
+            c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
             x = c * (s * LOG2E) + b * LOG2E
             tm2 = tl.max(x, 1)
             p = tl.exp2(x - tm2[:, None])
@@ -487,9 +498,48 @@ def _forward_kernel(
                 top2 = tl.max(tm2, 0)
                 colsum = tl.sum(p * tl.exp2(tm2 - top2)[:, None], 0)
                 underflow = tl.maximum(underflow, (colsum < _COLSUM_FLOOR).to(tl.int32))
-                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, colsum, mask=cmask)
-                tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N, top2)
+                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, colsum)
+                tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N, top2)
+        if SYMMETRIC:
+            if _any_underflow(underflow):  # rare: redo these columns with their own maxima
+                for u in range(0, n_plain, BLOCK_N):
+                    col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
+                    cols = col0 + tl.arange(0, BLOCK_N)
+                    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                         stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
+                                         PRECISION, UPCAST)
+                    x = c * (s * LOG2E) + b * LOG2E
+                    cm2 = tl.max(x, 0)
+                    part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
+                    tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part)
+                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
+                             float("-inf"))
+        tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+    else:
+        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # target sum, or target sum-exp (TARGET_LSE)
+        mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target / teacher max
+        npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # LSE2: max of ratio2 * S
+        l2_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # LSE2: sum-exp
+        lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: teacher sum-exp
+        tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) St_ij
+        if SOFT_SIM:
+            ts = tl.load(tscale_ptr).to(tl.float32)
         else:
+            ts = 0.0
+        # the band and edge tiles (TILES = 1), or every tile (TILES = 0): tile starts
+        # [lo_end, hi_start) then [hi_end, M)
+        n_mid = hi_start - lo_end
+        for u in range(0, n_mid + (M - hi_end), BLOCK_N):
+            col0 = tl.where(u < n_mid, lo_end + u, hi_end + (u - n_mid))
+            cols = col0 + tl.arange(0, BLOCK_N)
+            cmask = cols < M
+            c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
+                                 stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
             S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
                                              thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF,
                                              FN_SPACE, FN_IDS)
@@ -545,7 +595,7 @@ def _forward_kernel(
                     cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
                     part = cm_safe + tl.log(tl.sum(tl.exp(Sc - cm_safe[None, :]), 0))
                     tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
-                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N,
+                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
                              float("-inf"))  # marks natural-log partials
                     hit = tl.max(col_target.to(tl.int32), 0) > 0
                     tl.store(col_pos_ptr + cols.to(tl.int64), tl.sum(tl.where(col_target, S, 0.0), 0),
@@ -555,43 +605,29 @@ def _forward_kernel(
                 softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
                 l_i += tl.sum(tl.where(valid, softplus, 0.0), 1)
 
-    if PLAIN and SYMMETRIC:
-        if _any_underflow(underflow):  # rare: redo the plain tiles' columns with their own maxima
-            for col0 in range(0, M, BLOCK_N):
-                if _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N):
-                    cols = col0 + tl.arange(0, BLOCK_N)
-                    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                         stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-                                         UPCAST)
-                    x = c * (s * LOG2E) + b * LOG2E
-                    cm2 = tl.max(x, 0)
-                    part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
-                    tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cols < M)
-                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // BLOCK_N,
-                             float("-inf"))
-
-    r64 = rows.to(tl.int64)
-    if COUNT:
-        tl.store(row_lse_ptr + r64, l_i, mask=rmask)
-    else:
-        if KIND == 0:
-            tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
-        else:
+        if COUNT:
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
-        if LSE2:
-            tl.store(aux_ptr + 2 * N + r64, m2_i + tl.log(l2_i), mask=rmask)
-        if SOFT_SIM:  # row_pos = sum_j Tt_ij S_ij; aux = (teacher LSE, sum_j Tt_ij St_ij)
-            lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
-            tl.store(row_pos_ptr + r64, pos_i / lt_safe, mask=rmask)
-            tl.store(row_npos_ptr + r64, tl.full((BLOCK_M,), 1.0, dtype=tl.float32), mask=rmask)
-            tl.store(aux_ptr + r64, mt_i + tl.log(lt_safe), mask=rmask)
-            tl.store(aux_ptr + N + r64, tt_i / lt_safe, mask=rmask)
         else:
-            if TARGET_LSE:
-                tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
+            if TILES == 1:  # the plain tiles' launch continues from here
+                tl.store(row_init_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+            elif KIND == 0:
+                tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
             else:
-                tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
-            tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
+                tl.store(row_lse_ptr + r64, l_i, mask=rmask)
+            if LSE2:
+                tl.store(aux_ptr + 2 * N + r64, m2_i + tl.log(l2_i), mask=rmask)
+            if SOFT_SIM:  # row_pos = sum_j Tt_ij S_ij; aux = (teacher LSE, sum_j Tt_ij St_ij)
+                lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
+                tl.store(row_pos_ptr + r64, pos_i / lt_safe, mask=rmask)
+                tl.store(row_npos_ptr + r64, tl.full((BLOCK_M,), 1.0, dtype=tl.float32), mask=rmask)
+                tl.store(aux_ptr + r64, mt_i + tl.log(lt_safe), mask=rmask)
+                tl.store(aux_ptr + N + r64, tt_i / lt_safe, mask=rmask)
+            else:
+                if TARGET_LSE:
+                    tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
+                else:
+                    tl.store(row_pos_ptr + r64, pos_i, mask=rmask)
+                tl.store(row_npos_ptr + r64, npos_i, mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -812,15 +848,20 @@ def _config(queries: torch.Tensor, pass_: str) -> dict:
 
 
 def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict:
-    """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "bwd" or "bwd_gram";
-    ``config_override`` wins."""
+    """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "fwd_plain" (the interior
+    tiles' launch of the forward; its tile shape is the forward's whole tiling when it runs),
+    "bwd" or "bwd_gram"; ``config_override`` wins."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
     elif dtype == torch.float32:  # TF32 / fp32 tiles are twice the bytes: smaller row blocks
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
+    elif pass_ == "fwd_plain":
+        # Without the masked path in the same kernel, a 128 x 128 tile fits in registers: twice
+        # the tensor-core work per tile for the same per-row epilogue (see bench/ANALYSIS.md).
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
-    if pass_ != "fwd" and device_type == "cuda":
+    if pass_ in ("bwd", "bwd_gram") and device_type == "cuda":
         # dQ / dK accumulate a (64, BLOCK_DV) float32 tile per program; wider D is split across
         # programs (each recomputes the similarity). These sizes compile without register spills
         # on sm_90 (checked in tests/test_triton_compile.py).
@@ -828,7 +869,7 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=min(widest, max(16, _next_pow2(D))),
                    num_warps=8, num_stages=2)
     cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "fwd_plain"):
         cfg.pop("BLOCK_DV", None)
     return cfg
 
@@ -926,9 +967,10 @@ def _autotuning() -> bool:
 _autotuned: dict = {}
 
 
-def _launch(kernel, grid, args, const: dict, cfg: dict, tuned: str) -> None:
+def _launch(kernel, grid, args, const: dict, cfg: dict, tuned: Optional[str]) -> None:
     """Launch with the fixed config, or, with FASTCL_AUTOTUNE=1, through triton.autotune over the
-    parameters that leave the grid and buffers unchanged (BLOCK_D, ``tuned``, warps, stages)."""
+    parameters that leave the grid and buffers unchanged (BLOCK_D, ``tuned`` unless None, warps,
+    stages)."""
     if not _autotuning():
         kernel[grid](*args, **const, **cfg)
         return
@@ -936,8 +978,10 @@ def _launch(kernel, grid, args, const: dict, cfg: dict, tuned: str) -> None:
     fixed = {k: v for k, v in cfg.items() if k not in free}
     key = (kernel.fn.__name__, tuned, tuple(sorted(fixed)))
     if key not in _autotuned:
-        configs = [triton.Config({"BLOCK_D": bd, tuned: tile}, num_warps=w, num_stages=st)
-                   for bd in (32, 64, 128) for tile in (32, 64, 128)
+        tiles = (32, 64, 128) if tuned else (None,)
+        configs = [triton.Config(dict({"BLOCK_D": bd}, **({tuned: tile} if tuned else {})),
+                                 num_warps=w, num_stages=st)
+                   for bd in (32, 64, 128) for tile in tiles
                    for w, st in ((4, 2), (8, 3), (8, 4))]
         _autotuned[key] = triton.autotune(configs=configs, key=["N", "M", "D"])(kernel)
     _autotuned[key][grid](*args, **const, **fixed)
@@ -1001,7 +1045,15 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
+    flags = _flags(queries, spec, targets, bias)
+    plain = flags.pop("PLAIN")
     cfg = _config(queries, "fwd")
+    tile_n = cfg["BLOCK_N"]
+    if plain:  # two launches over disjoint tiles of one tiling: band and edges, then the interior
+        cfg_plain = _config(queries, "fwd_plain")
+        tile_n = cfg_plain["BLOCK_N"]
+        cfg = dict(cfg, BLOCK_M=cfg_plain["BLOCK_M"],
+                   BLOCK_N=cfg["BLOCK_N"] if tile_n % cfg["BLOCK_N"] == 0 else tile_n)
     BM = cfg["BLOCK_M"]
     n_row_blocks = triton.cdiv(N, BM)
     row_lse = torch.empty(N, dtype=f32, device=dev)
@@ -1012,7 +1064,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
         budget = max(_PARTIAL_BYTES_MIN, (N + M) * D * queries.element_size())
         per_launch = max(1, min(n_row_blocks, budget // (4 * M)))
         partial = torch.empty((per_launch, M), dtype=f32, device=dev)
-        n_col_tiles = triton.cdiv(M, cfg["BLOCK_N"])
+        n_col_tiles = triton.cdiv(M, tile_n)
         refs = torch.empty((per_launch, n_col_tiles), dtype=f32, device=dev)
         col_pos = torch.zeros(M, dtype=f32, device=dev)
         col_lse = None
@@ -1021,19 +1073,26 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
         partial = refs = col_pos = row_lse  # unused pointers
     has_aux = targets.teacher_queries is not None or spec.lse2_ratio is not None
     aux = torch.empty((3, N), dtype=f32, device=dev) if has_aux else None  # teacher (2 rows), LSE2
-    flags = _flags(queries, spec, targets, bias)
-    const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact), **flags)
+    row_init = torch.empty(N, dtype=f32, device=dev) if plain else row_lse
+    const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact),
+                 TILE_N=tile_n, **flags)
+    # the tiling of the column partials and of the two launches is fixed: BLOCK_N tuned otherwise
+    tuned = None if (symmetric or plain) else "BLOCK_N"
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
         args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
-                row_lse, row_pos, row_npos, partial, refs, col_pos,
+                row_lse, row_pos, row_npos, partial, refs, col_pos, row_init,
                 N, M, D, start, spec.offset, _ratio2(spec),
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
-        _launch(_forward_kernel, (nb,), args, const, cfg, "BLOCK_N")
+        if plain:
+            _launch(_forward_kernel, (nb,), args, dict(const, TILES=1), cfg, tuned)
+            _launch(_forward_kernel, (nb,), args, dict(const, TILES=2), cfg_plain, tuned)
+        else:
+            _launch(_forward_kernel, (nb,), args, dict(const, TILES=0), cfg, tuned)
         if symmetric:
             chunk = torch.empty(M, dtype=f32, device=dev)
             _merge_column_partials_kernel[(triton.cdiv(M, _MERGE_BLOCK),)](
-                partial, refs, chunk, nb, M, n_col_tiles, TILE_N=cfg["BLOCK_N"], BLOCK=_MERGE_BLOCK)
+                partial, refs, chunk, nb, M, n_col_tiles, TILE_N=tile_n, BLOCK=_MERGE_BLOCK)
             col_lse = chunk if col_lse is None else torch.logaddexp(col_lse, chunk)
     if symmetric:
         return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, aux)
@@ -1123,10 +1182,12 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold):
     cfg = _config(queries, "fwd")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, threshold.float()),
-            counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset, 0.0,
+            counts, counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset, 0.0,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
-    const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact),
-                 **dict(_flags(queries, spec, targets, bias), PLAIN=False))
+    flags = _flags(queries, spec, targets, bias)
+    flags.pop("PLAIN")
+    const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact), TILES=0,
+                 TILE_N=cfg["BLOCK_N"], **flags)
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
     return counts
 
