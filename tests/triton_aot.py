@@ -62,7 +62,7 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd")
 
 def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     fn, pass_, extra = KERNELS[kernel_name]
-    cfg = dict(E.config_for("cuda", dtype, D, pass_))
+    cfg = dict(E.config_for("cuda", dtype, D, pass_, cc))
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
@@ -70,7 +70,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         consts.setdefault("TILES", 1 if consts["PLAIN"] else 0)
         consts["TILE_N"] = cfg["BLOCK_N"]
         if consts["TILES"] == 1:
-            plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain")
+            plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc)
             cfg["BLOCK_M"] = plain_cfg["BLOCK_M"]
             consts["TILE_N"] = plain_cfg["BLOCK_N"]
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})

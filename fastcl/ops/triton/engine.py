@@ -843,14 +843,30 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (a cached host query, no synchronisation)."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _config(queries: torch.Tensor, pass_: str) -> dict:
-    return config_for(queries.device.type, queries.dtype, queries.shape[1], pass_)
+    return config_for(queries.device.type, queries.dtype, queries.shape[1], pass_,
+                      _arch(queries.device))
 
 
-def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict:
+def _fused_width(dtype: torch.dtype, arch: int) -> int:
+    """Widest D chunk a fused backward program accumulates: 256 for 16-bit features on Hopper
+    (warpgroup MMAs keep the accumulator compact), 128 otherwise (wider spills registers)."""
+    return 256 if (dtype != torch.float32 and arch >= 90) else 128
+
+
+def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: int = 90) -> dict:
     """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "fwd_plain" (the interior
     tiles' launch of the forward; its tile shape is the forward's whole tiling when it runs),
-    "bwd" or "bwd_gram"; ``config_override`` wins."""
+    "bwd" or "bwd_gram", on a CUDA device of compute capability ``arch`` (10 * major + minor);
+    ``config_override`` wins."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
     elif dtype == torch.float32:  # TF32 / fp32 tiles are twice the bytes: smaller row blocks
@@ -864,10 +880,13 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str) -> dict
     if pass_ in ("bwd", "bwd_gram") and device_type == "cuda":
         # dQ / dK accumulate a (64, BLOCK_DV) float32 tile per program; wider D is split across
         # programs (each recomputes the similarity). These sizes compile without register spills
-        # on sm_90 (checked in tests/test_triton_compile.py).
-        widest = 64 if (pass_ == "bwd_gram" and dtype == torch.float32) else 128
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=min(widest, max(16, _next_pow2(D))),
-                   num_warps=8, num_stages=2)
+        # on sm_90 (checked in tests/test_triton_compile.py): 16-bit features up to D = 256 in one
+        # chunk, so the fused backward covers D <= 256 without recomputing S.
+        widest = _fused_width(dtype, arch)
+        if pass_ == "bwd_gram" and dtype == torch.float32:
+            widest = 64
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if widest == 256 else 32,
+                   BLOCK_DV=min(widest, max(16, _next_pow2(D))), num_warps=8, num_stages=2)
     cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
     if pass_ in ("fwd", "fwd_plain"):
         cfg.pop("BLOCK_DV", None)
@@ -879,11 +898,36 @@ _DENSE_BYTES_MIN = 8 << 20
 
 def _dense_backward(queries: torch.Tensor) -> bool:
     """The backward through dS chunks + GEMMs when a row block's gradient does not fit one D chunk
-    of the fused kernels (which would recompute S once per chunk); ``config_override["DENSE"]``
-    forces either path."""
+    of the fused kernels (which would recompute S once per chunk: D > 256 for 16-bit features on
+    Hopper, D > 128 otherwise); ``config_override["DENSE"]`` forces either path."""
     if "DENSE" in config_override:
         return bool(config_override["DENSE"])
-    return queries.device.type == "cuda" and queries.shape[1] > 128
+    return queries.device.type == "cuda" and queries.shape[1] > _fused_width(
+        queries.dtype, _arch(queries.device))
+
+
+_fp32_out_gemm_ok: Optional[bool] = None
+
+
+def _gemm_f32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``acc + a @ b`` (``a @ b`` without acc) as float32. 16-bit operands accumulate in float32
+    inside the GEMM where this torch has the float32-output GEMMs on CUDA (no rounded partial
+    products, one pass over acc); otherwise the product is rounded to the operands' dtype first."""
+    global _fp32_out_gemm_ok
+    f32 = torch.float32
+    if a.dtype == f32:
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    if a.device.type == "cuda":
+        if _fp32_out_gemm_ok is None:  # the overload's signature, checked on meta tensors
+            try:
+                m = torch.empty((2, 2), dtype=a.dtype, device="meta")
+                _fp32_out_gemm_ok = torch.addmm(m.float(), m, m, out_dtype=f32).dtype == f32
+            except (TypeError, RuntimeError, NotImplementedError):
+                _fp32_out_gemm_ok = False
+        if _fp32_out_gemm_ok:
+            return torch.mm(a, b, out_dtype=f32) if acc is None else torch.addmm(acc, a, b, out_dtype=f32)
+    part = (a @ b).float()
+    return part if acc is None else acc.add_(part)
 
 
 class _tf32_matmul:
@@ -905,7 +949,8 @@ class _tf32_matmul:
 
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
     """dQ / dK / d_scale / d_bias from dS written one bounded row chunk at a time (at most
-    ``max(8 MiB, half the bytes of the inputs)``), then multiplied on the tensor cores."""
+    ``max(8 MiB, the bytes of the inputs)``), then multiplied on the tensor cores; dK accumulates
+    over the chunks in float32 (each chunk reads and writes it: fewer, larger chunks)."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
@@ -915,7 +960,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     cfg = dict(_config(queries, "fwd"))
     cfg.pop("BLOCK_DV", None)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size() // 2)
+    budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size())
     rows_per = max(BM, (budget // (M * queries.element_size())) // BM * BM)
     n_chunks = triton.cdiv(N, rows_per)
     ds_buf = torch.empty((min(rows_per, N), M), dtype=queries.dtype, device=dev)
@@ -943,11 +988,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
             if need_q:
                 torch.mm(dS, keys, out=dq[r0:r1])
             if need_k:
-                part = dS.transpose(0, 1) @ queries[r0:r1]
-                if n_chunks == 1:
-                    dk_acc = part
-                else:
-                    dk_acc = part.float() if dk_acc is None else dk_acc.add_(part)
+                dk_acc = _gemm_f32(dS.transpose(0, 1), queries[r0:r1], dk_acc)
     dk = dk_acc.to(keys.dtype) if need_k else None
     if gram and need_q:
         dq.add_(dk)
@@ -1255,7 +1296,7 @@ def top_negatives(queries, keys, targets, spec, k: int):
     M = keys.shape[0]
     vals = torch.empty((N, k), dtype=torch.float32, device=queries.device)
     idx = torch.empty((N, k), dtype=torch.int64, device=queries.device)
-    cfg = dict(config_for(queries.device.type, queries.dtype, D, "fwd"))
+    cfg = dict(config_for(queries.device.type, queries.dtype, D, "fwd", _arch(queries.device)))
     if queries.device.type == "cuda":  # the (BLOCK_M, KP) running lists live in registers
         cfg.update(BLOCK_M=64, num_stages=2)
     cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
