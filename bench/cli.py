@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_pos_int, default=None,
                    help="CPU threads for torch (default: torch's); fewer than the free cores keeps "
                         "CPU timings stable on a shared machine")
+    p.add_argument("--triton-config", action="append", default=[], metavar="NAME=JSON",
+                   help="also measure provider fastcl-triton@NAME with this engine configuration, "
+                        "e.g. 'w4={\"fwd_plain.num_warps\": 4}' or 'dense={\"DENSE\": true}' "
+                        "(repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="print the table only, write no files")
     p.add_argument("--no-plots", action="store_true", help="write CSV/JSON but no PNG")
@@ -142,6 +146,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     a.dtype = list(dict.fromkeys(a.dtype))
     a.provider_explicit = a.provider is not None
     a.provider = _flat(a.provider) or P.default_providers(a.device)
+    for spec in a.triton_config:
+        try:
+            name = P.add_triton_variant(spec)
+        except ValueError as e:
+            parser.error(str(e))
+        if name not in a.provider:
+            a.provider.append(name)
     a.repeats = a.repeats or d["repeats"]
     a.warmup = d["warmup"] if a.warmup is None else a.warmup
     if a.warmup < 0:
@@ -359,7 +370,8 @@ def run(args, log=None) -> Dict:
                     if fn is None:
                         r["status"] = err
                     else:
-                        run_case(fn, input_sets, r, args, peak)
+                        with P.engine_config(prov_name):
+                            run_case(fn, input_sets, r, args, peak)
                     rows.append(r)
                     shown = f"{r['ms']:.3f} ms" if r["status"] == "ok" else r["status"]
                     bar.step(f"{loss} {prov_name} {mode} N={N} M={M} D={D} {dname}: {shown}")

@@ -23,10 +23,15 @@ Providers:
   info_nce only; optional ``inf_cl`` package).
 * ``fastcl-triton`` / ``fastcl-cuda`` / ``fastcl-cpu`` / ``fastcl-torch``: the public fastcl
   functions with that ``backend=``.
+* ``fastcl-triton@NAME``: the Triton backend with an engine configuration of its own (block sizes
+  per pass, the backward path, the interior-tile path), registered by :func:`add_triton_variant`
+  (``--triton-config NAME=JSON``) and active only while its cases run.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
 from typing import Callable, Dict, Optional
 
@@ -53,6 +58,56 @@ LossFn = Callable[[Inputs], torch.Tensor]
 
 class Unavailable(Exception):
     """This (loss, provider) pair cannot run here; ``str(exc)`` says why."""
+
+
+# "fastcl-triton@NAME" -> the engine's config_override while that provider runs
+TRITON_VARIANTS: Dict[str, dict] = {}
+
+
+def add_triton_variant(spec: str) -> str:
+    """Register ``NAME=JSON`` (e.g. ``w4={"fwd_plain.num_warps": 4}``, ``dense={"DENSE": true}``)
+    as provider ``fastcl-triton@NAME``; returns the provider name. ValueError on a bad spec."""
+    from fastcl.ops.triton import engine as E
+
+    name, sep, text = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or any(c in name for c in " ,@="):
+        raise ValueError(f"--triton-config expects NAME=JSON with a plain NAME, got {spec!r}")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--triton-config {name}: not JSON ({e.msg}): {text!r}")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--triton-config {name}: expected a JSON object, got {text!r}")
+    for key, value in cfg.items():
+        pass_, dot, param = key.rpartition(".")
+        if key in ("DENSE", "PLAIN"):
+            if not isinstance(value, bool):
+                raise ValueError(f"--triton-config {name}: {key} must be true or false, got {value!r}")
+        elif param not in E.CONFIG_KEYS or (dot and pass_ not in E.PASSES):
+            raise ValueError(f"--triton-config {name}: unknown key {key!r} (keys: DENSE, PLAIN, "
+                             f"[PASS.]{'|'.join(E.CONFIG_KEYS)} with PASS in {E.PASSES})")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--triton-config {name}: {key} must be a positive integer, got {value!r}")
+    provider = f"fastcl-triton@{name}"
+    TRITON_VARIANTS[provider] = cfg
+    return provider
+
+
+@contextlib.contextmanager
+def engine_config(provider: str):
+    """The provider's engine configuration in force within the block (nothing for the others)."""
+    if provider not in TRITON_VARIANTS:
+        yield
+        return
+    from fastcl.ops.triton import engine as E
+
+    saved = E.config_override
+    E.config_override = dict(TRITON_VARIANTS[provider])
+    try:
+        yield
+    finally:
+        E.config_override = saved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +310,7 @@ def build(loss: str, provider: str, device: torch.device, dtype: torch.dtype) ->
     """``fn(inputs) -> scalar loss`` for (loss, provider) on (device, dtype), or :class:`Unavailable`."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if provider not in PROVIDERS:
+    if provider not in PROVIDERS and provider not in TRITON_VARIANTS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if provider == "naive":
         return naive_fn(loss)
@@ -266,7 +321,7 @@ def build(loss: str, provider: str, device: torch.device, dtype: torch.dtype) ->
         if device.type != "cuda":
             raise Unavailable("Inf-CL runs on CUDA only")
         return infcl_fn(loss, ring=provider == "infcl-ring")
-    backend = FASTCL_BACKENDS[provider]
+    backend = FASTCL_BACKENDS.get(provider, "triton")
     fn = fastcl_fn(loss, backend)
     check_backend(backend, device, dtype)
     return fn

@@ -323,6 +323,63 @@ def test_cli_lists():
                                                     ("info_nce", 64, 128)]
 
 
+def test_triton_config_variants_run_with_their_configuration(tmp_path, monkeypatch):
+    """--triton-config NAME=JSON adds provider fastcl-triton@NAME; its cases (forward, backward,
+    memory probe) run with that engine configuration, which is restored afterwards."""
+    from fastcl.ops.triton import engine as E
+
+    seen = []
+    naive = P.naive_fn
+
+    def recording_fastcl_fn(loss, backend):
+        fn = naive(loss)
+
+        def run(x):
+            seen.append(dict(E.config_override))
+            return fn(x)
+        return run
+
+    monkeypatch.setattr(P, "fastcl_fn", recording_fastcl_fn)
+    monkeypatch.setattr(P, "check_backend", lambda backend, device, dtype: None)
+    monkeypatch.setattr(P, "TRITON_VARIANTS", {})
+    monkeypatch.setattr(E, "config_override", {"BLOCK_D": 16})
+    args = _args(tmp_path, "--provider", "naive", "--mode", "fwd", "fwdbwd", "--no-plots",
+                 "--triton-config", 'lean={"PLAIN": false, "fwd_plain.num_warps": 4}',
+                 "--triton-config", 'dense={"DENSE": true}')
+    assert args.provider == ["naive", "fastcl-triton@lean", "fastcl-triton@dense"]
+    res = cli.run(args)
+    by = {(r["provider"], r["mode"]): r for r in res["rows"]}
+    assert all(by[(p, m)]["status"] == "ok" for p in args.provider for m in ("fwd", "fwdbwd"))
+    assert {"PLAIN": False, "fwd_plain.num_warps": 4} in seen and {"DENSE": True} in seen
+    assert {"BLOCK_D": 16} not in seen
+    assert E.config_override == {"BLOCK_D": 16}
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("noequals", "NAME=JSON"), ("a b={}", "plain NAME"), ("x={bad", "not JSON"), ("x=[1]", "JSON object"),
+    ('x={"BLOCK_Q": 64}', "unknown key"), ('x={"bwd2.BLOCK_M": 64}', "unknown key"),
+    ('x={"BLOCK_M": 0}', "positive integer"), ('x={"num_warps": true}', "positive integer"),
+    ('x={"DENSE": 1}', "true or false")])
+def test_triton_config_rejects_bad_specs(spec, match, monkeypatch, capsys):
+    monkeypatch.setattr(P, "TRITON_VARIANTS", {})
+    with pytest.raises(ValueError, match=match):
+        P.add_triton_variant(spec)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cpu", "--triton-config", spec])
+    assert "--triton-config" in capsys.readouterr().err
+
+
+def test_pass_scoped_engine_overrides(monkeypatch):
+    from fastcl.ops.triton import engine as E
+
+    monkeypatch.setattr(E, "config_override", {"num_warps": 2, "fwd_plain.num_warps": 4,
+                                               "bwd.BLOCK_DV": 64})
+    assert E.config_for("cuda", torch.bfloat16, 256, "fwd_plain")["num_warps"] == 4
+    assert E.config_for("cuda", torch.bfloat16, 256, "fwd")["num_warps"] == 2
+    assert E.config_for("cuda", torch.bfloat16, 256, "bwd")["BLOCK_DV"] == 64
+    assert E.config_for("cuda", torch.bfloat16, 256, "bwd_gram")["BLOCK_DV"] == 256
+
+
 @pytest.mark.parametrize("bad", [["--loss", "triplet"], ["--N", "0"], ["--N", "1e3"], ["--mode", "train"],
                                  ["--dtype", "int8"], ["--provider", "flash"], ["--warmup", "-1"]])
 def test_cli_rejects_bad_values(bad, capsys):

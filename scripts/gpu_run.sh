@@ -16,6 +16,9 @@
 # BENCH_ARGS (extra arguments for `python -m bench`), SKIP_TESTS=1, SKIP_SANITIZER=1,
 # PHASES (default "install tests bench memcheck"): a subset, e.g. two calls on a warm machine,
 # PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
+# Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
+# each other at the headline shape (variants/bench.csv): interior-tile launch shapes, the lean path
+# off, the backward's D step and the fused / wide-feature backward at each D.
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -125,6 +128,27 @@ BENCH_BUDGET=$(( BENCH_LIMIT > 120 ? BENCH_LIMIT - 75 : BENCH_LIMIT / 2 ))
 want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
 
 # ---------------------------------------------------------------------------------------------
+# engine configurations against each other (same run, same inputs)
+# ---------------------------------------------------------------------------------------------
+VARIANTS=(
+  --triton-config 'general={"PLAIN": false}'
+  --triton-config 'fwd_w4={"fwd_plain.num_warps": 4}'
+  --triton-config 'fwd_256x128={"fwd_plain.BLOCK_M": 256}'
+  --triton-config 'fwd_d128={"fwd_plain.BLOCK_D": 128, "fwd_plain.num_stages": 2}'
+  --triton-config 'fwd_128x64={"fwd_plain.BLOCK_N": 64}'
+  --triton-config 'bwd_d32={"bwd.BLOCK_D": 32}'
+  --triton-config 'dense={"DENSE": true}'
+  --triton-config 'fused={"DENSE": false}'
+)
+if want variants; then
+  VLIMIT=$(min 420 $(( $(left) - 20 )))
+  # shellcheck disable=SC2086
+  phase variants "$VLIMIT" "$PY" -m bench --out "$OUT/variants" --provider fastcl-triton \
+    --loss clip --N 32768 --D 256 512 1024 --dtype bf16 --mode fwd bwd --no-plots \
+    --budget-s $(( VLIMIT > 90 ? VLIMIT - 60 : VLIMIT / 2 )) "${VARIANTS[@]}" ${VARIANT_ARGS:-}
+fi
+
+# ---------------------------------------------------------------------------------------------
 # compute-sanitizer memcheck of the CUDA extension on a tiny run
 # ---------------------------------------------------------------------------------------------
 SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
@@ -141,9 +165,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 log "=== summary (total $(( $(date +%s) - T0 ))s)"
 printf "%s" "$SUMMARY" | tee -a "$LOG"
-if [ -f "$OUT/bench/bench.csv" ]; then
-  grep -v '^#' "$OUT/bench/bench.csv" | cut -d, -f1-13 | tee -a "$LOG"
-fi
+for csv in "$OUT/bench/bench.csv" "$OUT/variants/bench.csv"; do
+  [ -f "$csv" ] && grep -v '^#' "$csv" | cut -d, -f1-13 | tee -a "$LOG"
+done
 
 mapfile -t FILES < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
 DEEP=0
@@ -153,7 +177,7 @@ for f in "${FILES[@]}"; do
 done
 if [ "${#FILES[@]}" -gt 8 ] || [ "$DEEP" = 1 ]; then
   KEEP=()
-  for f in gpu_run.log bench/bench.csv bench/bench.json junit.xml; do
+  for f in gpu_run.log bench/bench.csv bench/bench.json junit.xml variants/bench.csv; do
     [ -f "$OUT/$f" ] && KEEP+=("$f")
   done
   # then the plots, then the rest in name order; files more than 2 folders deep go in the archive

@@ -43,11 +43,14 @@ _COLSUM_FLOOR = tl.constexpr(2.0 ** -80)
 _LSE_SPREAD = tl.constexpr(60.0)
 _MERGE_BLOCK = 256
 
-# Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D), and
+# Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D), for
+# every pass ("BLOCK_N": 32) or one pass ("fwd_plain.num_warps": 4; passes as in config_for), and
 # choose paths: "DENSE" (the wide-feature backward on or off), "PLAIN" (False: every tile takes
 # the general, masked path).
 config_override: dict = {}
 _POLICY_KEYS = ("DENSE", "PLAIN")
+PASSES = ("fwd", "fwd_plain", "bwd", "bwd_gram")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -887,7 +890,9 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
             widest = 64
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if widest == 256 else 32,
                    BLOCK_DV=min(widest, max(16, _next_pow2(D))), num_warps=8, num_stages=2)
-    cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
+    cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS and "." not in k})
+    cfg.update({k.partition(".")[2]: v for k, v in config_override.items()
+                if k.partition(".")[0] == pass_})
     if pass_ in ("fwd", "fwd_plain"):
         cfg.pop("BLOCK_DV", None)
     return cfg
