@@ -5,6 +5,8 @@ shapes; with a GPU the same tests run on CUDA tensors.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastcl
 from fastcl import reference as R
@@ -310,3 +312,47 @@ def test_dense_backward_low_precision(monkeypatch):
     _check("dense-bf16", lambda q, k, s: fastcl.clip_loss(q, k, s, reduction="none", backend=BACKEND),
            lambda q, k, s: R.clip_loss(q, k, s.to(q.dtype), None, "none"), [q, k, _scalar(14.0)],
            dtype=torch.bfloat16, rtol=1e-3)
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + o, mask=o < n)
+    tl.store(y_ptr + o, E._lowp(x, y_ptr.dtype.element_ty, UPCAST), mask=o < n)
+
+
+def test_bfloat16_conversions_round_to_nearest_even():
+    """The kernels' float32 -> bfloat16 conversions (dS into the tensor-core products, dQ / dK
+    and the wide path's dS on store) round to nearest even, bit for bit as torch does, on the GPU
+    and under the interpreter (which on its own truncates)."""
+    ulp = 2.0 ** -7
+    ties = [1 + 0.5 * ulp, 1 + 1.5 * ulp, -(1 + 0.5 * ulp), 1 + 0.75 * ulp, 1 + 0.25 * ulp]
+    special = [0.0, -0.0, float("inf"), float("-inf"), 3.3895e38, 1.2e-38]  # (the interpreter
+    # flushes subnormal results to zero; the GPU keeps them: contributions below 1e-38 either way)
+    x = torch.cat([torch.tensor(ties + special), torch.randn(1000) * torch.logspace(-30, 30, 1000)])
+    x = x.to(DEVICE)
+    y = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    _round_kernel[(1,)](x, y, x.numel(), UPCAST=DEVICE.type != "cuda", BLOCK=2048)
+    expect = x.to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), expect.view(torch.int16))
+
+
+def test_bfloat16_gradients_carry_only_the_roundings_of_bf16_products():
+    """bf16 CLIP gradients: dS is rounded once to bf16 for the tensor-core products and the
+    result once on store, so the error stays well below PyTorch's materialised bf16 loss."""
+    N, D = 100, 40
+    q, k = features(N, D, torch.bfloat16, DEVICE), features(N, D, torch.bfloat16, DEVICE)
+    s = _scalar(14.0)
+    g = torch.tensor(0.7, device=DEVICE)
+    out = fastcl.clip_loss(q, k, s, backend=BACKEND)
+    ins64 = [as64(x) for x in (q, k, s)]
+    ref = R.clip_loss(*ins64)
+    lp = [lowp(x, torch.bfloat16) for x in (q, k, s)]
+    base = R.clip_loss(lp[0], lp[1], lp[2].to(torch.bfloat16))
+    got = grads(out, [q, k], g)
+    want = grads(ref, ins64[:2], g.double())
+    naive = grads(base, lp[:2], g.to(base.dtype))
+    for a, r, b in zip(got, want, naive):
+        err = ((a.double() - r).norm() / r.norm()).item()
+        err_naive = ((b.double() - r).norm() / r.norm()).item()
+        assert err < 0.75 * err_naive, (err, err_naive)

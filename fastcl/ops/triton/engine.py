@@ -148,6 +148,19 @@ def _merge_column_partials_kernel(part_ptr, ref_ptr, out_ptr, n_blocks, M, n_col
 
 
 @triton.jit
+def _lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """float32 x in the features' dtype, rounded to nearest even. UPCAST (bfloat16 under the
+    interpreter): the interpreter converts float32 to bfloat16 by truncation, a bias of about half
+    a unit in the last place towards zero, where the GPU rounds; the bits are rounded here first,
+    so the conversion is exact and CPU runs carry the GPU's rounding errors, not larger ones."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _lses_close(r2, c2):
     """Whether P^col can be formed from P: the rows' and columns' LSEs (base 2) lie within
     _LSE_SPREAD of the largest row LSE, so neither factor of the rank-one rescaling over- or
@@ -710,7 +723,7 @@ def _backward_rows_kernel(
                                                       a2_j, ratio2, EXCLUDE_TARGETS, TARGET_LSE, LSE2)
             else:
                 dS_all = dS
-            acc = tl.dot(_operand(dS_all.to(kv.dtype), UPCAST), _operand(kv, UPCAST), acc,
+            acc = tl.dot(_operand(_lowp(dS_all, kv.dtype, UPCAST), UPCAST), _operand(kv, UPCAST), acc,
                          input_precision=PRECISION)
         if COMPUTE_SB:
             acc_s += tl.sum(dS * c, 1)
@@ -718,7 +731,8 @@ def _backward_rows_kernel(
 
     if COMPUTE_DQ:
         out = dq_ptr + rows.to(tl.int64)[:, None] * stride_dqn + dv.to(tl.int64)[None, :]
-        tl.store(out, (acc * s).to(dq_ptr.dtype.element_ty), mask=rmask[:, None] & dvmask[None, :])
+        tl.store(out, _lowp(acc * s, dq_ptr.dtype.element_ty, UPCAST),
+                 mask=rmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
@@ -774,14 +788,14 @@ def _backward_cols_kernel(
             FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
                      mask=rmask[:, None] & dvmask[None, :], other=0.0)
-        acc = tl.dot(_operand(tl.trans(dS).to(qv.dtype), UPCAST), _operand(qv, UPCAST), acc,
+        acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
                      input_precision=PRECISION)
         if COMPUTE_SB:
             acc_s += tl.sum(dS * c, 0)
             acc_b += tl.sum(dS, 0)
 
     out = dk_ptr + cols.to(tl.int64)[:, None] * stride_dkn + dv.to(tl.int64)[None, :]
-    tl.store(out, (acc * s).to(dk_ptr.dtype.element_ty), mask=cmask[:, None] & dvmask[None, :])
+    tl.store(out, _lowp(acc * s, dk_ptr.dtype.element_ty, UPCAST), mask=cmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
@@ -830,7 +844,8 @@ def _grad_tiles_kernel(
         KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
         FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * M + cols[None, :]
-    tl.store(out, (dS * s).to(ds_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < M)[None, :])
+    tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
+             mask=(rows < N)[:, None] & (cols < M)[None, :])
     if COMPUTE_SB:
         slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
         tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * c, 1), 0))
