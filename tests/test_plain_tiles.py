@@ -209,3 +209,41 @@ def test_interior_launch_wider_than_band_launch(branches, monkeypatch, plain_n, 
     _check("clip", _clip, _clip_ref, (q, k, _scalar(25.0), _scalar(-0.5)))
     if DEVICE.type == "cpu":
         assert branches[("_plain_spans", True)] > 0
+
+
+def _spy_resident_tile(q, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D, PRECISION, UPCAST):
+    _record("_resident_tile", True)
+    return _ORIGINAL["_resident_tile"](q, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D,
+                                       PRECISION, UPCAST)
+
+
+@pytest.mark.parametrize("N,M,D,dtype", [(100, 100, 40, torch.float32), (97, 97, 19, torch.float32),
+                                         (70, 150, 64, torch.float32), (100, 100, 33, torch.bfloat16)])
+def test_interior_launch_with_resident_query_block(branches, monkeypatch, N, M, D, dtype):
+    """With the query block loaded once per program (one product per tile, D padded to a power of
+    two), the loss and every gradient still match the reference."""
+    if DEVICE.type == "cpu":
+        _ORIGINAL["_resident_tile"] = E._resident_tile
+        monkeypatch.setattr(E, "_resident_tile", triton.jit(_spy_resident_tile))
+    monkeypatch.setattr(E, "config_override", {"fwd_plain.RESIDENT": True})
+    assert E.config_for(DEVICE.type, dtype, D, "fwd_plain")["BLOCK_D"] >= D
+    q, k = features(N, D, dtype, DEVICE), features(M, D, dtype, DEVICE)
+    if N == M:
+        def fn(q, k, s, b):
+            return fastcl.clip_loss(q, k, logit_scale=s, logit_bias=b, backend="triton")
+        ref = _clip_ref
+        args = (q, k, _scalar(20.0), _scalar(-0.5))
+    else:
+        def fn(q, k, s):
+            return fastcl.info_nce(q, k, scale=s, backend="triton")
+
+        def ref(q, k, s):
+            return fastcl.info_nce(q, k, scale=s, backend="torch")
+        args = (q, k, _scalar(20.0))
+    if dtype == torch.float32:
+        _check("resident", fn, ref, args)
+    else:
+        _check("resident-bf16", fn, lambda q, k, s, b: R.clip_loss(q, k, s.to(q.dtype), b.to(q.dtype)),
+               args, dtype=dtype, rtol=1e-3)
+    if DEVICE.type == "cpu":
+        assert branches[("_resident_tile", True)] > 0 and branches[("_plain_spans", True)] > 0

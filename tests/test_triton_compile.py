@@ -37,7 +37,7 @@ def test_compiles(report, variant):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("kernel,closure", [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd", "info_nce"),
+@pytest.mark.parametrize("kernel,closure", [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd", "info_nce"),
                                             ("bwd_rows", "clip"), ("bwd_cols", "clip"),
                                             ("bwd_gram", "supcon"), ("grad_tiles", "clip")])
 def test_default_configs_do_not_spill(report, kernel, closure, dtype):

@@ -41,6 +41,8 @@ KERNELS = {
     # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)
     "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
     "fwd_plain": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
+    "fwd_resident": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
+    "fwd_fixup": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=3)),
     "count": (E._forward_kernel, "fwd", dict(COUNT=True, PLAIN=False)),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
@@ -62,12 +64,19 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd")
 
 def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     fn, pass_, extra = KERNELS[kernel_name]
-    cfg = dict(E.config_for("cuda", dtype, D, pass_, cc))
+    saved = E.config_override
+    if kernel_name == "fwd_resident":  # the query block kept loaded (D <= 256)
+        E.config_override = dict(saved, **{"fwd_plain.RESIDENT": True})
+    try:
+        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc))
+    finally:
+        E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(CLOSURES[closure], **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if fn is E._forward_kernel:  # as the launcher: the partials' tiling is the interior launch's
         consts.setdefault("TILES", 1 if consts["PLAIN"] else 0)
+        consts.setdefault("RESIDENT", False)
         consts["TILE_N"] = cfg["BLOCK_N"]
         if consts["TILES"] == 1:
             plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc)
@@ -88,6 +97,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             sig[name] = _PTR[dtype]
         elif name in _INDEX_PTRS:
             sig[name] = "*i64"
+        elif name == "flag_ptr":
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name.startswith("stride"):
@@ -121,7 +132,7 @@ def _resource_usage(compiled):
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
-             and (k != "fwd_plain" or CLOSURES[c]["PLAIN"])]
+             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup") or CLOSURES[c]["PLAIN"])]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count", "topk")])
 
 
@@ -239,7 +250,8 @@ def main():
     for kernel, closure, dtype, cc in VARIANTS:
         name = variant_name(kernel, closure, dtype, cc)
         try:
-            compiled = _compile(kernel, closure, getattr(torch, dtype), cc=cc)
+            compiled = _compile(kernel, closure, getattr(torch, dtype), cc=cc,
+                                D=256 if kernel == "fwd_resident" else 512)
             report[name] = {"ok": bool(compiled.asm["cubin"]), "error": "",
                             "usage": _resource_usage(compiled)}
         except Exception as exc:  # reported, and failed, by the test

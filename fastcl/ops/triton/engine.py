@@ -44,13 +44,14 @@ _LSE_SPREAD = tl.constexpr(60.0)
 _MERGE_BLOCK = 256
 
 # Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D), for
-# every pass ("BLOCK_N": 32) or one pass ("fwd_plain.num_warps": 4; passes as in config_for), and
+# every pass ("BLOCK_N": 32) or one pass ("fwd_plain.num_warps": 4; passes as in config_for; the
+# interior forward's "fwd_plain.RESIDENT": True keeps its query block loaded when D <= 256), and
 # choose paths: "DENSE" (the wide-feature backward on or off), "PLAIN" (False: every tile takes
 # the general, masked path).
 config_override: dict = {}
 _POLICY_KEYS = ("DENSE", "PLAIN")
 PASSES = ("fwd", "fwd_plain", "bwd", "bwd_gram")
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +77,26 @@ def _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, st
         q_blk = tl.advance(q_blk, (0, BLOCK_D))
         k_blk = tl.advance(k_blk, (BLOCK_D, 0))
     return acc
+
+
+@triton.jit
+def _query_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Q[row0:row0+BLOCK_M, :D] zero-padded to BLOCK_D >= D columns, loaded once per program."""
+    q_blk = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(stride_qn, stride_qd), offsets=(row0, 0),
+                              block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+    return tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
+def _resident_tile(q, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """c = q . K[col0:col0+BLOCK_N]^T for a resident query block q (BLOCK_D >= D): one product,
+    so the key tiles of successive columns are what the compiler pipelines."""
+    k_blk = tl.make_block_ptr(k_ptr, shape=(D, M), strides=(stride_kd, stride_kn), offsets=(0, col0),
+                              block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
+    k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
+    return tl.dot(_operand(q, UPCAST), _operand(k, UPCAST), input_precision=PRECISION)
 
 
 @triton.jit
@@ -447,13 +468,13 @@ def _forward_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_ref_ptr, col_pos_ptr, row_init_ptr,
-    N, M, D, row_block_start, offset, ratio2,
+    flag_ptr, N, M, D, row_block_start, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
-    COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr,
+    COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr, RESIDENT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -476,10 +497,15 @@ def _forward_kernel(
     # the row LSE in row_init; 2 = the interior ("plain") tiles, which skip steps 3-5 and take a
     # lean path in base 2 with one exponential per entry (x = S log2(e), p = 2^(x - tile row
     # max)), the column sums from the same p weighted by 2^(row max - tile max), guarded against
-    # underflow; its online row LSE starts from row_init. 0 = every tile through steps 2-6.
+    # underflow (a flag per row block); its online row LSE starts from row_init. 3 (symmetric,
+    # after 2) = the rare fix-up: the flagged row blocks redo their interior tiles' column partials
+    # with per-column maxima (a launch of its own, so its registers do not weigh on launch 2).
+    # 0 = every tile through steps 2-6.
     # TILE_N: the width of the column tiles that hold one reference each in col_ref (and the
     # granularity of the plain spans); the plain launch has BLOCK_N = TILE_N, the others sweep
     # their columns in BLOCK_N-wide pieces, TILE_N a multiple of BLOCK_N.
+    # RESIDENT (plain launch, BLOCK_D >= D): the query block is loaded once and each tile is one
+    # product with a key tile, so the key loads are pipelined across the column loop.
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -498,11 +524,18 @@ def _forward_kernel(
         l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
         underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # SYMMETRIC: a raw column sum < floor
         n_plain = lo_end + (hi_end - hi_start)
+        if RESIDENT:
+            q_res = _query_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
         for u in range(0, n_plain, BLOCK_N):
             col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
             cols = col0 + tl.arange(0, BLOCK_N)
-            c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+            if RESIDENT:
+                c = _resident_tile(q_res, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D,
+                                   PRECISION, UPCAST)
+            else:
+                c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                     stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                                     UPCAST)
             x = c * (s * LOG2E) + b * LOG2E
             tm2 = tl.max(x, 1)
             p = tl.exp2(x - tm2[:, None])
@@ -517,20 +550,29 @@ def _forward_kernel(
                 tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, colsum)
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N, top2)
         if SYMMETRIC:
-            if _any_underflow(underflow):  # rare: redo these columns with their own maxima
-                for u in range(0, n_plain, BLOCK_N):
-                    col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
-                    cols = col0 + tl.arange(0, BLOCK_N)
-                    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                         stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
-                                         PRECISION, UPCAST)
-                    x = c * (s * LOG2E) + b * LOG2E
-                    cm2 = tl.max(x, 0)
-                    part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
-                    tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part)
-                    tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
-                             float("-inf"))
+            tl.store(flag_ptr + pid, tl.where(_any_underflow(underflow), 1, 0))
         tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+    elif TILES == 3:
+        if tl.load(flag_ptr + pid) != 0:  # rare: redo these columns with their own maxima
+            if RESIDENT:
+                q_res = _query_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
+            n_plain = lo_end + (hi_end - hi_start)
+            for u in range(0, n_plain, BLOCK_N):
+                col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
+                cols = col0 + tl.arange(0, BLOCK_N)
+                if RESIDENT:
+                    c = _resident_tile(q_res, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N,
+                                       BLOCK_D, PRECISION, UPCAST)
+                else:
+                    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn,
+                                         stride_qd, stride_kn, stride_kd, BLOCK_M, BLOCK_N,
+                                         BLOCK_D, PRECISION, UPCAST)
+                x = c * (s * LOG2E) + b * LOG2E
+                cm2 = tl.max(x, 0)
+                part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
+                tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part)
+                tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
+                         float("-inf"))
     else:
         row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
 
@@ -891,8 +933,11 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
     elif pass_ == "fwd_plain":
         # Without the masked path in the same kernel, a 128 x 128 tile fits in registers: twice
-        # the tensor-core work per tile for the same per-row epilogue (see bench/ANALYSIS.md).
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        # the tensor-core work per tile for the same per-row epilogue; with D <= 256 the query
+        # block stays in shared memory (~200 KiB with two key stages at D = 256: Hopper only).
+        # See bench/ANALYSIS.md.
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3,
+                   RESIDENT=arch >= 90)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
     if pass_ in ("bwd", "bwd_gram") and device_type == "cuda":
@@ -910,6 +955,16 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
                 if k.partition(".")[0] == pass_})
     if pass_ in ("fwd", "fwd_plain"):
         cfg.pop("BLOCK_DV", None)
+    if pass_ == "fwd_plain":
+        # RESIDENT: the query block stays loaded across the column loop when one product covers D
+        width = max(16, _next_pow2(D))
+        cfg["RESIDENT"] = bool(cfg.get("RESIDENT", False)) and width <= 256
+        if cfg["RESIDENT"]:
+            cfg["BLOCK_D"] = width
+            if width >= 256 and not any(k.endswith("num_stages") for k in config_override):
+                cfg["num_stages"] = 2  # query block + 2 key tiles of 64 KiB in shared memory
+    else:
+        cfg.pop("RESIDENT", None)
     return cfg
 
 
@@ -1135,6 +1190,9 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     has_aux = targets.teacher_queries is not None or spec.lse2_ratio is not None
     aux = torch.empty((3, N), dtype=f32, device=dev) if has_aux else None  # teacher (2 rows), LSE2
     row_init = torch.empty(N, dtype=f32, device=dev) if plain else row_lse
+    # the interior launch's column-underflow flag per row block of a launch group
+    flags_buf = torch.empty(per_launch, dtype=torch.int32, device=dev) if (plain and symmetric) \
+        else row_npos
     const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact),
                  TILE_N=tile_n, **flags)
     # the tiling of the column partials and of the two launches is fixed: BLOCK_N tuned otherwise
@@ -1142,14 +1200,16 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
         args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
-                row_lse, row_pos, row_npos, partial, refs, col_pos, row_init,
+                row_lse, row_pos, row_npos, partial, refs, col_pos, row_init, flags_buf,
                 N, M, D, start, spec.offset, _ratio2(spec),
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
         if plain:
-            _launch(_forward_kernel, (nb,), args, dict(const, TILES=1), cfg, tuned)
+            _launch(_forward_kernel, (nb,), args, dict(const, TILES=1, RESIDENT=False), cfg, tuned)
             _launch(_forward_kernel, (nb,), args, dict(const, TILES=2), cfg_plain, tuned)
+            if symmetric:  # programs of unflagged row blocks return at once
+                _forward_kernel[(nb,)](*args, **dict(const, TILES=3), **cfg_plain)
         else:
-            _launch(_forward_kernel, (nb,), args, dict(const, TILES=0), cfg, tuned)
+            _launch(_forward_kernel, (nb,), args, dict(const, TILES=0, RESIDENT=False), cfg, tuned)
         if symmetric:
             chunk = torch.empty(M, dtype=f32, device=dev)
             _merge_column_partials_kernel[(triton.cdiv(M, _MERGE_BLOCK),)](
@@ -1243,12 +1303,13 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold):
     cfg = _config(queries, "fwd")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, threshold.float()),
-            counts, counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset, 0.0,
+            counts, counts, counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset,
+            0.0,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     flags = _flags(queries, spec, targets, bias)
     flags.pop("PLAIN")
     const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact), TILES=0,
-                 TILE_N=cfg["BLOCK_N"], **flags)
+                 TILE_N=cfg["BLOCK_N"], RESIDENT=False, **flags)
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
     return counts
 
