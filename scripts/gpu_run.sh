@@ -17,8 +17,9 @@
 # PHASES (default "install tests bench memcheck"): a subset, e.g. two calls on a warm machine,
 # PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
 # Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
-# each other at the headline shape (variants/bench.csv): interior-tile launch shapes, the lean path
-# off, the backward's D step and the fused / wide-feature backward at each D.
+# each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
+# resident query block, the lean path off, the backward's D step and the fused / wide-feature
+# backward at each D.
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -132,6 +133,7 @@ want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --bud
 # ---------------------------------------------------------------------------------------------
 VARIANTS=(
   --triton-config 'general={"PLAIN": false}'
+  --triton-config 'fwd_stream={"fwd_plain.RESIDENT": false}'
   --triton-config 'fwd_w4={"fwd_plain.num_warps": 4}'
   --triton-config 'fwd_256x128={"fwd_plain.BLOCK_M": 256}'
   --triton-config 'fwd_d128={"fwd_plain.BLOCK_D": 128, "fwd_plain.num_stages": 2}'
