@@ -81,7 +81,8 @@ def add_triton_variant(spec: str) -> str:
         raise ValueError(f"--triton-config {name}: expected a JSON object, got {text!r}")
     for key, value in cfg.items():
         pass_, dot, param = key.rpartition(".")
-        if key in ("DENSE", "PLAIN") or (param == "RESIDENT" and pass_ in ("", "fwd_plain")):
+        if key in ("DENSE", "PLAIN") or (param == "RESIDENT" and pass_ in ("", "fwd_plain", "bwd",
+                                                                           "bwd_gram")):
             if not isinstance(value, bool):
                 raise ValueError(f"--triton-config {name}: {key} must be true or false, got {value!r}")
         elif param not in E.CONFIG_KEYS or (dot and pass_ not in E.PASSES):

@@ -196,8 +196,8 @@ def test_interior_launch_wider_than_band_launch(branches, monkeypatch, plain_n, 
     keep one reference per interior-width tile and the loss still matches the reference."""
     config_for = E.config_for
 
-    def widths(device_type, dtype, D, pass_, arch=90):
-        cfg = dict(config_for(device_type, dtype, D, pass_, arch))
+    def widths(device_type, dtype, D, pass_, arch=90, lean=True):
+        cfg = dict(config_for(device_type, dtype, D, pass_, arch, lean))
         if pass_ == "fwd_plain":
             cfg.update(BLOCK_N=plain_n)
         elif pass_ == "fwd":
@@ -247,3 +247,32 @@ def test_interior_launch_with_resident_query_block(branches, monkeypatch, N, M, 
                args, dtype=dtype, rtol=1e-3)
     if DEVICE.type == "cpu":
         assert branches[("_resident_tile", True)] > 0 and branches[("_plain_spans", True)] > 0
+
+
+@pytest.mark.parametrize("loss", ["clip", "info_nce", "supcon"])
+@pytest.mark.parametrize("N,M,D", [(100, 100, 40), (37, 53, 29), (64, 64, 16)])
+def test_fused_backward_with_resident_feature_blocks(monkeypatch, loss, N, M, D):
+    """The fused backward with each program's own feature block loaded once and one product per
+    tile (the key / query tile reused for dQ / dK), as on Hopper for D <= 256: every gradient
+    matches the reference, for the two-kernel backward and the self-similarity (GRAM) one."""
+    monkeypatch.setattr(E, "config_override", {"bwd.RESIDENT": True, "bwd_gram.RESIDENT": True})
+    cfg = E.config_for(DEVICE.type, torch.float32, D, "bwd")
+    assert cfg["RESIDENT"] and cfg["BLOCK_D"] == cfg["BLOCK_DV"] >= D
+    q = features(N, D, torch.float32, DEVICE)
+    if loss == "clip":
+        k = features(N, D, torch.float32, DEVICE)
+        _check("clip", _clip, _clip_ref, (q, k, _scalar(14.0), _scalar(-0.3)))
+    elif loss == "info_nce":
+        k = features(M, D, torch.float32, DEVICE)
+        pos = torch.randint(0, M, (N,), device=DEVICE)
+
+        def fn(q, k, s, backend="triton"):
+            return fastcl.info_nce(q, k, positives=pos, scale=s, backend=backend)
+        _check("info_nce", fn, lambda q, k, s: fn(q, k, s, backend="torch"), (q, k, _scalar(12.0)))
+    else:
+        labels = torch.randint(0, 5, (N,), device=DEVICE)
+
+        def fn(f, t, backend="triton"):
+            return fastcl.supcon(f, labels, temperature=t, normalize=False, backend=backend)
+        _check("supcon", lambda f, t: fn(f, 1 / t), lambda f, t: fn(f, 1 / t, backend="torch"),
+               (q, _scalar(10.0)))

@@ -48,6 +48,9 @@ KERNELS = {
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
                  dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True, PLAIN=False)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
+    # the fused backward beyond one feature block (D split across programs: not a default path)
+    "bwd_rows_split": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
+    "bwd_cols_split": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
     "grad_tiles": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True)),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
@@ -68,7 +71,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     if kernel_name == "fwd_resident":  # the query block kept loaded (D <= 256)
         E.config_override = dict(saved, **{"fwd_plain.RESIDENT": True})
     try:
-        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc))
+        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=CLOSURES[closure]["PLAIN"]))
     finally:
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
@@ -132,8 +135,16 @@ def _resource_usage(compiled):
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
-             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup") or CLOSURES[c]["PLAIN"])]
-            + [(k, "clip", "bfloat16", 80) for k in KERNELS if k not in ("bwd_gram", "count", "topk")])
+             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup") or CLOSURES[c]["PLAIN"])
+             and (not k.endswith("_split") or c == "clip")]
+            + [(k, "clip", "bfloat16", 80) for k in KERNELS
+               if k not in ("bwd_gram", "count", "topk") and not k.endswith("_split")])
+
+
+def variant_D(kernel):
+    """The feature dim each kernel is compiled at: the fused backward and the resident forward
+    where they are the default (D <= 256), the rest at 512."""
+    return 256 if kernel in ("bwd_rows", "bwd_gram", "bwd_cols", "fwd_resident") else 512
 
 
 def variant_name(kernel, closure, dtype, cc):
@@ -213,7 +224,8 @@ def cost_report(path, D=256):
         name = "fwd_plain" if (kernel == "fwd" and path == "plain") else kernel
         compiled = _compile(name, closure, torch.bfloat16, D=D)
         body, chunk, mix = _per_tile(compiled)
-        cfg = E.config_for("cuda", torch.bfloat16, D, name if kernel == "fwd" else "bwd")
+        cfg = E.config_for("cuda", torch.bfloat16, D, name if kernel == "fwd" else "bwd",
+                           lean=CLOSURES[closure]["PLAIN"])
         chunks = -(-D // cfg["BLOCK_D"])
         flops = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D
         if kernel != "fwd":
@@ -250,8 +262,7 @@ def main():
     for kernel, closure, dtype, cc in VARIANTS:
         name = variant_name(kernel, closure, dtype, cc)
         try:
-            compiled = _compile(kernel, closure, getattr(torch, dtype), cc=cc,
-                                D=256 if kernel == "fwd_resident" else 512)
+            compiled = _compile(kernel, closure, getattr(torch, dtype), cc=cc, D=variant_D(kernel))
             report[name] = {"ok": bool(compiled.asm["cubin"]), "error": "",
                             "usage": _resource_usage(compiled)}
         except Exception as exc:  # reported, and failed, by the test

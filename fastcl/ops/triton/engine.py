@@ -45,7 +45,8 @@ _MERGE_BLOCK = 256
 
 # Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D), for
 # every pass ("BLOCK_N": 32) or one pass ("fwd_plain.num_warps": 4; passes as in config_for; the
-# interior forward's "fwd_plain.RESIDENT": True keeps its query block loaded when D <= 256), and
+# interior forward's and the fused backward's RESIDENT: True keeps a program's own feature block
+# loaded when D <= 256), and
 # choose paths: "DENSE" (the wide-feature backward on or off), "PLAIN" (False: every tile takes
 # the general, masked path).
 config_override: dict = {}
@@ -80,12 +81,11 @@ def _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, st
 
 
 @triton.jit
-def _query_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """Q[row0:row0+BLOCK_M, :D] zero-padded to BLOCK_D >= D columns, loaded once per program."""
-    q_blk = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(stride_qn, stride_qd), offsets=(row0, 0),
-                              block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    return tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+def _feature_block(x_ptr, r0, n, D, stride_n, stride_d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """X[r0:r0+BLOCK, :D] zero-padded to (BLOCK, BLOCK_D >= D): a block of features loaded whole."""
+    blk = tl.make_block_ptr(x_ptr, shape=(n, D), strides=(stride_n, stride_d), offsets=(r0, 0),
+                            block_shape=(BLOCK, BLOCK_D), order=(1, 0))
+    return tl.load(blk, boundary_check=(0, 1), padding_option="zero")
 
 
 @triton.jit
@@ -401,9 +401,8 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j, a2_j
 
 
 @triton.jit
-def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-               stride_qn, stride_qd, stride_kn, stride_kd,
-               row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r, ratio2,
+def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
+               a2_r, ratio2,
                cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
                tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
                col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
@@ -413,11 +412,9 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
                SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Recompute one tile and its dL/dS from the saved statistics (the rows' side pre-loaded):
-    returns (dS, c, S, valid, target). PLAIN: tiles inside the matrix and off the target band
-    take a lean path without masks (valid is all true, target all false there)."""
-    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                         stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+    """dL/dS of one tile from its recomputed products c = Q_blk K_blk^T and the saved statistics
+    (the rows' side pre-loaded): returns (dS, S, valid, target). PLAIN: tiles inside the matrix
+    and off the target band take a lean path without masks (valid all true, target all false)."""
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
     if PLAIN:
@@ -455,7 +452,7 @@ def _tile_grad(q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
         dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
                           soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE,
                           SOFT_SIM, LSE2)
-    return dS, c, S, valid, target
+    return dS, S, valid, target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +522,7 @@ def _forward_kernel(
         underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # SYMMETRIC: a raw column sum < floor
         n_plain = lo_end + (hi_end - hi_start)
         if RESIDENT:
-            q_res = _query_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
+            q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
         for u in range(0, n_plain, BLOCK_N):
             col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
             cols = col0 + tl.arange(0, BLOCK_N)
@@ -555,7 +552,7 @@ def _forward_kernel(
     elif TILES == 3:
         if tl.load(flag_ptr + pid) != 0:  # rare: redo these columns with their own maxima
             if RESIDENT:
-                q_res = _query_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
+                q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
             n_plain = lo_end + (hi_end - hi_start)
             for u in range(0, n_plain, BLOCK_N):
                 col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
@@ -706,7 +703,7 @@ def _backward_rows_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
-    GRAM: tl.constexpr,
+    GRAM: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one row block (and one chunk of D for dQ):
@@ -737,21 +734,33 @@ def _backward_rows_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the row block's features, loaded once
+        q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
     for col0 in range(0, M, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
-        dS, c, S, valid, target = _tile_grad(
-            q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
-            ratio2,
+        if RESIDENT:  # one product with the key tile, reused for dQ
+            kt = _feature_block(k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D)
+            c = tl.dot(_operand(q_res, UPCAST), _operand(tl.trans(kt), UPCAST),
+                       input_precision=PRECISION)
+        else:
+            c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        dS, S, valid, target = _tile_grad(
+            c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
+            a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
             FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         if COMPUTE_DQ:
-            kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn + dv.to(tl.int64)[None, :] * stride_kd,
-                         mask=cmask[:, None] & dvmask[None, :], other=0.0)
+            if RESIDENT:
+                kv = kt
+            else:
+                kv = tl.load(k_ptr + cols.to(tl.int64)[:, None] * stride_kn
+                             + dv.to(tl.int64)[None, :] * stride_kd,
+                             mask=cmask[:, None] & dvmask[None, :], other=0.0)
             if GRAM:
                 lse_j, a_j, b_j, t_j, l2_j, a2_j = _row_grad_meta(
                     cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
@@ -793,7 +802,7 @@ def _backward_cols_kernel(
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one column block (and one chunk of D for dK), the transpose of the rows kernel:
@@ -812,6 +821,8 @@ def _backward_cols_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the column block's features, loaded once
+        k_res = _feature_block(k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D)
     for row0 in range(0, N, BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -819,17 +830,27 @@ def _backward_cols_kernel(
         lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
             rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
             stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
-        dS, c, S, valid, target = _tile_grad(
-            q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-            stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
-            ratio2,
+        if RESIDENT:  # one product with the query tile, reused for dK
+            qt = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
+            c = tl.dot(_operand(qt, UPCAST), _operand(tl.trans(k_res), UPCAST),
+                       input_precision=PRECISION)
+        else:
+            c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+        dS, S, valid, target = _tile_grad(
+            c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
+            a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
             FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
-        qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn + dv.to(tl.int64)[None, :] * stride_qd,
-                     mask=rmask[:, None] & dvmask[None, :], other=0.0)
+        if RESIDENT:
+            qv = qt
+        else:
+            qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn
+                         + dv.to(tl.int64)[None, :] * stride_qd,
+                         mask=rmask[:, None] & dvmask[None, :], other=0.0)
         acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
                      input_precision=PRECISION)
         if COMPUTE_SB:
@@ -877,9 +898,11 @@ def _grad_tiles_kernel(
     lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
         rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
         aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
-    dS, c, S, valid, target = _tile_grad(
-        q_ptr, k_ptr, row0, col0, rows, cols, N, M, D, offset, s, b,
-        stride_qn, stride_qd, stride_kn, stride_kd, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r, ratio2,
+    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
+                         stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+    dS, S, valid, target = _tile_grad(
+        c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
+        ratio2,
         cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
         stride_tqn, stride_tqd, stride_tkn, stride_tkd,
         col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
@@ -911,9 +934,9 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _config(queries: torch.Tensor, pass_: str) -> dict:
+def _config(queries: torch.Tensor, pass_: str, lean: bool = True) -> dict:
     return config_for(queries.device.type, queries.dtype, queries.shape[1], pass_,
-                      _arch(queries.device))
+                      _arch(queries.device), lean)
 
 
 def _fused_width(dtype: torch.dtype, arch: int) -> int:
@@ -922,11 +945,13 @@ def _fused_width(dtype: torch.dtype, arch: int) -> int:
     return 256 if (dtype != torch.float32 and arch >= 90) else 128
 
 
-def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: int = 90) -> dict:
+def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: int = 90,
+               lean: bool = True) -> dict:
     """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "fwd_plain" (the interior
     tiles' launch of the forward; its tile shape is the forward's whole tiling when it runs),
-    "bwd" or "bwd_gram", on a CUDA device of compute capability ``arch`` (10 * major + minor);
-    ``config_override`` wins."""
+    "bwd" or "bwd_gram", on a CUDA device of compute capability ``arch`` (10 * major + minor), for
+    a closure whose interior tiles take the lean path (``lean``: the fused backward can then keep
+    its feature block resident without spilling); ``config_override`` wins."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
     elif dtype == torch.float32:  # TF32 / fp32 tiles are twice the bytes: smaller row blocks
@@ -949,20 +974,29 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
         if pass_ == "bwd_gram" and dtype == torch.float32:
             widest = 64
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if widest == 256 else 32,
-                   BLOCK_DV=min(widest, max(16, _next_pow2(D))), num_warps=8, num_stages=2)
-    cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS and "." not in k})
-    cfg.update({k.partition(".")[2]: v for k, v in config_override.items()
-                if k.partition(".")[0] == pass_})
+                   BLOCK_DV=min(widest, max(16, _next_pow2(D))), num_warps=8, num_stages=2,
+                   RESIDENT=widest == 256 and lean and pass_ == "bwd")
+    pinned = {k: v for k, v in config_override.items() if k not in _POLICY_KEYS and "." not in k}
+    pinned.update({k.partition(".")[2]: v for k, v in config_override.items()
+                   if k.partition(".")[0] == pass_})
+    cfg.update(pinned)
+    if "RESIDENT" not in pinned and ("BLOCK_D" in pinned or "BLOCK_DV" in pinned):
+        cfg["RESIDENT"] = False  # pinned D steps are taken as asked
     if pass_ in ("fwd", "fwd_plain"):
         cfg.pop("BLOCK_DV", None)
+    # RESIDENT (interior forward, fused backward): a program's own feature block stays loaded
+    # across its loop and each tile is one product over the whole D, when D fits one block
+    width = max(16, _next_pow2(D))
     if pass_ == "fwd_plain":
-        # RESIDENT: the query block stays loaded across the column loop when one product covers D
-        width = max(16, _next_pow2(D))
         cfg["RESIDENT"] = bool(cfg.get("RESIDENT", False)) and width <= 256
         if cfg["RESIDENT"]:
             cfg["BLOCK_D"] = width
             if width >= 256 and not any(k.endswith("num_stages") for k in config_override):
                 cfg["num_stages"] = 2  # query block + 2 key tiles of 64 KiB in shared memory
+    elif pass_ in ("bwd", "bwd_gram"):
+        cfg["RESIDENT"] = bool(cfg.get("RESIDENT", False)) and width <= 256
+        if cfg["RESIDENT"]:
+            cfg["BLOCK_D"] = cfg["BLOCK_DV"] = width
     else:
         cfg.pop("RESIDENT", None)
     return cfg
@@ -1090,14 +1124,16 @@ def _launch(kernel, grid, args, const: dict, cfg: dict, tuned: Optional[str]) ->
     if not _autotuning():
         kernel[grid](*args, **const, **cfg)
         return
-    free = ("BLOCK_D", tuned, "num_warps", "num_stages")
+    # a resident feature block needs BLOCK_D >= D: its BLOCK_D is not tuned
+    free = ("BLOCK_D" if not cfg.get("RESIDENT") else None, tuned, "num_warps", "num_stages")
     fixed = {k: v for k, v in cfg.items() if k not in free}
     key = (kernel.fn.__name__, tuned, tuple(sorted(fixed)))
     if key not in _autotuned:
         tiles = (32, 64, 128) if tuned else (None,)
-        configs = [triton.Config(dict({"BLOCK_D": bd}, **({tuned: tile} if tuned else {})),
+        widths = (32, 64, 128) if free[0] else (None,)
+        configs = [triton.Config(dict({"BLOCK_D": bd} if bd else {}, **({tuned: tile} if tuned else {})),
                                  num_warps=w, num_stages=st)
-                   for bd in (32, 64, 128) for tile in tiles
+                   for bd in widths for tile in tiles
                    for w, st in ((4, 2), (8, 3), (8, 4))]
         _autotuned[key] = triton.autotune(configs=configs, key=["N", "M", "D"])(kernel)
     _autotuned[key][grid](*args, **const, **fixed)
@@ -1249,9 +1285,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         return _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args=(
             a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
             needs=(need_q, need_k, need_s, need_b), gram=gram)
-    cfg = _config(queries, "bwd_gram" if gram else "bwd")
-    BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     flags = _flags(queries, spec, targets, bias)
+    cfg = _config(queries, "bwd_gram" if gram else "bwd", lean=flags["PLAIN"] and not gram)
+    BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos,
               col_lse, a_row, b_row, a_col, b_col, a2_row)
