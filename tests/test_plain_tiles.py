@@ -276,3 +276,62 @@ def test_fused_backward_with_resident_feature_blocks(monkeypatch, loss, N, M, D)
             return fastcl.supcon(f, labels, temperature=t, normalize=False, backend=backend)
         _check("supcon", lambda f, t: fn(f, 1 / t), lambda f, t: fn(f, 1 / t, backend="torch"),
                (q, _scalar(10.0)))
+
+
+@triton.jit
+def _classify_rows_kernel(out_ptr, N, M, offset, n_row_tiles, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    # out[column block, row tile] = (in the column programs' plain row spans, _plain_tile)
+    pid = tl.program_id(0)
+    col0 = pid * BLOCK_N
+    lo_end, hi_start, hi_end = E._plain_row_spans(col0, N, M, offset, BLOCK_M, BLOCK_N)
+    for t in range(0, n_row_tiles):
+        row0 = t * BLOCK_M
+        in_span = (row0 < lo_end) | ((row0 >= hi_start) & (row0 < hi_end))
+        tile = E._plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
+        tl.store(out_ptr + (pid * n_row_tiles + t) * 2, in_span.to(tl.int32))
+        tl.store(out_ptr + (pid * n_row_tiles + t) * 2 + 1, tile.to(tl.int32))
+
+
+@pytest.mark.parametrize("N,M,offset,BM,BN", [
+    (100, 100, 0, 32, 32), (256, 256, 0, 64, 32), (256, 256, 0, 32, 64), (70, 150, 0, 16, 32),
+    (64, 512, 192, 32, 64), (512, 64, 0, 64, 32), (300, 300, 0, 128, 64), (33, 33, 0, 16, 16),
+    (128, 1000, 870, 64, 32)])
+def test_column_spans_are_the_plain_tiles(N, M, offset, BM, BN):
+    """The column programs of the split backward sweep exactly the plain tiles in their
+    interior launch (and the rest in their band launch)."""
+    n_col_blocks, n_row_tiles = triton.cdiv(M, BN), triton.cdiv(N, BM)
+    out = torch.full((n_col_blocks, n_row_tiles, 2), -1, dtype=torch.int32, device=DEVICE)
+    _classify_rows_kernel[(n_col_blocks,)](out, N, M, offset, n_row_tiles, BLOCK_M=BM, BLOCK_N=BN)
+    out = out.cpu()
+    assert torch.equal(out[..., 0], out[..., 1])
+    assert out[..., 0].any() or N < BM or M < BN
+
+
+@pytest.mark.parametrize("tiling", [{}, {"bwd_rows_plain.BLOCK_M": 64, "bwd_cols_plain.BLOCK_M": 64},
+                                    {"bwd_rows_plain.BLOCK_N": 64, "bwd_cols_plain.BLOCK_N": 64},
+                                    {"bwd_rows_plain.BLOCK_N": 16, "bwd_cols_plain.BLOCK_M": 64,
+                                     "bwd.BLOCK_M": 64},
+                                    {"bwd_rows_plain.RESIDENT": True, "bwd_cols_plain.RESIDENT": True,
+                                     "bwd.RESIDENT": False}])
+@pytest.mark.parametrize("case", ["clip", "info_nce_extra_keys", "dq_only", "dk_only"])
+def test_split_backward(monkeypatch, tiling, case):
+    """The backward of lean closures with the interior tiles in launches of their own (after the
+    band and edge tiles' launches, whose float32 partial sums they continue), with interior tiles
+    as wide as or wider than the band's: every gradient, and partial requires_grad, match."""
+    monkeypatch.setattr(E, "config_override", dict(tiling, SPLIT=True))
+    N, D = 150, 24
+    q = features(N, D, torch.float32, DEVICE)
+    if case == "info_nce_extra_keys":
+        k = features(230, D, torch.float32, DEVICE)
+
+        def fn(q, k, s, backend="triton"):
+            return fastcl.info_nce(q, k, scale=s, backend=backend)
+        _check("info_nce", fn, lambda q, k, s: fn(q, k, s, "torch"), (q, k, _scalar(20.0)))
+        return
+    k = features(N, D, torch.float32, DEVICE)
+    if case == "dq_only":
+        k.requires_grad_(False)
+    if case == "dk_only":
+        q.requires_grad_(False)
+    _check("clip", _clip, _clip_ref, (q, k, _scalar(14.0), _scalar(-0.5)))

@@ -36,10 +36,13 @@ def test_compiles(report, variant):
     assert report[variant]["ok"], report[variant]["error"]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("kernel,closure", [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd", "info_nce"),
-                                            ("bwd_rows", "clip"), ("bwd_cols", "clip"),
-                                            ("bwd_gram", "supcon"), ("grad_tiles", "clip")])
+_HOT = [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd", "info_nce"),
+        ("bwd_rows", "clip"), ("bwd_cols", "clip"), ("bwd_gram", "supcon"), ("grad_tiles", "clip")]
+
+
+@pytest.mark.parametrize("kernel,closure,dtype",
+                         [(k, c, d) for k, c in _HOT for d in ("bfloat16", "float32")]
+                         + [("bwd_rows_in", "clip", "bfloat16")])
 def test_default_configs_do_not_spill(report, kernel, closure, dtype):
     usage = report[triton_aot.variant_name(kernel, closure, dtype, 90)]["usage"]
     if usage is None:
@@ -70,4 +73,5 @@ def test_interior_tiles_take_the_lean_path():
     assert (plain["fwd"]["mufu_ex2"] / plain["fwd"]["entries"]
             < 0.7 * general["fwd"]["mufu_ex2"] / general["fwd"]["entries"])
     for kernel in ("bwd_rows", "bwd_cols"):
-        assert plain[kernel]["body"] < 0.7 * general[kernel]["body"], (plain[kernel], general[kernel])
+        assert plain[kernel]["per_entry"] < 0.7 * general[kernel]["per_entry"], (plain[kernel],
+                                                                                  general[kernel])

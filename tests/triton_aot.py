@@ -48,6 +48,11 @@ KERNELS = {
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
                  dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True, PLAIN=False)),
     "bwd_cols": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
+    # the interior tiles' launches of the split backward (lean closures, 16-bit, Hopper, D <= 256);
+    # "bwd_rows" / "bwd_cols" are then its band launches
+    "bwd_rows_in": (E._backward_rows_kernel, "bwd_rows_plain",
+                    dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False, TILES=2)),
+    "bwd_cols_in": (E._backward_cols_kernel, "bwd_cols_plain", dict(COMPUTE_SB=False, TILES=2)),
     # the fused backward beyond one feature block (D split across programs: not a default path)
     "bwd_rows_split": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_cols_split": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
@@ -70,8 +75,20 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     saved = E.config_override
     if kernel_name == "fwd_resident":  # the query block kept loaded (D <= 256)
         E.config_override = dict(saved, **{"fwd_plain.RESIDENT": True})
+    lean = CLOSURES[closure]["PLAIN"] and kernel_name != "bwd_gram"
+    # the launcher's split backward (E._split_backward): band launch + interior launch
+    split = (fn is not E._forward_kernel and kernel_name != "bwd_gram" and lean
+             and dtype != torch.float32 and cc >= 90 and D <= 256)
     try:
-        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=CLOSURES[closure]["PLAIN"]))
+        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=lean and not split))
+        if split:
+            cfg_in = E.config_for("cuda", dtype, D, "bwd_rows_plain" if fn is E._backward_rows_kernel
+                                  else "bwd_cols_plain", cc)
+            if "TILES" not in extra:  # the band launch: the interior's D chunks and spans
+                cfg["BLOCK_DV"] = cfg_in["BLOCK_DV"]
+                for k in ("BLOCK_M", "BLOCK_N"):
+                    if cfg_in[k] % cfg[k]:
+                        cfg[k] = cfg_in[k]
     finally:
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
@@ -85,6 +102,9 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc)
             cfg["BLOCK_M"] = plain_cfg["BLOCK_M"]
             consts["TILE_N"] = plain_cfg["BLOCK_N"]
+    if fn is not E._forward_kernel:
+        consts.setdefault("TILES", 1 if split else 0)
+        consts["SPAN_M"], consts["SPAN_N"] = (cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]) if split else (1, 1)
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
     if aligned:
         consts.update({k: 1 for k in _UNIT_STRIDES})
@@ -135,16 +155,19 @@ def _resource_usage(compiled):
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
-             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup") or CLOSURES[c]["PLAIN"])
+             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in")
+                  or CLOSURES[c]["PLAIN"])
+             and (k not in ("bwd_rows_in", "bwd_cols_in") or d != "float32")
              and (not k.endswith("_split") or c == "clip")]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
-               if k not in ("bwd_gram", "count", "topk") and not k.endswith("_split")])
+               if k not in ("bwd_gram", "count", "topk") and not k.endswith(("_split", "_in"))])
 
 
 def variant_D(kernel):
     """The feature dim each kernel is compiled at: the fused backward and the resident forward
     where they are the default (D <= 256), the rest at 512."""
-    return 256 if kernel in ("bwd_rows", "bwd_gram", "bwd_cols", "fwd_resident") else 512
+    return 256 if kernel in ("bwd_rows", "bwd_gram", "bwd_cols", "bwd_rows_in", "bwd_cols_in",
+                             "fwd_resident") else 512
 
 
 def variant_name(kernel, closure, dtype, cc):
@@ -220,12 +243,19 @@ def cost_report(path, D=256):
     closure = "clip" if path == "plain" else "clip_masked"
     report = {}
     for kernel in ("fwd", "bwd_rows", "bwd_cols"):
-        # the lean forward is the interior tiles' launch, with its own tile shape
-        name = "fwd_plain" if (kernel == "fwd" and path == "plain") else kernel
+        # the lean path is the interior tiles' launches, with their own tile shapes (the backward
+        # splits its launches for D <= 256)
+        name, pass_ = {"fwd": ("fwd", "fwd"), "bwd_rows": ("bwd_rows", "bwd"),
+                       "bwd_cols": ("bwd_cols", "bwd")}[kernel]
+        if path == "plain":
+            name, pass_ = {"fwd": ("fwd_plain", "fwd_plain"),
+                           "bwd_rows": ("bwd_rows_in", "bwd_rows_plain") if D <= 256 else
+                                       ("bwd_rows", "bwd"),
+                           "bwd_cols": ("bwd_cols_in", "bwd_cols_plain") if D <= 256 else
+                                       ("bwd_cols", "bwd")}[kernel]
         compiled = _compile(name, closure, torch.bfloat16, D=D)
         body, chunk, mix = _per_tile(compiled)
-        cfg = E.config_for("cuda", torch.bfloat16, D, name if kernel == "fwd" else "bwd",
-                           lean=CLOSURES[closure]["PLAIN"])
+        cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=CLOSURES[closure]["PLAIN"])
         chunks = -(-D // cfg["BLOCK_D"])
         flops = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D
         if kernel != "fwd":

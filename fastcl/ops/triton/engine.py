@@ -48,10 +48,10 @@ _MERGE_BLOCK = 256
 # interior forward's and the fused backward's RESIDENT: True keeps a program's own feature block
 # loaded when D <= 256), and
 # choose paths: "DENSE" (the wide-feature backward on or off), "PLAIN" (False: every tile takes
-# the general, masked path).
+# the general, masked path), "SPLIT" (the fused backward's interior tiles in launches of their own).
 config_override: dict = {}
-_POLICY_KEYS = ("DENSE", "PLAIN")
-PASSES = ("fwd", "fwd_plain", "bwd", "bwd_gram")
+_POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT")
+PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT")
 
 
@@ -132,6 +132,32 @@ def _plain_spans(row0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     hi_start = tl.minimum(tl.maximum((band_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo_end), m_full)
     inside = row0 + BLOCK_M <= N
     return tl.where(inside, lo_end, 0), tl.where(inside, hi_start, 0), tl.where(inside, m_full, 0)
+
+
+@triton.jit
+def _plain_row_spans(col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The transposed view of _plain_spans: the row-block starts whose tile with the column block
+    at col0 is plain, as [0, lo_end) and [hi_start, hi_end) (multiples of BLOCK_M)."""
+    n_full = N // BLOCK_M * BLOCK_M
+    band = col0 - offset  # rows i with j = i + offset in this column block: [band, band + BLOCK_N)
+    lo_end = tl.minimum(tl.maximum(band, 0) // BLOCK_M * BLOCK_M, n_full)
+    band_hi = tl.maximum(band + BLOCK_N, 0)
+    hi_start = tl.minimum(tl.maximum((band_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo_end), n_full)
+    inside = col0 + BLOCK_N <= M
+    return tl.where(inside, lo_end, 0), tl.where(inside, hi_start, 0), tl.where(inside, n_full, 0)
+
+
+@triton.jit
+def _sweep(TILES: tl.constexpr, lo_end, hi_start, hi_end, n):
+    """The sweep of a split launch as (a0, a_len, b0, count): tile u of the sweep starts at
+    a0 + u for u < a_len, else at b0 + (u - a_len). TILES 0: all of [0, n); 1: the band and edge
+    tiles [lo_end, hi_start) + [hi_end, n); 2: the interior ones [0, lo_end) + [hi_start, hi_end)."""
+    if TILES == 0:
+        return 0, n, n, n
+    elif TILES == 1:
+        return lo_end, hi_start - lo_end, hi_end, (hi_start - lo_end) + (n - hi_end)
+    else:
+        return 0, lo_end, hi_start, lo_end + (hi_end - hi_start)
 
 
 @triton.jit
@@ -411,13 +437,16 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr,
                SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERIOR: tl.constexpr):
     """dL/dS of one tile from its recomputed products c = Q_blk K_blk^T and the saved statistics
     (the rows' side pre-loaded): returns (dS, S, valid, target). PLAIN: tiles inside the matrix
-    and off the target band take a lean path without masks (valid all true, target all false)."""
+    and off the target band take a lean path without masks (valid all true, target all false);
+    INTERIOR: the caller sweeps only such tiles (the masked path is not compiled)."""
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
-    if PLAIN:
+    if INTERIOR:
+        plain = True
+    elif PLAIN:
         plain = _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
     else:
         plain = False
@@ -695,7 +724,7 @@ def _backward_rows_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    g_l2_ptr, dq_ptr, dsb_ptr, N, M, D, offset, ratio2,
+    g_l2_ptr, dq_ptr, part_ptr, dsb_ptr, N, M, D, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_grp, stride_gc, stride_gcp,
     stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -703,7 +732,8 @@ def _backward_rows_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
-    GRAM: tl.constexpr, RESIDENT: tl.constexpr,
+    GRAM: tl.constexpr, RESIDENT: tl.constexpr, TILES: tl.constexpr, SPAN_M: tl.constexpr,
+    SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one row block (and one chunk of D for dQ):
@@ -731,12 +761,23 @@ def _backward_rows_kernel(
         rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
         aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    part = part_ptr + rows.to(tl.int64)[:, None] * D + dv.to(tl.int64)[None, :]
+    if TILES == 2 and COMPUTE_DQ:  # continue the band launch's float32 sums
+        acc = tl.load(part, mask=rmask[:, None] & dvmask[None, :], other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the row block's features, loaded once
         q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
-    for col0 in range(0, M, BLOCK_N):
+    if TILES == 0:
+        lo_end, hi_start, hi_end = 0, M, M
+    else:
+        lo_end, hi_start, hi_end = _plain_spans(row0 // SPAN_M * SPAN_M, N, M, offset, SPAN_M,
+                                                SPAN_N)
+    a0, a_len, b0, n_sweep = _sweep(TILES, lo_end, hi_start, hi_end, M)
+    for u in range(0, n_sweep, BLOCK_N):
+        col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
         cols = col0 + tl.arange(0, BLOCK_N)
         cmask = cols < M
         if RESIDENT:  # one product with the key tile, reused for dQ
@@ -753,7 +794,8 @@ def _backward_rows_kernel(
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            TILES == 2)
         if COMPUTE_DQ:
             if RESIDENT:
                 kv = kt
@@ -781,9 +823,12 @@ def _backward_rows_kernel(
             acc_b += tl.sum(dS, 1)
 
     if COMPUTE_DQ:
-        out = dq_ptr + rows.to(tl.int64)[:, None] * stride_dqn + dv.to(tl.int64)[None, :]
-        tl.store(out, _lowp(acc * s, dq_ptr.dtype.element_ty, UPCAST),
-                 mask=rmask[:, None] & dvmask[None, :])
+        if TILES == 1:  # the interior launch continues from these sums
+            tl.store(part, acc, mask=rmask[:, None] & dvmask[None, :])
+        else:
+            out = dq_ptr + rows.to(tl.int64)[:, None] * stride_dqn + dv.to(tl.int64)[None, :]
+            tl.store(out, _lowp(acc * s, dq_ptr.dtype.element_ty, UPCAST),
+                     mask=rmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
@@ -795,7 +840,7 @@ def _backward_cols_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    g_l2_ptr, dk_ptr, dsb_ptr, N, M, D, offset, ratio2,
+    g_l2_ptr, dk_ptr, part_ptr, dsb_ptr, N, M, D, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_grp, stride_gc, stride_gcp,
     stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -803,6 +848,7 @@ def _backward_cols_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, RESIDENT: tl.constexpr,
+    TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one column block (and one chunk of D for dK), the transpose of the rows kernel:
@@ -818,12 +864,23 @@ def _backward_cols_kernel(
     dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv < D
     s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
-    acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    part = part_ptr + cols.to(tl.int64)[:, None] * D + dv.to(tl.int64)[None, :]
+    if TILES == 2:  # continue the band launch's float32 sums
+        acc = tl.load(part, mask=cmask[:, None] & dvmask[None, :], other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the column block's features, loaded once
         k_res = _feature_block(k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D)
-    for row0 in range(0, N, BLOCK_M):
+    if TILES == 0:
+        lo_end, hi_start, hi_end = 0, N, N
+    else:
+        lo_end, hi_start, hi_end = _plain_row_spans(col0 // SPAN_N * SPAN_N, N, M, offset, SPAN_M,
+                                                    SPAN_N)
+    a0, a_len, b0, n_sweep = _sweep(TILES, lo_end, hi_start, hi_end, N)
+    for u in range(0, n_sweep, BLOCK_M):
+        row0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
         rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < N
         row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
@@ -844,7 +901,8 @@ def _backward_cols_kernel(
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            TILES == 2)
         if RESIDENT:
             qv = qt
         else:
@@ -857,8 +915,12 @@ def _backward_cols_kernel(
             acc_s += tl.sum(dS * c, 0)
             acc_b += tl.sum(dS, 0)
 
-    out = dk_ptr + cols.to(tl.int64)[:, None] * stride_dkn + dv.to(tl.int64)[None, :]
-    tl.store(out, _lowp(acc * s, dk_ptr.dtype.element_ty, UPCAST), mask=cmask[:, None] & dvmask[None, :])
+    if TILES == 1:  # the interior launch continues from these sums
+        tl.store(part, acc, mask=cmask[:, None] & dvmask[None, :])
+    else:
+        out = dk_ptr + cols.to(tl.int64)[:, None] * stride_dkn + dv.to(tl.int64)[None, :]
+        tl.store(out, _lowp(acc * s, dk_ptr.dtype.element_ty, UPCAST),
+                 mask=cmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
@@ -907,7 +969,7 @@ def _grad_tiles_kernel(
         stride_tqn, stride_tqd, stride_tkn, stride_tkd,
         col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
         KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-        FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, False)
     out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * M + cols[None, :]
     tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
              mask=(rows < N)[:, None] & (cols < M)[None, :])
@@ -965,7 +1027,7 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
                    RESIDENT=arch >= 90)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
-    if pass_ in ("bwd", "bwd_gram") and device_type == "cuda":
+    if pass_ in ("bwd", "bwd_gram", "bwd_rows_plain", "bwd_cols_plain") and device_type == "cuda":
         # dQ / dK accumulate a (64, BLOCK_DV) float32 tile per program; wider D is split across
         # programs (each recomputes the similarity). These sizes compile without register spills
         # on sm_90 (checked in tests/test_triton_compile.py): 16-bit features up to D = 256 in one
@@ -975,7 +1037,12 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
             widest = 64
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64 if widest == 256 else 32,
                    BLOCK_DV=min(widest, max(16, _next_pow2(D))), num_warps=8, num_stages=2,
-                   RESIDENT=widest == 256 and lean and pass_ == "bwd")
+                   RESIDENT=widest == 256 and lean and pass_ != "bwd_gram")
+        if pass_.endswith("_plain") and widest == 256:
+            # interior tiles only: 128 query rows per tile (a 64-row tile is computed twice by
+            # the two warpgroups of a resident program); the dQ program's 128 x 256 float32 sums
+            # leave room for 32-column tiles without spilling. See bench/ANALYSIS.md.
+            cfg.update(BLOCK_M=128, BLOCK_N=32 if pass_ == "bwd_rows_plain" else 64)
     pinned = {k: v for k, v in config_override.items() if k not in _POLICY_KEYS and "." not in k}
     pinned.update({k.partition(".")[2]: v for k, v in config_override.items()
                    if k.partition(".")[0] == pass_})
@@ -993,7 +1060,7 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
             cfg["BLOCK_D"] = width
             if width >= 256 and not any(k.endswith("num_stages") for k in config_override):
                 cfg["num_stages"] = 2  # query block + 2 key tiles of 64 KiB in shared memory
-    elif pass_ in ("bwd", "bwd_gram"):
+    elif pass_.startswith("bwd"):
         cfg["RESIDENT"] = bool(cfg.get("RESIDENT", False)) and width <= 256
         if cfg["RESIDENT"]:
             cfg["BLOCK_D"] = cfg["BLOCK_DV"] = width
@@ -1013,6 +1080,17 @@ def _dense_backward(queries: torch.Tensor) -> bool:
         return bool(config_override["DENSE"])
     return queries.device.type == "cuda" and queries.shape[1] > _fused_width(
         queries.dtype, _arch(queries.device))
+
+
+def _split_backward(queries: torch.Tensor) -> bool:
+    """Whether the fused backward of a lean closure sweeps its interior tiles in launches of their
+    own ("bwd_*_plain" tiles, no masked path in the kernel: 128-row tiles fit in registers), after
+    launches over the band and edge tiles: 16-bit features on Hopper with D <= 256 (where the
+    fused backward keeps its feature blocks resident); ``config_override["SPLIT"]`` forces it."""
+    if "SPLIT" in config_override:
+        return bool(config_override["SPLIT"])
+    return (queries.device.type == "cuda" and queries.dtype != torch.float32
+            and _arch(queries.device) >= 90 and queries.shape[1] <= 256)
 
 
 _fp32_out_gemm_ok: Optional[bool] = None
@@ -1286,8 +1364,12 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
             needs=(need_q, need_k, need_s, need_b), gram=gram)
     flags = _flags(queries, spec, targets, bias)
-    cfg = _config(queries, "bwd_gram" if gram else "bwd", lean=flags["PLAIN"] and not gram)
-    BM, BN, BDV = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_DV"]
+    lean = flags["PLAIN"] and not gram
+    # split: interior tiles in launches of their own (lean path only, wider tiles), after launches
+    # over the band and edge tiles that hand over float32 partial gradients
+    split = lean and _split_backward(queries)
+    cfg = _config(queries, "bwd_gram" if gram else "bwd", lean=lean and not split)
+    BDV = cfg["BLOCK_DV"]
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos,
               col_lse, a_row, b_row, a_col, b_col, a2_row)
@@ -1298,30 +1380,58 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     dq = dk = None
     dsb = None
     rows_do_sb = need_sb and (need_q or not need_k)
+
+    def launches(kernel, n, out, sb_rows, const, tuned):
+        """One launch over every tile, or the band launch then the interior launch (the same D
+        chunks; partial sums through a float32 buffer; scale / bias sums in separate rows)."""
+        rows = kernel is _backward_rows_kernel
+        own = "BLOCK_M" if rows else "BLOCK_N"
+        grid_d = triton.cdiv(D, BDV) if (out is not None or not rows) else 1
+        if not split:
+            dsb_ = torch.zeros((triton.cdiv(n, cfg[own]), 2), dtype=f32, device=dev) \
+                if sb_rows else None
+            args = (queries, keys, *common, _ptr(out, stats.row_lse), stats.row_lse,
+                    _ptr(dsb_, stats.row_lse), N, M, D, spec.offset, _ratio2(spec), *strides, D,
+                    *grad_strides)
+            _launch(kernel, (triton.cdiv(n, cfg[own]), grid_d), args,
+                    dict(const, TILES=0, SPAN_M=1, SPAN_N=1), cfg, tuned)
+            return dsb_
+        cfg_in = _config(queries, "bwd_rows_plain" if rows else "bwd_cols_plain")
+        span_m, span_n = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]
+        band = dict(cfg, BLOCK_DV=cfg_in["BLOCK_DV"],  # the same D chunks in both launches
+                    BLOCK_M=cfg["BLOCK_M"] if span_m % cfg["BLOCK_M"] == 0 else span_m,
+                    BLOCK_N=cfg["BLOCK_N"] if span_n % cfg["BLOCK_N"] == 0 else span_n)
+        if band.get("RESIDENT"):
+            band["BLOCK_D"] = band["BLOCK_DV"]
+        grid_d = triton.cdiv(D, cfg_in["BLOCK_DV"]) if (out is not None or not rows) else 1
+        n_band, n_in = triton.cdiv(n, band[own]), triton.cdiv(n, cfg_in[own])
+        dsb_ = torch.zeros((n_band + n_in, 2), dtype=f32, device=dev) if sb_rows else None
+        part = torch.empty((n, D), dtype=f32, device=dev) if out is not None else stats.row_lse
+        for tiles, c, nb, sb in ((1, band, n_band, dsb_[:n_band] if sb_rows else None),
+                                 (2, cfg_in, n_in, dsb_[n_band:] if sb_rows else None)):
+            args = (queries, keys, *common, _ptr(out, stats.row_lse), part,
+                    _ptr(sb, stats.row_lse), N, M, D, spec.offset, _ratio2(spec), *strides, D,
+                    *grad_strides)
+            _launch(kernel, (nb, grid_d), args, dict(const, TILES=tiles, SPAN_M=span_m,
+                                                     SPAN_N=span_n), c, None)
+        return dsb_
+
     if need_q or rows_do_sb:
         dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
-        n_blocks = triton.cdiv(N, BM)
-        if rows_do_sb:
-            dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
-        grid = (n_blocks, triton.cdiv(D, BDV) if need_q else 1)
-        args = (queries, keys, *common, _ptr(dq, stats.row_lse), _ptr(dsb, stats.row_lse),
-                N, M, D, spec.offset, _ratio2(spec), *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
                      COMPUTE_SB=rows_do_sb, GRAM=gram,
                      # the transposed term of GRAM has its targets on the other band
-                     **dict(flags, PLAIN=flags["PLAIN"] and not gram))
-        _launch(_backward_rows_kernel, grid, args, const, cfg, "BLOCK_N")
+                     **dict(flags, PLAIN=lean))
+        sb = launches(_backward_rows_kernel, N, dq, rows_do_sb, const, "BLOCK_N")
+        if rows_do_sb:
+            dsb = sb
     if need_k:
         dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
-        n_blocks = triton.cdiv(M, BN)
         cols_do_sb = need_sb and not rows_do_sb
-        if cols_do_sb:
-            dsb = torch.zeros((n_blocks, 2), dtype=f32, device=dev)
-        grid = (n_blocks, triton.cdiv(D, BDV))
-        args = (queries, keys, *common, dk, _ptr(dsb if cols_do_sb else None, stats.row_lse),
-                N, M, D, spec.offset, _ratio2(spec), *strides, D, *grad_strides)
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb, **flags)
-        _launch(_backward_cols_kernel, grid, args, const, cfg, "BLOCK_M")
+        sb = launches(_backward_cols_kernel, M, dk, cols_do_sb, const, "BLOCK_M")
+        if cols_do_sb:
+            dsb = sb
     ds = db = None
     if need_sb:
         sums = dsb.sum(0)
