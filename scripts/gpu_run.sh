@@ -18,8 +18,8 @@
 # PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
 # Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
-# resident query block, the lean path off, the backward's resident feature blocks and D step, and
-# the fused / wide-feature backward at each D.
+# resident query block, the lean path off, the backward's split launches, resident feature blocks
+# and D step, and the fused / wide-feature backward at each D.
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -138,7 +138,8 @@ VARIANTS=(
   --triton-config 'fwd_256x128={"fwd_plain.BLOCK_M": 256}'
   --triton-config 'fwd_d128={"fwd_plain.BLOCK_D": 128, "fwd_plain.num_stages": 2}'
   --triton-config 'fwd_128x64={"fwd_plain.BLOCK_N": 64}'
-  --triton-config 'bwd_stream={"bwd.RESIDENT": false}'
+  --triton-config 'bwd_unsplit={"SPLIT": false}'
+  --triton-config 'bwd_stream={"SPLIT": false, "bwd.RESIDENT": false}'
   --triton-config 'bwd_d32={"bwd.BLOCK_D": 32}'
   --triton-config 'dense={"DENSE": true}'
   --triton-config 'fused={"DENSE": false}'
