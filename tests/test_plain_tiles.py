@@ -98,34 +98,45 @@ def test_info_nce_extra_keys_plain_tiles(branches):
 
 
 @triton.jit
-def _classify_kernel(out_ptr, N, M, offset, n_col_tiles, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    # out[row block, column tile] = (in the forward's plain spans, _plain_tile)
+def _classify_kernel(out_ptr, N, M, offset, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     COLUMNS: tl.constexpr):
+    # out[program, tile] = (in the program's plain spans, _plain_tile): row-block programs over
+    # column tiles (forward, dQ) or, COLUMNS, column-block programs over row tiles (dK)
     pid = tl.program_id(0)
-    row0 = pid * BLOCK_M
-    lo_end, hi_start, hi_end = E._plain_spans(row0, N, M, offset, BLOCK_M, BLOCK_N)
-    for t in range(0, n_col_tiles):
-        col0 = t * BLOCK_N
-        in_span = (col0 < lo_end) | ((col0 >= hi_start) & (col0 < hi_end))
+    if COLUMNS:
+        lo_end, hi_start, hi_end = E._plain_row_spans(pid * BLOCK_N, N, M, offset, BLOCK_M, BLOCK_N)
+    else:
+        lo_end, hi_start, hi_end = E._plain_spans(pid * BLOCK_M, N, M, offset, BLOCK_M, BLOCK_N)
+    for t in range(0, n_tiles):
+        if COLUMNS:
+            row0, col0, start = t * BLOCK_M, pid * BLOCK_N, t * BLOCK_M
+        else:
+            row0, col0, start = pid * BLOCK_M, t * BLOCK_N, t * BLOCK_N
+        in_span = (start < lo_end) | ((start >= hi_start) & (start < hi_end))
         tile = E._plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
-        tl.store(out_ptr + (pid * n_col_tiles + t) * 2, in_span.to(tl.int32))
-        tl.store(out_ptr + (pid * n_col_tiles + t) * 2 + 1, tile.to(tl.int32))
+        tl.store(out_ptr + (pid * n_tiles + t) * 2, in_span.to(tl.int32))
+        tl.store(out_ptr + (pid * n_tiles + t) * 2 + 1, tile.to(tl.int32))
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("N,M,offset,BM,BN", [
     (100, 100, 0, 32, 32), (256, 256, 0, 64, 32), (256, 256, 0, 32, 64), (70, 150, 0, 16, 32),
     (64, 512, 192, 32, 64), (64, 512, 200, 32, 64), (300, 300, 0, 128, 128), (96, 40, 0, 32, 64),
-    (128, 1000, 870, 64, 32), (33, 33, 0, 16, 16)])
-def test_forward_spans_are_the_plain_tiles(N, M, offset, BM, BN):
-    """The forward's interior launch sweeps exactly the tiles the backward treats as plain, and
-    its band-and-edge launch (the complement) every other tile."""
-    n_row_blocks, n_col_tiles = triton.cdiv(N, BM), triton.cdiv(M, BN)
-    out = torch.full((n_row_blocks, n_col_tiles, 2), -1, dtype=torch.int32, device=DEVICE)
-    _classify_kernel[(n_row_blocks,)](out, N, M, offset, n_col_tiles, BLOCK_M=BM, BLOCK_N=BN)
+    (512, 64, 0, 64, 32), (300, 300, 0, 128, 64), (128, 1000, 870, 64, 32), (33, 33, 0, 16, 16)])
+def test_spans_are_the_plain_tiles(N, M, offset, BM, BN, columns):
+    """The interior launches (forward, dQ: row-block programs; dK: column-block programs) sweep
+    exactly the tiles inside the matrix and off the band, and the band-and-edge launches (the
+    complement) every other tile."""
+    n_rows, n_cols = triton.cdiv(N, BM), triton.cdiv(M, BN)
+    n_prog, n_tiles = (n_cols, n_rows) if columns else (n_rows, n_cols)
+    out = torch.full((n_prog, n_tiles, 2), -1, dtype=torch.int32, device=DEVICE)
+    _classify_kernel[(n_prog,)](out, N, M, offset, n_tiles, BLOCK_M=BM, BLOCK_N=BN, COLUMNS=columns)
     out = out.cpu()
     assert torch.equal(out[..., 0], out[..., 1])
-    rows = torch.arange(n_row_blocks)[:, None] * BM
-    cols = torch.arange(n_col_tiles)[None, :] * BN
+    if columns:
+        out = out.transpose(0, 1)
+    rows = torch.arange(n_rows)[:, None] * BM
+    cols = torch.arange(n_cols)[None, :] * BN
     expect = ((rows + BM <= N) & (cols + BN <= M)
               & ((cols + BN <= rows + offset) | (cols >= rows + offset + BM)))
     assert torch.equal(out[..., 0].bool(), expect)
@@ -276,36 +287,6 @@ def test_fused_backward_with_resident_feature_blocks(monkeypatch, loss, N, M, D)
             return fastcl.supcon(f, labels, temperature=t, normalize=False, backend=backend)
         _check("supcon", lambda f, t: fn(f, 1 / t), lambda f, t: fn(f, 1 / t, backend="torch"),
                (q, _scalar(10.0)))
-
-
-@triton.jit
-def _classify_rows_kernel(out_ptr, N, M, offset, n_row_tiles, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    # out[column block, row tile] = (in the column programs' plain row spans, _plain_tile)
-    pid = tl.program_id(0)
-    col0 = pid * BLOCK_N
-    lo_end, hi_start, hi_end = E._plain_row_spans(col0, N, M, offset, BLOCK_M, BLOCK_N)
-    for t in range(0, n_row_tiles):
-        row0 = t * BLOCK_M
-        in_span = (row0 < lo_end) | ((row0 >= hi_start) & (row0 < hi_end))
-        tile = E._plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
-        tl.store(out_ptr + (pid * n_row_tiles + t) * 2, in_span.to(tl.int32))
-        tl.store(out_ptr + (pid * n_row_tiles + t) * 2 + 1, tile.to(tl.int32))
-
-
-@pytest.mark.parametrize("N,M,offset,BM,BN", [
-    (100, 100, 0, 32, 32), (256, 256, 0, 64, 32), (256, 256, 0, 32, 64), (70, 150, 0, 16, 32),
-    (64, 512, 192, 32, 64), (512, 64, 0, 64, 32), (300, 300, 0, 128, 64), (33, 33, 0, 16, 16),
-    (128, 1000, 870, 64, 32)])
-def test_column_spans_are_the_plain_tiles(N, M, offset, BM, BN):
-    """The column programs of the split backward sweep exactly the plain tiles in their
-    interior launch (and the rest in their band launch)."""
-    n_col_blocks, n_row_tiles = triton.cdiv(M, BN), triton.cdiv(N, BM)
-    out = torch.full((n_col_blocks, n_row_tiles, 2), -1, dtype=torch.int32, device=DEVICE)
-    _classify_rows_kernel[(n_col_blocks,)](out, N, M, offset, n_row_tiles, BLOCK_M=BM, BLOCK_N=BN)
-    out = out.cpu()
-    assert torch.equal(out[..., 0], out[..., 1])
-    assert out[..., 0].any() or N < BM or M < BN
 
 
 @pytest.mark.parametrize("tiling", [{}, {"bwd_rows_plain.BLOCK_M": 64, "bwd_cols_plain.BLOCK_M": 64},

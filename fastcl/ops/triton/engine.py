@@ -748,6 +748,11 @@ def _backward_rows_kernel(
     # GRAM (queries are the keys, softmax, no column statistics): S is symmetric, so the whole
     # gradient of row i, s sum_j (dS_ij + dS_ji) z_j, comes from the same tiles using the
     # statistics of rows j too -- the column kernel is not needed.
+    # RESIDENT (BLOCK_D = BLOCK_DV >= D): the row block's features are loaded once; each key tile
+    # serves both products (S and dS . K), so there is no D loop.
+    # TILES: 0 = every column tile; split launches over the (SPAN_M x SPAN_N) tiling: 1 = the
+    # band and edge tiles, storing the float32 sums of step 3 in part; 2 = the interior tiles on
+    # the lean path only, continuing from part, then step 4.
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     row0 = pid * BLOCK_M
@@ -770,11 +775,8 @@ def _backward_rows_kernel(
     acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the row block's features, loaded once
         q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
-    if TILES == 0:
-        lo_end, hi_start, hi_end = 0, M, M
-    else:
-        lo_end, hi_start, hi_end = _plain_spans(row0 // SPAN_M * SPAN_M, N, M, offset, SPAN_M,
-                                                SPAN_N)
+    # split launches (TILES 1, 2): the spans of the interior tiling (SPAN_M x SPAN_N)
+    lo_end, hi_start, hi_end = _plain_spans(row0 // SPAN_M * SPAN_M, N, M, offset, SPAN_M, SPAN_N)
     a0, a_len, b0, n_sweep = _sweep(TILES, lo_end, hi_start, hi_end, M)
     for u in range(0, n_sweep, BLOCK_N):
         col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
@@ -856,6 +858,8 @@ def _backward_cols_kernel(
     # 1. for each row block: load the rows' statistics and targets, recompute c, S, the masks and
     #    dS (the columns' statistics are read with the tile);
     # 2. accumulate dS^T . Q[:, d chunk]; 3. scale/bias partial sums when asked; store.
+    # RESIDENT and TILES as in the rows kernel, transposed: the column block's keys stay loaded,
+    # the split launches sweep the row tiles of this column block's spans (_plain_row_spans).
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     col0 = pid * BLOCK_N
@@ -873,11 +877,9 @@ def _backward_cols_kernel(
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the column block's features, loaded once
         k_res = _feature_block(k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D)
-    if TILES == 0:
-        lo_end, hi_start, hi_end = 0, N, N
-    else:
-        lo_end, hi_start, hi_end = _plain_row_spans(col0 // SPAN_N * SPAN_N, N, M, offset, SPAN_M,
-                                                    SPAN_N)
+    # split launches (TILES 1, 2): the spans of the interior tiling (SPAN_M x SPAN_N)
+    lo_end, hi_start, hi_end = _plain_row_spans(col0 // SPAN_N * SPAN_N, N, M, offset, SPAN_M,
+                                                SPAN_N)
     a0, a_len, b0, n_sweep = _sweep(TILES, lo_end, hi_start, hi_end, N)
     for u in range(0, n_sweep, BLOCK_M):
         row0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
