@@ -139,6 +139,7 @@ VARIANTS=(
   --triton-config 'fwd_d128={"fwd_plain.BLOCK_D": 128, "fwd_plain.num_stages": 2}'
   --triton-config 'fwd_128x64={"fwd_plain.BLOCK_N": 64}'
   --triton-config 'bwd_unsplit={"SPLIT": false}'
+  --triton-config 'bwd_rows_64={"bwd_rows_plain.BLOCK_N": 64}'
   --triton-config 'bwd_stream={"SPLIT": false, "bwd.RESIDENT": false}'
   --triton-config 'bwd_d32={"SPLIT": false, "bwd.BLOCK_D": 32}'
   --triton-config 'dense={"DENSE": true}'

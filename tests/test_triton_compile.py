@@ -42,7 +42,7 @@ _HOT = [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd"
 
 @pytest.mark.parametrize("kernel,closure,dtype",
                          [(k, c, d) for k, c in _HOT for d in ("bfloat16", "float32")]
-                         + [("bwd_rows_in", "clip", "bfloat16")])
+                         + [("bwd_cols_in", "clip", "bfloat16")])
 def test_default_configs_do_not_spill(report, kernel, closure, dtype):
     usage = report[triton_aot.variant_name(kernel, closure, dtype, 90)]["usage"]
     if usage is None:

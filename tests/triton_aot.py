@@ -80,7 +80,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     split = (fn is not E._forward_kernel and kernel_name != "bwd_gram" and lean
              and dtype != torch.float32 and cc >= 90 and D <= 256)
     try:
-        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=lean and not split))
+        band = split and "TILES" not in extra  # the band launch: masked path, not resident
+        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=lean and not band))
         if split:
             cfg_in = E.config_for("cuda", dtype, D, "bwd_rows_plain" if fn is E._backward_rows_kernel
                                   else "bwd_cols_plain", cc)
