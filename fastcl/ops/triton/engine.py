@@ -137,14 +137,9 @@ def _plain_spans(row0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 @triton.jit
 def _plain_row_spans(col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The transposed view of _plain_spans: the row-block starts whose tile with the column block
-    at col0 is plain, as [0, lo_end) and [hi_start, hi_end) (multiples of BLOCK_M)."""
-    n_full = N // BLOCK_M * BLOCK_M
-    band = col0 - offset  # rows i with j = i + offset in this column block: [band, band + BLOCK_N)
-    lo_end = tl.minimum(tl.maximum(band, 0) // BLOCK_M * BLOCK_M, n_full)
-    band_hi = tl.maximum(band + BLOCK_N, 0)
-    hi_start = tl.minimum(tl.maximum((band_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo_end), n_full)
-    inside = col0 + BLOCK_N <= M
-    return tl.where(inside, lo_end, 0), tl.where(inside, hi_start, 0), tl.where(inside, n_full, 0)
+    at col0 is plain, as [0, lo_end) and [hi_start, hi_end) (multiples of BLOCK_M). Tile (i, j) is
+    plain exactly when tile (j, i) of the transposed matrix, with the band at i = j - offset, is."""
+    return _plain_spans(col0, M, N, -offset, BLOCK_N, BLOCK_M)
 
 
 @triton.jit
@@ -539,21 +534,17 @@ def _forward_kernel(
     r64 = rows.to(tl.int64)
     s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     n_col_tiles = tl.cdiv(M, TILE_N)
-    if TILES == 0:
-        lo_end = 0
-        hi_start = M
-        hi_end = M
-    else:
-        lo_end, hi_start, hi_end = _plain_spans(row0, N, M, offset, BLOCK_M, TILE_N)
+    lo_end, hi_start, hi_end = _plain_spans(row0, N, M, offset, BLOCK_M, TILE_N)
+    # the fix-up (3) sweeps the interior tiles again
+    a0, a_len, b0, n_sweep = _sweep(2 if TILES == 3 else TILES, lo_end, hi_start, hi_end, M)
     if TILES == 2:
         m_i = tl.load(row_init_ptr + r64, mask=rmask, other=float("-inf"))
         l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
         underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # SYMMETRIC: a raw column sum < floor
-        n_plain = lo_end + (hi_end - hi_start)
         if RESIDENT:
             q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
-        for u in range(0, n_plain, BLOCK_N):
-            col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
+        for u in range(0, n_sweep, BLOCK_N):
+            col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
             cols = col0 + tl.arange(0, BLOCK_N)
             if RESIDENT:
                 c = _resident_tile(q_res, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D,
@@ -582,9 +573,8 @@ def _forward_kernel(
         if tl.load(flag_ptr + pid) != 0:  # rare: redo these columns with their own maxima
             if RESIDENT:
                 q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
-            n_plain = lo_end + (hi_end - hi_start)
-            for u in range(0, n_plain, BLOCK_N):
-                col0 = tl.where(u < lo_end, u, hi_start + (u - lo_end))
+            for u in range(0, n_sweep, BLOCK_N):
+                col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
                 cols = col0 + tl.arange(0, BLOCK_N)
                 if RESIDENT:
                     c = _resident_tile(q_res, k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N,
@@ -615,11 +605,9 @@ def _forward_kernel(
             ts = tl.load(tscale_ptr).to(tl.float32)
         else:
             ts = 0.0
-        # the band and edge tiles (TILES = 1), or every tile (TILES = 0): tile starts
-        # [lo_end, hi_start) then [hi_end, M)
-        n_mid = hi_start - lo_end
-        for u in range(0, n_mid + (M - hi_end), BLOCK_N):
-            col0 = tl.where(u < n_mid, lo_end + u, hi_end + (u - n_mid))
+        # the band and edge tiles (TILES = 1), or every tile (TILES = 0)
+        for u in range(0, n_sweep, BLOCK_N):
+            col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
             cols = col0 + tl.arange(0, BLOCK_N)
             cmask = cols < M
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
@@ -1371,7 +1359,6 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     # over the band and edge tiles that hand over float32 partial gradients
     split = lean and _split_backward(queries)
     cfg = _config(queries, "bwd_gram" if gram else "bwd", lean=lean and not split)
-    BDV = cfg["BLOCK_DV"]
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos,
               col_lse, a_row, b_row, a_col, b_col, a2_row)
@@ -1388,7 +1375,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         chunks; partial sums through a float32 buffer; scale / bias sums in separate rows)."""
         rows = kernel is _backward_rows_kernel
         own = "BLOCK_M" if rows else "BLOCK_N"
-        grid_d = triton.cdiv(D, BDV) if (out is not None or not rows) else 1
+        cfg_in = _config(queries, "bwd_rows_plain" if rows else "bwd_cols_plain") if split else cfg
+        # D chunks of the gradient (the rows kernel without dQ computes only scale / bias sums)
+        grid_d = triton.cdiv(D, cfg_in["BLOCK_DV"]) if (out is not None or not rows) else 1
         if not split:
             dsb_ = torch.zeros((triton.cdiv(n, cfg[own]), 2), dtype=f32, device=dev) \
                 if sb_rows else None
@@ -1398,14 +1387,12 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             _launch(kernel, (triton.cdiv(n, cfg[own]), grid_d), args,
                     dict(const, TILES=0, SPAN_M=1, SPAN_N=1), cfg, tuned)
             return dsb_
-        cfg_in = _config(queries, "bwd_rows_plain" if rows else "bwd_cols_plain")
         span_m, span_n = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]
         band = dict(cfg, BLOCK_DV=cfg_in["BLOCK_DV"],  # the same D chunks in both launches
                     BLOCK_M=cfg["BLOCK_M"] if span_m % cfg["BLOCK_M"] == 0 else span_m,
                     BLOCK_N=cfg["BLOCK_N"] if span_n % cfg["BLOCK_N"] == 0 else span_n)
         if band.get("RESIDENT"):
             band["BLOCK_D"] = band["BLOCK_DV"]
-        grid_d = triton.cdiv(D, cfg_in["BLOCK_DV"]) if (out is not None or not rows) else 1
         n_band, n_in = triton.cdiv(n, band[own]), triton.cdiv(n, cfg_in[own])
         dsb_ = torch.zeros((n_band + n_in, 2), dtype=f32, device=dev) if sb_rows else None
         part = torch.empty((n, D), dtype=f32, device=dev) if out is not None else stats.row_lse
