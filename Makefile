@@ -7,6 +7,9 @@ TORCH  ?= torch==2.14.1
 DEPS   := "$(TORCH)" "triton>=3.0" ninja pybind11 pytest pytest-benchmark numpy matplotlib rich tqdm
 # peer libraries the integration tests compare against (installed with the pinned torch)
 PEERS  := open_clip_torch sentence-transformers pytorch-metric-learning lightly
+# the oldest supported Triton, for the offline-compile test of every kernel (no torch CUDA needed)
+FLOOR  ?= .venv-triton3.0
+FLOOR_DEPS := torch==2.13.0 triton==3.0.0
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 export MAX_JOBS ?= 2
@@ -19,11 +22,16 @@ $(VENV)/.deps: Makefile
 	$(PY) -m pip install -q $(DEPS) $(PEERS)
 	touch $@
 
+$(FLOOR)/.deps: Makefile
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q $(FLOOR_DEPS)
+	touch $@
+
 install: $(VENV)/.deps
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
-test: install
-	$(PY) -m pytest tests -q -ra
+test: install $(FLOOR)/.deps
+	FASTCL_TRITON_FLOOR_PYTHON=$(abspath $(FLOOR))/bin/python $(PY) -m pytest tests -q -ra
 	$(PY) -m pytest bench -q
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake -j$(MAX_JOBS)
@@ -33,4 +41,4 @@ bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf build *.egg-info fastcl/*.so .pytest_cache
+	rm -rf build *.egg-info fastcl/*.so .pytest_cache $(FLOOR)

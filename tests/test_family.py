@@ -259,6 +259,21 @@ def test_hard_negative_mining(backend, k):
     assert not (idx == pos[:, None]).any()
 
 
+def test_hard_negative_mining_ties_across_column_blocks():
+    # small-integer features make every similarity exact, so values tie across keys and across
+    # column blocks (each key also appears a second time, 40 columns on): the kernel's merge must
+    # return the k largest values with ties in ascending column order, as a stable sort does
+    q = torch.randint(-2, 3, (9, 5), device=DEVICE).float()
+    base = torch.randint(-3, 4, (40, 5), device=DEVICE).float()
+    keys = torch.cat([base, base])
+    none = torch.full((9,), -1, device=DEVICE)  # no positives: every key is a candidate
+    vals, idx = fastcl.metrics.hard_negatives(q, keys, none, k=7, backend="triton")
+    S = (q.double() @ keys.double().T).cpu()
+    order = torch.sort(-S, dim=1, stable=True).indices[:, :7]
+    assert torch.equal(idx.cpu(), order)
+    assert torch.equal(vals.double().cpu(), S.gather(1, order))
+
+
 def test_hard_negative_mining_fewer_negatives_than_k():
     q = _feat(5, 4, requires_grad=False)
     vals, idx = fastcl.metrics.hard_negatives(q, q, k=8, exclude_self=True,

@@ -50,6 +50,28 @@ def test_default_configs_do_not_spill(report, kernel, closure, dtype):
     assert int(usage["STACK"]) == 0 and int(usage["LOCAL"]) == 0, usage
 
 
+_FLOOR = os.environ.get("FASTCL_TRITON_FLOOR_PYTHON")
+
+
+@pytest.mark.skipif(not _FLOOR, reason="FASTCL_TRITON_FLOOR_PYTHON (a Python with Triton 3.0, set by "
+                                        "make test) is not set")
+def test_every_variant_compiles_with_the_oldest_supported_triton():
+    """The same variants compile with Triton 3.0, the oldest Triton fastcl supports (its compiler
+    crashes on some constructs newer ones accept: a reduction of a loop-carried tensor)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    version = subprocess.run([_FLOOR, "-c", "import triton; print(triton.__version__)"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version.startswith("3.0."), version
+    proc = subprocess.run([_FLOOR, "-m", "tests.triton_aot"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]  # a compiler crash is a nonzero exit
+    report = json.loads(proc.stdout)
+    expected = [triton_aot.variant_name(*v) for v in triton_aot.VARIANTS] + ["merge-sm90", "merge-sm80"]
+    failed = {name: report[name]["error"][:300] for name in expected if not report[name]["ok"]}
+    assert not failed, failed
+
+
 def _cost(path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

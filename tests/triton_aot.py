@@ -129,14 +129,30 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             sig[name] = "i64"  # the 64-bit path: strides as large as N * D allows
         else:
             sig[name] = "i32"
-    attrs = {}
-    if aligned:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if name not in consts and (sig[name].startswith("*") or name in _ALIGNED_INTS)}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    aligned_args = [name for name in fn.arg_names if aligned and name not in consts
+                    and (sig[name].startswith("*") or name in _ALIGNED_INTS)]
+    src = _source(fn, sig, consts, aligned_args)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32),
                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+
+# Triton 3.0 (the oldest supported) keys signatures and constants by argument index and takes
+# alignment hints as an AttrsDescriptor; later versions key by name, list constexprs in the
+# signature and take hints as attributes. (3.1 and 3.2 are not handled here.)
+_LEGACY_API = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 1)
+
+
+def _source(fn, sig, consts, aligned_args=()):
+    """The ASTSource of `fn` with argument types `sig` (name -> type, "constexpr" for `consts`),
+    constexpr values `consts` and 16-divisibility hints on `aligned_args`, for this Triton."""
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    if _LEGACY_API:
+        from triton.compiler.compiler import AttrsDescriptor
+        return ASTSource(fn, {index[n]: t for n, t in sig.items() if n not in consts},
+                         {index[n]: v for n, v in consts.items()},
+                         AttrsDescriptor(divisible_by_16={index[n] for n in aligned_args}))
+    return ASTSource(fn=fn, signature=sig, attrs={(index[n],): [["tt.divisibility", 16]] for n in aligned_args},
+                     constexprs={(index[n],): v for n, v in consts.items()})
 
 
 def _resource_usage(compiled):
@@ -282,8 +298,7 @@ def main():
         sig = dict(part_ptr="*fp32", ref_ptr="*fp32", out_ptr="*fp32", n_blocks="i32", M="i32",
                    n_col_tiles="i32", TILE_N="constexpr", BLOCK="constexpr")
         try:
-            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index("TILE_N"),): 64,
-                                                              (fn.arg_names.index("BLOCK"),): E._MERGE_BLOCK})
+            src = _source(fn, sig, dict(TILE_N=64, BLOCK=E._MERGE_BLOCK))
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4))
             report[f"merge-sm{cc}"] = {"ok": bool(compiled.asm["cubin"]), "error": "",
                                        "usage": _resource_usage(compiled)}

@@ -1460,9 +1460,12 @@ def _top_negatives_kernel(
     # Hard-negative mining: the K largest similarities c_ij = <q_i, k_j> over valid non-target j.
     # 1. keep a running, descending top-K (values, column indices) per row in a (BLOCK_M, KP) tile;
     # 2. for each column block: c, masks; candidates = c on valid non-targets, -inf elsewhere;
-    # 3. K rounds: the larger of the running list's and the tile's best not yet taken becomes
+    # 3. K rounds merge the running list (sorted, read at a per-row position `taken`) with the
+    #    tile: the larger of the list's next entry and the tile's best not yet taken becomes
     #    entry r of the new list (ties keep the running entry); 4. store values and indices
     #    (-inf / -1 where a row has fewer than K negatives).
+    # (The list's entries are read through a select, never reduced as the loop-carried tensor
+    # itself: Triton 3.0's thread-locality pass crashes on a reduction of a loop argument.)
     pid = tl.program_id(0)
     row0 = pid * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -1478,23 +1481,22 @@ def _top_negatives_kernel(
         col_meta = _col_labels(cols, M, clab_ptr, LABELS)
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
         cand = tl.where(valid & (target == 0), c, float("-inf"))
-        old_v = top_v
+        taken = tl.zeros((BLOCK_M,), dtype=tl.int32)
         new_v = tl.full((BLOCK_M, KP), float("-inf"), dtype=tl.float32)
         new_i = tl.full((BLOCK_M, KP), -1, dtype=tl.int32)
         for r in tl.static_range(K):
-            best_old = tl.max(old_v, 1)
-            arg_old = tl.argmax(old_v, 1)
+            at = slots[None, :] == taken[:, None]
+            best_old = tl.max(tl.where(at, top_v, float("-inf")), 1)
+            old_idx = tl.max(tl.where(at, top_i, -1), 1)
             best_new = tl.max(cand, 1)
             arg_new = tl.argmax(cand, 1)
             take_new = best_new > best_old
-            old_idx = tl.sum(tl.where(slots[None, :] == arg_old[:, None], top_i, 0), 1)
             val = tl.where(take_new, best_new, best_old)
             idx = tl.where(take_new, col0 + arg_new, old_idx)
             idx = tl.where(val == float("-inf"), -1, idx)
             new_v = tl.where(slots[None, :] == r, val[:, None], new_v)
             new_i = tl.where(slots[None, :] == r, idx[:, None], new_i)
-            old_v = tl.where((slots[None, :] == arg_old[:, None]) & (take_new == 0)[:, None],
-                             float("-inf"), old_v)
+            taken += (take_new == 0).to(tl.int32)
             cand = tl.where((tl.arange(0, BLOCK_N)[None, :] == arg_new[:, None]) & take_new[:, None],
                             float("-inf"), cand)
         top_v = new_v
