@@ -1,4 +1,5 @@
 """Run a test body on several CPU processes joined in a gloo process group."""
+import datetime
 import os
 import socket
 import tempfile
@@ -19,8 +20,9 @@ def _free_port() -> int:
 def _entry(rank, body, world, port, errfile, args):
     try:
         torch.set_num_threads(1)
+        # a rank that fails leaves the others in a collective: they time out instead of hanging
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+                                world_size=world, timeout=datetime.timedelta(seconds=120))
         body(rank, world, *args)
         dist.barrier()
         dist.destroy_process_group()

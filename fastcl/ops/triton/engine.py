@@ -10,8 +10,8 @@ per-row-block partial LSEs (exact at any scale: no fixed offset that could under
 the partial buffer holds at most ``max(32 MiB, bytes of the inputs)`` and row blocks are launched in
 groups that fit in it. All index arithmetic on tensors is 64-bit.
 """
-from __future__ import annotations
-
+# (no ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises constexpr
+# parameters only by an annotation that is the ``tl.constexpr`` object, not its string)
 import os
 import warnings
 from typing import Optional
@@ -448,7 +448,8 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
     if plain:  # every entry a valid non-target: dS = a_i P_ij + ac_j Pc_ij, one exponential each
         sl2 = s * LOG2E
         r2 = lse_r * LOG2E
-        p = tl.exp2(c * sl2 + (b * LOG2E - r2)[:, None])
+        # (the tensor first: Triton 3.0's interpreter turns `constexpr - tensor` into a constexpr)
+        p = tl.exp2(c * sl2 + (-r2 + b * LOG2E)[:, None])
         if SYMMETRIC:
             # Pc_ij = 2^(x_ij - c_j) = P_ij 2^(r_i - top) 2^(top - c_j) when the LSEs are close
             c2 = lse_c * LOG2E
@@ -457,7 +458,7 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                 dS = p * ((a_c * tl.exp2(top - c2))[None, :] * tl.exp2(r2 - top)[:, None]
                           + a_r[:, None])
             else:
-                pc = tl.exp2(c * sl2 + (b * LOG2E - c2)[None, :])
+                pc = tl.exp2(c * sl2 + (-c2 + b * LOG2E)[None, :])
                 dS = a_r[:, None] * p + a_c[None, :] * pc
         else:
             dS = a_r[:, None] * p
