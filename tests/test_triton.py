@@ -245,6 +245,25 @@ def test_siglip(reduction, with_labels):
     _check("siglip", fn, ref, [img, txt, s, b])
 
 
+@pytest.mark.parametrize("block_n", [16, 64, 128])
+@pytest.mark.parametrize("scale", [0.0, 10.0, 60.0])
+def test_siglip_softplus_products(monkeypatch, block_n, scale):
+    # the forward sums softplus through one logarithm of a product per row and tile: exact for
+    # tiles up to 64 columns, scaled beyond; zero logits (scale 0) put every factor at its bound 2
+    # (2^128 would overflow), large scales make most factors 1 and a few e^-|S| matter. The
+    # per-row losses match float64 as closely as PyTorch's float32 loss does.
+    monkeypatch.setattr(E, "config_override", {"fwd.BLOCK_N": block_n})
+    N, M, D = 45, 150, 12
+    img, txt = features(N, D, F32, DEVICE), features(M, D, F32, DEVICE)
+    s, b = torch.tensor([scale], device=DEVICE), torch.tensor([-scale / 3], device=DEVICE)
+    out = fastcl.siglip_loss(img, txt, s, b, reduction="none", backend=BACKEND, exact=True)
+    ref = R.siglip_loss(*(t.double() for t in (img, txt, s, b)), None, "none")
+    torch_f32 = R.siglip_loss(img, txt, s, b, None, "none")
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    torch_err = ((torch_f32.double() - ref).norm() / ref.norm()).item()
+    assert err <= max(2 * torch_err, 2e-7), (err, torch_err)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_nt_xent(reduction):
     z1, z2 = features(21, 13, F32, DEVICE, normalize=False), features(21, 13, F32, DEVICE, normalize=False)
@@ -264,6 +283,41 @@ def test_supcon(views):
     assert valid.sum().item() == B * views - (1 if views == 1 else 0)
     _check("supcon", lambda x: fastcl.supcon(x, labels, 0.1, backend=BACKEND, exact=True),
            lambda x: R.supcon(x, labels.to(x.device), 0.1)[0], [x])
+
+
+def test_dense_ids_keep_exactly_the_equalities():
+    # labels / ids reach the kernels as int32 ranks of the sorted union: equal exactly when the
+    # int64 values are, including values that agree in their low 32 bits
+    rows = torch.tensor([5, 5 + 2**32, -7, 2**62, 5, -(2**40), 3], device=DEVICE)
+    cols = torch.tensor([2**62, 5, 11, 5 + 2**32, -7, 3 - 2**32, 5, -(2**40)], device=DEVICE)
+    r, c = E._dense_ids(rows, cols)
+    assert r.dtype == c.dtype == torch.int32
+    assert torch.equal(r[:, None] == c[None, :], rows[:, None] == cols[None, :])
+    assert torch.equal(r[:, None] == r[None, :], rows[:, None] == rows[None, :])
+    same_r, same_c = E._dense_ids(rows, rows)
+    assert same_r is same_c and torch.equal(same_r[:, None] == same_r[None, :], rows[:, None] == rows[None, :])
+    assert E._dense_ids(None, None) == (None, None)
+
+
+@pytest.mark.parametrize("loss", ["supcon", "fn_ids"])
+def test_labels_and_ids_beyond_32_bits(loss):
+    # classes / duplicate ids that differ only above bit 31 stay distinct in the kernels
+    B, D = 24, 9
+    x = features(B, D, F32, DEVICE)
+    base = torch.arange(B, device=DEVICE) % 4
+    wide = base + (torch.arange(B, device=DEVICE) // 12) * 2**32  # 8 classes; 4 if truncated to int32
+    if loss == "supcon":
+        fn = lambda x: fastcl.supcon(x, wide, 0.2, reduction="none", backend=BACKEND, exact=True)  # noqa: E731
+        ref = lambda x: R.supcon(x, wide.to(x.device), 0.2, reduction="none")[0]  # noqa: E731
+        low = fastcl.supcon(x, base, 0.2, reduction="none", backend=BACKEND, exact=True)
+    else:
+        k = features(B, D, F32, DEVICE)
+        fn = lambda x: fastcl.info_nce(x, k, scale=8.0, reduction="none", backend=BACKEND, exact=True,  # noqa: E731
+                                       key_ids=wide)
+        ref = lambda x: R.info_nce(x, k.to(x), None, 8.0, None, "none", key_ids=wide.to(x.device))  # noqa: E731
+        low = fastcl.info_nce(x, k, scale=8.0, reduction="none", backend=BACKEND, exact=True, key_ids=base)
+    assert (fn(x) - low).abs().max() > 1e-3  # the high bits matter for this loss
+    _check(f"wide-{loss}", fn, ref, [x])
 
 
 def test_supcon_no_positives_anywhere():

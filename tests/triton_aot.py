@@ -19,7 +19,8 @@ from fastcl.ops.triton import engine as E
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 _FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
-_INDEX_PTRS = ("pos_ptr", "cpos_ptr", "rlab_ptr", "clab_ptr", "rid_ptr", "cid_ptr", "idx_ptr")
+_INDEX_PTRS = ("pos_ptr", "cpos_ptr", "idx_ptr")
+_ID_PTRS = ("rlab_ptr", "clab_ptr", "rid_ptr", "cid_ptr")  # labels and ids as the launchers pass them: int32
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
               EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False,
@@ -121,7 +122,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             sig[name] = _PTR[dtype]
         elif name in _INDEX_PTRS:
             sig[name] = "*i64"
-        elif name == "flag_ptr":
+        elif name == "flag_ptr" or name in _ID_PTRS:
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
