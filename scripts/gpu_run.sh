@@ -19,7 +19,8 @@
 # Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
 # resident query block, the lean path off, the backward's split launches, resident feature blocks
-# and D step, and the fused / wide-feature backward at each D.
+# and D step, and the fused / wide-feature backward at each D. Phase "variants_general" times the
+# masked path's tile shape and D step on the SupCon and SigLIP forwards (variants_general/bench.csv).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -145,6 +146,19 @@ VARIANTS=(
   --triton-config 'dense={"DENSE": true}'
   --triton-config 'fused={"DENSE": false}'
 )
+# the general (masked) path's tile and D step: it is the whole forward of the label and sigmoid
+# closures (SupCon, SigLIP), where CLIP only sends its band tiles through it
+GENERAL_VARIANTS=(
+  --triton-config 'gen_d128={"fwd.BLOCK_D": 128}'
+  --triton-config 'gen_n128={"fwd.BLOCK_N": 128}'
+  --triton-config 'gen_n128_d128={"fwd.BLOCK_N": 128, "fwd.BLOCK_D": 128, "fwd.num_stages": 2}'
+)
+if want variants_general; then
+  GLIMIT=$(min 300 $(( $(left) - 20 )))
+  phase variants_general "$GLIMIT" "$PY" -m bench --out "$OUT/variants_general" --provider fastcl-triton \
+    --loss supcon siglip --N 32768 --D 128 512 --dtype bf16 --mode fwd --no-plots \
+    --budget-s $(( GLIMIT > 90 ? GLIMIT - 60 : GLIMIT / 2 )) "${GENERAL_VARIANTS[@]}"
+fi
 if want variants; then
   VLIMIT=$(min 420 $(( $(left) - 20 )))
   # shellcheck disable=SC2086
@@ -170,7 +184,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 log "=== summary (total $(( $(date +%s) - T0 ))s)"
 printf "%s" "$SUMMARY" | tee -a "$LOG"
-for csv in "$OUT/bench/bench.csv" "$OUT/variants/bench.csv"; do
+for csv in "$OUT/bench/bench.csv" "$OUT/variants/bench.csv" "$OUT/variants_general/bench.csv"; do
   [ -f "$csv" ] && grep -v '^#' "$csv" | cut -d, -f1-13 | tee -a "$LOG"
 done
 
