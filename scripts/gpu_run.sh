@@ -18,7 +18,7 @@
 # PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
 # Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
-# resident query block, the lean path off, the backward's split launches, resident feature blocks
+# resident query block, D chunks through tensor descriptors (TMA), the lean path off, the backward's split launches, resident feature blocks
 # and D step, and the fused / wide-feature backward at each D. Phase "variants_general" times the
 # masked path's tile shape and D step on the SupCon and SigLIP forwards (variants_general/bench.csv).
 set -u
@@ -139,6 +139,7 @@ VARIANTS=(
   --triton-config 'fwd_256x128={"fwd_plain.BLOCK_M": 256, "fwd_plain.RESIDENT": false}'
   --triton-config 'fwd_d128={"fwd_plain.BLOCK_D": 128, "fwd_plain.num_stages": 2}'
   --triton-config 'fwd_128x64={"fwd_plain.BLOCK_N": 64}'
+  --triton-config 'fwd_tma={"TMA": true}'
   --triton-config 'bwd_unsplit={"SPLIT": false}'
   --triton-config 'bwd_rows_64={"bwd_rows_plain.BLOCK_N": 64}'
   --triton-config 'bwd_stream={"SPLIT": false, "bwd.RESIDENT": false}'
@@ -152,6 +153,8 @@ GENERAL_VARIANTS=(
   --triton-config 'gen_d128={"fwd.BLOCK_D": 128}'
   --triton-config 'gen_n128={"fwd.BLOCK_N": 128}'
   --triton-config 'gen_n128_d128={"fwd.BLOCK_N": 128, "fwd.BLOCK_D": 128, "fwd.num_stages": 2}'
+  --triton-config 'gen_tma={"fwd.TMA": true}'
+  --triton-config 'gen_tma_d128={"fwd.TMA": true, "fwd.BLOCK_D": 128}'
 )
 if want variants_general; then
   GLIMIT=$(min 300 $(( $(left) - 20 )))

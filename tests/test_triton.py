@@ -285,6 +285,55 @@ def test_supcon(views):
            lambda x: R.supcon(x, labels.to(x.device), 0.1)[0], [x])
 
 
+_TMA_LOSSES = {
+    "clip": lambda q, k: fastcl.clip_loss(q, k[:q.shape[0]], 10.0, reduction="none", backend=BACKEND,
+                                          exact=True),
+    "info_nce": lambda q, k: fastcl.info_nce(q, k, scale=10.0, reduction="none", backend=BACKEND,
+                                             exact=True),
+    "supcon": lambda q, k: fastcl.supcon(q, torch.arange(q.shape[0], device=q.device) % 5, 0.1,
+                                         reduction="none", backend=BACKEND, exact=True),
+    "siglip": lambda q, k: fastcl.siglip_loss(q, k[:q.shape[0]], 10.0, -3.0, reduction="none",
+                                              backend=BACKEND, exact=True),
+}
+
+
+@pytest.mark.skipif(E._TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+@pytest.mark.parametrize("loss", sorted(_TMA_LOSSES))
+@pytest.mark.parametrize("N,M,D", [(70, 150, 40), (37, 53, 24)])
+def test_forward_through_tensor_descriptors(monkeypatch, loss, N, M, D):
+    # TMA: True (opt-in) streams the forward's D chunks through tensor descriptors: the same
+    # statistics as the pointer loads, at shapes that are no multiple of the blocks (the copies
+    # zero-pad outside the matrices), through the band, interior and one-launch forwards
+    real, made = E._TensorDescriptor, []
+
+    def counting(base, shape, strides, block_shape):
+        made.append(block_shape)
+        return real(base, shape, strides, block_shape)
+
+    q, k = features(N, D, F32, DEVICE), features(M, D, F32, DEVICE)
+    monkeypatch.setattr(E, "_TensorDescriptor", counting)
+    monkeypatch.setattr(E, "config_override", {"BLOCK_D": 16})
+    want = _TMA_LOSSES[loss](q, k)
+    assert not made
+    monkeypatch.setattr(E, "config_override", {"BLOCK_D": 16, "TMA": True})
+    got = _TMA_LOSSES[loss](q, k)
+    assert made, "the descriptors were not used"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(E._TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
+def test_tensor_descriptors_fall_back_for_unaligned_rows(monkeypatch):
+    # rows of 13 float32 features (52 bytes) cannot be described to the copy engine: the launch
+    # keeps its pointer loads
+    q, k = features(20, 13, F32, DEVICE), features(30, 13, F32, DEVICE)
+    args, cfg = E._with_tma((q, k, 0), q, k, dict(TMA=True, BLOCK_M=32, BLOCK_N=32, BLOCK_D=16))
+    assert args[0] is q and cfg["TMA"] is False
+    monkeypatch.setattr(E, "config_override", {"TMA": True})
+    torch.testing.assert_close(_TMA_LOSSES["info_nce"](q, k),
+                               R.info_nce(q.double(), k.double(), None, 10.0, None, "none").float(),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_dense_ids_keep_exactly_the_equalities():
     # labels / ids reach the kernels as int32 ranks of the sorted union: equal exactly when the
     # int64 values are, including values that agree in their low 32 bits

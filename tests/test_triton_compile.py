@@ -67,7 +67,8 @@ def test_every_variant_compiles_with_the_oldest_supported_triton():
                           text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]  # a compiler crash is a nonzero exit
     report = json.loads(proc.stdout)
-    expected = [triton_aot.variant_name(*v) for v in triton_aot.VARIANTS] + ["merge-sm90", "merge-sm80"]
+    expected = [triton_aot.variant_name(*v) for v in triton_aot.VARIANTS if not v[0].endswith("_tma")]
+    expected += ["merge-sm90", "merge-sm80"]  # (3.0 has no tensor descriptors: no TMA variants)
     failed = {name: report[name]["error"][:300] for name in expected if not report[name]["ok"]}
     assert not failed, failed
 

@@ -44,6 +44,9 @@ KERNELS = {
     "fwd_plain": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
     "fwd_resident": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
     "fwd_fixup": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=3)),
+    # TMA: True (opt-in): the streamed D chunks through tensor descriptors (Triton with them only)
+    "fwd_tma": (E._forward_kernel, "fwd", dict(COUNT=False)),
+    "fwd_plain_tma": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
     "count": (E._forward_kernel, "fwd", dict(COUNT=True, PLAIN=False)),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
@@ -76,6 +79,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     saved = E.config_override
     if kernel_name == "fwd_resident":  # the query block kept loaded (D <= 256)
         E.config_override = dict(saved, **{"fwd_plain.RESIDENT": True})
+    if kernel_name.endswith("_tma"):
+        E.config_override = dict(saved, TMA=True)
     lean = CLOSURES[closure]["PLAIN"] and kernel_name != "bwd_gram"
     # the launcher's split backward (E._split_backward): band launch + interior launch
     split = (fn is not E._forward_kernel and kernel_name != "bwd_gram" and lean
@@ -130,6 +135,10 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             sig[name] = "i64"  # the 64-bit path: strides as large as N * D allows
         else:
             sig[name] = "i32"
+    if consts.get("TMA"):  # features as tensor descriptors of the launch's blocks
+        elt = _PTR[dtype][1:]
+        sig["q_ptr"] = f"tensordesc<{elt}[{cfg['BLOCK_M']}, {cfg['BLOCK_D']}]>"
+        sig["k_ptr"] = f"tensordesc<{elt}[{cfg['BLOCK_N']}, {cfg['BLOCK_D']}]>"
     aligned_args = [name for name in fn.arg_names if aligned and name not in consts
                     and (sig[name].startswith("*") or name in _ALIGNED_INTS)]
     src = _source(fn, sig, consts, aligned_args)
@@ -170,15 +179,18 @@ def _resource_usage(compiled):
     return None
 
 
+TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor descriptors
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
              and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in")
                   or CLOSURES[c]["PLAIN"])
              and (k not in ("bwd_rows_in", "bwd_cols_in") or d != "float32")
-             and (not k.endswith("_split") or c == "clip")]
+             and (not k.endswith("_split") or c == "clip")
+             and (not k.endswith("_tma") or (TMA_VARIANTS and c in ("clip", "info_nce", "supcon", "siglip")
+                                             and (k == "fwd_tma" or c == "clip") and d != "float16"))]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
-               if k not in ("bwd_gram", "count", "topk") and not k.endswith(("_split", "_in"))])
+               if k not in ("bwd_gram", "count", "topk") and not k.endswith(("_split", "_in", "_tma"))])
 
 
 def variant_D(kernel):

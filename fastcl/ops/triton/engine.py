@@ -22,6 +22,11 @@ import triton.language as tl
 
 from .. import EngineStats
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # this Triton has no host-side tensor descriptors
+    _TensorDescriptor = None
+
 SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
 GRAM = True  # with spec.gram, backward returns the whole gradient of the shared features as dq
 
@@ -47,13 +52,15 @@ _MERGE_BLOCK = 256
 # Tests and benchmarks may pin block sizes here (e.g. to force several D chunks at small D), for
 # every pass ("BLOCK_N": 32) or one pass ("fwd_plain.num_warps": 4; passes as in config_for; the
 # interior forward's and the fused backward's RESIDENT: True keeps a program's own feature block
-# loaded when D <= 256), and
-# choose paths: "DENSE" (the wide-feature backward on or off), "PLAIN" (False: every tile takes
-# the general, masked path), "SPLIT" (the fused backward's interior tiles in launches of their own).
+# loaded when D <= 256; the forward passes' TMA: True streams their D chunks through tensor
+# descriptors on Hopper, where Triton has them), and choose paths: "DENSE" (the wide-feature
+# backward on or off), "PLAIN" (False: every tile takes the general, masked path), "SPLIT" (the
+# fused backward's interior tiles in launches of their own).
 config_override: dict = {}
 _POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT")
 PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram")
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT",
+               "TMA")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,20 +71,29 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_st
 @triton.jit
 def _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn, stride_kd,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """c = Q[row0:row0+BLOCK_M] . K[col0:col0+BLOCK_N]^T as a float32 tile, accumulated over D
-    chunks (block pointers: 64-bit strides, zero padding outside the matrices)."""
-    q_blk = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(stride_qn, stride_qd), offsets=(row0, 0),
-                              block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    k_blk = tl.make_block_ptr(k_ptr, shape=(D, M), strides=(stride_kd, stride_kn), offsets=(0, col0),
-                              block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
+    chunks (block pointers: 64-bit strides, zero padding outside the matrices). TMA: q_ptr and
+    k_ptr are tensor descriptors of Q (N, D) and K (M, D) with blocks (BLOCK_M, BLOCK_D) and
+    (BLOCK_N, BLOCK_D), loaded by the copy engine (zero padding outside the matrices too)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, D, BLOCK_D):
-        q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
-        k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
-        acc = tl.dot(_operand(q, UPCAST), _operand(k, UPCAST), acc, input_precision=PRECISION)
-        q_blk = tl.advance(q_blk, (0, BLOCK_D))
-        k_blk = tl.advance(k_blk, (BLOCK_D, 0))
+    if TMA:
+        for d0 in range(0, D, BLOCK_D):
+            q = q_ptr.load([row0, d0])
+            k = k_ptr.load([col0, d0])
+            acc = tl.dot(_operand(q, UPCAST), _operand(tl.trans(k), UPCAST), acc,
+                         input_precision=PRECISION)
+    else:
+        q_blk = tl.make_block_ptr(q_ptr, shape=(N, D), strides=(stride_qn, stride_qd),
+                                  offsets=(row0, 0), block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+        k_blk = tl.make_block_ptr(k_ptr, shape=(D, M), strides=(stride_kd, stride_kn),
+                                  offsets=(0, col0), block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
+        for _ in range(0, D, BLOCK_D):
+            q = tl.load(q_blk, boundary_check=(0, 1), padding_option="zero")
+            k = tl.load(k_blk, boundary_check=(0, 1), padding_option="zero")
+            acc = tl.dot(_operand(q, UPCAST), _operand(k, UPCAST), acc, input_precision=PRECISION)
+            q_blk = tl.advance(q_blk, (0, BLOCK_D))
+            k_blk = tl.advance(k_blk, (BLOCK_D, 0))
     return acc
 
 
@@ -404,7 +420,7 @@ def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid,
         ts = tl.load(tscale_ptr).to(tl.float32)
         t_lse = tl.load(aux_ptr + rows.to(tl.int64), mask=rows < N, other=0.0)
         c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd, stride_tkn,
-                              stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                              stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
         soft = tl.where(valid, tl.exp(c2 * ts - t_lse[:, None]), 0.0)
     else:
         soft = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -508,8 +524,8 @@ def _forward_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr, RESIDENT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Forward sweep of one row block over every column block.
     #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
@@ -539,6 +555,8 @@ def _forward_kernel(
     # their columns in BLOCK_N-wide pieces, TILE_N a multiple of BLOCK_N.
     # RESIDENT (plain launch, BLOCK_D >= D): the query block is loaded once and each tile is one
     # product with a key tile, so the key loads are pipelined across the column loop.
+    # TMA (not with RESIDENT or COUNT): q_ptr / k_ptr are tensor descriptors and the streamed D
+    # chunks are copied by the tensor memory accelerator instead of per-thread copies.
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -564,7 +582,7 @@ def _forward_kernel(
             else:
                 c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                      stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-                                     UPCAST)
+                                     UPCAST, TMA)
             x = c * (s * LOG2E) + b * LOG2E
             tm2 = tl.max(x, 1)
             p = tl.exp2(x - tm2[:, None])
@@ -594,7 +612,7 @@ def _forward_kernel(
                 else:
                     c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn,
                                          stride_qd, stride_kn, stride_kd, BLOCK_M, BLOCK_N,
-                                         BLOCK_D, PRECISION, UPCAST)
+                                         BLOCK_D, PRECISION, UPCAST, TMA)
                 x = c * (s * LOG2E) + b * LOG2E
                 cm2 = tl.max(x, 0)
                 part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
@@ -623,7 +641,7 @@ def _forward_kernel(
             cols = col0 + tl.arange(0, BLOCK_N)
             cmask = cols < M
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                                 stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                                 stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, TMA)
             S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
                                              thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF,
                                              FN_SPACE, FN_IDS)
@@ -649,7 +667,7 @@ def _forward_kernel(
                 if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
                     c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
                                           stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
-                                          UPCAST)
+                                          UPCAST, False)
                     St = tl.where(valid, c2 * ts, 0.0)
                     mt_new = tl.maximum(mt_i, tl.max(tl.where(valid, St, float("-inf")), 1))
                     mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
@@ -801,7 +819,7 @@ def _backward_rows_kernel(
                        input_precision=PRECISION)
         else:
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
         dS, S, valid, target = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
@@ -908,7 +926,7 @@ def _backward_cols_kernel(
                        input_precision=PRECISION)
         else:
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
         dS, S, valid, target = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
@@ -976,7 +994,7 @@ def _grad_tiles_kernel(
         rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
         aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
     c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                         stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                         stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
     dS, S, valid, target = _tile_grad(
         c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
         ratio2,
@@ -1081,6 +1099,12 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
             cfg["BLOCK_D"] = cfg["BLOCK_DV"] = width
     else:
         cfg.pop("RESIDENT", None)
+    if pass_ in ("fwd", "fwd_plain"):
+        cfg["TMA"] = bool(cfg.get("TMA", False))
+        if cfg["TMA"] and cfg.get("RESIDENT"):
+            cfg["RESIDENT"] = False  # the descriptors stream the query block's D chunks
+    else:
+        cfg.pop("TMA", None)
     return cfg
 
 
@@ -1161,6 +1185,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     dev = queries.device
     cfg = dict(_config(queries, "fwd"))
     cfg.pop("BLOCK_DV", None)
+    cfg.pop("TMA", None)  # the dS tiles load through pointers
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size())
     rows_per = max(BM, (budget // (M * queries.element_size())) // BM * BM)
@@ -1311,6 +1336,29 @@ def _metadata(targets, dummy, threshold=None, aux=None):
             _ptr(targets.row_ids, dummy), _ptr(targets.col_ids, dummy), *teacher)
 
 
+def _tma_ready(x: torch.Tensor) -> bool:
+    return (x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0
+            and x.data_ptr() % 16 == 0 and x.shape[0] > 0)
+
+
+def _with_tma(args, queries, keys, cfg):
+    """(args, cfg) of a forward launch: with queries / keys (args[0], args[1]) as tensor
+    descriptors of the launch's blocks when cfg asks for TMA and it can run (a Triton with host
+    descriptors; Hopper, or the interpreter; unit feature strides, 16-byte aligned rows; no
+    autotuning, which changes the blocks), else unchanged with TMA off."""
+    if not cfg.get("TMA"):
+        return args, cfg
+    dev = queries.device
+    ok = (_TensorDescriptor is not None and not _autotuning()
+          and (dev.type != "cuda" or _arch(dev) >= 90) and _tma_ready(queries) and _tma_ready(keys))
+    if not ok:
+        return args, dict(cfg, TMA=False)
+    bd = cfg["BLOCK_D"]
+    q_desc = _TensorDescriptor(queries, list(queries.shape), list(queries.stride()), [cfg["BLOCK_M"], bd])
+    k_desc = _TensorDescriptor(keys, list(keys.shape), list(keys.stride()), [cfg["BLOCK_N"], bd])
+    return (q_desc, k_desc, *args[2:]), cfg  # (config_for turned RESIDENT off)
+
+
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     """Row (and column) statistics of S = scale * queries keys^T + bias; see :mod:`fastcl.ops`."""
     targets = _compact(targets)
@@ -1360,13 +1408,17 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
                 row_lse, row_pos, row_npos, partial, refs, col_pos, row_init, flags_buf,
                 N, M, D, start, spec.offset, _ratio2(spec),
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+        args_band, cfg_band = _with_tma(args, queries, keys, cfg)
         if plain:
-            _launch(_forward_kernel, (nb,), args, dict(const, TILES=1, RESIDENT=False), cfg, tuned)
-            _launch(_forward_kernel, (nb,), args, dict(const, TILES=2), cfg_plain, tuned)
+            _launch(_forward_kernel, (nb,), args_band, dict(const, TILES=1, RESIDENT=False), cfg_band,
+                    tuned)
+            args_in, cfg_in = _with_tma(args, queries, keys, cfg_plain)
+            _launch(_forward_kernel, (nb,), args_in, dict(const, TILES=2), cfg_in, tuned)
             if symmetric:  # programs of unflagged row blocks return at once
-                _forward_kernel[(nb,)](*args, **dict(const, TILES=3), **cfg_plain)
+                _forward_kernel[(nb,)](*args_in, **dict(const, TILES=3), **cfg_in)
         else:
-            _launch(_forward_kernel, (nb,), args, dict(const, TILES=0, RESIDENT=False), cfg, tuned)
+            _launch(_forward_kernel, (nb,), args_band, dict(const, TILES=0, RESIDENT=False), cfg_band,
+                    tuned)
         if symmetric:
             chunk = torch.empty(M, dtype=f32, device=dev)
             _merge_column_partials_kernel[(triton.cdiv(M, _MERGE_BLOCK),)](
@@ -1498,6 +1550,7 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold):
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     flags = _flags(queries, spec, targets, bias)
     flags.pop("PLAIN")
+    cfg = dict(cfg, TMA=False)
     const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact), TILES=0,
                  TILE_N=cfg["BLOCK_N"], RESIDENT=False, **flags)
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
@@ -1532,7 +1585,7 @@ def _top_negatives_kernel(
     for col0 in range(0, M, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
         c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
+                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
         col_meta = _col_labels(cols, M, clab_ptr, LABELS)
         valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
         cand = tl.where(valid & (target == 0), c, float("-inf"))
