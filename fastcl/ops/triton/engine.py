@@ -819,7 +819,8 @@ def _backward_rows_kernel(
                        input_precision=PRECISION)
         else:
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
+                                 False)
         dS, S, valid, target = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
@@ -926,7 +927,8 @@ def _backward_cols_kernel(
                        input_precision=PRECISION)
         else:
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
-                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
+                                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
+                                 False)
         dS, S, valid, target = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
@@ -1354,7 +1356,8 @@ def _with_tma(args, queries, keys, cfg):
     if not ok:
         return args, dict(cfg, TMA=False)
     bd = cfg["BLOCK_D"]
-    q_desc = _TensorDescriptor(queries, list(queries.shape), list(queries.stride()), [cfg["BLOCK_M"], bd])
+    q_desc = _TensorDescriptor(queries, list(queries.shape), list(queries.stride()),
+                               [cfg["BLOCK_M"], bd])
     k_desc = _TensorDescriptor(keys, list(keys.shape), list(keys.stride()), [cfg["BLOCK_N"], bd])
     return (q_desc, k_desc, *args[2:]), cfg  # (config_for turned RESIDENT off)
 
