@@ -318,7 +318,9 @@ def test_forward_through_tensor_descriptors(monkeypatch, loss, N, M, D):
     monkeypatch.setattr(E, "config_override", {"BLOCK_D": 16, "TMA": True})
     got = _TMA_LOSSES[loss](q, k)
     assert made, "the descriptors were not used"
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the interpreter runs the same arithmetic on both paths; a GPU may order the MMA differently
+    exact = DEVICE.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
 
 
 @pytest.mark.skipif(E._TensorDescriptor is None, reason="this Triton has no host-side tensor descriptors")
