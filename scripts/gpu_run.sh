@@ -18,9 +18,10 @@
 # PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
 # Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
-# resident query block, D chunks through tensor descriptors (TMA), the lean path off, the backward's split launches, resident feature blocks
-# and D step, and the fused / wide-feature backward at each D. Phase "variants_general" times the
-# masked path's tile shape and D step on the SupCon and SigLIP forwards (variants_general/bench.csv).
+# resident query block, D chunks through tensor descriptors (TMA), the lean path off, the
+# backward's split launches, resident feature blocks and D step, and the fused / wide-feature
+# backward at each D. Phase "variants_general" times the masked path's tile shape, D step and
+# tensor descriptors on the SupCon and SigLIP forwards (variants_general/bench.csv).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
