@@ -348,6 +348,9 @@ def test_dense_ids_keep_exactly_the_equalities():
     same_r, same_c = E._dense_ids(rows, rows)
     assert same_r is same_c and torch.equal(same_r[:, None] == same_r[None, :], rows[:, None] == rows[None, :])
     assert E._dense_ids(None, None) == (None, None)
+    # ids that already fit in 32 bits are kept as they are (prepared once, reused by the backward)
+    r32, c32 = E._dense_ids(r, c)
+    assert torch.equal(r32, r) and torch.equal(c32, c)
 
 
 @pytest.mark.parametrize("loss", ["supcon", "fn_ids"])

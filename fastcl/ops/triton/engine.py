@@ -1301,9 +1301,12 @@ def _dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]):
     """int32 ids with the equalities of two integer id vectors (rows_i == cols_j exactly when
     their new ids are equal; a vector may be the other one). The kernels compare ids once per
     similarity entry: 32-bit compares take half the instructions and registers of 64-bit ones.
-    Ranks in the sorted union, on the device: no host synchronisation."""
+    Ranks in the sorted union, on the device: no host synchronisation. Ids that already fit in
+    32 bits are only cast."""
     if rows is None or cols is None:
         return rows, cols
+    if rows.dtype.itemsize <= 4 and cols.dtype.itemsize <= 4:
+        return rows.to(torch.int32), cols.to(torch.int32)
     both = rows if cols is rows else torch.cat([rows, cols])
     vals, order = torch.sort(both)
     rank = torch.zeros(vals.shape, dtype=torch.int32, device=vals.device)
@@ -1314,8 +1317,9 @@ def _dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]):
     return ids[:rows.shape[0]], ids[rows.shape[0]:]
 
 
-def _compact(targets):
-    """targets with its labels and duplicate ids as dense int32 ids (see _dense_ids)."""
+def prepare_targets(targets):
+    """targets with its labels and duplicate ids as int32 ids (see _dense_ids). The launchers call
+    it themselves; a caller that keeps targets for the backward can call it once beforehand."""
     if targets.row_labels is None and targets.row_ids is None:
         return targets
     row_labels, col_labels = _dense_ids(targets.row_labels, targets.col_labels)
@@ -1364,7 +1368,7 @@ def _with_tma(args, queries, keys, cfg):
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     """Row (and column) statistics of S = scale * queries keys^T + bias; see :mod:`fastcl.ops`."""
-    targets = _compact(targets)
+    targets = prepare_targets(targets)
     N, D = queries.shape
     M = keys.shape[0]
     dev = queries.device
@@ -1435,7 +1439,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
              grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None):
     """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`."""
-    targets = _compact(targets)
+    targets = prepare_targets(targets)
     need_q, need_k, need_s, need_b = needs
     need_sb = need_s or need_b
     N, D = queries.shape
@@ -1541,7 +1545,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
 def count_above(queries, keys, scale, bias, targets, spec, threshold):
     """(N,) float32: for each row, the number of valid non-target columns with S_ij > threshold_i
     (the rank of the positive minus one when threshold is its logit). No gradient."""
-    targets = _compact(targets)
+    targets = prepare_targets(targets)
     N, D = queries.shape
     M = keys.shape[0]
     counts = torch.empty(N, dtype=torch.float32, device=queries.device)
@@ -1621,7 +1625,7 @@ def _top_negatives_kernel(
 def top_negatives(queries, keys, targets, spec, k: int):
     """((N, k) float32 values, (N, k) int64 indices) of each row's k most similar valid non-target
     keys by c_ij = <q_i, k_j> (-inf / -1 past the available negatives). No gradient."""
-    targets = _compact(targets)
+    targets = prepare_targets(targets)
     N, D = queries.shape
     M = keys.shape[0]
     vals = torch.empty((N, k), dtype=torch.float32, device=queries.device)
