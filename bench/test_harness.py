@@ -359,7 +359,7 @@ def test_triton_config_variants_run_with_their_configuration(tmp_path, monkeypat
     ("noequals", "NAME=JSON"), ("a b={}", "plain NAME"), ("x={bad", "not JSON"), ("x=[1]", "JSON object"),
     ('x={"BLOCK_Q": 64}', "unknown key"), ('x={"bwd2.BLOCK_M": 64}', "unknown key"),
     ('x={"BLOCK_M": 0}', "positive integer"), ('x={"num_warps": true}', "positive integer"),
-    ('x={"DENSE": 1}', "true or false")])
+    ('x={"DENSE": 1}', "true or false"), ('x={"fwd.TMA": 1}', "true or false")])
 def test_triton_config_rejects_bad_specs(spec, match, monkeypatch, capsys):
     monkeypatch.setattr(P, "TRITON_VARIANTS", {})
     with pytest.raises(ValueError, match=match):
@@ -479,3 +479,17 @@ def test_json_is_strict_with_non_finite_values(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     row = json.loads(text)["rows"][0]
     assert row["loss_value"] == "nan" and row["tflops"] == "inf"
+
+
+def test_gpu_script_configurations_parse(monkeypatch):
+    """Every engine configuration the GPU run script times is one --triton-config accepts (the
+    script runs only on a GPU: a bad key would cost a whole phase there)."""
+    import re
+    script = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "scripts", "gpu_run.sh")).read()
+    specs = re.findall(r"--triton-config '([^']+)'", script)
+    assert len(specs) >= 10, specs
+    monkeypatch.setattr(P, "TRITON_VARIANTS", {})
+    for spec in specs:
+        P.add_triton_variant(spec)
+    assert len(P.TRITON_VARIANTS) == len(set(s.partition("=")[0] for s in specs))

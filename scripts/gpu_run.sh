@@ -21,7 +21,9 @@
 # resident query block, D chunks through tensor descriptors (TMA), the lean path off, the
 # backward's split launches, resident feature blocks and D step, and the fused / wide-feature
 # backward at each D. Phase "variants_general" times the masked path's tile shape, D step and
-# tensor descriptors on the SupCon and SigLIP forwards (variants_general/bench.csv).
+# tensor descriptors on the SupCon forward (variants_general/bench.csv); phase "variants_siglip"
+# times SigLIP's forward and backward with its interior tiles on the lean path (the default)
+# against the masked path everywhere (variants_siglip/bench.csv).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -148,8 +150,8 @@ VARIANTS=(
   --triton-config 'dense={"DENSE": true}'
   --triton-config 'fused={"DENSE": false}'
 )
-# the general (masked) path's tile and D step: it is the whole forward of the label and sigmoid
-# closures (SupCon, SigLIP), where CLIP only sends its band tiles through it
+# the general (masked) path's tile and D step: it is the whole forward of the label closures
+# (SupCon), where CLIP and SigLIP only send their band tiles through it
 GENERAL_VARIANTS=(
   --triton-config 'gen_d128={"fwd.BLOCK_D": 128}'
   --triton-config 'gen_n128={"fwd.BLOCK_N": 128}'
@@ -160,8 +162,15 @@ GENERAL_VARIANTS=(
 if want variants_general; then
   GLIMIT=$(min 300 $(( $(left) - 20 )))
   phase variants_general "$GLIMIT" "$PY" -m bench --out "$OUT/variants_general" --provider fastcl-triton \
-    --loss supcon siglip --N 32768 --D 128 512 --dtype bf16 --mode fwd --no-plots \
+    --loss supcon --N 32768 --D 128 512 --dtype bf16 --mode fwd --no-plots \
     --budget-s $(( GLIMIT > 90 ? GLIMIT - 60 : GLIMIT / 2 )) "${GENERAL_VARIANTS[@]}"
+fi
+if want variants_siglip; then
+  SLIMIT=$(min 240 $(( $(left) - 20 )))
+  phase variants_siglip "$SLIMIT" "$PY" -m bench --out "$OUT/variants_siglip" --provider fastcl-triton \
+    --loss siglip --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
+    --budget-s $(( SLIMIT > 90 ? SLIMIT - 60 : SLIMIT / 2 )) \
+    --triton-config 'masked={"PLAIN": false}' --triton-config 'fwd_tma={"TMA": true}'
 fi
 if want variants; then
   VLIMIT=$(min 420 $(( $(left) - 20 )))

@@ -97,6 +97,27 @@ def test_info_nce_extra_keys_plain_tiles(branches):
     assert branches[("_plain_tile", True)] > 0 and branches[("_plain_spans", True)] > 0
 
 
+def _siglip(q, k, s, b, backend="triton"):
+    return fastcl.siglip_loss(q, k, s, b, reduction="none", backend=backend)
+
+
+def _siglip_ref(q, k, s, b):
+    return _siglip(q, k, s, b, backend="torch")
+
+
+@interpreter_only
+@pytest.mark.parametrize("N,M,D,scale,bias", [(100, 100, 40, 10.0, -10.0), (97, 97, 19, 60.0, 2.0),
+                                              (70, 150, 24, 25.0, -3.0), (150, 64, 33, 3.0, 0.5)])
+def test_siglip_plain_tiles(branches, N, M, D, scale, bias):
+    """SigLIP's interior tiles hold only negatives: sum_j softplus(S_ij) forward and a_i sigmoid(S_ij)
+    backward without masks, the band and edge tiles on the masked path; at scale 60 most logits
+    saturate the sigmoid both ways."""
+    q, k = features(N, D, torch.float32, DEVICE), features(M, D, torch.float32, DEVICE)
+    _check("siglip", _siglip, _siglip_ref, (q, k, _scalar(scale), _scalar(bias)))
+    assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0
+    assert branches[("_plain_spans", True)] > 0
+
+
 @triton.jit
 def _classify_kernel(out_ptr, N, M, offset, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COLUMNS: tl.constexpr):
@@ -155,18 +176,23 @@ def test_column_underflow_and_spread_fallbacks(branches, scale):
     assert branches[("_lses_close", False)] > 0
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_plain_and_general_paths_agree(monkeypatch, dtype):
+def test_plain_and_general_paths_agree(monkeypatch, dtype, loss):
     q, k = features(100, 33, dtype, DEVICE), features(100, 33, dtype, DEVICE)
-    g = torch.rand(2, 100, device=DEVICE) + 0.5
+    g = torch.rand(2 if loss == "clip" else 1, 100, device=DEVICE).squeeze(0) + 0.5
     out = {}
     for plain in (True, False):
         monkeypatch.setattr(E, "config_override", {"PLAIN": plain})
         qq, kk = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-        s = _scalar(30.0)
-        loss = fastcl.clip_loss(qq, kk, logit_scale=s, backend="triton", reduction="none")
-        loss.backward(g)
-        out[plain] = (loss.detach(), qq.grad, kk.grad, s.grad)
+        s, b = _scalar(30.0), _scalar(-4.0)
+        if loss == "clip":
+            # (no bias: its gradient vanishes identically, leaving only rounding noise)
+            out_ = fastcl.clip_loss(qq, kk, logit_scale=s, backend="triton", reduction="none")
+        else:
+            out_ = _siglip(qq, kk, s, b)
+        out_.backward(g)
+        out[plain] = (out_.detach(), qq.grad, kk.grad, s.grad) + ((b.grad,) if loss == "siglip" else ())
     tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: dS and the gradients round to bf16
     for a, b in zip(out[True], out[False]):
         assert rel(a, b) < tol, (rel(a, b), tol)
@@ -295,7 +321,7 @@ def test_fused_backward_with_resident_feature_blocks(monkeypatch, loss, N, M, D)
                                      "bwd.BLOCK_M": 64},
                                     {"bwd_rows_plain.RESIDENT": True, "bwd_cols_plain.RESIDENT": True,
                                      "bwd.RESIDENT": False}])
-@pytest.mark.parametrize("case", ["clip", "info_nce_extra_keys", "dq_only", "dk_only"])
+@pytest.mark.parametrize("case", ["clip", "info_nce_extra_keys", "dq_only", "dk_only", "siglip"])
 def test_split_backward(monkeypatch, tiling, case):
     """The backward of lean closures with the interior tiles in launches of their own (after the
     band and edge tiles' launches, whose float32 partial sums they continue), with interior tiles
@@ -309,6 +335,10 @@ def test_split_backward(monkeypatch, tiling, case):
         def fn(q, k, s, backend="triton"):
             return fastcl.info_nce(q, k, scale=s, backend=backend)
         _check("info_nce", fn, lambda q, k, s: fn(q, k, s, "torch"), (q, k, _scalar(20.0)))
+        return
+    if case == "siglip":
+        k = features(170, D, torch.float32, DEVICE)
+        _check("siglip", _siglip, _siglip_ref, (q, k, _scalar(12.0), _scalar(-6.0)))
         return
     k = features(N, D, torch.float32, DEVICE)
     if case == "dq_only":

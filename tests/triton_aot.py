@@ -32,7 +32,7 @@ CLOSURES = {
     "supcon": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True),
     "supcon_in": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, TARGET_LSE=True),
     "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True, PLAIN=True),
-    "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True),
+    "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True, PLAIN=True),
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
     "distill": dict(_PLAIN, HAS_POS=True, SOFT_SIM=True),
     "hcl": dict(_PLAIN, HAS_POS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True, LSE2=True),
@@ -75,13 +75,15 @@ _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd")
 
 
 def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
+    """The sm_``cc`` kernel of ``kernel_name`` for ``closure`` (a name in CLOSURES, or its flags)."""
     fn, pass_, extra = KERNELS[kernel_name]
+    flags = CLOSURES[closure] if isinstance(closure, str) else closure
     saved = E.config_override
     if kernel_name == "fwd_resident":  # the query block kept loaded (D <= 256)
         E.config_override = dict(saved, **{"fwd_plain.RESIDENT": True})
     if kernel_name.endswith("_tma"):
         E.config_override = dict(saved, TMA=True)
-    lean = CLOSURES[closure]["PLAIN"] and kernel_name != "bwd_gram"
+    lean = flags["PLAIN"] and kernel_name != "bwd_gram"
     # the launcher's split backward (E._split_backward): band launch + interior launch
     split = (fn is not E._forward_kernel and kernel_name != "bwd_gram" and lean
              and dtype != torch.float32 and cc >= 90 and D <= 256)
@@ -99,7 +101,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     finally:
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
-    consts = dict(CLOSURES[closure], **extra, UPCAST=False,
+    consts = dict(flags, **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if fn is E._forward_kernel:  # as the launcher: the partials' tiling is the interior launch's
         consts.setdefault("TILES", 1 if consts["PLAIN"] else 0)
@@ -185,6 +187,7 @@ VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in 
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
              and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in")
                   or CLOSURES[c]["PLAIN"])
+             and (k != "fwd_fixup" or CLOSURES[c]["SYMMETRIC"])
              and (k not in ("bwd_rows_in", "bwd_cols_in") or d != "float32")
              and (not k.endswith("_split") or c == "clip")
              and (not k.endswith("_tma") or (TMA_VARIANTS and c in ("clip", "info_nce", "supcon", "siglip")
@@ -262,15 +265,16 @@ def _never_underflow(flags):
     return False
 
 
-def cost_report(path, D=256):
-    """Per-tile issue cost of the forward and fused backward kernels (bf16, sm_90, CLIP closure)
-    on the general (masked) path or on the lean path of interior tiles ("plain": the branch
+def cost_report(path, D=256, loss="clip"):
+    """Per-tile issue cost of the forward and fused backward kernels (bf16, sm_90, the closure of
+    ``loss``: "clip" or "siglip") on the general (masked) path, or on the lean path of interior
+    tiles ("plain": the branch
     predicates are pinned so that only that path is compiled; call in a fresh process, since
     Triton memoises a kernel's dependencies). issue_clk = instructions per thread x warps / 4
     schedulers; tensor_clk = the tile's MMA FLOPs / 4096 per clock (dense bf16 per SM)."""
     if path == "plain":
         E._plain_tile, E._lses_close, E._any_underflow = _always_tile, _always_close, _never_underflow
-    closure = "clip" if path == "plain" else "clip_masked"
+    closure = CLOSURES[loss] if path == "plain" else dict(CLOSURES[loss], PLAIN=False)
     report = {}
     for kernel in ("fwd", "bwd_rows", "bwd_cols"):
         # the lean path is the interior tiles' launches, with their own tile shapes (the backward
@@ -285,7 +289,7 @@ def cost_report(path, D=256):
                                        ("bwd_cols", "bwd")}[kernel]
         compiled = _compile(name, closure, torch.bfloat16, D=D)
         body, chunk, mix = _per_tile(compiled)
-        cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=CLOSURES[closure]["PLAIN"])
+        cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=closure["PLAIN"])
         chunks = -(-D // cfg["BLOCK_D"])
         flops = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D
         if kernel != "fwd":
@@ -301,9 +305,10 @@ def cost_report(path, D=256):
 
 
 def main():
-    if "--cost" in sys.argv:  # python -m tests.triton_aot --cost general|plain [D]
+    if "--cost" in sys.argv:  # python -m tests.triton_aot --cost general|plain [D [clip|siglip]]
         args = sys.argv[sys.argv.index("--cost") + 1:]
-        json.dump(cost_report(args[0], D=int(args[1]) if len(args) > 1 else 256), sys.stdout)
+        json.dump(cost_report(args[0], D=int(args[1]) if len(args) > 1 else 256,
+                              loss=args[2] if len(args) > 2 else "clip"), sys.stdout)
         return
     report = {}
     for cc in (90, 80):  # the column-partials merge of the symmetric forward

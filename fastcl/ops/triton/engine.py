@@ -230,6 +230,20 @@ def _product(a, b):
 
 
 @triton.jit
+def _softplus_row_sums(x, BLOCK_N: tl.constexpr):
+    """sum_j softplus(x_ij) of each row = sum_j max(x_ij, 0) + log prod_j (1 + e^-|x_ij|): one
+    logarithm per row instead of one per entry (each factor lies in [1, 2]; scaled by 3/4 past 64
+    columns so that the product stays a normal float32). Entries at -inf add nothing."""
+    f = 1.0 + tl.exp2(tl.abs(x) * -LOG2E)
+    relu = tl.sum(tl.maximum(x, 0.0), 1)
+    if BLOCK_N <= 64:
+        out = relu + tl.log(tl.reduce(f, 1, _product))
+    else:
+        out = relu + (tl.log(tl.reduce(f * 0.75, 1, _product)) - BLOCK_N * LN_075)
+    return out
+
+
+@triton.jit
 def _lses_close(r2, c2):
     """Whether P^col can be formed from P: the rows' and columns' LSEs (base 2) lie within
     _LSE_SPREAD of the largest row LSE, so neither factor of the rank-one rescaling over- or
@@ -404,8 +418,8 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
             pc = tl.where(in_col, tl.exp(S - lse_c[None, :]), 0.0)
             dS += a_c[None, :] * pc + b_c[None, :] * col_target.to(tl.float32)
     else:
-        z = tl.where(target, 1.0, -1.0)
-        dS = tl.where(valid, -z * tl.sigmoid(-z * S), 0.0) * a_r[:, None]
+        z = tl.where(target, 1.0, -1.0)  # -z sigmoid(-z S) = -z / (1 + e^(z S))
+        dS = tl.where(valid, (-z * a_r[:, None]) / (1.0 + tl.exp2(z * S * LOG2E)), 0.0)
     return dS
 
 
@@ -472,7 +486,12 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         plain = _plain_tile(row0, col0, N, M, offset, BLOCK_M, BLOCK_N)
     else:
         plain = False
-    if plain:  # every entry a valid non-target: dS = a_i P_ij + ac_j Pc_ij, one exponential each
+    if plain and KIND == 1:  # every entry a valid negative (z = -1): dS = a_i sigmoid(S_ij)
+        dS = a_r[:, None] / (1.0 + tl.exp2(-(c * (s * LOG2E) + b * LOG2E)))
+        S = c * s + b
+        valid = (rows < N)[:, None] & (cols < M)[None, :]
+        target = valid & (cols < 0)[None, :]
+    elif plain:  # every entry a valid non-target: dS = a_i P_ij + ac_j Pc_ij, one exponential each
         sl2 = s * LOG2E
         r2 = lse_r * LOG2E
         # (the tensor first: Triton 3.0's interpreter turns `constexpr - tensor` into a constexpr)
@@ -568,8 +587,12 @@ def _forward_kernel(
     # the fix-up (3) sweeps the interior tiles again
     a0, a_len, b0, n_sweep = _sweep(2 if TILES == 3 else TILES, lo_end, hi_start, hi_end, M)
     if TILES == 2:
-        m_i = tl.load(row_init_ptr + r64, mask=rmask, other=float("-inf"))
-        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        if KIND == 0:
+            m_i = tl.load(row_init_ptr + r64, mask=rmask, other=float("-inf"))
+            l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        else:  # sigmoid: the band launch's softplus sums
+            m_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            l_i = tl.load(row_init_ptr + r64, mask=rmask, other=0.0)
         underflow = tl.zeros((BLOCK_N,), dtype=tl.int32)  # SYMMETRIC: a raw column sum < floor
         if RESIDENT:
             q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
@@ -583,13 +606,16 @@ def _forward_kernel(
                 c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                      stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
                                      UPCAST, TMA)
-            x = c * (s * LOG2E) + b * LOG2E
-            tm2 = tl.max(x, 1)
-            p = tl.exp2(x - tm2[:, None])
-            tm = tm2 * LN2
-            m_new = tl.maximum(m_i, tm)
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1) * tl.exp(tm - m_new)
-            m_i = m_new
+            if KIND == 0:
+                x = c * (s * LOG2E) + b * LOG2E
+                tm2 = tl.max(x, 1)
+                p = tl.exp2(x - tm2[:, None])
+                tm = tm2 * LN2
+                m_new = tl.maximum(m_i, tm)
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1) * tl.exp(tm - m_new)
+                m_i = m_new
+            else:  # every entry a negative (z = -1): softplus(S_ij)
+                l_i += _softplus_row_sums(c * s + b, BLOCK_N)
             if SYMMETRIC:  # raw sums 2^-top2 sum_i 2^x_ij; the merge takes their logarithms
                 top2 = tl.max(tm2, 0)
                 colsum = tl.sum(p * tl.exp2(tm2 - top2)[:, None], 0)
@@ -598,7 +624,10 @@ def _forward_kernel(
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N, top2)
         if SYMMETRIC:
             tl.store(flag_ptr + pid, tl.where(_any_underflow(underflow), 1, 0))
-        tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+        if KIND == 0:
+            tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+        else:
+            tl.store(row_lse_ptr + r64, l_i, mask=rmask)
     elif TILES == 3:
         if tl.load(flag_ptr + pid) != 0:  # rare: redo these columns with their own maxima
             if RESIDENT:
@@ -709,22 +738,18 @@ def _forward_kernel(
                     tl.store(col_pos_ptr + cols.to(tl.int64), tl.sum(tl.where(col_target, S, 0.0), 0),
                              mask=cmask & hit)
             else:
-                # sum_j softplus(x_ij) = sum_j max(x_ij, 0) + log prod_j (1 + e^-|x_ij|): one
-                # logarithm per row and tile instead of one per entry (each factor lies in [1, 2];
-                # scaled by 3/4 past 64 columns so that the product stays a normal float32)
-                x = tl.where(target, -S, S)
-                f = tl.where(valid, 1.0 + tl.exp2(tl.abs(x) * -LOG2E), 1.0)
-                relu = tl.sum(tl.where(valid, tl.maximum(x, 0.0), 0.0), 1)
-                if BLOCK_N <= 64:
-                    l_i += relu + tl.log(tl.reduce(f, 1, _product))
-                else:
-                    l_i += relu + (tl.log(tl.reduce(f * 0.75, 1, _product)) - BLOCK_N * LN_075)
+                # softplus(-z_ij S_ij) over the valid entries
+                l_i += _softplus_row_sums(tl.where(valid, tl.where(target, -S, S), float("-inf")),
+                                          BLOCK_N)
 
         if COUNT:
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
         else:
             if TILES == 1:  # the plain tiles' launch continues from here
-                tl.store(row_init_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+                if KIND == 0:
+                    tl.store(row_init_ptr + r64, m_i + tl.log(l_i), mask=rmask)
+                else:
+                    tl.store(row_init_ptr + r64, l_i, mask=rmask)
             elif KIND == 0:
                 tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
             else:
@@ -1275,7 +1300,7 @@ def _precision(queries: torch.Tensor, exact: bool) -> str:
 def _plain(spec, targets) -> bool:
     """Whether the closure's targets and exclusions all lie on the band j = i + offset, so that
     tiles off it take the kernels' lean path (``config_override["PLAIN"] = False`` disables it)."""
-    return bool(config_override.get("PLAIN", True) and spec.kind == "softmax" and spec.fn_space == 0
+    return bool(config_override.get("PLAIN", True) and spec.fn_space == 0
             and spec.lse2_ratio is None and targets.positives is None
             and targets.col_positives is None and targets.row_labels is None
             and targets.row_ids is None and targets.teacher_queries is None)
