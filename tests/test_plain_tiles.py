@@ -118,6 +118,26 @@ def test_siglip_plain_tiles(branches, N, M, D, scale, bias):
     assert branches[("_plain_spans", True)] > 0
 
 
+@interpreter_only
+@pytest.mark.parametrize("offset,exclude_self", [(40, False), (-30, True), (500, False)])
+def test_siglip_offset_band_plain_tiles(branches, offset, exclude_self):
+    """The sigmoid closure with its positives (and self-exclusion) on the band j = i + offset, as in
+    a ring step, or on no column at all (offset past M): the lean interior tiles against the torch
+    engine in float64."""
+    from fastcl.autograd import engine_loss
+    from fastcl.ops import LossSpec, Targets
+
+    spec = LossSpec(kind="sigmoid", offset=offset, exclude_self=exclude_self)
+
+    def fn(q, k, s, b, backend="triton"):
+        return engine_loss(q, k, s, b, Targets(), spec, backend)[0]
+
+    q, k = features(90, 20, torch.float32, DEVICE), features(130, 20, torch.float32, DEVICE)
+    _check("siglip-offset", fn, lambda q, k, s, b: fn(q, k, s, b, "torch"),
+           (q, k, _scalar(10.0), _scalar(-5.0)))
+    assert branches[("_plain_tile", True)] > 0 and branches[("_plain_spans", True)] > 0
+
+
 @triton.jit
 def _classify_kernel(out_ptr, N, M, offset, n_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      COLUMNS: tl.constexpr):
