@@ -37,12 +37,15 @@ def test_clip_large_low_precision(dtype, N, D):
 def test_no_host_device_sync():
     i, t = features(4096, 256, torch.bfloat16, CUDA), features(4096, 256, torch.bfloat16, CUDA)
     s = torch.tensor(14.0, device=CUDA, requires_grad=True)
+    wide = [features(4096, 512, torch.bfloat16, CUDA) for _ in range(2)]
     fastcl.clip_loss(i, t, s).backward()  # compile outside the checked region
+    fastcl.clip_loss(*wide, s).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         fastcl.clip_loss(i, t, s).backward()
         fastcl.info_nce(i, t, scale=s).backward()
+        fastcl.clip_loss(*wide, s).backward()  # the wide-feature backward
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -76,6 +79,18 @@ def test_memory_is_linear_in_batch():
     naive_bytes = _peak_extra(naive)
     assert fused_bytes < 64 * 2**20, fused_bytes / 2**20
     assert naive_bytes > 2**30, naive_bytes / 2**20
+
+
+def test_wide_feature_backward_memory():
+    """N = M = 16384, D = 512, bf16 (the backward through dS blocks and GEMMs): the gradients
+    (32 MiB), the dS block and its float32 dK sums (32 MiB together) and nothing else of size."""
+    N, D = 16384, 512
+    i, t = features(N, D, torch.bfloat16, CUDA), features(N, D, torch.bfloat16, CUDA)
+    s = torch.tensor(14.0, device=CUDA, requires_grad=True)
+    fastcl.clip_loss(i, t, s, backend="triton").backward()  # warm-up / compile
+    i.grad = t.grad = s.grad = None
+    extra = _peak_extra(lambda: fastcl.clip_loss(i, t, s, backend="triton").backward())
+    assert extra < 80 * 2**20, extra / 2**20
 
 
 @pytest.mark.slow

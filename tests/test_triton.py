@@ -414,12 +414,39 @@ def test_dense_backward(monkeypatch, case, chunked):
     _check(f"dense-{case}", fn, ref, inputs)
 
 
-def test_dense_backward_low_precision(monkeypatch):
+@pytest.mark.parametrize("blocked", [False, True])
+def test_dense_backward_low_precision(monkeypatch, blocked):
+    """16-bit features: with several column slabs dQ is summed over them in bfloat16 (one
+    rounding each), dK over the row chunks in float32; both within 2x PyTorch's bf16 error."""
     monkeypatch.setattr(E, "config_override", {"DENSE": True})
-    q, k = features(40, 48, torch.bfloat16, DEVICE), features(40, 48, torch.bfloat16, DEVICE)
+    if blocked:
+        monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+        rows, cols = E.dense_plan(150, 150, 48, 2, 32, 32, True)
+        assert rows < 150 and -(-150 // cols) >= 3
+    q, k = features(150 if blocked else 40, 48, torch.bfloat16, DEVICE), \
+        features(150 if blocked else 40, 48, torch.bfloat16, DEVICE)
     _check("dense-bf16", lambda q, k, s: fastcl.clip_loss(q, k, s, reduction="none", backend=BACKEND),
            lambda q, k, s: R.clip_loss(q, k, s.to(q.dtype), None, "none"), [q, k, _scalar(14.0)],
            dtype=torch.bfloat16, rtol=1e-3)
+
+
+@pytest.mark.parametrize("D", [384, 512, 768, 1024, 2048])
+@pytest.mark.parametrize("N,M", [(32768, 32768), (8192, 65536), (1 << 20, 1 << 20), (300, 70)])
+def test_dense_plan_bounds(N, M, D):
+    """The wide-feature backward's dS block and float32 dK sums stay within the inputs' bytes (up
+    to D = 512; or twice the sums), in at most four column slabs; at N = M = 32768 in bf16 its
+    whole extra memory, gradients included, is under 200 MiB up to D = 1024 (torch.compile's is
+    ~4 GiB there)."""
+    for elt in (2, 4):
+        R, W = E.dense_plan(N, M, D, elt, 128, 64, True)
+        budget = max(E._DENSE_BYTES_MIN, (N + M) * min(D, 512) * elt, 2 * W * D * 4)
+        assert R % 128 == 0 and W % 64 == 0 and R >= 128
+        assert -(-M // W) <= E._DENSE_SLABS
+        assert R * W * elt + W * D * 4 <= budget, (R, W)
+        if elt == 2 and N == M == 32768 and D <= 1024:
+            assert (R * W * elt + W * D * 4 + (N + M) * D * elt) < 200 * 2**20
+        R1, W1 = E.dense_plan(N, M, D, elt, 128, 64, False)  # no dK: longer row chunks
+        assert W1 == W and R1 >= R
 
 
 @triton.jit

@@ -70,7 +70,7 @@ KERNELS = {
 # feature strides as constants. Without these hints the compiler cannot vectorise the tile loads
 # into asynchronous copies and does not pipeline the D loop.
 _ALIGNED_INTS = ("N", "M", "D", "DT", "stride_qn", "stride_kn", "stride_tqn", "stride_tkn",
-                 "stride_dqn", "stride_dkn")
+                 "stride_dqn", "stride_dkn", "stride_ds", "row_start", "col_start")
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd")
 
 

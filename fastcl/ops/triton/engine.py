@@ -992,8 +992,8 @@ def _grad_tiles_kernel(
     q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    g_l2_ptr, ds_ptr, dsb_ptr, N, M, D, offset, ratio2, row_start,
-    stride_qn, stride_qd, stride_kn, stride_kd, stride_gr, stride_grp, stride_gc, stride_gcp,
+    g_l2_ptr, ds_ptr, dsb_ptr, N, M, D, offset, ratio2, row_start, col_start,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_ds, stride_gr, stride_grp, stride_gc, stride_gcp,
     stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
@@ -1003,17 +1003,18 @@ def _grad_tiles_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Backward for wide features: one tile per program writes dL/dS (same closure as the fused
-    # kernels), times s, into a row chunk [row_start, row_start + R) x M buffer in the inputs'
-    # dtype; the launcher then forms dQ = (s dS) K and dK += (s dS)^T Q with tensor-core GEMMs. Costs 2 N M D
-    # (recompute) + 4 N M D (GEMMs) FLOPs and 3 passes over the chunk, instead of recomputing S
-    # once per D chunk of the fused kernels.
+    # kernels), times s, into the block [row_start, row_start + R) x [col_start, col_start + W) of
+    # the matrix, a buffer in the inputs' dtype with row stride stride_ds; the launcher then forms
+    # dQ += (s dS) K and dK += (s dS)^T Q with tensor-core GEMMs. Costs 2 N M D (recompute) +
+    # 4 N M D (GEMMs) FLOPs and 3 passes over the block, instead of recomputing S once per D chunk
+    # of the fused kernels.
     # 1. load the rows' statistics; 2. recompute the tile and dS; 3. store dS and the tile's
     # scale / bias partial sums.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row0 = row_start + pid_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
-    col0 = pid_n * BLOCK_N
+    col0 = col_start + pid_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
@@ -1030,7 +1031,7 @@ def _grad_tiles_kernel(
         col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
         KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
         FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, False)
-    out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * M + cols[None, :]
+    out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds + (cols - col_start)[None, :]
     tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
              mask=(rows < N)[:, None] & (cols < M)[None, :])
     if COMPUTE_SB:
@@ -1159,28 +1160,60 @@ def _split_backward(queries: torch.Tensor) -> bool:
             and _arch(queries.device) >= 90 and queries.shape[1] <= 256)
 
 
-_fp32_out_gemm_ok: Optional[bool] = None
+_fp32_acc_gemm_ok: Optional[bool] = None
 
 
-def _gemm_f32(a: torch.Tensor, b: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``acc + a @ b`` (``a @ b`` without acc) as float32. 16-bit operands accumulate in float32
-    inside the GEMM where this torch has the float32-output GEMMs on CUDA (no rounded partial
-    products, one pass over acc); otherwise the product is rounded to the operands' dtype first."""
-    global _fp32_out_gemm_ok
-    f32 = torch.float32
-    if a.dtype == f32:
-        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-    if a.device.type == "cuda":
-        if _fp32_out_gemm_ok is None:  # the overload's signature, checked on meta tensors
-            try:
-                m = torch.empty((2, 2), dtype=a.dtype, device="meta")
-                _fp32_out_gemm_ok = torch.addmm(m.float(), m, m, out_dtype=f32).dtype == f32
-            except (TypeError, RuntimeError, NotImplementedError):
-                _fp32_out_gemm_ok = False
-        if _fp32_out_gemm_ok:
-            return torch.mm(a, b, out_dtype=f32) if acc is None else torch.addmm(acc, a, b, out_dtype=f32)
-    part = (a @ b).float()
-    return part if acc is None else acc.add_(part)
+def _fp32_acc_gemm(a: torch.Tensor) -> bool:
+    """Whether this torch adds a 16-bit GEMM into a float32 tensor in place on the GPU, inside
+    the GEMM (``addmm(acc, a, b, out_dtype=float32, out=acc)``: float32 sums, no rounded partial
+    products). Checked once on 2 x 2 tensors of a's device: torch versions differ on the dtype
+    that addmm's float32-output overload accepts for its addend, and the check raises before
+    launching anything."""
+    global _fp32_acc_gemm_ok
+    if _fp32_acc_gemm_ok is None:
+        try:
+            m = torch.ones((2, 2), dtype=a.dtype, device=a.device)
+            acc = torch.zeros((2, 2), dtype=torch.float32, device=a.device)
+            torch.addmm(acc, m, m, out_dtype=torch.float32, out=acc)
+            _fp32_acc_gemm_ok = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _fp32_acc_gemm_ok = False
+    return _fp32_acc_gemm_ok
+
+
+def _gemm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: list) -> None:
+    """``acc += a @ b`` in place, ``acc`` float32. 16-bit operands: float32 sums inside the GEMM
+    where torch can (CUDA, see _fp32_acc_gemm), else the product rounded to the operands' dtype in
+    ``scratch[0]`` (allocated on first use, then reused) and added."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda" and _fp32_acc_gemm(a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        if not scratch or scratch[0].shape != acc.shape:
+            scratch[:] = [torch.empty(acc.shape, dtype=a.dtype, device=a.device)]
+        torch.mm(a, b, out=scratch[0])
+        acc.add_(scratch[0])
+
+
+_DENSE_SLABS = 4  # at most this many column slabs: dQ is rounded once per slab
+
+
+def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool):
+    """(R, W): the dS block of the wide-feature backward, R x W entries of ``elt`` bytes, R a
+    multiple of BM and W of BN. The columns are swept in at most _DENSE_SLABS slabs of W, the rows
+    in chunks of R within each slab; per slab dK accumulates over the row chunks in a W x D
+    float32 buffer (``dk_sums``), dQ over the slabs in the gradient itself. The block and those
+    sums take at most max(_DENSE_BYTES_MIN, (N + M) min(D, 512) elt, twice the sums): the bytes
+    of the inputs up to D = 512 (beyond, the gradients themselves outweigh them). Each row chunk's
+    dK GEMM reads and writes the slab's float32 sums, so narrow slabs (small sums) and long chunks
+    are best."""
+    ceil = lambda x, m: -(-x // m) * m  # noqa: E731
+    W = ceil(-(-M // _DENSE_SLABS), BN)
+    budget = max(_DENSE_BYTES_MIN, (N + M) * min(D, 512) * elt, 2 * W * D * 4)
+    R = max(BM, (budget - (W * D * 4 if dk_sums else 0)) // (W * elt) // BM * BM)
+    n_chunks = -(-N // R)  # balanced chunks
+    return min(ceil(-(-N // n_chunks), BM), ceil(N, BM)), min(W, ceil(M, BN))
 
 
 class _tf32_matmul:
@@ -1201,9 +1234,9 @@ class _tf32_matmul:
 
 
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
-    """dQ / dK / d_scale / d_bias from dS written one bounded row chunk at a time (at most
-    ``max(8 MiB, the bytes of the inputs)``), then multiplied on the tensor cores; dK accumulates
-    over the chunks in float32 (each chunk reads and writes it: fewer, larger chunks)."""
+    """dQ / dK / d_scale / d_bias from dS written one bounded block at a time (dense_plan: column
+    slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in the
+    gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
@@ -1214,36 +1247,52 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     cfg.pop("BLOCK_DV", None)
     cfg.pop("TMA", None)  # the dS tiles load through pointers
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    budget = max(_DENSE_BYTES_MIN, (N + M) * D * queries.element_size())
-    rows_per = max(BM, (budget // (M * queries.element_size())) // BM * BM)
-    n_chunks = triton.cdiv(N, rows_per)
-    ds_buf = torch.empty((min(rows_per, N), M), dtype=queries.dtype, device=dev)
+    R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k)
+    row_chunks = list(range(0, N, R))
+    slabs = list(range(0, M, W))
+    ds_buf = torch.empty((min(R, N), min(W, M)), dtype=queries.dtype, device=dev)
     need_sb = need_s or need_b
-    dsb = torch.zeros((n_chunks, triton.cdiv(min(rows_per, N), BM) * triton.cdiv(M, BN), 2),
-                      dtype=torch.float32, device=dev) if need_sb else None
+    tiles = triton.cdiv(min(R, N), BM) * triton.cdiv(min(W, M), BN)
+    dsb = torch.zeros((len(slabs) * len(row_chunks), tiles, 2), dtype=torch.float32,
+                      device=dev) if need_sb else None
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
-    dk_acc = None
+    dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k else None
+    dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
+    scratch = []
     flags = _flags(queries, spec, targets, bias)
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
               a2_row)
-    for ci, r0 in enumerate(range(0, N, rows_per)):
-        r1 = min(N, r0 + rows_per)
-        dS = ds_buf[: r1 - r0]
-        grid = (triton.cdiv(r1 - r0, BM), triton.cdiv(M, BN))
-        args = (queries, keys, *common, dS, _ptr(dsb[ci] if need_sb else None, stats.row_lse),
-                N, M, D, spec.offset, _ratio2(spec), r0, queries.stride(0), queries.stride(1),
-                keys.stride(0), keys.stride(1), a_row.stride(0), b_row.stride(0), a_col.stride(0),
-                b_col.stride(0), a2_row.stride(0))
-        const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
-                     COMPUTE_SB=need_sb, **flags)
-        _grad_tiles_kernel[grid](*args, **const, **cfg)
-        with _tf32_matmul(queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"):
-            if need_q:
-                torch.mm(dS, keys, out=dq[r0:r1])
-            if need_k:
-                dk_acc = _gemm_f32(dS.transpose(0, 1), queries[r0:r1], dk_acc)
-    dk = dk_acc.to(keys.dtype) if need_k else None
+    const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
+                 COMPUTE_SB=need_sb, **flags)
+    tf32 = queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"
+    ci = 0
+    for si, c0 in enumerate(slabs):
+        c1 = min(M, c0 + W)
+        for r0 in row_chunks:
+            r1 = min(N, r0 + R)
+            dS = ds_buf[: r1 - r0, : c1 - c0]
+            grid = (triton.cdiv(r1 - r0, BM), triton.cdiv(c1 - c0, BN))
+            args = (queries, keys, *common, dS, _ptr(dsb[ci] if need_sb else None, stats.row_lse),
+                    N, M, D, spec.offset, _ratio2(spec), r0, c0, queries.stride(0),
+                    queries.stride(1), keys.stride(0), keys.stride(1), ds_buf.stride(0),
+                    a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
+                    a2_row.stride(0))
+            _grad_tiles_kernel[grid](*args, **const, **cfg)
+            ci += 1
+            with _tf32_matmul(tf32):
+                if need_q:
+                    if si == 0:
+                        torch.mm(dS, keys[c0:c1], out=dq[r0:r1])
+                    else:
+                        dq[r0:r1].addmm_(dS, keys[c0:c1])
+                if need_k:
+                    sums = dk_sums[: c1 - c0]
+                    if r0 == 0:
+                        sums.zero_()
+                    _gemm_acc(sums, dS.transpose(0, 1), queries[r0:r1], scratch)
+        if need_k:
+            dk[c0:c1].copy_(dk_sums[: c1 - c0])
     if gram and need_q:
         dq.add_(dk)
         dk = None
