@@ -20,10 +20,11 @@
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
 # resident query block, D chunks through tensor descriptors (TMA), the lean path off, the
 # backward's split launches, resident feature blocks and D step, and the fused / wide-feature
-# backward at each D. Phase "variants_general" times the masked path's tile shape, D step and
-# tensor descriptors on the SupCon forward (variants_general/bench.csv); phase "variants_siglip"
-# times SigLIP's forward and backward with its interior tiles on the lean path (the default)
-# against the masked path everywhere (variants_siglip/bench.csv).
+# backward at each D (the latter's dS tiles in one launch, or 128 x 64 interior tiles). Phase
+# "variants_general" times the masked path's tile shape, D step and tensor descriptors on the
+# SupCon forward (variants_general/bench.csv); phase "variants_siglip" times SigLIP's forward and
+# backward with its interior tiles on the lean path (the default) against the masked path
+# everywhere (variants_siglip/bench.csv).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -148,6 +149,8 @@ VARIANTS=(
   --triton-config 'bwd_stream={"SPLIT": false, "bwd.RESIDENT": false}'
   --triton-config 'bwd_d32={"SPLIT": false, "bwd.BLOCK_D": 32}'
   --triton-config 'dense={"DENSE": true}'
+  --triton-config 'dense_unsplit={"DENSE": true, "SPLIT": false}'
+  --triton-config 'dense_128x64={"DENSE": true, "dense_plain.BLOCK_N": 64}'
   --triton-config 'fused={"DENSE": false}'
 )
 # the general (masked) path's tile and D step: it is the whole forward of the label closures

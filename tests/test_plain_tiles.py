@@ -366,3 +366,29 @@ def test_split_backward(monkeypatch, tiling, case):
     if case == "dk_only":
         q.requires_grad_(False)
     _check("clip", _clip, _clip_ref, (q, k, _scalar(14.0), _scalar(-0.5)))
+
+
+@pytest.mark.parametrize("tiling", [{}, {"dense_plain.BLOCK_M": 64, "dense_plain.BLOCK_N": 64},
+                                    {"dense_plain.BLOCK_N": 64, "fwd.BLOCK_N": 16}])
+@pytest.mark.parametrize("case", ["clip", "siglip", "info_nce_extra_keys"])
+def test_wide_feature_backward_split(branches, monkeypatch, tiling, case):
+    """The wide-feature backward of lean closures with the dS tiles of plain spans in a launch of
+    their own (lean path only, spans as wide as or wider than the band launch's tiles), over
+    several column slabs and row chunks: every gradient matches the reference."""
+    monkeypatch.setattr(E, "config_override", dict(tiling, DENSE=True, SPLIT=True))
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    q = features(150, 24, torch.float32, DEVICE)
+    if case == "clip":
+        k = features(150, 24, torch.float32, DEVICE)
+        _check("clip", _clip, _clip_ref, (q, k, _scalar(14.0), _scalar(-0.5)))
+    elif case == "siglip":
+        k = features(200, 24, torch.float32, DEVICE)
+        _check("siglip", _siglip, _siglip_ref, (q, k, _scalar(12.0), _scalar(-6.0)))
+    else:
+        k = features(230, 24, torch.float32, DEVICE)
+
+        def fn(q, k, s, backend="triton"):
+            return fastcl.info_nce(q, k, scale=s, backend=backend)
+        _check("info_nce", fn, lambda q, k, s: fn(q, k, s, "torch"), (q, k, _scalar(20.0)))
+    if DEVICE.type == "cpu":
+        assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0

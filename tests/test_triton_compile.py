@@ -37,7 +37,8 @@ def test_compiles(report, variant):
 
 
 _HOT = [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd", "info_nce"),
-        ("bwd_rows", "clip"), ("bwd_cols", "clip"), ("bwd_gram", "supcon"), ("grad_tiles", "clip")]
+        ("bwd_rows", "clip"), ("bwd_cols", "clip"), ("bwd_gram", "supcon"), ("grad_tiles", "clip"),
+        ("grad_tiles_in", "clip")]
 
 
 @pytest.mark.parametrize("kernel,closure,dtype",

@@ -60,7 +60,10 @@ KERNELS = {
     # the fused backward beyond one feature block (D split across programs: not a default path)
     "bwd_rows_split": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_cols_split": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
+    # the wide-feature backward's dS tiles: for lean closures the band launch (TILES=1, with the
+    # interior's rows per tile) and the launch over plain spans (grad_tiles_in, TILES=2)
     "grad_tiles": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True)),
+    "grad_tiles_in": (E._grad_tiles_kernel, "dense_plain", dict(COMPUTE_SB=True, TILES=2)),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
 
@@ -85,8 +88,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         E.config_override = dict(saved, TMA=True)
     lean = flags["PLAIN"] and kernel_name != "bwd_gram"
     # the launcher's split backward (E._split_backward): band launch + interior launch
-    split = (fn is not E._forward_kernel and kernel_name != "bwd_gram" and lean
-             and dtype != torch.float32 and cc >= 90 and D <= 256)
+    split = (fn is E._backward_rows_kernel or fn is E._backward_cols_kernel) and (
+        kernel_name != "bwd_gram" and lean and dtype != torch.float32 and cc >= 90 and D <= 256)
     try:
         band = split and "TILES" not in extra  # the band launch: masked path, not resident
         cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=lean and not band))
@@ -111,7 +114,15 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc)
             cfg["BLOCK_M"] = plain_cfg["BLOCK_M"]
             consts["TILE_N"] = plain_cfg["BLOCK_N"]
-    if fn is not E._forward_kernel:
+    if fn is E._grad_tiles_kernel:  # as _backward_dense: split launches for lean closures
+        consts.setdefault("TILES", 1 if lean else 0)
+        span = E.config_for("cuda", dtype, D, "dense_plain", cc)
+        consts["SPAN_M"], consts["SPAN_N"] = span["BLOCK_M"], span["BLOCK_N"]
+        if consts["TILES"] == 1:
+            cfg["BLOCK_M"] = span["BLOCK_M"]
+            if span["BLOCK_N"] % cfg["BLOCK_N"]:
+                cfg["BLOCK_N"] = span["BLOCK_N"]
+    elif fn is not E._forward_kernel:
         consts.setdefault("TILES", 1 if split else 0)
         consts["SPAN_M"], consts["SPAN_N"] = (cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]) if split else (1, 1)
     consts.update({k: v for k, v in cfg.items() if k in fn.arg_names})
@@ -185,8 +196,8 @@ TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor d
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
-             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in")
-                  or CLOSURES[c]["PLAIN"])
+             and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in",
+                            "grad_tiles_in") or CLOSURES[c]["PLAIN"])
              and (k != "fwd_fixup" or CLOSURES[c]["SYMMETRIC"])
              and (k not in ("bwd_rows_in", "bwd_cols_in") or d != "float32")
              and (not k.endswith("_split") or c == "clip")

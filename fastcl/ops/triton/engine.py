@@ -55,10 +55,11 @@ _MERGE_BLOCK = 256
 # loaded when D <= 256; the forward passes' TMA: True streams their D chunks through tensor
 # descriptors on Hopper, where Triton has them), and choose paths: "DENSE" (the wide-feature
 # backward on or off), "PLAIN" (False: every tile takes the general, masked path), "SPLIT" (the
-# fused backward's interior tiles in launches of their own).
+# backward's interior tiles in launches of their own: the fused kernels', and the wide-feature
+# backward's dS tiles).
 config_override: dict = {}
 _POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT")
-PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram")
+PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram", "dense_plain")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT",
                "TMA")
 
@@ -999,7 +1000,8 @@ def _grad_tiles_kernel(
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, TILES: tl.constexpr,
+    SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Backward for wide features: one tile per program writes dL/dS (same closure as the fused
@@ -1010,34 +1012,45 @@ def _grad_tiles_kernel(
     # of the fused kernels.
     # 1. load the rows' statistics; 2. recompute the tile and dS; 3. store dS and the tile's
     # scale / bias partial sums.
+    # TILES (lean closures): 0 = every tile; split launches over the SPAN_M x SPAN_N tiling of
+    # the matrix: 1 = the tiles of non-plain spans (the band and the edges), 2 = the plain spans
+    # (BLOCK = SPAN) on the lean path only; the other launch's programs return at once.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row0 = row_start + pid_m * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
     col0 = col_start + pid_n * BLOCK_N
-    cols = col0 + tl.arange(0, BLOCK_N)
-    s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
-    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
-    lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
-        rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
-        aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
-    c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
-                         stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
-    dS, S, valid, target = _tile_grad(
-        c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r, a2_r,
-        ratio2,
-        cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
-        stride_tqn, stride_tqd, stride_tkn, stride_tkd,
-        col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
-        KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-        FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, False)
-    out = ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds + (cols - col_start)[None, :]
-    tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
-             mask=(rows < N)[:, None] & (cols < M)[None, :])
-    if COMPUTE_SB:
-        slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
-        tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * c, 1), 0))
-        tl.store(dsb_ptr + slot + 1, tl.sum(tl.sum(dS, 1), 0))
+    if TILES == 0:
+        work = True
+    else:
+        plain = _plain_tile(row0 // SPAN_M * SPAN_M, col0 // SPAN_N * SPAN_N, N, M, offset, SPAN_M,
+                            SPAN_N)
+        work = plain == (TILES == 2)
+    if work:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
+        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+        lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
+            rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
+            stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
+        c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
+                             stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
+        dS, S, valid, target = _tile_grad(
+            c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
+            a2_r, ratio2,
+            cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+            stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+            col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
+            KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
+            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, TILES == 2)
+        out = (ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds
+               + (cols - col_start)[None, :])
+        tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
+                 mask=(rows < N)[:, None] & (cols < M)[None, :])
+        if COMPUTE_SB:
+            slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
+            tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * c, 1), 0))
+            tl.store(dsb_ptr + slot + 1, tl.sum(tl.sum(dS, 1), 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1077,6 +1090,15 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
     its feature block resident without spilling); ``config_override`` wins."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
+    elif pass_ == "dense_plain":
+        # the wide-feature backward's dS tiles inside plain spans (the lean path alone fits
+        # 128 x 128 without spilling; the band launch keeps the "fwd" tiles)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32 if dtype == torch.float32 else 64,
+                   num_warps=8, num_stages=3)
+    elif dtype == torch.float32 and pass_ == "fwd_plain":
+        # TF32 interior tiles: as wide as the 16-bit ones (half the D step, same bytes per stage);
+        # 64 x 64 tiles issue ~2 clocks per tensor-core clock (bench/ANALYSIS.md)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3)
     elif dtype == torch.float32:  # TF32 / fp32 tiles are twice the bytes: smaller row blocks
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
     elif pass_ == "fwd_plain":
@@ -1236,7 +1258,10 @@ class _tf32_matmul:
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
     """dQ / dK / d_scale / d_bias from dS written one bounded block at a time (dense_plan: column
     slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in the
-    gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab."""
+    gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab. For lean
+    closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans are
+    written by a launch of their own ("dense_plain" tiles, lean path only), the others by a band
+    launch."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
@@ -1244,42 +1269,61 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     M = keys.shape[0]
     dev = queries.device
     cfg = dict(_config(queries, "fwd"))
-    cfg.pop("BLOCK_DV", None)
-    cfg.pop("TMA", None)  # the dS tiles load through pointers
-    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    flags = _flags(queries, spec, targets, bias)
+    # lean closures: the tiles of plain spans in a launch of their own (lean path only, wider
+    # tiles), the rest in a band launch with the "fwd" tiles (as many rows as a span)
+    split = flags["PLAIN"] and config_override.get("SPLIT", dev.type == "cuda")
+    cfg_in = dict(_config(queries, "dense_plain")) if split else cfg
+    for c in (cfg, cfg_in):
+        for key in ("BLOCK_DV", "TMA", "RESIDENT"):  # the dS tiles load through pointers
+            c.pop(key, None)
+    if split:
+        cfg["BLOCK_M"] = cfg_in["BLOCK_M"]
+        if cfg_in["BLOCK_N"] % cfg["BLOCK_N"]:
+            cfg["BLOCK_N"] = cfg_in["BLOCK_N"]
+    BM, BN = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]  # the spans
     R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k)
     row_chunks = list(range(0, N, R))
     slabs = list(range(0, M, W))
     ds_buf = torch.empty((min(R, N), min(W, M)), dtype=queries.dtype, device=dev)
     need_sb = need_s or need_b
-    tiles = triton.cdiv(min(R, N), BM) * triton.cdiv(min(W, M), BN)
-    dsb = torch.zeros((len(slabs) * len(row_chunks), tiles, 2), dtype=torch.float32,
-                      device=dev) if need_sb else None
+    launches = [(1, cfg), (2, cfg_in)] if split else [(0, cfg)]
+    grids = [(triton.cdiv(min(R, N), c["BLOCK_M"]), triton.cdiv(min(W, M), c["BLOCK_N"]))
+             for _, c in launches]
+    tiles = [gm * gn for gm, gn in grids]
+    # the tiles' scale / bias sums of one block (programs without work leave theirs at zero),
+    # then added to sb_sums: O(tiles of a block), not O(N M) over the whole sweep
+    dsb = torch.empty((sum(tiles), 2), dtype=torch.float32, device=dev) if need_sb else None
+    sb_sums = torch.zeros(2, dtype=torch.float32, device=dev) if need_sb else None
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
     dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k else None
     dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
     scratch = []
-    flags = _flags(queries, spec, targets, bias)
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
               a2_row)
     const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
                  COMPUTE_SB=need_sb, **flags)
     tf32 = queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"
-    ci = 0
     for si, c0 in enumerate(slabs):
         c1 = min(M, c0 + W)
         for r0 in row_chunks:
             r1 = min(N, r0 + R)
             dS = ds_buf[: r1 - r0, : c1 - c0]
-            grid = (triton.cdiv(r1 - r0, BM), triton.cdiv(c1 - c0, BN))
-            args = (queries, keys, *common, dS, _ptr(dsb[ci] if need_sb else None, stats.row_lse),
-                    N, M, D, spec.offset, _ratio2(spec), r0, c0, queries.stride(0),
-                    queries.stride(1), keys.stride(0), keys.stride(1), ds_buf.stride(0),
-                    a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
-                    a2_row.stride(0))
-            _grad_tiles_kernel[grid](*args, **const, **cfg)
-            ci += 1
+            if need_sb:
+                dsb.zero_()
+            first = 0
+            for (tiles_, c), n_tiles in zip(launches, tiles):
+                grid = (triton.cdiv(r1 - r0, c["BLOCK_M"]), triton.cdiv(c1 - c0, c["BLOCK_N"]))
+                sb = dsb[first:first + n_tiles] if need_sb else None
+                first += n_tiles
+                args = (queries, keys, *common, dS, _ptr(sb, stats.row_lse), N, M, D, spec.offset,
+                        _ratio2(spec), r0, c0, queries.stride(0), queries.stride(1),
+                        keys.stride(0), keys.stride(1), ds_buf.stride(0), a_row.stride(0),
+                        b_row.stride(0), a_col.stride(0), b_col.stride(0), a2_row.stride(0))
+                _grad_tiles_kernel[grid](*args, **const, TILES=tiles_, SPAN_M=BM, SPAN_N=BN, **c)
+            if need_sb:
+                sb_sums += dsb.sum(0)
             with _tf32_matmul(tf32):
                 if need_q:
                     if si == 0:
@@ -1298,9 +1342,8 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
         dk = None
     ds = db = None
     if need_sb:
-        sums = dsb.sum((0, 1))
-        ds = sums[0:1] if need_s else None
-        db = sums[1:2] if need_b else None
+        ds = sb_sums[0:1] if need_s else None
+        db = sb_sums[1:2] if need_b else None
     return dq, dk, ds, db
 
 
