@@ -200,11 +200,20 @@ def _merge_column_partials_kernel(part_ptr, ref_ptr, out_ptr, n_blocks, M, n_col
         v = tl.where(ref == float("-inf"), a, tl.log(a) + ref * LN2)
         m_new = tl.maximum(m, v)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp(m - m_safe) + tl.exp(v - m_safe)
+        l = l * _exp(m - m_safe) + _exp(v - m_safe)
         m = m_new
         a_ptrs += M
         ref_ptrs += n_col_tiles
     tl.store(out_ptr + c64, m + tl.log(l), mask=cmask)
+
+
+@triton.jit
+def _exp(x):
+    """e^x as 2^(x log2 e). tl.exp2 compiles to ex2.approx.ftz (one MUFU.EX2); tl.exp to the
+    non-flushing ex2.approx, which ptxas wraps in a range fix-up for subnormal results (a compare
+    and two predicated multiplies per entry). Results below 2^-126 become 0 here: every exponent
+    is taken relative to a maximum or an LSE, where such terms vanish beside the leading 1."""
+    return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -401,22 +410,22 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
             in_lse = valid & (target == 0)
         else:
             in_lse = valid
-        p = tl.where(in_lse, tl.exp(S - lse_r[:, None]), 0.0)
+        p = tl.where(in_lse, _exp(S - lse_r[:, None]), 0.0)
         if SOFT_SIM:  # targets: the teacher's softmax, recomputed in the tile
             dT = soft
         elif TARGET_LSE:
-            dT = tl.where(target, tl.exp(S - t_r[:, None]), 0.0)
+            dT = tl.where(target, _exp(S - t_r[:, None]), 0.0)
         else:
             dT = tl.where(target, t_r[:, None], 0.0)
         dS = a_r[:, None] * p + b_r[:, None] * dT
         if LSE2:  # a second LSE over the same entries, of ratio2 * S
-            dS += (a2_r * ratio2)[:, None] * tl.where(in_lse, tl.exp(S * ratio2 - l2_r[:, None]), 0.0)
+            dS += (a2_r * ratio2)[:, None] * tl.where(in_lse, _exp(S * ratio2 - l2_r[:, None]), 0.0)
         if SYMMETRIC:
             if EXCLUDE_TARGETS:
                 in_col = valid & (col_target == 0)
             else:
                 in_col = valid
-            pc = tl.where(in_col, tl.exp(S - lse_c[None, :]), 0.0)
+            pc = tl.where(in_col, _exp(S - lse_c[None, :]), 0.0)
             dS += a_c[None, :] * pc + b_c[None, :] * col_target.to(tl.float32)
     else:
         z = tl.where(target, 1.0, -1.0)  # -z sigmoid(-z S) = -z / (1 + e^(z S))
@@ -436,7 +445,7 @@ def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid,
         t_lse = tl.load(aux_ptr + rows.to(tl.int64), mask=rows < N, other=0.0)
         c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd, stride_tkn,
                               stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
-        soft = tl.where(valid, tl.exp(c2 * ts - t_lse[:, None]), 0.0)
+        soft = tl.where(valid, _exp(c2 * ts - t_lse[:, None]), 0.0)
     else:
         soft = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     return soft
@@ -452,14 +461,14 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j, a2_j
         in_lse = valid & (target_t == 0)
     else:
         in_lse = valid
-    p = tl.where(in_lse, tl.exp(S - lse_j[None, :]), 0.0)
+    p = tl.where(in_lse, _exp(S - lse_j[None, :]), 0.0)
     if TARGET_LSE:
-        dT = tl.where(target_t, tl.exp(S - t_j[None, :]), 0.0)
+        dT = tl.where(target_t, _exp(S - t_j[None, :]), 0.0)
     else:
         dT = tl.where(target_t, t_j[None, :], 0.0)
     dS_t = a_j[None, :] * p + b_j[None, :] * dT
     if LSE2:
-        dS_t += (a2_j * ratio2)[None, :] * tl.where(in_lse, tl.exp(S * ratio2 - l2_j[None, :]), 0.0)
+        dS_t += (a2_j * ratio2)[None, :] * tl.where(in_lse, _exp(S * ratio2 - l2_j[None, :]), 0.0)
     return dS_t
 
 
@@ -613,7 +622,7 @@ def _forward_kernel(
                 p = tl.exp2(x - tm2[:, None])
                 tm = tm2 * LN2
                 m_new = tl.maximum(m_i, tm)
-                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1) * tl.exp(tm - m_new)
+                l_i = l_i * _exp(m_i - m_new) + tl.sum(p, 1) * _exp(tm - m_new)
                 m_i = m_new
             else:  # every entry a negative (z = -1): softplus(S_ij)
                 l_i += _softplus_row_sums(c * s + b, BLOCK_N)
@@ -686,13 +695,13 @@ def _forward_kernel(
                     Sm = tl.where(valid, S, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(Sm, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(Sm - m_safe[:, None]), 1)
+                l_i = l_i * _exp(m_i - m_safe) + tl.sum(_exp(Sm - m_safe[:, None]), 1)
                 m_i = m_new
                 if LSE2:
                     S2 = Sm * ratio2
                     m2_new = tl.maximum(m2_i, tl.max(S2, 1))
                     m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)
-                    l2_i = l2_i * tl.exp(m2_i - m2_safe) + tl.sum(tl.exp(S2 - m2_safe[:, None]), 1)
+                    l2_i = l2_i * _exp(m2_i - m2_safe) + tl.sum(_exp(S2 - m2_safe[:, None]), 1)
                     m2_i = m2_new
                 if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
                     c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
@@ -701,8 +710,8 @@ def _forward_kernel(
                     St = tl.where(valid, c2 * ts, 0.0)
                     mt_new = tl.maximum(mt_i, tl.max(tl.where(valid, St, float("-inf")), 1))
                     mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
-                    alpha = tl.exp(mt_i - mt_safe)
-                    e = tl.where(valid, tl.exp(St - mt_safe[:, None]), 0.0)
+                    alpha = _exp(mt_i - mt_safe)
+                    e = tl.where(valid, _exp(St - mt_safe[:, None]), 0.0)
                     lt_i = lt_i * alpha + tl.sum(e, 1)
                     pos_i = pos_i * alpha + tl.sum(e * tl.where(valid, S, 0.0), 1)
                     tt_i = tt_i * alpha + tl.sum(e * St, 1)
@@ -712,9 +721,9 @@ def _forward_kernel(
                     mt_new = tl.maximum(mt_i, tl.max(St, 1))
                     mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
                     # the target count reduced with a sum over S: in the tile's own layout
-                    t_sum, t_cnt = tl.reduce((tl.exp(St - mt_safe[:, None]), target.to(tl.float32)),
+                    t_sum, t_cnt = tl.reduce((_exp(St - mt_safe[:, None]), target.to(tl.float32)),
                                              1, _sum_pair)
-                    pos_i = pos_i * tl.exp(mt_i - mt_safe) + t_sum
+                    pos_i = pos_i * _exp(mt_i - mt_safe) + t_sum
                     npos_i += t_cnt
                     mt_i = mt_new
                 else:
@@ -731,7 +740,7 @@ def _forward_kernel(
                         Sc = Sm
                     cm = tl.max(Sc, 0)
                     cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
-                    part = cm_safe + tl.log(tl.sum(tl.exp(Sc - cm_safe[None, :]), 0))
+                    part = cm_safe + tl.log(tl.sum(_exp(Sc - cm_safe[None, :]), 0))
                     tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
                     tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
                              float("-inf"))  # marks natural-log partials
