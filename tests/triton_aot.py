@@ -18,7 +18,7 @@ from triton.compiler import ASTSource
 from fastcl.ops.triton import engine as E
 
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-_FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr")
+_FEATURE_PTRS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "ds_ptr")
 _INDEX_PTRS = ("pos_ptr", "cpos_ptr", "idx_ptr")
 _ID_PTRS = ("rlab_ptr", "clab_ptr", "rid_ptr", "cid_ptr")  # labels and ids as the launchers pass them: int32
 
