@@ -83,7 +83,7 @@ def add_triton_variant(spec: str) -> str:
         pass_, dot, param = key.rpartition(".")
         if key in ("DENSE", "PLAIN", "SPLIT") or (param == "RESIDENT" and pass_ in (
                 "", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram")) or (
-                param == "TMA" and pass_ in ("", "fwd", "fwd_plain")):
+                param in ("TMA", "COLSUM_MMA") and pass_ in ("", "fwd", "fwd_plain")):
             if not isinstance(value, bool):
                 raise ValueError(f"--triton-config {name}: {key} must be true or false, got {value!r}")
         elif param not in E.CONFIG_KEYS or (dot and pass_ not in E.PASSES):

@@ -18,9 +18,10 @@
 # PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
 # Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
-# resident query block, D chunks through tensor descriptors (TMA), the lean path off, the
-# backward's split launches, resident feature blocks and D step, and the fused / wide-feature
-# backward at each D (the latter's dS tiles in one launch, or 128 x 64 interior tiles). Phase
+# resident query block, D chunks through tensor descriptors (TMA), its column sums by reductions
+# instead of the tensor cores, the lean path off, the backward's split launches, resident feature
+# blocks and D step, and the fused / wide-feature backward at each D (the latter's dS tiles in
+# one launch, or 128 x 64 interior tiles). Phase
 # "variants_general" times the masked path's tile shape, D step and tensor descriptors on the
 # SupCon forward (variants_general/bench.csv); phase "variants_siglip" times SigLIP's forward and
 # backward with its interior tiles on the lean path (the default) against the masked path
@@ -144,6 +145,7 @@ VARIANTS=(
   --triton-config 'fwd_d128={"fwd_plain.BLOCK_D": 128, "fwd_plain.num_stages": 2}'
   --triton-config 'fwd_128x64={"fwd_plain.BLOCK_N": 64}'
   --triton-config 'fwd_tma={"TMA": true}'
+  --triton-config 'colsum_sum={"fwd_plain.COLSUM_MMA": false}'
   --triton-config 'bwd_unsplit={"SPLIT": false}'
   --triton-config 'bwd_rows_64={"bwd_rows_plain.BLOCK_N": 64}'
   --triton-config 'bwd_stream={"SPLIT": false, "bwd.RESIDENT": false}'

@@ -392,3 +392,34 @@ def test_wide_feature_backward_split(branches, monkeypatch, tiling, case):
         _check("info_nce", fn, lambda q, k, s: fn(q, k, s, "torch"), (q, k, _scalar(20.0)))
     if DEVICE.type == "cpu":
         assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0
+
+
+@pytest.mark.parametrize("N,D,scale", [(150, 40, 14.0), (97, 19, 50.0), (200, 24, 300.0)])
+def test_column_sums_on_tensor_cores(branches, monkeypatch, N, D, scale):
+    """The interior forward's column sums as the product P^T w on the tensor cores (the GPU's
+    default for 16-bit features; P and w rounded to bfloat16, float32 sums): the loss and every
+    gradient stay within 2x PyTorch's own bf16 error, also at tau = 1/300 where the sums of some
+    columns underflow and their row blocks are redone."""
+    monkeypatch.setattr(E, "config_override", {"fwd_plain.COLSUM_MMA": True})
+    assert E.config_for(DEVICE.type, torch.bfloat16, D, "fwd_plain")["COLSUM_MMA"]
+    q, k = features(N, D, torch.bfloat16, DEVICE), features(N, D, torch.bfloat16, DEVICE)
+
+    def fn(q, k, s):
+        return fastcl.clip_loss(q, k, s, reduction="none", backend="triton")
+
+    def ref(q, k, s):
+        return R.clip_loss(q, k, s.to(q.dtype), None, "none")
+
+    _check("clip-colsum-mma", fn, ref, (q, k, _scalar(scale)), dtype=torch.bfloat16, rtol=1e-3)
+    if DEVICE.type == "cpu":
+        assert branches[("_plain_spans", True)] > 0
+        assert branches[("_any_underflow", scale > 100)] > 0
+
+
+def test_column_sums_on_tensor_cores_default():
+    """On the GPU the column sums use the tensor cores for 16-bit features only."""
+    assert E.config_for("cuda", torch.bfloat16, 256, "fwd_plain")["COLSUM_MMA"]
+    assert E.config_for("cuda", torch.float16, 1024, "fwd_plain")["COLSUM_MMA"]
+    assert not E.config_for("cuda", torch.float32, 256, "fwd_plain")["COLSUM_MMA"]
+    assert not E.config_for("cuda", torch.bfloat16, 256, "fwd")["COLSUM_MMA"]
+    assert not E.config_for("cpu", torch.bfloat16, 256, "fwd_plain")["COLSUM_MMA"]

@@ -53,7 +53,8 @@ _MERGE_BLOCK = 256
 # every pass ("BLOCK_N": 32) or one pass ("fwd_plain.num_warps": 4; passes as in config_for; the
 # interior forward's and the fused backward's RESIDENT: True keeps a program's own feature block
 # loaded when D <= 256; the forward passes' TMA: True streams their D chunks through tensor
-# descriptors on Hopper, where Triton has them), and choose paths: "DENSE" (the wide-feature
+# descriptors on Hopper, where Triton has them; the interior forward's COLSUM_MMA: the symmetric
+# column sums on the tensor cores), and choose paths: "DENSE" (the wide-feature
 # backward on or off), "PLAIN" (False: every tile takes the general, masked path), "SPLIT" (the
 # backward's interior tiles in launches of their own: the fused kernels', and the wide-feature
 # backward's dS tiles).
@@ -61,7 +62,7 @@ config_override: dict = {}
 _POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT")
 PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram", "dense_plain")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT",
-               "TMA")
+               "TMA", "COLSUM_MMA")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,8 +554,8 @@ def _forward_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr, RESIDENT: tl.constexpr,
-    TMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr, COLSUM_MMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Forward sweep of one row block over every column block.
     #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
@@ -586,6 +587,9 @@ def _forward_kernel(
     # product with a key tile, so the key loads are pipelined across the column loop.
     # TMA (not with RESIDENT or COUNT): q_ptr / k_ptr are tensor descriptors and the streamed D
     # chunks are copied by the tensor memory accelerator instead of per-thread copies.
+    # COLSUM_MMA (launch 2, 16-bit features): the column sums of step 5 as the product P^T w on the
+    # tensor cores (P and w rounded to bfloat16, float32 sums) instead of reductions across lanes
+    # and warps.
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -628,7 +632,13 @@ def _forward_kernel(
                 l_i += _softplus_row_sums(c * s + b, BLOCK_N)
             if SYMMETRIC:  # raw sums 2^-top2 sum_i 2^x_ij; the merge takes their logarithms
                 top2 = tl.max(tm2, 0)
-                colsum = tl.sum(p * tl.exp2(tm2 - top2)[:, None], 0)
+                w = tl.exp2(tm2 - top2)
+                if COLSUM_MMA:  # sum_i P_ij w_i = (P^T W)_j0, W = w in 16 equal columns
+                    wm = _lowp(tl.broadcast_to(w[:, None], (BLOCK_M, 16)), tl.bfloat16, UPCAST)
+                    pt = _lowp(tl.trans(p), tl.bfloat16, UPCAST)
+                    colsum = tl.max(tl.dot(_operand(pt, UPCAST), _operand(wm, UPCAST)), 1)
+                else:
+                    colsum = tl.sum(p * w[:, None], 0)
                 underflow = tl.maximum(underflow, (colsum < _COLSUM_FLOOR).to(tl.int32))
                 tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, colsum)
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N, top2)
@@ -1162,8 +1172,14 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
         cfg["TMA"] = bool(cfg.get("TMA", False))
         if cfg["TMA"] and cfg.get("RESIDENT"):
             cfg["RESIDENT"] = False  # the descriptors stream the query block's D chunks
+        # the interior forward's symmetric column sums on the tensor cores: 16-bit features on a
+        # GPU (their bfloat16 rounding is below the features' own; float32 features keep exact
+        # sums). See bench/ANALYSIS.md.
+        cfg["COLSUM_MMA"] = bool(cfg.get("COLSUM_MMA", pass_ == "fwd_plain" and device_type == "cuda"
+                                         and dtype != torch.float32))
     else:
         cfg.pop("TMA", None)
+        cfg.pop("COLSUM_MMA", None)
     return cfg
 
 
@@ -1284,7 +1300,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     split = flags["PLAIN"] and config_override.get("SPLIT", dev.type == "cuda")
     cfg_in = dict(_config(queries, "dense_plain")) if split else cfg
     for c in (cfg, cfg_in):
-        for key in ("BLOCK_DV", "TMA", "RESIDENT"):  # the dS tiles load through pointers
+        for key in ("BLOCK_DV", "TMA", "RESIDENT", "COLSUM_MMA"):  # dS tiles: pointer loads
             c.pop(key, None)
     if split:
         cfg["BLOCK_M"] = cfg_in["BLOCK_M"]
