@@ -394,13 +394,17 @@ def test_wide_feature_backward_split(branches, monkeypatch, tiling, case):
         assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0
 
 
+@pytest.mark.parametrize("resident", [False, True])
 @pytest.mark.parametrize("N,D,scale", [(150, 40, 14.0), (97, 19, 50.0), (200, 24, 300.0)])
-def test_column_sums_on_tensor_cores(branches, monkeypatch, N, D, scale):
-    """The interior forward's column sums as the product P^T w on the tensor cores (the GPU's
-    default for 16-bit features; P and w rounded to bfloat16, float32 sums): the loss and every
-    gradient stay within 2x PyTorch's own bf16 error, also at tau = 1/300 where the sums of some
-    columns underflow and their row blocks are redone."""
-    monkeypatch.setattr(E, "config_override", {"fwd_plain.COLSUM_MMA": True})
+def test_column_sums_on_tensor_cores(branches, monkeypatch, N, D, scale, resident):
+    """The interior forward's column sums as a product with the row weights on the tensor cores
+    (the GPU's default for 16-bit features; P and w rounded to bfloat16, float32 sums; W P with
+    the query block resident, P^T W streamed): the loss and every gradient stay within 2x
+    PyTorch's own bf16 error, also at tau = 1/300 where the sums of some columns underflow and
+    their row blocks are redone."""
+    monkeypatch.setattr(E, "config_override", {"fwd_plain.COLSUM_MMA": True,
+                                               "fwd_plain.RESIDENT": resident})
+    assert E.config_for(DEVICE.type, torch.bfloat16, D, "fwd_plain")["RESIDENT"] == resident
     assert E.config_for(DEVICE.type, torch.bfloat16, D, "fwd_plain")["COLSUM_MMA"]
     q, k = features(N, D, torch.bfloat16, DEVICE), features(N, D, torch.bfloat16, DEVICE)
 

@@ -633,7 +633,13 @@ def _forward_kernel(
             if SYMMETRIC:  # raw sums 2^-top2 sum_i 2^x_ij; the merge takes their logarithms
                 top2 = tl.max(tm2, 0)
                 w = tl.exp2(tm2 - top2)
-                if COLSUM_MMA:  # sum_i P_ij w_i = (P^T W)_j0, W = w in 16 equal columns
+                if COLSUM_MMA and RESIDENT:  # sum_i w_i P_ij = (W P)_0j, W: 16 rows of w
+                    # (P stays the untransposed operand: one staging buffer less in shared
+                    # memory, where the query block and two key tiles take ~192 KiB at D = 256)
+                    wm = _lowp(tl.broadcast_to(w[None, :], (16, BLOCK_M)), tl.bfloat16, UPCAST)
+                    pb = _lowp(p, tl.bfloat16, UPCAST)
+                    colsum = tl.max(tl.dot(_operand(wm, UPCAST), _operand(pb, UPCAST)), 0)
+                elif COLSUM_MMA:  # sum_i P_ij w_i = (P^T W)_j0, W: 16 columns of w
                     wm = _lowp(tl.broadcast_to(w[:, None], (BLOCK_M, 16)), tl.bfloat16, UPCAST)
                     pt = _lowp(tl.trans(p), tl.bfloat16, UPCAST)
                     colsum = tl.max(tl.dot(_operand(pt, UPCAST), _operand(wm, UPCAST)), 1)
