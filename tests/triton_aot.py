@@ -97,10 +97,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
             cfg_in = E.config_for("cuda", dtype, D, "bwd_rows_plain" if fn is E._backward_rows_kernel
                                   else "bwd_cols_plain", cc)
             if "TILES" not in extra:  # the band launch: the interior's D chunks and spans
-                cfg["BLOCK_DV"] = cfg_in["BLOCK_DV"]
-                for k in ("BLOCK_M", "BLOCK_N"):
-                    if cfg_in[k] % cfg[k]:
-                        cfg[k] = cfg_in[k]
+                cfg = dict(E._band_config(cfg, cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]),
+                           BLOCK_DV=cfg_in["BLOCK_DV"])
     finally:
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
@@ -112,16 +110,14 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         consts["TILE_N"] = cfg["BLOCK_N"]
         if consts["TILES"] == 1:
             plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc)
-            cfg["BLOCK_M"] = plain_cfg["BLOCK_M"]
+            cfg = E._band_config(cfg, plain_cfg["BLOCK_M"], plain_cfg["BLOCK_N"], same_rows=True)
             consts["TILE_N"] = plain_cfg["BLOCK_N"]
     if fn is E._grad_tiles_kernel:  # as _backward_dense: split launches for lean closures
         consts.setdefault("TILES", 1 if lean else 0)
         span = E.config_for("cuda", dtype, D, "dense_plain", cc)
         consts["SPAN_M"], consts["SPAN_N"] = span["BLOCK_M"], span["BLOCK_N"]
         if consts["TILES"] == 1:
-            cfg["BLOCK_M"] = span["BLOCK_M"]
-            if span["BLOCK_N"] % cfg["BLOCK_N"]:
-                cfg["BLOCK_N"] = span["BLOCK_N"]
+            cfg = E._band_config(cfg, span["BLOCK_M"], span["BLOCK_N"])
     elif fn is not E._forward_kernel:
         consts.setdefault("TILES", 1 if split else 0)
         consts["SPAN_M"], consts["SPAN_N"] = (cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]) if split else (1, 1)

@@ -1302,16 +1302,14 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     cfg = dict(_config(queries, "fwd"))
     flags = _flags(queries, spec, targets, bias)
     # lean closures: the tiles of plain spans in a launch of their own (lean path only, wider
-    # tiles), the rest in a band launch with the "fwd" tiles (as many rows as a span)
+    # tiles), the rest in a band launch with the "fwd" tiles
     split = flags["PLAIN"] and config_override.get("SPLIT", dev.type == "cuda")
     cfg_in = dict(_config(queries, "dense_plain")) if split else cfg
     for c in (cfg, cfg_in):
         for key in ("BLOCK_DV", "TMA", "RESIDENT", "COLSUM_MMA"):  # dS tiles: pointer loads
             c.pop(key, None)
     if split:
-        cfg["BLOCK_M"] = cfg_in["BLOCK_M"]
-        if cfg_in["BLOCK_N"] % cfg["BLOCK_N"]:
-            cfg["BLOCK_N"] = cfg_in["BLOCK_N"]
+        cfg = _band_config(cfg, cfg_in["BLOCK_M"], cfg_in["BLOCK_N"])
     BM, BN = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]  # the spans
     R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k)
     row_chunks = list(range(0, N, R))
@@ -1418,6 +1416,15 @@ def _precision(queries: torch.Tensor, exact: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 # launchers (the engine contract)
 # ----------------------------------------------------------------------------------------------
+
+
+def _band_config(cfg: dict, span_m: int, span_n: int, same_rows: bool = False) -> dict:
+    """cfg for the band-and-edge launch of a tiling in spans of span_m x span_n (the interior
+    launch's tiles): its tiles divide the spans, a side that does not takes the span's size;
+    same_rows: the span's rows (the forward's two launches continue the same row blocks)."""
+    bm = span_m if same_rows or span_m % cfg["BLOCK_M"] else cfg["BLOCK_M"]
+    bn = span_n if span_n % cfg["BLOCK_N"] else cfg["BLOCK_N"]
+    return dict(cfg, BLOCK_M=bm, BLOCK_N=bn)
 
 
 def _plain(spec, targets) -> bool:
@@ -1528,8 +1535,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     if plain:  # two launches over disjoint tiles of one tiling: band and edges, then the interior
         cfg_plain = _config(queries, "fwd_plain")
         tile_n = cfg_plain["BLOCK_N"]
-        cfg = dict(cfg, BLOCK_M=cfg_plain["BLOCK_M"],
-                   BLOCK_N=cfg["BLOCK_N"] if tile_n % cfg["BLOCK_N"] == 0 else tile_n)
+        cfg = _band_config(cfg, cfg_plain["BLOCK_M"], tile_n, same_rows=True)
     BM = cfg["BLOCK_M"]
     n_row_blocks = triton.cdiv(N, BM)
     row_lse = torch.empty(N, dtype=f32, device=dev)
@@ -1649,9 +1655,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
                     dict(const, TILES=0, SPAN_M=1, SPAN_N=1), cfg, tuned)
             return dsb_
         span_m, span_n = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]
-        band = dict(cfg, BLOCK_DV=cfg_in["BLOCK_DV"],  # the same D chunks in both launches
-                    BLOCK_M=cfg["BLOCK_M"] if span_m % cfg["BLOCK_M"] == 0 else span_m,
-                    BLOCK_N=cfg["BLOCK_N"] if span_n % cfg["BLOCK_N"] == 0 else span_n)
+        # (the same D chunks in both launches)
+        band = dict(_band_config(cfg, span_m, span_n), BLOCK_DV=cfg_in["BLOCK_DV"])
         if band.get("RESIDENT"):
             band["BLOCK_D"] = band["BLOCK_DV"]
         n_band, n_in = triton.cdiv(n, band[own]), triton.cdiv(n, cfg_in[own])
