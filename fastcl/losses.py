@@ -537,8 +537,8 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     queries, keys, be = _prepare(queries, keys, backend)
-    none = _no_targets(N, queries.device)
-    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=none),
+    # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
+    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(),
                                         LossSpec(kind="softmax", exact=exact), be)
     qf = queries.to(dt)
     if dense is None:
@@ -666,8 +666,8 @@ def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Opt
     dt = _stat_dtype(queries)
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     q, k, be = _prepare(queries, keys, backend)
-    none = _no_targets(N, q.device)
-    lse, _, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(positives=none),
+    # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
+    lse, _, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(),
                                            LossSpec(kind="softmax", exact=exact), be)
     qf, kf = q.to(dt), k.to(dt)
     u, v = u.to(dt), v.to(dt)
@@ -739,8 +739,8 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     Z, _, be = _prepare(Z, Z, backend)
     if normalize:
         Z = torch.nn.functional.normalize(Z, dim=1)
-    none = _no_targets(V * B, Z.device)
-    lse, _, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=none),
+    # the row LSE over c != (v, i) (the default target, the diagonal, is excluded with it)
+    lse, _, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(),
                                            LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                     exact=exact), be)
     all_terms = torch.logsumexp(lse.view(V, B), dim=0)
@@ -767,8 +767,8 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
-    none = _no_targets(n, x.device)
-    lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(positives=none),
+    # the row LSE over j != i (the default target, the diagonal, is excluded with it)
+    lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(),
                                         LossSpec(kind="softmax", exclude_self=True, gram=True,
                                                  exact=exact), be)
     return torch.logsumexp(lse, 0) - 2.0 * float(t) - math.log(n * (n - 1))

@@ -427,3 +427,101 @@ def test_column_sums_on_tensor_cores_default():
     assert not E.config_for("cuda", torch.float32, 256, "fwd_plain")["COLSUM_MMA"]
     assert not E.config_for("cuda", torch.bfloat16, 256, "fwd")["COLSUM_MMA"]
     assert not E.config_for("cpu", torch.bfloat16, 256, "fwd_plain")["COLSUM_MMA"]
+
+
+def _linear_target_case(case, dtype=torch.float32):
+    """(fn(..., backend), inputs) of a loss whose target term is linear in S."""
+    N, D = 150, 24
+    gen = torch.Generator().manual_seed(7)
+    if case == "nt_xent":
+        z1, z2 = features(N // 2, D, dtype, DEVICE), features(N // 2, D, dtype, DEVICE)
+        return (lambda a, b, t, backend: fastcl.nt_xent(a, b, t, reduction="none", backend=backend),
+                (z1, z2, _scalar(0.2)))
+    if case in ("supcon", "supcon_views", "supcon_int32"):
+        views = 2 if case == "supcon_views" else 1
+        labels = torch.randint(-3, 6, (N // views,), generator=gen)
+        labels[:4] = torch.tensor([40, 41, 42, 43])  # rows whose class has no other member
+        if case == "supcon_int32":
+            labels = (labels * 1000003).to(torch.int32)  # not ranks: the class sums index by rank
+        x = features(N, D, dtype, DEVICE)
+        x = x.detach().view(N // views, views, D).requires_grad_() if views > 1 else x
+        return (lambda f, t, backend: fastcl.supcon(f, labels.to(DEVICE), t, reduction="none",
+                                                    backend=backend), (x, _scalar(0.1)))
+    if case == "supcon_rect":
+        labels = torch.randint(0, 9, (N,), generator=gen).to(DEVICE)
+        key_labels = torch.randint(0, 9, (170,), generator=gen).to(DEVICE)
+        q, k = features(N, D, dtype, DEVICE), features(170, D, dtype, DEVICE)
+        return (lambda f, kk, t, backend: fastcl.supcon(f, labels, t, keys=kk, key_labels=key_labels,
+                                                        reduction="none", backend=backend),
+                (q, k, _scalar(0.1)))
+    if case == "info_nce_pos":
+        q, k = features(N, D, dtype, DEVICE), features(170, D, dtype, DEVICE)
+        pos = torch.randint(0, 170, (N,), generator=gen).to(DEVICE)
+        return (lambda a, b, s, bias, backend: fastcl.info_nce(a, b, positives=pos, scale=s, bias=bias,
+                                                               reduction="none", backend=backend),
+                (q, k, _scalar(12.0), _scalar(-0.4)))
+    if case == "mv_infonce":
+        x = features(N, D, dtype, DEVICE).detach().view(N // 3, 3, D).requires_grad_()
+        return (lambda f, t, backend: fastcl.mv_infonce(f, t, reduction="none", backend=backend),
+                (x, _scalar(0.2)))
+    assert case == "uniformity"
+    x = features(N, D, dtype, DEVICE)
+    return (lambda f, backend: fastcl.uniformity_loss(f, backend=backend).reshape(1), (x,))
+
+
+_LINEAR_CASES = ["nt_xent", "supcon", "supcon_views", "supcon_int32", "supcon_rect", "info_nce_pos",
+                 "mv_infonce", "uniformity"]
+
+
+@pytest.mark.parametrize("path", [{}, {"SPLIT": True}, {"SPLIT": True, "bwd_rows_plain.RESIDENT": True},
+                                  {"DENSE": True, "SPLIT": True}, {"DENSE": True, "SPLIT": False},
+                                  {"PLAIN": False}])
+@pytest.mark.parametrize("case", _LINEAR_CASES)
+def test_linear_targets_beside_the_sweep(branches, monkeypatch, case, path):
+    """Index and label targets whose loss term is the mean target logit (InfoNCE with positives,
+    NT-Xent, SupCon L_out) are summed beside the forward sweep, which computes the row LSE alone
+    on the lean path; self-similarities without targets (MV-InfoNCE, uniformity) take their whole
+    gradient from the row kernel on the lean path (the symmetric sweep with the rows' statistics
+    on both sides). Every gradient matches the float64 reference on every backward path, and the
+    forward went the lean way (``PLAIN: False``: every kernel on the masked path)."""
+    monkeypatch.setattr(E, "config_override", path)
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)  # several slabs and row chunks
+    monkeypatch.setattr(E, "_TARGET_BYTES", 4 * 150 * 16)  # several feature chunks of the sums
+    fn, inputs = _linear_target_case(case)
+    launched = []
+    launch = E._launch
+
+    def spy(kernel, grid, args, const, cfg, tuned):
+        launched.append((kernel, const.get("TILES"), const.get("PLAIN")))
+        return launch(kernel, grid, args, const, cfg, tuned)
+    monkeypatch.setattr(E, "_launch", spy)
+    _check(case, lambda *a: fn(*a, backend="triton"), lambda *a: fn(*a, backend="torch"), inputs)
+    lean = path.get("PLAIN", True)
+    # the forward's interior launch (lean path only) ran, or (PLAIN: False) one masked launch
+    assert ((E._forward_kernel, 2, None) in launched) == lean
+    if case in ("mv_infonce", "uniformity"):  # and the backward's row kernel on the lean path
+        rows = [p for k, _, p in launched if k is E._backward_rows_kernel]
+        assert rows == [] if path.get("DENSE") else rows and all(p == lean for p in rows)
+        assert E._backward_cols_kernel not in [k for k, _, _ in launched]
+
+
+@pytest.mark.parametrize("case", ["nt_xent", "supcon_views", "supcon_rect"])
+@pytest.mark.parametrize("path", [{}, {"SPLIT": True}, {"DENSE": True, "SPLIT": True}])
+def test_linear_targets_cancel_in_float32(monkeypatch, case, path):
+    """bfloat16 features at a low temperature, where the gradient's softmax and target terms
+    nearly cancel for most rows (the backward forms dS = P - T/npos in float32 in its tiles,
+    before rounding it for the tensor cores): the loss and every gradient stay within 2x
+    PyTorch's own bf16 error."""
+    monkeypatch.setattr(E, "config_override", path)
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    fn, inputs = _linear_target_case(case, torch.bfloat16)
+    if case != "nt_xent":
+        inputs = (*inputs[:-1], _scalar(0.05))
+    else:
+        # two views of nearly the same sample: the positive dominates every row's softmax
+        z1 = inputs[0].detach()
+        z2 = torch.nn.functional.normalize(z1.double() + 0.05 * torch.randn_like(z1.double()), dim=1)
+        inputs = (z1.requires_grad_(), z2.to(torch.bfloat16).requires_grad_(), _scalar(0.05))
+    _check(case, lambda *a: fn(*a, backend="triton"),
+           lambda *a: fn(*a, backend="torch"), inputs, dtype=torch.bfloat16, rtol=1e-3)
+

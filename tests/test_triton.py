@@ -36,7 +36,9 @@ def _check(name_fn, fn, ref_fn, inputs, *, dtype=F32, rtol=2e-5, factor=2.0):
     ref = ref_fn(*ins64)
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert torch.isfinite(out).all()
-    g = torch.rand_like(ref) + 0.5  # grad_output != 1, positive and varied
+    # grad_output != 1, positive and varied, representable in the output's dtype (the one
+    # every computation receives)
+    g = (torch.rand_like(ref) + 0.5).to(out.dtype).to(ref.dtype)
     ins_lp = [lowp(x, dtype) for x in inputs]  # PyTorch's own computation in the inputs' dtype
     base = ref_fn(*ins_lp)
     g_base = grads(base, ins_lp, g.to(base.dtype))

@@ -38,7 +38,7 @@ def test_compiles(report, variant):
 
 _HOT = [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd", "info_nce"),
         ("bwd_rows", "clip"), ("bwd_cols", "clip"), ("bwd_gram", "supcon"), ("grad_tiles", "clip"),
-        ("grad_tiles_in", "clip")]
+        ("grad_tiles_in", "clip"), ("fwd_plain", "self_lse"), ("bwd_rows", "self_lse_sym")]
 
 
 @pytest.mark.parametrize("kernel,closure,dtype",

@@ -36,7 +36,14 @@ CLOSURES = {
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
     "distill": dict(_PLAIN, HAS_POS=True, SOFT_SIM=True),
     "hcl": dict(_PLAIN, HAS_POS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True, LSE2=True),
+    # self-similarities: the forward's row LSE over j != i (NT-Xent, SupCon L_out, whose targets
+    # are summed beside it; MV-InfoNCE, uniformity), and the backward of those without targets
+    # as the symmetric sweep with the rows' statistics on both sides
+    "self_lse": dict(_PLAIN, EXCLUDE_SELF=True, PLAIN=True),
+    "self_lse_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_SELF=True, PLAIN=True),
 }
+_ONLY = {"self_lse": ("fwd", "fwd_plain", "fwd_resident"),
+         "self_lse_sym": ("bwd_rows", "bwd_rows_in", "grad_tiles", "grad_tiles_in")}
 KERNELS = {
     # the forward of closures with PLAIN: the band-and-edge launch (TILES=1, with the interior
     # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)
@@ -192,6 +199,7 @@ TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor d
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
 VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
+             and k in _ONLY.get(c, (k,))
              and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in",
                             "grad_tiles_in") or CLOSURES[c]["PLAIN"])
              and (k != "fwd_fixup" or CLOSURES[c]["SYMMETRIC"])

@@ -14,7 +14,7 @@ groups that fit in it. All index arithmetic on tensors is 64-bit.
 # parameters only by an annotation that is the ``tl.constexpr`` object, not its string)
 import os
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -1287,12 +1287,12 @@ class _tf32_matmul:
 
 
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
-    """dQ / dK / d_scale / d_bias from dS written one bounded block at a time (dense_plan: column
-    slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in the
-    gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab. For lean
-    closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans are
-    written by a launch of their own ("dense_plain" tiles, lean path only), the others by a band
-    launch."""
+    """(dq, dk, scale / bias sums (2,)) from dS written one bounded block at a time (dense_plan:
+    column slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in
+    the gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab. For
+    lean closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans
+    are written by a launch of their own ("dense_plain" tiles, lean path only), the others by a
+    band launch."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
@@ -1369,11 +1369,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     if gram and need_q:
         dq.add_(dk)
         dk = None
-    ds = db = None
-    if need_sb:
-        ds = sb_sums[0:1] if need_s else None
-        db = sb_sums[1:2] if need_b else None
-    return dq, dk, ds, db
+    return dq, dk, sb_sums
 
 
 def _autotuning() -> bool:
@@ -1452,15 +1448,15 @@ def _ptr(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     return dummy if t is None else t
 
 
-def _dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]):
+def _dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], rank: bool = False):
     """int32 ids with the equalities of two integer id vectors (rows_i == cols_j exactly when
     their new ids are equal; a vector may be the other one). The kernels compare ids once per
     similarity entry: 32-bit compares take half the instructions and registers of 64-bit ones.
     Ranks in the sorted union, on the device: no host synchronisation. Ids that already fit in
-    32 bits are only cast."""
+    32 bits are only cast, unless ``rank`` (ids in [0, len(union)), to index per-class sums)."""
     if rows is None or cols is None:
         return rows, cols
-    if rows.dtype.itemsize <= 4 and cols.dtype.itemsize <= 4:
+    if rows.dtype.itemsize <= 4 and cols.dtype.itemsize <= 4 and not rank:
         return rows.to(torch.int32), cols.to(torch.int32)
     both = rows if cols is rows else torch.cat([rows, cols])
     vals, order = torch.sort(both)
@@ -1481,6 +1477,104 @@ def prepare_targets(targets):
     row_ids, col_ids = _dense_ids(targets.row_ids, targets.col_ids)
     return targets._replace(row_labels=row_labels, col_labels=col_labels, row_ids=row_ids,
                             col_ids=col_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear target terms, beside the forward sweep
+# ----------------------------------------------------------------------------------------------
+
+_TARGET_BYTES = 32 << 20  # float32 temporaries of one feature chunk of the target sums
+
+
+def _linear_targets(spec, targets) -> bool:
+    """Whether the closure's only target term is the mean target logit, linear in S: index or
+    label targets of a one-way softmax loss with nothing else masked (InfoNCE with positives,
+    NT-Xent, SupCon L_out). The forward sweep then computes the row LSE alone, on the lean path,
+    and the target logits are sums of features, computed beside it in O((N + M) D)
+    (``config_override["PLAIN"] = False`` keeps them in the sweep, on the masked path). The
+    backward keeps the targets in its tiles: there dS = P - T/npos must be formed before it is
+    rounded to the features' dtype, or the two terms' rounding errors no longer cancel."""
+    return bool(config_override.get("PLAIN", True) and spec.kind == "softmax"
+                and not spec.symmetric and not spec.target_lse and not spec.exclude_targets
+                and spec.fn_space == 0 and spec.lse2_ratio is None and targets.row_ids is None
+                and targets.teacher_queries is None
+                and (targets.positives is not None or targets.row_labels is not None))
+
+
+def _without_targets(targets):
+    """The sweep's targets when the target terms are computed beside it: none in the kernels."""
+    return targets._replace(positives=None, row_labels=None, col_labels=None)
+
+
+class _TargetSets(NamedTuple):
+    """The target sets T(i) of a linear-target closure as O(N + M) indices. Index mode: ``key``
+    the positive of row i (0 where none), ``has`` whether it counts. Label mode: class ids
+    ``row_cls`` / ``col_cls`` in [0, n_cls); ``self_col`` the column i + offset (clamped) and
+    ``self_in`` whether it is in row i's class but excluded (exclude_self)."""
+
+    labels: bool
+    key: Optional[torch.Tensor] = None
+    has: Optional[torch.Tensor] = None
+    row_cls: Optional[torch.Tensor] = None
+    col_cls: Optional[torch.Tensor] = None
+    n_cls: int = 0
+    self_col: Optional[torch.Tensor] = None
+    self_in: Optional[torch.Tensor] = None
+
+
+def _target_sets(targets, spec, N: int, M: int, dev) -> _TargetSets:
+    rows = torch.arange(N, device=dev) + spec.offset
+    if targets.row_labels is None:
+        pos = targets.positives
+        has = (pos >= 0) & (pos < M)
+        if spec.exclude_self:
+            has &= pos != rows
+        return _TargetSets(False, key=torch.where(has, pos, 0), has=has)
+    same = targets.col_labels is targets.row_labels
+    row_cls, col_cls = _dense_ids(targets.row_labels, targets.col_labels, rank=True)
+    self_col = rows.clamp(0, max(M - 1, 0))
+    self_in = (rows >= 0) & (rows < M) & (col_cls[self_col] == row_cls)
+    if not spec.exclude_self:
+        self_in = torch.zeros_like(self_in)
+    return _TargetSets(True, row_cls=row_cls.long(), col_cls=col_cls.long(),
+                       n_cls=N if same else N + M, self_col=self_col, self_in=self_in)
+
+
+def _chunks(D: int, rows: int):
+    """Feature chunks [d0, d1) whose float32 temporaries over ``rows`` rows fit _TARGET_BYTES."""
+    width = max(16, min(D, _TARGET_BYTES // (4 * max(rows, 1))))
+    return [(d0, min(D, d0 + width)) for d0 in range(0, D, width)]
+
+
+def _class_sums(keys: torch.Tensor, ts: _TargetSets) -> torch.Tensor:
+    """(N, d) float32: the sum over each row's target set T(i) of the keys' rows (M, d)."""
+    sums = torch.zeros((ts.n_cls, keys.shape[1]), dtype=torch.float32, device=keys.device)
+    sums.index_add_(0, ts.col_cls, keys.float())
+    out = sums[ts.row_cls]
+    out -= ts.self_in.to(torch.float32)[:, None] * keys[ts.self_col].float()
+    return out
+
+
+def _target_sums(queries, keys, scale, bias, ts: _TargetSets):
+    """(row_pos, row_npos), float32 (N,): the sum of each row's target logits and their number
+    (the statistics the sweep would have accumulated), from sums of features."""
+    N, D = queries.shape
+    M = keys.shape[0]
+    f32 = torch.float32
+    dot = torch.zeros(N, dtype=f32, device=queries.device)
+    if ts.labels:
+        cnt = torch.zeros(ts.n_cls, dtype=f32, device=queries.device)
+        cnt.index_add_(0, ts.col_cls, torch.ones(M, dtype=f32, device=queries.device))
+        npos = cnt[ts.row_cls] - ts.self_in.to(f32)
+        for d0, d1 in _chunks(D, ts.n_cls + 3 * N):
+            dot += torch.linalg.vecdot(queries[:, d0:d1].float(),
+                                       _class_sums(keys[:, d0:d1], ts))
+    else:
+        npos = ts.has.to(f32)
+        for d0, d1 in _chunks(D, 3 * N):
+            dot += torch.linalg.vecdot(queries[:, d0:d1].float(), keys[ts.key, d0:d1].float())
+    row_pos = dot * scale + (bias * npos if bias is not None else 0.0)
+    return torch.where(npos > 0, row_pos, 0.0), npos
 
 
 def _metadata(targets, dummy, threshold=None, aux=None):
@@ -1528,6 +1622,11 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
+    if _linear_targets(spec, targets):  # the LSE from the sweep, the target sums beside it
+        stats = forward(queries, keys, scale, bias, _without_targets(targets), spec)
+        row_pos, row_npos = _target_sums(queries, keys, scale, bias,
+                                         _target_sets(targets, spec, N, M, dev))
+        return stats._replace(row_pos=row_pos, row_npos=row_npos)
     flags = _flags(queries, spec, targets, bias)
     plain = flags.pop("PLAIN")
     cfg = _config(queries, "fwd")
@@ -1616,10 +1715,41 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     b_col = (-a_col if grad_col_pos is None else grad_col_pos.to(f32)) if symmetric else a_row
     col_lse = stats.col_lse if symmetric else stats.row_lse
     a2_row = grad_row_lse2.to(f32) if grad_row_lse2 is not None else a_row.new_zeros(1).expand(N)
+    # A self-similarity whose off-diagonal tiles are plain: the gradient of z_i is
+    # s sum_j (dS_ij + dS_ji) z_j, which is the symmetric closure's dQ with the rows' statistics
+    # on both sides, computed by the row kernel alone on the lean path. Its scale / bias sums
+    # count every entry twice.
+    twice = gram and spec.exclude_self and _plain(spec, targets)
+    if twice:
+        gram, symmetric = False, True
+        col_lse, a_col, b_col = stats.row_lse, a_row, a_row.new_zeros(1).expand(N)
     if _dense_backward(queries):
-        return _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args=(
-            a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
+        dq, dk, sb_sums = _backward_dense(
+            queries, keys, scale, bias, targets, spec, stats, flags_args=(
+                a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
             needs=(need_q, need_k, need_s, need_b), gram=gram)
+    else:
+        dq, dk, sb_sums = _backward_fused(
+            queries, keys, scale, bias, targets, spec, stats, (a_row, b_row, a_col, b_col, a2_row),
+            col_lse, symmetric, gram, (need_q, need_k, need_sb))
+    ds = db = None
+    if need_sb:
+        if twice:
+            sb_sums = sb_sums * 0.5
+        ds = sb_sums[0:1] if need_s else None
+        db = sb_sums[1:2] if need_b else None
+    return dq, dk, ds, db
+
+
+def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col_lse, symmetric,
+                    gram, needs):
+    """(dq, dk, scale / bias sums (2,)) by the fused kernels: rows for dQ, columns for dK."""
+    a_row, b_row, a_col, b_col, a2_row = grads
+    need_q, need_k, need_sb = needs
+    N, D = queries.shape
+    M = keys.shape[0]
+    dev = queries.device
+    f32 = torch.float32
     flags = _flags(queries, spec, targets, bias)
     lean = flags["PLAIN"] and not gram
     # split: interior tiles in launches of their own (lean path only, wider tiles), after launches
@@ -1687,12 +1817,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         sb = launches(_backward_cols_kernel, M, dk, cols_do_sb, const, "BLOCK_M")
         if cols_do_sb:
             dsb = sb
-    ds = db = None
-    if need_sb:
-        sums = dsb.sum(0)
-        ds = sums[0:1] if need_s else None
-        db = sums[1:2] if need_b else None
-    return dq, dk, ds, db
+    return dq, dk, dsb.sum(0) if need_sb else None
 
 
 def count_above(queries, keys, scale, bias, targets, spec, threshold):
