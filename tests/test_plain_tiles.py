@@ -525,3 +525,47 @@ def test_linear_targets_cancel_in_float32(monkeypatch, case, path):
     _check(case, lambda *a: fn(*a, backend="triton"),
            lambda *a: fn(*a, backend="torch"), inputs, dtype=torch.bfloat16, rtol=1e-3)
 
+
+def _near_duplicates(n, d, dtype, gen):
+    """Two views (n, d) of the same samples, 0.05 apart: the positive dominates each softmax."""
+    z1 = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64, generator=gen), dim=1)
+    z2 = torch.nn.functional.normalize(z1 + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=gen), dim=1)
+    return (z1.to(DEVICE, dtype).requires_grad_(), z2.to(DEVICE, dtype).requires_grad_())
+
+
+@pytest.mark.parametrize("path", [{}, {"DENSE": True, "SPLIT": True}])
+@pytest.mark.parametrize("case", ["nt_xent", "supcon", "dclw", "info_nce", "info_nce_keys_only"])
+def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
+    """tau = 0.05 on near-duplicate views: d_tau = -d_scale / tau^2 sums N M terms of size ~1 /
+    tau^2 that cancel to ~1e-3 of that. Without the rows' offsets (``_centred``), the float32 LSE's
+    own error (1 ulp of ~20) moves it by ~1e-5 - 1e-3 relative; with them the gradient of the
+    temperature stays within 4e-6 of the float64 reference (PyTorch float32: ~1e-4 - 1e-3). Row
+    kernel (GRAM and not), column kernel (only the keys need a gradient) and the dS tiles; rows
+    whose dS sums to a_i + b_i != 0 (DCLW's weights), and label targets."""
+    monkeypatch.setattr(E, "config_override", path)
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    gen = torch.Generator().manual_seed(11)
+    z1, z2 = _near_duplicates(70, 24, torch.float32, gen)
+    if case == "nt_xent":
+        fn = lambda a, b, t, be: fastcl.nt_xent(a, b, t, reduction="none", backend=be)  # noqa: E731
+    elif case == "supcon":
+        labels = (torch.arange(70) % 60).repeat(2).to(DEVICE)  # the two views, some classes of 4
+        fn = lambda a, b, t, be: fastcl.supcon(torch.cat([a, b]), labels, t,  # noqa: E731
+                                               reduction="none", backend=be)
+    elif case == "dclw":  # targets left out of the LSE, weighted: the rows' dS sum to a_i + b_i != 0
+        fn = lambda a, b, t, be: fastcl.dcl(a, b, t, weight_sigma=0.5, reduction="none",  # noqa: E731
+                                            backend=be)
+    else:
+        if case == "info_nce_keys_only":  # queries without a gradient: the column kernel's sums
+            z1.requires_grad_(False)
+        fn = lambda a, b, t, be: fastcl.info_nce(a, b, scale=1 / t, reduction="none",  # noqa: E731
+                                                 backend=be)
+    g = torch.rand(70 if case.startswith("info_nce") else 140, dtype=torch.float64, generator=gen) + 0.5
+    grads = []
+    for dtype, be in ((torch.float64, "torch"), (torch.float32, "triton")):
+        t = torch.tensor(0.05, dtype=dtype, device=DEVICE, requires_grad=True)
+        a, b = (z.detach().to(dtype).requires_grad_(z.requires_grad) for z in (z1, z2))
+        fn(a, b, t, be).backward(g.to(DEVICE, dtype))
+        grads.append(t.grad.double().item())
+    ref, ours = grads
+    assert abs(ours - ref) <= 4e-6 * abs(ref), (case, ours, ref)

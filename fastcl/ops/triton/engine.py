@@ -130,6 +130,44 @@ def _scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _sum_offsets(lse_r, s, b):
+    """Per-row offsets m_i = (row_lse_i - b) / s of the scale sum (0 for rows without entries):
+    the LSE in the units of c."""
+    s_safe = tl.where(s != 0.0, s, 1.0)
+    m = tl.where(lse_r > float("-inf"), (lse_r - b) / s_safe, 0.0)
+    return tl.where(s != 0.0, m, 0.0)
+
+
+@triton.jit
+def _centred(c, lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr, SOFT_SIM: tl.constexpr,
+             LSE2: tl.constexpr):
+    """c - m_i of a tile for the scale sum of a one-way softmax closure (else c). Its rows' dS
+    sum to a known R_i (a_i + b_i for rows with entries and targets), so d_scale =
+    sum dS_ij (c_ij - m_i) + sum_i m_i R_i (the launcher adds the second term): a float32 error
+    e_i of the stored LSE scales P's row i by (1 + e_i) and moves the first sum by e_i times the
+    row's mean of c - m_i (about its entropy / s) instead of its mean of c, which at a low
+    temperature is where the whole scale gradient cancels."""
+    if KIND == 0:
+        if not SYMMETRIC:
+            if not SOFT_SIM:
+                if not LSE2:
+                    return c - _sum_offsets(lse_r, s, b)[:, None]
+    return c
+
+
+@triton.jit
+def _centred_rows(acc_s, acc_b, lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
+                  SOFT_SIM: tl.constexpr, LSE2: tl.constexpr):
+    """The rows' scale sums sum_j dS_ij c_ij moved to sum_j dS_ij (c_ij - m_i) (see _centred)."""
+    if KIND == 0:
+        if not SYMMETRIC:
+            if not SOFT_SIM:
+                if not LSE2:
+                    return acc_s - _sum_offsets(lse_r, s, b) * acc_b
+    return acc_s
+
+
+@triton.jit
 def _plain_tile(row0, col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """True when the tile lies inside the matrix and off the band j = i + offset that holds the
     default targets and the self-similarities: every entry is a valid non-target."""
@@ -823,6 +861,7 @@ def _backward_rows_kernel(
     #           gradients of row_lse, the target statistic, col_lse, col_pos; dT = T / npos)
     #   dS_ij = -a_i z_ij sigmoid(-z_ij S_ij)                   (sigmoid)
     #   dQ_i = s sum_j dS_ij k_j;  d_scale += sum dS_ij c_ij;  d_bias += sum dS_ij
+    #   (one-way softmax: d_scale += sum dS_ij (c_ij - m_i), the launcher adds the rest; _centred)
     # 1. load the rows' statistics (row_lse, weights g_i, 1/npos_i) and targets;
     # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
     # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
@@ -916,6 +955,7 @@ def _backward_rows_kernel(
                      mask=rmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
+        acc_s = _centred_rows(acc_s, acc_b, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
 
@@ -998,7 +1038,7 @@ def _backward_cols_kernel(
         acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
                      input_precision=PRECISION)
         if COMPUTE_SB:
-            acc_s += tl.sum(dS * c, 0)
+            acc_s += tl.sum(dS * _centred(c, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2), 0)
             acc_b += tl.sum(dS, 0)
 
     if TILES == 1:  # the interior launch continues from these sums
@@ -1074,7 +1114,8 @@ def _grad_tiles_kernel(
                  mask=(rows < N)[:, None] & (cols < M)[None, :])
         if COMPUTE_SB:
             slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
-            tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * c, 1), 0))
+            cm = _centred(c, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+            tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * cm, 1), 0))
             tl.store(dsb_ptr + slot + 1, tl.sum(tl.sum(dS, 1), 0))
 
 
@@ -1734,11 +1775,32 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             col_lse, symmetric, gram, (need_q, need_k, need_sb))
     ds = db = None
     if need_sb:
+        if _centred_sums(spec, targets, symmetric):
+            sb_sums = _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias)
         if twice:
             sb_sums = sb_sums * 0.5
         ds = sb_sums[0:1] if need_s else None
         db = sb_sums[1:2] if need_b else None
     return dq, dk, ds, db
+
+
+def _centred_sums(spec, targets, symmetric) -> bool:
+    """Whether the kernels' scale sums are centred on the rows' offsets (see _centred)."""
+    return (spec.kind == "softmax" and not symmetric and targets.teacher_queries is None
+            and spec.lse2_ratio is None)
+
+
+def _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias):
+    """(d_scale, d_bias) from the kernels' centred sums (sum dS (c - m), sum dS): adds
+    sum_i m_i R_i to the first, and the second is sum_i R_i, with R_i = sum_j dS_ij exactly
+    (a_i over rows with entries, b_i over rows with targets): dS's rows sum to these in exact
+    arithmetic, and the float32 error of the stored LSE leaves them out."""
+    lse = stats.row_lse
+    has = lse > float("-inf")
+    b = bias if bias is not None else 0.0
+    m = torch.where(has & (scale != 0), (lse - b) / torch.where(scale != 0, scale, 1.0), 0.0)
+    R = torch.where(has, a_row, 0.0) + torch.where(stats.row_npos > 0, b_row, 0.0)
+    return torch.stack([sb_sums[0] + (m * R).sum(), R.sum()])
 
 
 def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col_lse, symmetric,
