@@ -255,8 +255,14 @@ def test_hard_negative_mining(backend, k):
     vals, idx = fastcl.metrics.hard_negatives(q, kx, pos, k=k, backend=backend)
     ref_v, ref_i = R.engine_top_negatives(q.double(), kx.double(), k, positives=pos)
     torch.testing.assert_close(vals.double().cpu(), ref_v.cpu(), rtol=1e-5, atol=1e-5)
-    assert torch.equal(idx.cpu(), ref_i.cpu())
-    assert not (idx == pos[:, None]).any()
+    # the indices carry the k largest similarities, each once (two keys within float32 rounding
+    # of each other may come in either order)
+    c = q.double() @ kx.double().T
+    torch.testing.assert_close(c.gather(1, idx.long()).cpu(), ref_v.cpu(), rtol=1e-5, atol=1e-5)
+    ranked = idx.sort(dim=1).values
+    assert (ranked[:, 1:] != ranked[:, :-1]).all()
+    assert (idx >= 0).all() and not (idx == pos[:, None]).any()
+    assert (idx.cpu() == ref_i.cpu()).float().mean() > 0.9
 
 
 def test_hard_negative_mining_ties_across_column_blocks():
