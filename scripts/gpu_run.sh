@@ -23,9 +23,10 @@
 # blocks and D step, and the fused / wide-feature backward at each D (the latter's dS tiles in
 # one launch, or 128 x 64 interior tiles). Phase
 # "variants_general" times the masked path's tile shape, D step and tensor descriptors on the
-# SupCon forward (variants_general/bench.csv); phase "variants_siglip" times SigLIP's forward and
-# backward with its interior tiles on the lean path (the default) against the masked path
-# everywhere (variants_siglip/bench.csv).
+# SupCon forward with the lean path off (variants_general/bench.csv); phases "variants_siglip"
+# and "variants_targets" time SigLIP's and SupCon's forward and backward on the lean path (the
+# default; SupCon's targets summed beside the forward sweep and compared in the backward's
+# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -155,14 +156,16 @@ VARIANTS=(
   --triton-config 'dense_128x64={"DENSE": true, "dense_plain.BLOCK_N": 64}'
   --triton-config 'fused={"DENSE": false}'
 )
-# the general (masked) path's tile and D step: it is the whole forward of the label closures
-# (SupCon), where CLIP and SigLIP only send their band tiles through it
+# the general (masked) path's tile and D step: it is the whole forward of the closures with masks
+# off the band (SupCon L_in, HCL, false-negative masking, distillation), where CLIP, SigLIP and
+# SupCon L_out only send their band tiles through it; SupCon with the lean path off stands in
 GENERAL_VARIANTS=(
-  --triton-config 'gen_d128={"fwd.BLOCK_D": 128}'
-  --triton-config 'gen_n128={"fwd.BLOCK_N": 128}'
-  --triton-config 'gen_n128_d128={"fwd.BLOCK_N": 128, "fwd.BLOCK_D": 128, "fwd.num_stages": 2}'
-  --triton-config 'gen_tma={"fwd.TMA": true}'
-  --triton-config 'gen_tma_d128={"fwd.TMA": true, "fwd.BLOCK_D": 128}'
+  --triton-config 'masked={"PLAIN": false}'
+  --triton-config 'gen_d128={"PLAIN": false, "fwd.BLOCK_D": 128}'
+  --triton-config 'gen_n128={"PLAIN": false, "fwd.BLOCK_N": 128}'
+  --triton-config 'gen_n128_d128={"PLAIN": false, "fwd.BLOCK_N": 128, "fwd.BLOCK_D": 128, "fwd.num_stages": 2}'
+  --triton-config 'gen_tma={"PLAIN": false, "fwd.TMA": true}'
+  --triton-config 'gen_tma_d128={"PLAIN": false, "fwd.TMA": true, "fwd.BLOCK_D": 128}'
 )
 if want variants_general; then
   GLIMIT=$(min 300 $(( $(left) - 20 )))
@@ -176,6 +179,13 @@ if want variants_siglip; then
     --loss siglip --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
     --budget-s $(( SLIMIT > 90 ? SLIMIT - 60 : SLIMIT / 2 )) \
     --triton-config 'masked={"PLAIN": false}' --triton-config 'fwd_tma={"TMA": true}'
+fi
+if want variants_targets; then
+  TLIMIT=$(min 240 $(( $(left) - 20 )))
+  phase variants_targets "$TLIMIT" "$PY" -m bench --out "$OUT/variants_targets" --provider fastcl-triton \
+    --loss supcon --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
+    --budget-s $(( TLIMIT > 90 ? TLIMIT - 60 : TLIMIT / 2 )) \
+    --triton-config 'masked={"PLAIN": false}'
 fi
 if want variants; then
   VLIMIT=$(min 420 $(( $(left) - 20 )))

@@ -429,13 +429,15 @@ def test_column_sums_on_tensor_cores_default():
     assert not E.config_for("cpu", torch.bfloat16, 256, "fwd_plain")["COLSUM_MMA"]
 
 
-def _linear_target_case(case, dtype=torch.float32):
-    """(fn(..., backend), inputs) of a loss whose target term is linear in S."""
+def _linear_target_case(case, dtype=torch.float32, normalize=True):
+    """(fn(..., backend), inputs) of a loss whose target term is linear in S (``normalize``: the
+    losses that normalise their features do)."""
     N, D = 150, 24
     gen = torch.Generator().manual_seed(7)
     if case == "nt_xent":
         z1, z2 = features(N // 2, D, dtype, DEVICE), features(N // 2, D, dtype, DEVICE)
-        return (lambda a, b, t, backend: fastcl.nt_xent(a, b, t, reduction="none", backend=backend),
+        return (lambda a, b, t, backend: fastcl.nt_xent(a, b, t, normalize=normalize, reduction="none",
+                                                        backend=backend),
                 (z1, z2, _scalar(0.2)))
     if case in ("supcon", "supcon_views", "supcon_int32"):
         views = 2 if case == "supcon_views" else 1
@@ -445,14 +447,16 @@ def _linear_target_case(case, dtype=torch.float32):
             labels = (labels * 1000003).to(torch.int32)  # not ranks: the class sums index by rank
         x = features(N, D, dtype, DEVICE)
         x = x.detach().view(N // views, views, D).requires_grad_() if views > 1 else x
-        return (lambda f, t, backend: fastcl.supcon(f, labels.to(DEVICE), t, reduction="none",
-                                                    backend=backend), (x, _scalar(0.1)))
+        return (lambda f, t, backend: fastcl.supcon(f, labels.to(DEVICE), t, normalize=normalize,
+                                                    reduction="none", backend=backend),
+                (x, _scalar(0.1)))
     if case == "supcon_rect":
         labels = torch.randint(0, 9, (N,), generator=gen).to(DEVICE)
         key_labels = torch.randint(0, 9, (170,), generator=gen).to(DEVICE)
         q, k = features(N, D, dtype, DEVICE), features(170, D, dtype, DEVICE)
         return (lambda f, kk, t, backend: fastcl.supcon(f, labels, t, keys=kk, key_labels=key_labels,
-                                                        reduction="none", backend=backend),
+                                                        normalize=normalize, reduction="none",
+                                                        backend=backend),
                 (q, k, _scalar(0.1)))
     if case == "info_nce_pos":
         q, k = features(N, D, dtype, DEVICE), features(170, D, dtype, DEVICE)
@@ -480,10 +484,11 @@ _LINEAR_CASES = ["nt_xent", "supcon", "supcon_views", "supcon_int32", "supcon_re
 def test_linear_targets_beside_the_sweep(branches, monkeypatch, case, path):
     """Index and label targets whose loss term is the mean target logit (InfoNCE with positives,
     NT-Xent, SupCon L_out) are summed beside the forward sweep, which computes the row LSE alone
-    on the lean path; self-similarities without targets (MV-InfoNCE, uniformity) take their whole
-    gradient from the row kernel on the lean path (the symmetric sweep with the rows' statistics
-    on both sides). Every gradient matches the float64 reference on every backward path, and the
-    forward went the lean way (``PLAIN: False``: every kernel on the masked path)."""
+    on the lean path, and compared in the backward's lean tiles; self-similarities (NT-Xent,
+    SupCon, MV-InfoNCE, uniformity) take their whole gradient from the row kernel on the lean path
+    (the symmetric sweep with the rows' statistics on both sides). Every gradient matches the
+    float64 reference on every backward path, and the forward and backward went the lean way
+    (``PLAIN: False``: every kernel on the masked path)."""
     monkeypatch.setattr(E, "config_override", path)
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)  # several slabs and row chunks
     monkeypatch.setattr(E, "_TARGET_BYTES", 4 * 150 * 16)  # several feature chunks of the sums
@@ -495,14 +500,29 @@ def test_linear_targets_beside_the_sweep(branches, monkeypatch, case, path):
         launched.append((kernel, const.get("TILES"), const.get("PLAIN")))
         return launch(kernel, grid, args, const, cfg, tuned)
     monkeypatch.setattr(E, "_launch", spy)
+    tiles = E._grad_tiles_kernel  # the wide-feature backward launches it directly
+
+    class TilesSpy:
+        def __getitem__(self, grid):
+            def run(*args, **const):
+                launched.append((tiles, const.get("TILES"), const.get("PLAIN")))
+                return tiles[grid](*args, **const)
+            return run
+    monkeypatch.setattr(E, "_grad_tiles_kernel", TilesSpy())
     _check(case, lambda *a: fn(*a, backend="triton"), lambda *a: fn(*a, backend="torch"), inputs)
     lean = path.get("PLAIN", True)
     # the forward's interior launch (lean path only) ran, or (PLAIN: False) one masked launch
     assert ((E._forward_kernel, 2, None) in launched) == lean
-    if case in ("mv_infonce", "uniformity"):  # and the backward's row kernel on the lean path
-        rows = [p for k, _, p in launched if k is E._backward_rows_kernel]
-        assert rows == [] if path.get("DENSE") else rows and all(p == lean for p in rows)
-        assert E._backward_cols_kernel not in [k for k, _, _ in launched]
+    # the backward's kernels on the lean path (PLAIN: False, masked); self-similarities: the row
+    # kernel (or the dS tiles) alone
+    bwd = tiles if path.get("DENSE") else E._backward_rows_kernel
+    ran = [p for k, _, p in launched if k is bwd]
+    assert ran and all(p == lean for p in ran), ran
+    cols = [p for k, _, p in launched if k is E._backward_cols_kernel]
+    if case in ("info_nce_pos", "supcon_rect") and not path.get("DENSE"):
+        assert cols and all(p == lean for p in cols), cols
+    else:
+        assert cols == []
 
 
 @pytest.mark.parametrize("case", ["nt_xent", "supcon_views", "supcon_rect"])
@@ -510,11 +530,16 @@ def test_linear_targets_beside_the_sweep(branches, monkeypatch, case, path):
 def test_linear_targets_cancel_in_float32(monkeypatch, case, path):
     """bfloat16 features at a low temperature, where the gradient's softmax and target terms
     nearly cancel for most rows (the backward forms dS = P - T/npos in float32 in its tiles,
-    before rounding it for the tensor cores): the loss and every gradient stay within 2x
-    PyTorch's own bf16 error."""
+    before rounding it for the tensor cores): the loss and every gradient stay within 2.5x
+    PyTorch's own bf16 error, 3x on the wide-feature path. The features are taken as given:
+    normalising them in bf16 would round them again, an input perturbation PyTorch's run shares
+    only by chance, and at this temperature it alone moves the temperature's gradient by ~1e-3.
+    (This regime is the hardest for the ratio: over 60 draws of NT-Xent's feature gradients, ours
+    / PyTorch's error has a median of 1.35 (max 2.1) fused and 1.6 (max 2.6) on the wide-feature
+    path, whose one GEMM takes dS_ij + dS_ji rounded once; 1.25 - 1.3 at tau = 0.2.)"""
     monkeypatch.setattr(E, "config_override", path)
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
-    fn, inputs = _linear_target_case(case, torch.bfloat16)
+    fn, inputs = _linear_target_case(case, torch.bfloat16, normalize=False)
     if case != "nt_xent":
         inputs = (*inputs[:-1], _scalar(0.05))
     else:
@@ -523,7 +548,8 @@ def test_linear_targets_cancel_in_float32(monkeypatch, case, path):
         z2 = torch.nn.functional.normalize(z1.double() + 0.05 * torch.randn_like(z1.double()), dim=1)
         inputs = (z1.requires_grad_(), z2.to(torch.bfloat16).requires_grad_(), _scalar(0.05))
     _check(case, lambda *a: fn(*a, backend="triton"),
-           lambda *a: fn(*a, backend="torch"), inputs, dtype=torch.bfloat16, rtol=1e-3)
+           lambda *a: fn(*a, backend="torch"), inputs, dtype=torch.bfloat16, rtol=1e-3,
+           factor=3.0 if path.get("DENSE") else 2.5)
 
 
 def _near_duplicates(n, d, dtype, gen):
@@ -539,7 +565,8 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     """tau = 0.05 on near-duplicate views: d_tau = -d_scale / tau^2 sums N M terms of size ~1 /
     tau^2 that cancel to ~1e-3 of that. Without the rows' offsets (``_centred``), the float32 LSE's
     own error (1 ulp of ~20) moves it by ~1e-5 - 1e-3 relative; with them the gradient of the
-    temperature stays within 4e-6 of the float64 reference (PyTorch float32: ~1e-4 - 1e-3). Row
+    temperature stays within 4e-6 of the float64 reference, 2e-5 for the dS tiles of the
+    self-similarities (PyTorch float32: ~1e-4 - 1e-3). Row
     kernel (GRAM and not), column kernel (only the keys need a gradient) and the dS tiles; rows
     whose dS sums to a_i + b_i != 0 (DCLW's weights), and label targets."""
     monkeypatch.setattr(E, "config_override", path)
@@ -568,4 +595,8 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
         fn(a, b, t, be).backward(g.to(DEVICE, dtype))
         grads.append(t.grad.double().item())
     ref, ours = grads
-    assert abs(ours - ref) <= 4e-6 * abs(ref), (case, ours, ref)
+    # the dS tiles of a self-similarity's symmetric closure sum the row part's two terms apart
+    # (a_i P_ij and its targets' b_i / npos_i, centred per row: fewer registers), which cancel
+    # in their total: 1e-5
+    tol = 2e-5 if path.get("DENSE") and case in ("nt_xent", "supcon") else 4e-6
+    assert abs(ours - ref) <= tol * abs(ref), (case, ours, ref)

@@ -442,8 +442,9 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
                  l2_r, a2_r, ratio2, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
                  EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, SOFT_SIM: tl.constexpr,
                  LSE2: tl.constexpr):
-    """dL/dS of one tile from the saved statistics (the loss closure):
-    softmax: a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij;  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij)."""
+    """(dL/dS, its row closure's part) of one tile from the saved statistics (the loss closure):
+    softmax: a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij (the part: without the column
+    terms);  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij)."""
     if KIND == 0:
         if EXCLUDE_TARGETS:
             in_lse = valid & (target == 0)
@@ -459,6 +460,7 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
         dS = a_r[:, None] * p + b_r[:, None] * dT
         if LSE2:  # a second LSE over the same entries, of ratio2 * S
             dS += (a2_r * ratio2)[:, None] * tl.where(in_lse, _exp(S * ratio2 - l2_r[:, None]), 0.0)
+        dS_rows = dS
         if SYMMETRIC:
             if EXCLUDE_TARGETS:
                 in_col = valid & (col_target == 0)
@@ -469,7 +471,8 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
     else:
         z = tl.where(target, 1.0, -1.0)  # -z sigmoid(-z S) = -z / (1 + e^(z S))
         dS = tl.where(valid, (-z * a_r[:, None]) / (1.0 + tl.exp2(z * S * LOG2E)), 0.0)
-    return dS
+        dS_rows = dS
+    return dS, dS_rows
 
 
 @triton.jit
@@ -517,18 +520,28 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
                tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
                col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
-               KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_CPOS: tl.constexpr,
-               LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EXCLUDE_TARGETS: tl.constexpr,
-               TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr,
-               SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERIOR: tl.constexpr):
+               KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_POS: tl.constexpr,
+               HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
+               EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
+               FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
+               PLAIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               INTERIOR: tl.constexpr, CENTRE: tl.constexpr):
     """dL/dS of one tile from its recomputed products c = Q_blk K_blk^T and the saved statistics
-    (the rows' side pre-loaded): returns (dS, S, valid, target). PLAIN: tiles inside the matrix
-    and off the target band take a lean path without masks (valid all true, target all false);
-    INTERIOR: the caller sweeps only such tiles (the masked path is not compiled)."""
+    (the rows' side pre-loaded): returns (dS, S, valid, target, rs, rb), with rs_i =
+    sum_j R_ij c_ij (CENTRE: sum_j R_ij (c_ij - m_i), see _centred) and rb_i = sum_j R_ij for R
+    the row closure's part of dS (dS without the symmetric closures' column terms; unused sums
+    are not computed). PLAIN: tiles inside the matrix and off the band j = i + offset take a
+    lean path without masks (valid all true; targets only where the closure has index or label
+    targets, which lie anywhere: a compare per entry); INTERIOR: the caller sweeps only such
+    tiles (the masked path is not compiled). Symmetric closures with label targets: column j's
+    targets are the rows of its class."""
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
+    if CENTRE:
+        cm = c - _sum_offsets(lse_r, s, b)[:, None]
+    else:
+        cm = c
     if INTERIOR:
         plain = True
     elif PLAIN:
@@ -540,11 +553,18 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         S = c * s + b
         valid = (rows < N)[:, None] & (cols < M)[None, :]
         target = valid & (cols < 0)[None, :]
-    elif plain:  # every entry a valid non-target: dS = a_i P_ij + ac_j Pc_ij, one exponential each
+        rs = tl.sum(dS * cm, 1)
+        rb = tl.sum(dS, 1)
+    elif plain:  # every entry valid: dS = a_i P_ij + ac_j Pc_ij, one exponential each (+ targets)
         sl2 = s * LOG2E
         r2 = lse_r * LOG2E
         # (the tensor first: Triton 3.0's interpreter turns `constexpr - tensor` into a constexpr)
         p = tl.exp2(c * sl2 + (-r2 + b * LOG2E)[:, None])
+        # the row part's sums: a_i P_ij, then its target term (apart: a tile of the row part
+        # alive beside dS costs registers the wide tiles do not have; centred, neither sum is
+        # large next to their total)
+        rs = a_r * tl.sum(p * cm, 1)
+        rb = a_r * tl.sum(p, 1)
         if SYMMETRIC:
             # Pc_ij = 2^(x_ij - c_j) = P_ij 2^(r_i - top) 2^(top - c_j) when the LSEs are close
             c2 = lse_c * LOG2E
@@ -559,20 +579,39 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
             dS = a_r[:, None] * p
         S = c * s + b
         valid = (rows < N)[:, None] & (cols < M)[None, :]
-        target = valid & (cols < 0)[None, :]
+        if HAS_POS or LABELS:  # targets anywhere: + b_i t_i T_ij (+ bc_j Tc_ij, symmetric)
+            target = row_meta[:, None] == _col_labels(cols, M, clab_ptr, LABELS)[None, :]
+            dT = tl.where(target, (b_r * t_r)[:, None], 0.0)
+            rs += tl.sum(dT * cm, 1)
+            rb += tl.sum(dT, 1)
+            dS += dT
+            if SYMMETRIC:
+                if LABELS:
+                    col_target = target
+                else:
+                    ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+                    col_target = rows[:, None] == ctgt[None, :]
+                dS += tl.where(col_target, b_c[None, :], 0.0)
+        else:
+            target = valid & (cols < 0)[None, :]
     else:
         S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
                                          thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF, FN_SPACE,
                                          FN_IDS)
-        ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
-        col_target = valid & (rows[:, None] == ctgt[None, :])
+        if LABELS:
+            col_target = target
+        else:
+            ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
+            col_target = valid & (rows[:, None] == ctgt[None, :])
         soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M,
                               DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
                               BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
-        dS = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c,
-                          soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE,
-                          SOFT_SIM, LSE2)
-    return dS, S, valid, target
+        dS, dS_rows = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
+                                   b_c, soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS,
+                                   TARGET_LSE, SOFT_SIM, LSE2)
+        rs = tl.sum(dS_rows * cm, 1)
+        rb = tl.sum(dS_rows, 1)
+    return dS, S, valid, target, rs, rb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -852,8 +891,8 @@ def _backward_rows_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
-    GRAM: tl.constexpr, RESIDENT: tl.constexpr, TILES: tl.constexpr, SPAN_M: tl.constexpr,
-    SPAN_N: tl.constexpr,
+    GRAM: tl.constexpr, SELF_SYM: tl.constexpr, RESIDENT: tl.constexpr, TILES: tl.constexpr,
+    SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # Backward over one row block (and one chunk of D for dQ):
@@ -869,6 +908,8 @@ def _backward_rows_kernel(
     # GRAM (queries are the keys, softmax, no column statistics): S is symmetric, so the whole
     # gradient of row i, s sum_j (dS_ij + dS_ji) z_j, comes from the same tiles using the
     # statistics of rows j too -- the column kernel is not needed.
+    # SELF_SYM: the symmetric closure of a self-similarity (its column statistics are the rows'),
+    # whose column terms are its row terms transposed: the scale / bias sums of the row terms.
     # RESIDENT (BLOCK_D = BLOCK_DV >= D): the row block's features are loaded once; each key tile
     # serves both products (S and dS . K), so there is no D loop.
     # TILES: 0 = every column tile; split launches over the (SPAN_M x SPAN_N) tiling: 1 = the
@@ -911,15 +952,15 @@ def _backward_rows_kernel(
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                  stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
                                  False)
-        dS, S, valid, target = _tile_grad(
+        dS, S, valid, target, rs, rb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
-            KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
-            TILES == 2)
+            KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
+            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            TILES == 2, True)
         if COMPUTE_DQ:
             if RESIDENT:
                 kv = kt
@@ -943,8 +984,12 @@ def _backward_rows_kernel(
             acc = tl.dot(_operand(_lowp(dS_all, kv.dtype, UPCAST), UPCAST), _operand(kv, UPCAST), acc,
                          input_precision=PRECISION)
         if COMPUTE_SB:
-            acc_s += tl.sum(dS * c, 1)
-            acc_b += tl.sum(dS, 1)
+            if SELF_SYM:
+                acc_s += rs
+                acc_b += rb
+            else:
+                acc_s += tl.sum(dS * c, 1)
+                acc_b += tl.sum(dS, 1)
 
     if COMPUTE_DQ:
         if TILES == 1:  # the interior launch continues from these sums
@@ -955,7 +1000,8 @@ def _backward_rows_kernel(
                      mask=rmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
-        acc_s = _centred_rows(acc_s, acc_b, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+        if not SELF_SYM:  # (the row part's sums came centred)
+            acc_s = _centred_rows(acc_s, acc_b, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
 
@@ -1020,15 +1066,15 @@ def _backward_cols_kernel(
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                  stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
                                  False)
-        dS, S, valid, target = _tile_grad(
+        dS, S, valid, target, rs, rb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
-            KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
-            TILES == 2)
+            KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
+            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            TILES == 2, False)
         if RESIDENT:
             qv = qt
         else:
@@ -1065,8 +1111,8 @@ def _grad_tiles_kernel(
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, TILES: tl.constexpr,
-    SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, SELF_SYM: tl.constexpr,
+    TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Backward for wide features: one tile per program writes dL/dS (same closure as the fused
@@ -1100,23 +1146,29 @@ def _grad_tiles_kernel(
             stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
         c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
-        dS, S, valid, target = _tile_grad(
+        dS, S, valid, target, rs, rb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
-            KIND, SYMMETRIC, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE, FN_SPACE,
-            FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D, TILES == 2)
+            KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
+            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            TILES == 2, False)
         out = (ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds
                + (cols - col_start)[None, :])
         tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
                  mask=(rows < N)[:, None] & (cols < M)[None, :])
         if COMPUTE_SB:
             slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
-            cm = _centred(c, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
-            tl.store(dsb_ptr + slot, tl.sum(tl.sum(dS * cm, 1), 0))
-            tl.store(dsb_ptr + slot + 1, tl.sum(tl.sum(dS, 1), 0))
+            if SELF_SYM:  # (as in the fused row kernel; centred here: fewer registers)
+                rs = _centred_rows(rs, rb, lse_r, s, b, KIND, False, SOFT_SIM, LSE2)
+            else:
+                rb = tl.sum(dS, 1)
+                rs = _centred_rows(tl.sum(dS * c, 1), rb, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM,
+                                   LSE2)
+            tl.store(dsb_ptr + slot, tl.sum(rs, 0))
+            tl.store(dsb_ptr + slot + 1, tl.sum(rb, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1327,7 +1379,8 @@ class _tf32_matmul:
         return False
 
 
-def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram):
+def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram,
+                    self_sym=False):
     """(dq, dk, scale / bias sums (2,)) from dS written one bounded block at a time (dense_plan:
     column slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in
     the gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab. For
@@ -1341,7 +1394,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     M = keys.shape[0]
     dev = queries.device
     cfg = dict(_config(queries, "fwd"))
-    flags = _flags(queries, spec, targets, bias)
+    flags = _flags(queries, spec, targets, bias, linear=True)
     # lean closures: the tiles of plain spans in a launch of their own (lean path only, wider
     # tiles), the rest in a band launch with the "fwd" tiles
     split = flags["PLAIN"] and config_override.get("SPLIT", dev.type == "cuda")
@@ -1373,7 +1426,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
               stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
               a2_row)
     const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
-                 COMPUTE_SB=need_sb, **flags)
+                 COMPUTE_SB=need_sb, SELF_SYM=self_sym, **flags)
     tf32 = queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"
     for si, c0 in enumerate(slabs):
         c1 = min(M, c0 + W)
@@ -1473,8 +1526,10 @@ def _plain(spec, targets) -> bool:
             and targets.row_ids is None and targets.teacher_queries is None)
 
 
-def _flags(queries, spec, targets, bias) -> dict:
-    return dict(PLAIN=_plain(spec, targets),
+def _flags(queries, spec, targets, bias, linear: bool = False) -> dict:
+    """The kernels' closure flags; ``linear`` (the backward): tiles off the band take the lean
+    path for linear-target closures too, with their targets compared in the tile."""
+    return dict(PLAIN=_plain(spec, targets) or (linear and _linear_targets(spec, targets)),
                 UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
                 EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
                 FN_SPACE=spec.fn_space, FN_IDS=targets.row_ids is not None,
@@ -1533,8 +1588,9 @@ def _linear_targets(spec, targets) -> bool:
     NT-Xent, SupCon L_out). The forward sweep then computes the row LSE alone, on the lean path,
     and the target logits are sums of features, computed beside it in O((N + M) D)
     (``config_override["PLAIN"] = False`` keeps them in the sweep, on the masked path). The
-    backward keeps the targets in its tiles: there dS = P - T/npos must be formed before it is
-    rounded to the features' dtype, or the two terms' rounding errors no longer cancel."""
+    backward compares the targets in its tiles, lean ones too (``_flags(linear=True)``): there
+    dS = P - T/npos must be formed before it is rounded to the features' dtype, or the two terms'
+    rounding errors no longer cancel."""
     return bool(config_override.get("PLAIN", True) and spec.kind == "softmax"
                 and not spec.symmetric and not spec.target_lse and not spec.exclude_targets
                 and spec.fn_space == 0 and spec.lse2_ratio is None and targets.row_ids is None
@@ -1758,27 +1814,38 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     a2_row = grad_row_lse2.to(f32) if grad_row_lse2 is not None else a_row.new_zeros(1).expand(N)
     # A self-similarity whose off-diagonal tiles are plain: the gradient of z_i is
     # s sum_j (dS_ij + dS_ji) z_j, which is the symmetric closure's dQ with the rows' statistics
-    # on both sides, computed by the row kernel alone on the lean path. Its scale / bias sums
-    # count every entry twice.
-    twice = gram and spec.exclude_self and _plain(spec, targets)
+    # on both sides, computed by the row kernel alone on the lean path. Its scale / bias sums are
+    # those of the row terms (SELF_SYM): the column terms are their transpose. Linear targets
+    # (NT-Xent, SupCon): dS_ji's target term is column j's, b_j / npos_j on the rows i in T(j)
+    # (the same class, or pos_j = i).
+    linear = _linear_targets(spec, targets)
+    twice = gram and spec.exclude_self and (_plain(spec, targets) or linear)
     if twice:
         gram, symmetric = False, True
         col_lse, a_col, b_col = stats.row_lse, a_row, a_row.new_zeros(1).expand(N)
+        if linear:
+            npos = stats.row_npos
+            b_col = torch.where(npos > 0, b_row / torch.where(npos > 0, npos, 1.0), 0.0)
+            if targets.positives is not None:
+                targets = targets._replace(col_positives=targets.positives)
     if _dense_backward(queries):
+        # (twice: dS is symmetric, so the keys' gradient -- float32 sums within each column
+        # slab, one rounding -- is the whole gradient, without dQ's rounding per slab)
         dq, dk, sb_sums = _backward_dense(
             queries, keys, scale, bias, targets, spec, stats, flags_args=(
                 a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
-            needs=(need_q, need_k, need_s, need_b), gram=gram)
+            needs=(False, need_q, need_s, need_b) if twice else (need_q, need_k, need_s, need_b),
+            gram=gram, self_sym=twice)
+        if twice:
+            dq, dk = dk, None
     else:
         dq, dk, sb_sums = _backward_fused(
             queries, keys, scale, bias, targets, spec, stats, (a_row, b_row, a_col, b_col, a2_row),
-            col_lse, symmetric, gram, (need_q, need_k, need_sb))
+            col_lse, symmetric, gram, (need_q, need_k, need_sb), self_sym=twice)
     ds = db = None
     if need_sb:
-        if _centred_sums(spec, targets, symmetric):
+        if _centred_sums(spec, targets, symmetric and not twice):
             sb_sums = _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias)
-        if twice:
-            sb_sums = sb_sums * 0.5
         ds = sb_sums[0:1] if need_s else None
         db = sb_sums[1:2] if need_b else None
     return dq, dk, ds, db
@@ -1804,7 +1871,7 @@ def _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias):
 
 
 def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col_lse, symmetric,
-                    gram, needs):
+                    gram, needs, self_sym=False):
     """(dq, dk, scale / bias sums (2,)) by the fused kernels: rows for dQ, columns for dK."""
     a_row, b_row, a_col, b_col, a2_row = grads
     need_q, need_k, need_sb = needs
@@ -1812,7 +1879,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
-    flags = _flags(queries, spec, targets, bias)
+    flags = _flags(queries, spec, targets, bias, linear=True)
     lean = flags["PLAIN"] and not gram
     # split: interior tiles in launches of their own (lean path only, wider tiles), after launches
     # over the band and edge tiles that hand over float32 partial gradients
@@ -1866,7 +1933,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     if need_q or rows_do_sb:
         dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
-                     COMPUTE_SB=rows_do_sb, GRAM=gram,
+                     COMPUTE_SB=rows_do_sb, GRAM=gram, SELF_SYM=self_sym,
                      # the transposed term of GRAM has its targets on the other band
                      **dict(flags, PLAIN=lean))
         sb = launches(_backward_rows_kernel, N, dq, rows_do_sb, const, "BLOCK_N")
