@@ -566,9 +566,9 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     tau^2 that cancel to ~1e-3 of that. Without the rows' offsets (``_centred``), the float32 LSE's
     own error (1 ulp of ~20) moves it by ~1e-5 - 1e-3 relative; with them the gradient of the
     temperature stays within 4e-6 of the float64 reference, 2e-5 for the dS tiles of the
-    self-similarities (PyTorch float32: ~1e-4 - 1e-3). Row
-    kernel (GRAM and not), column kernel (only the keys need a gradient) and the dS tiles; rows
-    whose dS sums to a_i + b_i != 0 (DCLW's weights), and label targets."""
+    self-similarities (PyTorch float32: ~1e-4 - 1e-3). Row kernel (one-way; the self-similarities'
+    symmetric closure; DCL's GRAM kernel), column kernel (only the keys need a gradient) and the
+    dS tiles; rows whose dS sums to a_i + b_i != 0 (DCLW's weights), and label targets."""
     monkeypatch.setattr(E, "config_override", path)
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
     gen = torch.Generator().manual_seed(11)
