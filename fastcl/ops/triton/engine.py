@@ -130,19 +130,11 @@ def _scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _sum_offsets(lse_r, s, b):
-    """Per-row offsets m_i = (row_lse_i - b) / s of the scale sum (0 for rows without entries):
-    the LSE in the units of c."""
-    s_safe = tl.where(s != 0.0, s, 1.0)
-    m = tl.where(lse_r > float("-inf"), (lse_r - b) / s_safe, 0.0)
-    return tl.where(s != 0.0, m, 0.0)
-
-
-@triton.jit
-def _centred(c, lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr, SOFT_SIM: tl.constexpr,
-             LSE2: tl.constexpr):
-    """c - m_i of a tile for the scale sum of a one-way softmax closure (else c). Its rows' dS
-    sum to a known R_i (a_i + b_i for rows with entries and targets), so d_scale =
+def _row_offsets(lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr, SOFT_SIM: tl.constexpr,
+                 LSE2: tl.constexpr):
+    """Per-row offsets m_i of the scale sum: (row_lse_i - b) / s, the LSE in the units of c (0 for
+    rows without entries), for a one-way softmax closure; zeros for the others. Its rows' dS sum
+    to a known R_i (a_i + b_i for rows with entries and targets), so d_scale =
     sum dS_ij (c_ij - m_i) + sum_i m_i R_i (the launcher adds the second term): a float32 error
     e_i of the stored LSE scales P's row i by (1 + e_i) and moves the first sum by e_i times the
     row's mean of c - m_i (about its entropy / s) instead of its mean of c, which at a low
@@ -151,20 +143,10 @@ def _centred(c, lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr, SOFT_S
         if not SYMMETRIC:
             if not SOFT_SIM:
                 if not LSE2:
-                    return c - _sum_offsets(lse_r, s, b)[:, None]
-    return c
-
-
-@triton.jit
-def _centred_rows(acc_s, acc_b, lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
-                  SOFT_SIM: tl.constexpr, LSE2: tl.constexpr):
-    """The rows' scale sums sum_j dS_ij c_ij moved to sum_j dS_ij (c_ij - m_i) (see _centred)."""
-    if KIND == 0:
-        if not SYMMETRIC:
-            if not SOFT_SIM:
-                if not LSE2:
-                    return acc_s - _sum_offsets(lse_r, s, b) * acc_b
-    return acc_s
+                    s_safe = tl.where(s != 0.0, s, 1.0)
+                    m = tl.where(lse_r > float("-inf"), (lse_r - b) / s_safe, 0.0)
+                    return tl.where(s != 0.0, m, 0.0)
+    return tl.zeros_like(lse_r)
 
 
 @triton.jit
@@ -529,7 +511,7 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                INTERIOR: tl.constexpr, CENTRE: tl.constexpr):
     """dL/dS of one tile from its recomputed products c = Q_blk K_blk^T and the saved statistics
     (the rows' side pre-loaded): returns (dS, S, valid, target, rs, rb), with rs_i =
-    sum_j R_ij c_ij (CENTRE: sum_j R_ij (c_ij - m_i), see _centred) and rb_i = sum_j R_ij for R
+    sum_j R_ij c_ij (CENTRE: sum_j R_ij (c_ij - m_i), see _row_offsets) and rb_i = sum_j R_ij for R
     the row closure's part of dS (dS without the symmetric closures' column terms; unused sums
     are not computed). PLAIN: tiles inside the matrix and off the band j = i + offset take a
     lean path without masks (valid all true; targets only where the closure has index or label
@@ -539,7 +521,7 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
     if CENTRE:
-        cm = c - _sum_offsets(lse_r, s, b)[:, None]
+        cm = c - _row_offsets(lse_r, s, b, KIND, False, SOFT_SIM, LSE2)[:, None]
     else:
         cm = c
     if INTERIOR:
@@ -900,7 +882,7 @@ def _backward_rows_kernel(
     #           gradients of row_lse, the target statistic, col_lse, col_pos; dT = T / npos)
     #   dS_ij = -a_i z_ij sigmoid(-z_ij S_ij)                   (sigmoid)
     #   dQ_i = s sum_j dS_ij k_j;  d_scale += sum dS_ij c_ij;  d_bias += sum dS_ij
-    #   (one-way softmax: d_scale += sum dS_ij (c_ij - m_i), the launcher adds the rest; _centred)
+    #   (one-way softmax: d_scale += sum dS_ij (c_ij - m_i), the launcher adds the rest; _row_offsets)
     # 1. load the rows' statistics (row_lse, weights g_i, 1/npos_i) and targets;
     # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
     # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
@@ -1001,7 +983,7 @@ def _backward_rows_kernel(
     if COMPUTE_SB:
         first = pid_d == 0
         if not SELF_SYM:  # (the row part's sums came centred)
-            acc_s = _centred_rows(acc_s, acc_b, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+            acc_s -= _row_offsets(lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2) * acc_b
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
 
@@ -1084,7 +1066,8 @@ def _backward_cols_kernel(
         acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
                      input_precision=PRECISION)
         if COMPUTE_SB:
-            acc_s += tl.sum(dS * _centred(c, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2), 0)
+            m = _row_offsets(lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+            acc_s += tl.sum(dS * (c - m[:, None]), 0)
             acc_b += tl.sum(dS, 0)
 
     if TILES == 1:  # the interior launch continues from these sums
@@ -1162,11 +1145,11 @@ def _grad_tiles_kernel(
         if COMPUTE_SB:
             slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
             if SELF_SYM:  # (as in the fused row kernel; centred here: fewer registers)
-                rs = _centred_rows(rs, rb, lse_r, s, b, KIND, False, SOFT_SIM, LSE2)
+                rs -= _row_offsets(lse_r, s, b, KIND, False, SOFT_SIM, LSE2) * rb
             else:
                 rb = tl.sum(dS, 1)
-                rs = _centred_rows(tl.sum(dS * c, 1), rb, lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM,
-                                   LSE2)
+                m = _row_offsets(lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+                rs = tl.sum(dS * c, 1) - m * rb
             tl.store(dsb_ptr + slot, tl.sum(rs, 0))
             tl.store(dsb_ptr + slot + 1, tl.sum(rb, 0))
 
@@ -1852,7 +1835,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
 
 
 def _centred_sums(spec, targets, symmetric) -> bool:
-    """Whether the kernels' scale sums are centred on the rows' offsets (see _centred)."""
+    """Whether the kernels' scale sums are centred on the rows' offsets (see _row_offsets)."""
     return (spec.kind == "softmax" and not symmetric and targets.teacher_queries is None
             and spec.lse2_ratio is None)
 
