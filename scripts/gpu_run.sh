@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# One-call GPU run: build + install fastcl, run the test suite, the headline benchmark sweep and a
-# compute-sanitizer memcheck of the CUDA extension; everything lands under $OUT.
+# One-call GPU run: build + install fastcl, the GPU checks, the headline benchmark sweep, the rest
+# of the test suite, the issue's other targets and a compute-sanitizer memcheck of the CUDA
+# extension, in that order, within one time budget; everything lands under $OUT.
 #
 #   OUT=/path/to/results bash scripts/gpu_run.sh
 #
 # Files under $OUT (at most 8 come back, so the logs share one file):
 #   gpu_run.log          environment, build, tests, bench and sanitizer output, phase summary
-#   junit.xml            the test results
+#   junit_gpu.xml        the GPU checks (tests/test_gpu.py, the CUDA extension's tests)
+#   junit.xml            the rest of the test suite (tests not started by the deadline: skipped)
 #   bench/bench.csv      the sweep (provenance in '# ' lines), bench/bench.json, bench/*.png
 #   extras.tar.gz        only when more than 8 files were produced: everything beyond the first 7
 #
-# Every phase is time-limited and its failure is logged; the script always goes on and exits 0.
+# Default phases, in order (PHASES="..." picks a subset; each phase is time-limited, its failure
+# is logged, and the script always goes on and exits 0):
+#   install   pip install -e . (the CUDA extension for this GPU's architecture); wheels found in
+#             .whl/ (e.g. Inf-CL's, which is pure Python) are installed first into a folder
+#             put on PYTHONPATH: `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand
+#   gputests  tests/test_gpu.py and the CUDA extension's tests (memory bounds, no host sync,
+#             64-bit offsets, larger shapes in low precision)
+#   bench     the headline sweep: symmetric CLIP, bf16, N = 32768, D in {256, 512, 768, 1024},
+#             fwd / bwd / fwd+bwd, every provider (BENCH_ARGS replaces the shape arguments)
+#   tests     the rest of the suite on the GPU, most GPU-relevant files first, on pytest-xdist
+#             workers when it is installed; tests not started by the phase's deadline are
+#             skipped (FASTCL_TEST_DEADLINE) so the junit report is always written
+#   huge      symmetric CLIP fwd+bwd at N = 2^20, D = 512 (time and peak memory)
+#   targets   SigLIP bf16 and CLIP fp32 (TF32) at N = 32768, D = 512 against their peers
+#   memcheck  compute-sanitizer over a tiny fastcl-cuda run
+# Other phases (a second call on a warm machine): "variants", "variants_general",
+# "variants_siglip", "variants_targets" (below), e.g. PHASES="install variants".
 # Environment knobs: PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's),
-# GPU_RUN_BUDGET_S (total seconds, default 570), TESTS_MAX_S (default 200),
-# BENCH_ARGS (extra arguments for `python -m bench`), SKIP_TESTS=1, SKIP_SANITIZER=1,
-# PHASES (default "install tests bench memcheck"): a subset, e.g. two calls on a warm machine,
-# PHASES="install tests" then PHASES="install bench memcheck" (the second build is incremental).
-# Phase "variants" (not in the default list) times fastcl-triton's engine configurations against
+# GPU_RUN_BUDGET_S (total seconds, default 570), TESTS_MAX_S (default 150), TEST_WORKERS
+# (pytest-xdist workers, default 8), BENCH_ARGS, SKIP_TESTS=1, SKIP_SANITIZER=1.
+# Phase "variants" times fastcl-triton's engine configurations against
 # each other at the headline shape (variants/bench.csv): interior-tile launch shapes and its
 # resident query block, D chunks through tensor descriptors (TMA), its column sums by reductions
 # instead of the tensor cores, the lean path off, the backward's split launches, resident feature
@@ -71,10 +87,19 @@ phase() {
   return $rc
 }
 
-PHASES=" ${PHASES:-install tests bench memcheck} "
+PHASES=" ${PHASES:-install gputests bench tests huge targets memcheck} "
 want() { case "$PHASES" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+
+# wheels carried in .whl/ (packages the GPU image lacks, e.g. Inf-CL): into a folder on PYTHONPATH
+if want install && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  SITE=/tmp/fastcl-site
+  if phase wheels "$(min 120 "$(left)")" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+      --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl; then
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+  fi
+fi
 
 # ---------------------------------------------------------------------------------------------
 # environment
@@ -116,24 +141,67 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-# tests
+# the GPU checks
 # ---------------------------------------------------------------------------------------------
-if [ "${SKIP_TESTS:-0}" != "1" ] && want tests; then
-  # leave the bench at least ~4 minutes
-  phase tests "$(min "${TESTS_MAX_S:-200}" $(( $(left) - 240 )))" \
-    "$PY" -m pytest tests -q -ra -p no:cacheprovider --junitxml="$OUT/junit.xml"
+if [ "${SKIP_TESTS:-0}" != "1" ] && want gputests; then
+  phase gputests "$(min 150 $(( $(left) - 300 )))" "$PY" -m pytest tests/test_gpu.py tests/test_cpp_ops.py \
+    -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/junit_gpu.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------
 # the headline sweep
 # ---------------------------------------------------------------------------------------------
-RESERVE=30
-[ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && RESERVE=100
-BENCH_LIMIT=$(( $(left) - RESERVE ))
+# time kept for the phases after it: the rest of the tests, N = 2^20, the other targets, memcheck
+RESERVE=20
+want tests && [ "${SKIP_TESTS:-0}" != "1" ] && RESERVE=$((RESERVE + 60))
+want huge && RESERVE=$((RESERVE + 60))
+want targets && RESERVE=$((RESERVE + 40))
+[ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && RESERVE=$((RESERVE + 40))
+BENCH_LIMIT=$(min 330 $(( $(left) - RESERVE )))
 # stop starting new shapes early enough to finish the current one and write the plots
 BENCH_BUDGET=$(( BENCH_LIMIT > 120 ? BENCH_LIMIT - 75 : BENCH_LIMIT / 2 ))
 # shellcheck disable=SC2086
-want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-}
+want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" \
+  ${BENCH_ARGS:---N 32768 --D 256 512 768 1024}
+
+# ---------------------------------------------------------------------------------------------
+# the rest of the tests, on the GPU
+# ---------------------------------------------------------------------------------------------
+if [ "${SKIP_TESTS:-0}" != "1" ] && want tests; then
+  LATER=0
+  want huge && LATER=$((LATER + 60))
+  want targets && LATER=$((LATER + 40))
+  TLIMIT=$(min "${TESTS_MAX_S:-150}" $(( $(left) - LATER - 20 )))
+  XDIST=()
+  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
+  # the Triton kernels' numerics first (every closure compiled and run natively), then the C++
+  # extension and the API; the AOT compile checks (tests/test_triton_compile.py) need no GPU
+  # deadline: no test starts after it, so pytest ends on its own and writes the report
+  FASTCL_TEST_DEADLINE=$(( $(date +%s) + TLIMIT - 30 )) phase tests "$TLIMIT" "$PY" -m pytest \
+    tests/test_triton.py tests/test_plain_tiles.py tests/test_family.py tests/test_cpp_ops.py \
+    tests/test_api.py tests/test_validation.py tests/test_train.py tests/test_integrations.py \
+    tests/test_distributed.py tests/test_reference.py tests/test_peers.py \
+    -m "not gpu" "${XDIST[@]}" -q -ra -p no:cacheprovider --junitxml="$OUT/junit.xml"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# the issue's other targets: N = 2^20, SigLIP, fp32 inputs
+# ---------------------------------------------------------------------------------------------
+if want huge; then
+  HLIMIT=$(min 120 $(( $(left) - 20 )))
+  phase huge "$HLIMIT" "$PY" -m bench --out "$OUT/huge" --provider fastcl-triton --loss clip \
+    --N 1048576 --D 512 --dtype bf16 --mode fwdbwd --repeats 3 --warmup 1 --no-plots
+fi
+if want targets; then
+  # SigLIP bf16 against torch.compile; CLIP with float32 inputs (TF32) against naive float32
+  for what in "siglip bf16" "clip fp32"; do
+    set -- $what
+    XLIMIT=$(min 90 $(( $(left) - 20 )))
+    phase "targets_$1_$2" "$XLIMIT" "$PY" -m bench --out "$OUT/targets_$1_$2" \
+      --provider naive compiled fastcl-triton --loss "$1" --dtype "$2" --N 32768 --D 512 \
+      --mode fwdbwd --no-plots
+  done
+fi
 
 # ---------------------------------------------------------------------------------------------
 # engine configurations against each other (same run, same inputs)
@@ -212,7 +280,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 log "=== summary (total $(( $(date +%s) - T0 ))s)"
 printf "%s" "$SUMMARY" | tee -a "$LOG"
-for csv in "$OUT/bench/bench.csv" "$OUT/variants/bench.csv" "$OUT/variants_general/bench.csv"; do
+for csv in "$OUT"/bench/bench.csv "$OUT"/huge/bench.csv "$OUT"/targets_*/bench.csv "$OUT"/variants*/bench.csv; do
   [ -f "$csv" ] && grep -v '^#' "$csv" | cut -d, -f1-13 | tee -a "$LOG"
 done
 

@@ -1,6 +1,7 @@
 """Test configuration. Without a GPU, Triton kernels run on CPU tensors under TRITON_INTERPRET=1,
 which must be set before any kernel module is imported; nothing here touches CUDA at import."""
 import os
+import time
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ DEVICE = torch.device("cuda") if GPU else torch.device("cpu")
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running")
+
+
+# FASTCL_TEST_DEADLINE (seconds since the epoch): tests not started by then are skipped, so a
+# time-limited run still ends on its own with a complete report
+_DEADLINE = float(os.environ.get("FASTCL_TEST_DEADLINE") or 0)
+
+
+def pytest_runtest_setup(item):
+    if _DEADLINE and time.time() > _DEADLINE:
+        pytest.skip("FASTCL_TEST_DEADLINE passed before this test started")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -96,3 +96,20 @@ def test_torch_backend_chunks(monkeypatch):
     (g_chunk,) = torch.autograd.grad(chunked.sum(), [i])
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(g_chunk, g_full)
+
+
+@pytest.mark.parametrize("deadline,outcome", [("1", "1 skipped"), (str(2**40), "1 passed")])
+def test_run_deadline_skips_tests_not_started(deadline, outcome):
+    """FASTCL_TEST_DEADLINE (the GPU script's time-limited test phase): a test that would start
+    after it is skipped, so the run ends with its report; before it, tests run."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTCL_TEST_DEADLINE=deadline)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_reference.py::test_info_nce_reference_is_cross_entropy"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert outcome in proc.stdout, proc.stdout[-2000:]

@@ -276,6 +276,18 @@ def _per_tile(compiled):
     return len(body), chunk, mix
 
 
+def loop_local_accesses(compiled):
+    """Local-memory instructions (spill loads / stores) inside the kernel's outermost loop: the
+    column-tile sweep, or the D loop of a one-tile kernel. Spills outside it cost once per
+    program; inside it, on every tile."""
+    ins = _sass(compiled)
+    spans = _loops(ins)
+    if not spans:
+        return 0
+    lo, hi = spans[0]
+    return sum(1 for a, op, _ in ins if lo <= a <= hi and op.startswith(("LDL", "STL")))
+
+
 @triton.jit
 def _always_tile(row0, col0, N, M, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return True
@@ -353,11 +365,15 @@ def main():
         name = variant_name(kernel, closure, dtype, cc)
         try:
             compiled = _compile(kernel, closure, getattr(torch, dtype), cc=cc, D=variant_D(kernel))
-            report[name] = {"ok": bool(compiled.asm["cubin"]), "error": "",
-                            "usage": _resource_usage(compiled), "shared": compiled.metadata.shared}
+            usage = _resource_usage(compiled)
+            # (no stack frame, no spills: the loop needs no disassembly)
+            loop_local = None if usage is None else (
+                loop_local_accesses(compiled) if int(usage.get("STACK", 0)) else 0)
+            report[name] = {"ok": bool(compiled.asm["cubin"]), "error": "", "usage": usage,
+                            "shared": compiled.metadata.shared, "loop_local": loop_local}
         except Exception as exc:  # reported, and failed, by the test
             report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "usage": None,
-                            "shared": None}
+                            "shared": None, "loop_local": None}
     json.dump(report, sys.stdout)
 
 
