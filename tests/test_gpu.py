@@ -50,6 +50,72 @@ def test_no_host_device_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _family_calls(N, D):
+    """name -> (inputs, loss of the inputs) for every public loss, bf16 features on the GPU, the
+    scalar parameters as tensors with gradients."""
+    bf = torch.bfloat16
+    f = lambda n, d=D: features(n, d, bf, CUDA)  # noqa: E731
+    s = lambda v: torch.tensor(v, device=CUDA, requires_grad=True)  # noqa: E731
+    leaf = lambda x: x.detach().requires_grad_()  # noqa: E731
+    q, k, k2, hn = f(N), f(N), f(2 * N), leaf(f(N * 3).view(N, 3, D))
+    u, v = f(N, 64).detach(), f(N, 64).detach()  # teacher / target embeddings (no gradient)
+    pos = torch.randperm(2 * N, device=CUDA)[:N]
+    ids = torch.randint(0, N // 4, (2 * N,), device=CUDA)
+    lab = torch.randint(0, 16, (N // 2,), device=CUDA)
+    views = leaf(f(N).view(N // 2, 2, D))
+    mv = leaf(f(N).view(N // 4, 4, D))
+    sc, b, t = s(14.0), s(-0.5), s(0.1)
+    soft = (torch.stack([torch.arange(N, device=CUDA), pos], 1), torch.rand(N, 2, device=CUDA))
+    return {
+        "clip": ([q, k, sc, b], lambda: fastcl.clip_loss(q, k, sc, b)),
+        "clip_smoothing": ([q, k, sc], lambda: fastcl.clip_loss(q, k, sc, label_smoothing=0.1)),
+        "clip_focal": ([q, k, sc], lambda: fastcl.clip_loss(q, k, sc, focal_gamma=2.0)),
+        "siglip": ([q, k, sc, b], lambda: fastcl.siglip_loss(q, k, sc, b)),
+        "info_nce_positives": ([q, k2, sc], lambda: fastcl.info_nce(q, k2, positives=pos, scale=sc)),
+        "info_nce_hard_negatives": ([q, k, hn, sc], lambda: fastcl.info_nce(q, k, hard_negatives=hn,
+                                                                           scale=sc)),
+        "info_nce_false_negatives": ([q, k2, sc], lambda: fastcl.info_nce(
+            q, k2, positives=pos, scale=sc, fn_margin=0.1, key_ids=ids)),
+        "nt_xent": ([q, k, t], lambda: fastcl.nt_xent(q, k, t)),
+        "supcon_out": ([views, t], lambda: fastcl.supcon(views, lab, t)),
+        "supcon_in": ([views, t], lambda: fastcl.supcon(views, lab, t, variant="in")),
+        "dcl": ([q, k], lambda: fastcl.dcl(q, k, 0.1, weight_sigma=0.5)),
+        "hcl": ([q, k], lambda: fastcl.hcl(q, k, 0.5)),
+        "soft_info_nce": ([q, k2, sc], lambda: fastcl.soft_info_nce(q, k2, soft, scale=sc)),
+        "distill": ([q, k, sc], lambda: fastcl.distill(q, k, u, v, sc, 20.0)),
+        "softclip": ([q, k, sc], lambda: fastcl.softclip(q, k, sc, u)),
+        "cwcl": ([q, k, sc], lambda: fastcl.cwcl(q, k, u, scale=sc)),
+        "mv_infonce": ([mv, t], lambda: fastcl.mv_infonce(mv, t)),
+        "uniformity": ([q], lambda: fastcl.uniformity_loss(q)),
+    }
+
+
+_FAMILY = ["clip", "clip_smoothing", "clip_focal", "siglip", "info_nce_positives", "info_nce_hard_negatives",
+           "info_nce_false_negatives", "nt_xent", "supcon_out", "supcon_in", "dcl", "hcl",
+           "soft_info_nce", "distill", "softclip", "cwcl", "mv_infonce", "uniformity"]
+
+
+@pytest.mark.parametrize("D", [128, 512])  # the fused backward, the wide-feature backward
+@pytest.mark.parametrize("name", _FAMILY)
+def test_no_host_device_sync_across_the_family(name, D):
+    """Every public loss, forward and backward with gradients for every input and scalar, runs
+    without a host-device synchronisation (after a first call that compiles)."""
+    inputs, loss = _family_calls(1024, D)[name]
+    g = torch.tensor(0.7, device=CUDA)
+    loss().backward(g)
+    torch.cuda.synchronize()
+    for x in inputs:
+        x.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss().backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    for x in inputs:
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+
+
 def _peak_extra(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
