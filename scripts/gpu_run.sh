@@ -17,8 +17,8 @@
 #   install   pip install -e . (the CUDA extension for this GPU's architecture); wheels found in
 #             .whl/ (e.g. Inf-CL's, which is pure Python) are installed first into a folder
 #             put on PYTHONPATH: `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand
-#   gputests  tests/test_gpu.py and the CUDA extension's tests (memory bounds, no host sync,
-#             64-bit offsets, larger shapes in low precision)
+#   gputests  tests/test_gpu.py and the CUDA extension's tests (memory bounds, no host sync in
+#             any loss, 64-bit offsets, larger shapes in low precision), under a deadline too
 #   bench     the headline sweep: symmetric CLIP, bf16, N = 32768, D in {256, 512, 768, 1024},
 #             fwd / bwd / fwd+bwd, every provider (BENCH_ARGS replaces the shape arguments)
 #   tests     the rest of the suite on the GPU, most GPU-relevant files first, on pytest-xdist
@@ -143,21 +143,31 @@ fi
 # ---------------------------------------------------------------------------------------------
 # the GPU checks
 # ---------------------------------------------------------------------------------------------
+# pytest_phase NAME LIMIT_S ARGS...: pytest on pytest-xdist workers when installed (most of a
+# first run's time is compiling kernels: CPU work), no test started after the deadline
+# (FASTCL_TEST_DEADLINE), so pytest ends on its own within the limit and writes its report
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
+pytest_phase() {
+  local name="$1" limit="$2"; shift 2
+  FASTCL_TEST_DEADLINE=$(( $(date +%s) + limit - 30 )) phase "$name" "$limit" "$PY" -m pytest \
+    "$@" ${XDIST[@]+"${XDIST[@]}"} -q -ra -p no:cacheprovider
+}
+
 if [ "${SKIP_TESTS:-0}" != "1" ] && want gputests; then
-  phase gputests "$(min 150 $(( $(left) - 300 )))" "$PY" -m pytest tests/test_gpu.py tests/test_cpp_ops.py \
-    -m gpu -q -ra -p no:cacheprovider --junitxml="$OUT/junit_gpu.xml"
+  pytest_phase gputests "$(min 120 $(( $(left) - 300 )))" tests/test_gpu.py tests/test_cpp_ops.py \
+    -m gpu --junitxml="$OUT/junit_gpu.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------
 # the headline sweep
 # ---------------------------------------------------------------------------------------------
-# time kept for the phases after it: the rest of the tests, N = 2^20, the other targets, memcheck
+# time kept for the phases after it: some of the rest of the tests and N = 2^20 (the other
+# targets and memcheck take what is left; on a short lease, a second call runs them)
 RESERVE=20
-want tests && [ "${SKIP_TESTS:-0}" != "1" ] && RESERVE=$((RESERVE + 60))
+want tests && [ "${SKIP_TESTS:-0}" != "1" ] && RESERVE=$((RESERVE + 50))
 want huge && RESERVE=$((RESERVE + 60))
-want targets && RESERVE=$((RESERVE + 40))
-[ "$EXT" = 1 ] && [ "${SKIP_SANITIZER:-0}" != "1" ] && want memcheck && RESERVE=$((RESERVE + 40))
-BENCH_LIMIT=$(min 330 $(( $(left) - RESERVE )))
+BENCH_LIMIT=$(min 300 $(( $(left) - RESERVE )))
 # stop starting new shapes early enough to finish the current one and write the plots
 BENCH_BUDGET=$(( BENCH_LIMIT > 120 ? BENCH_LIMIT - 75 : BENCH_LIMIT / 2 ))
 # shellcheck disable=SC2086
@@ -170,18 +180,14 @@ want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --bud
 if [ "${SKIP_TESTS:-0}" != "1" ] && want tests; then
   LATER=0
   want huge && LATER=$((LATER + 60))
-  want targets && LATER=$((LATER + 40))
   TLIMIT=$(min "${TESTS_MAX_S:-150}" $(( $(left) - LATER - 20 )))
-  XDIST=()
-  "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
   # the Triton kernels' numerics first (every closure compiled and run natively), then the C++
   # extension and the API; the AOT compile checks (tests/test_triton_compile.py) need no GPU
-  # deadline: no test starts after it, so pytest ends on its own and writes the report
-  FASTCL_TEST_DEADLINE=$(( $(date +%s) + TLIMIT - 30 )) phase tests "$TLIMIT" "$PY" -m pytest \
+  pytest_phase tests "$TLIMIT" \
     tests/test_triton.py tests/test_plain_tiles.py tests/test_family.py tests/test_cpp_ops.py \
     tests/test_api.py tests/test_validation.py tests/test_train.py tests/test_integrations.py \
     tests/test_distributed.py tests/test_reference.py tests/test_peers.py \
-    -m "not gpu" "${XDIST[@]}" -q -ra -p no:cacheprovider --junitxml="$OUT/junit.xml"
+    -m "not gpu" --junitxml="$OUT/junit.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------
