@@ -21,7 +21,6 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
           "float32": torch.float32, "float": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-H100_BF16_PEAK_TFLOPS = 795.0  # measured bf16 matmul ceiling (8192^3) on an H100 80GB HBM3
 
 # (N list, D list, dtype names, repeats, warmup, seconds per case)
 DEFAULTS = {
@@ -90,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the timed repeats of one case, in seconds (never fewer than 5)")
     p.add_argument("--quick", action="store_true", help="a tiny sweep (smoke test)")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak for the %% of peak column (default 795 for bf16/fp16 on H100/H200)")
+                   help="peak for the %% of peak column (default on a GPU: measured at the start "
+                        "of the run, an 8192^3 matrix product in each dtype, float32 as TF32)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new cases after this many seconds (the rest is listed as skipped)")
     p.add_argument("--threads", type=_pos_int, default=None,
@@ -164,13 +164,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def peak_for(args, dtype: torch.dtype) -> Optional[float]:
+    """TF/s of the %-of-peak column: --peak-tflops, else on a GPU the matrix-product ceiling
+    measured once per dtype in this run (timing.matmul_tflops); none on CPU."""
     if args.peak_tflops is not None:
         return args.peak_tflops
-    if args.device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(args.device)
-        if "H100" in name or "H200" in name:
-            return H100_BF16_PEAK_TFLOPS
-    return None
+    if args.device.type != "cuda":
+        return None
+    measured = args.__dict__.setdefault("measured_peaks", {})
+    if dtype not in measured:
+        try:
+            measured[dtype] = sig(timing.matmul_tflops(dtype, args.device), 4)
+        except Exception as e:  # no peak column rather than no results
+            print(f"note: matrix-product peak not measured ({type(e).__name__}: {e})")
+            measured[dtype] = None
+    return measured[dtype]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +306,10 @@ def run(args, log=None) -> Dict:
              "cpu_threads": torch.get_num_threads()}
     if dev.type == "cuda":
         extra["tf32_matmul"] = "on (fp32 baselines use TF32, as fastcl's default exact=False)"
+        peaks = {DTYPE_NAMES[dt]: peak_for(args, dt) for dt in args.dtype}
+        extra["peak_tflops"] = (f"{args.peak_tflops:g} (--peak-tflops)" if args.peak_tflops is not None
+                                else ", ".join(f"{k} {v}" for k, v in peaks.items())
+                                + " (measured here: median 8192^3 torch.mm, float32 as TF32)")
     prov = report.provenance(dev, extra=extra)
     rows: List[Dict] = []
     skipped: List[Dict] = []

@@ -316,6 +316,9 @@ def test_cli_lists():
     assert a.provider == ["naive", "compiled", "fastcl-triton"] and a.provider_explicit
     assert a.mode == ["fwd", "bwd"] and a.repeats == 9 and a.warmup == 0
     assert cli.peak_for(a, torch.float32) == 100.0
+    assert cli.peak_for(cli.parse_args(["--device", "cpu"]), torch.float32) is None  # CPU: no peak
+    with pytest.raises(ValueError, match="CUDA"):
+        timing.matmul_tflops(torch.float32, torch.device("cpu"))
     # M != N only for the rectangular losses
     shapes = cli.plan_shapes(cli.parse_args(["--device", "cpu", "--loss", "clip", "info_nce", "--N", "64",
                                              "--M", "64", "128", "32"]))

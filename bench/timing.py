@@ -194,6 +194,32 @@ def time_step(fn: Callable, input_sets: Sequence, mode: str, device: torch.devic
                   repeats=repeats, times_ms=times)
 
 
+def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int = 8192, repeats: int = 10,
+                  warmup: int = 3) -> float:
+    """The measured matrix-product ceiling: TFLOP/s of an n x n x n ``torch.mm`` on random
+    ``dtype`` operands (float32 at the TF32 setting in force), median of ``repeats`` CUDA-event
+    timings after ``warmup`` products. CUDA only."""
+    if device.type != "cuda":
+        raise ValueError(f"matmul_tflops needs a CUDA device, got {device}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(starts, ends):
+        s.record()
+        torch.mm(a, b, out=out)
+        e.record()
+    torch.cuda.synchronize(device)
+    ms = percentile([s.elapsed_time(e) for s, e in zip(starts, ends)], 50)
+    del a, b, out
+    free_memory(device)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
 def peak_extra_bytes(fn: Callable, inputs, mode: str, device: torch.device) -> Optional[int]:
     """Peak bytes allocated above the current allocation during one step of ``mode`` (CUDA);
     None on other devices."""
