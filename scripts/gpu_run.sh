@@ -20,7 +20,8 @@
 #   gputests  tests/test_gpu.py and the CUDA extension's tests (memory bounds, no host sync in
 #             any loss, 64-bit offsets, larger shapes in low precision), under a deadline too
 #   bench     the headline sweep: symmetric CLIP, bf16, N = 32768, D in {256, 512, 768, 1024},
-#             fwd / bwd / fwd+bwd, every provider (BENCH_ARGS replaces the shape arguments)
+#             fwd / bwd / fwd+bwd, every provider, and fastcl-triton@dense (the wide-feature
+#             backward at every D); BENCH_ARGS replaces these arguments
 #   tests     the rest of the suite on the GPU, most GPU-relevant files first, on pytest-xdist
 #             workers when it is installed; tests not started by the phase's deadline are
 #             skipped (FASTCL_TEST_DEADLINE) so the junit report is always written
@@ -170,9 +171,15 @@ want huge && RESERVE=$((RESERVE + 60))
 BENCH_LIMIT=$(min 300 $(( $(left) - RESERVE )))
 # stop starting new shapes early enough to finish the current one and write the plots
 BENCH_BUDGET=$(( BENCH_LIMIT > 120 ? BENCH_LIMIT - 75 : BENCH_LIMIT / 2 ))
-# shellcheck disable=SC2086
+# beside the defaults, the wide-feature backward at every D (the default beyond D = 256): at
+# D = 256 it does 8 N^2 D FLOPs + dS traffic against the fused kernels' 10 N^2 D
+BENCH_DEFAULT=(--N 32768 --D 256 512 768 1024 --triton-config 'dense={"DENSE": true}')
+if [ -n "${BENCH_ARGS:-}" ]; then
+  # shellcheck disable=SC2206
+  BENCH_DEFAULT=($BENCH_ARGS)
+fi
 want bench && phase bench "$BENCH_LIMIT" "$PY" -m bench --out "$OUT/bench" --budget-s "$BENCH_BUDGET" \
-  ${BENCH_ARGS:---N 32768 --D 256 512 768 1024}
+  "${BENCH_DEFAULT[@]}"
 
 # ---------------------------------------------------------------------------------------------
 # the rest of the tests, on the GPU
