@@ -190,11 +190,12 @@ if [ "${SKIP_TESTS:-0}" != "1" ] && want tests; then
   TLIMIT=$(min "${TESTS_MAX_S:-150}" $(( $(left) - LATER - 20 )))
   # the Triton kernels' numerics first (every closure compiled and run natively), then the C++
   # extension and the API; the AOT compile checks (tests/test_triton_compile.py) need no GPU
-  pytest_phase tests "$TLIMIT" \
-    tests/test_triton.py tests/test_plain_tiles.py tests/test_family.py tests/test_cpp_ops.py \
-    tests/test_api.py tests/test_validation.py tests/test_train.py tests/test_integrations.py \
-    tests/test_distributed.py tests/test_reference.py tests/test_peers.py \
-    -m "not gpu" --junitxml="$OUT/junit.xml"
+  FIRST=(tests/test_triton.py tests/test_plain_tiles.py tests/test_family.py tests/test_cpp_ops.py)
+  REST=()
+  for f in tests/test_*.py; do
+    case " ${FIRST[*]} tests/test_gpu.py tests/test_triton_compile.py " in *" $f "*) ;; *) REST+=("$f") ;; esac
+  done
+  pytest_phase tests "$TLIMIT" "${FIRST[@]}" ${REST[@]+"${REST[@]}"} -m "not gpu" --junitxml="$OUT/junit.xml"
 fi
 
 # ---------------------------------------------------------------------------------------------
