@@ -182,12 +182,13 @@ def test_64bit_offsets_keys():
 
 
 @pytest.mark.slow
-def test_64bit_offsets_queries():
-    """N * D > 2^31 elements on the query side (SigLIP, 128 keys): the forward's and the row
-    kernel's query offsets and the column kernel's reads of deep rows need 64-bit arithmetic;
-    the per-row losses and dQ are checked on sampled rows (head, random, tail) and dK in full,
-    against float64 with grad_output != 1."""
-    N, M, D = (2**31) // 512 + 4099, 128, 512
+@pytest.mark.parametrize("D", [256, 512])  # the fused backward, the wide-feature backward
+def test_64bit_offsets_queries(D):
+    """N * D > 2^31 elements on the query side (SigLIP, 128 keys): the forward's and the
+    backward's query offsets and their reads of deep rows need 64-bit arithmetic; the per-row
+    losses and dQ are checked on sampled rows (head, random, tail) and dK in full, against
+    float64 with grad_output != 1."""
+    N, M = (2**31) // D + 4099, 128
     s, b = 10.0, -10.0
     gen = torch.Generator(device=CUDA).manual_seed(7)
     q = torch.empty(N, D, device=CUDA, dtype=torch.bfloat16)
