@@ -160,9 +160,10 @@ def test_wide_feature_backward_memory():
 
 
 @pytest.mark.slow
-def test_64bit_offsets_keys():
+@pytest.mark.parametrize("D", [256, 512])  # the fused backward, the wide-feature backward
+def test_64bit_offsets_keys(D):
     """M * D > 2^31 elements: keys offsets need 64-bit arithmetic; checked on all rows."""
-    N, M, D = 64, (2**31) // 512 + 4099, 512
+    N, M = 64, (2**31) // D + 4099
     q = features(N, D, torch.bfloat16, CUDA)
     k = torch.randn(M, D, device=CUDA, dtype=torch.bfloat16)
     k = torch.nn.functional.normalize(k.float(), dim=1).to(torch.bfloat16).requires_grad_()
