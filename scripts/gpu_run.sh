@@ -148,7 +148,7 @@ fi
 # first run's time is compiling kernels: CPU work), no test started after the deadline
 # (FASTCL_TEST_DEADLINE), so pytest ends on its own within the limit and writes its report
 XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}")
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-8}" --dist loadgroup)
 pytest_phase() {
   local name="$1" limit="$2"; shift 2
   FASTCL_TEST_DEADLINE=$(( $(date +%s) + limit - 30 )) phase "$name" "$limit" "$PY" -m pytest \

@@ -23,6 +23,8 @@ DEVICE = torch.device("cuda") if GPU else torch.device("cpu")
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running")
+    # pytest-xdist (--dist loadgroup): tests of one group run on one worker, one after another
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
 
 
 # FASTCL_TEST_DEADLINE (seconds since the epoch): tests not started by then are skipped, so a

@@ -160,6 +160,7 @@ def test_wide_feature_backward_memory():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gpu_memory")  # ~20 GB each: one at a time beside parallel tests
 @pytest.mark.parametrize("D", [256, 512])  # the fused backward, the wide-feature backward
 def test_64bit_offsets_keys(D):
     """M * D > 2^31 elements: keys offsets need 64-bit arithmetic; checked on all rows."""
@@ -183,6 +184,7 @@ def test_64bit_offsets_keys(D):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gpu_memory")  # ~20 GB each: one at a time beside parallel tests
 @pytest.mark.parametrize("D", [256, 512])  # the fused backward, the wide-feature backward
 def test_64bit_offsets_queries(D):
     """N * D > 2^31 elements on the query side (SigLIP, 128 keys): the forward's and the
