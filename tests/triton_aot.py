@@ -88,11 +88,13 @@ KERNELS = {
 
 # What Triton's JIT specialises on a launch with contiguous, 16-byte aligned features whose sizes
 # are multiples of 16 (the benchmark shapes): pointers and these integers divisible by 16, unit
-# feature strides as constants. Without these hints the compiler cannot vectorise the tile loads
-# into asynchronous copies and does not pipeline the D loop.
+# feature strides as constants, and the unit strides of the backward's per-row / per-column
+# weights (the launcher makes them contiguous). Without these hints the compiler cannot vectorise
+# the tile loads into asynchronous copies and does not pipeline the D loop.
 _ALIGNED_INTS = ("N", "M", "D", "DT", "stride_qn", "stride_kn", "stride_tqn", "stride_tkn",
                  "stride_dqn", "stride_dkn", "stride_ds", "row_start", "col_start")
-_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd")
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_tqd", "stride_tkd", "stride_gr", "stride_grp",
+                 "stride_gc", "stride_gcp", "stride_gl2")
 
 
 def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):

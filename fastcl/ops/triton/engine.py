@@ -1811,6 +1811,10 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             b_col = torch.where(npos > 0, b_row / torch.where(npos > 0, npos, 1.0), 0.0)
             if targets.positives is not None:
                 targets = targets._replace(col_positives=targets.positives)
+    # the weights with unit strides (broadcast ones materialised: O(N + M)): the JIT compiles a
+    # stride of 1 as a constant, so each tile's loads of them take no 64-bit stride products
+    # (the dS tiles' kernel loads them once per tile)
+    a_row, b_row, a_col, b_col, a2_row = (t.contiguous() for t in (a_row, b_row, a_col, b_col, a2_row))
     if _dense_backward(queries):
         # (twice: dS is symmetric, so the keys' gradient -- float32 sums within each column
         # slab, one rounding -- is the whole gradient, without dQ's rounding per slab)
