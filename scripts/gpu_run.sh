@@ -164,7 +164,7 @@ fi
 # the headline sweep
 # ---------------------------------------------------------------------------------------------
 # time kept for the phases after it: some of the rest of the tests and N = 2^20 (the other
-# targets and memcheck take what is left; on a short lease, a second call runs them)
+# targets and memcheck take what is left; when GPU time is short, a second call runs them)
 RESERVE=20
 want tests && [ "${SKIP_TESTS:-0}" != "1" ] && RESERVE=$((RESERVE + 50))
 want huge && RESERVE=$((RESERVE + 60))
