@@ -58,9 +58,9 @@ def test_no_spill_traffic_inside_the_tile_loop(report, variant):
     """Every compiled variant keeps its loop over tiles (or over D chunks, for the one-tile dS
     kernel) free of local-memory loads and stores: what a configuration spills beyond the hot
     list's zero is kept for before and after the loop, once per program. (Triton 3.6, the GPU
-    image's, spills up to 184 bytes in the self-similarities' interior dQ launch, all of it
-    outside the loop; in the loop only their float32 row kernel's 6 instructions per tile,
-    bench/ANALYSIS.md.)"""
+    image's, spills up to 168 bytes in the self-similarities' dS tiles and 72 in their interior
+    dQ launch, all of it outside the loop; in the loop only their float32 row kernel's 4-5
+    instructions per tile, bench/ANALYSIS.md.)"""
     entry = report[variant]
     if not entry["ok"]:
         pytest.skip("did not compile (test_compiles fails)")
