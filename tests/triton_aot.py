@@ -306,7 +306,7 @@ def _never_underflow(flags):
 
 
 def cost_report(path, D=256, loss="clip"):
-    """Per-tile issue cost of the forward and fused backward kernels (bf16, sm_90, the closure of
+    """Per-tile issue cost of the forward, fused backward and dS-tile kernels (bf16, sm_90, the closure of
     ``loss``: "clip" or "siglip") on the general (masked) path, or on the lean path of interior
     tiles ("plain": the branch
     predicates are pinned so that only that path is compiled; call in a fresh process, since
@@ -340,6 +340,20 @@ def cost_report(path, D=256, loss="clip"):
                               per_chunk=chunk, chunks=chunks, issue_clk=issue,
                               tensor_clk=flops / 4096, ratio=issue / (flops / 4096),
                               mufu_ex2=mix["MUFU.EX2"], shfl=mix["SHFL"], bar=mix["BAR"],
+                              tile=f'{cfg["BLOCK_M"]}x{cfg["BLOCK_N"]}x{cfg["BLOCK_D"]}')
+    # the wide-feature backward's dS tiles: one tile per program, so everything outside the D
+    # loop (statistics and weights, the epilogue, the store) is paid per tile
+    name, pass_ = ("grad_tiles_in", "dense_plain") if path == "plain" else ("grad_tiles", "fwd")
+    compiled = _compile(name, closure, torch.bfloat16, D=D)
+    ins = _sass(compiled)
+    lo, hi = _loops(ins)[0]
+    loop = sum(1 for a, _, _ in ins if lo <= a <= hi)
+    cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=closure["PLAIN"])
+    chunks = -(-D // cfg["BLOCK_D"])
+    issue = (len(ins) - loop + chunks * loop) * cfg["num_warps"] / 4
+    tensor = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D / 4096
+    report["ds_tiles"] = dict(outside=len(ins) - loop, per_chunk=loop, chunks=chunks,
+                              issue_clk=issue, tensor_clk=tensor, ratio=issue / tensor,
                               tile=f'{cfg["BLOCK_M"]}x{cfg["BLOCK_N"]}x{cfg["BLOCK_D"]}')
     return report
 
