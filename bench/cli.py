@@ -1,8 +1,9 @@
 """``python -m bench``: the command line and the sweep.
 
 With no arguments: on a GPU the headline sweep (symmetric CLIP, bf16, N in {8192, 32768},
-D in {256, 512, 1024}, fwd / bwd / fwd+bwd, every provider that runs here); on CPU a small run
-(N in {512, 1024}, D = 128, fp32; naive, fastcl-torch and fastcl-cpu when the extension is built).
+D in {256, 512, 768, 1024}, fwd / bwd / fwd+bwd, every provider that runs here); on CPU a small
+run (N in {512, 1024}, D = 128, fp32; naive, fastcl-torch and fastcl-cpu when the extension is
+built).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float
 
 # (N list, D list, dtype names, repeats, warmup, seconds per case)
 DEFAULTS = {
-    "cuda": dict(N=[8192, 32768], D=[256, 512, 1024], dtype=["bf16"], repeats=50, warmup=10,
+    "cuda": dict(N=[8192, 32768], D=[256, 512, 768, 1024], dtype=["bf16"], repeats=50, warmup=10,
                  case_seconds=0.5),
     "cpu": dict(N=[512, 1024], D=[128], dtype=["fp32"], repeats=5, warmup=1, case_seconds=1.0),
 }
