@@ -10,6 +10,7 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -18,6 +19,40 @@ from . import _backend
 from .ops import EngineStats, LossSpec, Targets, col_losses, row_losses, row_target_logit
 
 Tensor = torch.Tensor
+
+
+_TWICE = ("fastcl's fused losses are differentiable once: their backward is not itself differentiable, "
+          "so a second derivative (double backward after create_graph=True) is not supported")
+
+
+def first_order_only(backward):
+    """Decorates an autograd Function's backward that is not itself differentiable. It runs
+    without grad; under ``create_graph=True`` its gradients get a node that raises if they are
+    differentiated again. (torch's ``once_differentiable`` adds that node only when a grad_output
+    requires grad, so a loss reduced with a constant weight would get a second derivative that
+    silently treats the saved statistics as constants.)"""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        delayed = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
+        if delayed is None:  # no lazy error node in this torch: refuse now
+            raise RuntimeError(_TWICE)
+        outs = out if isinstance(out, tuple) else (out,)
+        marked = []
+        for g in outs:
+            if isinstance(g, torch.Tensor):
+                g = g.detach().requires_grad_(g.is_floating_point())
+            marked.append(g)
+        # the saved inputs that require grad feed the node too, so that differentiating the
+        # gradients with respect to them reaches it (and raises) rather than finding no path
+        inputs = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+        res = delayed(_TWICE.encode(), len(marked) + len(inputs))(*marked, *inputs)
+        res = res if isinstance(res, tuple) else (res,)
+        return res[:len(outs)] if isinstance(out, tuple) else res[0]
+    return wrapper
 
 
 def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -94,6 +129,7 @@ class EngineLoss(torch.autograd.Function):
         return rows, cols, stats.row_npos
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_rows: Optional[Tensor], grad_cols: Optional[Tensor], _grad_npos=None):
         N = ctx.saved_tensors[0].shape[0]
         if grad_rows is None:
@@ -136,6 +172,7 @@ class EngineStatistics(torch.autograd.Function):
         return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos, aux, lse2
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos, _g_aux=None, g_lse2=None):
         ref = ctx.saved_tensors[4]
         N = ctx.saved_tensors[0].shape[0]

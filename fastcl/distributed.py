@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from .autograd import _scalar32, engine_loss
+from .autograd import _scalar32, engine_loss, first_order_only
 from .losses import _check_index, _check_pair, _prepare, _scalar_param
 from .ops import EngineStats, LossSpec, Targets, row_losses
 
@@ -116,6 +116,7 @@ class _AllGather(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous()
         n = grad.shape[0] // ctx.world
@@ -146,6 +147,7 @@ class _ScalarGradMean(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad: Tensor):
         W, _ = _world(ctx.group)
         grad = grad.contiguous().clone()
@@ -280,6 +282,7 @@ class _RingLoss(torch.autograd.Function):
         return rows, cols
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_rows, grad_cols):
         queries, keys, s32, b32, row_lse, row_pos, row_npos, col_lse, positives = ctx.saved_tensors
         kind, symmetric, exact, backend, group = ctx.cfg

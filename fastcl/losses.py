@@ -7,6 +7,7 @@ Losses are returned in float32 (float64 for float64 inputs on the torch backend)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -61,6 +62,24 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
+def _check_module_args(reduction: str, backend: str, **numbers) -> None:
+    """A module's constructor arguments, checked when it is built rather than at its first call:
+    the reduction, the backend's name, and float temperatures / scales (tensors are checked per
+    call)."""
+    _check_reduction(reduction)
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    for name, x in numbers.items():
+        if x is None or isinstance(x, Tensor):
+            continue
+        if name == "temperature":
+            _inverse_temperature(x)
+        elif name == "weight_sigma":
+            _real(name, x, "a float or None", low=0.0)
+        else:
+            _real(name, x, "a float or a one-element tensor")
+
+
 def _scalar_param(name: str, x, device: torch.device, *, optional: bool,
                   dtype: torch.dtype = torch.float32) -> Optional[Tensor]:
     """Floats become 0-d tensors filled on the device (no host-device copy; float64 only for
@@ -77,9 +96,56 @@ def _scalar_param(name: str, x, device: torch.device, *, optional: bool,
         if x.device != device and x.device.type != "cpu":
             raise ValueError(f"{name} is on {x.device} but the features are on {device}")
         return x.to(device) if x.device != device else x
-    if isinstance(x, bool) or not isinstance(x, (float, int)):
-        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(x).__name__}")
-    return torch.full((), float(x), dtype=dtype, device=device)
+    return torch.full((), _real(name, x, "a float or a one-element tensor"), dtype=dtype,
+                      device=device)
+
+
+def _real(name: str, x, expected: str = "a float", *, low: Optional[float] = None,
+          low_open: bool = True, high: Optional[float] = None, high_open: bool = True) -> float:
+    """A finite Python / NumPy real number as float, optionally within (low | [low, high) | high]."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__}")
+    v = float(x)
+    bad = not math.isfinite(v)
+    if low is not None:
+        bad = bad or (v <= low if low_open else v < low)
+    if high is not None:
+        bad = bad or (v >= high if high_open else v > high)
+    if bad:
+        if high is not None:
+            lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+            where = f" in {lo}, {high:g}" + (")" if high_open else "]")
+        elif low is not None:
+            where = f" {'>' if low_open else '>='} {low:g}"
+        else:
+            raise ValueError(f"{name} must be finite, got {x}")
+        raise ValueError(f"{name} must be{where} and finite, got {x}")
+    return v
+
+
+def _check_nonnegative(name: str, w: Tensor) -> None:
+    """Target weights must be finite and >= 0 (else the loss has no lower bound): checked here on
+    CPU, on CUDA on the device without a host sync."""
+    if w.device.type == "cpu":
+        if w.numel() and not bool((torch.isfinite(w) & (w >= 0)).all()):
+            raise ValueError(f"{name} must be >= 0 and finite")
+    elif w.device.type != "meta":
+        torch._assert_async((torch.isfinite(w) & (w >= 0)).all(), f"{name} must be >= 0 and finite")
+
+
+def _check_positive_tensor(name: str, x: Tensor) -> None:
+    """A one-element tensor parameter must be finite and > 0: checked here on CPU, on CUDA on the
+    device without a host sync (an asynchronous device assertion)."""
+    if x.numel() != 1:
+        raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    v = x.detach()
+    if v.device.type == "cpu":
+        if not (math.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{name} must be > 0 and finite, got {float(v)}")
+    elif v.device.type != "meta":
+        torch._assert_async(torch.isfinite(v).all() & (v > 0).all(), f"{name} must be > 0 and finite")
 
 
 def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device, *,
@@ -135,12 +201,9 @@ def _no_targets(n: int, device) -> Tensor:
 
 def _inverse_temperature(temperature) -> Scalar:
     if isinstance(temperature, Tensor):
+        _check_positive_tensor("temperature", temperature)
         return 1.0 / temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (float, int)):
-        raise TypeError(f"temperature must be a float or a one-element tensor, got {type(temperature).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return 1.0 / float(temperature)
+    return 1.0 / _real("temperature", temperature, "a float or a one-element tensor", low=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,11 +253,8 @@ def _reduce(per: Tensor, reduction: str) -> Tensor:
 
 
 def _check_unit(name: str, x: float, *, high_open: bool = True) -> float:
-    if isinstance(x, bool) or not isinstance(x, (float, int)):
-        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    if not (0.0 <= x < 1.0 if high_open else 0.0 <= x):
-        raise ValueError(f"{name} must be in [0, 1), got {x}" if high_open else f"{name} must be >= 0, got {x}")
-    return float(x)
+    """A float in [0, 1) (or [0, 1] with ``high_open=False``)."""
+    return _real(name, x, low=0.0, low_open=False, high=1.0, high_open=high_open)
 
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -251,7 +311,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         fn_margin / fn_ratio / key_ids: in-tile false-negative masking: keys j != p(i) with
             ``S_ij > S_{i,p(i)} - fn_margin``, or cosine ``c_ij > fn_ratio * c_{i,p(i)}``, or
             ``key_ids[j] == key_ids[p(i)]`` (duplicates of the positive, (M,) int64) leave row i.
-            Entries within rounding of the threshold may fall either way.
+            ``fn_margin`` / ``fn_ratio`` apply to ``hard_negatives`` too; ``key_ids`` covers the
+            keys only. Entries within rounding of the threshold may fall either way.
         backend: "auto" (Triton on CUDA, torch elsewhere) | "triton" | "torch" | "cuda" | "cpu".
         exact: float32 inputs use IEEE fp32 products instead of TF32.
     Returns:
@@ -259,8 +320,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     """
     _check_pair("queries", queries, "keys", keys)
     _check_reduction(reduction)
-    eps = _check_unit("label_smoothing", label_smoothing)
-    gamma = _check_unit("focal_gamma", focal_gamma, high_open=False)
+    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
+    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
     if eps and gamma:
         raise ValueError("label_smoothing and focal_gamma cannot be combined")
     N, M = queries.shape[0], keys.shape[0]
@@ -309,10 +370,15 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     else:
         hn = hard_negatives.to(queries.dtype)
         lse, tgt, _, _, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
-        logits_h = s.to(dt) * torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
+        dots_h = torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
+        logits_h = s.to(dt) * dots_h
         if b is not None:
             logits_h = logits_h + b.to(dt)
-        rows = torch.logaddexp(lse, torch.logsumexp(logits_h, dim=1)) - tgt
+        if threshold is not None:  # the same false-negative rule as the keys' in the tiles
+            above = (logits_h if fn_space == 1 else dots_h).detach() > threshold.to(dt)[:, None]
+            logits_h = logits_h.masked_fill(above, -math.inf)
+        # merged with the row LSE (finite: the positive stays in it), so fully masked rows are safe
+        rows = torch.logsumexp(torch.cat([lse.unsqueeze(1), logits_h], 1), dim=1) - tgt
         extra_sum = hn.to(dt).sum(1)
     if eps:
         rows = rows + eps * _smoothing_term(queries, keys, positives, s, extra_sum,
@@ -340,8 +406,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar
     """
     _check_pair("image_features", image_features, "text_features", text_features)
     _check_reduction(reduction)
-    eps = _check_unit("label_smoothing", label_smoothing)
-    gamma = _check_unit("focal_gamma", focal_gamma, high_open=False)
+    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
+    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
     if eps and gamma:
         raise ValueError("label_smoothing and focal_gamma cannot be combined")
     if image_features.shape[0] != text_features.shape[0]:
@@ -486,14 +552,14 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
         reduction: "mean" | "sum" | "none" ((2N,) per-row losses, z1's rows first).
     """
     _check_reduction(reduction)
+    if weight_sigma is not None:
+        weight_sigma = _real("weight_sigma", weight_sigma, "a float or None", low=0.0)
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
     s = _temperature_scale(temperature, Z)
     n2 = Z.shape[0]
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
     lse, tgt, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
     if weight_sigma is not None:
-        if not weight_sigma > 0:
-            raise ValueError(f"weight_sigma must be > 0, got {weight_sigma}")
         half = n2 // 2
         cos = _row_dots(Z[:half], Z[half:])
         w = 2.0 - half * torch.softmax(cos / weight_sigma, dim=0)
@@ -511,6 +577,10 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
         targets: either a pair ``(indices, weights)`` of (N, K) tensors -- a sparse list of K
             targets per row (mixup / i-Mix / MixCo: ``[[i, perm[i]]]`` with ``[[lam, 1 - lam]]``) --
             or a dense (N, M) float tensor (a fallback for small M: it is an N x M input).
+            With K = 1 the target term's gradient is formed inside the kernels; with K >= 2 and
+            dense targets it is computed beside them (O(N K D)), and for 16-bit features at low
+            temperatures the gradient of rows that fit their targets closely is then less
+            accurate than a materialised loss's (its dS is rounded before the targets cancel it).
         scale, bias, reduction, backend, exact: as in :func:`info_nce`.
     """
     _check_pair("queries", queries, "keys", keys)
@@ -526,20 +596,31 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
             raise ValueError(f"target weights must be a float tensor of shape {tuple(idx.shape)}")
         idx = _check_index("target indices", idx.reshape(-1), idx.numel(), M, "key indices",
                            queries.device).reshape(idx.shape)
+        if w.device != queries.device:
+            raise ValueError(f"target weights are on {w.device} but queries are on {queries.device}")
+        _check_nonnegative("target weights", w.detach())
         dense = None
     elif isinstance(targets, Tensor):
         if targets.shape != (N, M) or not targets.is_floating_point():
             raise ValueError(f"dense targets must be a float tensor of shape (N={N}, M={M}), got "
                              f"{tuple(targets.shape)} {targets.dtype}")
+        if targets.device != queries.device:
+            raise ValueError(f"dense targets are on {targets.device} but queries are on {queries.device}")
+        _check_nonnegative("dense targets", targets.detach())
         dense, idx, w = targets, None, None
     else:
         raise TypeError("targets must be (indices, weights) of shape (N, K) or a dense (N, M) tensor")
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     queries, keys, be = _prepare(queries, keys, backend)
+    spec = LossSpec(kind="softmax", exact=exact)
+    if dense is None and idx.shape[1] == 1:  # one target per row: w_i (LSE_i - S_{i,t(i)}), the
+        # target's gradient formed in the tiles (where it cancels against P before rounding)
+        lse, tgt, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=idx[:, 0]),
+                                                    spec, be)
+        return _reduce(w[:, 0].to(dt) * (lse - tgt), reduction)
     # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
-    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(),
-                                        LossSpec(kind="softmax", exact=exact), be)
+    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(), spec, be)
     qf = queries.to(dt)
     if dense is None:
         wf = w.to(dt)
@@ -565,11 +646,16 @@ def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int
     return u.detach().to(like.dtype), v.detach().to(like.dtype)
 
 
-def _teacher_stats(q, k, s, u, v, ts, spec, be):
-    """Engine statistics of queries vs keys with teacher softmax targets softmax_j(ts <u_i, v_j>)."""
-    none = _no_targets(q.shape[0], q.device)
+def _teacher_stats(q, k, s, u, v, ts, spec, be, weight: Optional[float] = None):
+    """Engine statistics of queries vs keys with teacher softmax targets softmax_j(ts <u_i, v_j>),
+    or with ``weight`` w the targets w softmax_j(ts <u_i, v_j>) + (1 - w) [j = i]."""
     t32 = ts.detach().reshape(1).to(_stat_dtype(q))
-    targets = Targets(positives=none, teacher_queries=u, teacher_keys=v, teacher_scale=t32)
+    if weight is None:
+        targets = Targets(positives=_no_targets(q.shape[0], q.device), teacher_queries=u,
+                          teacher_keys=v, teacher_scale=t32)
+    else:  # the diagonal (the default index target) mixed in, inside the tiles
+        t32 = torch.cat([t32, torch.full_like(t32, weight)])
+        targets = Targets(teacher_queries=u, teacher_keys=v, teacher_scale=t32)
     lse, soft_logit, _, _, _, aux, _ = engine_statistics(q, k, s, None, targets, spec, be)
     return lse, soft_logit, aux
 
@@ -623,8 +709,6 @@ def softclip(image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
     _check_pair("image_features", image_features, "text_features", text_features)
     _check_reduction(reduction)
     alpha = _check_unit("alpha", alpha, high_open=False)
-    if alpha > 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     N = image_features.shape[0]
     if text_features.shape[0] != N:
         raise ValueError("image_features and text_features must have the same batch size N")
@@ -635,11 +719,11 @@ def softclip(image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
     ts = _scalar_param("target_scale", target_scale, image_features.device, optional=False, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
     spec = LossSpec(kind="softmax", exact=exact)
-    diag = s.to(dt) * _row_dots(q, k)
     parts = []
-    for a, b_ in ((q, k), (k, q)):
-        lse, soft_logit, _ = _teacher_stats(a, b_, s, u.to(a.dtype), u.to(a.dtype), ts, spec, be)
-        parts.append(lse - (1 - alpha) * diag - alpha * soft_logit)
+    for a, b_ in ((q, k), (k, q)):  # the target logit sum_j T_ij S_ij, T mixed in the tiles
+        lse, target_logit, _ = _teacher_stats(a, b_, s, u.to(a.dtype), u.to(a.dtype), ts, spec, be,
+                                              weight=alpha)
+        parts.append(lse - target_logit)
     return _reduce(torch.stack(parts), reduction)
 
 
@@ -690,11 +774,10 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     is evaluated in log space, so small temperatures do not overflow.
     """
     _check_reduction(reduction)
-    if isinstance(temperature, Tensor) or not temperature > 0:
-        raise ValueError(f"temperature must be a float > 0, got {temperature}")
+    temperature = _real("temperature", temperature, "a float (hcl takes no tensor temperature)",
+                        low=0.0)
     tau_plus = _check_unit("tau_plus", tau_plus)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 0:
-        raise ValueError(f"beta must be a float >= 0, got {beta}")
+    beta = _real("beta", beta, low=0.0, low_open=False)
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
     dt = _stat_dtype(Z)
     n2 = Z.shape[0]
@@ -725,8 +808,11 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 
         L_i = log sum_v sum_{c != (v,i)} e^{S_(v,i),c} - log 2 - log sum_{v<w} e^{S_(v,i),(w,i)}
 
-    The first term merges the per-row LSEs of instance i's V rows; the positive pairs are
-    O(B V^2 D) beside the sweep. "none" gives (B,).
+    Both terms come from one sweep with the instances as labels: row (v, i)'s LSE over every
+    other row, and its target LSE over the other views of i, since by symmetry
+    ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v} e^{S_(v,i),(w,i)}``; so
+    ``L_i = LSE_v(row LSE_(v,i)) - LSE_v(target LSE_(v,i))``, and the targets' gradient is formed
+    in the tiles with the rest. "none" gives (B,).
     """
     if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
         raise ValueError("features must have shape (B, V, D) with V >= 2 views, got "
@@ -739,44 +825,47 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     Z, _, be = _prepare(Z, Z, backend)
     if normalize:
         Z = torch.nn.functional.normalize(Z, dim=1)
-    # the row LSE over c != (v, i) (the default target, the diagonal, is excluded with it)
-    lse, _, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(),
-                                           LossSpec(kind="softmax", exclude_self=True, gram=True,
-                                                    exact=exact), be)
-    all_terms = torch.logsumexp(lse.view(V, B), dim=0)
-    dt = _stat_dtype(Z)
-    views = Z.to(dt).view(V, B, -1)
-    iu = torch.triu_indices(V, V, offset=1, device=Z.device)
-    pair_logits = s.to(dt) * (views[iu[0]] * views[iu[1]]).sum(-1)  # (V(V-1)/2, B)
-    pos = torch.logsumexp(pair_logits, dim=0)
-    return _reduce(all_terms - math.log(2.0) - pos, reduction)
+    # row (v, i): the LSE over c != (v, i), and the target LSE over (w, i), w != v
+    ids = torch.arange(B, device=Z.device).repeat(V)
+    lse, target_lse, _, _, _, _, _ = engine_statistics(
+        Z, Z, s, None, Targets(row_labels=ids, col_labels=ids),
+        LossSpec(kind="softmax", exclude_self=True, target_lse=True, gram=True, exact=exact), be)
+    per = torch.logsumexp(lse.view(V, B), dim=0) - torch.logsumexp(target_lse.view(V, B), dim=0)
+    return _reduce(per, reduction)
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",
                     exact: bool = False) -> Tensor:
     """Uniformity (Wang & Isola 2020): ``log mean_{i != j} exp(-t ||x_i - x_j||^2)`` over the
-    L2-normalised rows of x (N, D), N >= 2: a global LSE of ``2t <x_i, x_j>``, fused."""
+    rows of x (N, D), N >= 2, L2-normalised first unless ``normalize=False``: for unit rows a
+    global LSE of ``2t <x_i, x_j>`` (one symmetric sweep); for rows as given, of
+    ``2t <x_i, x_j> - t |x_i|^2 - t |x_j|^2``, the column term carried by an extra feature
+    (keys ``[x_j, -|x_j|^2 / 2]`` against queries ``[x_i, 1]``)."""
     _check_features("x", x)
     if x.shape[0] < 2:
         raise ValueError(f"uniformity needs at least 2 rows, got {x.shape[0]}")
-    if not t > 0:
-        raise ValueError(f"t must be > 0, got {t}")
+    t = _real("t", t, "a float (uniformity takes no tensor t)", low=0.0)
     dt = _stat_dtype(x)
-    s = _scalar_param("t", 2.0 * float(t), x.device, optional=False, dtype=dt)
+    s = _scalar_param("t", 2.0 * t, x.device, optional=False, dtype=dt)
     x, _, be = _prepare(x, x, backend)
-    if normalize:
-        x = torch.nn.functional.normalize(x, dim=1)
     n = x.shape[0]
     # the row LSE over j != i (the default target, the diagonal, is excluded with it)
-    lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(),
-                                        LossSpec(kind="softmax", exclude_self=True, gram=True,
-                                                 exact=exact), be)
-    return torch.logsumexp(lse, 0) - 2.0 * float(t) - math.log(n * (n - 1))
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize, exact=exact)
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=1)
+        lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(), spec, be)
+        return torch.logsumexp(lse, 0) - 2.0 * t - math.log(n * (n - 1))
+    sq = x.to(dt).pow(2).sum(1)  # |x_i|^2, float32
+    queries = torch.cat([x, x.new_ones(n, 1)], 1)
+    keys = torch.cat([x, (-0.5 * sq).to(x.dtype).unsqueeze(1)], 1)
+    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, None, Targets(), spec, be)
+    return torch.logsumexp(lse - t * sq, 0) - math.log(n * (n - 1))
 
 
 def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0, *, normalize: bool = True) -> Tensor:
     """Alignment (Wang & Isola 2020): ``mean_i ||x_i - y_i||^alpha`` of paired rows (N, D)."""
     _check_pair("x", x, "y", y)
+    alpha = _real("alpha", alpha, low=0.0)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
     if normalize:
@@ -795,7 +884,7 @@ class InfoNCELoss(nn.Module):
     def __init__(self, scale: Scalar = 1.0 / 0.07, bias: Optional[Scalar] = None,
                  reduction: str = "mean", backend: str = "auto", exact: bool = False):
         super().__init__()
-        _check_reduction(reduction)
+        _check_module_args(reduction, backend, scale=scale, bias=bias)
         self.scale, self.bias = scale, bias
         self.reduction, self.backend, self.exact = reduction, backend, exact
 
@@ -810,7 +899,7 @@ class ClipLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean", backend: str = "auto", exact: bool = False):
         super().__init__()
-        _check_reduction(reduction)
+        _check_module_args(reduction, backend)
         self.reduction, self.backend, self.exact = reduction, backend, exact
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
@@ -826,7 +915,7 @@ class SigLipLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean", backend: str = "auto", exact: bool = False):
         super().__init__()
-        _check_reduction(reduction)
+        _check_module_args(reduction, backend)
         self.reduction, self.backend, self.exact = reduction, backend, exact
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
@@ -841,7 +930,7 @@ class NTXentLoss(nn.Module):
     def __init__(self, temperature: Scalar = 0.5, normalize: bool = True, reduction: str = "mean",
                  backend: str = "auto", exact: bool = False):
         super().__init__()
-        _check_reduction(reduction)
+        _check_module_args(reduction, backend, temperature=temperature)
         self.temperature, self.normalize = temperature, normalize
         self.reduction, self.backend, self.exact = reduction, backend, exact
 
@@ -856,7 +945,9 @@ class SupConLoss(nn.Module):
     def __init__(self, temperature: Scalar = 0.1, variant: str = "out", normalize: bool = True,
                  reduction: str = "mean", backend: str = "auto", exact: bool = False):
         super().__init__()
-        _check_reduction(reduction)
+        if variant not in ("out", "in"):
+            raise ValueError(f"variant must be 'out' or 'in', got {variant!r}")
+        _check_module_args(reduction, backend, temperature=temperature)
         self.temperature, self.variant, self.normalize = temperature, variant, normalize
         self.reduction, self.backend, self.exact = reduction, backend, exact
 
@@ -873,7 +964,7 @@ class DCLLoss(nn.Module):
                  normalize: bool = True, reduction: str = "mean", backend: str = "auto",
                  exact: bool = False):
         super().__init__()
-        _check_reduction(reduction)
+        _check_module_args(reduction, backend, temperature=temperature, weight_sigma=weight_sigma)
         self.temperature, self.weight_sigma, self.normalize = temperature, weight_sigma, normalize
         self.reduction, self.backend, self.exact = reduction, backend, exact
 

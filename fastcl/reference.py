@@ -57,10 +57,13 @@ def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, 
              key_ids: Optional[Tensor] = None, logits_dtype: Optional[torch.dtype] = None) -> Tensor:
     """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or
     arange; optional private hard negatives (N, h, D) appended as extra columns of each row;
-    false negatives (keys j != p(i) with S_ij > S_ip - fn_margin, or c_ij > fn_ratio c_ip, or
-    key_ids[j] == key_ids[p(i)]) masked out. ``logits_dtype`` casts the materialised logits
+    false negatives (columns j != p(i) with S_ij > S_ip - fn_margin, or c_ij > fn_ratio c_ip, or
+    keys with key_ids[j] == key_ids[p(i)]) masked out. ``logits_dtype`` casts the materialised logits
     before the loss (float32 as the common naive implementation does)."""
-    S = logits(queries, keys, scale, bias)
+    c = queries @ keys.transpose(0, 1)
+    if hard_negatives is not None:
+        c = torch.cat([c, torch.einsum("nd,nhd->nh", queries, hard_negatives)], dim=1)
+    S = scale * c + bias if bias is not None else scale * c
     S = S if logits_dtype is None else S.to(logits_dtype)
     pos = positives if positives is not None else torch.arange(queries.shape[0], device=queries.device)
     if fn_margin is not None or fn_ratio is not None or key_ids is not None:
@@ -71,14 +74,10 @@ def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, 
         if fn_margin is not None:
             drop |= S > (S[rows, pos] - fn_margin)[:, None]
         if fn_ratio is not None:
-            c = queries @ keys.transpose(0, 1)
             drop |= c > (fn_ratio * c[rows, pos])[:, None]
         if key_ids is not None:
-            drop |= key_ids[None, :] == key_ids[pos][:, None]
+            drop[:, :keys.shape[0]] |= key_ids[None, :] == key_ids[pos][:, None]
         S = S.masked_fill(drop & non_target, -math.inf)
-    if hard_negatives is not None:
-        Sh = scale * torch.einsum("nd,nhd->nh", queries, hard_negatives)
-        S = torch.cat([S, Sh + bias if bias is not None else Sh], dim=1)
     if positives is None:
         positives = torch.arange(queries.shape[0], device=queries.device)
     per = F.cross_entropy(S, positives, reduction="none", label_smoothing=label_smoothing)
@@ -281,9 +280,10 @@ def mv_infonce(features: Tensor, temperature: float = 0.1, normalize: bool = Tru
     return _reduce(all_terms - math.log(2.0) - pos, reduction)
 
 
-def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
-    """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the L2-normalised rows (Wang & Isola)."""
-    x = F.normalize(x, dim=1)
+def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
+    """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the (by default L2-normalised) rows (Wang &
+    Isola)."""
+    x = F.normalize(x, dim=1) if normalize else x
     return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
 
 
@@ -384,7 +384,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
             t_lse = torch.logsumexp(St.masked_fill(~valid, -math.inf), dim=1)
             Tt = torch.where(valid, torch.exp(St - t_lse[:, None]), 0.0)
-            row_pos[r0:r1] = (Tt * torch.where(valid, S, 0.0)).sum(1)
+            w = _teacher_weight(teacher_scale, dt)
+            row_pos[r0:r1] = (Tt * torch.where(valid, S, 0.0)).sum(1) * w + (1 - w) * row_pos[r0:r1]
             row_npos[r0:r1] = 1.0
             row_aux[0, r0:r1] = t_lse
             row_aux[1, r0:r1] = (Tt * torch.where(valid, St, 0.0)).sum(1)
@@ -397,7 +398,14 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
 
 
 def _teacher_logits(tq, tk, ts, r0, r1, dt):
-    return ts.to(dt) * (tq[r0:r1].to(dt) @ tk.to(dt).transpose(0, 1))
+    """st <u_i, v_j> of rows [r0, r1); ts: (1,) st or (2,) (st, w)."""
+    return ts.reshape(-1)[0].to(dt) * (tq[r0:r1].to(dt) @ tk.to(dt).transpose(0, 1))
+
+
+def _teacher_weight(ts, dt):
+    """w of the targets T = w softmax(st <u_i, v_j>) + (1 - w) [j = p(i)]: ts[1], or 1."""
+    ts = ts.reshape(-1)
+    return ts[1].to(dt) if ts.numel() == 2 else torch.ones((), dtype=dt, device=ts.device)
 
 
 def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
@@ -441,7 +449,9 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             P = torch.where(in_lse, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
             if teacher_queries is not None:
                 St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
-                dT = torch.where(valid, torch.exp(St - row_aux[0, r0:r1].to(dt)[:, None]), 0.0)
+                w = _teacher_weight(teacher_scale, dt)
+                dT = (w * torch.where(valid, torch.exp(St - row_aux[0, r0:r1].to(dt)[:, None]), 0.0)
+                      + (1 - w) * T.to(dt))
             elif target_lse:
                 dT = torch.where(T, torch.exp(S - row_pos[r0:r1].to(dt)[:, None]), 0.0)
             else:
@@ -475,9 +485,10 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
 
 
 def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
-                       threshold: Tensor, *, exclude_self: bool = False, offset: int = 0,
+                       threshold: Optional[Tensor], *, exclude_self: bool = False, offset: int = 0,
                        positives=None, row_labels=None, col_labels=None, **_):
-    """(N,) for each row, the number of valid non-target j with S_ij > threshold_i."""
+    """(N,) for each row, the number of valid non-target j with S_ij > threshold_i (threshold
+    None: the row's own target logit, one target per row)."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     keys = keys.to(dt)
@@ -486,7 +497,8 @@ def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optio
         S, _, valid, T, _, _ = _tile(queries, keys, scale, bias, r0, r1, kind="softmax",
                                      exclude_self=exclude_self, offset=offset, positives=positives,
                                      row_labels=row_labels, col_labels=col_labels, dtype=dt)
-        out[r0:r1] = (valid & ~T & (S > threshold[r0:r1].to(dt)[:, None])).sum(1).to(dt)
+        thr = (S.where(T, 0.0).sum(1) if threshold is None else threshold[r0:r1].to(dt))
+        out[r0:r1] = (valid & ~T & (S > thr[:, None])).sum(1).to(dt)
     return out
 
 

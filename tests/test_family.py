@@ -111,6 +111,14 @@ def test_uniformity_and_alignment(backend):
     x, y = _feat(40, 9, normalize=False), _feat(40, 9, normalize=False)
     _check("uniformity", lambda x: fastcl.uniformity_loss(x, 2.0, backend=backend, exact=True),
            lambda x: R.uniformity(x, 2.0), [x])
+    # rows as given, of norms far from 1 (the unit-row identity |x_i - x_j|^2 = 2 - 2<x_i, x_j>
+    # does not hold): the norms enter the exponent
+    z = (torch.randn(37, 9, device=DEVICE) * torch.linspace(0.2, 1.5, 37, device=DEVICE)[:, None])
+    z.requires_grad_()
+    out = _check("uniformity-raw", lambda z: fastcl.uniformity_loss(z, 2.0, normalize=False,
+                                                                  backend=backend, exact=True),
+                 lambda z: R.uniformity(z, 2.0, normalize=False), [z])
+    assert abs(out.item() - fastcl.uniformity_loss(z, 2.0, backend=backend).item()) > 0.1
     _check("alignment", lambda x, y: fastcl.alignment_loss(x, y), lambda x, y: R.alignment(x, y), [x, y])
 
 
@@ -143,6 +151,56 @@ def test_false_negative_masking(backend, option):
            lambda q, k: R.info_nce(q, k, None, 8.0, None, "none",
                                    **{a: (v.to(q.device) if torch.is_tensor(v) else v) for a, v in kw.items()}),
            [q, k])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["margin", "ratio"])
+def test_false_negative_masking_of_hard_negatives(backend, option):
+    """fn_margin / fn_ratio drop private hard negatives by the keys' rule: here one of each row's
+    hard negatives is a copy of its positive, so every row masks at least one."""
+    N, M, D, h = 23, 31, 7, 3
+    q, k = _feat(N, D), _feat(M, D)
+    hn = torch.cat([k[:N, None].detach(), _feat(N * (h - 1), D, requires_grad=False).view(N, h - 1, D)], 1)
+    hn.requires_grad_()
+    kw = dict(fn_margin=0.4) if option == "margin" else dict(fn_ratio=0.8)
+    plain = fastcl.info_nce(q, k, scale=8.0, hard_negatives=hn, reduction="none", backend=backend)
+    masked = fastcl.info_nce(q, k, scale=8.0, hard_negatives=hn, reduction="none", backend=backend,
+                             **kw)
+    assert (plain - masked).min() > 0.1  # the copy of the positive left every row
+    _check(f"fn-hard-{option}",
+           lambda q, k, s, hn: fastcl.info_nce(q, k, scale=s, bias=0.2, hard_negatives=hn,
+                                               reduction="none", backend=backend, exact=True, **kw),
+           lambda q, k, s, hn: R.info_nce(q, k, None, s, 0.2, "none", hard_negatives=hn, **kw),
+           [q, k, _scalar(8.0), hn])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_retrieval_ties_and_non_finite_rows(backend):
+    """Exact duplicates of each positive key tie with it (ties favour the positive): with explicit
+    positives and with the default diagonal; a non-finite query ranks NaN instead of first."""
+    N, D = 21, 40
+    # quarter-integer features: every score is exact in float32, so ties are ties at any precision
+    q, k = (torch.randint(-4, 5, (n, D), device=DEVICE).float() / 4 for n in (N, N))
+    keys = torch.cat([k, k])
+    S = q.double() @ keys.double().T
+    for pos in (None, torch.arange(N, device=DEVICE) + N, torch.randperm(2 * N, device=DEVICE)[:N]):
+        p = torch.arange(N, device=DEVICE) if pos is None else pos
+        want = 1 + (S > S[torch.arange(N), p][:, None]).sum(1)
+        got = fastcl.metrics.retrieval(q, keys, pos, backend=backend)["ranks"]
+        assert torch.equal(got.long().cpu(), want.cpu()), (got, want)
+    # rounded scores, a copy of every positive: explicit positives rank exactly as the default
+    # diagonal does (the positive's score in the same arithmetic as its rivals', not a separate
+    # dot product that a near-tie, such as the copy, can fall either side of)
+    q, k = _feat(N, D, requires_grad=False), _feat(N, D, requires_grad=False)
+    keys = torch.cat([k, k])
+    diagonal = fastcl.metrics.retrieval(q, keys, backend=backend)["ranks"]
+    explicit = fastcl.metrics.retrieval(q, keys, torch.arange(N, device=DEVICE), backend=backend)["ranks"]
+    assert torch.equal(diagonal, explicit), (diagonal, explicit)
+    bad = q.clone()
+    bad[3, 5] = float("nan")
+    out = fastcl.metrics.retrieval(bad, keys, backend=backend)
+    assert torch.isnan(out["ranks"][3]) and torch.isfinite(out["ranks"][torch.arange(N) != 3]).all()
+    assert torch.isnan(out["MRR"]) and out["R@10"].item() <= (N - 1) / N
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,6 +258,68 @@ def test_softclip(backend):
     _check("softclip", lambda i, t, s: fastcl.softclip(i, t, s, u, 8.0, alpha=0.3, reduction="none",
                                                        backend=backend, exact=True),
            lambda i, t, s: R.softclip(i, t, s, u.to(i.dtype), 8.0, 0.3, "none"), [i, t, _scalar(14.0)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["softclip", "soft_info_nce", "mv_infonce"])
+def test_target_terms_cancel_in_the_tiles(backend, loss):
+    """bfloat16 near-duplicate views at scale 30: the target term's gradient must meet P inside
+    the tiles, before dS is rounded for the products. The yardstick is CLIP's gradient error on
+    the same features (its targets always were in the tiles); formed apart, the two terms cancel
+    after rounding and these gradients were 10-10^3 x worse than it."""
+    N, D = 48, 24
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(N, D, dtype=torch.float64, generator=gen), dim=1)
+    y = torch.nn.functional.normalize(x + 0.1 * torch.randn(N, D, dtype=torch.float64, generator=gen), dim=1)
+    u = torch.nn.functional.normalize(torch.randn(N, 7, dtype=torch.float64, generator=gen), dim=1)
+    u = u.to(DEVICE, torch.bfloat16)
+    perm = torch.randperm(N, generator=gen).to(DEVICE)  # soft_info_nce: row i's target is key perm[i]
+    w = (torch.rand(N, 1, generator=gen) + 0.5).to(DEVICE, torch.bfloat16)
+    losses = {
+        "clip": (lambda q, k: fastcl.clip_loss(q, k, 30.0, reduction="none", backend=backend),
+                 lambda q, k: R.clip_loss(q, k, 30.0, reduction="none")),
+        "softclip": (lambda q, k: fastcl.softclip(q, k, 30.0, u, 20.0, alpha=0.5, reduction="none",
+                                                  backend=backend),
+                     lambda q, k: R.softclip(q, k, 30.0, u.to(q.dtype), 20.0, 0.5, "none")),
+        "soft_info_nce": (lambda q, k: fastcl.soft_info_nce(q, k[perm.argsort()], (perm[:, None], w), scale=30.0,
+                                                            reduction="none", backend=backend),
+                          lambda q, k: w[:, 0].to(q.dtype) * R.info_nce(q, k[perm.argsort()], perm, 30.0,
+                                                                        reduction="none")),
+        # (rows already unit: normalising them again in bfloat16 would perturb the inputs)
+        "mv_infonce": (lambda q, k: fastcl.mv_infonce(torch.stack([q, k], 1), 1 / 30, normalize=False,
+                                                      reduction="none", backend=backend),
+                       lambda q, k: R.mv_infonce(torch.stack([q, k], 1), 1 / 30, normalize=False,
+                                                 reduction="none")),
+    }
+
+    def grad_error(name):
+        fn, ref = losses[name]
+        q, k = (t.to(DEVICE, torch.bfloat16).requires_grad_() for t in (x, y))
+        out = fn(q, k)
+        g = torch.rand(out.shape, dtype=torch.float64, generator=gen).to(DEVICE) + 0.5
+        got = torch.autograd.grad(out, (q, k), g.to(out.dtype))
+        q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+        want = torch.autograd.grad(ref(q64, k64), (q64, k64), g)
+        return max((a.double() - b).norm().item() / b.norm().item() for a, b in zip(got, want))
+
+    yardstick, err = grad_error("clip"), grad_error(loss)
+    assert err <= 4 * yardstick, f"{loss}: gradient error {err:.2e} vs CLIP's {yardstick:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_bias", [(30.0, -15.0), (20.0, -10.0)])
+def test_siglip_float32_converged_loss_value(backend, scale_bias):
+    """A converged SigLIP batch's loss is a sum of tiny softplus terms (e^-15 and below): float32
+    features must give it to float32 accuracy, as the materialised float32 loss does (a product
+    of factors 1 + e^-|x| kept ~1e-5 of it)."""
+    s, b = scale_bias
+    x = torch.nn.functional.normalize(torch.randn(150, 32, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(x + 0.1 * torch.randn(150, 32, dtype=torch.float64), dim=1)
+    x, y = x.to(DEVICE), y.to(DEVICE)
+    ref = R.siglip_loss(x, y, s, b).item()
+    naive = abs(R.siglip_loss(x.float(), y.float(), s, b).item() - ref) / ref
+    got = fastcl.siglip_loss(x.float(), y.float(), s, b, backend=backend, exact=True).item()
+    assert abs(got - ref) / ref <= 2 * naive + 2e-7, (got, ref, naive)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

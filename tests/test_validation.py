@@ -105,3 +105,110 @@ def test_siglip_and_supcon_labels():
         fastcl.nt_xent(f(4, 8), f(4, 8), temperature=0.0)
     with pytest.raises(ValueError, match="same batch size"):
         fastcl.nt_xent(f(4, 8), f(3, 8))
+
+
+def test_non_finite_and_non_positive_parameters():
+    """Float parameters must be finite; temperatures (floats or tensors) > 0: never a NaN loss."""
+    z = f(6, 8)
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        fastcl.clip_loss(z, z, float("inf"))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fastcl.info_nce(z, z, scale=float("nan"))
+    with pytest.raises(ValueError, match="bias must be finite"):
+        fastcl.info_nce(z, z, bias=float("nan"))
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            fastcl.nt_xent(z, z, torch.tensor(bad, device=DEVICE))
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            fastcl.supcon(z, torch.arange(6, device=DEVICE) % 2, temperature=torch.tensor([bad], device=DEVICE))
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        fastcl.hcl(z, z, "0.5")
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        fastcl.hcl(z, z, torch.tensor(0.5))
+    with pytest.raises(ValueError, match="beta must be >= 0 and finite"):
+        fastcl.hcl(z, z, beta=float("nan"))
+    with pytest.raises(TypeError, match="weight_sigma must be a float"):
+        fastcl.dcl(z, z, weight_sigma="a")
+    with pytest.raises(ValueError, match="t must be > 0 and finite"):
+        fastcl.uniformity_loss(z, float("inf"))
+    with pytest.raises(TypeError, match="t must be a float"):
+        fastcl.uniformity_loss(z, "2")
+    with pytest.raises(ValueError, match="alpha must be > 0 and finite"):
+        fastcl.alignment_loss(z, z, alpha=0.0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\] and finite"):
+        fastcl.info_nce(z, z, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\] and finite"):
+        fastcl.softclip(z, z, 10.0, z, alpha=1.5)
+    # NumPy scalars are numbers like any other
+    np = pytest.importorskip("numpy")
+    assert torch.isfinite(fastcl.nt_xent(z, z, np.float32(0.5)))
+    assert torch.isfinite(fastcl.info_nce(z, z, scale=np.float32(10.0)))
+
+
+def test_full_label_smoothing_matches_cross_entropy():
+    q, k = f(5, 8), f(7, 8)
+    want = torch.nn.functional.cross_entropy(3.0 * q.double() @ k.double().T, torch.arange(5, device=DEVICE),
+                                             label_smoothing=1.0)
+    assert abs(fastcl.info_nce(q, k, scale=3.0, label_smoothing=1.0).item() - want.item()) < 1e-5
+
+
+def test_soft_targets_must_be_non_negative():
+    q, k = f(4, 8), f(6, 8)
+    idx = torch.tensor([[0, 1]] * 4, device=DEVICE)
+    with pytest.raises(ValueError, match="target weights must be >= 0 and finite"):
+        fastcl.soft_info_nce(q, k, (idx, torch.tensor([[1.5, -0.5]] * 4, device=DEVICE)))
+    with pytest.raises(ValueError, match="dense targets must be >= 0 and finite"):
+        fastcl.soft_info_nce(q, k, torch.full((4, 6), float("nan"), device=DEVICE))
+
+
+def test_modules_check_their_arguments_when_built():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcl.ClipLoss(backend="gpu")
+    with pytest.raises(ValueError, match="variant must be 'out' or 'in'"):
+        fastcl.SupConLoss(variant="x")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastcl.NTXentLoss(temperature=0)
+    with pytest.raises(ValueError, match="weight_sigma must be > 0"):
+        fastcl.DCLLoss(weight_sigma=-1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fastcl.InfoNCELoss(scale=float("inf"))
+
+
+def test_metric_arguments():
+    q = f(6, 8)
+    with pytest.raises(ValueError, match="ks must be a sequence of positive integers"):
+        fastcl.metrics.retrieval(q, q, ks=(True,))
+    with pytest.raises(ValueError, match="ks must be a sequence of positive integers"):
+        fastcl.metrics.retrieval(q, q, ks=5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
+def test_second_derivatives_raise(backend):
+    """The fused backward is not itself differentiable: a second derivative (create_graph=True)
+    raises instead of silently treating the saved statistics as constants."""
+    from fastcl import _backend
+
+    if backend == "cpu" and (DEVICE.type != "cpu" or not _backend.has_extension()):
+        pytest.skip("needs the compiled extension and CPU tensors")
+    q, k = f(8, 16).requires_grad_(), f(8, 16)
+    for loss in (lambda: fastcl.info_nce(q, k, scale=10.0, backend=backend),
+                 lambda: fastcl.clip_loss(q, k, 10.0, backend=backend),
+                 lambda: fastcl.nt_xent(q, k, backend=backend)):
+        g, = torch.autograd.grad(loss(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(g.pow(2).sum(), q)
+    if backend != "cpu":
+        g, = torch.autograd.grad(fastcl.dcl(q, k, backend=backend), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(g.pow(2).sum(), q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_metrics_under_autocast(backend):
+    """Features of two dtypes under autocast are cast like a matmul's inputs, as the losses do."""
+    q, k = f(12, 16), f(12, 16)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        r = fastcl.metrics.retrieval(q, k.bfloat16(), backend=backend)
+        v, i = fastcl.metrics.hard_negatives(q, k.bfloat16(), k=3, backend=backend)
+    want = fastcl.metrics.retrieval(q.bfloat16(), k.bfloat16(), backend=backend)
+    assert torch.equal(r["ranks"], want["ranks"]) and v.shape == (12, 3) and i.shape == (12, 3)

@@ -58,14 +58,14 @@ _ONLY = {"self_lse": ("fwd", "fwd_plain", "fwd_resident"), "self_lse_sym": _SELF
 KERNELS = {
     # the forward of closures with PLAIN: the band-and-edge launch (TILES=1, with the interior
     # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)
-    "fwd": (E._forward_kernel, "fwd", dict(COUNT=False)),
-    "fwd_plain": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
-    "fwd_resident": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
-    "fwd_fixup": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=3)),
+    "fwd": (E._forward_kernel, "fwd", dict(COUNT=0)),
+    "fwd_plain": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=2)),
+    "fwd_resident": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=2)),
+    "fwd_fixup": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=3)),
     # TMA: True (opt-in): the streamed D chunks through tensor descriptors (Triton with them only)
-    "fwd_tma": (E._forward_kernel, "fwd", dict(COUNT=False)),
-    "fwd_plain_tma": (E._forward_kernel, "fwd_plain", dict(COUNT=False, TILES=2)),
-    "count": (E._forward_kernel, "fwd", dict(COUNT=True, PLAIN=False)),
+    "fwd_tma": (E._forward_kernel, "fwd", dict(COUNT=0)),
+    "fwd_plain_tma": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=2)),
+    "count": (E._forward_kernel, "fwd", dict(COUNT=2, PLAIN=False)),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
                  dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True, PLAIN=False)),
@@ -126,6 +126,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
     if fn is E._forward_kernel:  # as the launcher: the partials' tiling is the interior launch's
         consts.setdefault("TILES", 1 if consts["PLAIN"] else 0)
+        consts.setdefault("SP_SERIES", dtype == torch.float32 and consts.get("KIND") == E.KIND_SIGMOID
+                          and not consts.get("COUNT"))
         consts.setdefault("RESIDENT", False)
         consts["TILE_N"] = cfg["BLOCK_N"]
         if consts["TILES"] == 1:

@@ -32,7 +32,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         **_kw(spec, targets))
 
 
-def count_above(queries, keys, scale, bias, targets, spec, threshold):
+def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
     return reference.engine_count_above(queries, keys, scale, bias, threshold, **_kw(spec, targets))
 
 

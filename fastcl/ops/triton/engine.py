@@ -261,12 +261,21 @@ def _product(a, b):
 
 
 @triton.jit
-def _softplus_row_sums(x, BLOCK_N: tl.constexpr):
-    """sum_j softplus(x_ij) of each row = sum_j max(x_ij, 0) + log prod_j (1 + e^-|x_ij|): one
-    logarithm per row instead of one per entry (each factor lies in [1, 2]; scaled by 3/4 past 64
-    columns so that the product stays a normal float32). Entries at -inf add nothing."""
-    f = 1.0 + tl.exp2(tl.abs(x) * -LOG2E)
+def _softplus_row_sums(x, BLOCK_N: tl.constexpr, SERIES: tl.constexpr):
+    """sum_j softplus(x_ij) of each row = sum_j max(x_ij, 0) + log prod_j (1 + y_ij), y = e^-|x|:
+    one logarithm per row instead of one per entry (each factor lies in [1, 2]; scaled by 3/4 past
+    64 columns so that the product stays a normal float32). Entries at -inf add nothing.
+    SERIES (float32 features): a factor 1 + y with y < 1/16 keeps few of y's bits (none below
+    2^-24), which leaves a converged row's loss, made of such terms, with ~1e-5 relative error; those
+    terms are summed instead as log1p(y) = y - y^2/2 + y^3/3 - y^4/4 (truncation below y^5/5)."""
+    y = tl.exp2(tl.abs(x) * -LOG2E)
     relu = tl.sum(tl.maximum(x, 0.0), 1)
+    if SERIES:
+        small = y < 0.0625
+        f = tl.where(small, 1.0, 1.0 + y)
+        relu += tl.sum(tl.where(small, y * (1.0 - y * (0.5 - y * (0.33333334 - 0.25 * y))), 0.0), 1)
+    else:
+        f = 1.0 + y
     if BLOCK_N <= 64:
         out = relu + tl.log(tl.reduce(f, 1, _product))
     else:
@@ -458,18 +467,21 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
 
 
 @triton.jit
-def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M, DT,
+def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, target, N, M, DT,
                    stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                    UPCAST: tl.constexpr, SOFT_SIM: tl.constexpr):
-    """Teacher probabilities Tt_ij = exp(st <u_i, v_j> - teacher_lse_i) of one tile (SOFT_SIM),
-    from the teacher LSE saved by the forward (aux row 0); zeros otherwise."""
+    """Targets T_ij = w Tt_ij + (1 - w) [j = p(i)] of one tile (SOFT_SIM), Tt_ij =
+    exp(st <u_i, v_j> - teacher_lse_i) from the teacher LSE saved by the forward (aux row 0), w
+    the teacher's weight (tscale_ptr[1]), p(i) the row's index target; zeros otherwise."""
     if SOFT_SIM:
         ts = tl.load(tscale_ptr).to(tl.float32)
+        tw = tl.load(tscale_ptr + 1).to(tl.float32)
         t_lse = tl.load(aux_ptr + rows.to(tl.int64), mask=rows < N, other=0.0)
         c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd, stride_tkn,
                               stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
-        soft = tl.where(valid, _exp(c2 * ts - t_lse[:, None]), 0.0)
+        soft = tl.where(valid, tw * _exp(c2 * ts - t_lse[:, None]), 0.0)
+        soft += tl.where(target, 1.0 - tw, 0.0)
     else:
         soft = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     return soft
@@ -585,8 +597,8 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         else:
             ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
             col_target = valid & (rows[:, None] == ctgt[None, :])
-        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, N, M,
-                              DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
+        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, target,
+                              N, M, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
                               BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
         dS, dS_rows = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
                                    b_c, soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS,
@@ -614,14 +626,16 @@ def _forward_kernel(
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
     COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr, RESIDENT: tl.constexpr,
     TMA: tl.constexpr, COLSUM_MMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SP_SERIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Forward sweep of one row block over every column block.
     #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
     #            symmetric: partial column LSE over this block's rows, and S_{pc(j), j}.
     #            EXCLUDE_TARGETS leaves targets out of the LSEs; TARGET_LSE makes row_pos the LSE
     #            over targets; FN_SPACE / FN_IDS drop false negatives from every sum.
-    #   COUNT (retrieval metrics): row_lse_i = #{valid non-target j : S_ij > thr_i}, nothing else.
+    #   COUNT (retrieval metrics): row_lse_i = #{valid non-target j : S_ij > thr_i}, nothing else;
+    #         COUNT = 1: thr_i from thr_ptr; 2: thr_i = row i's target logit (one target per row),
+    #         from a first sweep over the same tiles, so a key equal to the target ties with it.
     #   sigmoid: row_lse_i = sum_{j valid} softplus(-z_ij S_ij), z = +1 on targets else -1.
     # 1. load the row block's target metadata, scale and bias;
     # 2. for each column block: c = Q_blk K_blk^T (fp32 accumulate over D), S = s c + b;
@@ -648,7 +662,8 @@ def _forward_kernel(
     # chunks are copied by the tensor memory accelerator instead of per-thread copies.
     # COLSUM_MMA (launch 2, 16-bit features): the column sums of step 5 as the product P^T w on the
     # tensor cores (P and w rounded to bfloat16, float32 sums) instead of reductions across lanes
-    # and warps.
+    # and warps. SP_SERIES (sigmoid, float32 features): small softplus terms summed as a series
+    # (see _softplus_row_sums).
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -688,7 +703,7 @@ def _forward_kernel(
                 l_i = l_i * _exp(m_i - m_new) + tl.sum(p, 1) * _exp(tm - m_new)
                 m_i = m_new
             else:  # every entry a negative (z = -1): softplus(S_ij)
-                l_i += _softplus_row_sums(c * s + b, BLOCK_N)
+                l_i += _softplus_row_sums(c * s + b, BLOCK_N, SP_SERIES)
             if SYMMETRIC:  # raw sums 2^-top2 sum_i 2^x_ij; the merge takes their logarithms
                 top2 = tl.max(tm2, 0)
                 w = tl.exp2(tm2 - top2)
@@ -745,10 +760,28 @@ def _forward_kernel(
         l2_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # LSE2: sum-exp
         lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: teacher sum-exp
         tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) St_ij
-        if SOFT_SIM:
+        if SOFT_SIM:  # the teacher scale and the teacher's weight in the targets
             ts = tl.load(tscale_ptr).to(tl.float32)
+            tw = tl.load(tscale_ptr + 1).to(tl.float32)
         else:
             ts = 0.0
+            tw = 1.0
+        if COUNT == 1:
+            thr = tl.load(thr_ptr + r64, mask=rmask, other=float("inf"))
+        elif COUNT == 2:  # the target logit, bit for bit as the counting sweep computes it
+            thr = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for u in range(0, n_sweep, BLOCK_N):
+                col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
+                cols = col0 + tl.arange(0, BLOCK_N)
+                c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
+                                     stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                                     UPCAST, TMA)
+                S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta,
+                                                 clab_ptr, thr_ptr, rid_ptr, cid_ptr, LABELS,
+                                                 EXCLUDE_SELF, FN_SPACE, FN_IDS)
+                thr += tl.sum(tl.where(valid & target, S, 0.0), 1)
+        else:
+            thr = tl.zeros((BLOCK_M,), dtype=tl.float32)
         # the band and edge tiles (TILES = 1), or every tile (TILES = 0)
         for u in range(0, n_sweep, BLOCK_N):
             col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
@@ -760,7 +793,6 @@ def _forward_kernel(
                                              thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF,
                                              FN_SPACE, FN_IDS)
             if COUNT:
-                thr = tl.load(thr_ptr + rows.to(tl.int64), mask=rmask, other=float("inf"))
                 above = (target == 0) & valid & (S > thr[:, None])
                 l_i += tl.sum(above.to(tl.float32), 1)
             elif KIND == 0:
@@ -791,6 +823,7 @@ def _forward_kernel(
                     pos_i = pos_i * alpha + tl.sum(e * tl.where(valid, S, 0.0), 1)
                     tt_i = tt_i * alpha + tl.sum(e * St, 1)
                     mt_i = mt_new
+                    npos_i += tl.sum(tl.where(target, S, 0.0), 1)  # the index target's logit
                 elif TARGET_LSE:
                     St = tl.where(target, S, float("-inf"))
                     mt_new = tl.maximum(mt_i, tl.max(St, 1))
@@ -825,7 +858,7 @@ def _forward_kernel(
             else:
                 # softplus(-z_ij S_ij) over the valid entries
                 l_i += _softplus_row_sums(tl.where(valid, tl.where(target, -S, S), float("-inf")),
-                                          BLOCK_N)
+                                          BLOCK_N, SP_SERIES)
 
         if COUNT:
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
@@ -841,9 +874,10 @@ def _forward_kernel(
                 tl.store(row_lse_ptr + r64, l_i, mask=rmask)
             if LSE2:
                 tl.store(aux_ptr + 2 * N + r64, m2_i + tl.log(l2_i), mask=rmask)
-            if SOFT_SIM:  # row_pos = sum_j Tt_ij S_ij; aux = (teacher LSE, sum_j Tt_ij St_ij)
+            if SOFT_SIM:  # row_pos = sum_j T_ij S_ij, T = w Tt + (1 - w) [j = p(i)];
+                # aux = (teacher LSE, sum_j Tt_ij St_ij)
                 lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
-                tl.store(row_pos_ptr + r64, pos_i / lt_safe, mask=rmask)
+                tl.store(row_pos_ptr + r64, tw * (pos_i / lt_safe) + (1.0 - tw) * npos_i, mask=rmask)
                 tl.store(row_npos_ptr + r64, tl.full((BLOCK_M,), 1.0, dtype=tl.float32), mask=rmask)
                 tl.store(aux_ptr + r64, mt_i + tl.log(lt_safe), mask=rmask)
                 tl.store(aux_ptr + N + r64, tt_i / lt_safe, mask=rmask)
@@ -1657,14 +1691,20 @@ def _target_sums(queries, keys, scale, bias, ts: _TargetSets):
     return torch.where(npos > 0, row_pos, 0.0), npos
 
 
+def _teacher_scale2(ts: torch.Tensor) -> torch.Tensor:
+    """The kernels' (2,) float32 teacher parameters (st, w): a (1,) st gets the weight w = 1."""
+    ts = ts.reshape(-1).float()
+    return ts if ts.numel() == 2 else torch.cat([ts, ts.new_ones(1)])
+
+
 def _metadata(targets, dummy, threshold=None, aux=None):
     """The kernels' metadata arguments, in order: positives, column positives, row / column labels,
     the per-row threshold (false negatives, or the count threshold), row / column duplicate ids,
     then the teacher pair, its scale, the teacher statistics buffer, its D and strides."""
     thr = threshold if threshold is not None else targets.fn_threshold
     tq, tk = targets.teacher_queries, targets.teacher_keys
-    teacher = (tq, tk, targets.teacher_scale, _ptr(aux, dummy), tq.shape[1], tq.stride(0),
-               tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
+    teacher = (tq, tk, _teacher_scale2(targets.teacher_scale), _ptr(aux, dummy), tq.shape[1],
+               tq.stride(0), tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
         (dummy, dummy, dummy, _ptr(aux, dummy), 1, 0, 0, 0, 0)
     return (_ptr(targets.positives, dummy), _ptr(targets.col_positives, dummy),
             _ptr(targets.row_labels, dummy), _ptr(targets.col_labels, dummy), _ptr(thr, dummy),
@@ -1738,8 +1778,9 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     # the interior launch's column-underflow flag per row block of a launch group
     flags_buf = torch.empty(per_launch, dtype=torch.int32, device=dev) if (plain and symmetric) \
         else row_npos
-    const = dict(SYMMETRIC=symmetric, COUNT=False, PRECISION=_precision(queries, spec.exact),
-                 TILE_N=tile_n, **flags)
+    const = dict(SYMMETRIC=symmetric, COUNT=0, PRECISION=_precision(queries, spec.exact),
+                 TILE_N=tile_n, SP_SERIES=queries.dtype == torch.float32 and spec.kind == "sigmoid",
+                 **flags)
     # the tiling of the column partials and of the two launches is fixed: BLOCK_N tuned otherwise
     tuned = None if (symmetric or plain) else "BLOCK_N"
     for start in range(0, n_row_blocks, per_launch):
@@ -1936,24 +1977,27 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     return dq, dk, dsb.sum(0) if need_sb else None
 
 
-def count_above(queries, keys, scale, bias, targets, spec, threshold):
-    """(N,) float32: for each row, the number of valid non-target columns with S_ij > threshold_i
-    (the rank of the positive minus one when threshold is its logit). No gradient."""
+def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
+    """(N,) float32: for each row, the number of valid non-target columns with S_ij > threshold_i;
+    without a threshold, S_ij > the row's target logit computed in the same tiles (one target per
+    row): the rank of the target minus one, ties in its favour. No gradient."""
     targets = prepare_targets(targets)
     N, D = queries.shape
     M = keys.shape[0]
     counts = torch.empty(N, dtype=torch.float32, device=queries.device)
     cfg = _config(queries, "fwd")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
-    args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, threshold.float()),
+    thr = threshold.float().contiguous() if threshold is not None else None
+    args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, thr),
             counts, counts, counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset,
             0.0,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     flags = _flags(queries, spec, targets, bias)
     flags.pop("PLAIN")
     cfg = dict(cfg, TMA=False)
-    const = dict(SYMMETRIC=False, COUNT=True, PRECISION=_precision(queries, spec.exact), TILES=0,
-                 TILE_N=cfg["BLOCK_N"], RESIDENT=False, **flags)
+    const = dict(SYMMETRIC=False, COUNT=1 if threshold is not None else 2,
+                 PRECISION=_precision(queries, spec.exact), TILES=0,
+                 TILE_N=cfg["BLOCK_N"], RESIDENT=False, SP_SERIES=False, **flags)
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
     return counts
 
