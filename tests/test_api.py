@@ -28,6 +28,41 @@ def test_import_touches_no_gpu():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+_GLOBALS_CHECK = r"""
+import builtins, importlib, pkgutil, symtable, sys
+import fastcl
+missing = []
+for info in pkgutil.walk_packages(fastcl.__path__, "fastcl."):
+    if info.name.startswith("fastcl._C"):
+        continue
+    mod = importlib.import_module(info.name)
+    src = open(mod.__file__).read()
+    stack = [symtable.symtable(src, mod.__file__, "exec")]
+    while stack:
+        table = stack.pop()
+        stack.extend(table.get_children())
+        if table.get_type() == "module":
+            continue
+        for sym in table.get_symbols():
+            name = sym.get_name()
+            if (sym.is_global() and sym.is_referenced() and name not in vars(mod)
+                    and not hasattr(builtins, name)):
+                missing.append(f"{info.name}: {table.get_name()} uses {name}")
+print("\n".join(missing) if missing else "ok")
+"""
+
+
+def test_no_undefined_module_names():
+    """Every global name a function of the package reads exists in its module after a plain
+    import. (The Triton interpreter adds names such as ``math`` to the globals of the modules
+    whose kernels it runs, so a host-side function that forgot an import passes every CPU test and
+    fails only on a GPU.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _GLOBALS_CHECK], cwd=ROOT, capture_output=True,
+                         text=True, env={**env, "PYTHONPATH": ROOT})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
 def test_public_names():
     for name in ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "InfoNCELoss",
                  "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss"]:

@@ -12,6 +12,7 @@ groups that fit in it. All index arithmetic on tensors is 64-bit.
 """
 # (no ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises constexpr
 # parameters only by an annotation that is the ``tl.constexpr`` object, not its string)
+import math
 import os
 import warnings
 from typing import NamedTuple, Optional
@@ -130,21 +131,25 @@ def _scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(lse_r, s, b, KIND: tl.constexpr, SYMMETRIC: tl.constexpr, SOFT_SIM: tl.constexpr,
-                 LSE2: tl.constexpr):
-    """Per-row offsets m_i of the scale sum: (row_lse_i - b) / s, the LSE in the units of c (0 for
-    rows without entries), for a one-way softmax closure; zeros for the others. Its rows' dS sum
-    to a known R_i (a_i + b_i for rows with entries and targets), so d_scale =
-    sum dS_ij (c_ij - m_i) + sum_i m_i R_i (the launcher adds the second term): a float32 error
-    e_i of the stored LSE scales P's row i by (1 + e_i) and moves the first sum by e_i times the
-    row's mean of c - m_i (about its entropy / s) instead of its mean of c, which at a low
-    temperature is where the whole scale gradient cancels."""
+def _row_offsets(lse_r, s, b, M, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
+                 SOFT_SIM: tl.constexpr, LSE2: tl.constexpr):
+    """Per-row offsets m_i of the scale sum, for a one-way softmax closure (zeros for the others,
+    and for rows without entries): (row_lse_i - b) / s, the LSE in the units of c, when s >= log M;
+    at higher temperatures (row_lse_i - b - log M) / s, the log-mean-exp of the row's c, which
+    lies within the range of c where the LSE's offset log(M) / s would not. Its rows' dS sum to a
+    known R_i (a_i + b_i for rows with entries and targets), so d_scale = sum dS_ij (c_ij - m_i)
+    + sum_i m_i R_i (the launcher adds the second term, _row_offset_sums): a float32 error e_i of
+    the stored LSE scales P's row i by (1 + e_i) and moves the first sum by e_i times the row's
+    mean of c - m_i (about its entropy / s) instead of its mean of c, which at a low temperature
+    is where the whole scale gradient cancels."""
     if KIND == 0:
         if not SYMMETRIC:
             if not SOFT_SIM:
                 if not LSE2:
                     s_safe = tl.where(s != 0.0, s, 1.0)
-                    m = tl.where(lse_r > float("-inf"), (lse_r - b) / s_safe, 0.0)
+                    log_m = tl.log(M.to(tl.float32))
+                    shift = tl.where(s < log_m, log_m, 0.0)
+                    m = tl.where(lse_r > float("-inf"), (lse_r - b - shift) / s_safe, 0.0)
                     return tl.where(s != 0.0, m, 0.0)
     return tl.zeros_like(lse_r)
 
@@ -533,7 +538,7 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
     if CENTRE:
-        cm = c - _row_offsets(lse_r, s, b, KIND, False, SOFT_SIM, LSE2)[:, None]
+        cm = c - _row_offsets(lse_r, s, b, M, KIND, False, SOFT_SIM, LSE2)[:, None]
     else:
         cm = c
     if INTERIOR:
@@ -1017,7 +1022,7 @@ def _backward_rows_kernel(
     if COMPUTE_SB:
         first = pid_d == 0
         if not SELF_SYM:  # (the row part's sums came centred)
-            acc_s -= _row_offsets(lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2) * acc_b
+            acc_s -= _row_offsets(lse_r, s, b, M, KIND, SYMMETRIC, SOFT_SIM, LSE2) * acc_b
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
 
@@ -1100,7 +1105,7 @@ def _backward_cols_kernel(
         acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
                      input_precision=PRECISION)
         if COMPUTE_SB:
-            m = _row_offsets(lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+            m = _row_offsets(lse_r, s, b, M, KIND, SYMMETRIC, SOFT_SIM, LSE2)
             acc_s += tl.sum(dS * (c - m[:, None]), 0)
             acc_b += tl.sum(dS, 0)
 
@@ -1179,10 +1184,10 @@ def _grad_tiles_kernel(
         if COMPUTE_SB:
             slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
             if SELF_SYM:  # (as in the fused row kernel; centred here: fewer registers)
-                rs -= _row_offsets(lse_r, s, b, KIND, False, SOFT_SIM, LSE2) * rb
+                rs -= _row_offsets(lse_r, s, b, M, KIND, False, SOFT_SIM, LSE2) * rb
             else:
                 rb = tl.sum(dS, 1)
-                m = _row_offsets(lse_r, s, b, KIND, SYMMETRIC, SOFT_SIM, LSE2)
+                m = _row_offsets(lse_r, s, b, M, KIND, SYMMETRIC, SOFT_SIM, LSE2)
                 rs = tl.sum(dS * c, 1) - m * rb
             tl.store(dsb_ptr + slot, tl.sum(rs, 0))
             tl.store(dsb_ptr + slot + 1, tl.sum(rb, 0))
@@ -1873,7 +1878,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     ds = db = None
     if need_sb:
         if _centred_sums(spec, targets, symmetric and not twice):
-            sb_sums = _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias)
+            sb_sums = _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias, keys.shape[0])
         ds = sb_sums[0:1] if need_s else None
         db = sb_sums[1:2] if need_b else None
     return dq, dk, ds, db
@@ -1885,15 +1890,18 @@ def _centred_sums(spec, targets, symmetric) -> bool:
             and spec.lse2_ratio is None)
 
 
-def _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias):
+def _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias, M: int):
     """(d_scale, d_bias) from the kernels' centred sums (sum dS (c - m), sum dS): adds
-    sum_i m_i R_i to the first, and the second is sum_i R_i, with R_i = sum_j dS_ij exactly
-    (a_i over rows with entries, b_i over rows with targets): dS's rows sum to these in exact
-    arithmetic, and the float32 error of the stored LSE leaves them out."""
+    sum_i m_i R_i to the first (m_i as _row_offsets, for M columns), and the second is
+    sum_i R_i, with R_i = sum_j dS_ij exactly (a_i over rows with entries, b_i over rows with
+    targets): dS's rows sum to these in exact arithmetic, and the float32 error of the stored LSE
+    leaves them out."""
     lse = stats.row_lse
     has = lse > float("-inf")
     b = bias if bias is not None else 0.0
-    m = torch.where(has & (scale != 0), (lse - b) / torch.where(scale != 0, scale, 1.0), 0.0)
+    log_m = math.log(M)
+    shift = torch.where(scale < log_m, log_m, 0.0)
+    m = torch.where(has & (scale != 0), (lse - b - shift) / torch.where(scale != 0, scale, 1.0), 0.0)
     R = torch.where(has, a_row, 0.0) + torch.where(stats.row_npos > 0, b_row, 0.0)
     return torch.stack([sb_sums[0] + (m * R).sum(), R.sum()])
 
