@@ -336,6 +336,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
                 hard_negatives.shape[0] != N or hard_negatives.shape[2] != queries.shape[1]:
             raise ValueError(f"hard_negatives must have shape (N={N}, h, D={queries.shape[1]}), got "
                              f"{tuple(hard_negatives.shape) if isinstance(hard_negatives, Tensor) else type(hard_negatives).__name__}")
+        if not hard_negatives.is_floating_point():
+            raise TypeError(f"hard_negatives must be a floating-point tensor, got {hard_negatives.dtype}")
         if hard_negatives.dtype != queries.dtype and not _autocast_dtype(queries.device):
             raise TypeError(f"hard_negatives must have the queries' dtype {queries.dtype}, got {hard_negatives.dtype}")
         if hard_negatives.device != queries.device:
@@ -482,6 +484,8 @@ def _views_flat(name: str, x, labels, label_name: str):
     labels = _check_labels(label_name, labels, x.shape[0], x.device)
     if x.dim() == 3:
         V = x.shape[1]
+        if V == 0:
+            raise ValueError(f"{name} of shape (B, V, D) needs V >= 1 views, got {tuple(x.shape)}")
         x = torch.cat(torch.unbind(x, dim=1))
         labels = labels.repeat(V)
     _check_features(name, x)
@@ -808,11 +812,12 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 
         L_i = log sum_v sum_{c != (v,i)} e^{S_(v,i),c} - log 2 - log sum_{v<w} e^{S_(v,i),(w,i)}
 
-    Both terms come from one sweep with the instances as labels: row (v, i)'s LSE over every
-    other row, and its target LSE over the other views of i, since by symmetry
-    ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v} e^{S_(v,i),(w,i)}``; so
-    ``L_i = LSE_v(row LSE_(v,i)) - LSE_v(target LSE_(v,i))``, and the targets' gradient is formed
-    in the tiles with the rest. "none" gives (B,).
+    Both terms come from one sweep, which forms the targets' gradient in its tiles with the rest.
+    V = 2: the pair's logit is each row's index target (the other view), a linear term the lean
+    path handles. V > 2: the instances are labels, and row (v, i) has its target LSE over the
+    other views of i; by symmetry ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v}
+    e^{S_(v,i),(w,i)}``, so ``L_i = LSE_v(row LSE_(v,i)) - LSE_v(target LSE_(v,i))`` (a target
+    LSE is not linear: these sweeps take the masked path). "none" gives (B,).
     """
     if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
         raise ValueError("features must have shape (B, V, D) with V >= 2 views, got "
@@ -825,12 +830,19 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     Z, _, be = _prepare(Z, Z, backend)
     if normalize:
         Z = torch.nn.functional.normalize(Z, dim=1)
-    # row (v, i): the LSE over c != (v, i), and the target LSE over (w, i), w != v
-    ids = torch.arange(B, device=Z.device).repeat(V)
-    lse, target_lse, _, _, _, _, _ = engine_statistics(
-        Z, Z, s, None, Targets(row_labels=ids, col_labels=ids),
-        LossSpec(kind="softmax", exclude_self=True, target_lse=True, gram=True, exact=exact), be)
-    per = torch.logsumexp(lse.view(V, B), dim=0) - torch.logsumexp(target_lse.view(V, B), dim=0)
+    # row (v, i): the LSE over c != (v, i), and the target term over (w, i), w != v
+    spec = LossSpec(kind="softmax", exclude_self=True, target_lse=V > 2, gram=True, exact=exact)
+    if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
+        pair = torch.arange(2 * B, device=Z.device).add_(B).remainder_(2 * B)
+        lse, pair_logit, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=pair),
+                                                           spec, be)
+        positive = pair_logit.view(2, B).mean(0)
+    else:
+        ids = torch.arange(B, device=Z.device).repeat(V)
+        lse, target_lse, _, _, _, _, _ = engine_statistics(
+            Z, Z, s, None, Targets(row_labels=ids, col_labels=ids), spec, be)
+        positive = torch.logsumexp(target_lse.view(V, B), dim=0) - math.log(2.0)
+    per = torch.logsumexp(lse.view(V, B), dim=0) - math.log(2.0) - positive
     return _reduce(per, reduction)
 
 

@@ -464,8 +464,9 @@ def _linear_target_case(case, dtype=torch.float32, normalize=True):
         return (lambda a, b, s, bias, backend: fastcl.info_nce(a, b, positives=pos, scale=s, bias=bias,
                                                                reduction="none", backend=backend),
                 (q, k, _scalar(12.0), _scalar(-0.4)))
-    if case == "mv_infonce":
-        x = features(N, D, dtype, DEVICE).detach().view(N // 3, 3, D).requires_grad_()
+    if case == "mv_infonce":  # two views: the pair's logit is each row's index target (V > 2
+        # has target LSEs, not linear: the masked path, checked in test_family)
+        x = features(N, D, dtype, DEVICE).detach().view(N // 2, 2, D).requires_grad_()
         return (lambda f, t, backend: fastcl.mv_infonce(f, t, reduction="none", backend=backend),
                 (x, _scalar(0.2)))
     assert case == "uniformity"

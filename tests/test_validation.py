@@ -212,3 +212,12 @@ def test_metrics_under_autocast(backend):
         v, i = fastcl.metrics.hard_negatives(q, k.bfloat16(), k=3, backend=backend)
     want = fastcl.metrics.retrieval(q.bfloat16(), k.bfloat16(), backend=backend)
     assert torch.equal(r["ranks"], want["ranks"]) and v.shape == (12, 3) and i.shape == (12, 3)
+
+
+def test_views_and_hard_negative_types():
+    with pytest.raises(ValueError, match="needs V >= 1 views"):
+        fastcl.supcon(torch.randn(4, 0, 8, device=DEVICE), torch.arange(4, device=DEVICE))
+    q = f(4, 8)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="hard_negatives must be a floating-point tensor"):
+            fastcl.info_nce(q, q, hard_negatives=torch.ones(4, 2, 8, dtype=torch.int64, device=DEVICE))
