@@ -147,7 +147,7 @@ def _row_offsets(lse_r, s, b, M, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
             if not SOFT_SIM:
                 if not LSE2:
                     s_safe = tl.where(s != 0.0, s, 1.0)
-                    log_m = tl.log(M.to(tl.float32))
+                    log_m = tl.log(tl.zeros_like(lse_r) + M)  # (M may be specialised to 1)
                     shift = tl.where(s < log_m, log_m, 0.0)
                     m = tl.where(lse_r > float("-inf"), (lse_r - b - shift) / s_safe, 0.0)
                     return tl.where(s != 0.0, m, 0.0)
@@ -271,14 +271,15 @@ def _softplus_row_sums(x, BLOCK_N: tl.constexpr, SERIES: tl.constexpr):
     one logarithm per row instead of one per entry (each factor lies in [1, 2]; scaled by 3/4 past
     64 columns so that the product stays a normal float32). Entries at -inf add nothing.
     SERIES (float32 features): a factor 1 + y with y < 1/16 keeps few of y's bits (none below
-    2^-24), which leaves a converged row's loss, made of such terms, with ~1e-5 relative error; those
-    terms are summed instead as log1p(y) = y - y^2/2 + y^3/3 - y^4/4 (truncation below y^5/5)."""
+    2^-24), which left a converged row's loss, made of such terms, ~1e-5 off; those terms are
+    summed instead as log1p(y) = y - y^2/2 + y^3/3 - y^4/4 (truncation below y^5/5)."""
     y = tl.exp2(tl.abs(x) * -LOG2E)
     relu = tl.sum(tl.maximum(x, 0.0), 1)
     if SERIES:
         small = y < 0.0625
         f = tl.where(small, 1.0, 1.0 + y)
-        relu += tl.sum(tl.where(small, y * (1.0 - y * (0.5 - y * (0.33333334 - 0.25 * y))), 0.0), 1)
+        series = y * (1.0 - y * (0.5 - y * (0.33333334 - 0.25 * y)))
+        relu += tl.sum(tl.where(small, series, 0.0), 1)
     else:
         f = 1.0 + y
     if BLOCK_N <= 64:
@@ -603,8 +604,8 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
             ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
             col_target = valid & (rows[:, None] == ctgt[None, :])
         soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, target,
-                              N, M, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M, BLOCK_N,
-                              BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
+                              N, M, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M,
+                              BLOCK_N, BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
         dS, dS_rows = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
                                    b_c, soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS,
                                    TARGET_LSE, SOFT_SIM, LSE2)
@@ -882,7 +883,8 @@ def _forward_kernel(
             if SOFT_SIM:  # row_pos = sum_j T_ij S_ij, T = w Tt + (1 - w) [j = p(i)];
                 # aux = (teacher LSE, sum_j Tt_ij St_ij)
                 lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
-                tl.store(row_pos_ptr + r64, tw * (pos_i / lt_safe) + (1.0 - tw) * npos_i, mask=rmask)
+                tl.store(row_pos_ptr + r64, tw * (pos_i / lt_safe) + (1.0 - tw) * npos_i,
+                         mask=rmask)
                 tl.store(row_npos_ptr + r64, tl.full((BLOCK_M,), 1.0, dtype=tl.float32), mask=rmask)
                 tl.store(aux_ptr + r64, mt_i + tl.log(lt_safe), mask=rmask)
                 tl.store(aux_ptr + N + r64, tt_i / lt_safe, mask=rmask)
