@@ -62,14 +62,14 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def _check_module_args(reduction: str, backend: str, **numbers) -> None:
+def _check_module_args(reduction: str, backend: str, **params) -> None:
     """A module's constructor arguments, checked when it is built rather than at its first call:
     the reduction, the backend's name, and float temperatures / scales (tensors are checked per
     call)."""
     _check_reduction(reduction)
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    for name, x in numbers.items():
+    for name, x in params.items():
         if x is None or isinstance(x, Tensor):
             continue
         if name == "temperature":
