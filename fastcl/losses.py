@@ -123,29 +123,30 @@ def _real(name: str, x, expected: str = "a float", *, low: Optional[float] = Non
     return v
 
 
+def _require(ok: Tensor, message: str) -> None:
+    """A check of tensor values (``ok``: a 0-d bool tensor): a ValueError here for CPU tensors; on
+    a GPU an asynchronous device assertion, without a host sync, that fails at the next
+    synchronisation."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    elif ok.device.type != "meta":
+        torch._assert_async(ok, message)
+
+
 def _check_nonnegative(name: str, w: Tensor) -> None:
-    """Target weights must be finite and >= 0 (else the loss has no lower bound): checked here on
-    CPU, on CUDA on the device without a host sync."""
-    if w.device.type == "cpu":
-        if w.numel() and not bool((torch.isfinite(w) & (w >= 0)).all()):
-            raise ValueError(f"{name} must be >= 0 and finite")
-    elif w.device.type != "meta":
-        torch._assert_async((torch.isfinite(w) & (w >= 0)).all(), f"{name} must be >= 0 and finite")
+    """Target weights must be finite and >= 0 (else the loss has no lower bound)."""
+    _require((torch.isfinite(w) & (w >= 0)).all(), f"{name} must be >= 0 and finite")
 
 
 def _check_positive_tensor(name: str, x: Tensor) -> None:
-    """A one-element tensor parameter must be finite and > 0: checked here on CPU, on CUDA on the
-    device without a host sync (an asynchronous device assertion)."""
+    """A one-element tensor parameter must be finite and > 0."""
     if x.numel() != 1:
         raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     v = x.detach()
-    if v.device.type == "cpu":
-        if not (math.isfinite(float(v)) and float(v) > 0):
-            raise ValueError(f"{name} must be > 0 and finite, got {float(v)}")
-    elif v.device.type != "meta":
-        torch._assert_async(torch.isfinite(v).all() & (v > 0).all(), f"{name} must be > 0 and finite")
+    _require((torch.isfinite(v) & (v > 0)).all(), f"{name} must be > 0 and finite")
 
 
 def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device, *,
@@ -165,9 +166,8 @@ def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device, *,
         if n and (int(idx.min()) < low or int(idx.max()) >= bound):
             raise ValueError(f"{name} must lie in [{low}, {bound}) ({bound_name}), got values in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
-    else:  # checked on the device without a host sync; fails at the next synchronisation
-        torch._assert_async(((idx >= low) & (idx < bound)).all(),
-                            f"{name} must lie in [{low}, {bound}) ({bound_name})")
+    else:
+        _require(((idx >= low) & (idx < bound)).all(), f"{name} must lie in [{low}, {bound}) ({bound_name})")
     return idx
 
 
@@ -654,12 +654,10 @@ def _teacher_stats(q, k, s, u, v, ts, spec, be, weight: Optional[float] = None):
     """Engine statistics of queries vs keys with teacher softmax targets softmax_j(ts <u_i, v_j>),
     or with ``weight`` w the targets w softmax_j(ts <u_i, v_j>) + (1 - w) [j = i]."""
     t32 = ts.detach().reshape(1).to(_stat_dtype(q))
-    if weight is None:
-        targets = Targets(positives=_no_targets(q.shape[0], q.device), teacher_queries=u,
-                          teacher_keys=v, teacher_scale=t32)
-    else:  # the diagonal (the default index target) mixed in, inside the tiles
-        t32 = torch.cat([t32, torch.full_like(t32, weight)])
-        targets = Targets(teacher_queries=u, teacher_keys=v, teacher_scale=t32)
+    t32 = torch.cat([t32, torch.full_like(t32, 1.0 if weight is None else weight)])  # (st, w)
+    # weight: the diagonal (the default index target) mixed in, inside the tiles
+    positives = _no_targets(q.shape[0], q.device) if weight is None else None
+    targets = Targets(positives=positives, teacher_queries=u, teacher_keys=v, teacher_scale=t32)
     lse, soft_logit, _, _, _, aux, _ = engine_statistics(q, k, s, None, targets, spec, be)
     return lse, soft_logit, aux
 

@@ -384,7 +384,7 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
             t_lse = torch.logsumexp(St.masked_fill(~valid, -math.inf), dim=1)
             Tt = torch.where(valid, torch.exp(St - t_lse[:, None]), 0.0)
-            w = _teacher_weight(teacher_scale, dt)
+            w = teacher_scale[1].to(dt)
             row_pos[r0:r1] = (Tt * torch.where(valid, S, 0.0)).sum(1) * w + (1 - w) * row_pos[r0:r1]
             row_npos[r0:r1] = 1.0
             row_aux[0, r0:r1] = t_lse
@@ -398,14 +398,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
 
 
 def _teacher_logits(tq, tk, ts, r0, r1, dt):
-    """st <u_i, v_j> of rows [r0, r1); ts: (1,) st or (2,) (st, w)."""
-    return ts.reshape(-1)[0].to(dt) * (tq[r0:r1].to(dt) @ tk.to(dt).transpose(0, 1))
-
-
-def _teacher_weight(ts, dt):
-    """w of the targets T = w softmax(st <u_i, v_j>) + (1 - w) [j = p(i)]: ts[1], or 1."""
-    ts = ts.reshape(-1)
-    return ts[1].to(dt) if ts.numel() == 2 else torch.ones((), dtype=dt, device=ts.device)
+    """st <u_i, v_j> of rows [r0, r1); ts = (st, w)."""
+    return ts[0].to(dt) * (tq[r0:r1].to(dt) @ tk.to(dt).transpose(0, 1))
 
 
 def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], *,
@@ -449,7 +443,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             P = torch.where(in_lse, torch.exp(S - row_lse[r0:r1].to(dt)[:, None]), 0.0)
             if teacher_queries is not None:
                 St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
-                w = _teacher_weight(teacher_scale, dt)
+                w = teacher_scale[1].to(dt)
                 dT = (w * torch.where(valid, torch.exp(St - row_aux[0, r0:r1].to(dt)[:, None]), 0.0)
                       + (1 - w) * T.to(dt))
             elif target_lse:

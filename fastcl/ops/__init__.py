@@ -47,10 +47,10 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
 * False negatives (``spec.fn_space``, ``targets.row_ids``): non-target entries with S_ij (1) or
   c_ij (2) above ``targets.fn_threshold[i]``, or with ``col_ids[j] == row_ids[i]``, are dropped
   from ``valid`` in every sweep.
-* Teacher soft targets (``targets.teacher_queries`` u, ``teacher_keys`` v, ``teacher_scale`` st
-  or (st, w); softmax closure, no labels): Tt_ij = softmax_j(st <u_i, v_j>) over valid j,
-  recomputed in each tile with a second GEMM, and T_ij = w Tt_ij + (1 - w) [j = p(i)] (w = 1
-  without it; p(i) the row's index target, none for positives -1); stats.row_pos = sum_j T_ij
+* Teacher soft targets (``targets.teacher_queries`` u, ``teacher_keys`` v, ``teacher_scale``
+  (st, w); softmax closure, no labels): Tt_ij = softmax_j(st <u_i, v_j>) over valid j,
+  recomputed in each tile with a second GEMM, and T_ij = w Tt_ij + (1 - w) [j = p(i)] (p(i)
+  the row's index target, none for positives -1); stats.row_pos = sum_j T_ij
   S_ij, row_npos = 1, stats.row_aux = (teacher LSE, sum_j Tt_ij st <u_i, v_j>); dT_ij = T_ij,
   formed in the tile, so it cancels against P before rounding. No gradient reaches u, v.
 * ``spec.lse2_ratio`` r: a second row LSE over the same entries, LSE_j (r S_ij), in stats.row_aux[2]
@@ -109,7 +109,7 @@ class Targets(NamedTuple):
     col_ids: Optional[torch.Tensor] = None  # (M,) int64 duplicate id of each key
     teacher_queries: Optional[torch.Tensor] = None  # (N, Dt) soft-target embeddings u
     teacher_keys: Optional[torch.Tensor] = None  # (M, Dt) soft-target embeddings v
-    teacher_scale: Optional[torch.Tensor] = None  # (1,) float32 st, or (2,) (st, w)
+    teacher_scale: Optional[torch.Tensor] = None  # (2,) float32 (st, w)
 
 
 class EngineStats(NamedTuple):

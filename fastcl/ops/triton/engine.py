@@ -786,8 +786,6 @@ def _forward_kernel(
                                                  clab_ptr, thr_ptr, rid_ptr, cid_ptr, LABELS,
                                                  EXCLUDE_SELF, FN_SPACE, FN_IDS)
                 thr += tl.sum(tl.where(valid & target, S, 0.0), 1)
-        else:
-            thr = tl.zeros((BLOCK_M,), dtype=tl.float32)
         # the band and edge tiles (TILES = 1), or every tile (TILES = 0)
         for u in range(0, n_sweep, BLOCK_N):
             col0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
@@ -1698,20 +1696,14 @@ def _target_sums(queries, keys, scale, bias, ts: _TargetSets):
     return torch.where(npos > 0, row_pos, 0.0), npos
 
 
-def _teacher_scale2(ts: torch.Tensor) -> torch.Tensor:
-    """The kernels' (2,) float32 teacher parameters (st, w): a (1,) st gets the weight w = 1."""
-    ts = ts.reshape(-1).float()
-    return ts if ts.numel() == 2 else torch.cat([ts, ts.new_ones(1)])
-
-
 def _metadata(targets, dummy, threshold=None, aux=None):
     """The kernels' metadata arguments, in order: positives, column positives, row / column labels,
     the per-row threshold (false negatives, or the count threshold), row / column duplicate ids,
     then the teacher pair, its scale, the teacher statistics buffer, its D and strides."""
     thr = threshold if threshold is not None else targets.fn_threshold
     tq, tk = targets.teacher_queries, targets.teacher_keys
-    teacher = (tq, tk, _teacher_scale2(targets.teacher_scale), _ptr(aux, dummy), tq.shape[1],
-               tq.stride(0), tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
+    teacher = (tq, tk, targets.teacher_scale, _ptr(aux, dummy), tq.shape[1], tq.stride(0),
+               tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
         (dummy, dummy, dummy, _ptr(aux, dummy), 1, 0, 0, 0, 0)
     return (_ptr(targets.positives, dummy), _ptr(targets.col_positives, dummy),
             _ptr(targets.row_labels, dummy), _ptr(targets.col_labels, dummy), _ptr(thr, dummy),
