@@ -49,26 +49,52 @@ struct GradMeta {
   const float* grad_row;  // (N,)
   const float* grad_col;  // (M,) or null: no column term
   int64_t kind;
+  // Centres of the scale sum (softmax; null: 0): d_scale sums dS's row part times (c - m_i) and
+  // its column part times (c - n_j), and the host adds the lines' known totals (scale_sum_totals).
+  const float* row_centre;  // (N,) or null
+  const float* col_centre;  // (M,) or null
+  // The LSEs in the units of c, (lse - b) / s (softmax, s != 0; null: unused): the exponent of P is
+  // s (c - mu_i), so an entry's rounding is relative to its own distance from the LSE and not to
+  // the logit's size (S - lse, with S rounded to an ulp of |S|, moves P by ~|S| 6e-8 per entry).
+  const float* row_mu;  // (N,) or null
+  const float* col_mu;  // (M,) or null
 };
 
 FASTCL_HD float softplus_f(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
 FASTCL_HD float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 
-// dS_ij of the closure for logit S = S_ij (0 on invalid entries). Reference form of the gradient; the
-// CPU kernel evaluates the same expression row-vectorised.
-FASTCL_HD float grad_logit(const TargetMeta& t, const GradMeta& g, int64_t i, int64_t j, float S) {
-  if (!t.valid(i, j)) return 0.f;
+// dS_ij of the closure for logit S = S_ij (0 on invalid entries) as its row part and its column
+// part (symmetric softmax closures; else 0). Reference form of the gradient; the CPU kernel
+// evaluates the same expressions row-vectorised.
+FASTCL_HD void grad_logit_parts(const TargetMeta& t, const GradMeta& g, int64_t i, int64_t j, float c,
+                                float s, float b, float& row, float& col) {
+  row = 0.f;
+  col = 0.f;
+  if (!t.valid(i, j)) return;
   const bool T = t.target(i, j);
+  const float S = s * c + b;
   if (g.kind == kSigmoid) {
     const float z = T ? 1.f : -1.f;
-    return -g.grad_row[i] * z * sigmoid_f(-z * S);
+    row = -g.grad_row[i] * z * sigmoid_f(-z * S);
+    return;
   }
-  float d = 0.f;
+  const bool mu = s != 0.f;
   const float npos = g.row_npos[i];
-  if (npos > 0.f) d = g.grad_row[i] * (expf(S - g.row_lse[i]) - (T ? 1.f / npos : 0.f));
-  if (g.grad_col != nullptr)
-    d += g.grad_col[j] * (expf(S - g.col_lse[j]) - (t.col_target(i, j) ? 1.f : 0.f));
-  return d;
+  if (npos > 0.f) {
+    const float x = mu && g.row_mu ? s * (c - g.row_mu[i]) : S - g.row_lse[i];
+    row = g.grad_row[i] * (expf(x) - (T ? 1.f / npos : 0.f));
+  }
+  if (g.grad_col != nullptr) {
+    const float x = mu && g.col_mu ? s * (c - g.col_mu[j]) : S - g.col_lse[j];
+    col = g.grad_col[j] * (expf(x) - (t.col_target(i, j) ? 1.f : 0.f));
+  }
+}
+
+FASTCL_HD float grad_logit(const TargetMeta& t, const GradMeta& g, int64_t i, int64_t j, float c, float s,
+                           float b) {
+  float row, col;
+  grad_logit_parts(t, g, i, j, c, s, b, row, col);
+  return row + col;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -87,6 +113,21 @@ void check_engine_inputs(const at::Tensor& queries, const at::Tensor& keys, cons
 void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bool symmetric,
                            const at::Tensor& row_lse, const at::Tensor& row_npos, const OptT& col_lse,
                            const at::Tensor& grad_row, const OptT& grad_col);
+
+// Centres of the scale sums of a softmax closure's lines (rows, or columns) with LSE `lse`, each
+// of `count` entries: (lse - b) / s, or (lse - b - log count) / s when s < log count (the line's
+// log-mean-exp, within the range of c = <q, k>); 0 for lines without entries or s = 0. Float32,
+// contiguous (see fastcl/ops/__init__.py: scale_centres).
+at::Tensor scale_centres(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias, int64_t count);
+// (lse - b) / s (float32, contiguous; s = 0 gives finite values the kernels do not use).
+at::Tensor lse_in_c_units(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias);
+// (2,) float32 [sum_j n_j C_j, sum_j C_j]: what the centred column sums leave out, C_j = sum_i of
+// column j's part of dS (ac_j ([column has entries] - [its positive is valid]) in exact
+// arithmetic); zeros without a column term. The row part's totals are 0 in these tied closures: a
+// row with targets has them in its LSE, so sum_j (P_ij - T_ij / npos_i) = 0.
+at::Tensor scale_sum_totals(const at::Tensor& col_centre, const OptT& col_lse, const OptT& grad_col,
+                            const OptT& col_positives, int64_t N, int64_t M, int64_t offset,
+                            bool exclude_self, const at::Tensor& like);
 
 // Contiguous int64 copy of an optional index/label tensor (undefined when absent).
 at::Tensor index_or_empty(const OptT& x);

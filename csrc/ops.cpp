@@ -13,6 +13,10 @@
 
 #include "fastcl.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 #ifdef TORCH_EXTENSION_NAME
 #include <Python.h>
 #endif
@@ -104,6 +108,43 @@ void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bo
 at::Tensor index_or_empty(const OptT& x) {
   if (!x.has_value() || !x->defined()) return at::Tensor();
   return x->to(at::kLong).contiguous();
+}
+
+at::Tensor scale_centres(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias, int64_t count) {
+  // (tensor arithmetic on the device: no host read of the scale)
+  const at::Tensor l = lse.to(at::kFloat);
+  const at::Tensor s = scale.reshape({}).to(at::kFloat);
+  const double log_n = std::log(static_cast<double>(std::max<int64_t>(count, 1)));
+  const at::Tensor shift = at::where(s < log_n, at::full({}, log_n, s.options()), at::zeros({}, s.options()));
+  const at::Tensor safe = at::where(s != 0, s, at::ones({}, s.options()));
+  at::Tensor m = l - shift;
+  if (bias.has_value() && bias->defined()) m = m - bias->reshape({}).to(at::kFloat);
+  m = m / safe;
+  const at::Tensor keep = (l > -std::numeric_limits<float>::infinity()).logical_and(s != 0);
+  return at::where(keep, m, at::zeros({}, m.options())).contiguous();
+}
+
+at::Tensor lse_in_c_units(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias) {
+  const at::Tensor s = scale.reshape({}).to(at::kFloat);
+  at::Tensor mu = lse.to(at::kFloat);
+  if (bias.has_value() && bias->defined()) mu = mu - bias->reshape({}).to(at::kFloat);
+  return (mu / at::where(s != 0, s, at::ones({}, s.options()))).contiguous();
+}
+
+at::Tensor scale_sum_totals(const at::Tensor& col_centre, const OptT& col_lse, const OptT& grad_col,
+                            const OptT& col_positives, int64_t N, int64_t M, int64_t offset,
+                            bool exclude_self, const at::Tensor& like) {
+  const auto f32 = like.options().dtype(at::kFloat);
+  if (!grad_col.has_value() || !grad_col->defined()) return at::zeros({2}, f32);
+  const at::Tensor cols = at::arange(M, like.options().dtype(at::kLong));
+  const at::Tensor pc = (col_positives.has_value() && col_positives->defined())
+                            ? col_positives->to(at::kLong)
+                            : cols - offset;
+  at::Tensor ok = (pc >= 0).logical_and(pc < N);
+  if (exclude_self) ok = ok.logical_and(cols != pc + offset);
+  const at::Tensor has = *col_lse > -std::numeric_limits<float>::infinity();
+  const at::Tensor C = grad_col->to(at::kFloat) * (has.to(at::kFloat) - ok.to(at::kFloat));
+  return at::stack({(col_centre * C).sum(), C.sum()});
 }
 
 }  // namespace fastcl

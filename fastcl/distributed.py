@@ -45,7 +45,7 @@ import torch.distributed as dist
 from . import _backend
 from .autograd import _scalar32, engine_loss, first_order_only
 from .losses import _check_index, _check_pair, _prepare, _scalar_param
-from .ops import EngineStats, LossSpec, Targets, row_losses
+from .ops import EngineStats, LossSpec, Targets, row_losses, tied_scale_totals
 
 Tensor = torch.Tensor
 
@@ -326,6 +326,13 @@ class _RingLoss(torch.autograd.Function):
                                                       g, gcol, needs)
                 if need_q:
                     dq += dq_t.to(stats_dt)
+                if kind == "softmax" and t > 0 and (need_s or need_b):
+                    # the backend centres its scale sums and adds the lines' totals over this
+                    # block's entries; those of the whole lines are the own block's (t = 0):
+                    # every row's statistics are global, and each column's positive lies there
+                    tot = tied_scale_totals(spec, targets, stats, g, gcol, s32, b32, kb.shape[0])
+                    ds_t = ds_t - tot[0] if need_s else ds_t
+                    db_t = db_t - tot[1] if need_b else db_t
                 if need_s:
                     ds += ds_t.to(sdt)
                 if need_b:

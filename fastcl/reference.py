@@ -412,11 +412,14 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     grad_col_pos: Optional[Tensor] = None, fn_space: int = 0, fn_threshold=None,
                     row_ids=None, col_ids=None, teacher_queries=None, teacher_keys=None,
                     teacher_scale=None, row_aux: Optional[Tensor] = None,
-                    lse2_ratio: Optional[float] = None, grad_row_lse2: Optional[Tensor] = None):
+                    lse2_ratio: Optional[float] = None, grad_row_lse2: Optional[Tensor] = None,
+                    centres: Optional[Tuple[Tensor, Optional[Tensor]]] = None):
     """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
 
     dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
-    rows without targets get no gradient), ac = grad_col, bc = grad_col_pos (None: -ac)."""
+    rows without targets get no gradient), ac = grad_col, bc = grad_col_pos (None: -ac).
+    ``centres`` (m (N,), n (M,) or None): d_scale is the centred sum
+    sum R_ij (c_ij - m_i) + sum C_ij (c_ij - n_j) of dS's row part R and column part C instead."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     need_q, need_k, need_s, need_b = needs
@@ -457,18 +460,24 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             if lse2_ratio is not None and grad_row_lse2 is not None:
                 P2 = torch.where(in_lse, torch.exp(S * lse2_ratio - row_aux[2, r0:r1].to(dt)[:, None]), 0.0)
                 dS = dS + (grad_row_lse2[r0:r1].to(dt) * lse2_ratio)[:, None] * P2
+            dS_rows = dS
             if symmetric and grad_col is not None:
                 Tc = _col_targets(rows, cols, col_positives, offset) & valid
                 in_col = valid & ~Tc if exclude_targets else valid
                 Pc = torch.where(in_col, torch.exp(S - col_lse.to(dt)[None, :]), 0.0)
                 gc = grad_col.to(dt)[None, :]
                 bc = -gc if grad_col_pos is None else grad_col_pos.to(dt)[None, :]
-                dS = dS + gc * Pc + bc * Tc.to(dt)
+                dS_cols = gc * Pc + bc * Tc.to(dt)
+                dS = dS + dS_cols
         if need_q:
             dq[r0:r1] = s * (dS @ kf)
         if need_k:
             dk += s * (dS.transpose(0, 1) @ queries[r0:r1].to(dt))
-        if need_s:
+        if need_s and centres is not None:
+            ds += (dS_rows * (c - centres[0][r0:r1].to(dt)[:, None])).sum()
+            if centres[1] is not None:
+                ds += (dS_cols * (c - centres[1].to(dt)[None, :])).sum()
+        elif need_s:
             ds += (dS * c).sum()
         if need_b:
             db += dS.sum()

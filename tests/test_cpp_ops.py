@@ -224,6 +224,39 @@ def test_engine_symmetric_row_term_only():
     _close(got[1], want[1], what="d_keys")
 
 
+@pytest.mark.parametrize("case", ["info_nce", "clip", "clip_offset", "labels"])
+def test_engine_scale_gradient_at_low_temperature(case):
+    """Near-duplicate pairs at tau = 0.05: d_scale sums N M terms that cancel to ~1e-3 of their
+    size, and uncentred the float32 error of the stored LSEs (1 ulp of ~20) moves it by ~1e-3
+    relative. Centred on each line's LSE (rows and columns, with the lines' known totals added;
+    columns without a positive under an offset) it stays within 4e-6 of float64; d_bias is exact."""
+    gen = torch.Generator().manual_seed(80)
+    n, d = 60, 24
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(x + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    tg, spec = Targets(), LossSpec(symmetric=case.startswith("clip"))
+    if case == "clip_offset":
+        spec, x = LossSpec(symmetric=True, offset=4), x[:50]
+    elif case == "labels":
+        labels = torch.arange(n) % 50
+        tg, spec = Targets(row_labels=labels, col_labels=labels), LossSpec()
+    q, k = x.float(), y.float()
+    scale, bias = torch.tensor([20.0]), torch.tensor([0.3])
+    grad_row = torch.rand(q.shape[0], generator=gen) + 0.5
+    grad_col = torch.rand(k.shape[0], generator=gen) - 1.5 if spec.symmetric else None
+    stats = cpp.forward(q, k, scale, bias, tg, spec)
+    needs = (True, True, True, True)
+    got = cpp.backward(q, k, scale, bias, tg, spec, stats, grad_row, grad_col, needs)
+    ref = reference.engine_forward(x, y, scale.double(), bias.double(), **_ref_kw(spec, tg))
+    want = reference.engine_backward(
+        x, y, scale.double(), bias.double(), row_lse=ref[0], row_npos=ref[2], col_lse=ref[3],
+        grad_row=grad_row.double(), grad_col=None if grad_col is None else grad_col.double(),
+        needs=needs, **_ref_kw(spec, tg))
+    ds, ds64 = got[2].double().item(), want[2].item()
+    assert abs(ds - ds64) <= 4e-6 * abs(ds64), (ds, ds64)
+    assert abs(got[3].double().item() - want[3].item()) <= 1e-6 * (1 + grad_row.sum().item()), (got[3], want[3])
+
+
 @pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
                                    (False, False, True, True), (True, True, True, False),
                                    (False, True, False, True)])

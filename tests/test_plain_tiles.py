@@ -561,19 +561,25 @@ def _near_duplicates(n, d, dtype, gen):
 
 
 @pytest.mark.parametrize("path", [{}, {"DENSE": True, "SPLIT": True}])
-@pytest.mark.parametrize("case", ["nt_xent", "supcon", "dclw", "info_nce", "info_nce_keys_only"])
+@pytest.mark.parametrize("case", ["nt_xent", "supcon", "dclw", "info_nce", "info_nce_keys_only",
+                                  "clip", "clip_keys_only", "clip_queries_only", "distill",
+                                  "softclip"])
 def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     """tau = 0.05 on near-duplicate views: d_tau = -d_scale / tau^2 sums N M terms of size ~1 /
-    tau^2 that cancel to ~1e-3 of that. Without the rows' offsets (``_centred``), the float32 LSE's
-    own error (1 ulp of ~20) moves it by ~1e-5 - 1e-3 relative; with them the gradient of the
-    temperature stays within 4e-6 of the float64 reference, 2e-5 for the dS tiles of the
-    self-similarities (PyTorch float32: ~1e-4 - 1e-3). Row kernel (one-way; the self-similarities'
-    symmetric closure; DCL's GRAM kernel), column kernel (only the keys need a gradient) and the
-    dS tiles; rows whose dS sums to a_i + b_i != 0 (DCLW's weights), and label targets."""
+    tau^2 that cancel to ~1e-3 of that. Without centring the sums on each line's LSE
+    (``_centres``), the float32 LSE's own error (1 ulp of ~20) moves it by ~1e-5 - 1e-3 relative;
+    with it the gradient of the temperature stays within 4e-6 of the float64 reference, 2e-5 for
+    the dS tiles of the self-similarities (PyTorch float32: ~1e-4 - 1e-3). Row kernel (one-way;
+    the self-similarities' symmetric closure; DCL's GRAM kernel), column kernel (only the keys
+    need a gradient) and the dS tiles; rows whose dS sums to a_i + b_i != 0 (DCLW's weights),
+    label targets; CLIP's column part (centred on the columns: in the column kernel, or in the
+    one kernel that runs), teacher targets (KL distillation, SoftCLIP's mixed targets)."""
     monkeypatch.setattr(E, "config_override", path)
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
     gen = torch.Generator().manual_seed(11)
     z1, z2 = _near_duplicates(70, 24, torch.float32, gen)
+    noise = torch.randn(70, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    u = torch.nn.functional.normalize(z1.detach().double().cpu() + 0.05 * noise, dim=1)  # teacher
     if case == "nt_xent":
         fn = lambda a, b, t, be: fastcl.nt_xent(a, b, t, reduction="none", backend=be)  # noqa: E731
     elif case == "supcon":
@@ -583,21 +589,40 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     elif case == "dclw":  # targets left out of the LSE, weighted: the rows' dS sum to a_i + b_i != 0
         fn = lambda a, b, t, be: fastcl.dcl(a, b, t, weight_sigma=0.5, reduction="none",  # noqa: E731
                                             backend=be)
+    elif case.startswith("clip"):
+        if case == "clip_keys_only":
+            z1.requires_grad_(False)
+        elif case == "clip_queries_only":
+            z2.requires_grad_(False)
+        fn = lambda a, b, t, be: fastcl.clip_loss(a, b, 1 / t, reduction="none", backend=be)  # noqa: E731
+    elif case == "distill":  # teacher softmax targets from other features
+        fn = lambda a, b, t, be: fastcl.distill(a, b, u.to(a), z2.detach().to(a), 1 / t, 20.0,  # noqa: E731
+                                                reduction="none", backend=be)
+    elif case == "softclip":  # w softmax + (1 - w) I targets
+        fn = lambda a, b, t, be: fastcl.softclip(a, b, 1 / t, u.to(a), reduction="none",  # noqa: E731
+                                                 backend=be)
     else:
         if case == "info_nce_keys_only":  # queries without a gradient: the column kernel's sums
             z1.requires_grad_(False)
         fn = lambda a, b, t, be: fastcl.info_nce(a, b, scale=1 / t, reduction="none",  # noqa: E731
                                                  backend=be)
-    g = torch.rand(70 if case.startswith("info_nce") else 140, dtype=torch.float64, generator=gen) + 0.5
-    grads = []
-    for dtype, be in ((torch.float64, "torch"), (torch.float32, "triton")):
+    g = None
+    grads = {}
+    runs = [("reference", torch.float64, "torch"), ("triton", torch.float32, "triton")]
+    if not path:  # the torch backend centres its sums the same way
+        runs.append(("torch", torch.float32, "torch"))
+    for name, dtype, be in runs:
         t = torch.tensor(0.05, dtype=dtype, device=DEVICE, requires_grad=True)
         a, b = (z.detach().to(dtype).requires_grad_(z.requires_grad) for z in (z1, z2))
-        fn(a, b, t, be).backward(g.to(DEVICE, dtype))
-        grads.append(t.grad.double().item())
-    ref, ours = grads
+        out = fn(a, b, t, be)
+        if g is None:  # grad_output != 1, varied
+            g = torch.rand(out.shape, dtype=torch.float64, generator=gen) + 0.5
+        out.backward(g.to(DEVICE, dtype))
+        grads[name] = t.grad.double().item()
+    ref = grads.pop("reference")
     # the dS tiles of a self-similarity's symmetric closure sum the row part's two terms apart
     # (a_i P_ij and its targets' b_i / npos_i, centred per row: fewer registers), which cancel
     # in their total: 1e-5
     tol = 2e-5 if path.get("DENSE") and case in ("nt_xent", "supcon") else 4e-6
-    assert abs(ours - ref) <= tol * abs(ref), (case, ours, ref)
+    for name, ours in grads.items():
+        assert abs(ours - ref) <= tol * abs(ref), (case, name, ours, ref)

@@ -78,6 +78,8 @@ KERNELS = {
     # the fused backward beyond one feature block (D split across programs: not a default path)
     "bwd_rows_split": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_cols_split": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False)),
+    # the column kernel with the scale sums (only dK needed)
+    "bwd_cols_sb": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=True)),
     # the wide-feature backward's dS tiles: for lean closures the band launch (TILES=1, with the
     # interior's rows per tile) and the launch over plain spans (grad_tiles_in, TILES=2)
     "grad_tiles": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True)),
@@ -124,6 +126,10 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(flags, **extra, UPCAST=False,
                   PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    # as the launcher: a symmetric closure's scale sums in two centred parts for float32 features
+    if fn is E._backward_rows_kernel or fn is E._grad_tiles_kernel:
+        consts.setdefault("COMPUTE_SBC", bool(consts["COMPUTE_SB"] and flags["SYMMETRIC"]
+                                              and not flags["SELF_SYM"] and dtype == torch.float32))
     if fn is E._forward_kernel:  # as the launcher: the partials' tiling is the interior launch's
         consts.setdefault("TILES", 1 if consts["PLAIN"] else 0)
         consts.setdefault("SP_SERIES", dtype == torch.float32 and consts.get("KIND") == E.KIND_SIGMOID
@@ -219,18 +225,19 @@ VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in 
                             "grad_tiles_in") or CLOSURES[c]["PLAIN"])
              and (k != "fwd_fixup" or CLOSURES[c]["SYMMETRIC"])
              and (k not in ("bwd_rows_in", "bwd_cols_in", "fwd_resident") or d != "float32")
-             and (not k.endswith("_split") or c == "clip")
+             and (not k.endswith(("_split", "_sb")) or c == "clip")
              and (not k.endswith("_tma") or (TMA_VARIANTS and c in ("clip", "info_nce", "supcon", "siglip")
                                              and (k == "fwd_tma" or c == "clip") and d != "float16"))]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
-               if k not in ("bwd_gram", "count", "topk") and not k.endswith(("_split", "_in", "_tma"))])
+               if k not in ("bwd_gram", "count", "topk")
+               and not k.endswith(("_split", "_in", "_tma", "_sb"))])
 
 
 def variant_D(kernel):
     """The feature dim each kernel is compiled at: the fused backward and the resident forward
     where they are the default (D <= 256), the rest at 512."""
     return 256 if kernel in ("bwd_rows", "bwd_gram", "bwd_cols", "bwd_rows_in", "bwd_cols_in",
-                             "fwd_resident") else 512
+                             "bwd_cols_sb", "fwd_resident") else 512
 
 
 def variant_name(kernel, closure, dtype, cc):

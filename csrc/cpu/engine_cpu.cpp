@@ -27,8 +27,9 @@ constexpr int64_t kCols = 256;  // columns (keys) per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kFusedScratchBytes = int64_t{64} << 20;  // per-thread dK partials, all threads
 
-// exp(x) for x <= 88 without branches, so that tile loops vectorise. Relative error ~2e-7;
-// returns 0 for x < -87.3 and for -inf.
+// exp(x) for x <= 88 without branches, so that tile loops vectorise: a degree-7 polynomial on the
+// reduced argument |f| <= ln(2) / 2 (truncation ~5e-9, below float32 rounding: the scale
+// gradient's centred sums weigh every entry's relative error); returns 0 for x < -87.3 and -inf.
 inline float exp_fast(float x) {
   x = x < -88.f ? -88.f : x;
   const float shifter = 12582912.f;  // 1.5 * 2^23: t + shifter rounds t to an integer
@@ -38,7 +39,8 @@ inline float exp_fast(float x) {
   const int32_t n = bits - 0x4B400000;
   const float nf = r - shifter;
   const float f = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
   p = p * f + 1.f / 120.f;
   p = p * f + 1.f / 24.f;
   p = p * f + 1.f / 6.f;
@@ -297,69 +299,116 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
 
 // dS of tile (rows r0.., cols c0..) from raw C into Gt; accumulates sum dS*C and sum dS.
 FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-               const float* C, float* Gt, double& acc_s, double& acc_b) {
+               const float* C, float* Gt, float* Gc, double& acc_s, double& acc_b) {
+  // Gt: dS of the tile (the row part first); Gc: scratch for the column part. Scale sums:
+  // softmax: sum R (c - m_i) + C (c - n_j) over the two parts (GradMeta's centres); sigmoid: dS c.
+  // (float sums over one row of the tile, double across rows)
   const TargetMeta& t = p.t;
   const float s = p.s, b = p.b;
   if (p.kind == kSigmoid) {
-    for (int64_t r = 0; r < nr; ++r)
-      for (int64_t c = 0; c < nc; ++c)
-        Gt[r * nc + c] = grad_logit(t, gm, r0 + r, c0 + c, s * C[r * nc + c] + b);
-  } else {
-    const float* gc = gm.grad_col ? gm.grad_col + c0 : nullptr;
-    const float* clse = gm.grad_col ? gm.col_lse + c0 : nullptr;
     for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = r0 + r;
       const float* Cr = C + r * nc;
       float* Gr = Gt + r * nc;
-      const float npos = gm.row_npos[i];
-      const float g = npos > 0.f ? gm.grad_row[i] : 0.f;
-      const float lse = gm.row_lse[i];
-      if (gc) {
-#pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) {
-          const float S = s * Cr[c] + b;
-          Gr[c] = g * exp_fast(S - lse) + gc[c] * exp_fast(S - clse[c]);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast(s * Cr[c] + b - lse);
+      float ts = 0.f, tb = 0.f;
+      for (int64_t c = 0; c < nc; ++c) {
+        Gr[c] = grad_logit(t, gm, r0 + r, c0 + c, Cr[c], s, b);
+        ts += Gr[c] * Cr[c];
+        tb += Gr[c];
       }
-      if (npos > 0.f) {
-        const float gt = g / npos;
-        if (t.label_mode()) {
-          const int64_t li = t.row_labels[i];
-          const int64_t* cl = t.col_labels + c0;
-          for (int64_t c = 0; c < nc; ++c)
-            Gr[c] -= (cl[c] == li && t.valid(i, c0 + c)) ? gt : 0.f;
-        } else {
-          const int64_t j = t.pos_of_row(i);
-          if (j >= c0 && j < c0 + nc && t.valid(i, j)) Gr[j - c0] -= gt;
-        }
-      }
+      acc_s += ts;
+      acc_b += tb;
+    }
+    return;
+  }
+  const float* gc = gm.grad_col ? gm.grad_col + c0 : nullptr;
+  const float* clse = gm.grad_col ? gm.col_lse + c0 : nullptr;
+  const float* mu_r = s != 0.f ? gm.row_mu : nullptr;
+  const float* mu_c = s != 0.f && gc && gm.col_mu ? gm.col_mu + c0 : nullptr;
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r;
+    const float* Cr = C + r * nc;
+    float* Gr = Gt + r * nc;
+    const float npos = gm.row_npos[i];
+    const float g = npos > 0.f ? gm.grad_row[i] : 0.f;
+    const float lse = gm.row_lse[i];
+    // (exponents s (c - mu): see GradMeta::row_mu)
+    if (mu_r) {
+      const float mu = mu_r[i];
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast(s * (Cr[c] - mu));
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast(s * Cr[c] + b - lse);
     }
     if (gc) {
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t j = c0 + c;
-        const int64_t i = t.pos_of_col(j);
-        if (i >= r0 && i < r0 + nr && t.valid(i, j)) Gt[(i - r0) * nc + c] -= gc[c];
+      float* Gcr = Gc + r * nc;
+      if (mu_c) {
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) Gcr[c] = gc[c] * exp_fast(s * (Cr[c] - mu_c[c]));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) Gcr[c] = gc[c] * exp_fast(s * Cr[c] + b - clse[c]);
       }
     }
-    if (t.exclude_self) {
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t j = r0 + r + t.offset;
-        if (j >= c0 && j < c0 + nc) Gt[r * nc + (j - c0)] = 0.f;
+    if (npos > 0.f) {
+      const float gt = g / npos;
+      if (t.label_mode()) {
+        const int64_t li = t.row_labels[i];
+        const int64_t* cl = t.col_labels + c0;
+        for (int64_t c = 0; c < nc; ++c)
+          Gr[c] -= (cl[c] == li && t.valid(i, c0 + c)) ? gt : 0.f;
+      } else {
+        const int64_t j = t.pos_of_row(i);
+        if (j >= c0 && j < c0 + nc && t.valid(i, j)) Gr[j - c0] -= gt;
       }
     }
   }
-  float ts = 0.f, tb = 0.f;
-  const int64_t n = nr * nc;
+  if (gc) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t j = c0 + c;
+      const int64_t i = t.pos_of_col(j);
+      if (i >= r0 && i < r0 + nr && t.valid(i, j)) Gc[(i - r0) * nc + c] -= gc[c];
+    }
+  }
+  if (t.exclude_self) {
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t j = r0 + r + t.offset;
+      if (j >= c0 && j < c0 + nc) {
+        Gt[r * nc + (j - c0)] = 0.f;
+        if (gc) Gc[r * nc + (j - c0)] = 0.f;
+      }
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const float m = gm.row_centre[r0 + r];
+    const float* Cr = C + r * nc;
+    const float* Gr = Gt + r * nc;
+    float ts = 0.f, tb = 0.f;
 #pragma omp simd reduction(+ : ts, tb)
-  for (int64_t e = 0; e < n; ++e) {
-    ts += Gt[e] * C[e];
-    tb += Gt[e];
+    for (int64_t c = 0; c < nc; ++c) {
+      ts += Gr[c] * (Cr[c] - m);
+      tb += Gr[c];
+    }
+    acc_s += ts;
+    acc_b += tb;
   }
-  acc_s += ts;
-  acc_b += tb;
+  if (gc) {
+    const float* n = gm.col_centre + c0;
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* Cr = C + r * nc;
+      float* Gr = Gt + r * nc;
+      const float* Gcr = Gc + r * nc;
+      float ts = 0.f, tb = 0.f;
+#pragma omp simd reduction(+ : ts, tb)
+      for (int64_t c = 0; c < nc; ++c) {
+        ts += Gcr[c] * (Cr[c] - n[c]);
+        tb += Gcr[c];
+        Gr[c] += Gcr[c];
+      }
+      acc_s += ts;
+      acc_b += tb;
+    }
+  }
 }
 
 BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& keys,
@@ -381,9 +430,15 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   at::Tensor lse32 = as_f32(row_lse), npos32 = as_f32(row_npos), g32 = as_f32(grad_row);
   at::Tensor clse32 = has_gc ? as_f32(*col_lse) : at::Tensor();
   at::Tensor gc32 = has_gc ? as_f32(*grad_col) : at::Tensor();
-  const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(),
-                    has_gc ? clse32.data_ptr<float>() : nullptr, g32.data_ptr<float>(),
-                    has_gc ? gc32.data_ptr<float>() : nullptr, kind};
+  const bool softmax = kind == kSoftmax;
+  const int64_t N_ = queries.size(0), M_ = keys.size(0);
+  const at::Tensor rc = softmax ? scale_centres(lse32, scale, bias, M_) : at::Tensor();
+  const at::Tensor cc = softmax && has_gc ? scale_centres(clse32, scale, bias, N_) : at::Tensor();
+  const at::Tensor rmu = softmax ? lse_in_c_units(lse32, scale, bias) : at::Tensor();
+  const at::Tensor cmu = softmax && has_gc ? lse_in_c_units(clse32, scale, bias) : at::Tensor();
+  const auto fp = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
+  const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(), fp(clse32), g32.data_ptr<float>(),
+                    fp(gc32), kind, fp(rc), fp(cc), fp(rmu), fp(cmu)};
 
   at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::Tensor();
   at::Tensor dk = need_k ? at::empty({M, D}, f32) : at::Tensor();
@@ -404,7 +459,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
     const int64_t G = G_rows;
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), acc(need_q ? kRows * D : 0);
+      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), Gc(kRows * kCols), acc(need_q ? kRows * D : 0);
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0, b1;
         group_range(g, G, nrb, b0, b1);
@@ -418,7 +473,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
           for (int64_t c0 = 0; c0 < M; c0 += kCols) {
             const int64_t nc = std::min(kCols, M - c0);
             tile_dot(p, r0, nr, c0, nc, C.data());
-            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), ps[g], pb[g]);
+            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g]);
             if (need_q)
               dq_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32), p.k.narrow(0, c0, nc));
             if (fused)
@@ -441,7 +496,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
     const int64_t G = num_groups(ncb);
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), acc(kCols * D);
+      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), Gc(kRows * kCols), acc(kCols * D);
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0, b1;
         group_range(g, G, ncb, b0, b1);
@@ -452,7 +507,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
           for (int64_t r0 = 0; r0 < N; r0 += kRows) {
             const int64_t nr = std::min(kRows, N - r0);
             tile_dot(p, r0, nr, c0, nc, C.data());
-            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), ps[g], pb[g]);
+            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g]);
             dk_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
           }
           at::Tensor cols = dk.narrow(0, c0, nc);
@@ -469,6 +524,13 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   const auto empty_like_dtype = [&](const at::Tensor& x) { return at::empty({0}, x.options()); };
   at::Tensor out_q = need_q ? dq.to(queries.scalar_type()) : empty_like_dtype(queries);
   at::Tensor out_k = need_k ? dk.to(keys.scalar_type()) : empty_like_dtype(keys);
+  if (softmax && need_sb) {  // the centred sums' known totals (exact: the row part's are 0)
+    const at::Tensor tot = scale_sum_totals(cc.defined() ? cc : at::zeros({M_}, f32),
+                                            has_gc ? OptT(clse32) : OptT(), has_gc ? OptT(gc32) : OptT(),
+                                            col_positives, N_, M_, offset, exclude_self, queries);
+    sum_s += tot[0].item<double>();
+    sum_b = tot[1].item<double>();
+  }
   at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
   at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
   return {out_q, out_k, out_s, out_b};

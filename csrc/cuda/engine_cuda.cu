@@ -411,10 +411,11 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t n_rows = min(static_cast<int64_t>(kBM), n_own - own0);
-  float acc_s = 0.f, acc_b = 0.f;
+  double sum_s = 0.0, sum_b = 0.0;  // float within a tile, double across tiles
 
   for (int64_t o0 = 0; o0 < n_other; o0 += kBN) {
     sim_tile<Mode>(acc, smem, own, n_own, own0, other, n_other, o0, D);
+    float acc_s = 0.f, acc_b = 0.f;
     for (int e = tid; e < kBM * kBN; e += kThreads) {
       const int a = e / kBN, bb = e % kBN;
       const int64_t ia = own0 + a, ib = o0 + bb;
@@ -422,13 +423,20 @@ __global__ void __launch_bounds__(kThreads)
       if (ia < n_own && ib < n_other) {
         const float c = sC[a * kLdC + bb];
         const int64_t i = transposed ? ib : ia, j = transposed ? ia : ib;
-        d = grad_logit(t, gm, i, j, s * c + b);
-        acc_s += d * c;
+        float d_row, d_col;
+        grad_logit_parts(t, gm, i, j, c, s, b, d_row, d_col);
+        d = d_row + d_col;
+        // (centred scale sums: each part on its line's centre, see GradMeta)
+        const float m = gm.row_centre != nullptr ? gm.row_centre[i] : 0.f;
+        const float n = gm.col_centre != nullptr ? gm.col_centre[j] : 0.f;
+        acc_s += d_row * (c - m) + d_col * (c - n);
         acc_b += d;
       }
       sC[a * kLdC + bb] = d;
       if constexpr (L::kNeedP) sP[a * L::kLdP + bb] = from_float<T>(d);
     }
+    sum_s += acc_s;
+    sum_b += acc_b;
     if (!need_out) continue;  // block-uniform; the next sim_tile synchronises first
     for (int64_t d0 = 0; d0 < D; d0 += kDC) {
       __syncthreads();  // dS complete / previous chunk consumed
@@ -441,6 +449,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   if (part_s != nullptr) {  // fixed-order block reduction: deterministic
+    float acc_s = static_cast<float>(sum_s), acc_b = static_cast<float>(sum_b);
     for (int o = 16; o > 0; o >>= 1) {
       acc_s += __shfl_down_sync(0xffffffffu, acc_s, o);
       acc_b += __shfl_down_sync(0xffffffffu, acc_b, o);
@@ -601,8 +610,14 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
   const at::Tensor lse32 = f32c(row_lse), npos32 = f32c(row_npos), g32 = f32c(grad_row);
   const at::Tensor clse32 = has_gc ? f32c(*col_lse) : at::Tensor();
   const at::Tensor gc32 = has_gc ? f32c(*grad_col) : at::Tensor();
+  const bool softmax = kind == kSoftmax;
+  const at::Tensor rc = softmax ? scale_centres(lse32, scale, bias, keys.size(0)) : at::Tensor();
+  const at::Tensor cc = softmax && has_gc ? scale_centres(clse32, scale, bias, queries.size(0)) : at::Tensor();
+  const at::Tensor rmu = softmax ? lse_in_c_units(lse32, scale, bias) : at::Tensor();
+  const at::Tensor cmu = softmax && has_gc ? lse_in_c_units(clse32, scale, bias) : at::Tensor();
   const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(), fptr_or_null(clse32),
-                    g32.data_ptr<float>(), fptr_or_null(gc32), kind};
+                    g32.data_ptr<float>(), fptr_or_null(gc32), kind, fptr_or_null(rc), fptr_or_null(cc),
+                    fptr_or_null(rmu), fptr_or_null(cmu)};
 
   const bool need_sb = need_scale || need_bias;
   const bool row_sweep = need_q || (need_sb && !need_k);
@@ -640,6 +655,13 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
   at::Tensor out_k = need_k ? at::mul(dk32, p.scale).to(keys.scalar_type()) : empty_of(keys);
   at::Tensor out_s = need_scale ? part_s.sum().reshape({1}) : at::empty({0}, f32);
   at::Tensor out_b = need_bias ? part_b.sum().reshape({1}) : at::empty({0}, f32);
+  if (softmax && need_sb) {  // the centred sums' known totals (exact: the row part's are 0)
+    const at::Tensor tot = scale_sum_totals(cc.defined() ? cc : at::zeros({M}, f32),
+                                            has_gc ? OptT(clse32) : OptT(), has_gc ? OptT(gc32) : OptT(),
+                                            col_positives, N, M, offset, exclude_self, queries);
+    if (need_scale) out_s = out_s + tot.narrow(0, 0, 1);
+    if (need_bias) out_b = tot.narrow(0, 1, 1).clone();
+  }
   return {out_q, out_k, out_s, out_b};
 }
 

@@ -70,15 +70,21 @@ stats.row_lse[i] holds the row loss sum_{j valid} softplus(-z_ij S_ij) (row_pos/
 col_* None); dS_ij = -g_i z_ij sigmoid(-z_ij S_ij).
 
 Gradients: dQ = s dS K, dK = s dS^T Q, d_scale = sum dS_ij <q_i, k_j>, d_bias = sum dS_ij.
+For softmax closures the backends sum d_scale centred on each row's and column's LSE and add the
+lines' exact totals (:func:`centred_scale_sums`), which assumes one call sweeps every entry of
+each line's LSE; a caller that sweeps blocks of a larger matrix with the global statistics
+subtracts each block's totals (:func:`tied_scale_totals`) and adds those of the whole lines.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit"]
+__all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit",
+           "scale_centres", "centred_scale_sums", "tied_scale_totals"]
 
 
 @dataclass(frozen=True)
@@ -144,3 +150,88 @@ def row_losses(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
 def col_losses(stats: EngineStats) -> torch.Tensor:
     """Per-column loss Lc_j (M,) of a symmetric softmax loss."""
     return stats.col_lse - stats.col_pos
+
+
+def scale_centres(lse: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                  count: int) -> torch.Tensor:
+    """Centres of the softmax closures' scale sums for lines (rows, or columns) with LSE ``lse``
+    of ``count`` entries: (lse - b) / s, the LSE in the units of c = <q, k>, or at high
+    temperature (s < log count) the log-mean-exp (lse - b - log count) / s, which stays within
+    the range of c; 0 for lines without entries or s = 0. See :func:`centred_scale_sums`."""
+    has = lse > float("-inf")
+    b = bias if bias is not None else 0.0
+    log_n = math.log(max(count, 1))
+    shift = torch.where(scale < log_n, log_n, 0.0)
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    return torch.where(has & (scale != 0), (lse - b - shift) / safe, torch.zeros_like(lse))
+
+
+def centred_scale_sums(sums: torch.Tensor, spec: LossSpec, targets: Targets, stats: EngineStats,
+                       a_row: torch.Tensor, b_row: torch.Tensor, scale: torch.Tensor,
+                       bias: Optional[torch.Tensor], M: int, a2_row: Optional[torch.Tensor] = None,
+                       a_col: Optional[torch.Tensor] = None,
+                       b_col: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(d_scale, d_bias) (2,) of a softmax closure from centred sums (2,): sums[0] =
+    sum_ij R_ij (c_ij - m_i) + sum_ij C_ij (c_ij - n_j) for dS's row part R and (``a_col``
+    given: symmetric) column part C, m and n the rows' and columns' :func:`scale_centres`.
+
+    Each line of R and C sums to a known total in exact arithmetic: R_i = a_i [row has entries]
+    + b_i (sum_j dT_ij: 1 on rows with targets; teacher targets w [teacher has entries] +
+    (1 - w) [row's index target valid]) + r a2_i [row has entries] (the second LSE), and C_j =
+    ac_j [column has entries] + bc_j [column's positive valid]. So d_scale = sums[0] +
+    sum_i m_i R_i + sum_j n_j C_j and d_bias = sum R + sum C, free of the float32 error of the
+    stored LSEs, which scales P's lines by (1 + e) and at a low temperature would move the
+    uncentred sum by e times the line's mean of c: about the whole scale gradient. ``a_row`` /
+    ``b_row`` are the tied or split weights as the kernels saw them (a zeroed on tied rows
+    without targets).
+
+    The totals assume the call sweeps every entry of each line's LSE. A caller that sweeps
+    blocks of a larger matrix with the global statistics (``fastcl.distributed``'s ring)
+    subtracts each block's totals (:func:`tied_scale_totals`) and adds the global ones."""
+    lse = stats.row_lse
+    N = lse.shape[0]
+    has = lse > float("-inf")
+    zero = torch.zeros_like(lse)
+    if targets.teacher_queries is not None:
+        w = targets.teacher_scale[1].to(lse.dtype)
+        rows = torch.arange(N, device=lse.device)
+        p = targets.positives if targets.positives is not None else rows + spec.offset
+        p_ok = (p >= 0) & (p < M)
+        if spec.exclude_self:
+            p_ok = p_ok & (p != rows + spec.offset)
+        t_sum = w * (stats.row_aux[0] > float("-inf")).to(lse.dtype) + (1 - w) * p_ok.to(lse.dtype)
+    else:
+        t_sum = (stats.row_npos > 0).to(lse.dtype)
+    R = torch.where(has, a_row, zero) + b_row * t_sum
+    if spec.lse2_ratio is not None and a2_row is not None:
+        R = R + spec.lse2_ratio * torch.where(has, a2_row, zero)
+    d_scale = sums[0] + (scale_centres(lse, scale, bias, M) * R).sum()
+    d_bias = R.sum()
+    if a_col is not None:
+        clse = stats.col_lse
+        cols = torch.arange(clse.shape[0], device=clse.device)
+        pc = targets.col_positives if targets.col_positives is not None else cols - spec.offset
+        pc_ok = (pc >= 0) & (pc < N)
+        if spec.exclude_self:
+            pc_ok = pc_ok & (cols != pc + spec.offset)
+        C = (torch.where(clse > float("-inf"), a_col, torch.zeros_like(clse))
+             + torch.where(pc_ok, b_col, torch.zeros_like(clse)))
+        d_scale = d_scale + (scale_centres(clse, scale, bias, N) * C).sum()
+        d_bias = d_bias + C.sum()
+    return torch.stack([d_scale.reshape(()), d_bias.reshape(())])
+
+
+def tied_scale_totals(spec: LossSpec, targets: Targets, stats: EngineStats, grad_row: torch.Tensor,
+                      grad_col: Optional[torch.Tensor], scale: torch.Tensor,
+                      bias: Optional[torch.Tensor], M: int) -> torch.Tensor:
+    """(2,) what a backend's backward adds to its centred scale / bias sums for a tied softmax
+    closure (``grad_row_pos`` / ``grad_col_pos`` None) over this call's entries
+    (:func:`centred_scale_sums` of zero sums)."""
+    dt = stats.row_lse.dtype
+    a_row = torch.where(stats.row_npos > 0, grad_row.to(dt), torch.zeros_like(stats.row_lse))
+    cols = {}
+    if spec.symmetric and grad_col is not None:
+        cols = dict(a_col=grad_col.to(dt), b_col=-grad_col.to(dt))
+    return centred_scale_sums(stats.row_lse.new_zeros(2), spec, targets, stats, a_row, -a_row,
+                              scale.to(dt).reshape(()), None if bias is None else bias.to(dt).reshape(()),
+                              M, **cols)

@@ -1,8 +1,10 @@
 """The "torch" backend: the engine contract on materialised row chunks (``fastcl.reference``)."""
 from __future__ import annotations
 
+import torch
+
 from .. import reference
-from . import EngineStats
+from . import EngineStats, centred_scale_sums, scale_centres
 
 SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
 
@@ -24,12 +26,38 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
              grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None):
-    return reference.engine_backward(
+    need_s, need_b = needs[2], needs[3]
+    centred = spec.kind == "softmax" and (need_s or need_b)
+    symmetric = spec.symmetric and grad_col is not None
+    N, M = queries.shape[0], keys.shape[0]
+    centres = None
+    if centred:  # sums centred on the lines' scale_centres, then their known totals added
+        centres = (scale_centres(stats.row_lse, scale, bias, M),
+                   scale_centres(stats.col_lse, scale, bias, N) if symmetric else None)
+    dq, dk, ds, db = reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
-        col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col, needs=tuple(needs),
+        col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col,
+        needs=(needs[0], needs[1], need_s or centred, need_b),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
-        row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2,
+        row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2, centres=centres,
         **_kw(spec, targets))
+    if not centred:
+        return dq, dk, ds, db
+    dt = stats.row_lse.dtype
+    if grad_row_pos is None:  # tied: rows without targets get no gradient
+        a_row = torch.where(stats.row_npos > 0, grad_row.to(dt), 0.0)
+        b_row = -a_row
+    else:
+        a_row, b_row = grad_row.to(dt), grad_row_pos.to(dt)
+    cols = {}
+    if symmetric:
+        a_col = grad_col.to(dt)
+        cols = dict(a_col=a_col, b_col=-a_col if grad_col_pos is None else grad_col_pos.to(dt))
+    a2 = grad_row_lse2.to(dt) if grad_row_lse2 is not None else None
+    sums = centred_scale_sums(torch.stack([ds.reshape(()), ds.new_zeros(())]), spec, targets, stats,
+                              a_row, b_row, scale.to(dt).reshape(()),
+                              None if bias is None else bias.to(dt).reshape(()), M, a2_row=a2, **cols)
+    return dq, dk, sums[0:1] if need_s else None, sums[1:2] if need_b else None
 
 
 def count_above(queries, keys, scale, bias, targets, spec, threshold=None):

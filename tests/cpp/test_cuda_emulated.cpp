@@ -108,8 +108,28 @@ void run(const Case& c, const char* mode_name, double tol) {
 
   // backward from the kernel's own statistics, like the real flow
   std::vector<float> g(p.grad_row.begin(), p.grad_row.end()), gc(p.grad_col.begin(), p.grad_col.end());
+  // centres of the scale sums (softmax), as the host computes them: (lse - b [- log count]) / s
+  const bool softmax = c.kind == 0;
+  auto centres = [&](const std::vector<float>& lse, int64_t count) {
+    std::vector<float> m(lse.size(), 0.f);
+    const double shift = c.scale < std::log(static_cast<double>(count)) ? std::log(static_cast<double>(count)) : 0.0;
+    for (size_t e = 0; e < lse.size(); ++e)
+      if (lse[e] > ninf) m[e] = static_cast<float>((lse[e] - p.bias - shift) / c.scale);
+    return m;
+  };
+  const std::vector<float> row_centre = centres(row_lse, M), col_centre = centres(col_lse, N);
+  auto in_c_units = [&](const std::vector<float>& lse) {  // (lse - b) / s
+    std::vector<float> mu(lse.size());
+    for (size_t e = 0; e < lse.size(); ++e) mu[e] = static_cast<float>((lse[e] - p.bias) / c.scale);
+    return mu;
+  };
+  const std::vector<float> row_mu = in_c_units(row_lse), col_mu = in_c_units(col_lse);
   const fastcl::GradMeta gm{row_lse.data(), row_npos.data(), c.symmetric ? col_lse.data() : nullptr,
-                            g.data(), c.symmetric ? gc.data() : nullptr, c.kind};
+                            g.data(), c.symmetric ? gc.data() : nullptr, c.kind,
+                            softmax ? row_centre.data() : nullptr,
+                            softmax && c.symmetric ? col_centre.data() : nullptr,
+                            softmax ? row_mu.data() : nullptr,
+                            softmax && c.symmetric ? col_mu.data() : nullptr};
   const int64_t nqb = (N + kBM - 1) / kBM, nkb = (M + kBM - 1) / kBM;
   std::vector<float> dq(N * D, 0.f), dk(M * D, 0.f), part_s(nqb, 0.f), part_b(nqb, 0.f);
   cuda_emu::launch(static_cast<unsigned>(nqb), kThreads, [&] {
@@ -122,6 +142,16 @@ void run(const Case& c, const char* mode_name, double tol) {
   });
   double ds = 0.0, db = 0.0;
   for (int64_t e = 0; e < nqb; ++e) ds += part_s[e], db += part_b[e];
+  if (softmax) {  // the centred sums' known totals: rows 0, column j gc_j ([entries] - [positive])
+    db = 0.0;
+    for (int64_t j = 0; j < M && c.symmetric; ++j) {
+      const int64_t i = j - c.offset;
+      const bool pos = i >= 0 && i < N && !(c.exclude_self && j == i + c.offset);
+      const double C = gc[j] * ((col_lse[j] > ninf ? 1.0 : 0.0) - (pos ? 1.0 : 0.0));
+      ds += col_centre[j] * C;
+      db += C;
+    }
+  }
   for (float& v : dq) v *= scale;
   for (float& v : dk) v *= scale;
   // gradients: errors relative to the largest entry (sums of many signed terms)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import EngineStats
+from .. import EngineStats, centred_scale_sums
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -131,27 +131,24 @@ def _scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(lse_r, s, b, M, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
-                 SOFT_SIM: tl.constexpr, LSE2: tl.constexpr):
-    """Per-row offsets m_i of the scale sum, for a one-way softmax closure (zeros for the others,
-    and for rows without entries): (row_lse_i - b) / s, the LSE in the units of c, when s >= log M;
-    at higher temperatures (row_lse_i - b - log M) / s, the log-mean-exp of the row's c, which
-    lies within the range of c where the LSE's offset log(M) / s would not. Its rows' dS sum to a
-    known R_i (a_i + b_i for rows with entries and targets), so d_scale = sum dS_ij (c_ij - m_i)
-    + sum_i m_i R_i (the launcher adds the second term, _row_offset_sums): a float32 error e_i of
-    the stored LSE scales P's row i by (1 + e_i) and moves the first sum by e_i times the row's
-    mean of c - m_i (about its entropy / s) instead of its mean of c, which at a low temperature
-    is where the whole scale gradient cancels."""
+def _centres(lse, s, b, count, KIND: tl.constexpr):
+    """Centres of the scale sum for a block of rows (or, with the column LSEs, columns) of a
+    softmax closure; zeros for the sigmoid closure and for lines without entries. A line's dS
+    sums to a known total R (its LSE's weight plus its targets' weight, see _offset_sums), so
+    d_scale = sum dS_ij (c_ij - m) + sum m R with m = (lse - b) / s, the LSE in the units of c,
+    when s >= log(count); at higher temperatures (lse - b - log count) / s, the log-mean-exp of the
+    line's c, which lies within the range of c where the LSE's offset log(count) / s would not
+    (count: the line's length). The launcher adds the second sum (_offset_sums): a float32 error
+    e of the stored LSE scales P's line by (1 + e) and moves the first sum by e times the line's
+    mean of c - m (about its entropy / s) instead of its mean of c, which at a low temperature is
+    where the whole scale gradient cancels."""
     if KIND == 0:
-        if not SYMMETRIC:
-            if not SOFT_SIM:
-                if not LSE2:
-                    s_safe = tl.where(s != 0.0, s, 1.0)
-                    log_m = tl.log(tl.zeros_like(lse_r) + M)  # (M may be specialised to 1)
-                    shift = tl.where(s < log_m, log_m, 0.0)
-                    m = tl.where(lse_r > float("-inf"), (lse_r - b - shift) / s_safe, 0.0)
-                    return tl.where(s != 0.0, m, 0.0)
-    return tl.zeros_like(lse_r)
+        s_safe = tl.where(s != 0.0, s, 1.0)
+        log_n = tl.log(tl.zeros_like(lse) + count)  # (count may be specialised to 1)
+        shift = tl.where(s < log_n, log_n, 0.0)
+        m = tl.where(lse > float("-inf"), (lse - b - shift) / s_safe, 0.0)
+        return tl.where(s != 0.0, m, 0.0)
+    return tl.zeros_like(lse)
 
 
 @triton.jit
@@ -439,9 +436,9 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
                  l2_r, a2_r, ratio2, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
                  EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, SOFT_SIM: tl.constexpr,
                  LSE2: tl.constexpr):
-    """(dL/dS, its row closure's part) of one tile from the saved statistics (the loss closure):
-    softmax: a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij (the part: without the column
-    terms);  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij)."""
+    """(dL/dS, its row closure's part, its column closure's part) of one tile from the saved
+    statistics (the loss closure): softmax: a_i P_ij + b_i dT_ij (rows) + ac_j Pc_ij + bc_j Tc_ij
+    (columns, symmetric; else zeros);  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij) (rows)."""
     if KIND == 0:
         if EXCLUDE_TARGETS:
             in_lse = valid & (target == 0)
@@ -464,12 +461,16 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
             else:
                 in_col = valid
             pc = tl.where(in_col, _exp(S - lse_c[None, :]), 0.0)
-            dS += a_c[None, :] * pc + b_c[None, :] * col_target.to(tl.float32)
+            dS_cols = a_c[None, :] * pc + b_c[None, :] * col_target.to(tl.float32)
+            dS = dS_rows + dS_cols
+        else:
+            dS_cols = tl.zeros_like(dS)
     else:
         z = tl.where(target, 1.0, -1.0)  # -z sigmoid(-z S) = -z / (1 + e^(z S))
         dS = tl.where(valid, (-z * a_r[:, None]) / (1.0 + tl.exp2(z * S * LOG2E)), 0.0)
         dS_rows = dS
-    return dS, dS_rows
+        dS_cols = tl.zeros_like(dS)
+    return dS, dS_rows, dS_cols
 
 
 @triton.jit
@@ -526,12 +527,15 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
                PLAIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               INTERIOR: tl.constexpr, CENTRE: tl.constexpr):
+               INTERIOR: tl.constexpr, CENTRE: tl.constexpr, CENTRE_COLS: tl.constexpr,
+               CS_AXIS: tl.constexpr):
     """dL/dS of one tile from its recomputed products c = Q_blk K_blk^T and the saved statistics
-    (the rows' side pre-loaded): returns (dS, S, valid, target, rs, rb), with rs_i =
-    sum_j R_ij c_ij (CENTRE: sum_j R_ij (c_ij - m_i), see _row_offsets) and rb_i = sum_j R_ij for R
-    the row closure's part of dS (dS without the symmetric closures' column terms; unused sums
-    are not computed). PLAIN: tiles inside the matrix and off the band j = i + offset take a
+    (the rows' side pre-loaded): returns (dS, S, valid, target, rs, rb, cs, cb), with rs_i =
+    sum_j R_ij c_ij (CENTRE: sum_j R_ij (c_ij - m_i), m the rows' _centres) and rb_i = sum_j R_ij
+    for R the row closure's part of dS, and cs = sum C_ij c_ij (CENTRE_COLS: c_ij - n_j, n the
+    columns' _centres), cb = sum C_ij along axis CS_AXIS (1: per row, 0: per column) for C the
+    symmetric closure's column part (zeros for the others); dS = R + C, and unused sums are not
+    computed. PLAIN: tiles inside the matrix and off the band j = i + offset take a
     lean path without masks (valid all true; targets only where the closure has index or label
     targets, which lie anywhere: a compare per entry); INTERIOR: the caller sweeps only such
     tiles (the masked path is not compiled). Symmetric closures with label targets: column j's
@@ -539,9 +543,18 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
     lse_c, a_c, b_c = _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc,
                                      stride_gcp, SYMMETRIC)
     if CENTRE:
-        cm = c - _row_offsets(lse_r, s, b, M, KIND, False, SOFT_SIM, LSE2)[:, None]
+        cm = c - _centres(lse_r, s, b, M, KIND)[:, None]
     else:
         cm = c
+    if CENTRE_COLS:
+        cn = c - _centres(lse_c, s, b, N, KIND)[None, :]
+    else:
+        cn = c
+    if CS_AXIS == 1:
+        cs = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        cs = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cb = cs
     if INTERIOR:
         plain = True
     elif PLAIN:
@@ -570,11 +583,14 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
             c2 = lse_c * LOG2E
             top = tl.max(r2, 0)
             if _lses_close(r2, c2):
-                dS = p * ((a_c * tl.exp2(top - c2))[None, :] * tl.exp2(r2 - top)[:, None]
-                          + a_r[:, None])
+                w = (a_c * tl.exp2(top - c2))[None, :] * tl.exp2(r2 - top)[:, None]
+                dS = p * (w + a_r[:, None])
+                dS_cols = p * w  # (only where its sums are used)
             else:
-                pc = tl.exp2(c * sl2 + (-c2 + b * LOG2E)[None, :])
-                dS = a_r[:, None] * p + a_c[None, :] * pc
+                dS_cols = a_c[None, :] * tl.exp2(c * sl2 + (-c2 + b * LOG2E)[None, :])
+                dS = a_r[:, None] * p + dS_cols
+            cs = tl.sum(dS_cols * cn, CS_AXIS)
+            cb = tl.sum(dS_cols, CS_AXIS)
         else:
             dS = a_r[:, None] * p
         S = c * s + b
@@ -591,7 +607,10 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                 else:
                     ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
                     col_target = rows[:, None] == ctgt[None, :]
-                dS += tl.where(col_target, b_c[None, :], 0.0)
+                dTc = tl.where(col_target, b_c[None, :], 0.0)
+                cs += tl.sum(dTc * cn, CS_AXIS)
+                cb += tl.sum(dTc, CS_AXIS)
+                dS += dTc
         else:
             target = valid & (cols < 0)[None, :]
     else:
@@ -606,12 +625,15 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, target,
                               N, M, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M,
                               BLOCK_N, BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
-        dS, dS_rows = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
-                                   b_c, soft, l2_r, a2_r, ratio2, KIND, SYMMETRIC, EXCLUDE_TARGETS,
-                                   TARGET_LSE, SOFT_SIM, LSE2)
+        dS, dS_rows, dS_cols = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r,
+                                            lse_c, a_c, b_c, soft, l2_r, a2_r, ratio2, KIND,
+                                            SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM, LSE2)
         rs = tl.sum(dS_rows * cm, 1)
         rb = tl.sum(dS_rows, 1)
-    return dS, S, valid, target, rs, rb
+        if SYMMETRIC:
+            cs = tl.sum(dS_cols * cn, CS_AXIS)
+            cb = tl.sum(dS_cols, CS_AXIS)
+    return dS, S, valid, target, rs, rb, cs, cb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -912,7 +934,8 @@ def _backward_rows_kernel(
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
-    GRAM: tl.constexpr, SELF_SYM: tl.constexpr, RESIDENT: tl.constexpr, TILES: tl.constexpr,
+    COMPUTE_SBC: tl.constexpr, GRAM: tl.constexpr, SELF_SYM: tl.constexpr, RESIDENT: tl.constexpr,
+    TILES: tl.constexpr,
     SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -921,11 +944,15 @@ def _backward_rows_kernel(
     #           gradients of row_lse, the target statistic, col_lse, col_pos; dT = T / npos)
     #   dS_ij = -a_i z_ij sigmoid(-z_ij S_ij)                   (sigmoid)
     #   dQ_i = s sum_j dS_ij k_j;  d_scale += sum dS_ij c_ij;  d_bias += sum dS_ij
-    #   (one-way softmax: d_scale += sum dS_ij (c_ij - m_i), the launcher adds the rest; _row_offsets)
+    #   (softmax: the scale sum centred, sum R_ij (c_ij - m_i) + sum C_ij (c_ij - n_j) for dS's row
+    #   and column parts R, C; the launcher adds the rest, see _centres)
     # 1. load the rows' statistics (row_lse, weights g_i, 1/npos_i) and targets;
     # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
     # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
-    # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything.
+    # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything:
+    #    COMPUTE_SB the row part's, centred on the rows; COMPUTE_SBC (symmetric closures) the
+    #    column part's apart, centred entry by entry on the columns (without it, a symmetric
+    #    closure's sums are of dS as a whole, uncentred: 16-bit features, see the launcher).
     # GRAM (queries are the keys, softmax, no column statistics): S is symmetric, so the whole
     # gradient of row i, s sum_j (dS_ij + dS_ji) z_j, comes from the same tiles using the
     # statistics of rows j too -- the column kernel is not needed.
@@ -956,6 +983,8 @@ def _backward_rows_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     acc_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_cs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # COMPUTE_SBC: the column part's sums
+    acc_cb = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the row block's features, loaded once
         q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
     # split launches (TILES 1, 2): the spans of the interior tiling (SPAN_M x SPAN_N)
@@ -973,7 +1002,7 @@ def _backward_rows_kernel(
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                  stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
                                  False)
-        dS, S, valid, target, rs, rb = _tile_grad(
+        dS, S, valid, target, rs, rb, cs, cb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
@@ -981,7 +1010,7 @@ def _backward_rows_kernel(
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
             FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
-            TILES == 2, True)
+            TILES == 2, SELF_SYM, COMPUTE_SBC, 1)
         if COMPUTE_DQ:
             if RESIDENT:
                 kv = kt
@@ -1005,12 +1034,15 @@ def _backward_rows_kernel(
             acc = tl.dot(_operand(_lowp(dS_all, kv.dtype, UPCAST), UPCAST), _operand(kv, UPCAST), acc,
                          input_precision=PRECISION)
         if COMPUTE_SB:
-            if SELF_SYM:
+            if SELF_SYM or COMPUTE_SBC:  # the row part apart
                 acc_s += rs
                 acc_b += rb
-            else:
+            else:  # dS is the row part, or (symmetric, 16-bit) both parts uncentred
                 acc_s += tl.sum(dS * c, 1)
                 acc_b += tl.sum(dS, 1)
+        if COMPUTE_SBC:
+            acc_cs += cs
+            acc_cb += cb
 
     if COMPUTE_DQ:
         if TILES == 1:  # the interior launch continues from these sums
@@ -1021,10 +1053,12 @@ def _backward_rows_kernel(
                      mask=rmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
-        if not SELF_SYM:  # (the row part's sums came centred)
-            acc_s -= _row_offsets(lse_r, s, b, M, KIND, SYMMETRIC, SOFT_SIM, LSE2) * acc_b
-        tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
-        tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
+        if not SELF_SYM:  # (SELF_SYM: the row part's sums came centred)
+            if COMPUTE_SBC or not SYMMETRIC:
+                acc_s -= _centres(lse_r, s, b, M, KIND) * acc_b
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0) + tl.sum(acc_cs, 0), mask=first)
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0) + tl.sum(acc_cb, 0),
+                 mask=first)
 
 
 @triton.jit
@@ -1047,7 +1081,9 @@ def _backward_cols_kernel(
     #   dK_j = s sum_i dS_ij q_i, with dS_ij as in _backward_rows_kernel.
     # 1. for each row block: load the rows' statistics and targets, recompute c, S, the masks and
     #    dS (the columns' statistics are read with the tile);
-    # 2. accumulate dS^T . Q[:, d chunk]; 3. scale/bias partial sums when asked; store.
+    # 2. accumulate dS^T . Q[:, d chunk]; 3. scale/bias partial sums when asked (only dK is
+    #    needed: the row part's and the symmetric closure's column part's, centred entry by
+    #    entry); store.
     # RESIDENT and TILES as in the rows kernel, transposed: the column block's keys stay loaded,
     # the split launches sweep the row tiles of this column block's spans (_plain_row_spans).
     pid = tl.program_id(0)
@@ -1063,8 +1099,10 @@ def _backward_cols_kernel(
         acc = tl.load(part, mask=cmask[:, None] & dvmask[None, :], other=0.0)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-    acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the column part's sums (symmetric)
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_rs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the row part's sums
+    acc_rb = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the column block's features, loaded once
         k_res = _feature_block(k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D)
     # split launches (TILES 1, 2): the spans of the interior tiling (SPAN_M x SPAN_N)
@@ -1087,7 +1125,7 @@ def _backward_cols_kernel(
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                  stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
                                  False)
-        dS, S, valid, target, rs, rb = _tile_grad(
+        dS, S, valid, target, rs, rb, cs, cb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
@@ -1095,7 +1133,7 @@ def _backward_cols_kernel(
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
             FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
-            TILES == 2, False)
+            TILES == 2, COMPUTE_SB, COMPUTE_SB, 0)
         if RESIDENT:
             qv = qt
         else:
@@ -1105,9 +1143,11 @@ def _backward_cols_kernel(
         acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
                      input_precision=PRECISION)
         if COMPUTE_SB:
-            m = _row_offsets(lse_r, s, b, M, KIND, SYMMETRIC, SOFT_SIM, LSE2)
-            acc_s += tl.sum(dS * (c - m[:, None]), 0)
-            acc_b += tl.sum(dS, 0)
+            acc_rs += rs
+            acc_rb += rb
+            if SYMMETRIC:
+                acc_s += cs
+                acc_b += cb
 
     if TILES == 1:  # the interior launch continues from these sums
         tl.store(part, acc, mask=cmask[:, None] & dvmask[None, :])
@@ -1117,8 +1157,9 @@ def _backward_cols_kernel(
                  mask=cmask[:, None] & dvmask[None, :])
     if COMPUTE_SB:
         first = pid_d == 0
-        tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0), mask=first)
-        tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0), mask=first)
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0) + tl.sum(acc_rs, 0), mask=first)
+        tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0) + tl.sum(acc_rb, 0),
+                 mask=first)
 
 
 @triton.jit
@@ -1133,7 +1174,8 @@ def _grad_tiles_kernel(
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
     FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, SELF_SYM: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    COMPUTE_SBC: tl.constexpr, SELF_SYM: tl.constexpr,
     TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -1168,7 +1210,7 @@ def _grad_tiles_kernel(
             stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
         c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                              stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, False)
-        dS, S, valid, target, rs, rb = _tile_grad(
+        dS, S, valid, target, rs, rb, cs, cb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
             cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
@@ -1176,21 +1218,30 @@ def _grad_tiles_kernel(
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
             FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
-            TILES == 2, False)
+            TILES == 2, False, False, 0)
         out = (ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds
                + (cols - col_start)[None, :])
         tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
                  mask=(rows < N)[:, None] & (cols < M)[None, :])
-        if COMPUTE_SB:
+        if COMPUTE_SB:  # scale / bias sums as in the fused kernels, centred on the rows (and,
+            # COMPUTE_SBC, the column part on the columns)
             slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_n) * 2
-            if SELF_SYM:  # (as in the fused row kernel; centred here: fewer registers)
-                rs -= _row_offsets(lse_r, s, b, M, KIND, False, SOFT_SIM, LSE2) * rb
+            if SELF_SYM or COMPUTE_SBC:
+                tot_s = tl.sum(rs - _centres(lse_r, s, b, M, KIND) * rb, 0)
+                tot_b = tl.sum(rb, 0)
+                if COMPUTE_SBC:
+                    lse_c = tl.load(col_lse_ptr + cols.to(tl.int64), mask=cols < M, other=0.0)
+                    tot_s += tl.sum(cs - _centres(lse_c, s, b, N, KIND) * cb, 0)
+                    tot_b += tl.sum(cb, 0)
             else:
                 rb = tl.sum(dS, 1)
-                m = _row_offsets(lse_r, s, b, M, KIND, SYMMETRIC, SOFT_SIM, LSE2)
-                rs = tl.sum(dS * c, 1) - m * rb
-            tl.store(dsb_ptr + slot, tl.sum(rs, 0))
-            tl.store(dsb_ptr + slot + 1, tl.sum(rb, 0))
+                rs = tl.sum(dS * c, 1)
+                if not SYMMETRIC:
+                    rs -= _centres(lse_r, s, b, M, KIND) * rb
+                tot_s = tl.sum(rs, 0)
+                tot_b = tl.sum(rb, 0)
+            tl.store(dsb_ptr + slot, tot_s)
+            tl.store(dsb_ptr + slot + 1, tot_b)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1448,7 +1499,9 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
               stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
               a2_row)
     const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
-                 COMPUTE_SB=need_sb, SELF_SYM=self_sym, **flags)
+                 COMPUTE_SB=need_sb, COMPUTE_SBC=need_sb and _centre_columns(queries, symmetric,
+                                                                            self_sym, True),
+                 SELF_SYM=self_sym, **flags)
     tf32 = queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"
     for si, c0 in enumerate(slabs):
         c1 = min(M, c0 + W)
@@ -1871,33 +1924,25 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             col_lse, symmetric, gram, (need_q, need_k, need_sb), self_sym=twice)
     ds = db = None
     if need_sb:
-        if _centred_sums(spec, targets, symmetric and not twice):
-            sb_sums = _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias, keys.shape[0])
+        sym = symmetric and not twice
+        only_k = not _dense_backward(queries) and need_k and not need_q
+        if softmax and (not sym or _centre_columns(queries, sym, False, not only_k)):
+            # the kernels' sums are centred (_centres): add the lines' known totals
+            cols = dict(a_col=a_col, b_col=b_col) if sym else {}
+            sb_sums = centred_scale_sums(sb_sums, spec, targets, stats, a_row, b_row, scale, bias,
+                                         M, a2_row=a2_row, **cols)
         ds = sb_sums[0:1] if need_s else None
         db = sb_sums[1:2] if need_b else None
     return dq, dk, ds, db
 
 
-def _centred_sums(spec, targets, symmetric) -> bool:
-    """Whether the kernels' scale sums are centred on the rows' offsets (see _row_offsets)."""
-    return (spec.kind == "softmax" and not symmetric and targets.teacher_queries is None
-            and spec.lse2_ratio is None)
-
-
-def _row_offset_sums(sb_sums, stats, a_row, b_row, scale, bias, M: int):
-    """(d_scale, d_bias) from the kernels' centred sums (sum dS (c - m), sum dS): adds
-    sum_i m_i R_i to the first (m_i as _row_offsets, for M columns), and the second is
-    sum_i R_i, with R_i = sum_j dS_ij exactly (a_i over rows with entries, b_i over rows with
-    targets): dS's rows sum to these in exact arithmetic, and the float32 error of the stored LSE
-    leaves them out."""
-    lse = stats.row_lse
-    has = lse > float("-inf")
-    b = bias if bias is not None else 0.0
-    log_m = math.log(M)
-    shift = torch.where(scale < log_m, log_m, 0.0)
-    m = torch.where(has & (scale != 0), (lse - b - shift) / torch.where(scale != 0, scale, 1.0), 0.0)
-    R = torch.where(has, a_row, 0.0) + torch.where(stats.row_npos > 0, b_row, 0.0)
-    return torch.stack([sb_sums[0] + (m * R).sum(), R.sum()])
+def _centre_columns(queries, symmetric: bool, self_sym: bool, rows_sum: bool) -> bool:
+    """Whether a symmetric closure's scale sums are centred (its row part on the rows, its
+    column part on the columns, entry by entry): for float32 features, and in the column kernel
+    (only dK needed: rows_sum False). For 16-bit features the sums are of dS as a whole, a few
+    operations per entry fewer on the hot path: the float32 error of the stored LSEs moves them by
+    ~1e-3 relative at a low temperature, far below the error of 16-bit logits in PyTorch."""
+    return symmetric and not self_sym and (queries.dtype == torch.float32 or not rows_sum)
 
 
 def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col_lse, symmetric,
@@ -1923,8 +1968,12 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
                     a2_row.stride(0))
     precision = _precision(queries, spec.exact)
     dq = dk = None
-    dsb = None
+    dsb = []
+    # scale / bias sums: by the rows kernel unless only dK is needed (the symmetric closure's
+    # column part, too, when centred: entry by entry in per-row sums, where the columns kernel
+    # would need sums across its warps)
     rows_do_sb = need_sb and (need_q or not need_k)
+    sym_sb = need_sb and _centre_columns(queries, symmetric, self_sym, rows_do_sb)
 
     def launches(kernel, n, out, sb_rows, const, tuned):
         """One launch over every tile, or the band launch then the interior launch (the same D
@@ -1963,20 +2012,21 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     if need_q or rows_do_sb:
         dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
-                     COMPUTE_SB=rows_do_sb, GRAM=gram, SELF_SYM=self_sym,
+                     COMPUTE_SB=rows_do_sb, COMPUTE_SBC=sym_sb and rows_do_sb, GRAM=gram,
+                     SELF_SYM=self_sym,
                      # the transposed term of GRAM has its targets on the other band
                      **dict(flags, PLAIN=lean))
         sb = launches(_backward_rows_kernel, N, dq, rows_do_sb, const, "BLOCK_N")
         if rows_do_sb:
-            dsb = sb
+            dsb.append(sb)
     if need_k:
         dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
         cols_do_sb = need_sb and not rows_do_sb
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb, **flags)
         sb = launches(_backward_cols_kernel, M, dk, cols_do_sb, const, "BLOCK_M")
         if cols_do_sb:
-            dsb = sb
-    return dq, dk, dsb.sum(0) if need_sb else None
+            dsb.append(sb)
+    return dq, dk, sum(t.sum(0) for t in dsb) if need_sb else None
 
 
 def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
