@@ -1,6 +1,7 @@
 """Gather and ring modes over gloo on CPU (2 and 4 processes) against the float64 single-process
 reference: loss values and the gradients of features, scale and bias, under the documented
 averaging convention (features: W x their slice of the reference gradient; scale/bias: exact)."""
+import importlib.util
 import os
 
 import pytest
@@ -126,22 +127,27 @@ def _worker(r, W):
         loss = fdist.siglip_loss(i, t, sl, bl, mode=mode, backend="torch")
         _check(f"siglip/{mode}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], 2.0, [n, n])
 
-    # --- float32 through the Triton engine (interpreted on CPU): the offset trick on a real
-    # kernel, merged statistics within float32 error of the float64 reference ---
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    # --- float32 through the Triton engine (interpreted on CPU) and the C++ CPU kernels: the
+    # offset trick on a real kernel, merged statistics within float32 error of the float64
+    # reference, and the scale sums' per-block totals (each backend adds them, the ring takes
+    # them out of the off-diagonal blocks) ---
+    engines = ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+    if importlib.util.find_spec("fastcl._C") is not None:
+        engines.append("cpu")
+    for be in engines:
         for mode in ("ring", "gather"):
             s = _leaf(9.0)
             ref = reference.clip_loss(I, T, s, 0.1)
             i, t = (x.float().requires_grad_(True) for x in _slices(r, W, I, T))
             sl = torch.tensor(9.0, requires_grad=True)
-            loss = fdist.clip_loss(i, t, sl, 0.1, mode=mode, backend="triton", exact=True)
+            loss = fdist.clip_loss(i, t, sl, 0.1, mode=mode, backend=be, exact=True)
             got = torch.autograd.grad(loss, [i, t, sl])
             want = torch.autograd.grad(ref, [I, T, s])
-            _close(f"triton/{mode} loss", loss.double(), ref, tol=1e-5)
+            _close(f"{be}/{mode} loss", loss.double(), ref, tol=1e-5)
             for k, (a, b) in enumerate(zip(got, want)):
                 if k < 2:
                     b = W * b[r * n:(r + 1) * n]
-                _close(f"triton/{mode} grad {k}", a.double(), b, tol=1e-5)
+                _close(f"{be}/{mode} grad {k}", a.double(), b, tol=1e-5)
 
     # --- DDP-style averaging of a parameter gradient gives the single-process gradient ---
     lin = torch.nn.Linear(d, d, dtype=torch.float64)
