@@ -65,7 +65,7 @@ def _engine(backend: str, spec: LossSpec, targets: Targets):
     eng = _backend.engine(backend)
     extended = (spec.exclude_targets or spec.target_lse or spec.fn_space != 0
                 or spec.lse2_ratio is not None or targets.row_ids is not None
-                or targets.teacher_queries is not None)
+                or targets.teacher_queries is not None or targets.target_weights is not None)
     if extended and not getattr(eng, "SPLIT_TARGET_GRADS", False):
         raise ValueError(f"backend={backend!r} does not implement this loss (decoupled, target-LSE "
                          "or false-negative closures); use backend='triton' or backend='torch'")

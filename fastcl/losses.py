@@ -581,10 +581,11 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
         targets: either a pair ``(indices, weights)`` of (N, K) tensors -- a sparse list of K
             targets per row (mixup / i-Mix / MixCo: ``[[i, perm[i]]]`` with ``[[lam, 1 - lam]]``) --
             or a dense (N, M) float tensor (a fallback for small M: it is an N x M input).
-            With K = 1 the target term's gradient is formed inside the kernels; with K >= 2 and
-            dense targets it is computed beside them (O(N K D)), and for 16-bit features at low
-            temperatures the gradient of rows that fit their targets closely is then less
-            accurate than a materialised loss's (its dS is rounded before the targets cancel it).
+            Sparse targets are compared inside the kernels' tiles (K compares per entry), so the
+            target term's gradient cancels against P before dS is rounded; dense targets have
+            their term computed beside the kernels (O(N M D) as a product with the keys), and
+            for 16-bit features at low temperatures the gradient of rows that fit their targets
+            closely is then less accurate than a materialised loss's.
         scale, bias, reduction, backend, exact: as in :func:`info_nce`.
     """
     _check_pair("queries", queries, "keys", keys)
@@ -623,18 +624,24 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
         lse, tgt, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=idx[:, 0]),
                                                     spec, be)
         return _reduce(w[:, 0].to(dt) * (lse - tgt), reduction)
+    if dense is None:  # K weighted index targets per row, in the tiles:
+        # L_i = mass_i (LSE_i - mean target logit_i), mass_i = sum_k w_ik
+        wf = w.detach().to(torch.float32 if dt == torch.float32 else dt).contiguous()
+        lse, tgt, mass, _, _, _, _ = engine_statistics(
+            queries, keys, s, b, Targets(positives=idx.contiguous(), target_weights=wf), spec, be)
+        rows = mass.to(dt) * (lse - tgt)
+        if w.requires_grad:  # dL_i / dw_ik = LSE_i - S_{i,p_ik}: a term of value 0
+            logits = s.to(dt) * torch.einsum("nd,nkd->nk", queries.to(dt), keys.to(dt)[idx])
+            if b is not None:
+                logits = logits + b.to(dt)
+            rows = rows + ((w.to(dt) - w.detach().to(dt)) * (lse[:, None] - logits).detach()).sum(1)
+        return _reduce(rows, reduction)
     # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
     lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(), spec, be)
     qf = queries.to(dt)
-    if dense is None:
-        wf = w.to(dt)
-        target_logits = s.to(dt) * torch.einsum("nd,nkd->nk", qf, keys.to(dt)[idx])
-        mass = wf.sum(1)
-        weighted = (wf * target_logits).sum(1)
-    else:
-        wf = dense.to(dt)
-        mass = wf.sum(1)
-        weighted = s.to(dt) * _row_dots(qf, wf @ keys.to(dt))
+    wf = dense.to(dt)
+    mass = wf.sum(1)
+    weighted = s.to(dt) * _row_dots(qf, wf @ keys.to(dt))
     if b is not None:
         weighted = weighted + b.to(dt) * mass
     return _reduce(mass * lse - weighted, reduction)

@@ -310,8 +310,11 @@ def _chunks(n: int, m: int):
 
 
 def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, positives,
-          row_labels, col_labels, dtype, fn_space=0, fn_threshold=None, row_ids=None, col_ids=None):
-    """Logits, raw similarities, validity and target masks of rows [r0, r1)."""
+          row_labels, col_labels, dtype, fn_space=0, fn_threshold=None, row_ids=None, col_ids=None,
+          target_weights=None):
+    """Logits, raw similarities, validity, target masks and target weights of rows [r0, r1)
+    (``target_weights`` (N, K) with positives (N, K): T_ij = sum_k w_ik [j == p_ik]; else the
+    weights are T itself)."""
     q = queries[r0:r1].to(dtype)
     c = q @ keys.to(dtype).transpose(0, 1)
     S = scale.to(dtype) * c
@@ -323,18 +326,24 @@ def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, pos
         valid = cols[None, :] != (rows + offset)[:, None]
     else:
         valid = torch.ones_like(S, dtype=torch.bool)
+    Tw = None
     if row_labels is not None:
         T = row_labels[r0:r1, None] == col_labels[None, :]
+    elif target_weights is not None:
+        hit = cols[None, None, :] == positives[r0:r1, :, None]  # (rows, K, M)
+        Tw = (hit.to(dtype) * target_weights[r0:r1, :, None].to(dtype)).sum(1)
+        T = Tw != 0
     else:
         p = positives[r0:r1] if positives is not None else rows + offset
         T = cols[None, :] == p[:, None]
     T = T & valid
+    Tw = T.to(dtype) if Tw is None else torch.where(T, Tw, 0.0)
     if fn_space:
         thr = fn_threshold[r0:r1].to(dtype)[:, None]
         valid = valid & (T | ~((S if fn_space == 1 else c) > thr))
     if row_ids is not None:
         valid = valid & (T | (row_ids[r0:r1, None] != col_ids[None, :]))
-    return S, c, valid, T, rows, cols
+    return S, c, valid, T, Tw, rows, cols
 
 
 def _col_targets(rows, cols, col_positives, offset):
@@ -348,7 +357,7 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
                    fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None,
                    teacher_queries=None, teacher_keys=None, teacher_scale=None,
-                   lse2_ratio: Optional[float] = None):
+                   lse2_ratio: Optional[float] = None, target_weights=None):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None);
     row_aux (3, N) holds the teacher LSE, sum_j T_ij St_ij and the second LSE (lse2_ratio)."""
     N, M = queries.shape[0], keys.shape[0]
@@ -363,10 +372,11 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     has_aux = teacher_queries is not None or lse2_ratio is not None
     row_aux = torch.zeros((3, N), dtype=dt, device=dev) if has_aux else None
     for r0, r1 in _chunks(N, M):
-        S, _, valid, T, rows, cols = _tile(
+        S, _, valid, T, Tw, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
             offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
-            dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids)
+            dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids,
+            target_weights=target_weights)
         if kind == "sigmoid":
             z = torch.where(T, 1.0, -1.0).to(dt)
             row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
@@ -378,8 +388,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
         if target_lse:
             row_pos[r0:r1] = torch.logsumexp(S.masked_fill(~T, -math.inf), dim=1)
         else:
-            row_pos[r0:r1] = torch.where(T, S, 0.0).sum(1)
-        row_npos[r0:r1] = T.sum(1).to(dt)
+            row_pos[r0:r1] = torch.where(T, Tw * S, 0.0).sum(1)
+        row_npos[r0:r1] = Tw.sum(1)
         if teacher_queries is not None:
             St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
             t_lse = torch.logsumexp(St.masked_fill(~valid, -math.inf), dim=1)
@@ -413,7 +423,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     row_ids=None, col_ids=None, teacher_queries=None, teacher_keys=None,
                     teacher_scale=None, row_aux: Optional[Tensor] = None,
                     lse2_ratio: Optional[float] = None, grad_row_lse2: Optional[Tensor] = None,
-                    centres: Optional[Tuple[Tensor, Optional[Tensor]]] = None):
+                    centres: Optional[Tuple[Tensor, Optional[Tensor]]] = None, target_weights=None):
     """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
 
     dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
@@ -431,10 +441,11 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
     keys_dtype = keys.dtype
     kf = keys = keys.to(dt)  # once, not per chunk
     for r0, r1 in _chunks(N, M):
-        S, c, valid, T, rows, cols = _tile(
+        S, c, valid, T, Tw, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
             offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
-            dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids)
+            dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids,
+            target_weights=target_weights)
         g = grad_row[r0:r1].to(dt)[:, None]
         if kind == "sigmoid":
             z = torch.where(T, 1.0, -1.0).to(dt)
@@ -452,7 +463,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             elif target_lse:
                 dT = torch.where(T, torch.exp(S - row_pos[r0:r1].to(dt)[:, None]), 0.0)
             else:
-                dT = torch.where(T, 1.0 / torch.where(has, npos, 1.0), 0.0)
+                dT = Tw / torch.where(has, npos, 1.0)
             if grad_row_pos is None:
                 dS = torch.where(has, g * (P - dT), 0.0)
             else:
@@ -497,7 +508,7 @@ def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optio
     keys = keys.to(dt)
     out = torch.empty(N, dtype=dt, device=queries.device)
     for r0, r1 in _chunks(N, M):
-        S, _, valid, T, _, _ = _tile(queries, keys, scale, bias, r0, r1, kind="softmax",
+        S, _, valid, T, _, _, _ = _tile(queries, keys, scale, bias, r0, r1, kind="softmax",
                                      exclude_self=exclude_self, offset=offset, positives=positives,
                                      row_labels=row_labels, col_labels=col_labels, dtype=dt)
         thr = (S.where(T, 0.0).sum(1) if threshold is None else threshold[r0:r1].to(dt))
@@ -515,7 +526,7 @@ def engine_top_negatives(queries: Tensor, keys: Tensor, k: int, *, exclude_self:
     idx = torch.full((N, k), -1, dtype=torch.int64, device=queries.device)
     one = torch.ones(1, dtype=dt, device=queries.device)
     for r0, r1 in _chunks(N, M):
-        _, c, valid, T, _, _ = _tile(queries, keys, one, None, r0, r1, kind="softmax",
+        _, c, valid, T, _, _, _ = _tile(queries, keys, one, None, r0, r1, kind="softmax",
                                      exclude_self=exclude_self, offset=offset, positives=positives,
                                      row_labels=row_labels, col_labels=col_labels, dtype=dt)
         kk = min(k, M)

@@ -261,7 +261,7 @@ def test_softclip(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", ["softclip", "soft_info_nce", "mv_infonce"])
+@pytest.mark.parametrize("loss", ["softclip", "soft_info_nce", "soft_info_nce_k2", "mv_infonce"])
 def test_target_terms_cancel_in_the_tiles(backend, loss):
     """bfloat16 near-duplicate views at scale 30: the target term's gradient must meet P inside
     the tiles, before dS is rounded for the products. The yardstick is CLIP's gradient error on
@@ -275,6 +275,7 @@ def test_target_terms_cancel_in_the_tiles(backend, loss):
     u = u.to(DEVICE, torch.bfloat16)
     perm = torch.randperm(N, generator=gen).to(DEVICE)  # soft_info_nce: row i's target is key perm[i]
     w = (torch.rand(N, 1, generator=gen) + 0.5).to(DEVICE, torch.bfloat16)
+    w2 = w * torch.tensor([[0.3, 0.7]], device=DEVICE)  # two weighted targets, both on the positive
     losses = {
         "clip": (lambda q, k: fastcl.clip_loss(q, k, 30.0, reduction="none", backend=backend),
                  lambda q, k: R.clip_loss(q, k, 30.0, reduction="none")),
@@ -285,6 +286,11 @@ def test_target_terms_cancel_in_the_tiles(backend, loss):
                                                             reduction="none", backend=backend),
                           lambda q, k: w[:, 0].to(q.dtype) * R.info_nce(q, k[perm.argsort()], perm, 30.0,
                                                                         reduction="none")),
+        # two weighted targets per row, both on the positive: the same loss with weight w2_i0 + w2_i1
+        "soft_info_nce_k2": (lambda q, k: fastcl.soft_info_nce(q, k[perm.argsort()], (perm[:, None].expand(N, 2), w2),
+                                                               scale=30.0, reduction="none", backend=backend),
+                             lambda q, k: w2.to(q.dtype).sum(1) * R.info_nce(q, k[perm.argsort()], perm, 30.0,
+                                                                             reduction="none")),
         # (rows already unit: normalising them again in bfloat16 would perturb the inputs)
         "mv_infonce": (lambda q, k: fastcl.mv_infonce(torch.stack([q, k], 1), 1 / 30, normalize=False,
                                                       reduction="none", backend=backend),

@@ -24,7 +24,7 @@ _ID_PTRS = ("rlab_ptr", "clab_ptr", "rid_ptr", "cid_ptr")  # labels and ids as t
 
 _PLAIN = dict(KIND=0, SYMMETRIC=False, HAS_BIAS=False, HAS_POS=False, HAS_CPOS=False, LABELS=False,
               EXCLUDE_SELF=False, EXCLUDE_TARGETS=False, TARGET_LSE=False, FN_SPACE=0, FN_IDS=False,
-              SOFT_SIM=False, LSE2=False, PLAIN=False, SELF_SYM=False)
+              SOFT_SIM=False, LSE2=False, TARGET_K=0, PLAIN=False, SELF_SYM=False)
 CLOSURES = {
     "clip": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True, PLAIN=True),
     "clip_masked": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
@@ -49,12 +49,14 @@ CLOSURES = {
     # the lean backward of one-way losses with index / label targets (compared in the tile)
     "info_nce_lean": dict(_PLAIN, HAS_POS=True, PLAIN=True),
     "supcon_lean": dict(_PLAIN, LABELS=True, PLAIN=True),
+    # weighted index targets (soft_info_nce, K = 2 per row), compared in the backward's tiles
+    "soft_k2": dict(_PLAIN, HAS_POS=True, TARGET_K=2, PLAIN=True),
 }
 _SELF_BWD = ("bwd_rows", "bwd_rows_in", "grad_tiles", "grad_tiles_in")
 _LEAN_BWD = _SELF_BWD + ("bwd_cols", "bwd_cols_in")
 _ONLY = {"self_lse": ("fwd", "fwd_plain", "fwd_resident"), "self_lse_sym": _SELF_BWD,
          "nt_xent_sym": _SELF_BWD, "supcon_sym": _SELF_BWD, "info_nce_lean": _LEAN_BWD,
-         "supcon_lean": _LEAN_BWD}
+         "supcon_lean": _LEAN_BWD, "soft_k2": _LEAN_BWD}
 KERNELS = {
     # the forward of closures with PLAIN: the band-and-edge launch (TILES=1, with the interior
     # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)

@@ -21,6 +21,9 @@ Validity and targets (per tile, from O(N + M) metadata, never an N x M tensor):
 * index mode (``targets.row_labels is None``): T_ij = [j == p(i)] with p = ``targets.positives``
   or p(i) = i + spec.offset when that is None.
 * label mode: T_ij = [row_labels[i] == col_labels[j]]. In both modes T_ij is and-ed with valid_ij.
+* weighted index targets (``targets.target_weights`` w (N, K), with ``positives`` (N, K)): T_ij =
+  sum_k w_ik [j == positives[i, k]] on valid entries (softmax, one-way; backends with
+  ``SPLIT_TARGET_GRADS``), so row_pos and row_npos below are weighted sums.
 * symmetric (softmax, index mode only): column positive pc = ``targets.col_positives`` or
   pc(j) = j - spec.offset; Tc_ij = [i == pc(j)] and valid_ij.
 
@@ -116,6 +119,7 @@ class Targets(NamedTuple):
     teacher_queries: Optional[torch.Tensor] = None  # (N, Dt) soft-target embeddings u
     teacher_keys: Optional[torch.Tensor] = None  # (M, Dt) soft-target embeddings v
     teacher_scale: Optional[torch.Tensor] = None  # (2,) float32 (st, w)
+    target_weights: Optional[torch.Tensor] = None  # (N, K) float32, with positives (N, K)
 
 
 class EngineStats(NamedTuple):

@@ -21,7 +21,9 @@ def _kw(spec, targets):
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
-    return EngineStats(*reference.engine_forward(queries, keys, scale, bias, **_kw(spec, targets)))
+    return EngineStats(*reference.engine_forward(queries, keys, scale, bias,
+                                                 target_weights=targets.target_weights,
+                                                 **_kw(spec, targets)))
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
@@ -40,7 +42,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         needs=(needs[0], needs[1], need_s or centred, need_b),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
         row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2, centres=centres,
-        **_kw(spec, targets))
+        target_weights=targets.target_weights, **_kw(spec, targets))
     if not centred:
         return dq, dk, ds, db
     dt = stats.row_lse.dtype

@@ -1,8 +1,8 @@
 """Triton kernels of the engine, and their launchers (no autograd here).
 
 One forward kernel and two backward kernels serve every loss; the loss is chosen by compile-time
-flags (KIND, SYMMETRIC, LABELS, EXCLUDE_SELF, HAS_POS, HAS_CPOS, HAS_BIAS). The contract they
-implement (statistics, targets, gradients) is documented in :mod:`fastcl.ops`.
+flags (KIND, SYMMETRIC, LABELS, EXCLUDE_SELF, HAS_POS, HAS_CPOS, HAS_BIAS, TARGET_K, ...). The
+contract they implement (statistics, targets, gradients) is documented in :mod:`fastcl.ops`.
 
 Numerics: tiles of S = s * Q K^T + b are accumulated in float32 (tensor cores for fp16/bf16, TF32
 for fp32 unless ``spec.exact``); all statistics are float32. The symmetric column LSE is merged from
@@ -305,17 +305,36 @@ def _operand(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS: tl.constexpr, LABELS: tl.constexpr):
+def _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS: tl.constexpr, LABELS: tl.constexpr,
+                 TARGET_K: tl.constexpr):
     """Per-row target metadata: the row's class id (label mode, int64) or its positive column
-    (int32: column indices are below 2^31 even where offsets into the features are not)."""
+    (int32: column indices are below 2^31 even where offsets into the features are not; with
+    TARGET_K weighted targets, the first of the row's K)."""
     rmask = rows < N
     if LABELS:
         meta = tl.load(rlab_ptr + rows.to(tl.int64), mask=rmask, other=0)
+    elif TARGET_K > 0:
+        meta = tl.load(pos_ptr + rows.to(tl.int64) * TARGET_K, mask=rmask, other=-1).to(tl.int32)
     elif HAS_POS:
         meta = tl.load(pos_ptr + rows.to(tl.int64), mask=rmask, other=-1).to(tl.int32)
     else:
         meta = rows + offset
     return meta
+
+
+@triton.jit
+def _weighted_targets(rows, cols, N, pos_ptr, tw_ptr, TARGET_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """T_ij = sum_k w_ik [j == p_ik] of a tile: TARGET_K weighted index targets per row, indices
+    and weights (N, K) row-major."""
+    base = rows.to(tl.int64) * TARGET_K
+    rmask = rows < N
+    tw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.static_range(TARGET_K):
+        idx = tl.load(pos_ptr + base + k, mask=rmask, other=-1).to(tl.int32)
+        w = tl.load(tw_ptr + base + k, mask=rmask, other=0.0)
+        tw += tl.where(cols[None, :] == idx[:, None], w[:, None], 0.0)
+    return tw
 
 
 @triton.jit
@@ -435,7 +454,7 @@ def _col_grad_meta(cols, M, col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_g, stride
 def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c, b_c, soft,
                  l2_r, a2_r, ratio2, KIND: tl.constexpr, SYMMETRIC: tl.constexpr,
                  EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, SOFT_SIM: tl.constexpr,
-                 LSE2: tl.constexpr):
+                 LSE2: tl.constexpr, TARGET_K: tl.constexpr):
     """(dL/dS, its row closure's part, its column closure's part) of one tile from the saved
     statistics (the loss closure): softmax: a_i P_ij + b_i dT_ij (rows) + ac_j Pc_ij + bc_j Tc_ij
     (columns, symmetric; else zeros);  sigmoid: -a_i z_ij sigmoid(-z_ij S_ij) (rows)."""
@@ -447,6 +466,8 @@ def _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r, lse_c, a_c,
         p = tl.where(in_lse, _exp(S - lse_r[:, None]), 0.0)
         if SOFT_SIM:  # targets: the teacher's softmax, recomputed in the tile
             dT = soft
+        elif TARGET_K > 0:  # weighted index targets (their weights in soft)
+            dT = soft * t_r[:, None]
         elif TARGET_LSE:
             dT = tl.where(target, _exp(S - t_r[:, None]), 0.0)
         else:
@@ -518,14 +539,15 @@ def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j, a2_j
 @triton.jit
 def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
                a2_r, ratio2,
-               cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+               pos_ptr, tw_ptr, cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
                tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
                col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
                KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_POS: tl.constexpr,
                HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
                EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
                FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr,
-               PLAIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               TARGET_K: tl.constexpr, PLAIN: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                INTERIOR: tl.constexpr, CENTRE: tl.constexpr, CENTRE_COLS: tl.constexpr,
                CS_AXIS: tl.constexpr):
@@ -596,8 +618,13 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         S = c * s + b
         valid = (rows < N)[:, None] & (cols < M)[None, :]
         if HAS_POS or LABELS:  # targets anywhere: + b_i t_i T_ij (+ bc_j Tc_ij, symmetric)
-            target = row_meta[:, None] == _col_labels(cols, M, clab_ptr, LABELS)[None, :]
-            dT = tl.where(target, (b_r * t_r)[:, None], 0.0)
+            if TARGET_K > 0:
+                tw = _weighted_targets(rows, cols, N, pos_ptr, tw_ptr, TARGET_K, BLOCK_M, BLOCK_N)
+                target = tw != 0.0
+                dT = tw * (b_r * t_r)[:, None]
+            else:
+                target = row_meta[:, None] == _col_labels(cols, M, clab_ptr, LABELS)[None, :]
+                dT = tl.where(target, (b_r * t_r)[:, None], 0.0)
             rs += tl.sum(dT * cm, 1)
             rb += tl.sum(dT, 1)
             dS += dT
@@ -622,12 +649,18 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         else:
             ctgt = _col_targets(cols, M, offset, cpos_ptr, HAS_CPOS)
             col_target = valid & (rows[:, None] == ctgt[None, :])
-        soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid, target,
-                              N, M, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd, BLOCK_M,
-                              BLOCK_N, BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
+        if TARGET_K > 0:  # weighted index targets: their weights where soft targets go
+            soft = tl.where(valid, _weighted_targets(rows, cols, N, pos_ptr, tw_ptr, TARGET_K,
+                                                     BLOCK_M, BLOCK_N), 0.0)
+            target = soft != 0.0
+        else:
+            soft = _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid,
+                                  target, N, M, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
+                                  BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, SOFT_SIM)
         dS, dS_rows, dS_cols = _grad_logits(S, valid, target, col_target, lse_r, a_r, b_r, t_r,
                                             lse_c, a_c, b_c, soft, l2_r, a2_r, ratio2, KIND,
-                                            SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM, LSE2)
+                                            SYMMETRIC, EXCLUDE_TARGETS, TARGET_LSE, SOFT_SIM, LSE2,
+                                            TARGET_K)
         rs = tl.sum(dS_rows * cm, 1)
         rb = tl.sum(dS_rows, 1)
         if SYMMETRIC:
@@ -643,7 +676,8 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, tw_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr,
+    cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_ref_ptr, col_pos_ptr, row_init_ptr,
     flag_ptr, N, M, D, row_block_start, offset, ratio2,
@@ -777,7 +811,7 @@ def _forward_kernel(
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
                          float("-inf"))
     else:
-        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, 0)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -923,7 +957,8 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_rows_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, tw_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr,
+    cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     g_l2_ptr, dq_ptr, part_ptr, dsb_ptr, N, M, D, offset, ratio2,
@@ -932,8 +967,9 @@ def _backward_rows_kernel(
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, TARGET_K: tl.constexpr,
+    PLAIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+    COMPUTE_SB: tl.constexpr,
     COMPUTE_SBC: tl.constexpr, GRAM: tl.constexpr, SELF_SYM: tl.constexpr, RESIDENT: tl.constexpr,
     TILES: tl.constexpr,
     SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
@@ -947,7 +983,8 @@ def _backward_rows_kernel(
     #   (softmax: the scale sum centred, sum R_ij (c_ij - m_i) + sum C_ij (c_ij - n_j) for dS's row
     #   and column parts R, C; the launcher adds the rest, see _centres)
     # 1. load the rows' statistics (row_lse, weights g_i, 1/npos_i) and targets;
-    # 2. for each column block: recompute c and S, the masks, and dS from the statistics;
+    # 2. for each column block: recompute c and S, the masks, and dS from the statistics
+    #    (TARGET_K weighted index targets per row: T's tile from K compares, _weighted_targets);
     # 3. accumulate dS . K[:, d chunk] in float32 (inputs' dtype on the tensor cores);
     # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything:
     #    COMPUTE_SB the row part's, centred on the rows; COMPUTE_SBC (symmetric closures) the
@@ -971,7 +1008,7 @@ def _backward_rows_kernel(
     dv = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     dvmask = dv < D
     s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
-    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, TARGET_K)
     lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
         rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp,
         aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
@@ -1005,11 +1042,13 @@ def _backward_rows_kernel(
         dS, S, valid, target, rs, rb, cs, cb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
-            cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+            pos_ptr, tw_ptr, cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr,
+            aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
-            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, TARGET_K, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+            BLOCK_D,
             TILES == 2, SELF_SYM, COMPUTE_SBC, 1)
         if COMPUTE_DQ:
             if RESIDENT:
@@ -1025,7 +1064,7 @@ def _backward_rows_kernel(
                 if LABELS:
                     target_t = target
                 else:
-                    tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+                    tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, TARGET_K)
                     target_t = valid & (rows[:, None] == tgt_j[None, :])
                 dS_all = dS + _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j,
                                                       a2_j, ratio2, EXCLUDE_TARGETS, TARGET_LSE, LSE2)
@@ -1063,7 +1102,8 @@ def _backward_rows_kernel(
 
 @triton.jit
 def _backward_cols_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, tw_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr,
+    cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     g_l2_ptr, dk_ptr, part_ptr, dsb_ptr, N, M, D, offset, ratio2,
@@ -1072,8 +1112,9 @@ def _backward_cols_kernel(
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr, RESIDENT: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, TARGET_K: tl.constexpr,
+    PLAIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    RESIDENT: tl.constexpr,
     TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -1113,7 +1154,7 @@ def _backward_cols_kernel(
         row0 = tl.where(u < a_len, a0 + u, b0 + (u - a_len))
         rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < N
-        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, TARGET_K)
         lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
             rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
             stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
@@ -1128,11 +1169,13 @@ def _backward_cols_kernel(
         dS, S, valid, target, rs, rb, cs, cb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
-            cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+            pos_ptr, tw_ptr, cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr,
+            aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
-            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, TARGET_K, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+            BLOCK_D,
             TILES == 2, COMPUTE_SB, COMPUTE_SB, 0)
         if RESIDENT:
             qv = qt
@@ -1164,7 +1207,8 @@ def _backward_cols_kernel(
 
 @triton.jit
 def _grad_tiles_kernel(
-    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
+    q_ptr, k_ptr, scale_ptr, bias_ptr, pos_ptr, tw_ptr, cpos_ptr, rlab_ptr, clab_ptr, thr_ptr, rid_ptr,
+    cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
     g_l2_ptr, ds_ptr, dsb_ptr, N, M, D, offset, ratio2, row_start, col_start,
@@ -1173,8 +1217,8 @@ def _grad_tiles_kernel(
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr, FN_SPACE: tl.constexpr,
-    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, PLAIN: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
+    FN_IDS: tl.constexpr, SOFT_SIM: tl.constexpr, LSE2: tl.constexpr, TARGET_K: tl.constexpr,
+    PLAIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, COMPUTE_SB: tl.constexpr,
     COMPUTE_SBC: tl.constexpr, SELF_SYM: tl.constexpr,
     TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -1204,7 +1248,7 @@ def _grad_tiles_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = col0 + tl.arange(0, BLOCK_N)
         s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
-        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+        row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, TARGET_K)
         lse_r, a_r, b_r, t_r, l2_r, a2_r = _row_grad_meta(
             rows, N, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
             stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
@@ -1213,11 +1257,13 @@ def _grad_tiles_kernel(
         dS, S, valid, target, rs, rb, cs, cb = _tile_grad(
             c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a_r, b_r, t_r, l2_r,
             a2_r, ratio2,
-            cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT,
+            pos_ptr, tw_ptr, cpos_ptr, clab_ptr, thr_ptr, rid_ptr, cid_ptr, tq_ptr, tk_ptr, tscale_ptr,
+            aux_ptr, DT,
             stride_tqn, stride_tqd, stride_tkn, stride_tkd,
             col_lse_ptr, g_col_ptr, g_cpos_ptr, stride_gc, stride_gcp,
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
-            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,
+            FN_SPACE, FN_IDS, SOFT_SIM, LSE2, TARGET_K, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+            BLOCK_D,
             TILES == 2, False, False, 0)
         out = (ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds
                + (cols - col_start)[None, :])
@@ -1611,6 +1657,7 @@ def _flags(queries, spec, targets, bias, linear: bool = False) -> dict:
                 SOFT_SIM=targets.teacher_queries is not None, LSE2=spec.lse2_ratio is not None,
                 KIND=KIND_SIGMOID if spec.kind == "sigmoid" else KIND_SOFTMAX,
                 HAS_BIAS=bias is not None, HAS_POS=targets.positives is not None,
+                TARGET_K=0 if targets.target_weights is None else targets.target_weights.shape[1],
                 HAS_CPOS=targets.col_positives is not None, LABELS=targets.row_labels is not None,
                 EXCLUDE_SELF=spec.exclude_self)
 
@@ -1675,7 +1722,7 @@ def _linear_targets(spec, targets) -> bool:
 
 def _without_targets(targets):
     """The sweep's targets when the target terms are computed beside it: none in the kernels."""
-    return targets._replace(positives=None, row_labels=None, col_labels=None)
+    return targets._replace(positives=None, row_labels=None, col_labels=None, target_weights=None)
 
 
 class _TargetSets(NamedTuple):
@@ -1687,6 +1734,7 @@ class _TargetSets(NamedTuple):
     labels: bool
     key: Optional[torch.Tensor] = None
     has: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None  # weighted targets: key, has and weight are (N, K)
     row_cls: Optional[torch.Tensor] = None
     col_cls: Optional[torch.Tensor] = None
     n_cls: int = 0
@@ -1698,10 +1746,13 @@ def _target_sets(targets, spec, N: int, M: int, dev) -> _TargetSets:
     rows = torch.arange(N, device=dev) + spec.offset
     if targets.row_labels is None:
         pos = targets.positives
+        if targets.target_weights is not None:
+            rows = rows[:, None]
         has = (pos >= 0) & (pos < M)
         if spec.exclude_self:
             has &= pos != rows
-        return _TargetSets(False, key=torch.where(has, pos, 0), has=has)
+        return _TargetSets(False, key=torch.where(has, pos, 0), has=has,
+                           weight=targets.target_weights)
     same = targets.col_labels is targets.row_labels
     row_cls, col_cls = _dense_ids(targets.row_labels, targets.col_labels, rank=True)
     self_col = rows.clamp(0, max(M - 1, 0))
@@ -1741,6 +1792,13 @@ def _target_sums(queries, keys, scale, bias, ts: _TargetSets):
         for d0, d1 in _chunks(D, ts.n_cls + 3 * N):
             dot += torch.linalg.vecdot(queries[:, d0:d1].float(),
                                        _class_sums(keys[:, d0:d1], ts))
+    elif ts.weight is not None:  # sum_k w_ik <q_i, k_p(i,k)>
+        w = torch.where(ts.has, ts.weight.to(f32), 0.0)
+        npos = w.sum(1)
+        K = w.shape[1]
+        for d0, d1 in _chunks(D, (2 * K + 1) * N):
+            kd = keys[ts.key.reshape(-1), d0:d1].float().reshape(N, K, d1 - d0)
+            dot += torch.linalg.vecdot(queries[:, d0:d1].float(), (w[:, :, None] * kd).sum(1))
     else:
         npos = ts.has.to(f32)
         for d0, d1 in _chunks(D, 3 * N):
@@ -1750,15 +1808,17 @@ def _target_sums(queries, keys, scale, bias, ts: _TargetSets):
 
 
 def _metadata(targets, dummy, threshold=None, aux=None):
-    """The kernels' metadata arguments, in order: positives, column positives, row / column labels,
-    the per-row threshold (false negatives, or the count threshold), row / column duplicate ids,
-    then the teacher pair, its scale, the teacher statistics buffer, its D and strides."""
+    """The kernels' metadata arguments, in order: positives, their weights (weighted targets),
+    column positives, row / column labels, the per-row threshold (false negatives, or the count
+    threshold), row / column duplicate ids, then the teacher pair, its scale, the teacher
+    statistics buffer, its D and strides."""
     thr = threshold if threshold is not None else targets.fn_threshold
     tq, tk = targets.teacher_queries, targets.teacher_keys
     teacher = (tq, tk, targets.teacher_scale, _ptr(aux, dummy), tq.shape[1], tq.stride(0),
                tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
         (dummy, dummy, dummy, _ptr(aux, dummy), 1, 0, 0, 0, 0)
-    return (_ptr(targets.positives, dummy), _ptr(targets.col_positives, dummy),
+    return (_ptr(targets.positives, dummy), _ptr(targets.target_weights, dummy),
+            _ptr(targets.col_positives, dummy),
             _ptr(targets.row_labels, dummy), _ptr(targets.col_labels, dummy), _ptr(thr, dummy),
             _ptr(targets.row_ids, dummy), _ptr(targets.col_ids, dummy), *teacher)
 
@@ -1794,13 +1854,15 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
-    if _linear_targets(spec, targets):  # the LSE from the sweep, the target sums beside it
+    if _linear_targets(spec, targets) or targets.target_weights is not None:
+        # the LSE from the sweep, the target sums beside it
         stats = forward(queries, keys, scale, bias, _without_targets(targets), spec)
         row_pos, row_npos = _target_sums(queries, keys, scale, bias,
                                          _target_sets(targets, spec, N, M, dev))
         return stats._replace(row_pos=row_pos, row_npos=row_npos)
     flags = _flags(queries, spec, targets, bias)
     plain = flags.pop("PLAIN")
+    flags.pop("TARGET_K")
     cfg = _config(queries, "fwd")
     tile_n = cfg["BLOCK_N"]
     if plain:  # two launches over disjoint tiles of one tiling: band and edges, then the interior
@@ -2046,6 +2108,7 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     flags = _flags(queries, spec, targets, bias)
     flags.pop("PLAIN")
+    flags.pop("TARGET_K")
     cfg = dict(cfg, TMA=False)
     const = dict(SYMMETRIC=False, COUNT=1 if threshold is not None else 2,
                  PRECISION=_precision(queries, spec.exact), TILES=0,
@@ -2076,7 +2139,7 @@ def _top_negatives_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < N
     slots = tl.arange(0, KP)
-    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS)
+    row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, 0)
     top_v = tl.full((BLOCK_M, KP), float("-inf"), dtype=tl.float32)
     top_i = tl.full((BLOCK_M, KP), -1, dtype=tl.int32)
     for col0 in range(0, M, BLOCK_N):
