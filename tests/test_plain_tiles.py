@@ -562,8 +562,8 @@ def _near_duplicates(n, d, dtype, gen):
 
 @pytest.mark.parametrize("path", [{}, {"DENSE": True, "SPLIT": True}])
 @pytest.mark.parametrize("case", ["nt_xent", "supcon", "dclw", "info_nce", "info_nce_keys_only",
-                                  "clip", "clip_keys_only", "clip_queries_only", "distill",
-                                  "softclip"])
+                                  "info_nce_hard_negatives", "clip", "clip_keys_only",
+                                  "clip_queries_only", "distill", "softclip"])
 def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     """tau = 0.05 on near-duplicate views: d_tau = -d_scale / tau^2 sums N M terms of size ~1 /
     tau^2 that cancel to ~1e-3 of that. Without centring the sums on each line's LSE
@@ -573,7 +573,8 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     the self-similarities' symmetric closure; DCL's GRAM kernel), column kernel (only the keys
     need a gradient) and the dS tiles; rows whose dS sums to a_i + b_i != 0 (DCLW's weights),
     label targets; CLIP's column part (centred on the columns: in the column kernel, or in the
-    one kernel that runs), teacher targets (KL distillation, SoftCLIP's mixed targets)."""
+    one kernel that runs), teacher targets (KL distillation, SoftCLIP's mixed targets); private
+    hard negatives merged into the row LSE beside the kernels."""
     monkeypatch.setattr(E, "config_override", path)
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
     gen = torch.Generator().manual_seed(11)
@@ -601,6 +602,10 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     elif case == "softclip":  # w softmax + (1 - w) I targets
         fn = lambda a, b, t, be: fastcl.softclip(a, b, 1 / t, u.to(a), reduction="none",  # noqa: E731
                                                  backend=be)
+    elif case == "info_nce_hard_negatives":  # two other samples' views per row
+        fn = lambda a, b, t, be: fastcl.info_nce(  # noqa: E731
+            a, b, scale=1 / t, hard_negatives=torch.stack([b.roll(1, 0), b.roll(2, 0)], 1).detach(),
+            reduction="none", backend=be)
     else:
         if case == "info_nce_keys_only":  # queries without a gradient: the column kernel's sums
             z1.requires_grad_(False)
@@ -624,6 +629,9 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     # (a_i P_ij and its targets' b_i / npos_i, centred per row: fewer registers), which cancel
     # in their total: 1e-5
     tol = 2e-5 if path.get("DENSE") and case in ("nt_xent", "supcon") else 4e-6
+    if case == "info_nce_hard_negatives":  # (the negatives' share of the row weight, ~1e-5,
+        # reaches the kernels as 1 - share rounded to float32: 1.4e-5; PyTorch float32 2.6e-4)
+        tol = 3e-5
     for name, ours in grads.items():
         assert abs(ours - ref) <= tol * abs(ref), (case, name, ours, ref)
 
