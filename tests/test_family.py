@@ -335,12 +335,16 @@ def test_scale_gradient_at_high_temperature(backend, scale):
     log(M) / s lies far outside the similarities and would amplify float32 rounding (1e-3 relative
     at s = 0.01): float32 accuracy at any scale."""
     N, M, D = 70, 150, 24
-    q, k = _feat(N, D, requires_grad=False), _feat(M, D, requires_grad=False)
+    gen = torch.Generator().manual_seed(0)  # (the gradient cancels to ~1e-4: fixed data)
+    q, k = (features(n, D, F32, DEVICE, requires_grad=False, gen=gen) for n in (N, M))
     s64 = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
     want, = torch.autograd.grad(R.info_nce(q.double(), k.double(), None, s64), s64)
+    s32 = torch.tensor(scale, device=DEVICE, requires_grad=True)
+    naive, = torch.autograd.grad(R.info_nce(q, k, None, s32), s32)  # PyTorch float32
     st = torch.tensor(scale, device=DEVICE, requires_grad=True)
     got, = torch.autograd.grad(fastcl.info_nce(q, k, scale=st, backend=backend, exact=True), st)
-    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), (got.item(), want.item())
+    err, naive_err = abs(got.item() - want.item()), abs(naive.item() - want.item())
+    assert err <= max(1e-5 * abs(want.item()), 2 * naive_err), (got.item(), want.item(), naive.item())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
