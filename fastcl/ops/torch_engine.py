@@ -33,13 +33,13 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     symmetric = spec.symmetric and grad_col is not None
     N, M = queries.shape[0], keys.shape[0]
     centres = None
-    if centred:  # sums centred on the lines' scale_centres, then their known totals added
+    if centred and need_s:  # sums centred on the lines' scale_centres, then their known totals added
         centres = (scale_centres(stats.row_lse, scale, bias, M),
                    scale_centres(stats.col_lse, scale, bias, N) if symmetric else None)
     dq, dk, ds, db = reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col,
-        needs=(needs[0], needs[1], need_s or centred, need_b),
+        needs=(needs[0], needs[1], need_s, need_b and not centred),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
         row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2, centres=centres,
         target_weights=targets.target_weights, **_kw(spec, targets))
@@ -56,7 +56,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         a_col = grad_col.to(dt)
         cols = dict(a_col=a_col, b_col=-a_col if grad_col_pos is None else grad_col_pos.to(dt))
     a2 = grad_row_lse2.to(dt) if grad_row_lse2 is not None else None
-    sums = centred_scale_sums(torch.stack([ds.reshape(()), ds.new_zeros(())]), spec, targets, stats,
+    # (d_bias alone needs no sweep sum: it is the lines' totals)
+    ds = ds.reshape(()) if ds is not None else stats.row_lse.new_zeros(())
+    sums = centred_scale_sums(torch.stack([ds, ds.new_zeros(())]), spec, targets, stats,
                               a_row, b_row, scale.to(dt).reshape(()),
                               None if bias is None else bias.to(dt).reshape(()), M, a2_row=a2, **cols)
     return dq, dk, sums[0:1] if need_s else None, sums[1:2] if need_b else None
