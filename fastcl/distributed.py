@@ -322,8 +322,9 @@ class _RingLoss(torch.autograd.Function):
                 stats = EngineStats(row_lse, row_pos, row_npos,
                                     cinfo[0].contiguous() if symmetric else None, None)
                 gcol = cinfo[1].contiguous() if symmetric else None
+                # (a block is not its lines' whole: its lines' sums have no known totals)
                 dq_t, dk_t, ds_t, db_t = eng.backward(queries, kb, s32, b32, targets, spec, stats,
-                                                      g, gcol, needs)
+                                                      g, gcol, needs, whole_lines=W == 1)
                 if need_q:
                     dq += dq_t.to(stats_dt)
                 if kind == "softmax" and t > 0 and (need_s or need_b):

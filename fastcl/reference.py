@@ -423,8 +423,10 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     row_ids=None, col_ids=None, teacher_queries=None, teacher_keys=None,
                     teacher_scale=None, row_aux: Optional[Tensor] = None,
                     lse2_ratio: Optional[float] = None, grad_row_lse2: Optional[Tensor] = None,
-                    centres: Optional[Tuple[Tensor, Optional[Tensor]]] = None, target_weights=None):
-    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None).
+                    centres: Optional[Tuple[Tensor, Optional[Tensor]]] = None, target_weights=None,
+                    line_sums: bool = False):
+    """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None), and with
+    ``line_sums`` (sums of dS's row part per row (N,), of its column part per column (M,) | None).
 
     dS = a P + b dT + ac Pc + bc Tc with a = grad_row, b = grad_row_pos (None: tied, b = -a and
     rows without targets get no gradient), ac = grad_col, bc = grad_col_pos (None: -ac).
@@ -437,6 +439,10 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
     dk = torch.zeros(keys.shape, dtype=dt, device=keys.device) if need_k else None
     ds = torch.zeros((), dtype=dt, device=queries.device)
     db = torch.zeros((), dtype=dt, device=queries.device)
+    row_sums = torch.zeros(N, dtype=dt, device=queries.device) if line_sums else None
+    col_sums = None
+    if line_sums and symmetric and grad_col is not None:
+        col_sums = torch.zeros(M, dtype=dt, device=queries.device)
     s = scale.to(dt).reshape(())
     keys_dtype = keys.dtype
     kf = keys = keys.to(dt)  # once, not per chunk
@@ -492,10 +498,15 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             ds += (dS * c).sum()
         if need_b:
             db += dS.sum()
-    return (dq.to(queries.dtype) if need_q else None,
-            dk.to(keys_dtype) if need_k else None,
-            ds.reshape(1) if need_s else None,
-            db.reshape(1) if need_b else None)
+        if line_sums:
+            row_sums[r0:r1] = dS_rows.sum(1)
+            if col_sums is not None:
+                col_sums += dS_cols.sum(0)
+    out = (dq.to(queries.dtype) if need_q else None,
+           dk.to(keys_dtype) if need_k else None,
+           ds.reshape(1) if need_s else None,
+           db.reshape(1) if need_b else None)
+    return (*out, row_sums, col_sums) if line_sums else out
 
 
 def engine_count_above(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],

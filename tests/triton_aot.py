@@ -86,6 +86,20 @@ KERNELS = {
     # interior's rows per tile) and the launch over plain spans (grad_tiles_in, TILES=2)
     "grad_tiles": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True)),
     "grad_tiles_in": (E._grad_tiles_kernel, "dense_plain", dict(COMPUTE_SB=True, TILES=2)),
+    # float32 with IEEE products: the lines' sums of dS (correct_line_totals), beside the
+    # gradients or alone (the other side's kernel, when only one gradient is needed)
+    "bwd_rows_lines": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False,
+                                                          LINE_SUMS=True, PRECISION="ieee")),
+    "bwd_rows_only_lines": (E._backward_rows_kernel, "bwd",
+                            dict(COMPUTE_DQ=False, COMPUTE_SB=False, GRAM=False, LINE_SUMS=True,
+                                 PRECISION="ieee")),
+    "bwd_cols_lines": (E._backward_cols_kernel, "bwd", dict(COMPUTE_SB=False, LINE_SUMS=True,
+                                                          PRECISION="ieee")),
+    "bwd_cols_only_lines": (E._backward_cols_kernel, "bwd",
+                            dict(COMPUTE_SB=False, COMPUTE_DK=False, LINE_SUMS=True,
+                                 PRECISION="ieee")),
+    "grad_tiles_lines": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True, LINE_SUMS=True,
+                                                          PRECISION="ieee")),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
 
@@ -126,8 +140,9 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
     finally:
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
-    consts = dict(flags, **extra, UPCAST=False,
-                  PRECISION="tf32" if dtype == torch.float32 else "ieee")
+    consts = dict(flags, UPCAST=False, PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                  LINE_SUMS=False, COMPUTE_DK=True)
+    consts.update(extra)
     # as the launcher: a symmetric closure's scale sums in two centred parts for float32 features
     if fn is E._backward_rows_kernel or fn is E._grad_tiles_kernel:
         consts.setdefault("COMPUTE_SBC", bool(consts["COMPUTE_SB"] and flags["SYMMETRIC"]
@@ -220,8 +235,12 @@ def _resource_usage(compiled):
 
 TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor descriptors
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
-VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
-             if (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
+_LINE_CLOSURES = ("clip", "clip_masked", "info_nce", "info_nce_lean", "supcon", "supcon_lean", "soft_k2")
+VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for c in _LINE_CLOSURES
+             if k != "bwd_cols_only_lines" or CLOSURES[c]["SYMMETRIC"]]
+            + [(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
+             if not k.endswith("_lines")
+             and (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
              and k in _ONLY.get(c, (k,))
              and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in",
                             "grad_tiles_in") or CLOSURES[c]["PLAIN"])
@@ -232,14 +251,15 @@ VARIANTS = ([(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in 
                                              and (k == "fwd_tma" or c == "clip") and d != "float16"))]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
                if k not in ("bwd_gram", "count", "topk")
-               and not k.endswith(("_split", "_in", "_tma", "_sb"))])
+               and not k.endswith(("_split", "_in", "_tma", "_sb", "_lines"))])
 
 
 def variant_D(kernel):
     """The feature dim each kernel is compiled at: the fused backward and the resident forward
     where they are the default (D <= 256), the rest at 512."""
     return 256 if kernel in ("bwd_rows", "bwd_gram", "bwd_cols", "bwd_rows_in", "bwd_cols_in",
-                             "bwd_cols_sb", "fwd_resident") else 512
+                             "bwd_cols_sb", "fwd_resident") else 128 if kernel.startswith("bwd_") and (
+        kernel.endswith("_lines")) else 512
 
 
 def variant_name(kernel, closure, dtype, cc):

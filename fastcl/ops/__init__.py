@@ -77,6 +77,9 @@ For softmax closures the backends sum d_scale centred on each row's and column's
 lines' exact totals (:func:`centred_scale_sums`), which assumes one call sweeps every entry of
 each line's LSE; a caller that sweeps blocks of a larger matrix with the global statistics
 subtracts each block's totals (:func:`tied_scale_totals`) and adds those of the whole lines.
+The same assumption lets a backend correct float32 feature gradients by its measured line sums
+of dS (:func:`correct_line_totals`); ``backward(..., whole_lines=False)`` turns that off for a
+call that sweeps only part of each line.
 """
 from __future__ import annotations
 
@@ -87,7 +90,8 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit",
-           "scale_centres", "centred_scale_sums", "tied_scale_totals"]
+           "scale_centres", "centred_scale_sums", "tied_scale_totals", "line_totals",
+           "corrects_line_totals", "correct_line_totals", "dense_ids"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,23 @@ def centred_scale_sums(sums: torch.Tensor, spec: LossSpec, targets: Targets, sta
     blocks of a larger matrix with the global statistics (``fastcl.distributed``'s ring)
     subtracts each block's totals (:func:`tied_scale_totals`) and adds the global ones."""
     lse = stats.row_lse
+    R, C = line_totals(spec, targets, stats, a_row, b_row, M, a2_row, a_col, b_col)
+    d_scale = sums[0] + (scale_centres(lse, scale, bias, M) * R).sum()
+    d_bias = R.sum()
+    if C is not None:
+        clse = stats.col_lse
+        d_scale = d_scale + (scale_centres(clse, scale, bias, lse.shape[0]) * C).sum()
+        d_bias = d_bias + C.sum()
+    return torch.stack([d_scale.reshape(()), d_bias.reshape(())])
+
+
+def line_totals(spec: LossSpec, targets: Targets, stats: EngineStats, a_row: torch.Tensor,
+                b_row: torch.Tensor, M: int, a2_row: Optional[torch.Tensor] = None,
+                a_col: Optional[torch.Tensor] = None, b_col: Optional[torch.Tensor] = None):
+    """(R (N,), C (M,) | None): the exact sums of each row of dS's row part and (``a_col`` given)
+    of each column of its column part, for a softmax closure that sweeps whole lines (see
+    :func:`centred_scale_sums`)."""
+    lse = stats.row_lse
     N = lse.shape[0]
     has = lse > float("-inf")
     zero = torch.zeros_like(lse)
@@ -209,20 +230,23 @@ def centred_scale_sums(sums: torch.Tensor, spec: LossSpec, targets: Targets, sta
     R = torch.where(has, a_row, zero) + b_row * t_sum
     if spec.lse2_ratio is not None and a2_row is not None:
         R = R + spec.lse2_ratio * torch.where(has, a2_row, zero)
-    d_scale = sums[0] + (scale_centres(lse, scale, bias, M) * R).sum()
-    d_bias = R.sum()
-    if a_col is not None:
-        clse = stats.col_lse
-        cols = torch.arange(clse.shape[0], device=clse.device)
-        pc = targets.col_positives if targets.col_positives is not None else cols - spec.offset
-        pc_ok = (pc >= 0) & (pc < N)
-        if spec.exclude_self:
-            pc_ok = pc_ok & (cols != pc + spec.offset)
-        C = (torch.where(clse > float("-inf"), a_col, torch.zeros_like(clse))
-             + torch.where(pc_ok, b_col, torch.zeros_like(clse)))
-        d_scale = d_scale + (scale_centres(clse, scale, bias, N) * C).sum()
-        d_bias = d_bias + C.sum()
-    return torch.stack([d_scale.reshape(()), d_bias.reshape(())])
+    if a_col is None:
+        return R, None
+    clse = stats.col_lse
+    pc, pc_ok = _col_positives(spec, targets, clse.shape[0], N, clse.device)
+    C = (torch.where(clse > float("-inf"), a_col, torch.zeros_like(clse))
+         + torch.where(pc_ok, b_col, torch.zeros_like(clse)))
+    return R, C
+
+
+def _col_positives(spec: LossSpec, targets: Targets, M: int, N: int, dev):
+    """(pc (M,), whether column j's positive row pc_j counts) of a symmetric closure."""
+    cols = torch.arange(M, device=dev)
+    pc = targets.col_positives if targets.col_positives is not None else cols - spec.offset
+    pc_ok = (pc >= 0) & (pc < N)
+    if spec.exclude_self:
+        pc_ok = pc_ok & (cols != pc + spec.offset)
+    return pc, pc_ok
 
 
 def tied_scale_totals(spec: LossSpec, targets: Targets, stats: EngineStats, grad_row: torch.Tensor,
@@ -239,3 +263,111 @@ def tied_scale_totals(spec: LossSpec, targets: Targets, stats: EngineStats, grad
     return centred_scale_sums(stats.row_lse.new_zeros(2), spec, targets, stats, a_row, -a_row,
                               scale.to(dt).reshape(()), None if bias is None else bias.to(dt).reshape(()),
                               M, **cols)
+
+
+def dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], rank: bool = False):
+    """int32 ids with the equalities of two integer id vectors (rows_i == cols_j exactly when
+    their new ids are equal; a vector may be the other one). The kernels compare ids once per
+    similarity entry: 32-bit compares take half the instructions and registers of 64-bit ones.
+    Ranks in the sorted union, on the device: no host synchronisation. Ids that already fit in
+    32 bits are only cast, unless ``rank`` (ids in [0, len(union)), to index per-class sums)."""
+    if rows is None or cols is None:
+        return rows, cols
+    if rows.dtype.itemsize <= 4 and cols.dtype.itemsize <= 4 and not rank:
+        return rows.to(torch.int32), cols.to(torch.int32)
+    both = rows if cols is rows else torch.cat([rows, cols])
+    vals, order = torch.sort(both)
+    rank = torch.zeros(vals.shape, dtype=torch.int32, device=vals.device)
+    torch.cumsum(vals[1:] != vals[:-1], 0, dtype=torch.int32, out=rank[1:])
+    ids = torch.empty_like(rank).scatter_(0, order, rank)
+    if cols is rows:
+        return ids, ids
+    return ids[:rows.shape[0]], ids[rows.shape[0]:]
+
+
+def corrects_line_totals(spec: LossSpec, targets: Targets) -> bool:
+    """Whether :func:`correct_line_totals` applies to the closure: softmax with hard targets
+    (index, weighted index or label; one column positive when symmetric) inside the LSEs, and no
+    LSE but the row's and column's."""
+    return (spec.kind == "softmax" and not spec.exclude_targets and not spec.target_lse
+            and spec.lse2_ratio is None and targets.teacher_queries is None
+            and not (spec.symmetric and targets.row_labels is not None))
+
+
+def _row_target_pairs(spec: LossSpec, targets: Targets, stats: EngineStats, M: int):
+    """Index targets as (keys (N, K), weights (N, K)): T_ij / npos_i = sum_k w_ik [j == key_ik]."""
+    npos = stats.row_npos
+    N = npos.shape[0]
+    rows = torch.arange(N, device=npos.device) + spec.offset
+    pos = targets.positives if targets.positives is not None else rows
+    w = targets.target_weights
+    if pos.dim() == 1:
+        pos = pos[:, None]
+    rows = rows[:, None]
+    has = (pos >= 0) & (pos < M)
+    if spec.exclude_self:
+        has = has & (pos != rows)
+    inv = torch.where(npos > 0, 1.0 / torch.where(npos > 0, npos, 1.0), 0.0)[:, None]
+    w = (w.to(npos.dtype) if w is not None else 1.0) * inv
+    return torch.where(has, pos, 0), torch.where(has, w, 0.0)
+
+
+def correct_line_totals(dq: Optional[torch.Tensor], dk: Optional[torch.Tensor],
+                        queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
+                        spec: LossSpec, targets: Targets, stats: EngineStats,
+                        row_err: torch.Tensor, col_err: Optional[torch.Tensor] = None) -> None:
+    """Lift the float32 floor of rows whose target dominates their softmax, in place on the
+    float32 gradients ``dq`` (N, D) and ``dk`` (M, D) (either may be None).
+
+    A backend's dS = a_i P_ij - T_ij / npos_i ... uses P_ij = exp(S_ij - lse_i) from the stored
+    LSE and recomputed logits: one ulp of either (~1e-6 nats at |S| ~ 20) scales row i's P by
+    (1 + e_i). Where P_it ~ 1 - 1e-3 nearly cancels its target term that is a relative error of
+    ~1e-3 in the gradient. The backends measure each line's sum of what they put in dS (row part:
+    per row; symmetric column part: per column) and subtract its exact total
+    (:func:`line_totals`): ``row_err`` (N,) = a_i e_i, ``col_err`` (M,) likewise. In row i the
+    error is row_err_i sum_j P_ij k_j, which for such a row is row_err_i times its targets' mean
+    key tau_i K (tau = T / npos): so dQ -= s (row_err * tau K + tau_c (col_err * K)) and
+    dK -= s (tau^T (row_err * Q) + col_err * tau_c^T Q), tau_c the columns' targets. What is left
+    is e_i times the row's own gradient, and the float32 rounding of dS_it itself cancels too.
+    (A row whose P is spread out is changed by about its own e_i: the same size as before.)
+    Only for a call that sweeps every entry of each line (:func:`corrects_line_totals`)."""
+    s = scale.to(row_err.dtype).reshape(())
+    N, M = queries.shape[0], keys.shape[0]
+    if targets.row_labels is None:
+        key, w = _row_target_pairs(spec, targets, stats, M)
+        K = key.shape[1]
+        w = w * row_err[:, None]
+        if dq is not None:
+            for k in range(K):
+                dq -= (s * w[:, k:k + 1]) * keys[key[:, k]].to(dq.dtype)
+        if dk is not None:
+            for k in range(K):
+                dk.index_add_(0, key[:, k], (-s * w[:, k:k + 1]) * queries.to(dk.dtype))
+    else:  # labels: T(i) = the keys of row i's class (but the excluded self)
+        row_cls, col_cls = dense_ids(targets.row_labels, targets.col_labels, rank=True)
+        row_cls, col_cls = row_cls.long(), col_cls.long()
+        n_cls = N + M
+        npos = stats.row_npos
+        w = torch.where(npos > 0, row_err / torch.where(npos > 0, npos, 1.0), 0.0)[:, None]
+        self_col = (torch.arange(N, device=npos.device) + spec.offset).clamp(0, max(M - 1, 0))
+        self_in = torch.zeros(N, dtype=torch.bool, device=npos.device)
+        if spec.exclude_self:
+            self_in = (self_col == torch.arange(N, device=npos.device) + spec.offset) & (
+                col_cls[self_col] == row_cls)
+        if dq is not None:
+            sums = dq.new_zeros((n_cls, keys.shape[1])).index_add_(0, col_cls, keys.to(dq.dtype))
+            centre = sums[row_cls] - self_in[:, None] * keys[self_col].to(dq.dtype)
+            dq -= (s * w) * centre
+        if dk is not None:
+            y = (s * w) * queries.to(dk.dtype)
+            sums = dk.new_zeros((n_cls, queries.shape[1])).index_add_(0, row_cls, y)
+            dk -= sums[col_cls]
+            dk.index_add_(0, self_col, self_in[:, None] * y)
+    if col_err is not None:
+        pc, pc_ok = _col_positives(spec, targets, M, N, col_err.device)
+        pc = torch.where(pc_ok, pc, 0)
+        wc = (s * torch.where(pc_ok, col_err, 0.0))[:, None]
+        if dq is not None:
+            dq.index_add_(0, pc, -wc * keys.to(dq.dtype))
+        if dk is not None:
+            dk -= wc * queries[pc].to(dk.dtype)

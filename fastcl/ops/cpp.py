@@ -84,13 +84,15 @@ def forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]
 
 def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
              targets: Targets, spec: LossSpec, stats: EngineStats, grad_row: Tensor,
-             grad_col: Optional[Tensor], needs: Sequence[bool]
+             grad_col: Optional[Tensor], needs: Sequence[bool], whole_lines: bool = True
              ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients of sum_i g_i L_i (+ sum_j gc_j Lc_j) from the saved statistics.
 
     grad_row: (N,), grad_col: (M,) or None (either may be a stride-0 expanded tensor).
     needs: (queries, keys, scale, bias) flags. Returns (d_queries (N, D) | None, d_keys (M, D) |
     None, d_scale (1,) | None, d_bias (1,) | None); d_bias is None whenever bias is None.
+    ``whole_lines`` (the engine contract's): these kernels apply no line-total correction
+    (:func:`fastcl.ops.correct_line_totals`), so it changes nothing here.
     """
     need_q, need_k, need_s, need_b = (bool(x) for x in needs)
     need_b = need_b and bias is not None

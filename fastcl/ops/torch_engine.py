@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import EngineStats, centred_scale_sums, scale_centres
+from . import (EngineStats, centred_scale_sums, correct_line_totals, corrects_line_totals,
+               line_totals, scale_centres)
 
 SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
 
@@ -27,7 +28,9 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
-             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None):
+             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None, whole_lines=True):
+    """``whole_lines``: the call sweeps every entry of each line's LSE (see
+    :func:`fastcl.ops.correct_line_totals`, applied to float32 features)."""
     need_s, need_b = needs[2], needs[3]
     centred = spec.kind == "softmax" and (need_s or need_b)
     symmetric = spec.symmetric and grad_col is not None
@@ -36,14 +39,16 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if centred and need_s:  # sums centred on the lines' scale_centres, then their known totals added
         centres = (scale_centres(stats.row_lse, scale, bias, M),
                    scale_centres(stats.col_lse, scale, bias, N) if symmetric else None)
-    dq, dk, ds, db = reference.engine_backward(
+    correct = (whole_lines and queries.dtype == torch.float32 and (needs[0] or needs[1])
+               and corrects_line_totals(spec, targets))
+    dq, dk, ds, db, *sums = reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col,
         needs=(needs[0], needs[1], need_s, need_b and not centred),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
         row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2, centres=centres,
-        target_weights=targets.target_weights, **_kw(spec, targets))
-    if not centred:
+        target_weights=targets.target_weights, line_sums=correct, **_kw(spec, targets))
+    if not centred and not correct:
         return dq, dk, ds, db
     dt = stats.row_lse.dtype
     if grad_row_pos is None:  # tied: rows without targets get no gradient
@@ -56,6 +61,12 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
         a_col = grad_col.to(dt)
         cols = dict(a_col=a_col, b_col=-a_col if grad_col_pos is None else grad_col_pos.to(dt))
     a2 = grad_row_lse2.to(dt) if grad_row_lse2 is not None else None
+    if correct:
+        R, C = line_totals(spec, targets, stats, a_row, b_row, M, a2, **cols)
+        correct_line_totals(dq, dk, queries, keys, scale, spec, targets, stats, sums[0] - R,
+                            sums[1] - C if sums[1] is not None else None)
+    if not centred:
+        return dq, dk, ds, db
     # (d_bias alone needs no sweep sum: it is the lines' totals)
     ds = ds.reshape(()) if ds is not None else stats.row_lse.new_zeros(())
     sums = centred_scale_sums(torch.stack([ds, ds.new_zeros(())]), spec, targets, stats,

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import EngineStats, centred_scale_sums
+from .. import (EngineStats, centred_scale_sums, correct_line_totals, corrects_line_totals,
+                dense_ids, line_totals)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -550,15 +551,17 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                INTERIOR: tl.constexpr, CENTRE: tl.constexpr, CENTRE_COLS: tl.constexpr,
-               CS_AXIS: tl.constexpr):
+               CS_AXIS: tl.constexpr, LINE_SUMS: tl.constexpr = False):
     """dL/dS of one tile from its recomputed products c = Q_blk K_blk^T and the saved statistics
     (the rows' side pre-loaded): returns (dS, S, valid, target, rs, rb, cs, cb), with rs_i =
     sum_j R_ij c_ij (CENTRE: sum_j R_ij (c_ij - m_i), m the rows' _centres) and rb_i = sum_j R_ij
     for R the row closure's part of dS, and cs = sum C_ij c_ij (CENTRE_COLS: c_ij - n_j, n the
     columns' _centres), cb = sum C_ij along axis CS_AXIS (1: per row, 0: per column) for C the
     symmetric closure's column part (zeros for the others); dS = R + C, and unused sums are not
-    computed. PLAIN: tiles inside the matrix and off the band j = i + offset take a
-    lean path without masks (valid all true; targets only where the closure has index or label
+    computed. LINE_SUMS: rb and cb sum the entries as formed (the lean path otherwise sums a
+    tile's target terms apart from its P terms, whose float32 sums lose what the entries keep
+    where the two nearly cancel; see correct_line_totals). PLAIN: tiles inside the matrix and
+    off the band j = i + offset take a lean path without masks (valid all true; targets only where the closure has index or label
     targets, which lie anywhere: a compare per entry); INTERIOR: the caller sweeps only such
     tiles (the masked path is not compiled). Symmetric closures with label targets: column j's
     targets are the rows of its class."""
@@ -626,7 +629,10 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                 target = row_meta[:, None] == _col_labels(cols, M, clab_ptr, LABELS)[None, :]
                 dT = tl.where(target, (b_r * t_r)[:, None], 0.0)
             rs += tl.sum(dT * cm, 1)
-            rb += tl.sum(dT, 1)
+            if LINE_SUMS:
+                rb = tl.sum(a_r[:, None] * p + dT, 1)
+            else:
+                rb += tl.sum(dT, 1)
             dS += dT
             if SYMMETRIC:
                 if LABELS:
@@ -636,8 +642,15 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
                     col_target = rows[:, None] == ctgt[None, :]
                 dTc = tl.where(col_target, b_c[None, :], 0.0)
                 cs += tl.sum(dTc * cn, CS_AXIS)
-                cb += tl.sum(dTc, CS_AXIS)
-                dS += dTc
+                if LINE_SUMS:  # each part's target cancels its own P before they are added
+                    row_part = a_r[:, None] * p + dT
+                    col_part = dS_cols + dTc
+                    rb = tl.sum(row_part, 1)
+                    cb = tl.sum(col_part, CS_AXIS)
+                    dS = row_part + col_part
+                else:
+                    cb += tl.sum(dTc, CS_AXIS)
+                    dS += dTc
         else:
             target = valid & (cols < 0)[None, :]
     else:
@@ -961,7 +974,7 @@ def _backward_rows_kernel(
     cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    g_l2_ptr, dq_ptr, part_ptr, dsb_ptr, N, M, D, offset, ratio2,
+    g_l2_ptr, dq_ptr, part_ptr, dsb_ptr, rt_ptr, N, M, D, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dqn, stride_gr, stride_grp, stride_gc, stride_gcp,
     stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -974,6 +987,7 @@ def _backward_rows_kernel(
     TILES: tl.constexpr,
     SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LINE_SUMS: tl.constexpr = False,
 ):
     # Backward over one row block (and one chunk of D for dQ):
     #   dS_ij = a_i P_ij + b_i dT_ij + ac_j Pc_ij + bc_j Tc_ij   (softmax; a, b, ac, bc are the
@@ -989,7 +1003,9 @@ def _backward_rows_kernel(
     # 4. accumulate the scale/bias partial sums (first D chunk only) and store everything:
     #    COMPUTE_SB the row part's, centred on the rows; COMPUTE_SBC (symmetric closures) the
     #    column part's apart, centred entry by entry on the columns (without it, a symmetric
-    #    closure's sums are of dS as a whole, uncentred: 16-bit features, see the launcher).
+    #    closure's sums are of dS as a whole, uncentred: 16-bit features, see the launcher);
+    #    LINE_SUMS each row's sum of its row part R_ij as formed (correct_line_totals; with
+    #    COMPUTE_DQ off the sweep computes sums only).
     # GRAM (queries are the keys, softmax, no column statistics): S is symmetric, so the whole
     # gradient of row i, s sum_j (dS_ij + dS_ji) z_j, comes from the same tiles using the
     # statistics of rows j too -- the column kernel is not needed.
@@ -1022,6 +1038,7 @@ def _backward_rows_kernel(
     acc_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_cs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # COMPUTE_SBC: the column part's sums
     acc_cb = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_rt = tl.zeros((BLOCK_M,), dtype=tl.float32)  # LINE_SUMS
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the row block's features, loaded once
         q_res = _feature_block(q_ptr, row0, N, D, stride_qn, stride_qd, BLOCK_M, BLOCK_D)
     # split launches (TILES 1, 2): the spans of the interior tiling (SPAN_M x SPAN_N)
@@ -1049,7 +1066,9 @@ def _backward_rows_kernel(
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
             FN_SPACE, FN_IDS, SOFT_SIM, LSE2, TARGET_K, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
             BLOCK_D,
-            TILES == 2, SELF_SYM, COMPUTE_SBC, 1)
+            TILES == 2, SELF_SYM, COMPUTE_SBC, 1, LINE_SUMS)
+        if LINE_SUMS:
+            acc_rt += rb
         if COMPUTE_DQ:
             if RESIDENT:
                 kv = kt
@@ -1098,6 +1117,8 @@ def _backward_rows_kernel(
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0) + tl.sum(acc_cs, 0), mask=first)
         tl.store(dsb_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(acc_b, 0) + tl.sum(acc_cb, 0),
                  mask=first)
+    if LINE_SUMS:
+        tl.store(rt_ptr + rows.to(tl.int64), acc_rt, mask=rmask & (pid_d == 0))
 
 
 @triton.jit
@@ -1106,7 +1127,7 @@ def _backward_cols_kernel(
     cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    g_l2_ptr, dk_ptr, part_ptr, dsb_ptr, N, M, D, offset, ratio2,
+    g_l2_ptr, dk_ptr, part_ptr, dsb_ptr, ct_ptr, N, M, D, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_dkn, stride_gr, stride_grp, stride_gc, stride_gcp,
     stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -1117,6 +1138,7 @@ def _backward_cols_kernel(
     RESIDENT: tl.constexpr,
     TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    LINE_SUMS: tl.constexpr = False, COMPUTE_DK: tl.constexpr = True,
 ):
     # Backward over one column block (and one chunk of D for dK), the transpose of the rows kernel:
     #   dK_j = s sum_i dS_ij q_i, with dS_ij as in _backward_rows_kernel.
@@ -1124,7 +1146,8 @@ def _backward_cols_kernel(
     #    dS (the columns' statistics are read with the tile);
     # 2. accumulate dS^T . Q[:, d chunk]; 3. scale/bias partial sums when asked (only dK is
     #    needed: the row part's and the symmetric closure's column part's, centred entry by
-    #    entry); store.
+    #    entry); store. LINE_SUMS (symmetric): each column's sum of its column part C_ij as
+    #    formed (correct_line_totals; with COMPUTE_DK off the sweep computes sums only).
     # RESIDENT and TILES as in the rows kernel, transposed: the column block's keys stay loaded,
     # the split launches sweep the row tiles of this column block's spans (_plain_row_spans).
     pid = tl.program_id(0)
@@ -1136,7 +1159,7 @@ def _backward_cols_kernel(
     dvmask = dv < D
     s, b = _scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     part = part_ptr + cols.to(tl.int64)[:, None] * D + dv.to(tl.int64)[None, :]
-    if TILES == 2:  # continue the band launch's float32 sums
+    if TILES == 2 and COMPUTE_DK:  # continue the band launch's float32 sums
         acc = tl.load(part, mask=cmask[:, None] & dvmask[None, :], other=0.0)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
@@ -1144,6 +1167,7 @@ def _backward_cols_kernel(
     acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_rs = tl.zeros((BLOCK_M,), dtype=tl.float32)  # the row part's sums
     acc_rb = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_ct = tl.zeros((BLOCK_N,), dtype=tl.float32)  # LINE_SUMS
     if RESIDENT:  # BLOCK_D = BLOCK_DV >= D: the column block's features, loaded once
         k_res = _feature_block(k_ptr, col0, M, D, stride_kn, stride_kd, BLOCK_N, BLOCK_D)
     # split launches (TILES 1, 2): the spans of the interior tiling (SPAN_M x SPAN_N)
@@ -1176,15 +1200,18 @@ def _backward_cols_kernel(
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
             FN_SPACE, FN_IDS, SOFT_SIM, LSE2, TARGET_K, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
             BLOCK_D,
-            TILES == 2, COMPUTE_SB, COMPUTE_SB, 0)
-        if RESIDENT:
-            qv = qt
-        else:
-            qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn
-                         + dv.to(tl.int64)[None, :] * stride_qd,
-                         mask=rmask[:, None] & dvmask[None, :], other=0.0)
-        acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST), acc,
-                     input_precision=PRECISION)
+            TILES == 2, COMPUTE_SB, COMPUTE_SB, 0, LINE_SUMS)
+        if LINE_SUMS:
+            acc_ct += cb
+        if COMPUTE_DK:
+            if RESIDENT:
+                qv = qt
+            else:
+                qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qn
+                             + dv.to(tl.int64)[None, :] * stride_qd,
+                             mask=rmask[:, None] & dvmask[None, :], other=0.0)
+            acc = tl.dot(_operand(_lowp(tl.trans(dS), qv.dtype, UPCAST), UPCAST), _operand(qv, UPCAST),
+                         acc, input_precision=PRECISION)
         if COMPUTE_SB:
             acc_rs += rs
             acc_rb += rb
@@ -1192,12 +1219,15 @@ def _backward_cols_kernel(
                 acc_s += cs
                 acc_b += cb
 
-    if TILES == 1:  # the interior launch continues from these sums
-        tl.store(part, acc, mask=cmask[:, None] & dvmask[None, :])
-    else:
-        out = dk_ptr + cols.to(tl.int64)[:, None] * stride_dkn + dv.to(tl.int64)[None, :]
-        tl.store(out, _lowp(acc * s, dk_ptr.dtype.element_ty, UPCAST),
-                 mask=cmask[:, None] & dvmask[None, :])
+    if COMPUTE_DK:
+        if TILES == 1:  # the interior launch continues from these sums
+            tl.store(part, acc, mask=cmask[:, None] & dvmask[None, :])
+        else:
+            out = dk_ptr + cols.to(tl.int64)[:, None] * stride_dkn + dv.to(tl.int64)[None, :]
+            tl.store(out, _lowp(acc * s, dk_ptr.dtype.element_ty, UPCAST),
+                     mask=cmask[:, None] & dvmask[None, :])
+    if LINE_SUMS:
+        tl.store(ct_ptr + cols.to(tl.int64), acc_ct, mask=cmask & (pid_d == 0))
     if COMPUTE_SB:
         first = pid_d == 0
         tl.store(dsb_ptr + pid.to(tl.int64) * 2, tl.sum(acc_s, 0) + tl.sum(acc_rs, 0), mask=first)
@@ -1211,7 +1241,8 @@ def _grad_tiles_kernel(
     cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_lse_ptr, g_row_ptr, g_rpos_ptr, g_col_ptr, g_cpos_ptr,
-    g_l2_ptr, ds_ptr, dsb_ptr, N, M, D, offset, ratio2, row_start, col_start,
+    g_l2_ptr, ds_ptr, dsb_ptr, rt_ptr, ct_ptr, N, M, D, offset, ratio2, row_start, col_start,
+    n_rows_blk, n_cols_blk,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_ds, stride_gr, stride_grp, stride_gc, stride_gcp,
     stride_gl2,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -1222,6 +1253,7 @@ def _grad_tiles_kernel(
     COMPUTE_SBC: tl.constexpr, SELF_SYM: tl.constexpr,
     TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LINE_SUMS: tl.constexpr = False,
 ):
     # Backward for wide features: one tile per program writes dL/dS (same closure as the fused
     # kernels), times s, into the block [row_start, row_start + R) x [col_start, col_start + W) of
@@ -1230,7 +1262,9 @@ def _grad_tiles_kernel(
     # 4 N M D (GEMMs) FLOPs and 3 passes over the block, instead of recomputing S once per D chunk
     # of the fused kernels.
     # 1. load the rows' statistics; 2. recompute the tile and dS; 3. store dS and the tile's
-    # scale / bias partial sums.
+    # scale / bias partial sums; LINE_SUMS: the tile's sums of the row part per row at
+    # rt[pid_n, row - row_start] and (symmetric) of the column part per column at
+    # ct[pid_m, col - col_start], as formed (correct_line_totals).
     # TILES (lean closures): 0 = every tile; split launches over the SPAN_M x SPAN_N tiling of
     # the matrix: 1 = the tiles of non-plain spans (the band and the edges), 2 = the plain spans
     # (BLOCK = SPAN) on the lean path only; the other launch's programs return at once.
@@ -1264,7 +1298,14 @@ def _grad_tiles_kernel(
             KIND, SYMMETRIC, HAS_POS, HAS_CPOS, LABELS, EXCLUDE_SELF, EXCLUDE_TARGETS, TARGET_LSE,
             FN_SPACE, FN_IDS, SOFT_SIM, LSE2, TARGET_K, PLAIN, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
             BLOCK_D,
-            TILES == 2, False, False, 0)
+            TILES == 2, False, False, 0, LINE_SUMS)
+        if LINE_SUMS:
+            rin = (rows < N) & (rows - row_start < n_rows_blk)
+            tl.store(rt_ptr + pid_n.to(tl.int64) * n_rows_blk + (rows - row_start), rb, mask=rin)
+            if SYMMETRIC:
+                cin = (cols < M) & (cols - col_start < n_cols_blk)
+                tl.store(ct_ptr + pid_m.to(tl.int64) * n_cols_blk + (cols - col_start), cb,
+                         mask=cin)
         out = (ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds
                + (cols - col_start)[None, :])
         tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
@@ -1499,7 +1540,7 @@ class _tf32_matmul:
 
 
 def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args, needs, gram,
-                    self_sym=False):
+                    self_sym=False, line_sums=False):
     """(dq, dk, scale / bias sums (2,)) from dS written one bounded block at a time (dense_plan:
     column slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in
     the gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab. For
@@ -1540,6 +1581,15 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
     dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k else None
     dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
+    # line_sums: the row part's sums per row (N,), the column part's per column (M,), from
+    # per-tile sums of one block (the launches' grids x the block's rows / columns)
+    rt = torch.zeros(N, dtype=torch.float32, device=dev) if line_sums else None
+    ct = torch.zeros(M, dtype=torch.float32, device=dev) if line_sums and symmetric else None
+    n_rows_blk, n_cols_blk = min(R, N), min(W, M)
+    rtp = [torch.empty((gn, n_rows_blk), dtype=torch.float32, device=dev) if line_sums else None
+           for _, gn in grids]
+    ctp = [torch.empty((gm, n_cols_blk), dtype=torch.float32, device=dev) if ct is not None
+           else None for gm, _ in grids]
     scratch = []
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
@@ -1557,15 +1607,25 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
             if need_sb:
                 dsb.zero_()
             first = 0
-            for (tiles_, c), n_tiles in zip(launches, tiles):
+            for (tiles_, c), n_tiles, rp, cp in zip(launches, tiles, rtp, ctp):
                 grid = (triton.cdiv(r1 - r0, c["BLOCK_M"]), triton.cdiv(c1 - c0, c["BLOCK_N"]))
                 sb = dsb[first:first + n_tiles] if need_sb else None
                 first += n_tiles
-                args = (queries, keys, *common, dS, _ptr(sb, stats.row_lse), N, M, D, spec.offset,
-                        _ratio2(spec), r0, c0, queries.stride(0), queries.stride(1),
-                        keys.stride(0), keys.stride(1), ds_buf.stride(0), a_row.stride(0),
-                        b_row.stride(0), a_col.stride(0), b_col.stride(0), a2_row.stride(0))
-                _grad_tiles_kernel[grid](*args, **const, TILES=tiles_, SPAN_M=BM, SPAN_N=BN, **c)
+                for t in (rp, cp):  # (programs without work leave their sums at zero)
+                    if t is not None:
+                        t.zero_()
+                args = (queries, keys, *common, dS, _ptr(sb, stats.row_lse),
+                        _ptr(rp, stats.row_lse), _ptr(cp, stats.row_lse), N, M, D, spec.offset,
+                        _ratio2(spec), r0, c0, n_rows_blk, n_cols_blk, queries.stride(0),
+                        queries.stride(1), keys.stride(0), keys.stride(1), ds_buf.stride(0),
+                        a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
+                        a2_row.stride(0))
+                _grad_tiles_kernel[grid](*args, **const, TILES=tiles_, SPAN_M=BM, SPAN_N=BN,
+                                         LINE_SUMS=line_sums, **c)
+                if rp is not None:
+                    rt[r0:r1] += rp[: grid[1], : r1 - r0].sum(0)
+                if cp is not None:
+                    ct[c0:c1] += cp[: grid[0], : c1 - c0].sum(0)
             if need_sb:
                 sb_sums += dsb.sum(0)
             with _tf32_matmul(tf32):
@@ -1584,7 +1644,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     if gram and need_q:
         dq.add_(dk)
         dk = None
-    return dq, dk, sb_sums
+    return dq, dk, sb_sums, rt, ct
 
 
 def _autotuning() -> bool:
@@ -1666,24 +1726,7 @@ def _ptr(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     return dummy if t is None else t
 
 
-def _dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], rank: bool = False):
-    """int32 ids with the equalities of two integer id vectors (rows_i == cols_j exactly when
-    their new ids are equal; a vector may be the other one). The kernels compare ids once per
-    similarity entry: 32-bit compares take half the instructions and registers of 64-bit ones.
-    Ranks in the sorted union, on the device: no host synchronisation. Ids that already fit in
-    32 bits are only cast, unless ``rank`` (ids in [0, len(union)), to index per-class sums)."""
-    if rows is None or cols is None:
-        return rows, cols
-    if rows.dtype.itemsize <= 4 and cols.dtype.itemsize <= 4 and not rank:
-        return rows.to(torch.int32), cols.to(torch.int32)
-    both = rows if cols is rows else torch.cat([rows, cols])
-    vals, order = torch.sort(both)
-    rank = torch.zeros(vals.shape, dtype=torch.int32, device=vals.device)
-    torch.cumsum(vals[1:] != vals[:-1], 0, dtype=torch.int32, out=rank[1:])
-    ids = torch.empty_like(rank).scatter_(0, order, rank)
-    if cols is rows:
-        return ids, ids
-    return ids[:rows.shape[0]], ids[rows.shape[0]:]
+_dense_ids = dense_ids  # (shared with the line-total corrections)
 
 
 def prepare_targets(targets):
@@ -1925,8 +1968,10 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
-             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None):
-    """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`."""
+             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None, whole_lines=True):
+    """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`.
+    ``whole_lines``: the call sweeps every entry of each line's LSE (float32 features then get
+    :func:`fastcl.ops.correct_line_totals`)."""
     targets = prepare_targets(targets)
     need_q, need_k, need_s, need_b = needs
     need_sb = need_s or need_b
@@ -1935,6 +1980,11 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     dev = queries.device
     f32 = torch.float32
     softmax = spec.kind == "softmax"
+    # float32 products in IEEE arithmetic (with TF32 or 16-bit features, the inputs' rounding
+    # is far above what the lines' sums correct)
+    lines = (whole_lines and (need_q or need_k) and _precision(queries, spec.exact) == "ieee"
+             and queries.dtype == f32 and corrects_line_totals(spec, targets))
+    spec0, targets0 = spec, targets
     gram = spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
     if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
         need_q, need_k = need_q or need_k, False
@@ -1957,7 +2007,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     # (NT-Xent, SupCon): dS_ji's target term is column j's, b_j / npos_j on the rows i in T(j)
     # (the same class, or pos_j = i).
     linear = _linear_targets(spec, targets)
-    twice = gram and spec.exclude_self and (_plain(spec, targets) or linear)
+    # (not for the line sums' correction: there the column terms dS_ji, formed in the tile of
+    # (i, j) from P_ij, would not be the entries summed in row j)
+    twice = gram and spec.exclude_self and (_plain(spec, targets) or linear) and not lines
     if twice:
         gram, symmetric = False, True
         col_lse, a_col, b_col = stats.row_lse, a_row, a_row.new_zeros(1).expand(N)
@@ -1973,17 +2025,27 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if _dense_backward(queries):
         # (twice: dS is symmetric, so the keys' gradient -- float32 sums within each column
         # slab, one rounding -- is the whole gradient, without dQ's rounding per slab)
-        dq, dk, sb_sums = _backward_dense(
+        dq, dk, sb_sums, rt, ct = _backward_dense(
             queries, keys, scale, bias, targets, spec, stats, flags_args=(
                 a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
             needs=(False, need_q, need_s, need_b) if twice else (need_q, need_k, need_s, need_b),
-            gram=gram, self_sym=twice)
+            gram=gram, self_sym=twice, line_sums=lines)
         if twice:
             dq, dk = dk, None
     else:
-        dq, dk, sb_sums = _backward_fused(
+        dq, dk, sb_sums, rt, ct = _backward_fused(
             queries, keys, scale, bias, targets, spec, stats, (a_row, b_row, a_col, b_col, a2_row),
-            col_lse, symmetric, gram, (need_q, need_k, need_sb), self_sym=twice)
+            col_lse, symmetric, gram, (need_q, need_k, need_sb), self_sym=twice, line_sums=lines)
+    if lines:
+        sym = symmetric and not twice
+        cols = dict(a_col=a_col, b_col=b_col) if sym else {}
+        R, C = line_totals(spec0, targets0, stats, a_row, b_row, M, **cols)
+        if gram or twice:  # dq is the whole gradient of the shared features: both parts
+            dq_, dk_ = dq, dq
+        else:
+            dq_, dk_ = dq, dk
+        correct_line_totals(dq_, dk_, queries, keys, scale, spec0, targets0, stats, rt - R,
+                            ct - C if sym else None)
     ds = db = None
     if need_sb:
         sym = symmetric and not twice
@@ -2008,8 +2070,11 @@ def _centre_columns(queries, symmetric: bool, self_sym: bool, rows_sum: bool) ->
 
 
 def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col_lse, symmetric,
-                    gram, needs, self_sym=False):
-    """(dq, dk, scale / bias sums (2,)) by the fused kernels: rows for dQ, columns for dK."""
+                    gram, needs, self_sym=False, line_sums=False):
+    """(dq, dk, scale / bias sums (2,), row sums (N,), column sums (M,)) by the fused kernels: rows
+    for dQ, columns for dK. ``line_sums``: each row's sum of dS's row part as formed (the rows
+    kernel, run for it alone when dQ is not needed) and, symmetric, each column's of its column
+    part (the columns kernel, likewise); else None."""
     a_row, b_row, a_col, b_col, a2_row = grads
     need_q, need_k, need_sb = needs
     N, D = queries.shape
@@ -2037,20 +2102,22 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     rows_do_sb = need_sb and (need_q or not need_k)
     sym_sb = need_sb and _centre_columns(queries, symmetric, self_sym, rows_do_sb)
 
-    def launches(kernel, n, out, sb_rows, const, tuned):
+    def launches(kernel, n, out, sb_rows, const, tuned, lines=None):
         """One launch over every tile, or the band launch then the interior launch (the same D
-        chunks; partial sums through a float32 buffer; scale / bias sums in separate rows)."""
+        chunks; partial sums through a float32 buffer; scale / bias sums in separate rows; line
+        sums (n,) through a buffer per launch)."""
         rows = kernel is _backward_rows_kernel
         own = "BLOCK_M" if rows else "BLOCK_N"
         cfg_in = _config(queries, "bwd_rows_plain" if rows else "bwd_cols_plain") if split else cfg
-        # D chunks of the gradient (the rows kernel without dQ computes only scale / bias sums)
-        grid_d = triton.cdiv(D, cfg_in["BLOCK_DV"]) if (out is not None or not rows) else 1
+        # D chunks of the gradient (without it the kernels compute only sums)
+        grid_d = triton.cdiv(D, cfg_in["BLOCK_DV"]) if out is not None else 1
+        const = dict(const, LINE_SUMS=lines is not None)
         if not split:
             dsb_ = torch.zeros((triton.cdiv(n, cfg[own]), 2), dtype=f32, device=dev) \
                 if sb_rows else None
             args = (queries, keys, *common, _ptr(out, stats.row_lse), stats.row_lse,
-                    _ptr(dsb_, stats.row_lse), N, M, D, spec.offset, _ratio2(spec), *strides, D,
-                    *grad_strides)
+                    _ptr(dsb_, stats.row_lse), _ptr(lines, stats.row_lse), N, M, D, spec.offset,
+                    _ratio2(spec), *strides, D, *grad_strides)
             _launch(kernel, (triton.cdiv(n, cfg[own]), grid_d), args,
                     dict(const, TILES=0, SPAN_M=1, SPAN_N=1), cfg, tuned)
             return dsb_
@@ -2062,33 +2129,40 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
         n_band, n_in = triton.cdiv(n, band[own]), triton.cdiv(n, cfg_in[own])
         dsb_ = torch.zeros((n_band + n_in, 2), dtype=f32, device=dev) if sb_rows else None
         part = torch.empty((n, D), dtype=f32, device=dev) if out is not None else stats.row_lse
+        lp = torch.empty((2, n), dtype=f32, device=dev) if lines is not None else None
         for tiles, c, nb, sb in ((1, band, n_band, dsb_[:n_band] if sb_rows else None),
                                  (2, cfg_in, n_in, dsb_[n_band:] if sb_rows else None)):
             args = (queries, keys, *common, _ptr(out, stats.row_lse), part,
-                    _ptr(sb, stats.row_lse), N, M, D, spec.offset, _ratio2(spec), *strides, D,
-                    *grad_strides)
+                    _ptr(sb, stats.row_lse), _ptr(lp[tiles - 1] if lp is not None else None,
+                                                  stats.row_lse),
+                    N, M, D, spec.offset, _ratio2(spec), *strides, D, *grad_strides)
             _launch(kernel, (nb, grid_d), args, dict(const, TILES=tiles, SPAN_M=span_m,
                                                      SPAN_N=span_n), c, None)
+        if lines is not None:
+            torch.sum(lp, 0, out=lines)
         return dsb_
 
-    if need_q or rows_do_sb:
+    rt = torch.empty(N, dtype=f32, device=dev) if line_sums else None
+    ct = torch.empty(M, dtype=f32, device=dev) if line_sums and symmetric and not self_sym else None
+    if need_q or rows_do_sb or rt is not None:
         dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
                      COMPUTE_SB=rows_do_sb, COMPUTE_SBC=sym_sb and rows_do_sb, GRAM=gram,
                      SELF_SYM=self_sym,
                      # the transposed term of GRAM has its targets on the other band
                      **dict(flags, PLAIN=lean))
-        sb = launches(_backward_rows_kernel, N, dq, rows_do_sb, const, "BLOCK_N")
+        sb = launches(_backward_rows_kernel, N, dq, rows_do_sb, const, "BLOCK_N", rt)
         if rows_do_sb:
             dsb.append(sb)
-    if need_k:
-        dk = torch.empty((M, D), dtype=keys.dtype, device=dev)
+    if need_k or ct is not None:
+        dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k else None
         cols_do_sb = need_sb and not rows_do_sb
-        const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb, **flags)
-        sb = launches(_backward_cols_kernel, M, dk, cols_do_sb, const, "BLOCK_M")
+        const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb,
+                     COMPUTE_DK=need_k, **flags)
+        sb = launches(_backward_cols_kernel, M, dk, cols_do_sb, const, "BLOCK_M", ct)
         if cols_do_sb:
             dsb.append(sb)
-    return dq, dk, sum(t.sum(0) for t in dsb) if need_sb else None
+    return dq, dk, sum(t.sum(0) for t in dsb) if need_sb else None, rt, ct
 
 
 def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
