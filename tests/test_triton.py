@@ -416,6 +416,28 @@ def test_dense_backward(monkeypatch, case, chunked):
     _check(f"dense-{case}", fn, ref, inputs)
 
 
+@pytest.mark.parametrize("loss,exact,want", [("clip", True, True), ("clip", False, False),
+                                              ("info_nce", True, False)])
+def test_exact_symmetric_backward_goes_wide(monkeypatch, loss, exact, want):
+    """A symmetric closure with IEEE float32 products asks for the wide-feature backward at any D
+    (its fused kernels spill with those products); TF32 and one-way closures do not."""
+    seen = []
+    real = E._dense_backward
+
+    def spy(queries, exact_symmetric=False):
+        seen.append(exact_symmetric)
+        return real(queries, exact_symmetric)
+
+    monkeypatch.setattr(E, "_dense_backward", spy)
+    q, k = features(20, 16, F32, DEVICE), features(20, 16, F32, DEVICE)
+    if loss == "clip":
+        out = fastcl.clip_loss(q, k, 10.0, backend=BACKEND, exact=exact)
+    else:
+        out = fastcl.info_nce(q, k, scale=10.0, backend=BACKEND, exact=exact)
+    out.backward()
+    assert seen == [want]
+
+
 @pytest.mark.parametrize("blocked", [False, True])
 def test_dense_backward_low_precision(monkeypatch, blocked):
     """16-bit features: with several column slabs dQ is summed over them in bfloat16 (one

@@ -1445,14 +1445,17 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
 _DENSE_BYTES_MIN = 8 << 20
 
 
-def _dense_backward(queries: torch.Tensor) -> bool:
+def _dense_backward(queries: torch.Tensor, exact_symmetric: bool = False) -> bool:
     """The backward through dS chunks + GEMMs when a row block's gradient does not fit one D chunk
     of the fused kernels (which would recompute S once per chunk: D > 256 for 16-bit features on
-    Hopper, D > 128 otherwise); ``config_override["DENSE"]`` forces either path."""
+    Hopper, D > 128 otherwise), and for a symmetric closure with IEEE float32 products
+    (``exact_symmetric``) at any D: its fused kernels spill with those products (~1.8 KB per
+    rows program at D = 128, bench/ANALYSIS.md), its dS tiles do not. ``config_override["DENSE"]``
+    forces either path."""
     if "DENSE" in config_override:
         return bool(config_override["DENSE"])
-    return queries.device.type == "cuda" and queries.shape[1] > _fused_width(
-        queries.dtype, _arch(queries.device))
+    return queries.device.type == "cuda" and (exact_symmetric or queries.shape[1] > _fused_width(
+        queries.dtype, _arch(queries.device)))
 
 
 def _split_backward(queries: torch.Tensor) -> bool:
@@ -2022,7 +2025,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     # stride of 1 as a constant, so each tile's loads of them take no 64-bit stride products
     # (the dS tiles' kernel loads them once per tile)
     a_row, b_row, a_col, b_col, a2_row = (t.contiguous() for t in (a_row, b_row, a_col, b_col, a2_row))
-    if _dense_backward(queries):
+    wide = _dense_backward(queries, symmetric and _precision(queries, spec.exact) == "ieee")
+    if wide:
         # (twice: dS is symmetric, so the keys' gradient -- float32 sums within each column
         # slab, one rounding -- is the whole gradient, without dQ's rounding per slab)
         dq, dk, sb_sums, rt, ct = _backward_dense(
@@ -2049,7 +2053,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     ds = db = None
     if need_sb:
         sym = symmetric and not twice
-        only_k = not _dense_backward(queries) and need_k and not need_q
+        only_k = not wide and need_k and not need_q
         if softmax and (not sym or _centre_columns(queries, sym, False, not only_k)):
             # the kernels' sums are centred (_centres): add the lines' known totals
             cols = dict(a_col=a_col, b_col=b_col) if sym else {}
