@@ -76,8 +76,8 @@ def _grads(fn, z1, z2, grad, dtype, g):
     return [x.grad.double().cpu() for x in (a, b) if x.requires_grad]
 
 
-@pytest.mark.parametrize("path", [None, {}, {"DENSE": True, "SPLIT": True}],
-                         ids=["torch", "triton", "triton-dense"])
+@pytest.mark.parametrize("path", [None, {}, {"SPLIT": True}, {"DENSE": True, "SPLIT": True}],
+                         ids=["torch", "triton", "triton-split", "triton-dense"])
 @pytest.mark.parametrize("case", CASES)
 def test_dominant_targets_float32(monkeypatch, case, path):
     """Feature gradients in float32 (IEEE products: ``exact=True``) within 2e-5 of float64 and no
