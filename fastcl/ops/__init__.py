@@ -90,7 +90,7 @@ from typing import NamedTuple, Optional
 import torch
 
 __all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit",
-           "scale_centres", "centred_scale_sums", "tied_scale_totals", "line_totals",
+           "scale_centres", "centred_scale_sums", "tied_scale_totals", "closure_weights", "line_totals",
            "corrects_line_totals", "correct_line_totals", "dense_ids"]
 
 
@@ -249,6 +249,27 @@ def _col_positives(spec: LossSpec, targets: Targets, M: int, N: int, dev):
     return pc, pc_ok
 
 
+def closure_weights(spec: LossSpec, stats: EngineStats, grad_row: torch.Tensor,
+                    grad_row_pos: Optional[torch.Tensor] = None,
+                    grad_col: Optional[torch.Tensor] = None,
+                    grad_col_pos: Optional[torch.Tensor] = None):
+    """(a_row, b_row, a_col | None, b_col | None) in the statistics' dtype: dS's weights on P and
+    dT (rows) and on Pc and Tc (columns, given ``grad_col``). Tied (``grad_*_pos`` None): b = -a,
+    and a softmax closure's rows without targets get a = 0 (no loss, no gradient)."""
+    dt = stats.row_lse.dtype
+    a_row = grad_row.to(dt)
+    if grad_row_pos is None:
+        if spec.kind == "softmax":
+            a_row = torch.where(stats.row_npos > 0, a_row, torch.zeros_like(a_row))
+        b_row = -a_row
+    else:
+        b_row = grad_row_pos.to(dt)
+    if grad_col is None:
+        return a_row, b_row, None, None
+    a_col = grad_col.to(dt)
+    return a_row, b_row, a_col, -a_col if grad_col_pos is None else grad_col_pos.to(dt)
+
+
 def tied_scale_totals(spec: LossSpec, targets: Targets, stats: EngineStats, grad_row: torch.Tensor,
                       grad_col: Optional[torch.Tensor], scale: torch.Tensor,
                       bias: Optional[torch.Tensor], M: int) -> torch.Tensor:
@@ -256,11 +277,10 @@ def tied_scale_totals(spec: LossSpec, targets: Targets, stats: EngineStats, grad
     closure (``grad_row_pos`` / ``grad_col_pos`` None) over this call's entries
     (:func:`centred_scale_sums` of zero sums)."""
     dt = stats.row_lse.dtype
-    a_row = torch.where(stats.row_npos > 0, grad_row.to(dt), torch.zeros_like(stats.row_lse))
-    cols = {}
-    if spec.symmetric and grad_col is not None:
-        cols = dict(a_col=grad_col.to(dt), b_col=-grad_col.to(dt))
-    return centred_scale_sums(stats.row_lse.new_zeros(2), spec, targets, stats, a_row, -a_row,
+    a_row, b_row, a_col, b_col = closure_weights(
+        spec, stats, grad_row, grad_col=grad_col if spec.symmetric else None)
+    cols = dict(a_col=a_col, b_col=b_col) if a_col is not None else {}
+    return centred_scale_sums(stats.row_lse.new_zeros(2), spec, targets, stats, a_row, b_row,
                               scale.to(dt).reshape(()), None if bias is None else bias.to(dt).reshape(()),
                               M, **cols)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import (EngineStats, centred_scale_sums, correct_line_totals, corrects_line_totals,
-               line_totals, scale_centres)
+from . import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals,
+               corrects_line_totals, line_totals, scale_centres)
 
 SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
 
@@ -51,15 +51,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if not centred and not correct:
         return dq, dk, ds, db
     dt = stats.row_lse.dtype
-    if grad_row_pos is None:  # tied: rows without targets get no gradient
-        a_row = torch.where(stats.row_npos > 0, grad_row.to(dt), 0.0)
-        b_row = -a_row
-    else:
-        a_row, b_row = grad_row.to(dt), grad_row_pos.to(dt)
-    cols = {}
-    if symmetric:
-        a_col = grad_col.to(dt)
-        cols = dict(a_col=a_col, b_col=-a_col if grad_col_pos is None else grad_col_pos.to(dt))
+    a_row, b_row, a_col, b_col = closure_weights(spec, stats, grad_row, grad_row_pos,
+                                                 grad_col if symmetric else None, grad_col_pos)
+    cols = dict(a_col=a_col, b_col=b_col) if symmetric else {}
     a2 = grad_row_lse2.to(dt) if grad_row_lse2 is not None else None
     if correct:
         R, C = line_totals(spec, targets, stats, a_row, b_row, M, a2, **cols)

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import (EngineStats, centred_scale_sums, correct_line_totals, corrects_line_totals,
-                dense_ids, line_totals)
+from .. import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals,
+                corrects_line_totals, dense_ids, line_totals)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -1992,15 +1992,10 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
         need_q, need_k = need_q or need_k, False
     symmetric = spec.symmetric and softmax and grad_col is not None
-    a_row = grad_row.to(f32)
-    if grad_row_pos is None:  # tied: L_i = lse_i - target_i, rows without targets have no loss
-        if softmax:
-            a_row = torch.where(stats.row_npos > 0, a_row, 0.0)
-        b_row = -a_row
-    else:
-        b_row = grad_row_pos.to(f32)
-    a_col = grad_col.to(f32) if symmetric else a_row
-    b_col = (-a_col if grad_col_pos is None else grad_col_pos.to(f32)) if symmetric else a_row
+    a_row, b_row, a_col, b_col = closure_weights(spec, stats, grad_row, grad_row_pos,
+                                                 grad_col if symmetric else None, grad_col_pos)
+    if not symmetric:  # (the column weights' pointers are not read)
+        a_col = b_col = a_row
     col_lse = stats.col_lse if symmetric else stats.row_lse
     a2_row = grad_row_lse2.to(f32) if grad_row_lse2 is not None else a_row.new_zeros(1).expand(N)
     # A self-similarity whose off-diagonal tiles are plain: the gradient of z_i is
@@ -2026,6 +2021,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     # (the dS tiles' kernel loads them once per tile)
     a_row, b_row, a_col, b_col, a2_row = (t.contiguous() for t in (a_row, b_row, a_col, b_col, a2_row))
     wide = _dense_backward(queries, symmetric and _precision(queries, spec.exact) == "ieee")
+    # which sweep takes the scale / bias sums: over the rows (the dS tiles; the rows kernel) unless
+    # only dK is needed of the fused kernels (the columns kernel); it decides their centring
+    rows_sum = wide or need_q or not need_k
     if wide:
         # (twice: dS is symmetric, so the keys' gradient -- float32 sums within each column
         # slab, one rounding -- is the whole gradient, without dQ's rounding per slab)
@@ -2039,7 +2037,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     else:
         dq, dk, sb_sums, rt, ct = _backward_fused(
             queries, keys, scale, bias, targets, spec, stats, (a_row, b_row, a_col, b_col, a2_row),
-            col_lse, symmetric, gram, (need_q, need_k, need_sb), self_sym=twice, line_sums=lines)
+            col_lse, symmetric, gram, (need_q, need_k, need_sb), rows_sum, self_sym=twice,
+            line_sums=lines)
     if lines:
         sym = symmetric and not twice
         cols = dict(a_col=a_col, b_col=b_col) if sym else {}
@@ -2053,8 +2052,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     ds = db = None
     if need_sb:
         sym = symmetric and not twice
-        only_k = not wide and need_k and not need_q
-        if softmax and (not sym or _centre_columns(queries, sym, False, not only_k)):
+        if softmax and (not sym or _centre_columns(queries, sym, False, rows_sum)):
             # the kernels' sums are centred (_centres): add the lines' known totals
             cols = dict(a_col=a_col, b_col=b_col) if sym else {}
             sb_sums = centred_scale_sums(sb_sums, spec, targets, stats, a_row, b_row, scale, bias,
@@ -2074,9 +2072,9 @@ def _centre_columns(queries, symmetric: bool, self_sym: bool, rows_sum: bool) ->
 
 
 def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col_lse, symmetric,
-                    gram, needs, self_sym=False, line_sums=False):
+                    gram, needs, rows_sum, self_sym=False, line_sums=False):
     """(dq, dk, scale / bias sums (2,), row sums (N,), column sums (M,)) by the fused kernels: rows
-    for dQ, columns for dK. ``line_sums``: each row's sum of dS's row part as formed (the rows
+    for dQ, columns for dK; the scale / bias sums by the rows kernel when ``rows_sum``. ``line_sums``: each row's sum of dS's row part as formed (the rows
     kernel, run for it alone when dQ is not needed) and, symmetric, each column's of its column
     part (the columns kernel, likewise); else None."""
     a_row, b_row, a_col, b_col, a2_row = grads
@@ -2100,10 +2098,10 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     precision = _precision(queries, spec.exact)
     dq = dk = None
     dsb = []
-    # scale / bias sums: by the rows kernel unless only dK is needed (the symmetric closure's
-    # column part, too, when centred: entry by entry in per-row sums, where the columns kernel
-    # would need sums across its warps)
-    rows_do_sb = need_sb and (need_q or not need_k)
+    # scale / bias sums: by the rows kernel unless only dK is needed (rows_sum False; the
+    # symmetric closure's column part, too, when centred: entry by entry in per-row sums, where
+    # the columns kernel would need sums across its warps)
+    rows_do_sb = need_sb and rows_sum
     sym_sb = need_sb and _centre_columns(queries, symmetric, self_sym, rows_do_sb)
 
     def launches(kernel, n, out, sb_rows, const, tuned, lines=None):
