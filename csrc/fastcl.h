@@ -103,7 +103,8 @@ FASTCL_HD float grad_logit(const TargetMeta& t, const GradMeta& g, int64_t i, in
 
 using OptT = std::optional<at::Tensor>;
 using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardOut =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Checks shapes, dtypes and devices of the engine inputs (ValueError / TypeError on bad input).
 void check_engine_inputs(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& scale,

@@ -5,9 +5,13 @@
 //  * kind: 0 = softmax closure, 1 = sigmoid closure.
 //  * engine_forward returns (row_lse, row_pos, row_npos, col_lse, col_pos), float32; col_lse and
 //    col_pos have shape (0,) unless symmetric.
-//  * engine_backward returns (d_queries, d_keys, d_scale, d_bias); a gradient that was not asked for
-//    (need_* false) is returned as an empty (0,) tensor of its dtype. d_queries / d_keys have the
-//    dtype of queries / keys, d_scale / d_bias are float32 of shape (1,).
+//  * engine_backward returns (d_queries, d_keys, d_scale, d_bias, row_sums, col_sums); a gradient
+//    that was not asked for (need_* false) is returned as an empty (0,) tensor of its dtype.
+//    d_queries / d_keys have the dtype of queries / keys, d_scale / d_bias are float32 of shape
+//    (1,). With line_sums (softmax only), row_sums (N,) holds each row's sum of dS's row part and
+//    col_sums (M,) each column's sum of its column part (when grad_col is given), float32, as the
+//    kernels formed them (fastcl.ops.correct_line_totals compares them with the exact totals);
+//    otherwise both are (0,).
 //  * grad_col is None unless the column term of a symmetric loss receives a gradient.
 #include <torch/library.h>
 
@@ -160,7 +164,8 @@ TORCH_LIBRARY(fastcl, m) {
       "Tensor? col_positives, Tensor? row_labels, Tensor? col_labels, int kind, bool symmetric, "
       "bool exclude_self, int offset, bool exact, Tensor row_lse, Tensor row_npos, Tensor? col_lse, "
       "Tensor grad_row, Tensor? grad_col, bool need_queries, bool need_keys, bool need_scale, "
-      "bool need_bias) -> (Tensor d_queries, Tensor d_keys, Tensor d_scale, Tensor d_bias)");
+      "bool need_bias, bool line_sums) -> (Tensor d_queries, Tensor d_keys, Tensor d_scale, "
+      "Tensor d_bias, Tensor row_sums, Tensor col_sums)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -372,16 +372,46 @@ def test_opcheck_engine_backward(args, needs):
     symmetric = args[9]
     n, m = args[0].shape[0], args[1].shape[0]
     grad_col = torch.rand(m) if symmetric else None
-    bwd = args + (row_lse, row_npos, col_lse if symmetric else None, torch.rand(n), grad_col) + needs
+    line_sums = args[8] == 0  # (softmax closures only)
+    bwd = (args + (row_lse, row_npos, col_lse if symmetric else None, torch.rand(n), grad_col)
+           + needs + (line_sums,))
     torch.library.opcheck(torch.ops.fastcl.engine_backward.default, bwd)
 
 
 def test_backward_empty_outputs_convention():
     args = _fwd_args()
     row_lse, _, row_npos, _, _ = torch.ops.fastcl.engine_forward(*args)
-    dq, dk, ds, db = torch.ops.fastcl.engine_backward(*args, row_lse, row_npos, None, torch.ones(N),
-                                                      None, False, True, False, False)
+    dq, dk, ds, db, rs, cs = torch.ops.fastcl.engine_backward(
+        *args, row_lse, row_npos, None, torch.ones(N), None, False, True, False, False, False)
     assert dq.shape == (0,) and dk.shape == (M, D) and ds.shape == (0,) and db.shape == (0,)
+    assert rs.shape == (0,) and cs.shape == (0,)
+    # line sums: each row's sum of dS's row part; columns' only with a column term
+    *_, rs, cs = torch.ops.fastcl.engine_backward(
+        *args, row_lse, row_npos, None, torch.ones(N), None, False, True, False, False, True)
+    assert rs.shape == (N,) and rs.dtype == torch.float32 and cs.shape == (0,)
+    with pytest.raises(ValueError, match="line_sums"):
+        sig = _fwd_args(kind=1)
+        lse, _, npos, _, _ = torch.ops.fastcl.engine_forward(*sig)
+        torch.ops.fastcl.engine_backward(*sig, lse, npos, None, torch.ones(N), None, True, True,
+                                         False, False, True)
+
+
+def test_line_sums_are_the_lines_sums_of_dS():
+    """row_sums / col_sums: per line, the sum of dS's row / column part (float64 oracle from the
+    materialised matrix), whichever gradients the call computes."""
+    args = _fwd_args(symmetric=True)
+    q, k, s, b = args[:4]
+    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    g, gc = torch.rand(N) + 0.5, torch.rand(N) - 0.5
+    S = s.double() * q.double() @ k.double().T + b.double()
+    eye = torch.eye(N, dtype=torch.float64)
+    row_part = g[:, None].double() * (torch.softmax(S, 1) - eye)
+    col_part = gc[None, :].double() * (torch.softmax(S, 0) - eye)
+    for needs in [(True, True), (True, False), (False, True)]:
+        *_, rs, cs = torch.ops.fastcl.engine_backward(*args, row_lse, row_npos, col_lse, g, gc,
+                                                      *needs, False, False, True)
+        torch.testing.assert_close(rs.double(), row_part.sum(1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(cs.double(), col_part.sum(0), rtol=0, atol=1e-5)
 
 
 def test_compile_fullgraph_traces_through_ops():
@@ -539,7 +569,8 @@ def test_cuda_opcheck_and_determinism():
     row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
     n = args[0].shape[0]
     g = torch.rand(n, device="cuda")
-    bwd = args + (row_lse, row_npos, col_lse, g, torch.rand(n, device="cuda"), True, True, True, False)
+    bwd = args + (row_lse, row_npos, col_lse, g, torch.rand(n, device="cuda"), True, True, True, False,
+                  True)
     torch.library.opcheck(torch.ops.fastcl.engine_backward.default, bwd)
     first = torch.ops.fastcl.engine_backward(*bwd)
     second = torch.ops.fastcl.engine_backward(*bwd)

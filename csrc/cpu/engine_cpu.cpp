@@ -299,10 +299,13 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
 
 // dS of tile (rows r0.., cols c0..) from raw C into Gt; accumulates sum dS*C and sum dS.
 FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-               const float* C, float* Gt, float* Gc, double& acc_s, double& acc_b) {
+               const float* C, float* Gt, float* Gc, double& acc_s, double& acc_b,
+               double* row_sum = nullptr, double* col_sum = nullptr) {
   // Gt: dS of the tile (the row part first); Gc: scratch for the column part. Scale sums:
   // softmax: sum R (c - m_i) + C (c - n_j) over the two parts (GradMeta's centres); sigmoid: dS c.
-  // (float sums over one row of the tile, double across rows)
+  // (float sums over one row of the tile, double across rows.) Line sums (softmax, when given):
+  // row_sum[r] += the tile row's sum of the row part, col_sum[c] += the tile column's sum of the
+  // column part, each as formed, before the two parts are added.
   const TargetMeta& t = p.t;
   const float s = p.s, b = p.b;
   if (p.kind == kSigmoid) {
@@ -391,6 +394,14 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
     }
     acc_s += ts;
     acc_b += tb;
+    if (row_sum) row_sum[r] += tb;
+  }
+  if (gc && col_sum) {
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* Gcr = Gc + r * nc;
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) col_sum[c] += Gcr[c];
+    }
   }
   if (gc) {
     const float* n = gm.col_centre + c0;
@@ -419,8 +430,9 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
                                 const at::Tensor& row_lse, const at::Tensor& row_npos,
                                 const OptT& col_lse, const at::Tensor& grad_row,
                                 const OptT& grad_col, bool need_q, bool need_k, bool need_scale,
-                                bool need_bias) {
+                                bool need_bias, bool line_sums) {
   (void)exact;
+  TORCH_CHECK_VALUE(!line_sums || kind == kSoftmax, "line_sums is only for softmax closures (kind=0)");
   const Problem p = make_problem(queries, keys, scale, bias, positives, col_positives, row_labels,
                                  col_labels, kind, symmetric, exclude_self, offset);
   check_backward_inputs(queries, keys, symmetric, row_lse, row_npos, col_lse, grad_row, grad_col);
@@ -443,9 +455,13 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::Tensor();
   at::Tensor dk = need_k ? at::empty({M, D}, f32) : at::Tensor();
   const bool need_sb = need_scale || need_bias;
-  const bool row_sweep = need_q || (need_sb && !need_k);
+  // Line sums: the row sweep owns its rows' sums (it runs for them alone if need be); the columns'
+  // come from the column sweep, or from per-group partials when dK is fused into the row sweep.
+  const bool col_lines = line_sums && has_gc;
+  const bool row_sweep = need_q || (need_sb && !need_k) || line_sums;
   const int64_t nrb = (N + kRows - 1) / kRows, ncb = (M + kCols - 1) / kCols;
   double sum_s = 0.0, sum_b = 0.0;
+  std::vector<double> row_acc(line_sums ? N : 0, 0.0), col_acc(col_lines ? M : 0, 0.0);
 
   // With few threads, dQ and dK come from one sweep: each thread group adds its dS^T Q into a
   // private (M, D) partial of dK (summed in a fixed order afterwards). When those partials would
@@ -454,6 +470,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   const bool fused = need_q && need_k && N > 0 && M > 0 &&
                      G_rows * M * D * static_cast<int64_t>(sizeof(float)) <= kFusedScratchBytes;
   at::Tensor dk_parts = fused ? at::zeros({G_rows, M, D}, f32) : at::Tensor();
+  std::vector<double> col_parts(col_lines && fused ? G_rows * M : 0, 0.0);
 
   if (row_sweep && N > 0 && M > 0) {
     const int64_t G = G_rows;
@@ -473,7 +490,9 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
           for (int64_t c0 = 0; c0 < M; c0 += kCols) {
             const int64_t nc = std::min(kCols, M - c0);
             tile_dot(p, r0, nr, c0, nc, C.data());
-            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g]);
+            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g],
+                      line_sums ? row_acc.data() + r0 : nullptr,
+                      col_lines && fused ? col_parts.data() + g * M + c0 : nullptr);
             if (need_q)
               dq_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32), p.k.narrow(0, c0, nc));
             if (fused)
@@ -492,26 +511,36 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   if (fused) {
     at::sum_out(dk, dk_parts, {0});
     dk.mul_(p.s);
-  } else if (need_k && N > 0 && M > 0) {
+    for (int64_t g = 0; g < G_rows && col_lines; ++g)
+      for (int64_t j = 0; j < M; ++j) col_acc[j] += col_parts[g * M + j];
+  } else if ((need_k || col_lines) && N > 0 && M > 0) {  // (col_lines alone: sums, no dK)
     const int64_t G = num_groups(ncb);
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), Gc(kRows * kCols), acc(kCols * D);
+      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), Gc(kRows * kCols),
+          acc(need_k ? kCols * D : 0);
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0, b1;
         group_range(g, G, ncb, b0, b1);
         for (int64_t cb = b0; cb < b1; ++cb) {
           const int64_t c0 = cb * kCols, nc = std::min(kCols, M - c0);
-          at::Tensor dk_acc = at::from_blob(acc.data(), {nc, D}, f32);
-          dk_acc.zero_();
+          at::Tensor dk_acc;
+          if (need_k) {
+            dk_acc = at::from_blob(acc.data(), {nc, D}, f32);
+            dk_acc.zero_();
+          }
           for (int64_t r0 = 0; r0 < N; r0 += kRows) {
             const int64_t nr = std::min(kRows, N - r0);
             tile_dot(p, r0, nr, c0, nc, C.data());
-            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g]);
-            dk_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
+            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g], nullptr,
+                      col_lines ? col_acc.data() + c0 : nullptr);
+            if (need_k)
+              dk_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
           }
-          at::Tensor cols = dk.narrow(0, c0, nc);
-          at::mul_out(cols, dk_acc, p.s);
+          if (need_k) {
+            at::Tensor cols = dk.narrow(0, c0, nc);
+            at::mul_out(cols, dk_acc, p.s);
+          }
         }
       }
     });
@@ -533,7 +562,13 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   }
   at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
   at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
-  return {out_q, out_k, out_s, out_b};
+  const auto sums_of = [&](const std::vector<double>& acc) {
+    at::Tensor out = at::empty({static_cast<int64_t>(acc.size())}, f32);
+    float* o = out.data_ptr<float>();
+    for (size_t e = 0; e < acc.size(); ++e) o[e] = static_cast<float>(acc[e]);
+    return out;
+  };
+  return {out_q, out_k, out_s, out_b, sums_of(row_acc), sums_of(col_acc)};
 }
 
 }  // namespace

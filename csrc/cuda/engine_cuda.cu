@@ -14,7 +14,9 @@
 //                  forms dS from the saved statistics and accumulates d_own += dS @ other into an
 //                  fp32 buffer it owns exclusively (no atomics). Run once with own = queries (dQ)
 //                  and once with own = keys (dK, transposed indexing). Per-CTA partial sums of
-//                  dS * C and dS give d_scale / d_bias after a deterministic reduction.
+//                  dS * C and dS give d_scale / d_bias after a deterministic reduction. On request
+//                  it also sums, per own line, that line's part of dS (row part for own =
+//                  queries, column part for own = keys), for fastcl.ops.correct_line_totals.
 //
 // All launches go on the current stream; nothing here synchronises with the host.
 #include <limits>
@@ -387,17 +389,22 @@ __global__ void merge_cols_kernel(const float* __restrict__ part_max,
 // backward
 // ---------------------------------------------------------------------------------------------
 
-template <class Mode>
+template <class Mode, bool kLines = false>  // kLines: sum the own lines' parts into line_sums
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const typename Mode::T* __restrict__ own, int64_t n_own,
                 const typename Mode::T* __restrict__ other, int64_t n_other, int64_t D,
                 const float* __restrict__ scale, const float* __restrict__ bias, TargetMeta t,
                 GradMeta gm, bool transposed, bool need_out, float* __restrict__ d_own,
-                float* __restrict__ part_s, float* __restrict__ part_b) {
+                float* __restrict__ part_s, float* __restrict__ part_b,
+                float* __restrict__ line_sums) {
   using T = typename Mode::T;
   using L = Smem<Mode>;
   __shared__ __align__(128) unsigned char smem[L::kBytes];
   __shared__ float red[2][kThreads / 32];
+  // Line sums: warp w covers, in step k of the tile's entry loop, own line 2k + w / 2 and half
+  // w % 2 of the other side: one slot each, summed by thread a < kBM for its line a afterwards.
+  __shared__ float line_part[2][kBM];
+  static_assert(kThreads == 2 * kBN && kBN == 64, "line sums assume two warps per tile line");
   float* sC = reinterpret_cast<float*>(smem + L::kC);
   T* sP = reinterpret_cast<T*>(smem + L::kP);
   T* sV = reinterpret_cast<T*>(smem + L::kV);
@@ -412,6 +419,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const int64_t n_rows = min(static_cast<int64_t>(kBM), n_own - own0);
   double sum_s = 0.0, sum_b = 0.0;  // float within a tile, double across tiles
+  double line_acc = 0.0;            // thread a < kBM: own line a's sum (line_sums)
 
   for (int64_t o0 = 0; o0 < n_other; o0 += kBN) {
     sim_tile<Mode>(acc, smem, own, n_own, own0, other, n_other, o0, D);
@@ -419,13 +427,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < kBM * kBN; e += kThreads) {
       const int a = e / kBN, bb = e % kBN;
       const int64_t ia = own0 + a, ib = o0 + bb;
-      float d = 0.f;
+      float d = 0.f, own_part = 0.f;
       if (ia < n_own && ib < n_other) {
         const float c = sC[a * kLdC + bb];
         const int64_t i = transposed ? ib : ia, j = transposed ? ia : ib;
         float d_row, d_col;
         grad_logit_parts(t, gm, i, j, c, s, b, d_row, d_col);
         d = d_row + d_col;
+        own_part = transposed ? d_col : d_row;
         // (centred scale sums: each part on its line's centre, see GradMeta)
         const float m = gm.row_centre != nullptr ? gm.row_centre[i] : 0.f;
         const float n = gm.col_centre != nullptr ? gm.col_centre[j] : 0.f;
@@ -434,9 +443,17 @@ __global__ void __launch_bounds__(kThreads)
       }
       sC[a * kLdC + bb] = d;
       if constexpr (L::kNeedP) sP[a * L::kLdP + bb] = from_float<T>(d);
+      if constexpr (kLines) {  // every lane shuffles
+        for (int o = 16; o > 0; o >>= 1) own_part += __shfl_down_sync(0xffffffffu, own_part, o);
+        if ((tid & 31) == 0) line_part[(tid / 32) % 2][a] = own_part;
+      }
     }
     sum_s += acc_s;
     sum_b += acc_b;
+    if constexpr (kLines) {
+      __syncthreads();  // (the next writes to line_part follow the next sim_tile's barriers)
+      if (tid < kBM) line_acc += static_cast<double>(line_part[0][tid] + line_part[1][tid]);
+    }
     if (!need_out) continue;  // block-uniform; the next sim_tile synchronises first
     for (int64_t d0 = 0; d0 < D; d0 += kDC) {
       __syncthreads();  // dS complete / previous chunk consumed
@@ -448,6 +465,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
+  if (kLines && tid < n_rows) line_sums[own0 + tid] = static_cast<float>(line_acc);
   if (part_s != nullptr) {  // fixed-order block reduction: deterministic
     float acc_s = static_cast<float>(sum_s), acc_b = static_cast<float>(sum_b);
     for (int o = 16; o > 0; o >>= 1) {
@@ -596,7 +614,8 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
                                  const at::Tensor& row_lse, const at::Tensor& row_npos,
                                  const OptT& col_lse, const at::Tensor& grad_row,
                                  const OptT& grad_col, bool need_q, bool need_k, bool need_scale,
-                                 bool need_bias) {
+                                 bool need_bias, bool line_sums) {
+  TORCH_CHECK_VALUE(!line_sums || kind == kSoftmax, "line_sums is only for softmax closures (kind=0)");
   check_engine_inputs(queries, keys, scale, bias, positives, col_positives, row_labels, col_labels,
                       kind, symmetric);
   check_backward_inputs(queries, keys, symmetric, row_lse, row_npos, col_lse, grad_row, grad_col);
@@ -620,9 +639,15 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
                     fptr_or_null(rmu), fptr_or_null(cmu)};
 
   const bool need_sb = need_scale || need_bias;
-  const bool row_sweep = need_q || (need_sb && !need_k);
+  // Line sums: each sweep sums its own lines (rows: the row parts, columns: the column parts),
+  // running for those sums alone when its gradient is not needed.
+  const bool col_lines = line_sums && has_gc;
+  const bool row_sweep = need_q || (need_sb && !need_k) || line_sums;
+  const bool col_sweep = need_k || col_lines;
   at::Tensor dq32 = need_q ? at::zeros({N, D}, f32) : at::Tensor();
   at::Tensor dk32 = need_k ? at::zeros({M, D}, f32) : at::Tensor();
+  at::Tensor row_sums = at::zeros({line_sums ? N : 0}, f32);
+  at::Tensor col_sums = at::zeros({col_lines ? M : 0}, f32);
   const int64_t nqb = (N + kBM - 1) / kBM, nkb = (M + kBM - 1) / kBM;
   const int64_t nparts = need_sb ? (row_sweep ? nqb : nkb) : 0;
   at::Tensor part_s = at::zeros({nparts}, f32), part_b = at::zeros({nparts}, f32);
@@ -631,21 +656,27 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
   if (N > 0 && M > 0) {
     dispatch_mode(queries.scalar_type(), exact, [&](auto mode) {
       using Mode = decltype(mode);
+      // (the line sums' variant only where asked for: it takes ~25% more registers)
+      const auto grad = [](bool lines) {
+        return lines ? grad_kernel<Mode, true> : grad_kernel<Mode, false>;
+      };
       if (row_sweep) {
-        grad_kernel<Mode><<<static_cast<unsigned>(nqb), kThreads, 0, stream>>>(
+        grad(line_sums)<<<static_cast<unsigned>(nqb), kThreads, 0, stream>>>(
             typed<Mode>(p.q), N, typed<Mode>(p.k), M, D, p.scale.data_ptr<float>(),
             fptr_or_null(p.bias), p.t, gm, /*transposed=*/false, need_q, mut_or_null(dq32),
             need_sb ? part_s.data_ptr<float>() : nullptr,
-            need_sb ? part_b.data_ptr<float>() : nullptr);
+            need_sb ? part_b.data_ptr<float>() : nullptr,
+            line_sums ? row_sums.data_ptr<float>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      if (need_k) {
+      if (col_sweep) {
         const bool sb_here = need_sb && !row_sweep;
-        grad_kernel<Mode><<<static_cast<unsigned>(nkb), kThreads, 0, stream>>>(
+        grad(col_lines)<<<static_cast<unsigned>(nkb), kThreads, 0, stream>>>(
             typed<Mode>(p.k), M, typed<Mode>(p.q), N, D, p.scale.data_ptr<float>(),
-            fptr_or_null(p.bias), p.t, gm, /*transposed=*/true, true, dk32.data_ptr<float>(),
+            fptr_or_null(p.bias), p.t, gm, /*transposed=*/true, need_k, mut_or_null(dk32),
             sb_here ? part_s.data_ptr<float>() : nullptr,
-            sb_here ? part_b.data_ptr<float>() : nullptr);
+            sb_here ? part_b.data_ptr<float>() : nullptr,
+            col_lines ? col_sums.data_ptr<float>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
@@ -662,7 +693,7 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
     if (need_scale) out_s = out_s + tot.narrow(0, 0, 1);
     if (need_bias) out_b = tot.narrow(0, 1, 1).clone();
   }
-  return {out_q, out_k, out_s, out_b};
+  return {out_q, out_k, out_s, out_b, row_sums, col_sums};
 }
 
 #endif  // FASTCL_CUDA_EMULATION

@@ -6,8 +6,9 @@ from the device of the inputs. Fake (meta) kernels are registered here so that
 
 Op conventions (see csrc/ops.cpp): ``kind`` is 0 (softmax) or 1 (sigmoid); ``engine_forward``
 returns (row_lse, row_pos, row_npos, col_lse, col_pos) in float32 with (0,)-shaped column outputs
-when not symmetric; ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias) with an empty
-(0,) tensor for every gradient that was not asked for.
+when not symmetric; ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias, row_sums,
+col_sums) with an empty (0,) tensor for every gradient that was not asked for, and the lines'
+sums of dS's row / column parts (float32 (N,) / (M,)) when ``line_sums`` is set, else (0,).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import EngineStats, LossSpec, Targets
+from . import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
+               corrects_line_totals, line_totals)
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.fastcl.*)
@@ -52,12 +54,15 @@ def _engine_forward_fake(queries, keys, scale, bias, positives, col_positives, r
 def _engine_backward_fake(queries, keys, scale, bias, positives, col_positives, row_labels,
                           col_labels, kind, symmetric, exclude_self, offset, exact, row_lse,
                           row_npos, col_lse, grad_row, grad_col, need_queries, need_keys,
-                          need_scale, need_bias):
+                          need_scale, need_bias, line_sums):
     f32 = dict(dtype=torch.float32, device=queries.device)
+    col_lines = line_sums and grad_col is not None
     return (queries.new_empty(queries.shape if need_queries else (0,)),
             keys.new_empty(keys.shape if need_keys else (0,)),
             queries.new_empty((1,) if need_scale else (0,), **f32),
-            queries.new_empty((1,) if need_bias else (0,), **f32))
+            queries.new_empty((1,) if need_bias else (0,), **f32),
+            queries.new_empty((queries.shape[0] if line_sums else 0,), **f32),
+            queries.new_empty((keys.shape[0] if col_lines else 0,), **f32))
 
 
 def _kind(spec: LossSpec) -> int:
@@ -91,18 +96,29 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
     grad_row: (N,), grad_col: (M,) or None (either may be a stride-0 expanded tensor).
     needs: (queries, keys, scale, bias) flags. Returns (d_queries (N, D) | None, d_keys (M, D) |
     None, d_scale (1,) | None, d_bias (1,) | None); d_bias is None whenever bias is None.
-    ``whole_lines`` (the engine contract's): these kernels apply no line-total correction
-    (:func:`fastcl.ops.correct_line_totals`), so it changes nothing here.
+    ``whole_lines``: the call sweeps every entry of each line, so float32 feature gradients with
+    IEEE products (always on the CPU; ``spec.exact`` on CUDA) get the line-total correction
+    (:func:`fastcl.ops.correct_line_totals`) from the kernels' line sums.
     """
     need_q, need_k, need_s, need_b = (bool(x) for x in needs)
     need_b = need_b and bias is not None
     if not spec.symmetric:
         grad_col = None
     col_lse = stats.col_lse if grad_col is not None else None
-    dq, dk, ds, db = torch.ops.fastcl.engine_backward(
+    lines = (whole_lines and (need_q or need_k) and queries.dtype == torch.float32
+             and keys.dtype == torch.float32 and (spec.exact or queries.device.type == "cpu")
+             and corrects_line_totals(spec, targets))
+    dq, dk, ds, db, row_sums, col_sums = torch.ops.fastcl.engine_backward(
         queries, keys, scale, bias, targets.positives, targets.col_positives, targets.row_labels,
         targets.col_labels, _kind(spec), spec.symmetric, spec.exclude_self, spec.offset,
         spec.exact, stats.row_lse, stats.row_npos, col_lse, grad_row, grad_col, need_q, need_k,
-        need_s, need_b)
+        need_s, need_b, lines)
+    if lines:
+        a_row, b_row, a_col, b_col = closure_weights(spec, stats, grad_row, grad_col=grad_col)
+        R, C = line_totals(spec, targets, stats, a_row, b_row, keys.shape[0], a_col=a_col,
+                           b_col=b_col)
+        correct_line_totals(dq if need_q else None, dk if need_k else None, queries, keys, scale,
+                            spec, targets, stats, row_sums - R,
+                            None if C is None else col_sums - C)
     return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
             db if need_b else None)

@@ -25,6 +25,8 @@ struct Result {
   std::vector<double> row_lse, row_pos, row_npos, col_lse, col_pos;
   std::vector<double> dq, dk;
   double ds = 0.0, db = 0.0;
+  // softmax: each row's sum of dS's row part, each column's sum of its column part (0 without one)
+  std::vector<double> row_sums, col_sums;
 };
 
 inline Result evaluate(const Problem& p) {
@@ -86,6 +88,8 @@ inline Result evaluate(const Problem& p) {
   }
   r.dq.assign(N * D, 0.0);
   r.dk.assign(M * D, 0.0);
+  r.row_sums.assign(N, 0.0);
+  r.col_sums.assign(M, 0.0);
   for (int64_t i = 0; i < N; ++i)
     for (int64_t j = 0; j < M; ++j) {
       if (!valid(i, j)) continue;
@@ -95,10 +99,14 @@ inline Result evaluate(const Problem& p) {
         const double z = target(i, j) ? 1.0 : -1.0;
         d = -p.grad_row[i] * z / (1.0 + std::exp(z * s));
       } else {
+        double row = 0.0, col = 0.0;
         if (r.row_npos[i] > 0)
-          d = p.grad_row[i] * (std::exp(s - r.row_lse[i]) - (target(i, j) ? 1.0 / r.row_npos[i] : 0.0));
+          row = p.grad_row[i] * (std::exp(s - r.row_lse[i]) - (target(i, j) ? 1.0 / r.row_npos[i] : 0.0));
         if (!p.grad_col.empty())
-          d += p.grad_col[j] * (std::exp(s - r.col_lse[j]) - (col_target(i, j) ? 1.0 : 0.0));
+          col = p.grad_col[j] * (std::exp(s - r.col_lse[j]) - (col_target(i, j) ? 1.0 : 0.0));
+        r.row_sums[i] += row;
+        r.col_sums[j] += col;
+        d = row + col;
       }
       r.ds += d * C[i * M + j];
       r.db += d;

@@ -132,14 +132,41 @@ void run(const Case& c, const char* mode_name, double tol) {
                             softmax && c.symmetric ? col_mu.data() : nullptr};
   const int64_t nqb = (N + kBM - 1) / kBM, nkb = (M + kBM - 1) / kBM;
   std::vector<float> dq(N * D, 0.f), dk(M * D, 0.f), part_s(nqb, 0.f), part_b(nqb, 0.f);
+  // softmax: each sweep also sums its own lines' parts of dS (rows: row part, columns: column part)
+  std::vector<float> row_sums(N, 0.f), col_sums(M, 0.f);
   cuda_emu::launch(static_cast<unsigned>(nqb), kThreads, [&] {
-    fastcl::grad_kernel<Mode>(q.data(), N, k.data(), M, D, &scale, bias_ptr, t, gm, false, true,
-                              dq.data(), part_s.data(), part_b.data());
+    if (softmax)
+      fastcl::grad_kernel<Mode, true>(q.data(), N, k.data(), M, D, &scale, bias_ptr, t, gm, false,
+                                      true, dq.data(), part_s.data(), part_b.data(), row_sums.data());
+    else
+      fastcl::grad_kernel<Mode>(q.data(), N, k.data(), M, D, &scale, bias_ptr, t, gm, false, true,
+                                dq.data(), part_s.data(), part_b.data(), nullptr);
   });
   cuda_emu::launch(static_cast<unsigned>(nkb), kThreads, [&] {
-    fastcl::grad_kernel<Mode>(k.data(), M, q.data(), N, D, &scale, bias_ptr, t, gm, true, true,
-                              dk.data(), nullptr, nullptr);
+    if (softmax && c.symmetric)
+      fastcl::grad_kernel<Mode, true>(k.data(), M, q.data(), N, D, &scale, bias_ptr, t, gm, true,
+                                      true, dk.data(), nullptr, nullptr, col_sums.data());
+    else
+      fastcl::grad_kernel<Mode>(k.data(), M, q.data(), N, D, &scale, bias_ptr, t, gm, true, true,
+                                dk.data(), nullptr, nullptr, nullptr);
   });
+  if (softmax) {  // (absolute errors: each line's sum is ~0 in exact arithmetic)
+    auto sum_err = [](const std::vector<float>& a, const std::vector<double>& b) {
+      double worst = 0.0;
+      for (size_t e = 0; e < b.size(); ++e) worst = std::max(worst, std::abs(a[e] - b[e]));
+      return worst;
+    };
+    check(tag + "row_sums", sum_err(row_sums, want.row_sums), tol);
+    if (c.symmetric) check(tag + "col_sums", sum_err(col_sums, want.col_sums), tol);
+    // a sweep for the sums alone (its gradient not needed) gives the same sums
+    std::vector<float> alone(N, 0.f);
+    cuda_emu::launch(static_cast<unsigned>(nqb), kThreads, [&] {
+      fastcl::grad_kernel<Mode, true>(q.data(), N, k.data(), M, D, &scale, bias_ptr, t, gm, false,
+                                      false, nullptr, nullptr, nullptr, alone.data());
+    });
+    check(tag + "row_sums (sweep for the sums alone)", sum_err(alone, std::vector<double>(
+                                                           row_sums.begin(), row_sums.end())), 0.0);
+  }
   double ds = 0.0, db = 0.0;
   for (int64_t e = 0; e < nqb; ++e) ds += part_s[e], db += part_b[e];
   if (softmax) {  // the centred sums' known totals: rows 0, column j gc_j ([entries] - [positive])

@@ -20,10 +20,10 @@ using OptT = std::optional<at::Tensor>;
 using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, const OptT&,
     const OptT&, const OptT&, int64_t, bool, bool, int64_t, bool);
-using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, const OptT&,
     const OptT&, const OptT&, int64_t, bool, bool, int64_t, bool, const at::Tensor&,
-    const at::Tensor&, const OptT&, const at::Tensor&, const OptT&, bool, bool, bool, bool);
+    const at::Tensor&, const OptT&, const at::Tensor&, const OptT&, bool, bool, bool, bool, bool);
 
 int failures = 0;
 
@@ -102,11 +102,28 @@ void run_case(const Case& c, const c10::TypedOperatorHandle<Fwd>& fwd,
     ++failures;
   }
 
+  const bool softmax = c.kind == 0;
   auto grads = bwd.call(q, k, scale, bias, positives, std::nullopt, row_labels, col_labels, c.kind,
                         c.symmetric, c.exclude_self, c.offset, false, std::get<0>(out),
                         std::get<2>(out), c.symmetric ? OptT(std::get<3>(out)) : std::nullopt, g,
-                        gc, true, true, true, c.bias.has_value());
+                        gc, true, true, true, c.bias.has_value(), softmax);
   expect_close(c.name + " d_queries", std::get<0>(grads), want.dq, tol);
+  if (softmax) {  // the lines' sums of dS's parts, as the kernel formed them
+    expect_close(c.name + " row_sums", std::get<4>(grads), want.row_sums, tol);
+    if (c.symmetric) expect_close(c.name + " col_sums", std::get<5>(grads), want.col_sums, tol);
+  }
+  // each alone: the other gradient's sweep still runs for its lines' sums
+  for (int only_q = 0; only_q < 2 && softmax; ++only_q) {
+    auto one = bwd.call(q, k, scale, bias, positives, std::nullopt, row_labels, col_labels, c.kind,
+                        c.symmetric, c.exclude_self, c.offset, false, std::get<0>(out),
+                        std::get<2>(out), c.symmetric ? OptT(std::get<3>(out)) : std::nullopt, g,
+                        gc, only_q == 1, only_q == 0, false, false, true);
+    const std::string tag = c.name + (only_q ? " (d_queries only)" : " (d_keys only)");
+    expect_close(tag + (only_q ? " d_queries" : " d_keys"), only_q ? std::get<0>(one) : std::get<1>(one),
+                 only_q ? want.dq : want.dk, tol);
+    expect_close(tag + " row_sums", std::get<4>(one), want.row_sums, tol);
+    if (c.symmetric) expect_close(tag + " col_sums", std::get<5>(one), want.col_sums, tol);
+  }
   expect_close(c.name + " d_keys", std::get<1>(grads), want.dk, tol);
   expect_close(c.name + " d_scale", std::get<2>(grads), {want.ds}, tol);
   if (c.bias) expect_close(c.name + " d_bias", std::get<3>(grads), {want.db}, tol);
@@ -128,6 +145,11 @@ int main() {
   }
   {
     Case c{"clip_tau_0.01", 70, 70, 17, 100.0, std::nullopt};
+    c.symmetric = true;
+    cases.push_back(c);
+  }
+  {  // several row and column tiles each way
+    Case c{"clip_tiles", 300, 270, 9, 20.0, 0.5};
     c.symmetric = true;
     cases.push_back(c);
   }
