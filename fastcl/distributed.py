@@ -45,7 +45,8 @@ import torch.distributed as dist
 from . import _backend
 from .autograd import _scalar32, engine_loss, first_order_only
 from .losses import _check_index, _check_pair, _prepare, _scalar_param
-from .ops import EngineStats, LossSpec, Targets, row_losses, tied_scale_totals
+from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
+                  line_totals, row_losses, tied_scale_totals)
 
 Tensor = torch.Tensor
 
@@ -304,7 +305,11 @@ class _RingLoss(torch.autograd.Function):
         if symmetric:
             gc = grad_cols if grad_cols is not None else torch.zeros(m, device=dev)
             cinfo = torch.stack([col_lse, gc.to(sdt)])
-        dk_own, dk_in, dk_req = None, None, None
+        # what travels home with block o: its dK accumulator and (float32, IEEE products) its
+        # columns' sums of dS's column part; the rows' sums of the local queries stay here. With
+        # them the whole lines' sums are known after the ring (fastcl.ops.correct_line_totals).
+        travel_own, travel_in, travel_req = None, None, None
+        row_sums = None
         needs = (bool(need_q), bool(need_k), bool(need_s), bool(need_b))
         with torch.autocast(dev.type, enabled=False):
             for t in range(W):
@@ -322,9 +327,13 @@ class _RingLoss(torch.autograd.Function):
                 stats = EngineStats(row_lse, row_pos, row_npos,
                                     cinfo[0].contiguous() if symmetric else None, None)
                 gcol = cinfo[1].contiguous() if symmetric else None
-                # (a block is not its lines' whole: its lines' sums have no known totals)
-                dq_t, dk_t, ds_t, db_t = eng.backward(queries, kb, s32, b32, targets, spec, stats,
-                                                      g, gcol, needs, whole_lines=W == 1)
+                # (a block is not its lines' whole: its lines' sums are added up over the ring)
+                out = eng.backward(queries, kb, s32, b32, targets, spec, stats, g, gcol, needs,
+                                   whole_lines=W == 1, return_line_sums=W > 1)
+                dq_t, dk_t, ds_t, db_t = out[:4]
+                rs_t, cs_t = out[4:] if W > 1 else (None, None)
+                if rs_t is not None:
+                    row_sums = rs_t.to(sdt) if row_sums is None else row_sums + rs_t.to(sdt)
                 if need_q:
                     dq += dq_t.to(stats_dt)
                 if kind == "softmax" and t > 0 and (need_s or need_b):
@@ -338,22 +347,33 @@ class _RingLoss(torch.autograd.Function):
                     ds += ds_t.to(sdt)
                 if need_b:
                     db += db_t.to(sdt)
-                if need_k:
-                    part = dk_t.to(stats_dt)
-                    if t > 0:  # block o's dK accumulated by the ranks it visited before
-                        ring.wait(dk_req)
-                        part = part + dk_in
+                part = ([dk_t.to(stats_dt)] if need_k else []) + (
+                    [cs_t.to(sdt)] if cs_t is not None else [])
+                if part:
+                    if t > 0:  # block o's accumulators from the ranks it visited before
+                        ring.wait(travel_req)
+                        part = [a + b for a, b in zip(part, travel_in)]
                     if W == 1:
-                        dk_own = part
+                        travel_own = part
                     else:  # on to the next rank; after the last step this sends it home
-                        dk_in = torch.empty_like(part)
-                        dk_req = ring.exchange([part], [dk_in])
+                        travel_in = [torch.empty_like(a) for a in part]
+                        travel_req = ring.exchange(part, travel_in)
                 ring.wait(reqs)
                 if nkb is not None:
                     kb, cinfo = nkb, ncinfo
-            if need_k and W > 1:
-                ring.wait(dk_req)
-                dk_own = dk_in
+            if travel_in is not None and W > 1:
+                ring.wait(travel_req)
+                travel_own = travel_in
+        dk_own = travel_own[0] if need_k else None
+        if row_sums is not None:  # the whole lines' sums against their exact totals
+            col_sums = travel_own[-1] if symmetric else None
+            spec, targets = _tile_args(kind, symmetric, exact, positives, r, r, m)
+            stats = EngineStats(row_lse, row_pos, row_npos, col_lse if symmetric else None, None)
+            a_row, b_row, a_col, b_col = closure_weights(
+                spec, stats, g, grad_col=gc.to(sdt) if symmetric else None)
+            R, C = line_totals(spec, targets, stats, a_row, b_row, m, a_col=a_col, b_col=b_col)
+            correct_line_totals(dq, dk_own, queries, keys, s32, spec, targets, stats,
+                                row_sums - R, None if C is None else col_sums - C)
         d_scale = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1]) if need_s else None
         d_bias = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
         return (dq.to(queries.dtype) if need_q else None,

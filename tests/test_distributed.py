@@ -181,6 +181,56 @@ def test_gather_and_ring_match_single_process(world):
     run_gloo(_worker, world)
 
 
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _worker_dominant(r, W):
+    """Float32 near-duplicate views at tau = 0.05 (1 - P_ii ~ 1e-3): the ring's blocks are not
+    whole lines, so it adds up each line's sums of dS over the ring and corrects once at the end
+    (gather mode sweeps whole lines on each rank)."""
+    gen = torch.Generator().manual_seed(77)
+    n, d, scale = 35, 24, 20.0
+    N = W * n
+    Z1 = torch.nn.functional.normalize(torch.randn(N, d, generator=gen, dtype=torch.float64), dim=1)
+    Z2 = torch.nn.functional.normalize(Z1 + 0.05 * torch.randn(N, d, generator=gen,
+                                                                dtype=torch.float64), dim=1)
+    local_pos = torch.randperm(n, generator=gen)  # one-way: each rank's keys permuted
+    glob_pos = torch.cat([local_pos + q * n for q in range(W)])
+    K2 = torch.empty_like(Z2)
+    K2[glob_pos] = Z2
+    cases = {
+        "clip": (lambda a, b, be, mode: fdist.clip_loss(a, b, scale, mode=mode, backend=be,
+                                                        exact=True),
+                 lambda a, b: reference.clip_loss(a, b, scale), Z2),
+        "info_nce": (lambda a, b, be, mode: fdist.info_nce(a, b, positives=local_pos.clone(),
+                                                           scale=scale, mode=mode, backend=be,
+                                                           exact=True),
+                     lambda a, b: reference.info_nce(a, b, glob_pos, scale=scale), K2),
+    }
+    engines = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    if importlib.util.find_spec("fastcl._C") is not None:
+        engines.append("cpu")
+    for name, (ours, ref, keys) in cases.items():
+        want, torch32 = [], []
+        for dt, out in ((torch.float64, want), (torch.float32, torch32)):
+            a, b = (x.to(dt).requires_grad_(True) for x in (Z1, keys))
+            out.extend(g[r * n:(r + 1) * n].double() * W for g in torch.autograd.grad(ref(a, b), [a, b]))
+        for be in engines:
+            for mode in ("ring", "gather"):
+                a, b = (x.float().requires_grad_(True) for x in _slices(r, W, Z1, keys))
+                got = torch.autograd.grad(ours(a, b, be, mode), [a, b])
+                for k, (h, p, w) in enumerate(zip(got, torch32, want)):
+                    e, e_torch = _rel(h, w), _rel(p, w)
+                    if not (e <= 2e-5 and e <= max(e_torch, 1e-6)):
+                        raise AssertionError(f"{name}/{be}/{mode} grad {k}: {e:.2e} "
+                                             f"(PyTorch float32: {e_torch:.2e})")
+
+
+def test_ring_corrects_whole_lines_float32():
+    run_gloo(_worker_dominant, 2)
+
+
 def test_single_process_fallback():
     """Without an initialised process group the functions are the ordinary losses."""
     gen = torch.Generator().manual_seed(0)

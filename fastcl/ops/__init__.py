@@ -79,7 +79,11 @@ each line's LSE; a caller that sweeps blocks of a larger matrix with the global 
 subtracts each block's totals (:func:`tied_scale_totals`) and adds those of the whole lines.
 The same assumption lets a backend correct float32 feature gradients by its measured line sums
 of dS (:func:`correct_line_totals`); ``backward(..., whole_lines=False)`` turns that off for a
-call that sweeps only part of each line.
+call that sweeps only part of each line. ``backward(..., return_line_sums=True)`` instead returns
+the call's sums after the gradients, (row_sums (N,), col_sums (M,) | None), or (None, None)
+where the backend does not measure them (its products are not IEEE float32, or the closure is
+not one :func:`corrects_line_totals` covers): a caller sweeping blocks of each line adds them up
+over the blocks and corrects once.
 """
 from __future__ import annotations
 

@@ -89,8 +89,8 @@ def forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]
 
 def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
              targets: Targets, spec: LossSpec, stats: EngineStats, grad_row: Tensor,
-             grad_col: Optional[Tensor], needs: Sequence[bool], whole_lines: bool = True
-             ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+             grad_col: Optional[Tensor], needs: Sequence[bool], whole_lines: bool = True,
+             return_line_sums: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Gradients of sum_i g_i L_i (+ sum_j gc_j Lc_j) from the saved statistics.
 
     grad_row: (N,), grad_col: (M,) or None (either may be a stride-0 expanded tensor).
@@ -99,13 +99,15 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
     ``whole_lines``: the call sweeps every entry of each line, so float32 feature gradients with
     IEEE products (always on the CPU; ``spec.exact`` on CUDA) get the line-total correction
     (:func:`fastcl.ops.correct_line_totals`) from the kernels' line sums.
+    ``return_line_sums``: no correction here; those sums follow the gradients (row_sums (N,) |
+    None, col_sums (M,) | None).
     """
     need_q, need_k, need_s, need_b = (bool(x) for x in needs)
     need_b = need_b and bias is not None
     if not spec.symmetric:
         grad_col = None
     col_lse = stats.col_lse if grad_col is not None else None
-    lines = (whole_lines and (need_q or need_k) and queries.dtype == torch.float32
+    lines = ((whole_lines or return_line_sums) and (need_q or need_k) and queries.dtype == torch.float32
              and keys.dtype == torch.float32 and (spec.exact or queries.device.type == "cpu")
              and corrects_line_totals(spec, targets))
     dq, dk, ds, db, row_sums, col_sums = torch.ops.fastcl.engine_backward(
@@ -113,7 +115,10 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
         targets.col_labels, _kind(spec), spec.symmetric, spec.exclude_self, spec.offset,
         spec.exact, stats.row_lse, stats.row_npos, col_lse, grad_row, grad_col, need_q, need_k,
         need_s, need_b, lines)
-    if lines:
+    extra = ()
+    if return_line_sums:
+        extra = (row_sums, col_sums if grad_col is not None else None) if lines else (None, None)
+    elif lines:
         a_row, b_row, a_col, b_col = closure_weights(spec, stats, grad_row, grad_col=grad_col)
         R, C = line_totals(spec, targets, stats, a_row, b_row, keys.shape[0], a_col=a_col,
                            b_col=b_col)
@@ -121,4 +126,4 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
                             spec, targets, stats, row_sums - R,
                             None if C is None else col_sums - C)
     return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
-            db if need_b else None)
+            db if need_b else None, *extra)

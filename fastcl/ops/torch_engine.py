@@ -28,9 +28,12 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
-             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None, whole_lines=True):
+             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None, whole_lines=True,
+             return_line_sums=False):
     """``whole_lines``: the call sweeps every entry of each line's LSE (see
-    :func:`fastcl.ops.correct_line_totals`, applied to float32 features)."""
+    :func:`fastcl.ops.correct_line_totals`, applied to float32 features).
+    ``return_line_sums``: no correction here; the lines' sums of dS are returned after the
+    gradients (see :mod:`fastcl.ops`)."""
     need_s, need_b = needs[2], needs[3]
     centred = spec.kind == "softmax" and (need_s or need_b)
     symmetric = spec.symmetric and grad_col is not None
@@ -39,17 +42,19 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if centred and need_s:  # sums centred on the lines' scale_centres, then their known totals added
         centres = (scale_centres(stats.row_lse, scale, bias, M),
                    scale_centres(stats.col_lse, scale, bias, N) if symmetric else None)
-    correct = (whole_lines and queries.dtype == torch.float32 and (needs[0] or needs[1])
-               and corrects_line_totals(spec, targets))
-    dq, dk, ds, db, *sums = reference.engine_backward(
+    measure = (queries.dtype == torch.float32 and (needs[0] or needs[1])
+               and corrects_line_totals(spec, targets) and (whole_lines or return_line_sums))
+    correct = measure and not return_line_sums
+    dq, dk, ds, db, *line = reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
         col_lse=stats.col_lse, grad_row=grad_row, grad_col=grad_col,
         needs=(needs[0], needs[1], need_s, need_b and not centred),
         row_pos=stats.row_pos, grad_row_pos=grad_row_pos, grad_col_pos=grad_col_pos,
         row_aux=stats.row_aux, grad_row_lse2=grad_row_lse2, centres=centres,
-        target_weights=targets.target_weights, line_sums=correct, **_kw(spec, targets))
+        target_weights=targets.target_weights, line_sums=measure, **_kw(spec, targets))
+    extra = (tuple(line) if measure else (None, None)) if return_line_sums else ()
     if not centred and not correct:
-        return dq, dk, ds, db
+        return (dq, dk, ds, db, *extra)
     dt = stats.row_lse.dtype
     a_row, b_row, a_col, b_col = closure_weights(spec, stats, grad_row, grad_row_pos,
                                                  grad_col if symmetric else None, grad_col_pos)
@@ -57,16 +62,16 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     a2 = grad_row_lse2.to(dt) if grad_row_lse2 is not None else None
     if correct:
         R, C = line_totals(spec, targets, stats, a_row, b_row, M, a2, **cols)
-        correct_line_totals(dq, dk, queries, keys, scale, spec, targets, stats, sums[0] - R,
-                            sums[1] - C if sums[1] is not None else None)
+        correct_line_totals(dq, dk, queries, keys, scale, spec, targets, stats, line[0] - R,
+                            line[1] - C if line[1] is not None else None)
     if not centred:
-        return dq, dk, ds, db
+        return (dq, dk, ds, db, *extra)
     # (d_bias alone needs no sweep sum: it is the lines' totals)
     ds = ds.reshape(()) if ds is not None else stats.row_lse.new_zeros(())
     sums = centred_scale_sums(torch.stack([ds, ds.new_zeros(())]), spec, targets, stats,
                               a_row, b_row, scale.to(dt).reshape(()),
                               None if bias is None else bias.to(dt).reshape(()), M, a2_row=a2, **cols)
-    return dq, dk, sums[0:1] if need_s else None, sums[1:2] if need_b else None
+    return (dq, dk, sums[0:1] if need_s else None, sums[1:2] if need_b else None, *extra)
 
 
 def count_above(queries, keys, scale, bias, targets, spec, threshold=None):

@@ -1971,10 +1971,14 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
-             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None, whole_lines=True):
+             grad_row_pos=None, grad_col_pos=None, grad_row_lse2=None, whole_lines=True,
+             return_line_sums=False):
     """(d_queries, d_keys, d_scale, d_bias) from the saved statistics; see :mod:`fastcl.ops`.
     ``whole_lines``: the call sweeps every entry of each line's LSE (float32 features then get
-    :func:`fastcl.ops.correct_line_totals`)."""
+    :func:`fastcl.ops.correct_line_totals`). ``return_line_sums``: no correction here; the
+    lines' sums of dS follow the gradients (row_sums (N,) | None, col_sums (M,) | None)."""
+    if return_line_sums and spec.gram:
+        raise ValueError("return_line_sums is for blocks of a queries x keys matrix, not spec.gram")
     targets = prepare_targets(targets)
     need_q, need_k, need_s, need_b = needs
     need_sb = need_s or need_b
@@ -1985,8 +1989,9 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     softmax = spec.kind == "softmax"
     # float32 products in IEEE arithmetic (with TF32 or 16-bit features, the inputs' rounding
     # is far above what the lines' sums correct)
-    lines = (whole_lines and (need_q or need_k) and _precision(queries, spec.exact) == "ieee"
-             and queries.dtype == f32 and corrects_line_totals(spec, targets))
+    lines = ((whole_lines or return_line_sums) and (need_q or need_k)
+             and _precision(queries, spec.exact) == "ieee" and queries.dtype == f32
+             and corrects_line_totals(spec, targets))
     spec0, targets0 = spec, targets
     gram = spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
     if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
@@ -2039,7 +2044,10 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
             queries, keys, scale, bias, targets, spec, stats, (a_row, b_row, a_col, b_col, a2_row),
             col_lse, symmetric, gram, (need_q, need_k, need_sb), rows_sum, self_sym=twice,
             line_sums=lines)
-    if lines:
+    extra = ()
+    if return_line_sums:  # (a caller sweeping blocks of a queries x keys matrix: not spec.gram)
+        extra = (rt, ct if symmetric and not twice else None) if lines else (None, None)
+    elif lines:
         sym = symmetric and not twice
         cols = dict(a_col=a_col, b_col=b_col) if sym else {}
         R, C = line_totals(spec0, targets0, stats, a_row, b_row, M, **cols)
@@ -2059,7 +2067,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
                                          M, a2_row=a2_row, **cols)
         ds = sb_sums[0:1] if need_s else None
         db = sb_sums[1:2] if need_b else None
-    return dq, dk, ds, db
+    return (dq, dk, ds, db, *extra)
 
 
 def _centre_columns(queries, symmetric: bool, self_sym: bool, rows_sum: bool) -> bool:
