@@ -3,8 +3,9 @@
 //
 // Conventions:
 //  * kind: 0 = softmax closure, 1 = sigmoid closure.
-//  * engine_forward returns (row_lse, row_pos, row_npos, col_lse, col_pos), float32; col_lse and
-//    col_pos have shape (0,) unless symmetric.
+//  * engine_forward returns (row_lse, row_pos, row_npos, col_lse, col_pos, row_lse_lo, col_lse_lo),
+//    float32; the column outputs have shape (0,) unless symmetric. The *_lo outputs are the LSEs'
+//    float32 rounding errors (the LSE is lse + lse_lo; zeros for the sigmoid closure).
 //  * engine_backward returns (d_queries, d_keys, d_scale, d_bias, row_sums, col_sums); a gradient
 //    that was not asked for (need_* false) is returned as an empty (0,) tensor of its dtype.
 //    d_queries / d_keys have the dtype of queries / keys, d_scale / d_bias are float32 of shape
@@ -158,7 +159,7 @@ TORCH_LIBRARY(fastcl, m) {
       "engine_forward(Tensor queries, Tensor keys, Tensor scale, Tensor? bias, Tensor? positives, "
       "Tensor? col_positives, Tensor? row_labels, Tensor? col_labels, int kind, bool symmetric, "
       "bool exclude_self, int offset, bool exact) -> (Tensor row_lse, Tensor row_pos, "
-      "Tensor row_npos, Tensor col_lse, Tensor col_pos)");
+      "Tensor row_npos, Tensor col_lse, Tensor col_pos, Tensor row_lse_lo, Tensor col_lse_lo)");
   m.def(
       "engine_backward(Tensor queries, Tensor keys, Tensor scale, Tensor? bias, Tensor? positives, "
       "Tensor? col_positives, Tensor? row_labels, Tensor? col_labels, int kind, bool symmetric, "

@@ -46,7 +46,7 @@ from . import _backend
 from .autograd import _scalar32, engine_loss, first_order_only
 from .losses import _check_index, _check_pair, _prepare, _scalar_param
 from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
-                  line_totals, row_losses, tied_scale_totals)
+                  line_totals, merge_lse, row_losses, split_lse, tied_scale_totals)
 
 Tensor = torch.Tensor
 
@@ -205,8 +205,9 @@ class _Ring:
 
 
 def _merge_col(acc: Tensor, part: Tensor) -> Tensor:
-    """Column statistics packed as (2, m): [col_lse; col_pos]."""
-    return torch.stack([torch.logaddexp(acc[0], part[0]), acc[1] + part[1]])
+    """Column statistics packed as (3, m): [col_lse; col_pos; col_lse_lo] (lse = hi + lo)."""
+    hi, lo = merge_lse(acc[0], acc[2], part[0], part[2])
+    return torch.stack([hi, acc[1] + part[1], lo])
 
 
 def _tile_args(kind, symmetric, exact, positives, r, o, m):
@@ -234,7 +235,9 @@ class _RingLoss(torch.autograd.Function):
         n, m = queries.shape[0], keys.shape[0]
         sdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
         dev = queries.device
-        row_lse = torch.full((n,), -math.inf if kind == "softmax" else 0.0, dtype=sdt, device=dev)
+        # (softmax: the row LSE merged in float64 from each block's hi + lo parts)
+        row_lse = torch.full((n,), -math.inf if kind == "softmax" else 0.0,
+                             dtype=torch.float64 if kind == "softmax" else sdt, device=dev)
         row_pos = torch.zeros(n, dtype=sdt, device=dev)
         row_npos = torch.zeros(n, dtype=sdt, device=dev)
         own_col, col_in, col_req = None, None, None
@@ -251,11 +254,15 @@ class _RingLoss(torch.autograd.Function):
                 if kind == "sigmoid":
                     row_lse = row_lse + st.row_lse.to(sdt)
                 else:
-                    row_lse = torch.logaddexp(row_lse, st.row_lse.to(sdt))
+                    lse = st.row_lse.double()
+                    if st.row_lse_lo is not None:
+                        lse = lse + st.row_lse_lo.double()
+                    row_lse = torch.logaddexp(row_lse, lse)
                     row_pos = row_pos + st.row_pos.to(sdt)
                     row_npos = row_npos + st.row_npos.to(sdt)
                 if symmetric:
-                    part = torch.stack([st.col_lse.to(sdt), st.col_pos.to(sdt)])
+                    lo = st.col_lse_lo if st.col_lse_lo is not None else torch.zeros_like(st.col_lse)
+                    part = torch.stack([st.col_lse.to(sdt), st.col_pos.to(sdt), lo.to(sdt)])
                     if t > 0:  # block o's statistics from the ranks it visited before
                         ring.wait(col_req)
                         part = _merge_col(col_in, part)
@@ -270,9 +277,12 @@ class _RingLoss(torch.autograd.Function):
             if symmetric and W > 1:
                 ring.wait(col_req)
                 own_col = col_in
-        stats = EngineStats(row_lse, row_pos, row_npos)
+        row_lo = None
+        if kind == "softmax":
+            row_lse, row_lo = split_lse(row_lse, sdt)
+        stats = EngineStats(row_lse, row_pos, row_npos, row_lse_lo=row_lo)
         rows = row_losses(stats, LossSpec(kind=kind))
-        cols = own_col[0] - own_col[1] if symmetric else rows.new_zeros(0)
+        cols = (own_col[0] - own_col[1]) + own_col[2] if symmetric else rows.new_zeros(0)
         ctx.save_for_backward(queries, keys, s32, b32, row_lse, row_pos, row_npos,
                               own_col[0] if symmetric else None, positives)
         ctx.cfg = cfg

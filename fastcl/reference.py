@@ -357,11 +357,17 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
                    fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None,
                    teacher_queries=None, teacher_keys=None, teacher_scale=None,
-                   lse2_ratio: Optional[float] = None, target_weights=None):
+                   lse2_ratio: Optional[float] = None, target_weights=None, lse_lo: bool = False):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None);
-    row_aux (3, N) holds the teacher LSE, sum_j T_ij St_ij and the second LSE (lse2_ratio)."""
+    row_aux (3, N) holds the teacher LSE, sum_j T_ij St_ij and the second LSE (lse2_ratio).
+    ``lse_lo`` (softmax): also (row_lse_lo, col_lse_lo | None), the rounding errors of the
+    float32 LSEs (each LSE max + log sum-exp in float64, then split), None for float64."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
+    lo = lse_lo and kind == "softmax" and dt != torch.float64
+    row_lo = torch.zeros(N, dtype=dt, device=queries.device) if lo else None
+    col_lse64 = torch.full((M,), -math.inf, dtype=torch.float64, device=queries.device) \
+        if lo and symmetric else None
     dev = queries.device
     keys = keys.to(dt)  # once, not per chunk
     row_lse = torch.empty(N, dtype=dt, device=dev)
@@ -382,7 +388,10 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
             continue
         Sm = S.masked_fill(~(valid & ~T) if exclude_targets else ~valid, -math.inf)
-        row_lse[r0:r1] = torch.logsumexp(Sm, dim=1)
+        if lo:
+            row_lse[r0:r1], row_lo[r0:r1] = _split(_lse64(Sm, 1), dt)
+        else:
+            row_lse[r0:r1] = torch.logsumexp(Sm, dim=1)
         if lse2_ratio is not None:
             row_aux[2, r0:r1] = torch.logsumexp(Sm * lse2_ratio, dim=1)
         if target_lse:
@@ -402,9 +411,33 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
         if symmetric:
             Tc = _col_targets(rows, cols, col_positives, offset) & valid
             Sc = S.masked_fill(~(valid & ~Tc), -math.inf) if exclude_targets else Sm
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sc, dim=0))
+            if lo:
+                col_lse64 = torch.logaddexp(col_lse64, _lse64(Sc, 0))
+            else:
+                col_lse = torch.logaddexp(col_lse, torch.logsumexp(Sc, dim=0))
             col_pos += torch.where(Tc, S, 0.0).sum(0)
-    return row_lse, row_pos, row_npos, col_lse, col_pos, row_aux
+    if not lse_lo:
+        return row_lse, row_pos, row_npos, col_lse, col_pos, row_aux
+    col_lo = None
+    if col_lse64 is not None:
+        col_lse, col_lo = _split(col_lse64, dt)
+    return row_lse, row_pos, row_npos, col_lse, col_pos, row_aux, row_lo, col_lo
+
+
+def _lse64(S: Tensor, dim: int) -> Tensor:
+    """LSE along ``dim`` as float64 max + log(sum exp(S - max)), the exponentials in S's dtype
+    and their sum in float64 (beside a dominant 1, float32 additions round by up to 6e-8 each):
+    where the LSE rounded to float32 is off by up to half an ulp of |LSE|."""
+    m = S.amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lg = torch.log(torch.exp(S - m).sum(dim, dtype=torch.float64))
+    return m.squeeze(dim).double() + lg
+
+
+def _split(x: Tensor, dt):
+    hi = x.to(dt)
+    lo = (x - hi.double()).to(dt)
+    return hi, torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))
 
 
 def _teacher_logits(tq, tk, ts, r0, r1, dt):

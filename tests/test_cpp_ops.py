@@ -368,7 +368,7 @@ def test_opcheck_engine_forward(args):
 @pytest.mark.parametrize("args", _FWD_SAMPLES, ids=["index", "symmetric", "labels", "sigmoid"])
 @pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False)])
 def test_opcheck_engine_backward(args, needs):
-    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    row_lse, _, row_npos, col_lse, *_ = torch.ops.fastcl.engine_forward(*args)
     symmetric = args[9]
     n, m = args[0].shape[0], args[1].shape[0]
     grad_col = torch.rand(m) if symmetric else None
@@ -380,7 +380,7 @@ def test_opcheck_engine_backward(args, needs):
 
 def test_backward_empty_outputs_convention():
     args = _fwd_args()
-    row_lse, _, row_npos, _, _ = torch.ops.fastcl.engine_forward(*args)
+    row_lse, _, row_npos, *_ = torch.ops.fastcl.engine_forward(*args)
     dq, dk, ds, db, rs, cs = torch.ops.fastcl.engine_backward(
         *args, row_lse, row_npos, None, torch.ones(N), None, False, True, False, False, False)
     assert dq.shape == (0,) and dk.shape == (M, D) and ds.shape == (0,) and db.shape == (0,)
@@ -391,7 +391,7 @@ def test_backward_empty_outputs_convention():
     assert rs.shape == (N,) and rs.dtype == torch.float32 and cs.shape == (0,)
     with pytest.raises(ValueError, match="line_sums"):
         sig = _fwd_args(kind=1)
-        lse, _, npos, _, _ = torch.ops.fastcl.engine_forward(*sig)
+        lse, _, npos, *_ = torch.ops.fastcl.engine_forward(*sig)
         torch.ops.fastcl.engine_backward(*sig, lse, npos, None, torch.ones(N), None, True, True,
                                          False, False, True)
 
@@ -401,7 +401,7 @@ def test_line_sums_are_the_lines_sums_of_dS():
     materialised matrix), whichever gradients the call computes."""
     args = _fwd_args(symmetric=True)
     q, k, s, b = args[:4]
-    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    row_lse, _, row_npos, col_lse, *_ = torch.ops.fastcl.engine_forward(*args)
     g, gc = torch.rand(N) + 0.5, torch.rand(N) - 0.5
     S = s.double() * q.double() @ k.double().T + b.double()
     eye = torch.eye(N, dtype=torch.float64)
@@ -566,7 +566,7 @@ def test_cuda_info_nce_rectangular_no_grad_keys():
 def test_cuda_opcheck_and_determinism():
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _fwd_args(symmetric=True))
     torch.library.opcheck(torch.ops.fastcl.engine_forward.default, args)
-    row_lse, _, row_npos, col_lse, _ = torch.ops.fastcl.engine_forward(*args)
+    row_lse, _, row_npos, col_lse, *_ = torch.ops.fastcl.engine_forward(*args)
     n = args[0].shape[0]
     g = torch.rand(n, device="cuda")
     bwd = args + (row_lse, row_npos, col_lse, g, torch.rand(n, device="cuda"), True, True, True, False,

@@ -253,8 +253,8 @@ def test_interior_launch_wider_than_band_launch(branches, monkeypatch, plain_n, 
     keep one reference per interior-width tile and the loss still matches the reference."""
     config_for = E.config_for
 
-    def widths(device_type, dtype, D, pass_, arch=90, lean=True):
-        cfg = dict(config_for(device_type, dtype, D, pass_, arch, lean))
+    def widths(device_type, dtype, D, pass_, arch=90, lean=True, exact=False):
+        cfg = dict(config_for(device_type, dtype, D, pass_, arch, lean, exact))
         if pass_ == "fwd_plain":
             cfg.update(BLOCK_N=plain_n)
         elif pass_ == "fwd":

@@ -68,6 +68,12 @@ KERNELS = {
     "fwd_tma": (E._forward_kernel, "fwd", dict(COUNT=0)),
     "fwd_plain_tma": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=2)),
     "count": (E._forward_kernel, "fwd", dict(COUNT=2, PLAIN=False)),
+    # float32 with IEEE products: the LSEs' rounding errors beside them (EngineStats.row_lse_lo)
+    "fwd_lo": (E._forward_kernel, "fwd", dict(COUNT=0, LSE_LO=True, PRECISION="ieee")),
+    "fwd_plain_lo": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=2, LSE_LO=True,
+                                                          PRECISION="ieee")),
+    "fwd_fixup_lo": (E._forward_kernel, "fwd_plain", dict(COUNT=0, TILES=3, LSE_LO=True,
+                                                          PRECISION="ieee")),
     "bwd_rows": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False)),
     "bwd_gram": (E._backward_rows_kernel, "bwd_gram",
                  dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=True, PLAIN=False)),
@@ -130,7 +136,8 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         kernel_name != "bwd_gram" and lean and dtype != torch.float32 and cc >= 90 and D <= 256)
     try:
         band = split and "TILES" not in extra  # the band launch: masked path, not resident
-        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=lean and not band))
+        exact = extra.get("PRECISION") == "ieee" and dtype == torch.float32
+        cfg = dict(E.config_for("cuda", dtype, D, pass_, cc, lean=lean and not band, exact=exact))
         if split:
             cfg_in = E.config_for("cuda", dtype, D, "bwd_rows_plain" if fn is E._backward_rows_kernel
                                   else "bwd_cols_plain", cc)
@@ -141,7 +148,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(flags, UPCAST=False, PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                  LINE_SUMS=False, COMPUTE_DK=True)
+                  LINE_SUMS=False, COMPUTE_DK=True, LSE_LO=False)
     consts.update(extra)
     # as the launcher: a symmetric closure's scale sums in two centred parts for float32 features
     if fn is E._backward_rows_kernel or fn is E._grad_tiles_kernel:
@@ -154,7 +161,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         consts.setdefault("RESIDENT", False)
         consts["TILE_N"] = cfg["BLOCK_N"]
         if consts["TILES"] == 1:
-            plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc)
+            plain_cfg = E.config_for("cuda", dtype, D, "fwd_plain", cc, exact=exact)
             cfg = E._band_config(cfg, plain_cfg["BLOCK_M"], plain_cfg["BLOCK_N"], same_rows=True)
             consts["TILE_N"] = plain_cfg["BLOCK_N"]
     if fn is E._grad_tiles_kernel:  # as _backward_dense: split launches for lean closures
@@ -238,8 +245,10 @@ _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity c
 _LINE_CLOSURES = ("clip", "clip_masked", "info_nce", "info_nce_lean", "supcon", "supcon_lean", "soft_k2")
 VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for c in _LINE_CLOSURES
              if k != "bwd_cols_only_lines" or CLOSURES[c]["SYMMETRIC"]]
+            + [(k, c, "float32", 90) for k in KERNELS if k.endswith("_lo") for c in _LINE_CLOSURES
+               if (k == "fwd_lo" or CLOSURES[c]["PLAIN"]) and (k != "fwd_fixup_lo" or CLOSURES[c]["SYMMETRIC"])]
             + [(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
-             if not k.endswith("_lines")
+             if not k.endswith(("_lines", "_lo"))
              and (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
              and k in _ONLY.get(c, (k,))
              and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in",
@@ -251,7 +260,7 @@ VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for 
                                              and (k == "fwd_tma" or c == "clip") and d != "float16"))]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
                if k not in ("bwd_gram", "count", "topk")
-               and not k.endswith(("_split", "_in", "_tma", "_sb", "_lines"))])
+               and not k.endswith(("_split", "_in", "_tma", "_sb", "_lines", "_lo"))])
 
 
 def variant_D(kernel):
@@ -396,18 +405,20 @@ def main():
                               loss=args[2] if len(args) > 2 else "clip"), sys.stdout)
         return
     report = {}
-    for cc in (90, 80):  # the column-partials merge of the symmetric forward
+    # the column-partials merge of the symmetric forward (merge_lo: with the LSEs' lo parts)
+    for name, cc, lo in (("merge", 90, False), ("merge", 80, False), ("merge_lo", 90, True)):
         fn = E._merge_column_partials_kernel
-        sig = dict(part_ptr="*fp32", ref_ptr="*fp32", out_ptr="*fp32", n_blocks="i32", M="i32",
-                   n_col_tiles="i32", TILE_N="constexpr", BLOCK="constexpr")
+        sig = dict(part_ptr="*fp32", ref_ptr="*fp32", out_ptr="*fp32", lo_ptr="*fp32",
+                   out_lo_ptr="*fp32", n_blocks="i32", M="i32", n_col_tiles="i32",
+                   TILE_N="constexpr", BLOCK="constexpr", LSE_LO="constexpr")
         try:
-            src = _source(fn, sig, dict(TILE_N=64, BLOCK=E._MERGE_BLOCK))
+            src = _source(fn, sig, dict(TILE_N=64, BLOCK=E._MERGE_BLOCK, LSE_LO=lo))
             compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4))
-            report[f"merge-sm{cc}"] = {"ok": bool(compiled.asm["cubin"]), "error": "",
-                                       "usage": _resource_usage(compiled)}
+            report[f"{name}-sm{cc}"] = {"ok": bool(compiled.asm["cubin"]), "error": "",
+                                        "usage": _resource_usage(compiled)}
         except Exception as exc:
-            report[f"merge-sm{cc}"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                                       "usage": None}
+            report[f"{name}-sm{cc}"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                                        "usage": None}
     for kernel, closure, dtype, cc in VARIANTS:
         name = variant_name(kernel, closure, dtype, cc)
         try:

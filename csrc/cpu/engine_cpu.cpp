@@ -61,8 +61,6 @@ inline float exp_fast(float x) {
 #define FASTCL_TILE_FN
 #endif
 
-inline float lse_of(float m, float l) { return m == kNegInf ? kNegInf : m + std::log(l); }
-
 // Block range [b0, b1) of group g when nblocks blocks are split into ngroups contiguous groups.
 inline void group_range(int64_t g, int64_t ngroups, int64_t nblocks, int64_t& b0, int64_t& b1) {
   b0 = g * nblocks / ngroups;
@@ -124,8 +122,11 @@ inline void tile_dot(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64
 // forward
 // ---------------------------------------------------------------------------------------------
 
+// Sums of exponentials in double: a row whose target dominates has l = 1 + (small terms), and
+// each float32 addition beside that 1 would round by up to 6e-8, next to a loss log(l) ~ 1e-3.
 struct RowState {
-  float m[kRows], l[kRows], pos[kRows], npos[kRows];
+  float m[kRows], pos[kRows], npos[kRows];
+  double l[kRows];
 };
 
 // Turns raw C into masked logits S in place (-inf on invalid entries) and updates row statistics.
@@ -175,19 +176,19 @@ FASTCL_TILE_FN void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, 
     for (int64_t c = 0; c < nc; ++c) tmax = std::max(tmax, S[c]);
     const float mnew = std::max(st.m[r], tmax);
     if (mnew == kNegInf) continue;
-    float sum = 0.f;
+    double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < nc; ++c) sum += exp_fast(S[c] - mnew);
-    st.l[r] = st.l[r] * exp_fast(st.m[r] - mnew) + sum;
+    st.l[r] = st.l[r] * std::exp(static_cast<double>(st.m[r]) - mnew) + sum;
     st.m[r] = mnew;
   }
 }
 
 // Column partials of one thread group from masked logits S (nr x nc).
 FASTCL_TILE_FN void forward_tile_cols(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
-                       const float* S, float* cmax, float* csum, float* col_pos, float* scratch) {
-  float* tmax = scratch;
-  float* tsum = scratch + kCols;
+                       const float* S, float* cmax, double* csum, float* col_pos, double* scratch) {
+  float tmax[kCols];
+  double* tsum = scratch;
   for (int64_t c = 0; c < nc; ++c) tmax[c] = cmax[c0 + c];
   for (int64_t r = 0; r < nr; ++r) {
     const float* Sr = S + r * nc;
@@ -197,7 +198,7 @@ FASTCL_TILE_FN void forward_tile_cols(const Problem& p, int64_t r0, int64_t nr, 
   for (int64_t c = 0; c < nc; ++c) {
     const float old = cmax[c0 + c];
     const float mnew = tmax[c];
-    tsum[c] = mnew == kNegInf ? 0.f : csum[c0 + c] * exp_fast(old - mnew);
+    tsum[c] = mnew == kNegInf ? 0.0 : csum[c0 + c] * std::exp(static_cast<double>(old) - mnew);
     tmax[c] = mnew == kNegInf ? 0.f : mnew;  // shift used below; -inf rows give exp(-inf) = 0
     cmax[c0 + c] = mnew;
   }
@@ -229,32 +230,37 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
   at::Tensor row_npos = at::zeros({N}, f32);
   at::Tensor col_lse = at::empty({symmetric ? M : 0}, f32);
   at::Tensor col_pos = at::zeros({symmetric ? M : 0}, f32);
+  at::Tensor row_lo = at::zeros({N}, f32);
+  at::Tensor col_lo = at::zeros({symmetric ? M : 0}, f32);
   if (N == 0) {
     col_lse.fill_(-std::numeric_limits<float>::infinity());
-    return {row_lse, row_pos, row_npos, col_lse, col_pos};
+    return {row_lse, row_pos, row_npos, col_lse, col_pos, row_lo, col_lo};
   }
   const int64_t nrb = (N + kRows - 1) / kRows;
   const int64_t G = num_groups(nrb);
   at::Tensor cmax = symmetric ? at::full({G, M}, kNegInf, f32) : at::Tensor();
-  at::Tensor csum = symmetric ? at::zeros({G, M}, f32) : at::Tensor();
+  at::Tensor csum = symmetric ? at::zeros({G, M}, queries.options().dtype(at::kDouble)) : at::Tensor();
   float* lse_p = row_lse.data_ptr<float>();
   float* pos_p = row_pos.data_ptr<float>();
   float* npos_p = row_npos.data_ptr<float>();
+  float* lo_p = row_lo.data_ptr<float>();
   float* colpos_p = symmetric ? col_pos.data_ptr<float>() : nullptr;
 
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> C(kRows * kCols), scratch(2 * kCols);
+    std::vector<float> C(kRows * kCols);
+    std::vector<double> scratch(kCols);
     RowState st;
     for (int64_t g = g0; g < g1; ++g) {
       int64_t b0, b1;
       group_range(g, G, nrb, b0, b1);
       float* gmax = symmetric ? cmax.data_ptr<float>() + g * M : nullptr;
-      float* gsum = symmetric ? csum.data_ptr<float>() + g * M : nullptr;
+      double* gsum = symmetric ? csum.data_ptr<double>() + g * M : nullptr;
       for (int64_t rb = b0; rb < b1; ++rb) {
         const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
         for (int64_t r = 0; r < kRows; ++r) {
           st.m[r] = kind == kSigmoid ? 0.f : kNegInf;
-          st.l[r] = st.pos[r] = st.npos[r] = 0.f;
+          st.l[r] = 0.0;
+          st.pos[r] = st.npos[r] = 0.f;
         }
         for (int64_t c0 = 0; c0 < M; c0 += kCols) {
           const int64_t nc = std::min(kCols, M - c0);
@@ -264,7 +270,10 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
             forward_tile_cols(p, r0, nr, c0, nc, C.data(), gmax, gsum, colpos_p, scratch.data());
         }
         for (int64_t r = 0; r < nr; ++r) {
-          lse_p[r0 + r] = kind == kSigmoid ? st.m[r] : lse_of(st.m[r], st.l[r]);
+          if (kind == kSigmoid)
+            lse_p[r0 + r] = st.m[r];
+          else
+            lse_parts(st.m[r], st.l[r], lse_p[r0 + r], lo_p[r0 + r]);
           pos_p[r0 + r] = st.pos[r];
           npos_p[r0 + r] = st.npos[r];
         }
@@ -274,8 +283,9 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
 
   if (symmetric) {  // merge the G column partials (fixed order: deterministic)
     const float* pm = cmax.data_ptr<float>();
-    const float* ps = csum.data_ptr<float>();
+    const double* ps = csum.data_ptr<double>();
     float* out = col_lse.data_ptr<float>();
+    float* out_lo = col_lo.data_ptr<float>();
     at::parallel_for(0, M, 2048, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         float m = kNegInf;
@@ -284,13 +294,13 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
           out[j] = kNegInf;
           continue;
         }
-        float l = 0.f;
-        for (int64_t g = 0; g < G; ++g) l += ps[g * M + j] * std::exp(pm[g * M + j] - m);
-        out[j] = m + std::log(l);
+        double l = 0.0;
+        for (int64_t g = 0; g < G; ++g) l += ps[g * M + j] * std::exp(static_cast<double>(pm[g * M + j]) - m);
+        lse_parts(m, l, out[j], out_lo[j]);
       }
     });
   }
-  return {row_lse, row_pos, row_npos, col_lse, col_pos};
+  return {row_lse, row_pos, row_npos, col_lse, col_pos, row_lo, col_lo};
 }
 
 // ---------------------------------------------------------------------------------------------

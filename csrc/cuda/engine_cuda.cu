@@ -285,7 +285,8 @@ __global__ void __launch_bounds__(kThreads)
                    const float* __restrict__ bias, TargetMeta t, int64_t kind, bool symmetric,
                    float* __restrict__ row_lse, float* __restrict__ row_pos,
                    float* __restrict__ row_npos, float* __restrict__ part_max,
-                   float* __restrict__ part_sum, float* __restrict__ col_pos) {
+                   double* __restrict__ part_sum, float* __restrict__ col_pos,
+                   float* __restrict__ row_lse_lo) {
   __shared__ __align__(128) unsigned char smem[Smem<Mode>::kBytes];
   const float* sC = reinterpret_cast<const float*>(smem + Smem<Mode>::kC);
   AccOf<Mode> acc;
@@ -294,12 +295,15 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int64_t nrb = (N + kBM - 1) / kBM;
   float* pmax = symmetric ? part_max + static_cast<int64_t>(blockIdx.x) * M : nullptr;
-  float* psum = symmetric ? part_sum + static_cast<int64_t>(blockIdx.x) * M : nullptr;
+  double* psum = symmetric ? part_sum + static_cast<int64_t>(blockIdx.x) * M : nullptr;
 
   for (int64_t rb = blockIdx.x; rb < nrb; rb += gridDim.x) {
     const int64_t r0 = rb * kBM;
     const int nr = static_cast<int>(min(static_cast<int64_t>(kBM), N - r0));
-    float m = kind == kSigmoid ? 0.f : kNegInf, l = 0.f, pos = 0.f, npos = 0.f;
+    // (sums of exponentials in double: beside a dominant 1, float32 additions would round by up
+    // to 6e-8 each, next to a loss log(l) ~ 1e-3; see lse_parts)
+    float m = kind == kSigmoid ? 0.f : kNegInf, pos = 0.f, npos = 0.f;
+    double l = 0.0;
     for (int64_t c0 = 0; c0 < M; c0 += kBN) {
       sim_tile<Mode>(acc, smem, q, N, r0, k, M, c0, D);
       const int nc = static_cast<int>(min(static_cast<int64_t>(kBN), M - c0));
@@ -328,12 +332,12 @@ __global__ void __launch_bounds__(kThreads)
             }
             const float mnew = fmaxf(m, tmax);
             if (mnew != kNegInf) {
-              float sum = 0.f;
+              double sum = 0.0;
               for (int c = 0; c < nc; ++c) {
                 const int64_t j = c0 + c;
                 if (t.valid(i, j)) sum += expf(s * Cr[c] + b - mnew);
               }
-              l = l * expf(m - mnew) + sum;
+              l = l * exp(static_cast<double>(m) - mnew) + sum;
               m = mnew;
             }
           }
@@ -348,7 +352,7 @@ __global__ void __launch_bounds__(kThreads)
           const float pm = pmax[j];
           const float mnew = fmaxf(pm, tmax);
           if (mnew != kNegInf) {
-            float sum = psum[j] * expf(pm - mnew);
+            double sum = psum[j] * exp(static_cast<double>(pm) - mnew);
             for (int r = 0; r < nr; ++r)
               if (t.valid(r0 + r, j)) sum += expf(s * sC[r * kLdC + c] + b - mnew);
             pmax[j] = mnew;
@@ -362,7 +366,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (tid < nr) {
       const int64_t i = r0 + tid;
-      row_lse[i] = kind == kSigmoid ? m : (m == kNegInf ? kNegInf : m + logf(l));
+      if (kind == kSigmoid)
+        row_lse[i] = m;
+      else
+        lse_parts(m, l, row_lse[i], row_lse_lo[i]);
       row_pos[i] = pos;
       row_npos[i] = npos;
     }
@@ -370,19 +377,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void merge_cols_kernel(const float* __restrict__ part_max,
-                                  const float* __restrict__ part_sum, int64_t G, int64_t M,
-                                  float* __restrict__ col_lse) {
+                                  const double* __restrict__ part_sum, int64_t G, int64_t M,
+                                  float* __restrict__ col_lse, float* __restrict__ col_lse_lo) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= M) return;
   float m = kNegInf;
   for (int64_t g = 0; g < G; ++g) m = fmaxf(m, part_max[g * M + j]);
   if (m == kNegInf) {
     col_lse[j] = kNegInf;
+    col_lse_lo[j] = 0.f;
     return;
   }
-  float l = 0.f;
-  for (int64_t g = 0; g < G; ++g) l += part_sum[g * M + j] * expf(part_max[g * M + j] - m);
-  col_lse[j] = m + logf(l);
+  double l = 0.0;
+  for (int64_t g = 0; g < G; ++g) l += part_sum[g * M + j] * exp(static_cast<double>(part_max[g * M + j]) - m);
+  lse_parts(m, l, col_lse[j], col_lse_lo[j]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,13 +586,16 @@ ForwardOut engine_forward_cuda(const at::Tensor& queries, const at::Tensor& keys
   at::Tensor row_npos = at::zeros({N}, f32);
   at::Tensor col_lse = at::full({symmetric ? M : 0}, kNegInf, f32);
   at::Tensor col_pos = at::zeros({symmetric ? M : 0}, f32);
-  if (N == 0 || M == 0) return {row_lse, row_pos, row_npos, col_lse, col_pos};
+  at::Tensor row_lo = at::zeros({N}, f32);
+  at::Tensor col_lo = at::zeros({symmetric ? M : 0}, f32);
+  if (N == 0 || M == 0) return {row_lse, row_pos, row_npos, col_lse, col_pos, row_lo, col_lo};
 
   const int64_t nrb = (N + kBM - 1) / kBM;
   const int64_t grid = symmetric ? std::min(nrb, 4 * sms) : nrb;
   TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "too many rows: N = ", N);
   at::Tensor part_max = symmetric ? at::full({grid, M}, kNegInf, f32) : at::Tensor();
-  at::Tensor part_sum = symmetric ? at::zeros({grid, M}, f32) : at::Tensor();
+  at::Tensor part_sum =
+      symmetric ? at::zeros({grid, M}, queries.options().dtype(at::kDouble)) : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_mode(queries.scalar_type(), exact, [&](auto mode) {
@@ -593,17 +604,20 @@ ForwardOut engine_forward_cuda(const at::Tensor& queries, const at::Tensor& keys
         typed<Mode>(p.q), typed<Mode>(p.k), N, M, D, p.scale.data_ptr<float>(),
         fptr_or_null(p.bias), p.t, kind, symmetric, row_lse.data_ptr<float>(),
         row_pos.data_ptr<float>(), row_npos.data_ptr<float>(), mut_or_null(part_max),
-        mut_or_null(part_sum), symmetric ? col_pos.data_ptr<float>() : nullptr);
+        symmetric ? part_sum.data_ptr<double>() : nullptr,
+        symmetric ? col_pos.data_ptr<float>() : nullptr,
+        row_lo.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (symmetric) {
     const int threads = 256;
     const int64_t blocks = (M + threads - 1) / threads;
     merge_cols_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        part_max.data_ptr<float>(), part_sum.data_ptr<float>(), grid, M, col_lse.data_ptr<float>());
+        part_max.data_ptr<float>(), part_sum.data_ptr<double>(), grid, M, col_lse.data_ptr<float>(),
+        col_lo.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {row_lse, row_pos, row_npos, col_lse, col_pos};
+  return {row_lse, row_pos, row_npos, col_lse, col_pos, row_lo, col_lo};
 }
 
 BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& keys,

@@ -95,7 +95,7 @@ import torch
 
 __all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit",
            "scale_centres", "centred_scale_sums", "tied_scale_totals", "closure_weights", "line_totals",
-           "corrects_line_totals", "correct_line_totals", "dense_ids"]
+           "corrects_line_totals", "correct_line_totals", "dense_ids", "split_lse", "merge_lse"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,11 @@ class EngineStats(NamedTuple):
     col_lse: Optional[torch.Tensor] = None  # (M,) when symmetric
     col_pos: Optional[torch.Tensor] = None  # (M,) when symmetric
     row_aux: Optional[torch.Tensor] = None  # (3, N): teacher LSE, sum Tt St (teacher targets); LSE2
+    # float32 LSEs' rounding errors, lse_exact ~ row_lse + row_lse_lo (None: not kept). A row whose
+    # target dominates has a loss lse - S_t ~ 1e-3 next to |lse| ~ 20, where one ulp of the
+    # stored LSE (~1e-6) is ~1e-3 of it: the losses add these back (row_losses / col_losses).
+    row_lse_lo: Optional[torch.Tensor] = None  # (N,)
+    col_lse_lo: Optional[torch.Tensor] = None  # (M,) when symmetric
 
 
 def row_target_logit(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
@@ -156,12 +161,32 @@ def row_losses(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
     if spec.kind == "sigmoid":
         return stats.row_lse
     has = stats.row_npos > 0
-    return torch.where(has, stats.row_lse - row_target_logit(stats, spec), torch.zeros_like(stats.row_lse))
+    loss = stats.row_lse - row_target_logit(stats, spec)  # (exact where the two are close)
+    if stats.row_lse_lo is not None:
+        loss = loss + stats.row_lse_lo
+    return torch.where(has, loss, torch.zeros_like(stats.row_lse))
 
 
 def col_losses(stats: EngineStats) -> torch.Tensor:
     """Per-column loss Lc_j (M,) of a symmetric softmax loss."""
-    return stats.col_lse - stats.col_pos
+    loss = stats.col_lse - stats.col_pos
+    return loss if stats.col_lse_lo is None else loss + stats.col_lse_lo
+
+
+def split_lse(lse: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """(hi, lo) in ``dtype`` of a more precise LSE ``lse`` (e.g. float64): hi = lse rounded,
+    lo = lse - hi rounded (0 where lse is infinite)."""
+    hi = lse.to(dtype)
+    lo = (lse - hi.to(lse.dtype)).to(dtype)
+    return hi, torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))
+
+
+def merge_lse(hi: torch.Tensor, lo: Optional[torch.Tensor], hi2: torch.Tensor,
+              lo2: Optional[torch.Tensor]):
+    """log(e^(hi + lo) + e^(hi2 + lo2)) as (hi, lo) in hi's dtype, computed in float64 (lo None: 0)."""
+    a = hi.double() if lo is None else hi.double() + lo.double()
+    b = hi2.double() if lo2 is None else hi2.double() + lo2.double()
+    return split_lse(torch.logaddexp(a, b), hi.dtype)
 
 
 def scale_centres(lse: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],

@@ -5,8 +5,8 @@ from the device of the inputs. Fake (meta) kernels are registered here so that
 ``torch.compile(fullgraph=True)`` traces through both ops.
 
 Op conventions (see csrc/ops.cpp): ``kind`` is 0 (softmax) or 1 (sigmoid); ``engine_forward``
-returns (row_lse, row_pos, row_npos, col_lse, col_pos) in float32 with (0,)-shaped column outputs
-when not symmetric; ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias, row_sums,
+returns (row_lse, row_pos, row_npos, col_lse, col_pos, row_lse_lo, col_lse_lo) in float32 with
+(0,)-shaped column outputs when not symmetric (the *_lo outputs: the LSEs' rounding errors); ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias, row_sums,
 col_sums) with an empty (0,) tensor for every gradient that was not asked for, and the lines'
 sums of dS's row / column parts (float32 (N,) / (M,)) when ``line_sums`` is set, else (0,).
 """
@@ -47,6 +47,7 @@ def _engine_forward_fake(queries, keys, scale, bias, positives, col_positives, r
     mc = M if symmetric else 0
     return (queries.new_empty((N,), **f32), queries.new_empty((N,), **f32),
             queries.new_empty((N,), **f32), queries.new_empty((mc,), **f32),
+            queries.new_empty((mc,), **f32), queries.new_empty((N,), **f32),
             queries.new_empty((mc,), **f32))
 
 
@@ -76,15 +77,19 @@ def forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor]
     """Engine statistics of queries (N, D) against keys (M, D); see :mod:`fastcl.ops`.
 
     scale / bias: float32 (1,) tensors (bias may be None). Returns float32 statistics:
-    row_lse, row_pos, row_npos (N,), and col_lse, col_pos (M,) when ``spec.symmetric``.
+    row_lse, row_pos, row_npos (N,), and col_lse, col_pos (M,) when ``spec.symmetric``, and the
+    LSEs' rounding errors row_lse_lo (softmax) / col_lse_lo.
     """
-    row_lse, row_pos, row_npos, col_lse, col_pos = torch.ops.fastcl.engine_forward(
+    row_lse, row_pos, row_npos, col_lse, col_pos, row_lo, col_lo = torch.ops.fastcl.engine_forward(
         queries, keys, scale, bias, targets.positives, targets.col_positives, targets.row_labels,
         targets.col_labels, _kind(spec), spec.symmetric, spec.exclude_self, spec.offset,
         spec.exact)
     if not spec.symmetric:
-        col_lse = col_pos = None
-    return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos)
+        col_lse = col_pos = col_lo = None
+    if spec.kind != "softmax":
+        row_lo = None
+    return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, row_lse_lo=row_lo,
+                       col_lse_lo=col_lo)
 
 
 def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],

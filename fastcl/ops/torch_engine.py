@@ -24,7 +24,7 @@ def _kw(spec, targets):
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     return EngineStats(*reference.engine_forward(queries, keys, scale, bias,
                                                  target_weights=targets.target_weights,
-                                                 **_kw(spec, targets)))
+                                                 lse_lo=True, **_kw(spec, targets)))
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,

@@ -81,24 +81,40 @@ void run(const Case& c, const char* mode_name, double tol) {
   // merge of several column partials
   const int64_t nrb = (N + kBM - 1) / kBM;
   const int64_t grid = c.symmetric ? std::max<int64_t>(1, nrb - 1) : nrb;
-  std::vector<float> row_lse(N, ninf), row_pos(N, 0.f), row_npos(N, 0.f);
-  std::vector<float> col_lse(M, ninf), col_pos(M, 0.f);
-  std::vector<float> part_max(c.symmetric ? grid * M : 0, ninf), part_sum(part_max.size(), 0.f);
+  std::vector<float> row_lse(N, ninf), row_pos(N, 0.f), row_npos(N, 0.f), row_lo(N, 0.f);
+  std::vector<float> col_lse(M, ninf), col_pos(M, 0.f), col_lo(M, 0.f);
+  std::vector<float> part_max(c.symmetric ? grid * M : 0, ninf);
+  std::vector<double> part_sum(part_max.size(), 0.0);
   cuda_emu::launch(static_cast<unsigned>(grid), kThreads, [&] {
     fastcl::forward_kernel<Mode>(q.data(), k.data(), N, M, D, &scale, bias_ptr, t, c.kind,
                                  c.symmetric, row_lse.data(), row_pos.data(), row_npos.data(),
                                  c.symmetric ? part_max.data() : nullptr,
                                  c.symmetric ? part_sum.data() : nullptr,
-                                 c.symmetric ? col_pos.data() : nullptr);
+                                 c.symmetric ? col_pos.data() : nullptr, row_lo.data());
   });
   if (c.symmetric) {
     const unsigned threads = 64;
     cuda_emu::launch(static_cast<unsigned>((M + threads - 1) / threads), threads, [&] {
-      fastcl::merge_cols_kernel(part_max.data(), part_sum.data(), grid, M, col_lse.data());
+      fastcl::merge_cols_kernel(part_max.data(), part_sum.data(), grid, M, col_lse.data(),
+                                col_lo.data());
     });
   }
   const std::string tag = c.name + " [" + mode_name + "] ";
   check(tag + "row_lse", naive::max_rel_err(row_lse, want.row_lse), tol);
+  if (c.kind == 0) {  // the LSEs' float32 rounding errors: at most half an ulp, and kept
+    auto lo_err = [](const std::vector<float>& hi, const std::vector<float>& lo) {
+      double worst = 0.0, any = 0.0;
+      for (size_t e = 0; e < hi.size(); ++e) {
+        if (!std::isfinite(hi[e])) continue;
+        const double ulp = std::nextafter(std::abs(hi[e]), INFINITY) - std::abs(hi[e]);
+        worst = std::max(worst, std::abs(lo[e]) / (0.5 * ulp));
+        any = std::max(any, static_cast<double>(std::abs(lo[e])));
+      }
+      return any > 0 ? worst : 2.0;  // (all zero: not kept)
+    };
+    check(tag + "row_lse_lo", lo_err(row_lse, row_lo), 1.0);
+    if (c.symmetric) check(tag + "col_lse_lo", lo_err(col_lse, col_lo), 1.0);
+  }
   check(tag + "row_pos", naive::max_rel_err(row_pos, want.row_pos), tol);
   check(tag + "row_npos", naive::max_rel_err(row_npos, want.row_npos), 0.0);
   if (c.symmetric) {

@@ -17,7 +17,8 @@
 namespace {
 
 using OptT = std::optional<at::Tensor>;
-using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptT&, const OptT&, const OptT&,
     const OptT&, const OptT&, int64_t, bool, bool, int64_t, bool);
 using Bwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -48,6 +49,21 @@ void expect_close(const std::string& what, const at::Tensor& got, const std::vec
   const double worst = naive::max_rel_err(g.data_ptr<double>(), want);
   if (!(worst <= tol)) {
     std::printf("FAIL %s: max relative error %.3g > %.3g\n", what.c_str(), worst, tol);
+    ++failures;
+  }
+}
+
+// lo: the float32 LSE's rounding error, at most half an ulp of it (and not all zero: it is kept)
+void expect_lse_parts(const std::string& what, const at::Tensor& hi, const at::Tensor& lo,
+                      bool softmax) {
+  const at::Tensor h = hi.to(at::kDouble), l = lo.to(at::kDouble);
+  const at::Tensor ulp = (at::nextafter(hi.abs(), at::full_like(hi, INFINITY)) - hi.abs()).to(at::kDouble);
+  const at::Tensor fin = at::isfinite(h);
+  const bool bounded = (l.abs() <= 0.5 * ulp).logical_or(fin.logical_not()).all().item<bool>();
+  const bool kept = softmax ? (l.abs() > 0).any().item<bool>() : (l == 0).all().item<bool>();
+  if (!bounded || !kept) {
+    std::printf("FAIL %s: lse lo parts (bounded %d, %s)\n", what.c_str(), bounded,
+                softmax ? "some nonzero" : "zero for sigmoid");
     ++failures;
   }
 }
@@ -92,6 +108,8 @@ void run_case(const Case& c, const c10::TypedOperatorHandle<Fwd>& fwd,
                       c.symmetric, c.exclude_self, c.offset, false);
   const double tol = 2e-5 * std::max(1.0, c.scale);
   expect_close(c.name + " row_lse", std::get<0>(out), want.row_lse, tol);
+  expect_lse_parts(c.name + " row", std::get<0>(out), std::get<5>(out), c.kind == 0);
+  if (c.symmetric) expect_lse_parts(c.name + " col", std::get<3>(out), std::get<6>(out), true);
   expect_close(c.name + " row_pos", std::get<1>(out), want.row_pos, tol);
   expect_close(c.name + " row_npos", std::get<2>(out), want.row_npos, 0.0);
   if (c.symmetric) {

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals,
+from .. import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals, merge_lse,
                 corrects_line_totals, dense_ids, line_totals)
 
 try:
@@ -38,7 +38,10 @@ warnings.filterwarnings("ignore", message=r"tl\.make_block_ptr is deprecated")
 
 KIND_SOFTMAX = 0
 KIND_SIGMOID = 1
+# the symmetric forward's per-row-block column partials: the bytes a launch group may hold, at
+# least this much, else about the inputs' size (None: that rule; tests set a small budget)
 _PARTIAL_BYTES_MIN = 32 << 20
+_PARTIAL_BYTES = None
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 LN_075 = tl.constexpr(-0.2876820724517809)  # log(3/4)
@@ -204,31 +207,81 @@ def _any_underflow(flags):
 
 
 @triton.jit
-def _merge_column_partials_kernel(part_ptr, ref_ptr, out_ptr, n_blocks, M, n_col_tiles,
-                                  TILE_N: tl.constexpr, BLOCK: tl.constexpr):
+def _two_sum(a, b):
+    """(s, e): s = a + b rounded and its rounding error e, a + b = s + e exactly (0 where s is not
+    finite). Keeps what a float32 LSE m + log(l) loses: the LSEs' lo parts (EngineStats)."""
+    s = a + b
+    bb = s - a
+    e = (a - (s - bb)) + (b - bb)
+    return s, tl.where(tl.abs(s) < float("inf"), e, 0.0)
+
+
+@triton.jit
+def _lse_parts(m, l):
+    """The LSE m + log(l) of float32 m and float64 l as float32 (hi, lo), hi + lo within ~1e-15 of
+    it (lo 0 where m is -inf). (LSE_LO: l is summed in float64, where float32 additions beside a
+    dominant 1 would round by up to 6e-8 each, next to a loss log(l) ~ 1e-3.)"""
+    lse = m.to(tl.float64) + tl.log(tl.where(l > 0, l, 1.0))
+    hi = lse.to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    none = m == float("-inf")
+    return tl.where(none, m, hi), tl.where(none, 0.0, lo)
+
+
+@triton.jit
+def _exp_sum64(e, axis: tl.constexpr):
+    """Sum of exponentials e (float32, each <= 1 relative to its line's max) along ``axis`` as
+    float64, the entries >= 1/2 summed apart from the rest: the small ones are not added beside a
+    1 in float32 (~6e-8 each), and no float64 tile is formed (it would spill registers)."""
+    big = tl.sum(tl.where(e >= 0.5, e, 0.0), axis)
+    small = tl.sum(tl.where(e >= 0.5, 0.0, e), axis)
+    return big.to(tl.float64) + small.to(tl.float64)
+
+
+@triton.jit
+def _merge_column_partials_kernel(part_ptr, ref_ptr, out_ptr, lo_ptr, out_lo_ptr, n_blocks, M,
+                                  n_col_tiles, TILE_N: tl.constexpr, BLOCK: tl.constexpr,
+                                  LSE_LO: tl.constexpr):
     # Column LSEs of the symmetric forward from its per-row-block partials:
     #   col_lse_j = LSE_b part_bj,  part_bj = ln(A_bj) + ln(2) ref_bt  (plain tile t: raw sum)
-    #                                      = A_bj                      (ref_bt = -inf: a log)
-    # 1. for each row block b: read A_bj and its tile's ref, form part_bj; 2. online LSE over b.
+    #                                      = A_bj (+ lo_bj: LSE_LO)    (ref_bt = -inf: a log)
+    # 1. for each row block b: read A_bj and its tile's ref, form part_bj; 2. online LSE over b;
+    # 3. LSE_LO: the result as hi + lo (a dominant log partial's lo enters as e^lo ~ 1 + lo).
     pid = tl.program_id(0)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < M
     c64 = cols.to(tl.int64)
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK,), dtype=tl.float32)
+    if LSE_LO:
+        l = tl.zeros((BLOCK,), dtype=tl.float64)
+    else:
+        l = tl.zeros((BLOCK,), dtype=tl.float32)
     a_ptrs = part_ptr + c64  # advanced as pointers: 64-bit offsets however large the buffer
+    lo_ptrs = lo_ptr + c64
     ref_ptrs = ref_ptr + cols // TILE_N
     for _ in range(0, n_blocks):
         a = tl.load(a_ptrs, mask=cmask, other=1.0)
         ref = tl.load(ref_ptrs, mask=cmask, other=float("-inf"))
-        v = tl.where(ref == float("-inf"), a, tl.log(a) + ref * LN2)
+        natural = ref == float("-inf")
+        v = tl.where(natural, a, tl.log(a) + ref * LN2)
         m_new = tl.maximum(m, v)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * _exp(m - m_safe) + _exp(v - m_safe)
+        e = _exp(v - m_safe)
+        if LSE_LO:
+            lo_b = tl.where(natural, tl.load(lo_ptrs, mask=cmask, other=0.0), 0.0)
+            l = l * _exp(m - m_safe).to(tl.float64) + e.to(tl.float64) * (1.0 + lo_b.to(tl.float64))
+            lo_ptrs += M
+        else:
+            l = l * _exp(m - m_safe) + e
         m = m_new
         a_ptrs += M
         ref_ptrs += n_col_tiles
-    tl.store(out_ptr + c64, m + tl.log(l), mask=cmask)
+    if LSE_LO:
+        hi, lo = _lse_parts(m, l)
+        tl.store(out_ptr + c64, hi, mask=cmask)
+        tl.store(out_lo_ptr + c64, lo, mask=cmask)
+    else:
+        tl.store(out_ptr + c64, m + tl.log(l), mask=cmask)
 
 
 @triton.jit
@@ -693,7 +746,7 @@ def _forward_kernel(
     cid_ptr,
     tq_ptr, tk_ptr, tscale_ptr, aux_ptr, DT, stride_tqn, stride_tqd, stride_tkn, stride_tkd,
     row_lse_ptr, row_pos_ptr, row_npos_ptr, col_part_ptr, col_ref_ptr, col_pos_ptr, row_init_ptr,
-    flag_ptr, N, M, D, row_block_start, offset, ratio2,
+    flag_ptr, row_lo_ptr, col_lo_ptr, N, M, D, row_block_start, offset, ratio2,
     stride_qn, stride_qd, stride_kn, stride_kd,
     KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_CPOS: tl.constexpr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
@@ -702,6 +755,7 @@ def _forward_kernel(
     COUNT: tl.constexpr, TILES: tl.constexpr, TILE_N: tl.constexpr, RESIDENT: tl.constexpr,
     TMA: tl.constexpr, COLSUM_MMA: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     SP_SERIES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LSE_LO: tl.constexpr = False,
 ):
     # Forward sweep of one row block over every column block.
     #   softmax: row_lse_i = LSE_{j valid} S_ij, row_pos_i = sum_j T_ij S_ij, row_npos_i = sum_j T_ij;
@@ -738,7 +792,10 @@ def _forward_kernel(
     # COLSUM_MMA (launch 2, 16-bit features): the column sums of step 5 as the product P^T w on the
     # tensor cores (P and w rounded to bfloat16, float32 sums) instead of reductions across lanes
     # and warps. SP_SERIES (sigmoid, float32 features): small softplus terms summed as a series
-    # (see _softplus_row_sums).
+    # (see _softplus_row_sums). LSE_LO (softmax, float32 IEEE products): the LSEs also as their
+    # float32 rounding errors, lse = hi + lo (_two_sum): the row's in row_lo (the band launch hands
+    # on (hi, lo) in row_init's two halves, the interior launch starts from l = e^lo ~ 1 + lo),
+    # the natural-log column partials' in col_lo beside col_part.
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -752,7 +809,11 @@ def _forward_kernel(
     if TILES == 2:
         if KIND == 0:
             m_i = tl.load(row_init_ptr + r64, mask=rmask, other=float("-inf"))
-            l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+            if LSE_LO:  # (float64 sums: see _lse_parts)
+                lo = tl.load(row_init_ptr + N + r64, mask=rmask, other=0.0)
+                l_i = 1.0 + lo.to(tl.float64)
+            else:
+                l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
         else:  # sigmoid: the band launch's softplus sums
             m_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
             l_i = tl.load(row_init_ptr + r64, mask=rmask, other=0.0)
@@ -775,7 +836,11 @@ def _forward_kernel(
                 p = tl.exp2(x - tm2[:, None])
                 tm = tm2 * LN2
                 m_new = tl.maximum(m_i, tm)
-                l_i = l_i * _exp(m_i - m_new) + tl.sum(p, 1) * _exp(tm - m_new)
+                if LSE_LO:
+                    l_i = (l_i * _exp(m_i - m_new).to(tl.float64)
+                           + (tl.sum(p, 1) * _exp(tm - m_new)).to(tl.float64))
+                else:
+                    l_i = l_i * _exp(m_i - m_new) + tl.sum(p, 1) * _exp(tm - m_new)
                 m_i = m_new
             else:  # every entry a negative (z = -1): softplus(S_ij)
                 l_i += _softplus_row_sums(c * s + b, BLOCK_N, SP_SERIES)
@@ -799,7 +864,11 @@ def _forward_kernel(
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N, top2)
         if SYMMETRIC:
             tl.store(flag_ptr + pid, tl.where(_any_underflow(underflow), 1, 0))
-        if KIND == 0:
+        if KIND == 0 and LSE_LO:
+            hi, lo = _lse_parts(m_i, l_i)
+            tl.store(row_lse_ptr + r64, hi, mask=rmask)
+            tl.store(row_lo_ptr + r64, lo, mask=rmask)
+        elif KIND == 0:
             tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
         else:
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
@@ -819,7 +888,11 @@ def _forward_kernel(
                                          BLOCK_D, PRECISION, UPCAST, TMA)
                 x = c * (s * LOG2E) + b * LOG2E
                 cm2 = tl.max(x, 0)
-                part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
+                if LSE_LO:
+                    part, lo = _two_sum(cm2 * LN2, tl.log(tl.sum(tl.exp2(x - cm2[None, :]), 0)))
+                    tl.store(col_lo_ptr + pid.to(tl.int64) * M + cols, lo)
+                else:
+                    part = (cm2 + tl.log2(tl.sum(tl.exp2(x - cm2[None, :]), 0))) * LN2
                 tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part)
                 tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
                          float("-inf"))
@@ -827,7 +900,10 @@ def _forward_kernel(
         row_meta = _row_targets(rows, N, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, 0)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if LSE_LO:  # (float64 sums: see _lse_parts)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        else:
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # target sum, or target sum-exp (TARGET_LSE)
         mt_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # target / teacher max
         npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -875,7 +951,11 @@ def _forward_kernel(
                     Sm = tl.where(valid, S, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(Sm, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * _exp(m_i - m_safe) + tl.sum(_exp(Sm - m_safe[:, None]), 1)
+                if LSE_LO:
+                    l_i = (l_i * _exp(m_i - m_safe).to(tl.float64)
+                           + _exp_sum64(_exp(Sm - m_safe[:, None]), 1))
+                else:
+                    l_i = l_i * _exp(m_i - m_safe) + tl.sum(_exp(Sm - m_safe[:, None]), 1)
                 m_i = m_new
                 if LSE2:
                     S2 = Sm * ratio2
@@ -921,7 +1001,11 @@ def _forward_kernel(
                         Sc = Sm
                     cm = tl.max(Sc, 0)
                     cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
-                    part = cm_safe + tl.log(tl.sum(_exp(Sc - cm_safe[None, :]), 0))
+                    if LSE_LO:
+                        part, lo = _lse_parts(cm, _exp_sum64(_exp(Sc - cm_safe[None, :]), 0))
+                        tl.store(col_lo_ptr + pid.to(tl.int64) * M + cols, lo, mask=cmask)
+                    else:
+                        part = cm_safe + tl.log(tl.sum(_exp(Sc - cm_safe[None, :]), 0))
                     tl.store(col_part_ptr + pid.to(tl.int64) * M + cols, part, mask=cmask)
                     tl.store(col_ref_ptr + pid.to(tl.int64) * n_col_tiles + col0 // TILE_N,
                              float("-inf"))  # marks natural-log partials
@@ -937,10 +1021,18 @@ def _forward_kernel(
             tl.store(row_lse_ptr + r64, l_i, mask=rmask)
         else:
             if TILES == 1:  # the plain tiles' launch continues from here
-                if KIND == 0:
+                if KIND == 0 and LSE_LO:
+                    hi, lo = _lse_parts(m_i, l_i)
+                    tl.store(row_init_ptr + r64, hi, mask=rmask)
+                    tl.store(row_init_ptr + N + r64, lo, mask=rmask)
+                elif KIND == 0:
                     tl.store(row_init_ptr + r64, m_i + tl.log(l_i), mask=rmask)
                 else:
                     tl.store(row_init_ptr + r64, l_i, mask=rmask)
+            elif KIND == 0 and LSE_LO:
+                hi, lo = _lse_parts(m_i, l_i)
+                tl.store(row_lse_ptr + r64, hi, mask=rmask)
+                tl.store(row_lo_ptr + r64, lo, mask=rmask)
             elif KIND == 0:
                 tl.store(row_lse_ptr + r64, m_i + tl.log(l_i), mask=rmask)
             else:
@@ -1348,9 +1440,9 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _config(queries: torch.Tensor, pass_: str, lean: bool = True) -> dict:
+def _config(queries: torch.Tensor, pass_: str, lean: bool = True, exact: bool = False) -> dict:
     return config_for(queries.device.type, queries.dtype, queries.shape[1], pass_,
-                      _arch(queries.device), lean)
+                      _arch(queries.device), lean, exact)
 
 
 def _fused_width(dtype: torch.dtype, arch: int) -> int:
@@ -1360,12 +1452,13 @@ def _fused_width(dtype: torch.dtype, arch: int) -> int:
 
 
 def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: int = 90,
-               lean: bool = True) -> dict:
+               lean: bool = True, exact: bool = False) -> dict:
     """Fixed block sizes per (device, dtype, D range) for pass_ "fwd", "fwd_plain" (the interior
     tiles' launch of the forward; its tile shape is the forward's whole tiling when it runs),
     "bwd" or "bwd_gram", on a CUDA device of compute capability ``arch`` (10 * major + minor), for
     a closure whose interior tiles take the lean path (``lean``: the fused backward can then keep
-    its feature block resident without spilling); ``config_override`` wins."""
+    its feature block resident without spilling), with IEEE float32 products when ``exact`` (FMA
+    loops, not the tensor cores); ``config_override`` wins."""
     if device_type != "cuda":  # interpreter: small tiles keep CPU runs fast
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, BLOCK_DV=32, num_warps=4, num_stages=1)
     elif pass_ == "dense_plain":
@@ -1375,8 +1468,11 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
                    num_warps=8, num_stages=3)
     elif dtype == torch.float32 and pass_ == "fwd_plain":
         # TF32 interior tiles: as wide as the 16-bit ones (half the D step, same bytes per stage);
-        # 64 x 64 tiles issue ~2 clocks per tensor-core clock (bench/ANALYSIS.md)
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=3)
+        # 64 x 64 tiles issue ~2 clocks per tensor-core clock (bench/ANALYSIS.md). IEEE products:
+        # FMA loops, 64 x 64 (128 x 128 spills inside the loop; 128 x 64 too once the band launch
+        # keeps its LSEs' lo parts, LSE_LO)
+        cfg = dict(BLOCK_M=64 if exact else 128, BLOCK_N=64 if exact else 128, BLOCK_D=32,
+                   num_warps=4 if exact else 8, num_stages=3)
     elif dtype == torch.float32:  # TF32 / fp32 tiles are twice the bytes: smaller row blocks
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2)
     elif pass_ == "fwd_plain":
@@ -1900,7 +1996,13 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
-    if _linear_targets(spec, targets) or targets.target_weights is not None:
+    # float32 with IEEE products: the LSEs' rounding errors too (EngineStats.row_lse_lo); with
+    # TF32 or 16-bit features the logits' own error is far larger
+    lse_lo = (spec.kind == "softmax" and queries.dtype == f32
+              and _precision(queries, spec.exact) == "ieee")
+    # (not with lse_lo: a target logit computed apart differs from the sweep's by ~1 ulp of |S|,
+    # which a loss lse - S_t ~ 1e-3 would keep; in the sweep, both come from the same tile)
+    if (_linear_targets(spec, targets) and not lse_lo) or targets.target_weights is not None:
         # the LSE from the sweep, the target sums beside it
         stats = forward(queries, keys, scale, bias, _without_targets(targets), spec)
         row_pos, row_npos = _target_sums(queries, keys, scale, bias,
@@ -1912,7 +2014,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     cfg = _config(queries, "fwd")
     tile_n = cfg["BLOCK_N"]
     if plain:  # two launches over disjoint tiles of one tiling: band and edges, then the interior
-        cfg_plain = _config(queries, "fwd_plain")
+        cfg_plain = _config(queries, "fwd_plain", exact=_precision(queries, spec.exact) == "ieee")
         tile_n = cfg_plain["BLOCK_N"]
         cfg = _band_config(cfg, cfg_plain["BLOCK_M"], tile_n, same_rows=True)
     BM = cfg["BLOCK_M"]
@@ -1921,33 +2023,36 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     row_pos = torch.empty(N, dtype=f32, device=dev)
     row_npos = torch.empty(N, dtype=f32, device=dev)
     symmetric = spec.symmetric and spec.kind == "softmax"
+    row_lo = torch.empty(N, dtype=f32, device=dev) if lse_lo else row_lse  # (unused pointer)
+    col_lse_lo = None
     if symmetric:
-        budget = max(_PARTIAL_BYTES_MIN, (N + M) * D * queries.element_size())
-        per_launch = max(1, min(n_row_blocks, budget // (4 * M)))
+        budget = _PARTIAL_BYTES or max(_PARTIAL_BYTES_MIN, (N + M) * D * queries.element_size())
+        per_launch = max(1, min(n_row_blocks, budget // ((8 if lse_lo else 4) * M)))
         partial = torch.empty((per_launch, M), dtype=f32, device=dev)
+        partial_lo = torch.empty((per_launch, M), dtype=f32, device=dev) if lse_lo else partial
         n_col_tiles = triton.cdiv(M, tile_n)
         refs = torch.empty((per_launch, n_col_tiles), dtype=f32, device=dev)
         col_pos = torch.zeros(M, dtype=f32, device=dev)
         col_lse = None
     else:
         per_launch = n_row_blocks
-        partial = refs = col_pos = row_lse  # unused pointers
+        partial = partial_lo = refs = col_pos = row_lse  # unused pointers
     has_aux = targets.teacher_queries is not None or spec.lse2_ratio is not None
     aux = torch.empty((3, N), dtype=f32, device=dev) if has_aux else None  # teacher (2 rows), LSE2
-    row_init = torch.empty(N, dtype=f32, device=dev) if plain else row_lse
+    row_init = torch.empty((2 if lse_lo else 1) * N, dtype=f32, device=dev) if plain else row_lse
     # the interior launch's column-underflow flag per row block of a launch group
     flags_buf = torch.empty(per_launch, dtype=torch.int32, device=dev) if (plain and symmetric) \
         else row_npos
     const = dict(SYMMETRIC=symmetric, COUNT=0, PRECISION=_precision(queries, spec.exact),
                  TILE_N=tile_n, SP_SERIES=queries.dtype == torch.float32 and spec.kind == "sigmoid",
-                 **flags)
+                 LSE_LO=lse_lo, **flags)
     # the tiling of the column partials and of the two launches is fixed: BLOCK_N tuned otherwise
     tuned = None if (symmetric or plain) else "BLOCK_N"
     for start in range(0, n_row_blocks, per_launch):
         nb = min(per_launch, n_row_blocks - start)
         args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
-                row_lse, row_pos, row_npos, partial, refs, col_pos, row_init, flags_buf,
-                N, M, D, start, spec.offset, _ratio2(spec),
+                row_lse, row_pos, row_npos, partial, refs, col_pos, row_init, flags_buf, row_lo,
+                partial_lo, N, M, D, start, spec.offset, _ratio2(spec),
                 queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
         args_band, cfg_band = _with_tma(args, queries, keys, cfg)
         if plain:
@@ -1962,12 +2067,20 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
                     tuned)
         if symmetric:
             chunk = torch.empty(M, dtype=f32, device=dev)
+            chunk_lo = torch.empty(M, dtype=f32, device=dev) if lse_lo else chunk
             _merge_column_partials_kernel[(triton.cdiv(M, _MERGE_BLOCK),)](
-                partial, refs, chunk, nb, M, n_col_tiles, TILE_N=tile_n, BLOCK=_MERGE_BLOCK)
-            col_lse = chunk if col_lse is None else torch.logaddexp(col_lse, chunk)
+                partial, refs, chunk, partial_lo, chunk_lo, nb, M, n_col_tiles, TILE_N=tile_n,
+                BLOCK=_MERGE_BLOCK, LSE_LO=lse_lo)
+            if col_lse is None:
+                col_lse, col_lse_lo = chunk, (chunk_lo if lse_lo else None)
+            elif lse_lo:  # (float64: one more rounding of the hi part would undo the lo part)
+                col_lse, col_lse_lo = merge_lse(col_lse, col_lse_lo, chunk, chunk_lo)
+            else:
+                col_lse = torch.logaddexp(col_lse, chunk)
+    lo = dict(row_lse_lo=row_lo if lse_lo else None, col_lse_lo=col_lse_lo)
     if symmetric:
-        return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, aux)
-    return EngineStats(row_lse, row_pos, row_npos, None, None, aux)
+        return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, aux, **lo)
+    return EngineStats(row_lse, row_pos, row_npos, None, None, aux, **lo)
 
 
 def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_col, needs,
@@ -2187,7 +2300,8 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     thr = threshold.float().contiguous() if threshold is not None else None
     args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, counts, thr),
-            counts, counts, counts, counts, counts, counts, counts, counts, N, M, D, 0, spec.offset,
+            counts, counts, counts, counts, counts, counts, counts, counts, counts, counts, N, M, D,
+            0, spec.offset,
             0.0,
             queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     flags = _flags(queries, spec, targets, bias)
