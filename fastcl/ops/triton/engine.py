@@ -792,10 +792,11 @@ def _forward_kernel(
     # COLSUM_MMA (launch 2, 16-bit features): the column sums of step 5 as the product P^T w on the
     # tensor cores (P and w rounded to bfloat16, float32 sums) instead of reductions across lanes
     # and warps. SP_SERIES (sigmoid, float32 features): small softplus terms summed as a series
-    # (see _softplus_row_sums). LSE_LO (softmax, float32 IEEE products): the LSEs also as their
-    # float32 rounding errors, lse = hi + lo (_two_sum): the row's in row_lo (the band launch hands
-    # on (hi, lo) in row_init's two halves, the interior launch starts from l = e^lo ~ 1 + lo),
-    # the natural-log column partials' in col_lo beside col_part.
+    # (see _softplus_row_sums). LSE_LO (softmax, float32 IEEE products): the sums of exponentials
+    # in float64 (_exp_sum64) and the LSEs also as their float32 rounding errors, lse = hi + lo
+    # (_lse_parts): the row's in row_lo (the band launch hands on (hi, lo) in row_init's two halves,
+    # the interior launch starts from l = 1 + lo), the natural-log column partials' in col_lo
+    # beside col_part.
     pid = tl.program_id(0)
     row0 = (row_block_start + pid) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
