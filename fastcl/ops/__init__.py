@@ -34,6 +34,9 @@ Softmax closure (``spec.kind == "softmax"``):
 * symmetric: stats.col_lse[j] = LSE_{i valid} S_ij, stats.col_pos[j] = sum_i Tc_ij S_ij
 * row loss  L_i = row_lse_i - row_pos_i / row_npos_i   (0 when row_npos_i == 0)
   col loss  Lc_j = col_lse_j - col_pos_j   (symmetric losses give every column one positive)
+* optionally stats.row_lse_lo / col_lse_lo: each float32 LSE's rounding error (the LSE is
+  row_lse + row_lse_lo), kept by backends that sum the exponentials in float64; the losses add it
+  after the exact row_lse - S_t (:func:`row_losses`, :func:`col_losses`). None: not kept.
 * dS_ij = g_i (P_ij - T_ij / npos_i) + gc_j (Pc_ij - Tc_ij) on valid entries, 0 elsewhere,
   P_ij = exp(S_ij - row_lse_i), Pc_ij = exp(S_ij - col_lse_j); rows with npos_i == 0 get no
   gradient. ``grad_row`` = g (N,), ``grad_col`` = gc (M,) or None.
