@@ -46,7 +46,7 @@ from . import _backend
 from .autograd import _scalar32, engine_loss, first_order_only
 from .losses import _check_index, _check_pair, _prepare, _scalar_param
 from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
-                  line_totals, merge_lse, row_losses, split_lse, tied_scale_totals)
+                  merge_lse, row_losses, split_lse, tied_scale_totals)
 
 Tensor = torch.Tensor
 
@@ -379,11 +379,9 @@ class _RingLoss(torch.autograd.Function):
             col_sums = travel_own[-1] if symmetric else None
             spec, targets = _tile_args(kind, symmetric, exact, positives, r, r, m)
             stats = EngineStats(row_lse, row_pos, row_npos, col_lse if symmetric else None, None)
-            a_row, b_row, a_col, b_col = closure_weights(
-                spec, stats, g, grad_col=gc.to(sdt) if symmetric else None)
-            R, C = line_totals(spec, targets, stats, a_row, b_row, m, a_col=a_col, b_col=b_col)
-            correct_line_totals(dq, dk_own, queries, keys, s32, spec, targets, stats,
-                                row_sums - R, None if C is None else col_sums - C)
+            weights = closure_weights(spec, stats, g, grad_col=gc.to(sdt) if symmetric else None)
+            correct_line_totals(dq, dk_own, queries, keys, s32, spec, targets, stats, weights,
+                                row_sums, col_sums)
         d_scale = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1]) if need_s else None
         d_bias = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
         return (dq.to(queries.dtype) if need_q else None,

@@ -77,6 +77,25 @@ def _grads(fn, z1, z2, grad, dtype, g):
     return [x.grad.double().cpu() for x in (a, b) if x.requires_grad]
 
 
+def _backend_for(path, case, monkeypatch):
+    """The backend of a test path: None the torch backend; "cpp" the compiled extension's kernels
+    for the device ("cpu", or "cuda"); else Triton with ``path`` as its config override (several
+    wide-feature slabs), "groups" the symmetric forward's partials over several launch groups."""
+    if path is None:
+        return "torch"
+    if path == "cpp":
+        if not _backend.has_extension():
+            pytest.skip("needs the compiled extension fastcl._C")
+        if case == "soft_info_nce":
+            pytest.skip(f"backend={DEVICE.type!r} has no weighted targets")
+        return DEVICE.type
+    monkeypatch.setattr(E, "config_override", {} if path == "groups" else path)
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    if path == "groups":
+        monkeypatch.setattr(E, "_PARTIAL_BYTES", 1)
+    return "triton"
+
+
 @pytest.mark.parametrize("path", [None, {}, {"SPLIT": True}, {"DENSE": True, "SPLIT": True}, "cpp"],
                          ids=["torch", "triton", "triton-split", "triton-dense", "cpp"])
 @pytest.mark.parametrize("case", CASES)
@@ -85,18 +104,7 @@ def test_dominant_targets_float32(monkeypatch, case, path):
     worse than PyTorch's float32 gradients of the materialised loss (here 1e-4 - 1e-3 off; before
     the correction, ours were 4e-4 - 3e-3 off). "cpp": the compiled extension's kernels for the
     device ("cpu", or "cuda")."""
-    if path is None:
-        backend = "torch"
-    elif path == "cpp":
-        backend = DEVICE.type
-        if not _backend.has_extension():
-            pytest.skip("needs the compiled extension fastcl._C")
-        if case == "soft_info_nce":
-            pytest.skip(f"backend={backend!r} has no weighted targets")
-    else:
-        backend = "triton"
-        monkeypatch.setattr(E, "config_override", path)
-        monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    backend = _backend_for(path, case, monkeypatch)
     gen = torch.Generator().manual_seed(5)
     z1, z2 = _near_duplicates(gen)
     ours, ref, grad = _case(case, gen)
@@ -121,17 +129,7 @@ def test_dominant_targets_loss_values_float32(monkeypatch, case, path):
     (EngineStats.row_lse_lo / col_lse_lo). Before, these rows' losses were 1e-3 - 4e-3 off.
     "groups": the symmetric forward's column partials over several launch groups; "cpp": the
     compiled extension's kernels for the device."""
-    backend = "torch" if path is None else "triton"
-    if path == "cpp":
-        backend = DEVICE.type
-        if not _backend.has_extension():
-            pytest.skip("needs the compiled extension fastcl._C")
-        if case == "soft_info_nce":
-            pytest.skip(f"backend={backend!r} has no weighted targets")
-    elif path is not None:
-        monkeypatch.setattr(E, "config_override", {})
-        if path == "groups":
-            monkeypatch.setattr(E, "_PARTIAL_BYTES", 1)
+    backend = _backend_for(path, case, monkeypatch)
     gen = torch.Generator().manual_seed(5)
     z1, z2 = _near_duplicates(gen)
     ours, ref, _ = _case(case, gen)

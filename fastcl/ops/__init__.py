@@ -98,7 +98,8 @@ import torch
 
 __all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit",
            "scale_centres", "centred_scale_sums", "tied_scale_totals", "closure_weights", "line_totals",
-           "corrects_line_totals", "correct_line_totals", "dense_ids", "split_lse", "merge_lse"]
+           "corrects_line_totals", "measures_line_sums", "correct_line_totals", "dense_ids",
+           "split_lse", "merge_lse"]
 
 
 @dataclass(frozen=True)
@@ -364,27 +365,47 @@ def _row_target_pairs(spec: LossSpec, targets: Targets, stats: EngineStats, M: i
     return torch.where(has, pos, 0), torch.where(has, w, 0.0)
 
 
+def measures_line_sums(spec: LossSpec, targets: Targets, queries: torch.Tensor, needs,
+                       ieee: bool, whole_lines: bool = True, return_line_sums: bool = False) -> bool:
+    """Whether a backend's backward measures its lines' sums of dS (for
+    :func:`correct_line_totals`, or to return them): float32 features whose products the backend
+    forms in IEEE arithmetic (``ieee``; with TF32 or 16-bit features the inputs' rounding is far
+    above what the sums correct), a feature gradient asked for (``needs``: queries, keys, ...),
+    a closure :func:`corrects_line_totals` covers, and a call over whole lines or one that
+    returns its sums."""
+    return bool((whole_lines or return_line_sums) and (needs[0] or needs[1]) and ieee
+                and queries.dtype == torch.float32 and corrects_line_totals(spec, targets))
+
+
 def correct_line_totals(dq: Optional[torch.Tensor], dk: Optional[torch.Tensor],
                         queries: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
-                        spec: LossSpec, targets: Targets, stats: EngineStats,
-                        row_err: torch.Tensor, col_err: Optional[torch.Tensor] = None) -> None:
+                        spec: LossSpec, targets: Targets, stats: EngineStats, weights,
+                        row_sums: torch.Tensor, col_sums: Optional[torch.Tensor] = None,
+                        a2_row: Optional[torch.Tensor] = None) -> None:
     """Lift the float32 floor of rows whose target dominates their softmax, in place on the
-    float32 gradients ``dq`` (N, D) and ``dk`` (M, D) (either may be None).
+    float32 gradients ``dq`` (N, D) and ``dk`` (M, D) (either may be None), from a backend's
+    measured line sums ``row_sums`` (N,) / ``col_sums`` (M,) | None of dS formed with the closure
+    ``weights`` (a_row, b_row, a_col, b_col) of :func:`closure_weights`.
 
     A backend's dS = a_i P_ij - T_ij / npos_i ... uses P_ij = exp(S_ij - lse_i) from the stored
     LSE and recomputed logits: one ulp of either (~1e-6 nats at |S| ~ 20) scales row i's P by
     (1 + e_i). Where P_it ~ 1 - 1e-3 nearly cancels its target term that is a relative error of
     ~1e-3 in the gradient. The backends measure each line's sum of what they put in dS (row part:
     per row; symmetric column part: per column) and subtract its exact total
-    (:func:`line_totals`): ``row_err`` (N,) = a_i e_i, ``col_err`` (M,) likewise. In row i the
+    (:func:`line_totals`): row_err (N,) = a_i e_i, col_err (M,) likewise. In row i the
     error is row_err_i sum_j P_ij k_j, which for such a row is row_err_i times its targets' mean
     key tau_i K (tau = T / npos): so dQ -= s (row_err * tau K + tau_c (col_err * K)) and
     dK -= s (tau^T (row_err * Q) + col_err * tau_c^T Q), tau_c the columns' targets. What is left
     is e_i times the row's own gradient, and the float32 rounding of dS_it itself cancels too.
     (A row whose P is spread out is changed by about its own e_i: the same size as before.)
     Only for a call that sweeps every entry of each line (:func:`corrects_line_totals`)."""
-    s = scale.to(row_err.dtype).reshape(())
+    a_row, b_row, a_col, b_col = weights
     N, M = queries.shape[0], keys.shape[0]
+    cols = dict(a_col=a_col, b_col=b_col) if col_sums is not None else {}
+    R, C = line_totals(spec, targets, stats, a_row, b_row, M, a2_row, **cols)
+    row_err = row_sums - R
+    col_err = None if col_sums is None else col_sums - C
+    s = scale.to(row_err.dtype).reshape(())
     if targets.row_labels is None:
         key, w = _row_target_pairs(spec, targets, stats, M)
         K = key.shape[1]

@@ -6,9 +6,10 @@ from the device of the inputs. Fake (meta) kernels are registered here so that
 
 Op conventions (see csrc/ops.cpp): ``kind`` is 0 (softmax) or 1 (sigmoid); ``engine_forward``
 returns (row_lse, row_pos, row_npos, col_lse, col_pos, row_lse_lo, col_lse_lo) in float32 with
-(0,)-shaped column outputs when not symmetric (the *_lo outputs: the LSEs' rounding errors); ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias, row_sums,
-col_sums) with an empty (0,) tensor for every gradient that was not asked for, and the lines'
-sums of dS's row / column parts (float32 (N,) / (M,)) when ``line_sums`` is set, else (0,).
+(0,)-shaped column outputs when not symmetric (the *_lo outputs: the LSEs' rounding errors);
+``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias, row_sums, col_sums) with an
+empty (0,) tensor for every gradient that was not asked for, and the lines' sums of dS's row /
+column parts (float32 (N,) / (M,)) when ``line_sums`` is set, else (0,).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
-               corrects_line_totals, line_totals)
+               measures_line_sums)
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.fastcl.*)
@@ -112,23 +113,22 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
     if not spec.symmetric:
         grad_col = None
     col_lse = stats.col_lse if grad_col is not None else None
-    lines = ((whole_lines or return_line_sums) and (need_q or need_k) and queries.dtype == torch.float32
-             and keys.dtype == torch.float32 and (spec.exact or queries.device.type == "cpu")
-             and corrects_line_totals(spec, targets))
+    ieee = keys.dtype == torch.float32 and (spec.exact or queries.device.type == "cpu")
+    lines = measures_line_sums(spec, targets, queries, (need_q, need_k), ieee, whole_lines,
+                               return_line_sums)
     dq, dk, ds, db, row_sums, col_sums = torch.ops.fastcl.engine_backward(
         queries, keys, scale, bias, targets.positives, targets.col_positives, targets.row_labels,
         targets.col_labels, _kind(spec), spec.symmetric, spec.exclude_self, spec.offset,
         spec.exact, stats.row_lse, stats.row_npos, col_lse, grad_row, grad_col, need_q, need_k,
         need_s, need_b, lines)
+    col_sums = col_sums if grad_col is not None else None
     extra = ()
     if return_line_sums:
-        extra = (row_sums, col_sums if grad_col is not None else None) if lines else (None, None)
+        extra = (row_sums, col_sums) if lines else (None, None)
     elif lines:
-        a_row, b_row, a_col, b_col = closure_weights(spec, stats, grad_row, grad_col=grad_col)
-        R, C = line_totals(spec, targets, stats, a_row, b_row, keys.shape[0], a_col=a_col,
-                           b_col=b_col)
         correct_line_totals(dq if need_q else None, dk if need_k else None, queries, keys, scale,
-                            spec, targets, stats, row_sums - R,
-                            None if C is None else col_sums - C)
+                            spec, targets, stats, closure_weights(spec, stats, grad_row,
+                                                                  grad_col=grad_col),
+                            row_sums, col_sums)
     return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
             db if need_b else None, *extra)

@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from . import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals,
-               corrects_line_totals, line_totals, scale_centres)
+               measures_line_sums, scale_centres)
 
 SPLIT_TARGET_GRADS = True  # accepts grad_row_pos / grad_col_pos and the spec extensions
 
@@ -42,8 +42,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if centred and need_s:  # sums centred on the lines' scale_centres, then their known totals added
         centres = (scale_centres(stats.row_lse, scale, bias, M),
                    scale_centres(stats.col_lse, scale, bias, N) if symmetric else None)
-    measure = (queries.dtype == torch.float32 and (needs[0] or needs[1])
-               and corrects_line_totals(spec, targets) and (whole_lines or return_line_sums))
+    # (float32 products here are IEEE ones)
+    measure = measures_line_sums(spec, targets, queries, needs, True, whole_lines, return_line_sums)
     correct = measure and not return_line_sums
     dq, dk, ds, db, *line = reference.engine_backward(
         queries, keys, scale, bias, row_lse=stats.row_lse, row_npos=stats.row_npos,
@@ -61,9 +61,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     cols = dict(a_col=a_col, b_col=b_col) if symmetric else {}
     a2 = grad_row_lse2.to(dt) if grad_row_lse2 is not None else None
     if correct:
-        R, C = line_totals(spec, targets, stats, a_row, b_row, M, a2, **cols)
-        correct_line_totals(dq, dk, queries, keys, scale, spec, targets, stats, line[0] - R,
-                            line[1] - C if line[1] is not None else None)
+        correct_line_totals(dq, dk, queries, keys, scale, spec, targets, stats,
+                            (a_row, b_row, a_col, b_col), line[0], line[1], a2_row=a2)
     if not centred:
         return (dq, dk, ds, db, *extra)
     # (d_bias alone needs no sweep sum: it is the lines' totals)

@@ -12,7 +12,6 @@ groups that fit in it. All index arithmetic on tensors is 64-bit.
 """
 # (no ``from __future__ import annotations`` here: Triton 3.0's interpreter recognises constexpr
 # parameters only by an annotation that is the ``tl.constexpr`` object, not its string)
-import math
 import os
 import warnings
 from typing import NamedTuple, Optional
@@ -21,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals, merge_lse,
-                corrects_line_totals, dense_ids, line_totals)
+from .. import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals, dense_ids,
+                measures_line_sums, merge_lse)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -1997,10 +1996,11 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
-    # float32 with IEEE products: the LSEs' rounding errors too (EngineStats.row_lse_lo); with
-    # TF32 or 16-bit features the logits' own error is far larger
-    lse_lo = (spec.kind == "softmax" and queries.dtype == f32
-              and _precision(queries, spec.exact) == "ieee")
+    # float32 with IEEE products (its own tiles), and for softmax closures the LSEs' rounding
+    # errors too (EngineStats.row_lse_lo); with TF32 or 16-bit features the logits' own error is
+    # far larger
+    ieee32 = queries.dtype == f32 and _precision(queries, spec.exact) == "ieee"
+    lse_lo = spec.kind == "softmax" and ieee32
     # (not with lse_lo: a target logit computed apart differs from the sweep's by ~1 ulp of |S|,
     # which a loss lse - S_t ~ 1e-3 would keep; in the sweep, both come from the same tile)
     if (_linear_targets(spec, targets) and not lse_lo) or targets.target_weights is not None:
@@ -2015,7 +2015,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     cfg = _config(queries, "fwd")
     tile_n = cfg["BLOCK_N"]
     if plain:  # two launches over disjoint tiles of one tiling: band and edges, then the interior
-        cfg_plain = _config(queries, "fwd_plain", exact=_precision(queries, spec.exact) == "ieee")
+        cfg_plain = _config(queries, "fwd_plain", exact=ieee32)
         tile_n = cfg_plain["BLOCK_N"]
         cfg = _band_config(cfg, cfg_plain["BLOCK_M"], tile_n, same_rows=True)
     BM = cfg["BLOCK_M"]
@@ -2098,14 +2098,11 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     need_sb = need_s or need_b
     N, D = queries.shape
     M = keys.shape[0]
-    dev = queries.device
     f32 = torch.float32
     softmax = spec.kind == "softmax"
-    # float32 products in IEEE arithmetic (with TF32 or 16-bit features, the inputs' rounding
-    # is far above what the lines' sums correct)
-    lines = ((whole_lines or return_line_sums) and (need_q or need_k)
-             and _precision(queries, spec.exact) == "ieee" and queries.dtype == f32
-             and corrects_line_totals(spec, targets))
+    lines = measures_line_sums(spec, targets, queries, needs,
+                               _precision(queries, spec.exact) == "ieee", whole_lines,
+                               return_line_sums)
     spec0, targets0 = spec, targets
     gram = spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
     if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
@@ -2162,15 +2159,10 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     if return_line_sums:  # (a caller sweeping blocks of a queries x keys matrix: not spec.gram)
         extra = (rt, ct if symmetric and not twice else None) if lines else (None, None)
     elif lines:
-        sym = symmetric and not twice
-        cols = dict(a_col=a_col, b_col=b_col) if sym else {}
-        R, C = line_totals(spec0, targets0, stats, a_row, b_row, M, **cols)
-        if gram or twice:  # dq is the whole gradient of the shared features: both parts
-            dq_, dk_ = dq, dq
-        else:
-            dq_, dk_ = dq, dk
-        correct_line_totals(dq_, dk_, queries, keys, scale, spec0, targets0, stats, rt - R,
-                            ct - C if sym else None)
+        # (gram, twice: dq is the whole gradient of the shared features, both parts)
+        correct_line_totals(dq, dq if gram or twice else dk, queries, keys, scale, spec0, targets0,
+                            stats, (a_row, b_row, a_col, b_col), rt,
+                            ct if symmetric and not twice else None)
     ds = db = None
     if need_sb:
         sym = symmetric and not twice
