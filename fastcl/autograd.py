@@ -11,7 +11,7 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -146,8 +146,10 @@ class EngineStatistics(torch.autograd.Function):
     targets, or the target LSE with ``spec.target_lse``), number of targets per row (N,) (not
     differentiable), when ``spec.symmetric`` col_lse (M,) and the column target logit (M,)
     (else empty tensors), and with teacher targets the (2, N) teacher statistics (not
-    differentiable; else empty), and with ``spec.lse2_ratio`` the second row LSE (N,)
-    (differentiable; else empty).
+    differentiable; else empty), with ``spec.lse2_ratio`` the second row LSE (N,)
+    (differentiable; else empty), the rounding errors of the float32 row / column LSEs (N,) /
+    (M,) where the backend keeps them, and with teacher targets that of the row target (N,) (not
+    differentiable; else empty).
     """
 
     @staticmethod
@@ -166,14 +168,19 @@ class EngineStatistics(torch.autograd.Function):
             col_lse = col_pos = stats.row_lse.new_zeros(0)
         aux = stats.row_aux[:2].clone() if stats.row_aux is not None else stats.row_lse.new_zeros(0)
         lse2 = stats.row_aux[2].clone() if spec.lse2_ratio is not None else stats.row_lse.new_zeros(0)
-        ctx.mark_non_differentiable(stats.row_npos, aux,
+        empty = stats.row_lse.new_zeros
+        row_lo = stats.row_lse_lo.clone() if stats.row_lse_lo is not None else empty(0)
+        col_lo = stats.col_lse_lo.clone() if stats.col_lse_lo is not None else empty(0)
+        tgt_lo = stats.row_aux[2].clone() if targets.teacher_queries is not None else empty(0)
+        ctx.mark_non_differentiable(stats.row_npos, aux, row_lo, col_lo, tgt_lo,
                                     *([] if spec.symmetric else [col_lse, col_pos]),
                                     *([] if spec.lse2_ratio is not None else [lse2]))
-        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos, aux, lse2
+        return stats.row_lse, tgt, stats.row_npos, col_lse, col_pos, aux, lse2, row_lo, col_lo, tgt_lo
 
     @staticmethod
     @first_order_only
-    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos, _g_aux=None, g_lse2=None):
+    def backward(ctx, g_lse, g_tgt, _g_npos, g_col_lse, g_col_pos, _g_aux=None, g_lse2=None,
+                 _g_row_lo=None, _g_col_lo=None, _g_tgt_lo=None):
         ref = ctx.saved_tensors[4]
         N = ctx.saved_tensors[0].shape[0]
         zeros = ref.new_zeros(1).expand(N)
@@ -198,8 +205,39 @@ def engine_loss(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Ten
     return EngineLoss.apply(queries, keys, scale, bias, targets, spec, backend)
 
 
+class Statistics(NamedTuple):
+    """What :func:`engine_statistics` returns (shapes as in :class:`EngineStatistics`).
+
+    A loss built from them adds ``row_lse_lo`` (and subtracts ``row_target_lo``) where it forms
+    ``row_lse - row_target`` (a row whose target dominates has a loss of ~1e-3 next to
+    |row_lse| ~ 20, one float32 ulp of which is ~2e-6): :meth:`row_gap`. Each is None where the
+    backend does not keep it."""
+    row_lse: Tensor
+    row_target: Tensor
+    row_npos: Tensor
+    col_lse: Tensor
+    col_target: Tensor
+    aux: Tensor
+    lse2: Tensor
+    row_lse_lo: Optional[Tensor]
+    col_lse_lo: Optional[Tensor]
+    row_target_lo: Optional[Tensor]
+
+    def plus_lse_lo(self, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """``x + weight * row_lse_lo`` (N,), for an ``x`` formed as ``weight * row_lse - ...``."""
+        if self.row_lse_lo is None:
+            return x
+        return x + (self.row_lse_lo if weight is None else weight * self.row_lse_lo)
+
+    def row_gap(self) -> Tensor:
+        """``row_lse - row_target`` (N,) with the rounding errors of both added back."""
+        gap = self.plus_lse_lo(self.row_lse - self.row_target)
+        return gap if self.row_target_lo is None else gap - self.row_target_lo
+
+
 def engine_statistics(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
-                      targets: Targets, spec: LossSpec, backend: str):
-    """Functional form of :class:`EngineStatistics`:
-    (row_lse, row_target, row_npos, col_lse, col_target)."""
-    return EngineStatistics.apply(queries, keys, scale, bias, targets, spec, backend)
+                      targets: Targets, spec: LossSpec, backend: str) -> Statistics:
+    """Functional form of :class:`EngineStatistics`, as a :class:`Statistics`."""
+    *out, row_lo, col_lo, tgt_lo = EngineStatistics.apply(queries, keys, scale, bias, targets, spec,
+                                                          backend)
+    return Statistics(*out, *(x if x.numel() else None for x in (row_lo, col_lo, tgt_lo)))

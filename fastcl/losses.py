@@ -371,7 +371,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
     else:
         hn = hard_negatives.to(queries.dtype)
-        lse, tgt, _, _, _, _, _ = engine_statistics(queries, keys, s, b, targets, spec, be)
+        st = engine_statistics(queries, keys, s, b, targets, spec, be)
+        lse = st.row_lse
         dots_h = torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
         logits_h = s.to(dt) * dots_h
         if b is not None:
@@ -385,7 +386,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         # accuracy; through logsumexp's exp(LSE - merged) it carried an ulp of the merged LSE
         # (~2e-6 next to shares of ~1e-5 on converged rows), which the scale gradient multiplies
         lse_h = torch.logsumexp(logits_h, dim=1)
-        rows = (lse - tgt) + nn.functional.softplus(lse_h - lse)
+        rows = st.row_gap() + nn.functional.softplus(lse_h - lse)
         extra_sum = hn.to(dt).sum(1)
     if eps:
         rows = rows + eps * _smoothing_term(queries, keys, positives, s, extra_sum,
@@ -567,13 +568,14 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
     s = _temperature_scale(temperature, Z)
     n2 = Z.shape[0]
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
-    lse, tgt, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
+    st = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
+    tgt = st.row_target
     if weight_sigma is not None:
         half = n2 // 2
         cos = _row_dots(Z[:half], Z[half:])
         w = 2.0 - half * torch.softmax(cos / weight_sigma, dim=0)
         tgt = tgt * torch.cat([w, w])
-    return _reduce(lse - tgt, reduction)
+    return _reduce(st.plus_lse_lo(st.row_lse - tgt), reduction)
 
 
 def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0 / 0.07,
@@ -626,15 +628,15 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
     spec = LossSpec(kind="softmax", exact=exact)
     if dense is None and idx.shape[1] == 1:  # one target per row: w_i (LSE_i - S_{i,t(i)}), the
         # target's gradient formed in the tiles (where it cancels against P before rounding)
-        lse, tgt, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(positives=idx[:, 0]),
-                                                    spec, be)
-        return _reduce(w[:, 0].to(dt) * (lse - tgt), reduction)
+        st = engine_statistics(queries, keys, s, b, Targets(positives=idx[:, 0]), spec, be)
+        return _reduce(w[:, 0].to(dt) * st.row_gap(), reduction)
     if dense is None:  # K weighted index targets per row, in the tiles:
         # L_i = mass_i (LSE_i - mean target logit_i), mass_i = sum_k w_ik
         wf = w.detach().to(torch.float32 if dt == torch.float32 else dt).contiguous()
-        lse, tgt, mass, _, _, _, _ = engine_statistics(
+        st = engine_statistics(
             queries, keys, s, b, Targets(positives=idx.contiguous(), target_weights=wf), spec, be)
-        rows = mass.to(dt) * (lse - tgt)
+        lse = st.row_lse
+        rows = st.row_npos.to(dt) * st.row_gap()  # row_npos: the mass
         if w.requires_grad:  # dL_i / dw_ik = LSE_i - S_{i,p_ik}: a term of value 0
             logits = s.to(dt) * torch.einsum("nd,nkd->nk", queries.to(dt), keys.to(dt)[idx])
             if b is not None:
@@ -642,14 +644,14 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0
             rows = rows + ((w.to(dt) - w.detach().to(dt)) * (lse[:, None] - logits).detach()).sum(1)
         return _reduce(rows, reduction)
     # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
-    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, b, Targets(), spec, be)
+    st = engine_statistics(queries, keys, s, b, Targets(), spec, be)
     qf = queries.to(dt)
     wf = dense.to(dt)
     mass = wf.sum(1)
     weighted = s.to(dt) * _row_dots(qf, wf @ keys.to(dt))
     if b is not None:
         weighted = weighted + b.to(dt) * mass
-    return _reduce(mass * lse - weighted, reduction)
+    return _reduce(st.plus_lse_lo(mass * st.row_lse - weighted, mass), reduction)
 
 
 def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int, like: Tensor):
@@ -670,8 +672,7 @@ def _teacher_stats(q, k, s, u, v, ts, spec, be, weight: Optional[float] = None):
     # weight: the diagonal (the default index target) mixed in, inside the tiles
     positives = _no_targets(q.shape[0], q.device) if weight is None else None
     targets = Targets(positives=positives, teacher_queries=u, teacher_keys=v, teacher_scale=t32)
-    lse, soft_logit, _, _, _, aux, _ = engine_statistics(q, k, s, None, targets, spec, be)
-    return lse, soft_logit, aux
+    return engine_statistics(q, k, s, None, targets, spec, be)
 
 
 def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys: Tensor,
@@ -705,8 +706,8 @@ def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys
     for a, b_, ua, vb in ((q, k, u, v), (k, q, v, u)):
         if (directions == "row" and a is k) or (directions == "col" and a is q):
             continue
-        lse, soft_logit, aux = _teacher_stats(a, b_, s, ua.to(a.dtype), vb.to(a.dtype), ts, spec, be)
-        parts.append(aux[1] - aux[0] - soft_logit + lse)  # sum_j Tt (St - S) - LSEt + LSE
+        st = _teacher_stats(a, b_, s, ua.to(a.dtype), vb.to(a.dtype), ts, spec, be)
+        parts.append(st.aux[1] + st.row_gap())  # (sum_j Tt St - LSEt) + (LSE - sum_j Tt S)
     per = torch.stack(parts) if directions == "both" else parts[0]
     return _reduce(per, reduction)
 
@@ -735,9 +736,8 @@ def softclip(image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
     spec = LossSpec(kind="softmax", exact=exact)
     parts = []
     for a, b_ in ((q, k), (k, q)):  # the target logit sum_j T_ij S_ij, T mixed in the tiles
-        lse, target_logit, _ = _teacher_stats(a, b_, s, u.to(a.dtype), u.to(a.dtype), ts, spec, be,
-                                              weight=alpha)
-        parts.append(lse - target_logit)
+        st = _teacher_stats(a, b_, s, u.to(a.dtype), u.to(a.dtype), ts, spec, be, weight=alpha)
+        parts.append(st.row_gap())
     return _reduce(torch.stack(parts), reduction)
 
 
@@ -765,13 +765,12 @@ def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Opt
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     q, k, be = _prepare(queries, keys, backend)
     # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
-    lse, _, _, _, _, _, _ = engine_statistics(q, k, s, None, Targets(),
-                                           LossSpec(kind="softmax", exact=exact), be)
+    st = engine_statistics(q, k, s, None, Targets(), LossSpec(kind="softmax", exact=exact), be)
     qf, kf = q.to(dt), k.to(dt)
     u, v = u.to(dt), v.to(dt)
     mass = (M + u @ v.sum(0)) / 2  # W_i = sum_j w_ij
     weighted = (s.to(dt) / 2) * (qf @ kf.sum(0) + ((qf @ (kf.transpose(0, 1) @ v)) * u).sum(1))
-    return _reduce(lse - weighted / mass, reduction)
+    return _reduce(st.plus_lse_lo(st.row_lse - weighted / mass), reduction)
 
 
 def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, tau_plus: float = 0.1,
@@ -802,7 +801,8 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     # one sweep: LSE over negatives of (1 + beta) S / t, and of beta S / t = ratio * the former
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact,
                     lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
-    lse_hi, pos_hi, _, _, _, _, lse_lo = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
+    st = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
+    lse_hi, pos_hi, lse_lo = st.row_lse, st.row_target, st.lse2
     if not beta > 0:  # e^{0 S}: the plain count of negatives
         lse_lo = torch.full_like(lse_hi, math.log(n_neg))
     s_pos = pos_hi / (1.0 + beta)  # the positive logit S_pos = <z_a, z_p> / t
@@ -844,15 +844,13 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     spec = LossSpec(kind="softmax", exclude_self=True, target_lse=V > 2, gram=True, exact=exact)
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
         pair = torch.arange(2 * B, device=Z.device).add_(B).remainder_(2 * B)
-        lse, pair_logit, _, _, _, _, _ = engine_statistics(Z, Z, s, None, Targets(positives=pair),
-                                                           spec, be)
-        positive = pair_logit.view(2, B).mean(0)
+        st = engine_statistics(Z, Z, s, None, Targets(positives=pair), spec, be)
+        positive = st.row_target.view(2, B).mean(0)  # the pair's logit
     else:
         ids = torch.arange(B, device=Z.device).repeat(V)
-        lse, target_lse, _, _, _, _, _ = engine_statistics(
-            Z, Z, s, None, Targets(row_labels=ids, col_labels=ids), spec, be)
-        positive = torch.logsumexp(target_lse.view(V, B), dim=0) - math.log(2.0)
-    per = torch.logsumexp(lse.view(V, B), dim=0) - math.log(2.0) - positive
+        st = engine_statistics(Z, Z, s, None, Targets(row_labels=ids, col_labels=ids), spec, be)
+        positive = torch.logsumexp(st.row_target.view(V, B), dim=0) - math.log(2.0)  # target LSE
+    per = torch.logsumexp(st.row_lse.view(V, B), dim=0) - math.log(2.0) - positive
     return _reduce(per, reduction)
 
 
@@ -875,12 +873,12 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
     spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize, exact=exact)
     if normalize:
         x = torch.nn.functional.normalize(x, dim=1)
-        lse, _, _, _, _, _, _ = engine_statistics(x, x, s, None, Targets(), spec, be)
+        lse = engine_statistics(x, x, s, None, Targets(), spec, be).row_lse
         return torch.logsumexp(lse, 0) - 2.0 * t - math.log(n * (n - 1))
     sq = x.to(dt).pow(2).sum(1)  # |x_i|^2, float32
     queries = torch.cat([x, x.new_ones(n, 1)], 1)
     keys = torch.cat([x, (-0.5 * sq).to(x.dtype).unsqueeze(1)], 1)
-    lse, _, _, _, _, _, _ = engine_statistics(queries, keys, s, None, Targets(), spec, be)
+    lse = engine_statistics(queries, keys, s, None, Targets(), spec, be).row_lse
     return torch.logsumexp(lse - t * sq, 0) - math.log(n * (n - 1))
 
 

@@ -359,7 +359,10 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
                    teacher_queries=None, teacher_keys=None, teacher_scale=None,
                    lse2_ratio: Optional[float] = None, target_weights=None, lse_lo: bool = False):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None);
-    row_aux (3, N) holds the teacher LSE, sum_j T_ij St_ij and the second LSE (lse2_ratio).
+    row_aux holds with teacher targets (4, N) the teacher LSE, sum_j Tt_ij St_ij - teacher LSE,
+    row_pos's float32 rounding error (their sums in float64) and the column of each row's largest
+    logit (integer bits: ``fastcl.ops.dominant_columns``), or (3, N) with the second LSE in row 2
+    (lse2_ratio).
     ``lse_lo`` (softmax): also (row_lse_lo, col_lse_lo | None), the rounding errors of the
     float32 LSEs (each LSE max + log sum-exp in float64, then split), None for float64."""
     N, M = queries.shape[0], keys.shape[0]
@@ -376,7 +379,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     col_lse = torch.full((M,), -math.inf, dtype=dt, device=dev) if symmetric else None
     col_pos = torch.zeros(M, dtype=dt, device=dev) if symmetric else None
     has_aux = teacher_queries is not None or lse2_ratio is not None
-    row_aux = torch.zeros((3, N), dtype=dt, device=dev) if has_aux else None
+    row_aux = torch.zeros((4 if teacher_queries is not None else 3, N), dtype=dt, device=dev) \
+        if has_aux else None
     for r0, r1 in _chunks(N, M):
         S, _, valid, T, Tw, rows, cols = _tile(
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
@@ -399,15 +403,19 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
         else:
             row_pos[r0:r1] = torch.where(T, Tw * S, 0.0).sum(1)
         row_npos[r0:r1] = Tw.sum(1)
-        if teacher_queries is not None:
+        if teacher_queries is not None:  # float64 sums of the float32 logits
             St = _teacher_logits(teacher_queries, teacher_keys, teacher_scale, r0, r1, dt)
-            t_lse = torch.logsumexp(St.masked_fill(~valid, -math.inf), dim=1)
-            Tt = torch.where(valid, torch.exp(St - t_lse[:, None]), 0.0)
-            w = teacher_scale[1].to(dt)
-            row_pos[r0:r1] = (Tt * torch.where(valid, S, 0.0)).sum(1) * w + (1 - w) * row_pos[r0:r1]
+            t_lse = _lse64(St.masked_fill(~valid, -math.inf), 1)
+            Tt = torch.where(valid, torch.exp(St.double() - t_lse[:, None]), 0.0)
+            w = teacher_scale[1].double()
+            pos = (Tt * torch.where(valid, S, 0.0).double()).sum(1) * w + (1 - w) * row_pos[r0:r1].double()
+            row_pos[r0:r1], row_aux[2, r0:r1] = _split(pos, dt)
             row_npos[r0:r1] = 1.0
             row_aux[0, r0:r1] = t_lse
-            row_aux[1, r0:r1] = (Tt * torch.where(valid, St, 0.0)).sum(1)
+            row_aux[1, r0:r1] = torch.where(
+                t_lse > -math.inf, (Tt * torch.where(valid, St, 0.0).double()).sum(1) - t_lse, 0.0)
+            bits = torch.int32 if dt == torch.float32 else torch.int64
+            row_aux[3, r0:r1] = Sm.argmax(1).to(bits).view(dt)
         if symmetric:
             Tc = _col_targets(rows, cols, col_positives, offset) & valid
             Sc = S.masked_fill(~(valid & ~Tc), -math.inf) if exclude_targets else Sm

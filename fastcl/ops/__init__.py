@@ -57,8 +57,10 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
   (st, w); softmax closure, no labels): Tt_ij = softmax_j(st <u_i, v_j>) over valid j,
   recomputed in each tile with a second GEMM, and T_ij = w Tt_ij + (1 - w) [j = p(i)] (p(i)
   the row's index target, none for positives -1); stats.row_pos = sum_j T_ij
-  S_ij, row_npos = 1, stats.row_aux = (teacher LSE, sum_j Tt_ij st <u_i, v_j>); dT_ij = T_ij,
-  formed in the tile, so it cancels against P before rounding. No gradient reaches u, v.
+  S_ij, row_npos = 1, stats.row_aux = (teacher LSE, sum_j Tt_ij St_ij - teacher LSE (St =
+  st <u_i, v_j>), row_pos's float32 rounding error, the column of the row's largest S_ij
+  (:func:`dominant_columns`)); dT_ij = T_ij, formed in the tile, so it cancels against P before
+  rounding. No gradient reaches u, v.
 * ``spec.lse2_ratio`` r: a second row LSE over the same entries, LSE_j (r S_ij), in stats.row_aux[2]
   (same sweep); ``backward(..., grad_row_lse2=a2)`` adds a2_i r exp(r S_ij - lse2_i) to dS.
 * ``count_above(queries, keys, scale, bias, targets, spec, threshold=None)`` (optional): per row,
@@ -142,7 +144,9 @@ class EngineStats(NamedTuple):
     row_npos: torch.Tensor  # (N,)
     col_lse: Optional[torch.Tensor] = None  # (M,) when symmetric
     col_pos: Optional[torch.Tensor] = None  # (M,) when symmetric
-    row_aux: Optional[torch.Tensor] = None  # (3, N): teacher LSE, sum Tt St (teacher targets); LSE2
+    # teacher targets (4, N): teacher LSE, sum Tt St - teacher LSE, row_pos's rounding error, the
+    # dominant columns; lse2_ratio (3, N): row 2 the second LSE
+    row_aux: Optional[torch.Tensor] = None
     # float32 LSEs' rounding errors, lse_exact ~ row_lse + row_lse_lo (None: not kept). A row whose
     # target dominates has a loss lse - S_t ~ 1e-3 next to |lse| ~ 20, where one ulp of the
     # stored LSE (~1e-6) is ~1e-3 of it: the losses add these back (row_losses / col_losses).
@@ -340,15 +344,26 @@ def dense_ids(rows: Optional[torch.Tensor], cols: Optional[torch.Tensor], rank: 
 
 def corrects_line_totals(spec: LossSpec, targets: Targets) -> bool:
     """Whether :func:`correct_line_totals` applies to the closure: softmax with hard targets
-    (index, weighted index or label; one column positive when symmetric) inside the LSEs, and no
-    LSE but the row's and column's."""
+    (index, weighted index or label; one column positive when symmetric) or teacher targets
+    inside the LSEs, and no LSE but the row's and column's."""
     return (spec.kind == "softmax" and not spec.exclude_targets and not spec.target_lse
-            and spec.lse2_ratio is None and targets.teacher_queries is None
-            and not (spec.symmetric and targets.row_labels is not None))
+            and spec.lse2_ratio is None
+            and not (spec.symmetric and (targets.row_labels is not None
+                                         or targets.teacher_queries is not None)))
+
+
+def dominant_columns(stats: EngineStats) -> torch.Tensor:
+    """(N,) int64: the column of each row's largest logit, kept by the forward of a closure with
+    teacher targets (stats.row_aux[3], integer bits of the statistics' dtype)."""
+    bits = torch.int32 if stats.row_aux.dtype == torch.float32 else torch.int64
+    return stats.row_aux[3].view(bits).long()
 
 
 def _row_target_pairs(spec: LossSpec, targets: Targets, stats: EngineStats, M: int):
-    """Index targets as (keys (N, K), weights (N, K)): T_ij / npos_i = sum_k w_ik [j == key_ik]."""
+    """Index targets as (keys (N, K), weights (N, K)): T_ij / npos_i = sum_k w_ik [j == key_ik].
+    Teacher targets: each row's dominant column (:func:`dominant_columns`), weight 1."""
+    if targets.teacher_queries is not None:
+        return dominant_columns(stats)[:, None], torch.ones_like(stats.row_lse)[:, None]
     npos = stats.row_npos
     N = npos.shape[0]
     rows = torch.arange(N, device=npos.device) + spec.offset
@@ -398,6 +413,8 @@ def correct_line_totals(dq: Optional[torch.Tensor], dk: Optional[torch.Tensor],
     dK -= s (tau^T (row_err * Q) + col_err * tau_c^T Q), tau_c the columns' targets. What is left
     is e_i times the row's own gradient, and the float32 rounding of dS_it itself cancels too.
     (A row whose P is spread out is changed by about its own e_i: the same size as before.)
+    Teacher targets: both P and the recomputed teacher softmax carry such errors, and the
+    correction goes to the row's dominant column, where both concentrate when they nearly cancel.
     Only for a call that sweeps every entry of each line (:func:`corrects_line_totals`)."""
     a_row, b_row, a_col, b_col = weights
     N, M = queries.shape[0], keys.shape[0]

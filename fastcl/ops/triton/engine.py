@@ -909,8 +909,12 @@ def _forward_kernel(
         npos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m2_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # LSE2: max of ratio2 * S
         l2_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # LSE2: sum-exp
-        lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: teacher sum-exp
-        tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) St_ij
+        if LSE_LO:  # SOFT_SIM: teacher sum-exp (float64 as l_i)
+            lt_i = tl.zeros((BLOCK_M,), dtype=tl.float64)
+        else:
+            lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) (St_ij - mt)
+        arg_i = tl.zeros((BLOCK_M,), dtype=tl.int32)  # SOFT_SIM: the column of the row's max S
         if SOFT_SIM:  # the teacher scale and the teacher's weight in the targets
             ts = tl.load(tscale_ptr).to(tl.float32)
             tw = tl.load(tscale_ptr + 1).to(tl.float32)
@@ -949,13 +953,15 @@ def _forward_kernel(
                     Sm = tl.where(valid & (target == 0), S, float("-inf"))
                 else:
                     Sm = tl.where(valid, S, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(Sm, 1))
+                tile_max = tl.max(Sm, 1)
+                m_new = tl.maximum(m_i, tile_max)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 if LSE_LO:
                     l_i = (l_i * _exp(m_i - m_safe).to(tl.float64)
                            + _exp_sum64(_exp(Sm - m_safe[:, None]), 1))
                 else:
                     l_i = l_i * _exp(m_i - m_safe) + tl.sum(_exp(Sm - m_safe[:, None]), 1)
+                m_old = m_i
                 m_i = m_new
                 if LSE2:
                     S2 = Sm * ratio2
@@ -963,7 +969,10 @@ def _forward_kernel(
                     m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)
                     l2_i = l2_i * _exp(m2_i - m2_safe) + tl.sum(_exp(S2 - m2_safe[:, None]), 1)
                     m2_i = m2_new
-                if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums
+                if SOFT_SIM:  # teacher softmax targets: online LSE and rescaled weighted sums,
+                    # taken of S - m and St - mt (the running maxima; ~0 on a dominant entry) so
+                    # that lse - target and sum Tt St - LSEt come out without cancelling two ~|S|
+                    # values (moving to a new maximum m' adds (m - m') sum e: 0 on the first tile)
                     c2 = _similarity_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
                                           stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
                                           UPCAST, False)
@@ -972,10 +981,20 @@ def _forward_kernel(
                     mt_safe = tl.where(mt_new == float("-inf"), 0.0, mt_new)
                     alpha = _exp(mt_i - mt_safe)
                     e = tl.where(valid, _exp(St - mt_safe[:, None]), 0.0)
-                    lt_i = lt_i * alpha + tl.sum(e, 1)
-                    pos_i = pos_i * alpha + tl.sum(e * tl.where(valid, S, 0.0), 1)
-                    tt_i = tt_i * alpha + tl.sum(e * St, 1)
+                    lt32 = lt_i.to(tl.float32)
+                    seen = lt32 > 0
+                    pos_i = (pos_i + (tl.where(seen, m_old, m_safe) - m_safe) * lt32) * alpha + \
+                        tl.sum(e * tl.where(valid, S - m_safe[:, None], 0.0), 1)
+                    tt_i = (tt_i + (tl.where(seen, mt_i, mt_safe) - mt_safe) * lt32) * alpha + \
+                        tl.sum(e * (St - mt_safe[:, None]), 1)
+                    if LSE_LO:
+                        lt_i = lt_i * alpha.to(tl.float64) + _exp_sum64(e, 1)
+                    else:
+                        lt_i = lt_i * alpha + tl.sum(e, 1)
                     mt_i = mt_new
+                    # (through int64: Triton 3.0's interpreter keeps argmax's int64 under int32)
+                    t_arg = tl.argmax(Sm, 1).to(tl.int64).to(tl.int32)
+                    arg_i = tl.where(tile_max > m_old, col0 + t_arg, arg_i)
                     npos_i += tl.sum(tl.where(target, S, 0.0), 1)  # the index target's logit
                 elif TARGET_LSE:
                     St = tl.where(target, S, float("-inf"))
@@ -1039,14 +1058,21 @@ def _forward_kernel(
                 tl.store(row_lse_ptr + r64, l_i, mask=rmask)
             if LSE2:
                 tl.store(aux_ptr + 2 * N + r64, m2_i + tl.log(l2_i), mask=rmask)
-            if SOFT_SIM:  # row_pos = sum_j T_ij S_ij, T = w Tt + (1 - w) [j = p(i)];
-                # aux = (teacher LSE, sum_j Tt_ij St_ij)
+            if SOFT_SIM:  # row_pos = sum_j T_ij S_ij, T = w Tt + (1 - w) [j = p(i)], as m + delta
+                # rounded to float32 (hi, lo); aux = (teacher LSE, sum_j Tt_ij St_ij - teacher LSE,
+                # row_pos's lo, the column of the row's largest logit as int32 bits)
                 lt_safe = tl.where(lt_i > 0, lt_i, 1.0)  # padding rows have no teacher mass
-                tl.store(row_pos_ptr + r64, tw * (pos_i / lt_safe) + (1.0 - tw) * npos_i,
-                         mask=rmask)
+                log_lt = tl.log(lt_safe).to(tl.float32)
+                lt_safe = lt_safe.to(tl.float32)
+                m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+                delta = tw * (pos_i / lt_safe) + (1.0 - tw) * (npos_i - m_fin)
+                pos_hi, pos_lo = _two_sum(m_fin, delta)
+                tl.store(row_pos_ptr + r64, pos_hi, mask=rmask)
                 tl.store(row_npos_ptr + r64, tl.full((BLOCK_M,), 1.0, dtype=tl.float32), mask=rmask)
-                tl.store(aux_ptr + r64, mt_i + tl.log(lt_safe), mask=rmask)
-                tl.store(aux_ptr + N + r64, tt_i / lt_safe, mask=rmask)
+                tl.store(aux_ptr + r64, mt_i + log_lt, mask=rmask)
+                tl.store(aux_ptr + N + r64, tt_i / lt_safe - log_lt, mask=rmask)
+                tl.store(aux_ptr + 2 * N + r64, pos_lo, mask=rmask)
+                tl.store(aux_ptr + 3 * N + r64, arg_i.to(tl.float32, bitcast=True), mask=rmask)
             else:
                 if TARGET_LSE:
                     tl.store(row_pos_ptr + r64, mt_i + tl.log(pos_i), mask=rmask)
@@ -2039,7 +2065,9 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
         per_launch = n_row_blocks
         partial = partial_lo = refs = col_pos = row_lse  # unused pointers
     has_aux = targets.teacher_queries is not None or spec.lse2_ratio is not None
-    aux = torch.empty((3, N), dtype=f32, device=dev) if has_aux else None  # teacher (2 rows), LSE2
+    # (teacher: 4 rows; LSE2: row 2)
+    aux = torch.empty((4 if targets.teacher_queries is not None else 3, N), dtype=f32,
+                      device=dev) if has_aux else None
     row_init = torch.empty((2 if lse_lo else 1) * N, dtype=f32, device=dev) if plain else row_lse
     # the interior launch's column-underflow flag per row block of a launch group
     flags_buf = torch.empty(per_launch, dtype=torch.int32, device=dev) if (plain and symmetric) \
