@@ -806,13 +806,14 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     if not beta > 0:  # e^{0 S}: the plain count of negatives
         lse_lo = torch.full_like(lse_hi, math.log(n_neg))
     s_pos = pos_hi / (1.0 + beta)  # the positive logit S_pos = <z_a, z_p> / t
-    log_r = math.log(n_neg) + lse_hi - lse_lo
+    log_r = math.log(n_neg) + st.plus_lse_lo(lse_hi - lse_lo)  # (the second LSE keeps no lo)
     log_c = math.log(n_neg * tau_plus) + s_pos if tau_plus > 0 else torch.full_like(s_pos, -math.inf)
     gap = (log_c - log_r).clamp(max=0.0)
     log_a = torch.where(log_c < log_r, log_r + torch.log1p(-torch.exp(gap).clamp(max=1 - 1e-12)),
                         torch.full_like(log_r, -math.inf)) - math.log(1.0 - tau_plus)
     log_ng = torch.maximum(log_a, torch.full_like(log_a, math.log(n_neg) - inv_t))
-    return _reduce(torch.logaddexp(s_pos, log_ng) - s_pos, reduction)
+    # log(e^S_pos + Ng) - S_pos as softplus(log Ng - S_pos): without the rounding of a sum ~S_pos
+    return _reduce(nn.functional.softplus(log_ng - s_pos), reduction)
 
 
 def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,

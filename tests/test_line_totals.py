@@ -18,8 +18,8 @@ N, D, SCALE = 70, 24, 20.0  # awkward sizes; tau = 0.05
 
 CASES = ["info_nce", "info_nce_positives", "info_nce_bias", "clip", "clip_queries_only",
          "clip_keys_only", "clip_label_smoothing", "nt_xent", "supcon", "soft_info_nce",
-         "info_nce_hard_negatives", "distill", "distill_keys_only", "softclip"]
-TEACHER = ("distill", "softclip")  # (closures the compiled extension does not implement)
+         "info_nce_hard_negatives", "distill", "distill_keys_only", "softclip", "hcl"]
+EXTENDED = ("info_nce_hard", "distill", "softclip", "hcl")  # (not in the compiled extension)
 
 
 def _near_duplicates(gen):
@@ -86,6 +86,9 @@ def _case(case, gen):
         # teacher targets mixed with the diagonal
         "softclip": (lambda a, b, be: fastcl.softclip(a, b, SCALE, u.to(a), 10.0, backend=be, **ex),
                      lambda a, b: R.softclip(a, b, SCALE, u.to(a), 10.0, **kw)),
+        # two LSEs of the negatives against a positive at tau = 0.2 (at 0.05 its loss underflows)
+        "hcl": (lambda a, b, be: fastcl.hcl(a, b, 0.2, backend=be, **ex),
+                lambda a, b: R.hcl(a, b, 0.2, **kw)),
     }
     ours, ref = table[next((k for k in ("clip", "distill") if case.startswith(k)), case)]
     return ours, ref, grad
@@ -107,7 +110,7 @@ def _backend_for(path, case, monkeypatch):
     if path == "cpp":
         if not _backend.has_extension():
             pytest.skip("needs the compiled extension fastcl._C")
-        if case == "soft_info_nce" or case.startswith(("info_nce_hard", *TEACHER)):
+        if case == "soft_info_nce" or case.startswith(EXTENDED):
             pytest.skip(f"backend={DEVICE.type!r} does not implement this closure")
         return DEVICE.type
     monkeypatch.setattr(E, "config_override", {} if path == "groups" else path)
