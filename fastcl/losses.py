@@ -802,11 +802,11 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact,
                     lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
     st = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
-    lse_hi, pos_hi, lse_lo = st.row_lse, st.row_target, st.lse2
+    lse_1b, pos_hi, lse_b = st.row_lse, st.row_target, st.lse2
     if not beta > 0:  # e^{0 S}: the plain count of negatives
-        lse_lo = torch.full_like(lse_hi, math.log(n_neg))
+        lse_b = torch.full_like(lse_1b, math.log(n_neg))
     s_pos = pos_hi / (1.0 + beta)  # the positive logit S_pos = <z_a, z_p> / t
-    log_r = math.log(n_neg) + st.plus_lse_lo(lse_hi - lse_lo)  # (the second LSE keeps no lo)
+    log_r = math.log(n_neg) + st.plus_lse_lo(lse_1b - lse_b)  # (the second LSE keeps no lo)
     log_c = math.log(n_neg * tau_plus) + s_pos if tau_plus > 0 else torch.full_like(s_pos, -math.inf)
     gap = (log_c - log_r).clamp(max=0.0)
     log_a = torch.where(log_c < log_r, log_r + torch.log1p(-torch.exp(gap).clamp(max=1 - 1e-12)),

@@ -354,7 +354,8 @@ def corrects_line_totals(spec: LossSpec, targets: Targets) -> bool:
 
 def dominant_columns(stats: EngineStats) -> torch.Tensor:
     """(N,) int64: the column of each row's largest logit, kept by the forward of a closure with
-    teacher targets (stats.row_aux[3], integer bits of the statistics' dtype)."""
+    teacher targets (stats.row_aux[3], integer bits of the statistics' dtype; Triton: with
+    float32 IEEE products only, else 0)."""
     bits = torch.int32 if stats.row_aux.dtype == torch.float32 else torch.int64
     return stats.row_aux[3].view(bits).long()
 

@@ -914,7 +914,7 @@ def _forward_kernel(
         else:
             lt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         tt_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # SOFT_SIM: sum_j e^(St_ij - mt) (St_ij - mt)
-        arg_i = tl.zeros((BLOCK_M,), dtype=tl.int32)  # SOFT_SIM: the column of the row's max S
+        arg_i = tl.zeros((BLOCK_M,), dtype=tl.int32)  # SOFT_SIM, LSE_LO: the column of the max S
         if SOFT_SIM:  # the teacher scale and the teacher's weight in the targets
             ts = tl.load(tscale_ptr).to(tl.float32)
             tw = tl.load(tscale_ptr + 1).to(tl.float32)
@@ -992,9 +992,10 @@ def _forward_kernel(
                     else:
                         lt_i = lt_i * alpha + tl.sum(e, 1)
                     mt_i = mt_new
-                    # (through int64: Triton 3.0's interpreter keeps argmax's int64 under int32)
-                    t_arg = tl.argmax(Sm, 1).to(tl.int64).to(tl.int32)
-                    arg_i = tl.where(tile_max > m_old, col0 + t_arg, arg_i)
+                    if LSE_LO:  # (for correct_line_totals; through int64: Triton 3.0's
+                        # interpreter keeps argmax's int64 under int32)
+                        t_arg = tl.argmax(Sm, 1).to(tl.int64).to(tl.int32)
+                        arg_i = tl.where(tile_max > m_old, col0 + t_arg, arg_i)
                     npos_i += tl.sum(tl.where(target, S, 0.0), 1)  # the index target's logit
                 elif TARGET_LSE:
                     St = tl.where(target, S, float("-inf"))
