@@ -316,3 +316,92 @@ def test_pml_supcon():
         pml.SupConLoss()(x, None)
     with pytest.raises(ValueError, match="not supported"):
         pml.NTXentLoss()(x, labels, ref_emb=x)
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 accuracy where the positive dominates, and the drop-ins' float32 product precision
+# ----------------------------------------------------------------------------------------------
+
+
+def _near_duplicate_views(gen, n, d, views):
+    z = nn.functional.normalize(torch.randn(n, d, dtype=torch.float64, generator=gen), dim=1)
+    return [nn.functional.normalize(z + 0.05 * torch.randn(n, d, dtype=torch.float64, generator=gen),
+                                    dim=1) for _ in range(views)]
+
+
+def _float32_errors(ours, theirs, inputs):
+    """Relative errors against float64 of the loss and each input's gradient: (ours, theirs in
+    float32)."""
+    def run(fn, dt):
+        xs = [x.detach().to(dt).requires_grad_() for x in inputs]
+        out = fn(*xs)
+        out.backward()
+        return [out.detach().double()] + [x.grad.double() for x in xs]
+    want = run(theirs, torch.float64)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return ([rel(a, b) for a, b in zip(run(ours, torch.float32), want)],
+            [rel(a, b) for a, b in zip(run(theirs, torch.float32), want)])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", ["mnrl", "mnrl_all_directions", "ntxent_two_views",
+                                  "ntxent_three_views"])
+def test_drop_ins_float32_where_the_positive_dominates(case, backend):
+    """Near-duplicate positives at scale 20: the loss ~1e-3 per anchor sits next to LSEs ~20.
+    MNRL takes each direction holding the pair as the engine's own LSE - target (before: the LSE
+    and the positive's logit computed apart, 3e-4 off in the loss, 1e-4 in the positives'
+    gradient, PyTorch float32 1.5e-4 / 3e-5); pml's NT-Xent takes softplus(LSE over the other
+    labels - S_ap) (before: 3e-4 / 1e-3, pml 1e-4 / 4e-4). Now within 2e-5 of float64 and 2x of
+    the libraries' own float32 computation (both at the float32 floor for the hard negatives)."""
+    gen = torch.Generator().manual_seed(3)
+    if case.startswith("mnrl"):
+        directions = ("query_to_doc",) if case == "mnrl" else \
+            ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+        inputs = _near_duplicate_views(gen, 40, 24, 2) + [torch.randn(40, 24, dtype=torch.float64,
+                                                                       generator=gen)]
+        def ours(*embs):
+            return st.mnrl_from_embeddings(list(embs), scale=20.0, directions=directions,
+                                           backend=backend)
+
+        def theirs(*embs):
+            return _mnrl_formula(list(embs), 20.0, directions, "joint")
+    else:
+        views = 2 if case == "ntxent_two_views" else 3
+        labels = torch.arange(30).repeat(views)
+        inputs = [torch.cat(_near_duplicate_views(gen, 30, 24, views))]
+
+        def ours(x):
+            return pml.NTXentLoss(temperature=0.05, backend=backend)(x, labels)
+
+        def theirs(x):
+            return _pml_ntxent_formula(x, labels, 0.05)
+    have, peer = _float32_errors(ours, theirs, inputs)
+    for i, (e, e_peer) in enumerate(zip(have, peer)):
+        assert e <= 2e-5 and e <= 2 * e_peer, (case, i, have, peer)
+
+
+def test_drop_ins_follow_torchs_float32_matmul_precision(monkeypatch):
+    """By default a drop-in forms float32 products as the library it replaces would: IEEE, or
+    TF32 where torch allows it (``exact`` given overrides)."""
+    from fastcl.integrations._common import exact_products
+    assert exact_products(None) and exact_products(True) and not exact_products(False)
+    seen = []
+    real = st.row_gap
+
+    def spy(*args, exact, **kw):
+        seen.append(exact)
+        return real(*args, exact=exact, **kw)
+    monkeypatch.setattr(st, "row_gap", spy)
+    embs = _near_duplicate_views(torch.Generator().manual_seed(0), 8, 6, 2)
+    st.mnrl_from_embeddings(embs)
+    matmul = torch.backends.cuda.matmul  # (a module-like object: set and restored by hand)
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        assert not exact_products(None) and exact_products(True)
+        st.mnrl_from_embeddings(embs)
+        st.mnrl_from_embeddings(embs, exact=True)
+    finally:
+        matmul.allow_tf32 = before
+    assert exact_products(None)
+    assert seen == [True, False, True]

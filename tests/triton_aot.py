@@ -51,12 +51,15 @@ CLOSURES = {
     "supcon_lean": dict(_PLAIN, LABELS=True, PLAIN=True),
     # weighted index targets (soft_info_nce, K = 2 per row), compared in the backward's tiles
     "soft_k2": dict(_PLAIN, HAS_POS=True, TARGET_K=2, PLAIN=True),
+    # each row's LSE over the other labels (pytorch-metric-learning's NT-Xent drop-in)
+    "other_labels": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True),
 }
 _SELF_BWD = ("bwd_rows", "bwd_rows_in", "grad_tiles", "grad_tiles_in")
 _LEAN_BWD = _SELF_BWD + ("bwd_cols", "bwd_cols_in")
 _ONLY = {"self_lse": ("fwd", "fwd_plain", "fwd_resident"), "self_lse_sym": _SELF_BWD,
          "nt_xent_sym": _SELF_BWD, "supcon_sym": _SELF_BWD, "info_nce_lean": _LEAN_BWD,
-         "supcon_lean": _LEAN_BWD, "soft_k2": _LEAN_BWD}
+         "supcon_lean": _LEAN_BWD, "soft_k2": _LEAN_BWD,
+         "other_labels": ("fwd", "bwd_gram", "grad_tiles")}
 KERNELS = {
     # the forward of closures with PLAIN: the band-and-edge launch (TILES=1, with the interior
     # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)
@@ -241,7 +244,7 @@ def _resource_usage(compiled):
 
 
 TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor descriptors
-_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl")  # self-similarity closures (no column stats)
+_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl", "other_labels")  # self-similarity closures (no column stats)
 _LINE_CLOSURES = ("clip", "clip_masked", "info_nce", "info_nce_lean", "supcon", "supcon_lean", "soft_k2")
 VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for c in _LINE_CLOSURES
              if k != "bwd_cols_only_lines" or CLOSURES[c]["SYMMETRIC"]]

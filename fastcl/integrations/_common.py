@@ -1,4 +1,5 @@
-"""Helpers shared by the integrations: a differentiable fused row log-sum-exp."""
+"""Helpers shared by the integrations: the fused row log-sum-exp and gap, and the float32 product
+precision of a drop-in."""
 from __future__ import annotations
 
 import math
@@ -13,23 +14,57 @@ from ..ops import LossSpec, Targets
 Tensor = torch.Tensor
 
 
-def row_lse(a: Tensor, b: Tensor, scale, *, exclude_offset: Optional[int] = None,
-            backend: str = "auto") -> Tensor:
-    """``LSE_j scale * <a_i, b_j>`` for every row of a (Na,), over j != i + exclude_offset when
-    given; differentiable w.r.t. a, b and a tensor scale. One fused sweep: the engine's per-row
-    loss ``LSE_i - S_{i,p(i)}`` for some valid column p(i), plus ``S_{i,p(i)}`` computed directly."""
-    na, m = a.shape[0], b.shape[0]
+def exact_products(exact: Optional[bool]) -> bool:
+    """Whether a drop-in forms float32 products in IEEE arithmetic: ``exact`` when given, else as
+    the library it replaces would, following torch's float32 matmul precision (TF32 only where
+    it is allowed: ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``allow_tf32``,
+    ``torch.set_float32_matmul_precision("high")``)."""
+    if exact is not None:
+        return bool(exact)
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", None)  # (torch >= 2.9)
+    except (RuntimeError, AttributeError):
+        precision = None
+    if precision is not None:
+        return precision != "tf32"
+    return not matmul.allow_tf32
+
+
+def _gap(q: Tensor, k: Tensor, s: Tensor, targets: Tensor, exclude_offset: Optional[int], be: str,
+         exact: bool) -> Tensor:
+    spec = LossSpec(kind="softmax", exact=exact) if exclude_offset is None else \
+        LossSpec(kind="softmax", exclude_self=True, offset=exclude_offset, exact=exact)
+    rows, _, _ = engine_loss(q, k, s, None, Targets(positives=targets), spec, be)
+    return rows
+
+
+def _scale(a: Tensor, scale) -> Tensor:
     sdt = torch.float64 if a.dtype == torch.float64 else torch.float32
-    s = _scalar_param("scale", scale, a.device, optional=False, dtype=sdt)
-    idx = torch.arange(na, device=a.device)
-    if exclude_offset is None:
-        spec = LossSpec(kind="softmax")
-        pos = idx % m
-    else:
-        spec = LossSpec(kind="softmax", exclude_self=True, offset=exclude_offset)
-        pos = (idx + exclude_offset + 1) % m
+    return _scalar_param("scale", scale, a.device, optional=False, dtype=sdt)
+
+
+def row_gap(a: Tensor, b: Tensor, scale, targets: Tensor, *, exclude_offset: Optional[int] = None,
+            backend: str = "auto", exact: bool = False) -> Tensor:
+    """``LSE_j S_ij - S_{i,t(i)}`` (Na,) with ``S = scale <a_i, b_j>`` (over j != i +
+    exclude_offset when given) and ``targets`` t (Na,) int64 column indices: the engine's per-row
+    loss, its target logit from the same sweep (where the two nearly cancel, their difference
+    keeps float32 accuracy, which an LSE and a logit computed apart would not)."""
     q, k, be = _prepare(a, b, backend)
-    rows, _, _ = engine_loss(q, k, s, None, Targets(positives=pos), spec, be)
+    return _gap(q, k, _scale(a, scale), targets, exclude_offset, be, exact)
+
+
+def row_lse(a: Tensor, b: Tensor, scale, *, exclude_offset: Optional[int] = None,
+            backend: str = "auto", exact: bool = False) -> Tensor:
+    """``LSE_j scale * <a_i, b_j>`` for every row of a (Na,), over j != i + exclude_offset when
+    given; differentiable w.r.t. a, b and a tensor scale. One fused sweep: :func:`row_gap` at
+    some valid column p(i), plus ``S_{i,p(i)}`` computed directly."""
+    na, m = a.shape[0], b.shape[0]
+    idx = torch.arange(na, device=a.device)
+    pos = idx % m if exclude_offset is None else (idx + exclude_offset + 1) % m
+    q, k, be = _prepare(a, b, backend)
+    s = _scale(a, scale)
+    rows = _gap(q, k, s, pos, exclude_offset, be, exact)
     s_pos = s.to(rows.dtype) * (q[:, None, :].to(rows.dtype) @ k[pos].to(rows.dtype)[:, :, None]).reshape(na)
     out = rows + s_pos
     if exclude_offset is not None and m == 1:  # a row whose only column is excluded: LSE of nothing

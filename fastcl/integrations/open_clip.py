@@ -17,6 +17,10 @@ given to open_clip) reproduce open_clip's per-rank values and gradients:
   other value ("bidir", "shift", "reduce", "ring") uses the ring: the texts travel, not all held.
   (SigLIP's per-rank scale / bias gradients equal open_clip's in both: the tiles of a rank are
   exactly its own rows.)
+
+``exact`` (both): float32 features' products in IEEE arithmetic; by default as torch's float32
+matmul precision allows (:func:`fastcl.integrations._common.exact_products`), as open_clip's own
+``image_features @ text_features.T``.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from .. import distributed as fdist
 from ..autograd import engine_loss
 from ..losses import _check_pair, _prepare, _scalar_param, clip_loss, info_nce, siglip_loss
 from ..ops import LossSpec, Targets
+from ._common import exact_products
 
 Tensor = torch.Tensor
 
@@ -54,7 +59,8 @@ class ClipLoss(nn.Module):
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, dist_mode: str = "gather", backend: str = "auto"):
+                 use_horovod: bool = False, *, dist_mode: str = "gather", backend: str = "auto",
+                 exact: Optional[bool] = None):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod=True is not supported; run with torch.distributed")
@@ -65,12 +71,14 @@ class ClipLoss(nn.Module):
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
         self.cache_labels = cache_labels  # labels are never materialised: nothing to cache
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
-        self.dist_mode, self.backend = dist_mode, backend
+        self.dist_mode, self.backend, self.exact = dist_mode, backend, exact
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
+        ex = exact_products(self.exact)
         if self.world_size <= 1:
-            loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
+                             exact=ex)
         elif not self.local_loss:
             if self.gather_with_grad:
                 all_i = fdist.all_gather_with_grad(image_features)
@@ -78,19 +86,19 @@ class ClipLoss(nn.Module):
             else:
                 all_i = _gather_no_grad(image_features, self.rank, self.world_size, True)
                 all_t = _gather_no_grad(text_features, self.rank, self.world_size, True)
-            loss = clip_loss(all_i, all_t, logit_scale, logit_bias, backend=self.backend)
+            loss = clip_loss(all_i, all_t, logit_scale, logit_bias, backend=self.backend, exact=ex)
         else:
-            loss = self._local(image_features, text_features, logit_scale, logit_bias)
+            loss = self._local(image_features, text_features, logit_scale, logit_bias, ex)
         return {"contrastive_loss": loss} if output_dict else loss
 
-    def _local(self, img: Tensor, txt: Tensor, logit_scale, logit_bias) -> Tensor:
+    def _local(self, img: Tensor, txt: Tensor, logit_scale, logit_bias, ex: bool) -> Tensor:
         _check_pair("image_features", img, "text_features", txt)
         n = img.shape[0]
         if self.dist_mode == "ring":
             s = _scalar_param("logit_scale", logit_scale, img.device, optional=False, dtype=_sdt(img))
             b = _scalar_param("logit_bias", logit_bias, img.device, optional=True, dtype=_sdt(img))
             q, k, be = _prepare(img, txt, self.backend)
-            rows, cols = fdist._ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=False,
+            rows, cols = fdist._ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=ex,
                                      backend=be, group=None)
             return (rows.sum() + cols.sum()) / (2 * n)
         if self.gather_with_grad:
@@ -99,8 +107,9 @@ class ClipLoss(nn.Module):
             all_i = _gather_no_grad(img, self.rank, self.world_size, False)
             all_t = _gather_no_grad(txt, self.rank, self.world_size, False)
         labels = torch.arange(n, device=img.device) + n * self.rank
-        rows = info_nce(img, all_t, positives=labels, scale=logit_scale, bias=logit_bias, backend=self.backend)
-        cols = info_nce(txt, all_i, positives=labels, scale=logit_scale, bias=logit_bias, backend=self.backend)
+        kw = dict(positives=labels, scale=logit_scale, bias=logit_bias, backend=self.backend, exact=ex)
+        rows = info_nce(img, all_t, **kw)
+        cols = info_nce(txt, all_i, **kw)
         return (rows + cols) / 2
 
 
@@ -111,17 +120,21 @@ class SigLipLoss(nn.Module):
     _IMPLS = ("bidir", "shift", "reduce", "gather", "ring")
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None, *, backend: str = "auto"):
+                 dist_impl: Optional[str] = None, *, backend: str = "auto",
+                 exact: Optional[bool] = None):
         super().__init__()
         self.dist_impl = dist_impl or "bidir"
         if self.dist_impl not in self._IMPLS:
             raise ValueError(f"dist_impl must be one of {self._IMPLS}, got {dist_impl!r}")
         self.cache_labels, self.rank, self.world_size, self.backend = cache_labels, rank, world_size, backend
+        self.exact = exact
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
+        ex = exact_products(self.exact)
         if self.world_size <= 1:
-            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
+                               exact=ex)
         else:
             _check_pair("image_features", image_features, "text_features", text_features)
             n = image_features.shape[0]
@@ -132,9 +145,10 @@ class SigLipLoss(nn.Module):
             if self.dist_impl == "gather":
                 all_t = fdist.all_gather_with_grad(k)
                 pos = torch.arange(n, device=dev) + n * self.rank
-                rows, _, _ = engine_loss(q, all_t, s, b, Targets(positives=pos), LossSpec(kind="sigmoid"), be)
+                rows, _, _ = engine_loss(q, all_t, s, b, Targets(positives=pos),
+                                         LossSpec(kind="sigmoid", exact=ex), be)
             else:
-                rows, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=False,
+                rows, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=ex,
                                       backend=be, group=None)
             loss = rows.sum() / n
         return {"contrastive_loss": loss} if output_dict else loss

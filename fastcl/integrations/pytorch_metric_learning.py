@@ -4,12 +4,14 @@ of logits). pytorch-metric-learning itself is not imported.
 
 * ``NTXentLoss(temperature=0.07)``: for every positive pair (a, p) (same label, a != p),
   ``-log( e^{S_ap} / (e^{S_ap} + sum_{n: y_n != y_a} e^{S_an}) )``, mean over positive pairs;
-  ``S = cos / temperature``. With two views per label (SimCLR) each anchor has one positive and
-  the denominator is the fused row log-sum-exp itself. With more positives per anchor the
-  negatives' log-sum-exp is the row's minus its positives' (in float64; it loses relative
-  precision only when the positives carry nearly all the mass, where that term is negligible).
+  ``S = cos / temperature``: ``softplus(LSE_neg(a) - S_ap)``, each anchor's log-sum-exp over the
+  other labels from one fused sweep that leaves its own label out (no cancellation where the
+  positive dominates). Needs a backend with the extended closures ("auto", "triton", "torch").
 * ``SupConLoss(temperature=0.1)``: :func:`fastcl.supcon` (variant "out"), mean over anchors that
   have a positive (pml's AvgNonZeroReducer).
+
+``exact`` (both): float32 products in IEEE arithmetic; by default as torch's float32 matmul
+precision allows (:func:`fastcl.integrations._common.exact_products`), as pml's own matmuls.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..losses import _check_features, _check_labels, supcon
-from ._common import row_lse
+from ..autograd import engine_statistics
+from ..losses import _check_features, _check_labels, _prepare, _scalar_param, _stat_dtype, supcon
+from ..ops import LossSpec, Targets
+from ._common import exact_products
 
 Tensor = torch.Tensor
 
@@ -54,43 +58,34 @@ def _positive_pairs(labels: Tensor):
 
 
 def ntxent_pairs(embeddings: Tensor, labels: Tensor, temperature: float = 0.07, *,
-                 backend: str = "auto") -> Tensor:
+                 backend: str = "auto", exact: Optional[bool] = None) -> Tensor:
     """pml's NT-Xent (cosine similarity), mean over positive pairs; 0 when there is none."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     x = nn.functional.normalize(embeddings, dim=-1)
-    scale = 1.0 / temperature
     a, p = _positive_pairs(labels)
     if a.numel() == 0:
         return (x * 0).sum()
-    lse_all = row_lse(x, x, scale, exclude_offset=0, backend=backend)  # (B,) over j != a
-    wdt = torch.float64
-    s_ap = (scale * (x[a] * x[p]).sum(-1)).to(wdt)
-    B = x.shape[0]
-    npos = torch.bincount(a, minlength=B)
-    # log-sum-exp of each anchor's positives, then of its negatives = all minus positives
-    m = torch.full((B,), -float("inf"), dtype=wdt, device=x.device).scatter_reduce(
-        0, a, s_ap.detach(), reduce="amax", include_self=True)
-    pos_sum = torch.zeros(B, dtype=wdt, device=x.device).index_add(0, a, torch.exp(s_ap - m[a]))
-    has = npos > 0
-    pos_lse = torch.where(has, m + torch.log(torch.where(has, pos_sum, torch.ones_like(pos_sum))),
-                          torch.full_like(pos_sum, -float("inf")))
-    lse = lse_all.to(wdt)
-    delta = (pos_lse - lse).clamp(max=-1e-30)
-    neg_lse = lse + torch.log(-torch.expm1(delta))
-    single = (npos == 1)[a]
-    pair = torch.where(single, lse[a] - s_ap, torch.logaddexp(s_ap, neg_lse[a]) - s_ap)
-    return pair.mean().to(lse_all.dtype)
+    dt = _stat_dtype(x)
+    s = _scalar_param("temperature", 1.0 / temperature, x.device, optional=False, dtype=dt)
+    q, _, be = _prepare(x, x, backend)
+    # each anchor's LSE over the other labels' rows (its own label, itself included, left out)
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True,
+                    exact=exact_products(exact))
+    neg_lse = engine_statistics(q, q, s, None, Targets(row_labels=labels, col_labels=labels), spec,
+                                be).row_lse
+    s_ap = s * (x[a].to(dt) * x[p].to(dt)).sum(-1)
+    return nn.functional.softplus(neg_lse[a] - s_ap).mean()
 
 
 class _PairLoss(nn.Module):
     """pml's call convention ``loss(embeddings (B, D), labels (B,))`` around a fused loss."""
 
-    def __init__(self, temperature: float, backend: str):
+    def __init__(self, temperature: float, backend: str, exact: Optional[bool]):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.backend = float(temperature), backend
+        self.temperature, self.backend, self.exact = float(temperature), backend, exact
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
                 ref_emb=None, ref_labels=None) -> Tensor:
@@ -101,19 +96,19 @@ class _PairLoss(nn.Module):
 class NTXentLoss(_PairLoss):
     """Fused pml ``NTXentLoss``: ``forward(embeddings (B, D), labels (B,))``."""
 
-    def __init__(self, temperature: float = 0.07, *, backend: str = "auto"):
-        super().__init__(temperature, backend)
+    def __init__(self, temperature: float = 0.07, *, backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__(temperature, backend, exact)
 
     def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return ntxent_pairs(embeddings, labels, self.temperature, backend=self.backend)
+        return ntxent_pairs(embeddings, labels, self.temperature, backend=self.backend, exact=self.exact)
 
 
 class SupConLoss(_PairLoss):
     """Fused pml ``SupConLoss``: ``forward(embeddings (B, D), labels (B,))``."""
 
-    def __init__(self, temperature: float = 0.1, *, backend: str = "auto"):
-        super().__init__(temperature, backend)
+    def __init__(self, temperature: float = 0.1, *, backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__(temperature, backend, exact)
 
     def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         return supcon(embeddings, labels, self.temperature, normalize=True, reduction="mean",
-                      backend=self.backend)
+                      backend=self.backend, exact=exact_products(self.exact))

@@ -9,7 +9,9 @@ model only has to map a features dict to a dict with ``"sentence_embedding"``.
 Supported: similarity ``cos_sim`` (default) or ``dot_score``; ``directions`` any subset containing
 "query_to_doc"; ``partition_mode`` "joint" / "per_direction"; ``gather_across_devices``. Not
 supported (ValueError): ``hardness_mode`` with a positive ``hardness_strength`` and other
-similarity functions.
+similarity functions. ``exact``: float32 products in IEEE arithmetic; by default as torch's
+float32 matmul precision allows (:func:`fastcl.integrations._common.exact_products`), as the
+library's own similarity matrices.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import nn
 
 from .. import distributed as fdist
 from ..train import chunked_loss
-from ._common import row_lse
+from ._common import exact_products, row_gap, row_lse
 
 Tensor = torch.Tensor
 
@@ -41,11 +43,13 @@ def _similarity_kind(fct) -> str:
 
 def mnrl_from_embeddings(embeddings: Sequence[Tensor], *, scale: float = 20.0, similarity: str = "cos",
                          directions: Sequence[str] = ("query_to_doc",), partition_mode: str = "joint",
-                         gather_across_devices: bool = False, backend: str = "auto") -> Tensor:
+                         gather_across_devices: bool = False, backend: str = "auto",
+                         exact: Optional[bool] = None) -> Tensor:
     """Multiple-negatives ranking loss from column embeddings [anchors (n, D), positives (n, D),
     hard negatives (n, D)...]: mean over anchors of ``log Z_i - scale * sim(q_i, d_i)``, with
     ``log Z_i`` the log-sum-exp of the chosen directions' scores (joint), or the mean of the
-    per-direction log-sum-exps (per_direction)."""
+    per-direction log-sum-exps (per_direction). ``exact``: float32 products in IEEE arithmetic
+    (default: as torch's float32 matmul precision, see ``exact_products``)."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings (anchors, positives), got {len(embeddings)}")
     q, docs = embeddings[0], list(embeddings[1:])
@@ -66,20 +70,31 @@ def mnrl_from_embeddings(embeddings: Sequence[Tensor], *, scale: float = 20.0, s
     docs_all = torch.cat(docs)
     q_local = q[offset:offset + n]
     d_local = docs[0][offset:offset + n]
-    parts: Dict[str, List[Tensor]] = {"query_to_doc": [row_lse(q_local, docs_all, scale, backend=backend)]}
-    if "query_to_query" in directions:
-        parts["query_to_query"] = [row_lse(q_local, q, scale, exclude_offset=offset, backend=backend)]
+    ex = exact_products(exact)
+    own = torch.arange(n, device=q.device) + offset  # the positive pair's column
+    # each block's LSE less the positive logit: from its own sweep where the block holds the
+    # pair (query_to_doc, doc_to_query: where the two nearly cancel, the difference keeps float32
+    # accuracy), else the LSE less the logit computed directly
+    gaps: Dict[str, List[Tensor]] = {
+        "query_to_doc": [row_gap(q_local, docs_all, scale, own, backend=backend, exact=ex)]}
     if "doc_to_query" in directions:
-        parts["doc_to_query"] = [row_lse(d_local, q, scale, backend=backend)]
+        gaps["doc_to_query"] = [row_gap(d_local, q, scale, own, backend=backend, exact=ex)]
+    apart = {}
+    if "query_to_query" in directions:
+        apart["query_to_query"] = [row_lse(q_local, q, scale, exclude_offset=offset, backend=backend,
+                                           exact=ex)]
     if "doc_to_doc" in directions:
-        parts["doc_to_doc"] = [row_lse(d_local, block, scale, exclude_offset=offset, backend=backend)
-                               for block in docs]
-    pos = scale * (q_local * d_local).sum(-1)
+        apart["doc_to_doc"] = [row_lse(d_local, block, scale, exclude_offset=offset, backend=backend,
+                                       exact=ex) for block in docs]
+    if apart:
+        dt = gaps["query_to_doc"][0].dtype
+        pos = scale * (q_local.to(dt) * d_local.to(dt)).sum(-1)
+        gaps.update({name: [lse - pos for lse in lses] for name, lses in apart.items()})
     if partition_mode == "joint":
-        log_z = torch.logsumexp(torch.stack([p for ps in parts.values() for p in ps]), dim=0)
+        loss = torch.logsumexp(torch.stack([g for gs in gaps.values() for g in gs]), dim=0)
     else:
-        log_z = sum(torch.logsumexp(torch.stack(ps), dim=0) for ps in parts.values()) / len(parts)
-    return (log_z - pos.to(log_z.dtype)).mean()
+        loss = sum(torch.logsumexp(torch.stack(gs), dim=0) for gs in gaps.values()) / len(gaps)
+    return loss.mean()
 
 
 class MultipleNegativesRankingLoss(nn.Module):
@@ -92,13 +107,14 @@ class MultipleNegativesRankingLoss(nn.Module):
         mini_batch_size: when set, encode every column ``mini_batch_size`` rows at a time with
             :func:`fastcl.train.chunked_loss` (memory of one mini-batch, gradients unchanged).
         backend: fastcl backend ("auto": Triton on CUDA).
+        exact: float32 products in IEEE arithmetic (None: as torch's float32 matmul precision).
     """
 
     def __init__(self, model: Callable, scale: float = 20.0, similarity_fct: Optional[Callable] = None,
                  gather_across_devices: bool = False, directions: Sequence[str] = ("query_to_doc",),
                  partition_mode: str = "joint", hardness_mode: Optional[str] = None,
                  hardness_strength: float = 0.0, *, mini_batch_size: Optional[int] = None,
-                 show_progress_bar: bool = False, backend: str = "auto"):
+                 show_progress_bar: bool = False, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
@@ -126,6 +142,7 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.mini_batch_size = mini_batch_size
         self.show_progress_bar = show_progress_bar
         self.backend = backend
+        self.exact = exact
 
     def _embed(self, features: Dict[str, Any]) -> Tensor:
         return self.model(features)["sentence_embedding"]
@@ -134,7 +151,7 @@ class MultipleNegativesRankingLoss(nn.Module):
         return mnrl_from_embeddings(embeddings, scale=self.scale, similarity=self.similarity,
                                     directions=self.directions, partition_mode=self.partition_mode,
                                     gather_across_devices=self.gather_across_devices,
-                                    backend=self.backend)
+                                    backend=self.backend, exact=self.exact)
 
     def forward(self, sentence_features: Iterable[Dict[str, Any]], labels: Optional[Tensor] = None) -> Tensor:
         features = list(sentence_features)
@@ -165,10 +182,10 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                  gather_across_devices: bool = False, directions: Sequence[str] = ("query_to_doc",),
                  partition_mode: str = "joint", show_progress_bar: bool = False,
                  hardness_mode: Optional[str] = None, hardness_strength: float = 0.0, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", exact: Optional[bool] = None):
         if mini_batch_num_tokens is not None:
             raise ValueError("mini_batch_num_tokens is not supported; use mini_batch_size")
         super().__init__(model, scale, similarity_fct, gather_across_devices, directions,
                          partition_mode, hardness_mode, hardness_strength,
                          mini_batch_size=mini_batch_size, show_progress_bar=show_progress_bar,
-                         backend=backend)
+                         backend=backend, exact=exact)
