@@ -133,19 +133,22 @@ def _open_clip_worker(r, W):
         from sentence_transformers import util as st_util
     except Exception:
         Real = None
-    if Real is not None:
+    # (and each hardness mode: the own documents are those of the rank's global rows)
+    for hardness in ([None, "hard_negatives", "in_batch_negatives", "all_negatives"]
+                     if Real is not None else []):
         dirs = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
         cols = [local(_feats(gen, W * n, d, normalize=False).detach()) for _ in range(3)]
+        hk = dict(hardness_mode=hardness, hardness_strength=2.0 if hardness else 0.0)
         ours = st.mnrl_from_embeddings(cols, scale=20.0, directions=dirs, gather_across_devices=True,
-                                       backend="torch")
+                                       backend="torch", **hk)
         twins = [c.detach().clone().requires_grad_(True) for c in cols]
         theirs = Real(nn.Identity(), scale=20.0, similarity_fct=st_util.cos_sim, directions=dirs,
-                      gather_across_devices=True).compute_loss_from_embeddings(twins, None)
+                      gather_across_devices=True, **hk).compute_loss_from_embeddings(twins, None)
         if abs(ours.item() - theirs.item()) > TOL:
-            raise AssertionError(f"mnrl/gather: {ours.item()} vs {theirs.item()}")
+            raise AssertionError(f"mnrl/gather/{hardness}: {ours.item()} vs {theirs.item()}")
         for k, (a, bb) in enumerate(zip(torch.autograd.grad(ours, cols), torch.autograd.grad(theirs, twins))):
             if bb.abs().max() == 0 or (a - bb).abs().max() > TOL:
-                raise AssertionError(f"mnrl/gather: grad {k} off by {(a - bb).abs().max().item():.3e}")
+                raise AssertionError(f"mnrl/gather/{hardness}: grad {k} off by {(a - bb).abs().max().item():.3e}")
 
 
 def test_distributed_matches_open_clip_and_sentence_transformers():
@@ -184,7 +187,7 @@ def _columns(gen, n, cols, vocab=40, length=6):
     return feats
 
 
-def _mnrl_formula(embs, scale, directions, partition_mode, cos=True):
+def _mnrl_formula(embs, scale, directions, partition_mode, cos=True, hardness=None, strength=0.0):
     """sentence-transformers' MultipleNegativesRankingLoss on one process, transcribed."""
     if cos:
         embs = [nn.functional.normalize(e, dim=-1) for e in embs]
@@ -199,7 +202,16 @@ def _mnrl_formula(embs, scale, directions, partition_mode, cos=True):
         sims["doc_to_query"] = (q @ docs[0].T).T
     if "doc_to_doc" in directions:
         sims["doc_to_doc"] = (docs_all @ docs[0].T).T.masked_fill(eye.repeat(1, len(docs)), -math.inf)
+    penalty = None
+    if hardness is not None:  # strength * the detached similarity on the chosen negatives
+        own = eye.repeat(1, len(docs))
+        chosen = {"hard_negatives": own & (torch.arange(own.shape[1]) >= n)[None, :],
+                  "in_batch_negatives": ~own,
+                  "all_negatives": ~(own & (torch.arange(own.shape[1]) < n)[None, :])}[hardness]
+        penalty = torch.where(chosen, strength * sims["query_to_doc"].detach(), 0.0)
     sims = {k: v * scale for k, v in sims.items()}
+    if penalty is not None:
+        sims["query_to_doc"] = sims["query_to_doc"] + penalty
     pos = sims["query_to_doc"].diagonal()
     if partition_mode == "joint":
         log_z = torch.logsumexp(torch.cat(list(sims.values()), 1), 1)
@@ -209,15 +221,22 @@ def _mnrl_formula(embs, scale, directions, partition_mode, cos=True):
 
 
 MNRL_CASES = [
-    (("query_to_doc",), "joint", 2, True),
-    (("query_to_doc",), "joint", 4, False),  # two hard-negative columns, dot product
-    (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", 3, True),
-    (("query_to_doc", "doc_to_query"), "per_direction", 3, True),
+    (("query_to_doc",), "joint", 2, True, None),
+    (("query_to_doc",), "joint", 4, False, None),  # two hard-negative columns, dot product
+    (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", 3, True, None),
+    (("query_to_doc", "doc_to_query"), "per_direction", 3, True, None),
+    # hardness penalties on the query-to-doc negatives
+    (("query_to_doc",), "joint", 3, True, "hard_negatives"),
+    (("query_to_doc",), "joint", 3, True, "in_batch_negatives"),
+    (("query_to_doc",), "joint", 2, False, "in_batch_negatives"),  # no own hard negatives
+    (("query_to_doc", "doc_to_query"), "per_direction", 4, True, "all_negatives"),
+    (("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), "joint", 2, True,
+     "hard_negatives"),  # the mode without hard-negative columns: no penalty
 ]
 
 
-@pytest.mark.parametrize("directions,partition_mode,cols,cos", MNRL_CASES)
-def test_sentence_transformers_mnrl(directions, partition_mode, cols, cos):
+@pytest.mark.parametrize("directions,partition_mode,cols,cos,hardness", MNRL_CASES)
+def test_sentence_transformers_mnrl(directions, partition_mode, cols, cos, hardness):
     gen = torch.Generator().manual_seed(len(directions) * 10 + cols)
     torch.manual_seed(0)
     model = ToyEncoder()
@@ -230,6 +249,8 @@ def test_sentence_transformers_mnrl(directions, partition_mode, cols, cos):
     except Exception:
         st_util = None
     kw = dict(directions=directions, partition_mode=partition_mode)
+    if hardness is not None:
+        kw.update(hardness_mode=hardness, hardness_strength=3.0)
     if sim is not None:
         kw["similarity_fct"] = sim
     elif not cos:
@@ -238,7 +259,7 @@ def test_sentence_transformers_mnrl(directions, partition_mode, cols, cos):
     ours = st.MultipleNegativesRankingLoss(model, scale=20.0, **kw)(feats, None)
     def formula():
         embs = [model(f)["sentence_embedding"] for f in feats]
-        return _mnrl_formula(embs, 20.0, directions, partition_mode, cos)
+        return _mnrl_formula(embs, 20.0, directions, partition_mode, cos, hardness, 3.0)
 
     _compare("mnrl/transcription", ours, formula(), params)
     # chunked (cached) form: same loss and gradients
@@ -262,7 +283,9 @@ def test_sentence_transformers_errors():
     with pytest.raises(ValueError, match="query_to_doc"):
         st.MultipleNegativesRankingLoss(model, directions=("doc_to_query",))
     with pytest.raises(ValueError, match="hardness_mode"):
-        st.MultipleNegativesRankingLoss(model, hardness_mode="hard_negatives", hardness_strength=1.0)
+        st.MultipleNegativesRankingLoss(model, hardness_mode="hardest", hardness_strength=1.0)
+    with pytest.raises(ValueError, match="hardness_strength"):
+        st.MultipleNegativesRankingLoss(model, hardness_mode="hard_negatives", hardness_strength=-1.0)
     with pytest.raises(ValueError, match="similarity_fct"):
         st.MultipleNegativesRankingLoss(model, similarity_fct=lambda a, b: a @ b.T)
     with pytest.raises(ValueError, match="at least 2"):
@@ -344,8 +367,9 @@ def _float32_errors(ours, theirs, inputs):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", ["mnrl", "mnrl_all_directions", "ntxent_two_views",
-                                  "ntxent_three_views"])
+@pytest.mark.parametrize("case", ["mnrl", "mnrl_all_directions", "mnrl_hard_negatives",
+                                  "mnrl_in_batch_negatives", "mnrl_all_negatives",
+                                  "ntxent_two_views", "ntxent_three_views"])
 def test_drop_ins_float32_where_the_positive_dominates(case, backend):
     """Near-duplicate positives at scale 20: the loss ~1e-3 per anchor sits next to LSEs ~20.
     MNRL takes each direction holding the pair as the engine's own LSE - target (before: the LSE
@@ -355,16 +379,18 @@ def test_drop_ins_float32_where_the_positive_dominates(case, backend):
     the libraries' own float32 computation (both at the float32 floor for the hard negatives)."""
     gen = torch.Generator().manual_seed(3)
     if case.startswith("mnrl"):
-        directions = ("query_to_doc",) if case == "mnrl" else \
-            ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+        directions = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc") \
+            if case == "mnrl_all_directions" else ("query_to_doc",)
+        hardness = case[5:] if case.endswith("_negatives") else None  # (strength 3)
         inputs = _near_duplicate_views(gen, 40, 24, 2) + [torch.randn(40, 24, dtype=torch.float64,
                                                                        generator=gen)]
         def ours(*embs):
             return st.mnrl_from_embeddings(list(embs), scale=20.0, directions=directions,
-                                           backend=backend)
+                                           backend=backend, hardness_mode=hardness,
+                                           hardness_strength=3.0)
 
         def theirs(*embs):
-            return _mnrl_formula(list(embs), 20.0, directions, "joint")
+            return _mnrl_formula(list(embs), 20.0, directions, "joint", True, hardness, 3.0)
     else:
         views = 2 if case == "ntxent_two_views" else 3
         labels = torch.arange(30).repeat(views)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..autograd import engine_loss
+from ..autograd import engine_loss, engine_statistics
 from ..losses import _prepare, _scalar_param
 from ..ops import LossSpec, Targets
 
@@ -70,3 +70,47 @@ def row_lse(a: Tensor, b: Tensor, scale, *, exclude_offset: Optional[int] = None
     if exclude_offset is not None and m == 1:  # a row whose only column is excluded: LSE of nothing
         out = torch.where(idx + exclude_offset == 0, torch.full_like(out, -math.inf), out)
     return out
+
+
+def row_lse_without(a: Tensor, b: Tensor, scale, targets: Tensor, *, row_ids: Optional[Tensor] = None,
+                    col_ids: Optional[Tensor] = None, backend: str = "auto",
+                    exact: bool = False) -> Tensor:
+    """``LSE_j scale <a_i, b_j>`` (Na,) over the columns j other than ``targets`` t(i) (Na,) and,
+    when ids are given, other than those with ``col_ids[j] == row_ids[i]``: one fused sweep (a
+    backend with the extended closures); -inf for a row with no such column."""
+    q, k, be = _prepare(a, b, backend)
+    spec = LossSpec(kind="softmax", exclude_targets=True, exact=exact)
+    st = engine_statistics(q, k, _scale(a, scale), None,
+                           Targets(positives=targets, row_ids=row_ids, col_ids=col_ids), spec, be)
+    return st.row_lse
+
+
+def row_gap_without(a: Tensor, b: Tensor, scale, targets: Tensor, row_ids: Tensor, col_ids: Tensor, *,
+                    backend: str = "auto", exact: bool = False) -> Tensor:
+    """:func:`row_gap` over the columns other than those with ``col_ids[j] == row_ids[i]`` (the
+    target t(i) kept)."""
+    q, k, be = _prepare(a, b, backend)
+    spec = LossSpec(kind="softmax", exact=exact)
+    st = engine_statistics(q, k, _scale(a, scale), None,
+                           Targets(positives=targets, row_ids=row_ids, col_ids=col_ids), spec, be)
+    return st.row_gap()
+
+
+class _ScaledGrad(torch.autograd.Function):
+    """Identity whose gradient is multiplied by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+def scaled_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` with its gradient multiplied by ``factor``: logits ``(s + a) <x, y>`` whose extra ``a``
+    is a detached penalty take the gradient of ``s <x, y>`` alone when both factors go through
+    this with ``s / (s + a)``."""
+    return _ScaledGrad.apply(x, float(factor))

@@ -7,11 +7,18 @@ N x (k N) score matrix is never materialised. sentence-transformers itself is no
 model only has to map a features dict to a dict with ``"sentence_embedding"``.
 
 Supported: similarity ``cos_sim`` (default) or ``dot_score``; ``directions`` any subset containing
-"query_to_doc"; ``partition_mode`` "joint" / "per_direction"; ``gather_across_devices``. Not
-supported (ValueError): ``hardness_mode`` with a positive ``hardness_strength`` and other
-similarity functions. ``exact``: float32 products in IEEE arithmetic; by default as torch's
-float32 matmul precision allows (:func:`fastcl.integrations._common.exact_products`), as the
-library's own similarity matrices.
+"query_to_doc"; ``partition_mode`` "joint" / "per_direction"; ``gather_across_devices``;
+``hardness_mode``. Not supported (ValueError): other similarity functions.
+
+``hardness_mode`` / ``hardness_strength`` a (Lan et al. 2025): the query-to-doc logits of the
+chosen negatives are ``(scale + a) sim``, the ``a sim`` part detached. "hard_negatives": each
+anchor's own hard-negative columns, computed beside the sweep (O(n h D)); "in_batch_negatives":
+every other anchor's documents, the sweep at scale + a with the anchor's own documents left out
+and added back at scale; "all_negatives": all but the positive, the sweep at scale + a without it.
+
+``exact``: float32 products in IEEE arithmetic; by default as torch's float32 matmul precision
+allows (:func:`fastcl.integrations._common.exact_products`), as the library's own similarity
+matrices.
 """
 from __future__ import annotations
 
@@ -22,13 +29,48 @@ from torch import nn
 
 from .. import distributed as fdist
 from ..train import chunked_loss
-from ._common import exact_products, row_gap, row_lse
+from ._common import exact_products, row_gap, row_gap_without, row_lse, row_lse_without, scaled_grad
 
 Tensor = torch.Tensor
 
 __all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "mnrl_from_embeddings"]
 
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+_HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+
+
+def _penalised_gap(q_local: Tensor, docs: List[Tensor], own: Tensor, scale: float, strength: float,
+                   mode: str, backend: str, exact: bool) -> Tensor:
+    """The query-to-doc LSE less the positive logit (n,) with ``hardness_mode`` ``mode``: the
+    chosen negatives' logits are (scale + strength) sim, the extra part detached. Row i's own
+    documents are the columns own_i + k W (k = 0: the positive; W the anchors' count)."""
+    docs_all = torch.cat(docs)
+    W = docs[0].shape[0]
+    own_docs = torch.stack([d[own] for d in docs], 1)  # (n, 1 + h, D): positive, hard negatives
+    dt = torch.float64 if q_local.dtype == torch.float64 else torch.float32
+    sims = torch.einsum("nd,nkd->nk", q_local.to(dt), own_docs.to(dt))
+    s_own = scale * sims  # the own columns' logits at the plain scale
+    s_pos = s_own[:, 0]
+    col_owner = torch.arange(docs_all.shape[0], device=own.device) % W
+    hard = scale * sims[:, 1:] + strength * sims[:, 1:].detach()
+    if mode == "hard_negatives":  # the sweep without the own hard negatives, then theirs merged
+        gap = row_gap_without(q_local, docs_all, scale, own, own, col_owner, backend=backend,
+                              exact=exact)
+        if hard.shape[1] == 0:
+            return gap
+        return gap + nn.functional.softplus(torch.logsumexp(hard, 1) - (gap + s_pos))
+    # the sweep at scale + strength, its gradient that of the plain scale
+    r = scale / (scale + strength)
+    q_g, d_g = scaled_grad(q_local, r), scaled_grad(docs_all, r)
+    if mode == "all_negatives":  # every column but the positive
+        lse = row_lse_without(q_g, d_g, scale + strength, own, backend=backend, exact=exact)
+        return nn.functional.softplus(lse - s_pos)
+    # in_batch_negatives: the other anchors' documents; the own ones at the plain scale
+    lse = row_lse_without(q_g, d_g, scale + strength, own, row_ids=own, col_ids=col_owner,
+                          backend=backend, exact=exact)
+    own_gap = nn.functional.softplus(torch.logsumexp(s_own[:, 1:], 1) - s_pos) if s_own.shape[1] > 1 \
+        else torch.zeros_like(s_pos)
+    return torch.logaddexp(lse - s_pos, own_gap)
 
 
 def _similarity_kind(fct) -> str:
@@ -44,7 +86,8 @@ def _similarity_kind(fct) -> str:
 def mnrl_from_embeddings(embeddings: Sequence[Tensor], *, scale: float = 20.0, similarity: str = "cos",
                          directions: Sequence[str] = ("query_to_doc",), partition_mode: str = "joint",
                          gather_across_devices: bool = False, backend: str = "auto",
-                         exact: Optional[bool] = None) -> Tensor:
+                         exact: Optional[bool] = None, hardness_mode: Optional[str] = None,
+                         hardness_strength: float = 0.0) -> Tensor:
     """Multiple-negatives ranking loss from column embeddings [anchors (n, D), positives (n, D),
     hard negatives (n, D)...]: mean over anchors of ``log Z_i - scale * sim(q_i, d_i)``, with
     ``log Z_i`` the log-sum-exp of the chosen directions' scores (joint), or the mean of the
@@ -75,8 +118,13 @@ def mnrl_from_embeddings(embeddings: Sequence[Tensor], *, scale: float = 20.0, s
     # each block's LSE less the positive logit: from its own sweep where the block holds the
     # pair (query_to_doc, doc_to_query: where the two nearly cancel, the difference keeps float32
     # accuracy), else the LSE less the logit computed directly
-    gaps: Dict[str, List[Tensor]] = {
-        "query_to_doc": [row_gap(q_local, docs_all, scale, own, backend=backend, exact=ex)]}
+    if hardness_mode not in _HARDNESS:
+        raise ValueError(f"hardness_mode must be one of {_HARDNESS}, got {hardness_mode!r}")
+    if hardness_mode is not None and hardness_strength > 0:
+        q2d = _penalised_gap(q_local, docs, own, scale, hardness_strength, hardness_mode, backend, ex)
+    else:
+        q2d = row_gap(q_local, docs_all, scale, own, backend=backend, exact=ex)
+    gaps: Dict[str, List[Tensor]] = {"query_to_doc": [q2d]}
     if "doc_to_query" in directions:
         gaps["doc_to_query"] = [row_gap(d_local, q, scale, own, backend=backend, exact=ex)]
     apart = {}
@@ -128,8 +176,10 @@ class MultipleNegativesRankingLoss(nn.Module):
         if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
             raise ValueError("partition_mode='per_direction' needs every direction to contain the "
                              "positive; 'query_to_query' and 'doc_to_doc' do not: use 'joint'")
-        if hardness_mode is not None and hardness_strength > 0:
-            raise ValueError("hardness_mode with hardness_strength > 0 is not supported by the fused loss")
+        if hardness_mode not in _HARDNESS:
+            raise ValueError(f"hardness_mode must be one of {_HARDNESS}, got {hardness_mode!r}")
+        if not hardness_strength >= 0:
+            raise ValueError(f"hardness_strength must be >= 0, got {hardness_strength}")
         if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
         self.model = model
@@ -139,6 +189,7 @@ class MultipleNegativesRankingLoss(nn.Module):
         self.gather_across_devices = gather_across_devices
         self.directions = directions
         self.partition_mode = partition_mode
+        self.hardness_mode, self.hardness_strength = hardness_mode, float(hardness_strength)
         self.mini_batch_size = mini_batch_size
         self.show_progress_bar = show_progress_bar
         self.backend = backend
@@ -151,7 +202,9 @@ class MultipleNegativesRankingLoss(nn.Module):
         return mnrl_from_embeddings(embeddings, scale=self.scale, similarity=self.similarity,
                                     directions=self.directions, partition_mode=self.partition_mode,
                                     gather_across_devices=self.gather_across_devices,
-                                    backend=self.backend, exact=self.exact)
+                                    backend=self.backend, exact=self.exact,
+                                    hardness_mode=self.hardness_mode,
+                                    hardness_strength=self.hardness_strength)
 
     def forward(self, sentence_features: Iterable[Dict[str, Any]], labels: Optional[Tensor] = None) -> Tensor:
         features = list(sentence_features)
@@ -165,7 +218,8 @@ class MultipleNegativesRankingLoss(nn.Module):
     def get_config_dict(self) -> Dict[str, Any]:
         return {"scale": self.scale, "similarity_fct": self.similarity, "directions": self.directions,
                 "partition_mode": self.partition_mode, "mini_batch_size": self.mini_batch_size,
-                "gather_across_devices": self.gather_across_devices}
+                "gather_across_devices": self.gather_across_devices,
+                "hardness_mode": self.hardness_mode, "hardness_strength": self.hardness_strength}
 
     @property
     def temperature(self) -> float:
