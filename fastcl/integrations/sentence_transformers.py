@@ -56,8 +56,6 @@ def _penalised_gap(q_local: Tensor, docs: List[Tensor], own: Tensor, scale: floa
     if mode == "hard_negatives":  # the sweep without the own hard negatives, then theirs merged
         gap = row_gap_without(q_local, docs_all, scale, own, own, col_owner, backend=backend,
                               exact=exact)
-        if hard.shape[1] == 0:
-            return gap
         return gap + nn.functional.softplus(torch.logsumexp(hard, 1) - (gap + s_pos))
     # the sweep at scale + strength, its gradient that of the plain scale
     r = scale / (scale + strength)
@@ -113,14 +111,15 @@ def mnrl_from_embeddings(embeddings: Sequence[Tensor], *, scale: float = 20.0, s
     docs_all = torch.cat(docs)
     q_local = q[offset:offset + n]
     d_local = docs[0][offset:offset + n]
+    if hardness_mode not in _HARDNESS:
+        raise ValueError(f"hardness_mode must be one of {_HARDNESS}, got {hardness_mode!r}")
     ex = exact_products(exact)
     own = torch.arange(n, device=q.device) + offset  # the positive pair's column
     # each block's LSE less the positive logit: from its own sweep where the block holds the
     # pair (query_to_doc, doc_to_query: where the two nearly cancel, the difference keeps float32
     # accuracy), else the LSE less the logit computed directly
-    if hardness_mode not in _HARDNESS:
-        raise ValueError(f"hardness_mode must be one of {_HARDNESS}, got {hardness_mode!r}")
-    if hardness_mode is not None and hardness_strength > 0:
+    if hardness_mode is not None and hardness_strength > 0 and (
+            hardness_mode != "hard_negatives" or len(docs) > 1):
         q2d = _penalised_gap(q_local, docs, own, scale, hardness_strength, hardness_mode, backend, ex)
     else:
         q2d = row_gap(q_local, docs_all, scale, own, backend=backend, exact=ex)
