@@ -677,7 +677,8 @@ def _teacher_stats(q, k, s, u, v, ts, spec, be, weight: Optional[float] = None):
 
 def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys: Tensor,
             scale: Scalar, teacher_scale: Scalar, *, directions: str = "both",
-            reduction: str = "mean", backend: str = "auto", exact: bool = False) -> Tensor:
+            objective: str = "kl", reduction: str = "mean", backend: str = "auto",
+            exact: bool = False) -> Tensor:
     """Contrastive distillation (CLIP-KD, DistillClipLoss): ``KL(softmax(St_i) || softmax(S_i))``
     with teacher logits ``St_ij = teacher_scale <qt_i, kt_j>`` recomputed inside the tiles (two
     GEMMs per tile, no N x M matrix); the teacher gets no gradient.
@@ -687,12 +688,16 @@ def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys
             teacher_keys (M, Dt): the teacher's (any Dt).
         scale, teacher_scale: floats or one-element tensors (the student's scale gets a gradient).
         directions: "row" (queries -> keys), "col" (keys -> queries) or "both".
+        objective: "kl", or "cross_entropy" ``-sum_j softmax(St_i)_j log softmax(S_i)_j`` (the KL
+            plus the teacher's entropy, a constant: open_clip's ``DistillClipLoss.dist_loss``).
         reduction: "mean" | "sum" | "none" ((N,) per row, or (2, N) for "both", rows then columns).
     """
     _check_pair("queries", queries, "keys", keys)
     _check_reduction(reduction)
     if directions not in ("row", "col", "both"):
         raise ValueError(f"directions must be 'row', 'col' or 'both', got {directions!r}")
+    if objective not in ("kl", "cross_entropy"):
+        raise ValueError(f"objective must be 'kl' or 'cross_entropy', got {objective!r}")
     N, M = queries.shape[0], keys.shape[0]
     if directions == "both" and N != M:
         raise ValueError(f"directions='both' needs N == M, got N={N}, M={M}")
@@ -707,7 +712,8 @@ def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys
         if (directions == "row" and a is k) or (directions == "col" and a is q):
             continue
         st = _teacher_stats(a, b_, s, ua.to(a.dtype), vb.to(a.dtype), ts, spec, be)
-        parts.append(st.aux[1] + st.row_gap())  # (sum_j Tt St - LSEt) + (LSE - sum_j Tt S)
+        # KL = (sum_j Tt St - LSEt) + (LSE - sum_j Tt S); the cross-entropy is the second term
+        parts.append(st.row_gap() if objective == "cross_entropy" else st.aux[1] + st.row_gap())
     per = torch.stack(parts) if directions == "both" else parts[0]
     return _reduce(per, reduction)
 

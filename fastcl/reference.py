@@ -208,13 +208,16 @@ def soft_info_nce(queries: Tensor, keys: Tensor, targets: Tensor, scale=1.0 / 0.
 
 
 def distill(queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys: Tensor, scale,
-            teacher_scale, reduction: str = "mean") -> Tensor:
+            teacher_scale, reduction: str = "mean", objective: str = "kl") -> Tensor:
     """Per-row KL(softmax(teacher logits) || softmax(student logits)), teacher logits
-    st <u_i, v_j>, materialised."""
+    st <u_i, v_j>, materialised; ``objective="cross_entropy"``: -sum_j p_t log p_s."""
     S = logits(queries, keys, scale)
     St = teacher_scale * (teacher_queries @ teacher_keys.transpose(0, 1))
     logp_t = torch.log_softmax(St, dim=1)
-    per = (logp_t.exp() * (logp_t - torch.log_softmax(S, dim=1))).sum(1)
+    if objective == "cross_entropy":
+        per = -(logp_t.exp() * torch.log_softmax(S, dim=1)).sum(1)
+    else:
+        per = (logp_t.exp() * (logp_t - torch.log_softmax(S, dim=1))).sum(1)
     return _reduce(per, reduction)
 
 

@@ -227,22 +227,27 @@ def test_uniformity_alignment_metrics():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("directions", ["row", "col", "both"])
-def test_distillation(backend, directions):
+@pytest.mark.parametrize("directions,objective", [("row", "kl"), ("col", "kl"), ("both", "kl"),
+                                                  ("both", "cross_entropy")])
+def test_distillation(backend, directions, objective):
     N, D, Dt = 31, 13, 22
     q, k = _feat(N, D), _feat(N, D)
     tq, tk = _feat(N, Dt, requires_grad=False), _feat(N, Dt, requires_grad=False)
 
     def ref(q, k, s):
-        rows = R.distill(q, k, tq.to(q.dtype), tk.to(q.dtype), s, 15.0, "none")
-        cols = R.distill(k, q, tk.to(q.dtype), tq.to(q.dtype), s, 15.0, "none")
+        rows = R.distill(q, k, tq.to(q.dtype), tk.to(q.dtype), s, 15.0, "none", objective)
+        cols = R.distill(k, q, tk.to(q.dtype), tq.to(q.dtype), s, 15.0, "none", objective)
         return {"row": rows, "col": cols, "both": torch.stack([rows, cols])}[directions]
 
-    out = _check(f"distill-{directions}",
+    out = _check(f"distill-{directions}-{objective}",
                  lambda q, k, s: fastcl.distill(q, k, tq, tk, s, 15.0, directions=directions,
-                                                reduction="none", backend=backend, exact=True),
+                                                objective=objective, reduction="none",
+                                                backend=backend, exact=True),
                  ref, [q, k, _scalar(12.0)])
-    assert (out > -1e-5).all()  # a KL divergence
+    assert (out > -1e-5).all()  # a KL divergence, or a cross-entropy
+    if objective == "kl":
+        with pytest.raises(ValueError, match="objective"):
+            fastcl.distill(q, k, tq, tk, 1.0, 1.0, objective="ce", backend=backend)
 
 
 def test_distillation_teacher_equals_student_is_zero():

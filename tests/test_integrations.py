@@ -65,7 +65,24 @@ def test_open_clip_single_process():
     ours = oc.SigLipLoss()(img, txt, s2, b2)
     _compare("siglip/transcription", ours, _siglip_formula(img, txt, s2, b2), [img, txt, s2, b2])
 
+    # DistillClipLoss: its distillation term is the cross-entropy against the teacher's softmax
+    t_img, t_txt = _feats(gen, 9, 5).detach(), _feats(gen, 9, 5).detach()
+    con, dis = oc.DistillClipLoss()(img, txt, s, t_img, t_txt, 12.0)
+    _compare("distill/contrastive", con, reference.clip_loss(img, txt, s), [img, txt, s])
+    ref = (reference.distill(img, txt, t_img, t_txt, s, 12.0, objective="cross_entropy")
+           + reference.distill(txt, img, t_txt, t_img, s, 12.0, objective="cross_entropy")) / 2
+    _compare("distill/transcription", dis, ref, [img, txt, s])
+    out = oc.DistillClipLoss()(img, txt, s, t_img, t_txt, 12.0, output_dict=True)
+    assert set(out) == {"contrastive_loss", "distill_loss"}
+    with pytest.raises(ValueError, match="dist_image_features requires a gradient"):
+        oc.DistillClipLoss()(img, txt, s, t_img.clone().requires_grad_(), t_txt, 12.0)
+
     open_clip_loss = pytest.importorskip("open_clip.loss")
+    for k, name in enumerate(("contrastive", "distill")):  # (each term's graph afresh)
+        theirs = open_clip_loss.DistillClipLoss()(img, txt, s, t_img, t_txt,
+                                                  torch.tensor(12.0, dtype=torch.float64))[k]
+        ours = oc.DistillClipLoss()(img, txt, s, t_img, t_txt, 12.0)[k]
+        _compare(f"distill/open_clip/{name}", ours, theirs, [img, txt, s])
     _compare("clip/open_clip", oc.ClipLoss()(img, txt, s, b),
              open_clip_loss.ClipLoss()(img, txt, s, b), [img, txt, s])
     _compare("siglip/open_clip", oc.SigLipLoss()(img, txt, s2, b2),
@@ -97,6 +114,12 @@ def _open_clip_worker(r, W):
         ours = oc.ClipLoss(local_loss, with_grad, rank=r, world_size=W, dist_mode=mode)(i, t, s, b)
         cases.append((f"clip{(local_loss, with_grad, mode)}", ours, [i, t, s],
                       ("clip", local_loss, with_grad)))
+        if mode == "gather":  # the distillation term over the same gathered columns
+            i, t, s = local(I), local(T), _leaf(9.0)
+            ti, tt = local(I.flip(1)).detach(), local(T.roll(1, 1)).detach()
+            _, ours = oc.DistillClipLoss(local_loss, with_grad, rank=r, world_size=W)(i, t, s, ti, tt, 7.0)
+            cases.append((f"distill{(local_loss, with_grad)}", ours, [i, t, s],
+                          ("distill", local_loss, with_grad, ti, tt)))
     for impl in ("bidir", "gather"):
         i, t, s, b = local(I), local(T), _leaf(10.0), _leaf(-10.0)
         ours = oc.SigLipLoss(rank=r, world_size=W, dist_impl=impl)(i, t, s, b)
@@ -108,6 +131,9 @@ def _open_clip_worker(r, W):
         if ocl is not None:
             if cfg[0] == "clip":
                 theirs = ocl.ClipLoss(cfg[1], cfg[2], rank=r, world_size=W)(i2, t2, s2, b2)
+            elif cfg[0] == "distill":
+                _, theirs = ocl.DistillClipLoss(cfg[1], cfg[2], rank=r, world_size=W)(
+                    i2, t2, s2, cfg[3], cfg[4], torch.tensor(7.0, dtype=torch.float64))
             else:
                 theirs = ocl.SigLipLoss(rank=r, world_size=W, dist_impl=cfg[1])(i2, t2, s2, b2)
         else:  # transcription of open_clip's per-rank formulas, single process on gathered data

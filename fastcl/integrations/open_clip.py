@@ -12,6 +12,11 @@ given to open_clip) reproduce open_clip's per-rank values and gradients:
   the sum over ranks, hence the DDP-averaged gradient, is the same.
 * ``local_loss=False``: the full global loss on every rank from gathered features (the rank's own
   slice keeps its gradient when ``gather_with_grad=False``, as in open_clip).
+* ``DistillClipLoss``: ``ClipLoss``'s term and the distillation term, each row's cross-entropy
+  against the teacher's softmax over the same (gathered) columns, the teacher's logits recomputed
+  in the tiles (:func:`fastcl.distill`, ``objective="cross_entropy"``). The teacher's features and
+  scale are constants, as open_clip's training computes them (under ``torch.no_grad``): a
+  teacher input that requires a gradient is refused.
 * ``SigLipLoss``: the rank's images against every rank's texts (the positive only on its own
   block), divided by the local batch size; ``dist_impl`` "gather" all-gathers the texts, every
   other value ("bidir", "shift", "reduce", "ring") uses the ring: the texts travel, not all held.
@@ -32,13 +37,13 @@ from torch import nn
 
 from .. import distributed as fdist
 from ..autograd import engine_loss
-from ..losses import _check_pair, _prepare, _scalar_param, clip_loss, info_nce, siglip_loss
+from ..losses import _check_pair, _prepare, _scalar_param, clip_loss, distill, info_nce, siglip_loss
 from ..ops import LossSpec, Targets
 from ._common import exact_products
 
 Tensor = torch.Tensor
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "DistillClipLoss", "SigLipLoss"]
 
 
 def _gather_no_grad(x: Tensor, rank: int, world_size: int, keep_local: bool) -> Tensor:
@@ -111,6 +116,44 @@ class ClipLoss(nn.Module):
         rows = info_nce(img, all_t, **kw)
         cols = info_nce(txt, all_i, **kw)
         return (rows + cols) / 2
+
+
+class DistillClipLoss(ClipLoss):
+    """open_clip ``DistillClipLoss``: ``forward(image_features, text_features, logit_scale,
+    dist_image_features, dist_text_features, dist_logit_scale, output_dict=False)`` ->
+    ``(contrastive_loss, distill_loss)`` (or the dict); constructor as :class:`ClipLoss`."""
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
+                dist_image_features: Tensor, dist_text_features: Tensor, dist_logit_scale,
+                output_dict: bool = False):
+        for name, x in (("dist_image_features", dist_image_features),
+                        ("dist_text_features", dist_text_features), ("dist_logit_scale", dist_logit_scale)):
+            if isinstance(x, Tensor) and x.requires_grad:
+                raise ValueError(f"{name} requires a gradient, but the fused distillation term treats "
+                                 "the teacher as a constant: compute it under torch.no_grad() or detach it")
+        contrastive = super().forward(image_features, text_features, logit_scale)
+        kw = dict(objective="cross_entropy", backend=self.backend, exact=exact_products(self.exact))
+        img, txt, t_img, t_txt = image_features, text_features, dist_image_features, dist_text_features
+        if self.world_size <= 1:
+            loss = distill(img, txt, t_img, t_txt, logit_scale, dist_logit_scale, directions="both", **kw)
+        else:
+            all_ti = _gather_no_grad(t_img, self.rank, self.world_size, False)
+            all_tt = _gather_no_grad(t_txt, self.rank, self.world_size, False)
+            if self.gather_with_grad:
+                all_i, all_t = fdist.all_gather_with_grad(img), fdist.all_gather_with_grad(txt)
+            else:  # (the local slice keeps its graph for the global loss only, as in open_clip)
+                all_i = _gather_no_grad(img, self.rank, self.world_size, not self.local_loss)
+                all_t = _gather_no_grad(txt, self.rank, self.world_size, not self.local_loss)
+            if self.local_loss:  # the rank's rows against every rank's columns, each direction
+                rows = distill(img, all_t, t_img, all_tt, logit_scale, dist_logit_scale,
+                               directions="row", **kw)
+                cols = distill(txt, all_i, t_txt, all_ti, logit_scale, dist_logit_scale,
+                               directions="row", **kw)
+                loss = (rows + cols) / 2
+            else:
+                loss = distill(all_i, all_t, all_ti, all_tt, logit_scale, dist_logit_scale,
+                               directions="both", **kw)
+        return {"contrastive_loss": contrastive, "distill_loss": loss} if output_dict else (contrastive, loss)
 
 
 class SigLipLoss(nn.Module):
