@@ -146,10 +146,10 @@ class EngineStatistics(torch.autograd.Function):
     targets, or the target LSE with ``spec.target_lse``), number of targets per row (N,) (not
     differentiable), when ``spec.symmetric`` col_lse (M,) and the column target logit (M,)
     (else empty tensors), and with teacher targets the (2, N) teacher statistics, the teacher
-    LSE and sum_j Tt_ij St_ij minus it (not differentiable; else empty), with ``spec.lse2_ratio`` the second row LSE (N,)
-    (differentiable; else empty), the rounding errors of the float32 row / column LSEs (N,) /
-    (M,) where the backend keeps them, and with teacher targets that of the row target (N,) (not
-    differentiable; else empty).
+    LSE and sum_j Tt_ij St_ij minus it (not differentiable; else empty), with
+    ``spec.lse2_ratio`` the second row LSE (N,) (differentiable; else empty), the rounding
+    errors of the float32 row / column LSEs (N,) / (M,) where the backend keeps them, and with
+    teacher targets that of the row target (N,) (not differentiable; else empty).
     """
 
     @staticmethod

@@ -174,7 +174,8 @@ def _open_clip_worker(r, W):
             raise AssertionError(f"mnrl/gather/{hardness}: {ours.item()} vs {theirs.item()}")
         for k, (a, bb) in enumerate(zip(torch.autograd.grad(ours, cols), torch.autograd.grad(theirs, twins))):
             if bb.abs().max() == 0 or (a - bb).abs().max() > TOL:
-                raise AssertionError(f"mnrl/gather/{hardness}: grad {k} off by {(a - bb).abs().max().item():.3e}")
+                raise AssertionError(f"mnrl/gather/{hardness}: grad {k} off by "
+                                     f"{(a - bb).abs().max().item():.3e}")
 
 
 def test_distributed_matches_open_clip_and_sentence_transformers():

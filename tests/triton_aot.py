@@ -244,7 +244,8 @@ def _resource_usage(compiled):
 
 
 TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor descriptors
-_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl", "other_labels")  # self-similarity closures (no column stats)
+# self-similarity closures (no column stats)
+_GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl", "other_labels")
 _LINE_CLOSURES = ("clip", "clip_masked", "info_nce", "info_nce_lean", "supcon", "supcon_lean", "soft_k2")
 VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for c in _LINE_CLOSURES
              if k != "bwd_cols_only_lines" or CLOSURES[c]["SYMMETRIC"]]
