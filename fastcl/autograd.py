@@ -171,7 +171,7 @@ class EngineStatistics(torch.autograd.Function):
         empty = stats.row_lse.new_zeros
         row_lo = stats.row_lse_lo.clone() if stats.row_lse_lo is not None else empty(0)
         col_lo = stats.col_lse_lo.clone() if stats.col_lse_lo is not None else empty(0)
-        tgt_lo = stats.row_aux[2].clone() if targets.teacher_queries is not None else empty(0)
+        tgt_lo = stats.row_pos_lo.clone() if stats.row_pos_lo is not None else empty(0)
         ctx.mark_non_differentiable(stats.row_npos, aux, row_lo, col_lo, tgt_lo,
                                     *([] if spec.symmetric else [col_lse, col_pos]),
                                     *([] if spec.lse2_ratio is not None else [lse2]))

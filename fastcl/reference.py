@@ -366,8 +366,9 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     row_pos's float32 rounding error (their sums in float64) and the column of each row's largest
     logit (integer bits: ``fastcl.ops.dominant_columns``), or (3, N) with the second LSE in row 2
     (lse2_ratio).
-    ``lse_lo`` (softmax): also (row_lse_lo, col_lse_lo | None), the rounding errors of the
-    float32 LSEs (each LSE max + log sum-exp in float64, then split), None for float64."""
+    ``lse_lo`` (softmax): also (row_lse_lo, col_lse_lo | None, row_pos_lo | None), the rounding
+    errors of the float32 LSEs (each LSE max + log sum-exp in float64, then split), None for
+    float64, and of the teacher targets' row_pos (row_aux[2])."""
     N, M = queries.shape[0], keys.shape[0]
     dt = _compute_dtype(queries)
     lo = lse_lo and kind == "softmax" and dt != torch.float64
@@ -432,7 +433,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
     col_lo = None
     if col_lse64 is not None:
         col_lse, col_lo = _split(col_lse64, dt)
-    return row_lse, row_pos, row_npos, col_lse, col_pos, row_aux, row_lo, col_lo
+    pos_lo = row_aux[2] if teacher_queries is not None else None
+    return row_lse, row_pos, row_npos, col_lse, col_pos, row_aux, row_lo, col_lo, pos_lo
 
 
 def _lse64(S: Tensor, dim: int) -> Tensor:

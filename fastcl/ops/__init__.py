@@ -152,6 +152,9 @@ class EngineStats(NamedTuple):
     # stored LSE (~1e-6) is ~1e-3 of it: the losses add these back (row_losses / col_losses).
     row_lse_lo: Optional[torch.Tensor] = None  # (N,)
     col_lse_lo: Optional[torch.Tensor] = None  # (M,) when symmetric
+    # the float32 target statistic's rounding error where it is formed as a sum near |S| (teacher
+    # targets: row_pos = sum_j T_ij S_ij); the losses subtract it (None: exact or not kept)
+    row_pos_lo: Optional[torch.Tensor] = None  # (N,)
 
 
 def row_target_logit(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
@@ -172,6 +175,8 @@ def row_losses(stats: EngineStats, spec: LossSpec) -> torch.Tensor:
     loss = stats.row_lse - row_target_logit(stats, spec)  # (exact where the two are close)
     if stats.row_lse_lo is not None:
         loss = loss + stats.row_lse_lo
+    if stats.row_pos_lo is not None:  # (row_npos = 1 where it is kept)
+        loss = loss - stats.row_pos_lo
     return torch.where(has, loss, torch.zeros_like(stats.row_lse))
 
 

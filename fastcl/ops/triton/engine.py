@@ -2107,7 +2107,9 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
                 col_lse, col_lse_lo = merge_lse(col_lse, col_lse_lo, chunk, chunk_lo)
             else:
                 col_lse = torch.logaddexp(col_lse, chunk)
-    lo = dict(row_lse_lo=row_lo if lse_lo else None, col_lse_lo=col_lse_lo)
+    # (teacher targets: the kernel stores row_pos's rounding error in aux row 2)
+    lo = dict(row_lse_lo=row_lo if lse_lo else None, col_lse_lo=col_lse_lo,
+              row_pos_lo=aux[2] if targets.teacher_queries is not None else None)
     if symmetric:
         return EngineStats(row_lse, row_pos, row_npos, col_lse, col_pos, aux, **lo)
     return EngineStats(row_lse, row_pos, row_npos, None, None, aux, **lo)
