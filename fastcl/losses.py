@@ -293,7 +293,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
              label_smoothing: float = 0.0, focal_gamma: float = 0.0,
              hard_negatives: Optional[Tensor] = None, fn_margin: Optional[float] = None,
              fn_ratio: Optional[float] = None, key_ids: Optional[Tensor] = None,
-             backend: str = "auto", exact: bool = False) -> Tensor:
+             guide: Optional[Tuple[Tensor, Tensor]] = None, backend: str = "auto",
+             exact: bool = False) -> Tensor:
     """One-way InfoNCE (MoCo, DPR, MultipleNegativesRanking): ``L_i = LSE_j S_ij - S_{i,p(i)}``.
 
     Args:
@@ -313,6 +314,14 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
             ``key_ids[j] == key_ids[p(i)]`` (duplicates of the positive, (M,) int64) leave row i.
             ``fn_margin`` / ``fn_ratio`` apply to ``hard_negatives`` too; ``key_ids`` covers the
             keys only. Entries within rounding of the threshold may fall either way.
+        guide: optional (guide_queries (N, Dg), guide_keys (M, Dg)), a guide model's embeddings
+            (GISTEmbed; normalise them for cosines): the false-negative rule compares the guide's
+            products ``g_ij = <u_i, v_j>``, recomputed in the tiles, instead of the model's:
+            keys j != p(i) with ``g_ij > g_{i,p(i)} - fn_margin`` (default margin 0), or
+            ``g_ij > fn_ratio * g_{i,p(i)}``, leave row i. The guide is cast to the features'
+            dtype and its products formed in their precision; products within rounding
+            (:func:`guide_tie_slack`) of the threshold stay, so exact duplicates of the positive
+            do. No gradient reaches the guide; not with ``hard_negatives``.
         backend: "auto" (Triton on CUDA, torch elsewhere) | "triton" | "torch" | "cuda" | "cpu".
         exact: float32 inputs use IEEE fp32 products instead of TF32.
     Returns:
@@ -350,8 +359,21 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     if key_ids is not None:
         key_ids = _check_labels("key_ids", key_ids, M, queries.device)
     queries, keys, be = _prepare(queries, keys, backend)
-    fn_space, threshold, row_ids = 0, None, None
-    if fn_margin is not None or fn_ratio is not None:
+    fn_space, threshold, row_ids, gu, gv = 0, None, None, None, None
+    if guide is not None:
+        if not isinstance(guide, (tuple, list)) or len(guide) != 2:
+            raise TypeError("guide must be a pair (guide_queries (N, Dg), guide_keys (M, Dg)), got "
+                            f"{type(guide).__name__}")
+        if hard_negatives is not None:
+            raise ValueError("guide cannot be combined with hard_negatives")
+        gu, gv = _teacher_pair("guide_queries", guide[0], "guide_keys", guide[1], N, M, queries)
+        with torch.no_grad():
+            g_pos = _row_dots(gu, gv[:N] if positives is None else gv.index_select(0, positives))
+            fn_space = 3
+            threshold = float(fn_ratio) * g_pos if fn_ratio is not None else \
+                g_pos - float(fn_margin or 0.0)
+            threshold = threshold + guide_tie_slack(gu, gv)
+    elif fn_margin is not None or fn_ratio is not None:
         with torch.no_grad():
             kp = keys[:N] if positives is None else keys.index_select(0, positives)
             c_pos = _row_dots(queries, kp).float()
@@ -365,7 +387,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         row_ids = key_ids[:N] if positives is None else key_ids.index_select(0, positives)
     spec = LossSpec(kind="softmax", exact=exact, fn_space=fn_space)
     targets = Targets(positives=positives, fn_threshold=threshold, row_ids=row_ids,
-                      col_ids=key_ids if row_ids is not None else None)
+                      col_ids=key_ids if row_ids is not None else None, guide_queries=gu,
+                      guide_keys=gv)
     extra_sum = None
     if hard_negatives is None:
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
@@ -662,6 +685,17 @@ def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int
     if u.device != like.device:
         raise ValueError(f"{name_q} is on {u.device} but the features are on {like.device}")
     return u.detach().to(like.dtype), v.detach().to(like.dtype)
+
+
+def guide_tie_slack(u: Tensor, v: Tensor) -> Tensor:
+    """(N,) what a guide threshold gains so that rounding cannot drop a key whose guide product
+    ties with the positive's (an exact duplicate of it, which the rule keeps): the products in the
+    tiles and the positive's, formed apart, differ by rounding, bounded by a small multiple of
+    ``|u_i| max_j |v_j|`` (Cauchy-Schwarz): 2^-16 of it (2^-40 for float64)."""
+    dt = _stat_dtype(u)
+    rel = 2.0 ** -40 if dt == torch.float64 else 2.0 ** -16
+    norm_v = v.to(dt).norm(dim=1).amax() if v.shape[0] else torch.zeros((), dtype=dt, device=v.device)
+    return rel * u.to(dt).norm(dim=1) * norm_v
 
 
 def _teacher_stats(q, k, s, u, v, ts, spec, be, weight: Optional[float] = None):

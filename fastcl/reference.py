@@ -54,26 +54,32 @@ def info_nce(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None, 
              bias=None, reduction: str = "mean", label_smoothing: float = 0.0,
              focal_gamma: float = 0.0, hard_negatives: Optional[Tensor] = None,
              fn_margin: Optional[float] = None, fn_ratio: Optional[float] = None,
-             key_ids: Optional[Tensor] = None, logits_dtype: Optional[torch.dtype] = None) -> Tensor:
+             key_ids: Optional[Tensor] = None, logits_dtype: Optional[torch.dtype] = None,
+             guide=None) -> Tensor:
     """One-way InfoNCE: ``L_i = CE(S_i, p(i))``; queries (N, D), keys (M, D), positives (N,) or
     arange; optional private hard negatives (N, h, D) appended as extra columns of each row;
     false negatives (columns j != p(i) with S_ij > S_ip - fn_margin, or c_ij > fn_ratio c_ip, or
-    keys with key_ids[j] == key_ids[p(i)]) masked out. ``logits_dtype`` casts the materialised logits
-    before the loss (float32 as the common naive implementation does)."""
+    keys with key_ids[j] == key_ids[p(i)]) masked out; with ``guide`` (u (N, Dg), v (M, Dg)) the
+    margin / ratio rule compares g = u v^T instead (margin 0 by default). ``logits_dtype`` casts
+    the materialised logits before the loss (float32 as the common naive implementation does)."""
     c = queries @ keys.transpose(0, 1)
     if hard_negatives is not None:
         c = torch.cat([c, torch.einsum("nd,nhd->nh", queries, hard_negatives)], dim=1)
     S = scale * c + bias if bias is not None else scale * c
     S = S if logits_dtype is None else S.to(logits_dtype)
     pos = positives if positives is not None else torch.arange(queries.shape[0], device=queries.device)
-    if fn_margin is not None or fn_ratio is not None or key_ids is not None:
+    if fn_margin is not None or fn_ratio is not None or key_ids is not None or guide is not None:
         rows = torch.arange(queries.shape[0], device=queries.device)
         non_target = torch.ones_like(S, dtype=torch.bool)
         non_target[rows, pos] = False
         drop = torch.zeros_like(non_target)
-        if fn_margin is not None:
+        if guide is not None:
+            g = (guide[0] @ guide[1].transpose(0, 1)).to(c.dtype)
+            g_pos = g[rows, pos][:, None]
+            drop |= g > (fn_ratio * g_pos if fn_ratio is not None else g_pos - (fn_margin or 0.0))
+        elif fn_margin is not None:
             drop |= S > (S[rows, pos] - fn_margin)[:, None]
-        if fn_ratio is not None:
+        elif fn_ratio is not None:
             drop |= c > (fn_ratio * c[rows, pos])[:, None]
         if key_ids is not None:
             drop[:, :keys.shape[0]] |= key_ids[None, :] == key_ids[pos][:, None]
@@ -314,10 +320,11 @@ def _chunks(n: int, m: int):
 
 def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, positives,
           row_labels, col_labels, dtype, fn_space=0, fn_threshold=None, row_ids=None, col_ids=None,
-          target_weights=None):
+          target_weights=None, guide_queries=None, guide_keys=None):
     """Logits, raw similarities, validity, target masks and target weights of rows [r0, r1)
     (``target_weights`` (N, K) with positives (N, K): T_ij = sum_k w_ik [j == p_ik]; else the
-    weights are T itself)."""
+    weights are T itself). False negatives: non-targets with S_ij (fn_space 1), c_ij (2) or the
+    guide's products <u_i, v_j> (3) above fn_threshold_i leave ``valid``."""
     q = queries[r0:r1].to(dtype)
     c = q @ keys.to(dtype).transpose(0, 1)
     S = scale.to(dtype) * c
@@ -343,7 +350,11 @@ def _tile(queries, keys, scale, bias, r0, r1, *, kind, exclude_self, offset, pos
     Tw = T.to(dtype) if Tw is None else torch.where(T, Tw, 0.0)
     if fn_space:
         thr = fn_threshold[r0:r1].to(dtype)[:, None]
-        valid = valid & (T | ~((S if fn_space == 1 else c) > thr))
+        if fn_space == 3:
+            x = guide_queries[r0:r1].to(dtype) @ guide_keys.to(dtype).transpose(0, 1)
+        else:
+            x = S if fn_space == 1 else c
+        valid = valid & (T | ~(x > thr))
     if row_ids is not None:
         valid = valid & (T | (row_ids[r0:r1, None] != col_ids[None, :]))
     return S, c, valid, T, Tw, rows, cols
@@ -360,7 +371,8 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
                    col_labels=None, exclude_targets: bool = False, target_lse: bool = False,
                    fn_space: int = 0, fn_threshold=None, row_ids=None, col_ids=None,
                    teacher_queries=None, teacher_keys=None, teacher_scale=None,
-                   lse2_ratio: Optional[float] = None, target_weights=None, lse_lo: bool = False):
+                   lse2_ratio: Optional[float] = None, target_weights=None, lse_lo: bool = False,
+                   guide_queries=None, guide_keys=None):
     """Returns (row_lse, row_pos, row_npos, col_lse | None, col_pos | None, row_aux | None);
     row_aux holds with teacher targets (4, N) the teacher LSE, sum_j Tt_ij St_ij - teacher LSE,
     row_pos's float32 rounding error (their sums in float64) and the column of each row's largest
@@ -390,7 +402,7 @@ def engine_forward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
             offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
             dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids,
-            target_weights=target_weights)
+            target_weights=target_weights, guide_queries=guide_queries, guide_keys=guide_keys)
         if kind == "sigmoid":
             z = torch.where(T, 1.0, -1.0).to(dt)
             row_lse[r0:r1] = torch.where(valid, F.softplus(-z * S), 0.0).sum(1)
@@ -470,7 +482,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
                     teacher_scale=None, row_aux: Optional[Tensor] = None,
                     lse2_ratio: Optional[float] = None, grad_row_lse2: Optional[Tensor] = None,
                     centres: Optional[Tuple[Tensor, Optional[Tensor]]] = None, target_weights=None,
-                    line_sums: bool = False):
+                    line_sums: bool = False, guide_queries=None, guide_keys=None):
     """Returns (d_queries | None, d_keys | None, d_scale | None, d_bias | None), and with
     ``line_sums`` (sums of dS's row part per row (N,), of its column part per column (M,) | None).
 
@@ -497,7 +509,7 @@ def engine_backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional
             queries, keys, scale, bias, r0, r1, kind=kind, exclude_self=exclude_self,
             offset=offset, positives=positives, row_labels=row_labels, col_labels=col_labels,
             dtype=dt, fn_space=fn_space, fn_threshold=fn_threshold, row_ids=row_ids, col_ids=col_ids,
-            target_weights=target_weights)
+            target_weights=target_weights, guide_queries=guide_queries, guide_keys=guide_keys)
         g = grad_row[r0:r1].to(dt)[:, None]
         if kind == "sigmoid":
             z = torch.where(T, 1.0, -1.0).to(dt)

@@ -175,6 +175,36 @@ def test_false_negative_masking_of_hard_negatives(backend, option):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["margin0", "margin", "ratio", "positives", "bf16"])
+def test_guided_false_negatives(backend, option):
+    """GISTEmbed's rule: keys whose guide product exceeds the positive's (less a margin, or times a
+    ratio) leave the row. The guide (its own width) has quarter-integer entries, so every guide
+    product is exact in any arithmetic and every backend masks the same entries (ties included:
+    equal products stay)."""
+    N, M, D, Dg = 26, 37, 19, 5
+    dtype = torch.bfloat16 if option == "bf16" else F32
+    q, k = features(N, D, dtype, DEVICE), features(M, D, dtype, DEVICE)
+    gen = torch.Generator().manual_seed(len(option))
+    u, v = (torch.randint(-4, 5, (n, Dg), generator=gen).float().to(DEVICE) / 4 for n in (N, M))
+    kw = {"margin": dict(fn_margin=0.25), "ratio": dict(fn_ratio=0.5)}.get(option, {})
+    pos = torch.randperm(M, generator=gen)[:N].to(DEVICE) if option == "positives" else None
+    plain = fastcl.info_nce(q, k, positives=pos, scale=8.0, reduction="none", backend=backend)
+    masked = fastcl.info_nce(q, k, positives=pos, scale=8.0, reduction="none", backend=backend,
+                             guide=(u, v), **kw)
+    assert (plain - masked).abs().max() > 1e-2  # the guide dropped keys
+    g = u.double() @ v.double().T
+    p = torch.arange(N, device=DEVICE) if pos is None else pos
+    dropped = (g > g[torch.arange(N), p][:, None] - kw.get("fn_margin", 0.0)).sum()
+    assert 0 < dropped < N * (M - 1)
+    _check(f"fn-guide-{option}",
+           lambda q, k, s, b: fastcl.info_nce(q, k, positives=pos, scale=s, bias=b, reduction="none",
+                                              guide=(u, v), backend=backend, exact=True, **kw),
+           lambda q, k, s, b: R.info_nce(q, k, pos, s, b, "none", guide=(u.double(), v.double()),
+                                         **kw),
+           [q, k, _scalar(8.0), _scalar(0.2)], dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_retrieval_ties_and_non_finite_rows(backend):
     """Exact duplicates of each positive key tie with it (ties favour the positive): with explicit
     positives and with the default diagonal; a non-finite query ranks NaN instead of first."""

@@ -76,6 +76,7 @@ def _family_calls(N, D):
                                                                            scale=sc)),
         "info_nce_false_negatives": ([q, k2, sc], lambda: fastcl.info_nce(
             q, k2, positives=pos, scale=sc, fn_margin=0.1, key_ids=ids)),
+        "info_nce_guide": ([q, k, sc], lambda: fastcl.info_nce(q, k, scale=sc, guide=(u, v))),
         "nt_xent": ([q, k, t], lambda: fastcl.nt_xent(q, k, t)),
         "supcon_out": ([views, t], lambda: fastcl.supcon(views, lab, t)),
         "supcon_in": ([views, t], lambda: fastcl.supcon(views, lab, t, variant="in")),
@@ -91,7 +92,7 @@ def _family_calls(N, D):
 
 
 _FAMILY = ["clip", "clip_smoothing", "clip_focal", "siglip", "info_nce_positives", "info_nce_hard_negatives",
-           "info_nce_false_negatives", "nt_xent", "supcon_out", "supcon_in", "dcl", "hcl",
+           "info_nce_false_negatives", "info_nce_guide", "nt_xent", "supcon_out", "supcon_in", "dcl", "hcl",
            "soft_info_nce", "distill", "softclip", "cwcl", "mv_infonce", "uniformity"]
 
 

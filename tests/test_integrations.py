@@ -319,6 +319,219 @@ def test_sentence_transformers_errors():
         st.MultipleNegativesRankingLoss(model)(_columns(torch.Generator().manual_seed(0), 3, 1), None)
 
 
+def _gist_formula(anchors, cands, g_anchors, g_cands, temperature, margin_strategy="absolute", margin=0.0,
+                  contrast_anchors=True, contrast_positives=True, offset=0):
+    """sentence-transformers' GISTEmbedLoss, transcribed: this rank's anchors (n, D) against the
+    candidate columns of every rank ([positives, negatives...], (W n, D) each) at ``offset``."""
+    n = anchors.shape[0]
+    cos = lambda a, b: nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).T
+    g_ap = cos(g_anchors, g_cands[0])
+    g_pos = g_ap.diagonal(offset=offset)[:, None]
+    thr = g_pos - margin if margin_strategy == "absolute" else g_pos - g_pos.abs() * margin
+    own = torch.zeros_like(g_ap, dtype=torch.bool)
+    own[torch.arange(n), offset + torch.arange(n)] = True
+    scores = [cos(anchors, cands[0]).masked_fill((g_ap > thr) & ~own, -math.inf)]
+    if contrast_anchors:
+        scores.append(cos(anchors, anchors).masked_fill(cos(g_anchors, g_anchors) > thr, -math.inf))
+    if contrast_positives:
+        p, gp = cands[0][offset:offset + n], g_cands[0][offset:offset + n]
+        scores.append(cos(p, cands[0]).masked_fill(cos(gp, g_cands[0]) > thr, -math.inf))
+    for c, gc in zip(cands[1:], g_cands[1:]):
+        scores.append(cos(anchors, c).masked_fill(cos(g_anchors, gc) > thr, -math.inf))
+    scores = torch.cat(scores, 1) / temperature
+    return nn.functional.cross_entropy(scores, torch.arange(n) + offset)
+
+
+def _word_tokenizer(words):
+    """A transformers fast tokenizer over the given words (whitespace-separated), built in memory."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i + 1 for i, w in enumerate(words)}
+    vocab["[PAD]"], vocab["[UNK]"] = 0, len(vocab) + 1
+    core = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+
+
+class ToyGuide(ToyEncoder):
+    """A guide with a tokenizer of its own (its vocabulary in reverse order)."""
+
+    def __init__(self, tokenizer, vocab=42, d=5):
+        super().__init__(vocab, d)
+        self.tokenizer = tokenizer
+        self.max_seq_length = 16
+
+    def preprocess(self, texts):
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @property
+    def device(self):
+        return self.proj.weight.device
+
+
+class ModuleListToy(ToyEncoder):
+    """ToyEncoder indexable as a SentenceTransformer (``model[0]``: its input module)."""
+
+    def __getitem__(self, i):
+        return self
+
+
+GIST_CASES = [
+    (2, dict()),
+    (3, dict(margin=0.1)),
+    (3, dict(margin_strategy="relative", margin=0.3)),
+    (4, dict(contrast_anchors=False)),  # two negative columns
+    (3, dict(contrast_anchors=False, contrast_positives=False, margin=-0.05)),
+]
+
+
+@pytest.mark.parametrize("cols,kw", GIST_CASES)
+def test_sentence_transformers_gist(cols, kw):
+    gen = torch.Generator().manual_seed(cols + len(kw))
+    torch.manual_seed(1)
+    model, guide = ModuleListToy(), ToyEncoder(d=5)
+    feats = _columns(gen, 7, cols)
+    params = list(model.parameters())
+
+    def formula():
+        embs = [model(f)["sentence_embedding"] for f in feats]
+        with torch.no_grad():
+            gembs = [guide(f)["sentence_embedding"] for f in feats]
+        return _gist_formula(embs[0], embs[1:], gembs[0], gembs[1:], 0.05, kw.get("margin_strategy", "absolute"),
+                             kw.get("margin", 0.0), kw.get("contrast_anchors", True),
+                             kw.get("contrast_positives", True))
+
+    ours = st.GISTEmbedLoss(model, guide, temperature=0.05, **kw)(feats, None)
+    _compare("gist/transcription", ours, formula(), params)
+    # the guide changed the loss: without it (a guide that masks nothing) the value differs
+    blind = st.GISTEmbedLoss(model, guide, temperature=0.05, margin=-10.0)(feats, None)
+    assert abs(blind.item() - ours.item()) > 1e-3
+    # cached form (and the guide in mini-batches): same loss and gradients
+    model.zero_grad(set_to_none=True)
+    cached = st.CachedGISTEmbedLoss(model, guide, temperature=0.05, mini_batch_size=3, **kw)(feats, None)
+    ref = formula()
+    assert abs(cached.item() - ref.item()) <= TOL
+    (0.7 * cached).backward()
+    for p, g in zip(params, torch.autograd.grad(0.7 * ref, params)):
+        assert g.abs().max() > 0 and (p.grad - g).abs().max() <= TOL, "gist/cached gradient"
+    model.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in guide.parameters())
+    try:
+        from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as RealCached
+        from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as Real
+        tok = _word_tokenizer([f"w{i}" for i in range(40)])
+    except Exception:
+        pytest.skip("sentence-transformers not installed: real-peer comparison skipped")
+    for m in (model, guide):  # one tokenizer: the guide takes the model's features
+        m.tokenizer, m.max_seq_length = tok, 16
+    if cols > 3:  # (sentence-transformers' GISTEmbedLoss takes at most one negative column)
+        theirs = RealCached(model, guide, temperature=0.05, mini_batch_size=3, **kw)
+        ours = st.CachedGISTEmbedLoss(model, guide, temperature=0.05, mini_batch_size=3, **kw)
+        lt, lo = theirs(feats, None), ours(feats, None)
+        assert abs(lt.item() - lo.item()) <= TOL
+        lt.backward()
+        want = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        lo.backward()
+        for p, g in zip(params, want):
+            assert (p.grad - g).abs().max() <= TOL, "gist/cached vs sentence-transformers"
+        return
+    ours = st.GISTEmbedLoss(model, guide, temperature=0.05, **kw)(feats, None)
+    _compare("gist/sentence-transformers", ours, Real(model, guide, temperature=0.05, **kw)(feats, None),
+             params)
+
+
+def test_sentence_transformers_gist_retokenizes_for_the_guide():
+    """A guide with its own vocabulary gets the texts re-encoded by its tokenizer (decoded with the
+    model's), as sentence-transformers does."""
+    pytest.importorskip("tokenizers")
+    words = [f"w{i}" for i in range(40)]
+    torch.manual_seed(2)
+    model = ModuleListToy(vocab=42)
+    model.tokenizer, model.max_seq_length = _word_tokenizer(words), 16
+    guide = ToyGuide(_word_tokenizer(words[::-1]))
+    gen = torch.Generator().manual_seed(5)
+    feats = _columns(gen, 6, 3)
+    loss = st.GISTEmbedLoss(model, guide, temperature=0.05)
+    assert loss.must_retokenize
+    texts = [model.tokenizer.batch_decode(f["input_ids"], skip_special_tokens=True) for f in feats]
+    embs = [model(f)["sentence_embedding"] for f in feats]
+    with torch.no_grad():
+        gembs = [guide(guide.preprocess(t))["sentence_embedding"] for t in texts]
+    params = list(model.parameters())
+    _compare("gist/retokenized", loss(feats, None), _gist_formula(embs[0], embs[1:], gembs[0], gembs[1:], 0.05),
+             params)
+    # the guide's own tokens matter: its embeddings of the model's ids differ
+    with torch.no_grad():
+        assert (guide(feats[0])["sentence_embedding"] - gembs[0]).abs().max() > 1e-3
+    try:
+        from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss as Real
+    except Exception:
+        pytest.skip("sentence-transformers not installed: real-peer comparison skipped")
+    _compare("gist/retokenized/sentence-transformers", loss(feats, None),
+             Real(model, guide, temperature=0.05)(feats, None), params)
+
+
+def test_sentence_transformers_gist_errors():
+    model, guide = ToyEncoder(), ToyEncoder(d=5)
+    with pytest.raises(ValueError, match="margin_strategy"):
+        st.GISTEmbedLoss(model, guide, margin_strategy="percent")
+    with pytest.raises(ValueError, match="temperature"):
+        st.GISTEmbedLoss(model, guide, temperature=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        st.GISTEmbedLoss(model, guide, margin=float("nan"))
+    with pytest.raises(ValueError, match="mini_batch_num_tokens"):
+        st.CachedGISTEmbedLoss(model, guide, mini_batch_num_tokens=512)
+    with pytest.raises(ValueError, match="at least 2"):
+        st.GISTEmbedLoss(model, guide)(_columns(torch.Generator().manual_seed(0), 3, 1), None)
+    e = [torch.randn(4, 6, dtype=torch.float64) for _ in range(2)]
+    with pytest.raises(ValueError, match="one tensor per column"):
+        st.gist_from_embeddings(e, e[:1])
+    with pytest.raises(ValueError, match="guide embedding column 1"):
+        st.gist_from_embeddings(e, [e[0], torch.randn(3, 2, dtype=torch.float64)])
+
+
+def _gist_worker(r, W):
+    """GISTEmbed with gather_across_devices over two ranks: against sentence-transformers (when
+    installed) and the transcription on the gathered columns."""
+    gen = torch.Generator().manual_seed(7)
+    n, d, dg = 4, 8, 5
+    cols = [torch.randn(W * n, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gcols = [torch.randn(W * n, dg, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gcols[1][n + 1] = gcols[1][1]  # rank 1's positive 1 is, to the guide, rank 0's positive 1
+    local = [c[r * n:(r + 1) * n].clone().requires_grad_(True) for c in cols]
+    glocal = [g[r * n:(r + 1) * n] for g in gcols]
+    for kw in (dict(), dict(margin_strategy="relative", margin=0.2)):
+        ours = st.gist_from_embeddings(local, glocal, temperature=0.1, gather_across_devices=True,
+                                       backend="torch", **kw)
+        theirs = _gist_formula(cols[0][r * n:(r + 1) * n].clone().requires_grad_(True), cols[1:],
+                               glocal[0], gcols[1:], 0.1, offset=r * n, **kw)
+        if abs(ours.item() - theirs.item()) > TOL:
+            raise AssertionError(f"gist/gather{kw}: {ours.item()} vs {theirs.item()}")
+        # gradients of this rank's columns: ours through the gather's backward (summed over
+        # ranks), the transcription's on the full columns (each rank's loss alone): compare the
+        # sums over ranks, which is what DDP's averaging sees
+        ga = torch.autograd.grad(ours, local)
+        full = [c.clone().requires_grad_(True) for c in cols]
+        t2 = _gist_formula(full[0][r * n:(r + 1) * n], full[1:], glocal[0], gcols[1:], 0.1,
+                           offset=r * n, **kw)
+        gb = list(torch.autograd.grad(t2, full))
+        for g in gb:
+            dist.all_reduce(g)
+        for k, (a, b) in enumerate(zip(ga, gb)):
+            b = b[r * n:(r + 1) * n]
+            if b.abs().max() == 0 or (a - b).abs().max() > TOL:
+                raise AssertionError(f"gist/gather{kw}: grad {k} off by {(a - b).abs().max().item():.3e}")
+
+
+def test_sentence_transformers_gist_distributed():
+    run_gloo(_gist_worker, 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # pytorch-metric-learning
 # ----------------------------------------------------------------------------------------------
@@ -458,3 +671,22 @@ def test_drop_ins_follow_torchs_float32_matmul_precision(monkeypatch):
         matmul.allow_tf32 = before
     assert exact_products(None)
     assert seen == [True, False, True]
+
+
+def test_gist_triton_float32():
+    """The drop-in's blocks on the Triton engine (the interpreter on CPU), float32 against the
+    float64 transcription; one anchor's guide sees a duplicate of its positive (a tie: it stays)."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, dg = 19, 24, 9
+    embs = [torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gembs = [torch.randn(n, dg, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gembs[2][3] = gembs[1][3] * 2.0  # anchor 3's negative is, to the guide, its positive
+    gembs[1][5] = gembs[1][4]  # positive 5 duplicates positive 4 to the guide
+    e32 = [e.float().requires_grad_(True) for e in embs]
+    ours = st.gist_from_embeddings(e32, [g.float() for g in gembs], temperature=0.05, backend="triton",
+                                   exact=True)
+    e64 = [e.clone().requires_grad_(True) for e in embs]
+    ref = _gist_formula(e64[0], e64[1:], gembs[0], gembs[1:], 0.05)
+    assert abs(ours.item() - ref.item()) <= 2e-6 * abs(ref.item())
+    for a, b in zip(torch.autograd.grad(ours, e32), torch.autograd.grad(ref, e64)):
+        assert ((a.double() - b).norm() / b.norm()).item() <= 2e-5

@@ -221,3 +221,23 @@ def test_views_and_hard_negative_types():
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         with pytest.raises(TypeError, match="hard_negatives must be a floating-point tensor"):
             fastcl.info_nce(q, q, hard_negatives=torch.ones(4, 2, 8, dtype=torch.int64, device=DEVICE))
+
+
+def test_guide_arguments():
+    q, k = f(5, 8), f(7, 8)
+    u, v = f(5, 3).detach(), f(7, 3).detach()
+    with pytest.raises(TypeError, match="guide must be a pair"):
+        fastcl.info_nce(q, k, guide=u)
+    with pytest.raises(ValueError, match="guide_queries / guide_keys must have 5 / 7 rows"):
+        fastcl.info_nce(q, k, guide=(u, v[:6]))
+    with pytest.raises(ValueError, match="guide_keys"):
+        fastcl.info_nce(q, k, guide=(u, f(7, 4).detach()))
+    with pytest.raises(TypeError, match="guide_queries"):
+        fastcl.info_nce(q, k, guide=(u.long(), v))
+    with pytest.raises(ValueError, match="guide cannot be combined with hard_negatives"):
+        fastcl.info_nce(q, k, guide=(u, v), hard_negatives=f(5, 2 * 8).view(5, 2, 8))
+    from fastcl import _backend
+
+    if _backend.has_extension():
+        with pytest.raises(ValueError, match="does not implement this loss"):
+            fastcl.info_nce(q, k, guide=(u, v), backend="cpu")

@@ -34,6 +34,8 @@ CLOSURES = {
     "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True, PLAIN=True),
     "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True, PLAIN=True),
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
+    # false negatives by a guide's products, recomputed in the tiles (GISTEmbed)
+    "info_nce_guide": dict(_PLAIN, HAS_POS=True, FN_SPACE=3),
     "distill": dict(_PLAIN, HAS_POS=True, SOFT_SIM=True),
     "hcl": dict(_PLAIN, HAS_POS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True, LSE2=True),
     # self-similarities: the forward's row LSE over j != i (NT-Xent, SupCon L_out, whose targets

@@ -1,4 +1,5 @@
-"""sentence-transformers drop-ins: ``MultipleNegativesRankingLoss`` and its cached (chunked) form.
+"""sentence-transformers drop-ins: ``MultipleNegativesRankingLoss``, ``GISTEmbedLoss`` and their
+cached (chunked) forms.
 
 Same constructor arguments and ``forward(sentence_features, labels)`` as the sentence-transformers
 losses: the first column holds the anchors (queries), the second their positives, any further
@@ -16,24 +17,36 @@ anchor's own hard-negative columns, computed beside the sweep (O(n h D)); "in_ba
 every other anchor's documents, the sweep at scale + a with the anchor's own documents left out
 and added back at scale; "all_negatives": all but the positive, the sweep at scale + a without it.
 
+``GISTEmbedLoss`` (Solatorio 2024): the same layout, cosine similarities at 1 / temperature; a
+guide model's cosines pick the false negatives (any column j but the positive whose guide cosine
+with anchor i exceeds the guide's anchor-positive cosine, less ``margin`` or less
+``|cosine| * margin``), which leave row i. Each block (anchor-positive, anchor-anchor,
+positive-positive, anchor-negative) is one fused sweep that recomputes the guide's cosines in its
+tiles beside the model's. The guide receives the same features unless the two tokenizers differ
+(then the texts are decoded with the model's tokenizer and encoded with the guide's, as
+sentence-transformers does).
+
 ``exact``: float32 products in IEEE arithmetic; by default as torch's float32 matmul precision
 allows (:func:`fastcl.integrations._common.exact_products`), as the library's own similarity
 matrices.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .. import distributed as fdist
-from ..train import chunked_loss
-from ._common import exact_products, row_gap, row_gap_without, row_lse, row_lse_without, scaled_grad
+from ..train import _batch_size, _slice, chunked_loss
+from ._common import (exact_products, guided_statistics, row_gap, row_gap_without, row_lse,
+                      row_lse_without, scaled_grad)
 
 Tensor = torch.Tensor
 
-__all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "mnrl_from_embeddings"]
+__all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "mnrl_from_embeddings",
+           "GISTEmbedLoss", "CachedGISTEmbedLoss", "gist_from_embeddings"]
 
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 _HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
@@ -242,3 +255,204 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                          partition_mode, hardness_mode, hardness_strength,
                          mini_batch_size=mini_batch_size, show_progress_bar=show_progress_bar,
                          backend=backend, exact=exact)
+
+
+# ----------------------------------------------------------------------------------------------
+# GISTEmbed
+# ----------------------------------------------------------------------------------------------
+
+_MARGIN_STRATEGIES = ("absolute", "relative")
+
+
+def gist_from_embeddings(embeddings: Sequence[Tensor], guide_embeddings: Sequence[Tensor], *,
+                         temperature: float = 0.01, margin_strategy: str = "absolute",
+                         margin: float = 0.0, contrast_anchors: bool = True,
+                         contrast_positives: bool = True, gather_across_devices: bool = False,
+                         backend: str = "auto", exact: Optional[bool] = None) -> Tensor:
+    """GISTEmbed loss from column embeddings [anchors (n, D), positives (n, D), negatives (n, D)...]
+    and the guide's embeddings of the same columns (n, Dg each; no gradient): the mean over anchors
+    of ``LSE_i - cos(a_i, p_i) / temperature``, with LSE_i over the anchor-positive,
+    anchor-anchor (``contrast_anchors``), positive-positive (``contrast_positives``, row i: positive
+    i) and anchor-negative cosines / temperature whose guide cosine is at most the threshold
+    ``g_i - margin`` ("absolute") or ``g_i - |g_i| * margin`` ("relative"), g_i the guide's
+    anchor-positive cosine (the positive itself always counts). One fused sweep per block; the
+    (n, k n) score matrix is never materialised."""
+    if len(embeddings) < 2:
+        raise ValueError(f"Expected at least 2 embeddings (anchors, positives), got {len(embeddings)}")
+    if len(guide_embeddings) != len(embeddings):
+        raise ValueError(f"guide_embeddings must hold one tensor per column ({len(embeddings)}), got "
+                         f"{len(guide_embeddings)}")
+    if margin_strategy not in _MARGIN_STRATEGIES:
+        raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be finite, got {margin}")
+    n = embeddings[0].shape[0]
+    for i, (e, g) in enumerate(zip(embeddings, guide_embeddings)):
+        if e.dim() != 2 or e.shape != embeddings[0].shape:
+            raise ValueError(f"embedding column {i} must have the anchors' shape "
+                             f"{tuple(embeddings[0].shape)}, got {tuple(e.shape)}")
+        if g.dim() != 2 or g.shape[0] != n:
+            raise ValueError(f"guide embedding column {i} must have shape (n={n}, Dg), got {tuple(g.shape)}")
+    embs = [nn.functional.normalize(e, dim=-1) for e in embeddings]
+    guides = [nn.functional.normalize(g.detach(), dim=-1) for g in guide_embeddings]
+    anchors, ga = embs[0], guides[0]
+    cands, gcands = embs[1:], guides[1:]
+    offset = 0
+    if gather_across_devices:  # the candidates of every rank, not the anchors
+        _, r = fdist._world(None)
+        cands = [fdist.all_gather_with_grad(c) for c in cands]
+        gcands = [fdist.all_gather_with_grad(g) for g in gcands]
+        offset = r * n
+    ex = exact_products(exact)
+    scale = 1.0 / temperature
+    own = torch.arange(n, device=anchors.device) + offset
+    positives, gp = cands[0], gcands[0]
+    dt = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    g_pos = (ga.to(dt) * gp[offset:offset + n].to(dt)).sum(-1)
+    thr = g_pos - margin if margin_strategy == "absolute" else g_pos - g_pos.abs() * margin
+    kw = dict(backend=backend, exact=ex)
+    # the anchor-positive block: its LSE less the positive logit from one sweep (where the two
+    # nearly cancel, the difference keeps float32 accuracy)
+    gap = guided_statistics(anchors, positives, scale, ga, gp, thr, own, **kw).row_gap()
+    others = []
+    if contrast_anchors:
+        others.append(guided_statistics(anchors, anchors, scale, ga, ga, thr, **kw).row_lse)
+    if contrast_positives:
+        others.append(guided_statistics(positives[offset:offset + n], positives, scale,
+                                        gp[offset:offset + n], gp, thr, **kw).row_lse)
+    for neg, gneg in zip(cands[1:], gcands[1:]):
+        others.append(guided_statistics(anchors, neg, scale, ga, gneg, thr, **kw).row_lse)
+    if not others:
+        return gap.mean()
+    s_pos = scale * (anchors.to(gap.dtype) * positives[offset:offset + n].to(gap.dtype)).sum(-1)
+    return torch.logsumexp(torch.stack([gap] + [lse - s_pos for lse in others]), dim=0).mean()
+
+
+def _must_retokenize(model: Callable, guide: Callable) -> bool:
+    """Whether the guide needs its own tokens (as sentence-transformers decides: the vocabularies
+    differ, or the guide's sequences are shorter); False where either has no tokenizer."""
+    mt, gt = getattr(model, "tokenizer", None), getattr(guide, "tokenizer", None)
+    if mt is None or gt is None or mt is gt:
+        return False
+    if mt.get_vocab() != gt.get_vocab():
+        return True
+    gl, ml = getattr(guide, "max_seq_length", None), getattr(model, "max_seq_length", None)
+    return gl is not None and ml is not None and gl < ml
+
+
+class GISTEmbedLoss(nn.Module):
+    """Fused ``GISTEmbedLoss``: ``forward(sentence_features, labels)``.
+
+    Args:
+        model: maps a features dict to a dict holding ``"sentence_embedding"`` (B, D), as a
+            SentenceTransformer does; guide: the same for the guide model (no gradient).
+            temperature, margin_strategy, margin, contrast_anchors, contrast_positives,
+            gather_across_devices: as sentence-transformers.
+        mini_batch_size: when set, encode every column ``mini_batch_size`` rows at a time (the
+            model with :func:`fastcl.train.chunked_loss`: memory of one mini-batch, gradients
+            unchanged; the guide without autograd).
+        backend: fastcl backend ("auto": Triton on CUDA).
+        exact: float32 products in IEEE arithmetic (None: as torch's float32 matmul precision).
+    """
+
+    def __init__(self, model: Callable, guide: Callable, temperature: float = 0.01,
+                 margin_strategy: str = "absolute", margin: float = 0.0,
+                 contrast_anchors: bool = True, contrast_positives: bool = True,
+                 gather_across_devices: bool = False, *, mini_batch_size: Optional[int] = None,
+                 show_progress_bar: bool = False, backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__()
+        if margin_strategy not in _MARGIN_STRATEGIES:
+            raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not math.isfinite(margin):
+            raise ValueError(f"margin must be finite, got {margin}")
+        if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
+            raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
+        self.model, self.guide = model, guide
+        self.temperature = float(temperature)
+        self.margin_strategy, self.margin = margin_strategy, float(margin)
+        self.contrast_anchors, self.contrast_positives = bool(contrast_anchors), bool(contrast_positives)
+        self.gather_across_devices = gather_across_devices
+        self.mini_batch_size = mini_batch_size
+        self.show_progress_bar = show_progress_bar
+        self.backend, self.exact = backend, exact
+        self.must_retokenize = _must_retokenize(model, guide)
+
+    def _embed(self, features: Dict[str, Any]) -> Tensor:
+        return self.model(features)["sentence_embedding"]
+
+    def _guide_features(self, features: Dict[str, Any]) -> Dict[str, Any]:
+        """The guide's features of a column: the model's, or (tokenizers differ) the texts decoded
+        with the model's tokenizer and encoded with the guide's."""
+        if not self.must_retokenize:
+            return dict(features)
+        ids = features["input_ids"]
+        if "cu_seq_lens_q" in features:  # packed sequences: one row of concatenated tokens
+            flat, cuts = ids[0].tolist(), features["cu_seq_lens_q"].tolist()
+            ids = [flat[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        texts = self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        encode = getattr(self.guide, "preprocess", None) or self.guide.tokenize
+        out = encode(texts)
+        device = getattr(self.guide, "device", None)
+        if device is None:
+            device = next((p.device for p in self.guide.parameters()), None) \
+                if isinstance(self.guide, nn.Module) else None
+        return {k: (v.to(device) if isinstance(v, Tensor) and device is not None else v)
+                for k, v in out.items()}
+
+    def _guide_embed(self, features: Dict[str, Any]) -> Tensor:
+        """The guide's embeddings of a column, without autograd (``mini_batch_size`` rows at a time)."""
+        with torch.no_grad():
+            if self.mini_batch_size is None:
+                return self.guide(self._guide_features(features))["sentence_embedding"].detach()
+            n = _batch_size("sentence_features", features)
+            return torch.cat([self.guide(self._guide_features(_slice(features, s, min(n, s + self.mini_batch_size))))[
+                "sentence_embedding"].detach() for s in range(0, n, self.mini_batch_size)])
+
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor], guide_embeddings: List[Tensor]) -> Tensor:
+        return gist_from_embeddings(embeddings, guide_embeddings, temperature=self.temperature,
+                                    margin_strategy=self.margin_strategy, margin=self.margin,
+                                    contrast_anchors=self.contrast_anchors,
+                                    contrast_positives=self.contrast_positives,
+                                    gather_across_devices=self.gather_across_devices,
+                                    backend=self.backend, exact=self.exact)
+
+    def forward(self, sentence_features: Iterable[Dict[str, Any]], labels: Optional[Tensor] = None) -> Tensor:
+        features = list(sentence_features)
+        if len(features) < 2:
+            raise ValueError(f"Expected at least 2 inputs (anchors, positives), got {len(features)}")
+        guide_embeddings = [self._guide_embed(f) for f in features]  # (before the model sees them)
+        if self.mini_batch_size is None:
+            return self.compute_loss_from_embeddings([self._embed(f) for f in features], guide_embeddings)
+        return chunked_loss(self._embed, features,
+                            lambda *e: self.compute_loss_from_embeddings(list(e), guide_embeddings),
+                            self.mini_batch_size, progress=self.show_progress_bar)
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {"guide": self.guide, "temperature": self.temperature,
+                "margin_strategy": self.margin_strategy, "margin": self.margin,
+                "contrast_anchors": self.contrast_anchors, "contrast_positives": self.contrast_positives,
+                "gather_across_devices": self.gather_across_devices,
+                "mini_batch_size": self.mini_batch_size}
+
+
+class CachedGISTEmbedLoss(GISTEmbedLoss):
+    """Fused ``CachedGISTEmbedLoss``: the columns are encoded ``mini_batch_size`` rows at a time
+    without autograd (the guide's too), the loss is fused, and the backward re-encodes each
+    mini-batch (RNG replayed) to back-propagate its embedding gradient
+    (:func:`fastcl.train.chunked_loss`)."""
+
+    def __init__(self, model: Callable, guide: Callable, temperature: float = 0.01,
+                 mini_batch_size: int = 32, mini_batch_num_tokens: Optional[int] = None,
+                 show_progress_bar: bool = False, margin_strategy: str = "absolute",
+                 margin: float = 0.0, contrast_anchors: bool = True, contrast_positives: bool = True,
+                 gather_across_devices: bool = False, *, backend: str = "auto",
+                 exact: Optional[bool] = None):
+        if mini_batch_num_tokens is not None:
+            raise ValueError("mini_batch_num_tokens is not supported; use mini_batch_size")
+        super().__init__(model, guide, temperature, margin_strategy, margin, contrast_anchors,
+                         contrast_positives, gather_across_devices, mini_batch_size=mini_batch_size,
+                         show_progress_bar=show_progress_bar, backend=backend, exact=exact)

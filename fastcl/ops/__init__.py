@@ -50,9 +50,11 @@ Extensions (backends that set ``SPLIT_TARGET_GRADS = True``; the others raise fo
   passes the gradients of the *statistics* here, so a loss can be any function of (row_lse, mean
   target logit, column statistics) plus O((N + M) D) terms, differentiated by autograd.
 * ``spec.exclude_targets`` (decoupled losses): targets are left out of the row and column LSEs.
-* False negatives (``spec.fn_space``, ``targets.row_ids``): non-target entries with S_ij (1) or
-  c_ij (2) above ``targets.fn_threshold[i]``, or with ``col_ids[j] == row_ids[i]``, are dropped
-  from ``valid`` in every sweep.
+* False negatives (``spec.fn_space``, ``targets.row_ids``): non-target entries with S_ij (1),
+  c_ij (2) or a guide's products g_ij = <u_i, v_j> (3: ``targets.guide_queries`` u (N, Dg),
+  ``guide_keys`` v (M, Dg), recomputed in each tile with a second GEMM; GISTEmbed) above
+  ``targets.fn_threshold[i]``, or with ``col_ids[j] == row_ids[i]``, are dropped from ``valid``
+  in every sweep. No gradient reaches u, v.
 * Teacher soft targets (``targets.teacher_queries`` u, ``teacher_keys`` v, ``teacher_scale``
   (st, w); softmax closure, no labels): Tt_ij = softmax_j(st <u_i, v_j>) over valid j,
   recomputed in each tile with a second GEMM, and T_ij = w Tt_ij + (1 - w) [j = p(i)] (p(i)
@@ -116,7 +118,7 @@ class LossSpec:
     exclude_targets: bool = False  # targets left out of the LSEs (decoupled contrastive loss)
     target_lse: bool = False  # row_pos = LSE over targets instead of their sum (SupCon L_in)
     gram: bool = False  # queries and keys are the same tensor (NT-Xent, SupCon, DCL, uniformity)
-    fn_space: int = 0  # false-negative masking by threshold: 0 off, 1 on S_ij, 2 on c_ij
+    fn_space: int = 0  # false-negative masking by threshold: 0 off, 1 on S_ij, 2 on c_ij, 3 on g_ij
     lse2_ratio: Optional[float] = None  # also LSE_{j in the row LSE} (lse2_ratio * S_ij) (HCL)
 
 
@@ -134,6 +136,8 @@ class Targets(NamedTuple):
     teacher_keys: Optional[torch.Tensor] = None  # (M, Dt) soft-target embeddings v
     teacher_scale: Optional[torch.Tensor] = None  # (2,) float32 (st, w)
     target_weights: Optional[torch.Tensor] = None  # (N, K) float32, with positives (N, K)
+    guide_queries: Optional[torch.Tensor] = None  # (N, Dg) fn_space 3: the guide's embeddings u
+    guide_keys: Optional[torch.Tensor] = None  # (M, Dg) fn_space 3: the guide's embeddings v
 
 
 class EngineStats(NamedTuple):

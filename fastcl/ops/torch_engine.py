@@ -18,7 +18,8 @@ def _kw(spec, targets):
                 target_lse=spec.target_lse, fn_space=spec.fn_space,
                 fn_threshold=targets.fn_threshold, row_ids=targets.row_ids, col_ids=targets.col_ids,
                 teacher_queries=targets.teacher_queries, teacher_keys=targets.teacher_keys,
-                teacher_scale=targets.teacher_scale, lse2_ratio=spec.lse2_ratio)
+                teacher_scale=targets.teacher_scale, lse2_ratio=spec.lse2_ratio,
+                guide_queries=targets.guide_queries, guide_keys=targets.guide_keys)
 
 
 def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:

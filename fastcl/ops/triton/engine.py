@@ -424,17 +424,35 @@ def _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS: tl.constex
 
 
 @triton.jit
-def _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
+def _guide_tile(gq_ptr, gk_ptr, row0, col0, N, M, DG, stride_gqn, stride_gqd, stride_gkn,
+                stride_gkd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, FN_SPACE: tl.constexpr):
+    """The guide's products g_ij = <u_i, v_j> of one tile (FN_SPACE 3: the false-negative rule
+    compares them; the guide's features take the teacher's pointers); zeros otherwise."""
+    if FN_SPACE == 3:
+        g = _similarity_tile(gq_ptr, gk_ptr, row0, col0, N, M, DG, stride_gqn, stride_gqd,
+                             stride_gkn, stride_gkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
+                             False)
+    else:
+        g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return g
+
+
+@triton.jit
+def _drop_false_negatives(valid, target, S, c, g, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
                           FN_SPACE: tl.constexpr, FN_IDS: tl.constexpr):
     """In-tile false-negative masking of non-target entries: FN_SPACE 1 drops S_ij > thr_i (a
-    margin below the positive's logit), 2 drops c_ij > thr_i (a ratio of the positive's cosine);
-    FN_IDS drops keys whose duplicate id equals that of the row's positive."""
+    margin below the positive's logit), 2 drops c_ij > thr_i (a ratio of the positive's cosine),
+    3 drops g_ij > thr_i (the guide's products, :func:`_guide_tile`); FN_IDS drops keys whose
+    duplicate id equals that of the row's positive."""
     if FN_SPACE != 0:
         thr = tl.load(thr_ptr + rows.to(tl.int64), mask=rows < N, other=float("inf"))
         if FN_SPACE == 1:
             above = S > thr[:, None]
-        else:
+        elif FN_SPACE == 2:
             above = c > thr[:, None]
+        else:
+            above = g > thr[:, None]
         valid = valid & ((target != 0) | (above == 0))
     if FN_IDS:
         rid = tl.load(rid_ptr + rows.to(tl.int64), mask=rows < N, other=-1)
@@ -444,15 +462,16 @@ def _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_pt
 
 
 @triton.jit
-def _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr, thr_ptr, rid_ptr, cid_ptr,
-                  LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, FN_SPACE: tl.constexpr,
+def _general_tile(c, g, s, b, rows, cols, N, M, offset, row_meta, clab_ptr, thr_ptr, rid_ptr,
+                  cid_ptr, LABELS: tl.constexpr, EXCLUDE_SELF: tl.constexpr, FN_SPACE: tl.constexpr,
                   FN_IDS: tl.constexpr):
-    """(S, valid, target) of a tile on the general path: logits, then every mask of the closure."""
+    """(S, valid, target) of a tile on the general path: logits, then every mask of the closure
+    (g: the guide's products, FN_SPACE 3)."""
     S = c * s + b
     col_meta = _col_labels(cols, M, clab_ptr, LABELS)
     valid, target = _tile_masks(rows, cols, N, M, offset, row_meta, col_meta, LABELS, EXCLUDE_SELF)
-    valid = _drop_false_negatives(valid, target, S, c, rows, cols, N, M, thr_ptr, rid_ptr, cid_ptr,
-                                  FN_SPACE, FN_IDS)
+    valid = _drop_false_negatives(valid, target, S, c, g, rows, cols, N, M, thr_ptr, rid_ptr,
+                                  cid_ptr, FN_SPACE, FN_IDS)
     return S, valid, target
 
 
@@ -706,7 +725,9 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         else:
             target = valid & (cols < 0)[None, :]
     else:
-        S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
+        g = _guide_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd, stride_tkn,
+                        stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, FN_SPACE)
+        S, valid, target = _general_tile(c, g, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
                                          thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF, FN_SPACE,
                                          FN_IDS)
         if LABELS:
@@ -931,7 +952,10 @@ def _forward_kernel(
                 c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd,
                                      stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
                                      UPCAST, TMA)
-                S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta,
+                g = _guide_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
+                                stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+                                UPCAST, FN_SPACE)
+                S, valid, target = _general_tile(c, g, s, b, rows, cols, N, M, offset, row_meta,
                                                  clab_ptr, thr_ptr, rid_ptr, cid_ptr, LABELS,
                                                  EXCLUDE_SELF, FN_SPACE, FN_IDS)
                 thr += tl.sum(tl.where(valid & target, S, 0.0), 1)
@@ -942,9 +966,12 @@ def _forward_kernel(
             cmask = cols < M
             c = _similarity_tile(q_ptr, k_ptr, row0, col0, N, M, D, stride_qn, stride_qd, stride_kn,
                                  stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST, TMA)
-            S, valid, target = _general_tile(c, s, b, rows, cols, N, M, offset, row_meta, clab_ptr,
-                                             thr_ptr, rid_ptr, cid_ptr, LABELS, EXCLUDE_SELF,
-                                             FN_SPACE, FN_IDS)
+            g = _guide_tile(tq_ptr, tk_ptr, row0, col0, N, M, DT, stride_tqn, stride_tqd,
+                            stride_tkn, stride_tkd, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST,
+                            FN_SPACE)
+            S, valid, target = _general_tile(c, g, s, b, rows, cols, N, M, offset, row_meta,
+                                             clab_ptr, thr_ptr, rid_ptr, cid_ptr, LABELS,
+                                             EXCLUDE_SELF, FN_SPACE, FN_IDS)
             if COUNT:
                 above = (target == 0) & valid & (S > thr[:, None])
                 l_i += tl.sum(above.to(tl.float32), 1)
@@ -1983,8 +2010,10 @@ def _metadata(targets, dummy, threshold=None, aux=None):
     statistics buffer, its D and strides."""
     thr = threshold if threshold is not None else targets.fn_threshold
     tq, tk = targets.teacher_queries, targets.teacher_keys
-    teacher = (tq, tk, targets.teacher_scale, _ptr(aux, dummy), tq.shape[1], tq.stride(0),
-               tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
+    if tq is None:  # a guide's features (fn_space 3) take the teacher's pointers
+        tq, tk = targets.guide_queries, targets.guide_keys
+    teacher = (tq, tk, _ptr(targets.teacher_scale, dummy), _ptr(aux, dummy), tq.shape[1],
+               tq.stride(0), tq.stride(1), tk.stride(0), tk.stride(1)) if tq is not None else \
         (dummy, dummy, dummy, _ptr(aux, dummy), 1, 0, 0, 0, 0)
     return (_ptr(targets.positives, dummy), _ptr(targets.target_weights, dummy),
             _ptr(targets.col_positives, dummy),
@@ -2135,7 +2164,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
                                _precision(queries, spec.exact) == "ieee", whole_lines,
                                return_line_sums)
     spec0, targets0 = spec, targets
-    gram = spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
+    gram = (spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
+            and targets.guide_queries is None)
     if gram:  # one kernel computes the whole gradient of the shared features (returned as dq)
         need_q, need_k = need_q or need_k, False
     symmetric = spec.symmetric and softmax and grad_col is not None
