@@ -20,9 +20,9 @@ and added back at scale; "all_negatives": all but the positive, the sweep at sca
 ``GISTEmbedLoss`` (Solatorio 2024): the same layout, cosine similarities at 1 / temperature; a
 guide model's cosines pick the false negatives (any column j but the positive whose guide cosine
 with anchor i exceeds the guide's anchor-positive cosine, less ``margin`` or less
-``|cosine| * margin``), which leave row i. Each block (anchor-positive, anchor-anchor,
-positive-positive, anchor-negative) is one fused sweep that recomputes the guide's cosines in its
-tiles beside the model's. The guide receives the same features unless the two tokenizers differ
+``|cosine| * margin``), which leave row i. Two fused sweeps, each recomputing the guide's cosines
+in its tiles beside the model's: the anchors against the positives, anchors and negatives side by
+side, and the positives against the positives. The guide receives the same features unless the two tokenizers differ
 (then the texts are decoded with the model's tokenizer and encoded with the guide's, as
 sentence-transformers does).
 
@@ -275,8 +275,8 @@ def gist_from_embeddings(embeddings: Sequence[Tensor], guide_embeddings: Sequenc
     anchor-anchor (``contrast_anchors``), positive-positive (``contrast_positives``, row i: positive
     i) and anchor-negative cosines / temperature whose guide cosine is at most the threshold
     ``g_i - margin`` ("absolute") or ``g_i - |g_i| * margin`` ("relative"), g_i the guide's
-    anchor-positive cosine (the positive itself always counts). One fused sweep per block; the
-    (n, k n) score matrix is never materialised."""
+    anchor-positive cosine (the positive itself always counts). Two fused sweeps (the anchors'
+    blocks side by side, then the positives'); the (n, k n) score matrix is never materialised."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings (anchors, positives), got {len(embeddings)}")
     if len(guide_embeddings) != len(embeddings):
@@ -313,21 +313,23 @@ def gist_from_embeddings(embeddings: Sequence[Tensor], guide_embeddings: Sequenc
     g_pos = (ga.to(dt) * gp[offset:offset + n].to(dt)).sum(-1)
     thr = g_pos - margin if margin_strategy == "absolute" else g_pos - g_pos.abs() * margin
     kw = dict(backend=backend, exact=ex)
-    # the anchor-positive block: its LSE less the positive logit from one sweep (where the two
-    # nearly cancel, the difference keeps float32 accuracy)
-    gap = guided_statistics(anchors, positives, scale, ga, gp, thr, own, **kw).row_gap()
-    others = []
-    if contrast_anchors:
-        others.append(guided_statistics(anchors, anchors, scale, ga, ga, thr, **kw).row_lse)
-    if contrast_positives:
-        others.append(guided_statistics(positives[offset:offset + n], positives, scale,
-                                        gp[offset:offset + n], gp, thr, **kw).row_lse)
-    for neg, gneg in zip(cands[1:], gcands[1:]):
-        others.append(guided_statistics(anchors, neg, scale, ga, gneg, thr, **kw).row_lse)
-    if not others:
+    # the anchors' blocks (positives, anchors, negatives) as one sweep over their columns side by
+    # side: its LSE less the positive logit from the same tiles (where the two nearly cancel, the
+    # difference keeps float32 accuracy)
+    keys = [positives] + ([anchors] if contrast_anchors else []) + cands[1:]
+    gkeys = [gp] + ([ga] if contrast_anchors else []) + gcands[1:]
+    if len(keys) > 1:
+        keys, gkeys = torch.cat(keys), torch.cat(gkeys)
+    else:
+        keys, gkeys = keys[0], gkeys[0]
+    gap = guided_statistics(anchors, keys, scale, ga, gkeys, thr, own, **kw).row_gap()
+    if not contrast_positives:
         return gap.mean()
-    s_pos = scale * (anchors.to(gap.dtype) * positives[offset:offset + n].to(gap.dtype)).sum(-1)
-    return torch.logsumexp(torch.stack([gap] + [lse - s_pos for lse in others]), dim=0).mean()
+    # the positive-positive block: row i is positive i
+    p_local = positives[offset:offset + n]
+    lse = guided_statistics(p_local, positives, scale, gp[offset:offset + n], gp, thr, **kw).row_lse
+    s_pos = scale * (anchors.to(gap.dtype) * p_local.to(gap.dtype)).sum(-1)
+    return torch.logaddexp(gap, lse - s_pos).mean()
 
 
 def _must_retokenize(model: Callable, guide: Callable) -> bool:
