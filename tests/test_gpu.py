@@ -92,8 +92,8 @@ def _family_calls(N, D):
 
 
 _FAMILY = ["clip", "clip_smoothing", "clip_focal", "siglip", "info_nce_positives", "info_nce_hard_negatives",
-           "info_nce_false_negatives", "info_nce_guide", "nt_xent", "supcon_out", "supcon_in", "dcl", "hcl",
-           "soft_info_nce", "distill", "softclip", "cwcl", "mv_infonce", "uniformity"]
+           "info_nce_false_negatives", "info_nce_guide", "nt_xent", "supcon_out", "supcon_in", "dcl",
+           "hcl", "soft_info_nce", "distill", "softclip", "cwcl", "mv_infonce", "uniformity"]
 
 
 @pytest.mark.parametrize("D", [128, 512])  # the fused backward, the wide-feature backward

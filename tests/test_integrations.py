@@ -401,9 +401,7 @@ def test_sentence_transformers_gist(cols, kw):
         embs = [model(f)["sentence_embedding"] for f in feats]
         with torch.no_grad():
             gembs = [guide(f)["sentence_embedding"] for f in feats]
-        return _gist_formula(embs[0], embs[1:], gembs[0], gembs[1:], 0.05, kw.get("margin_strategy", "absolute"),
-                             kw.get("margin", 0.0), kw.get("contrast_anchors", True),
-                             kw.get("contrast_positives", True))
+        return _gist_formula(embs[0], embs[1:], gembs[0], gembs[1:], 0.05, **kw)
 
     ours = st.GISTEmbedLoss(model, guide, temperature=0.05, **kw)(feats, None)
     _compare("gist/transcription", ours, formula(), params)
@@ -463,8 +461,8 @@ def test_sentence_transformers_gist_retokenizes_for_the_guide():
     with torch.no_grad():
         gembs = [guide(guide.preprocess(t))["sentence_embedding"] for t in texts]
     params = list(model.parameters())
-    _compare("gist/retokenized", loss(feats, None), _gist_formula(embs[0], embs[1:], gembs[0], gembs[1:], 0.05),
-             params)
+    _compare("gist/retokenized", loss(feats, None),
+             _gist_formula(embs[0], embs[1:], gembs[0], gembs[1:], 0.05), params)
     # the guide's own tokens matter: its embeddings of the model's ids differ
     with torch.no_grad():
         assert (guide(feats[0])["sentence_embedding"] - gembs[0]).abs().max() > 1e-3

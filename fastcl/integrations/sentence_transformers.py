@@ -22,9 +22,9 @@ guide model's cosines pick the false negatives (any column j but the positive wh
 with anchor i exceeds the guide's anchor-positive cosine, less ``margin`` or less
 ``|cosine| * margin``), which leave row i. Two fused sweeps, each recomputing the guide's cosines
 in its tiles beside the model's: the anchors against the positives, anchors and negatives side by
-side, and the positives against the positives. The guide receives the same features unless the two tokenizers differ
-(then the texts are decoded with the model's tokenizer and encoded with the guide's, as
-sentence-transformers does).
+side, and the positives against the positives. The guide receives the same features unless the
+two tokenizers differ (then the texts are decoded with the model's tokenizer and encoded with the
+guide's, as sentence-transformers does).
 
 ``exact``: float32 products in IEEE arithmetic; by default as torch's float32 matmul precision
 allows (:func:`fastcl.integrations._common.exact_products`), as the library's own similarity
@@ -294,7 +294,8 @@ def gist_from_embeddings(embeddings: Sequence[Tensor], guide_embeddings: Sequenc
             raise ValueError(f"embedding column {i} must have the anchors' shape "
                              f"{tuple(embeddings[0].shape)}, got {tuple(e.shape)}")
         if g.dim() != 2 or g.shape[0] != n:
-            raise ValueError(f"guide embedding column {i} must have shape (n={n}, Dg), got {tuple(g.shape)}")
+            raise ValueError(f"guide embedding column {i} must have shape (n={n}, Dg), got "
+                             f"{tuple(g.shape)}")
     embs = [nn.functional.normalize(e, dim=-1) for e in embeddings]
     guides = [nn.functional.normalize(g.detach(), dim=-1) for g in guide_embeddings]
     anchors, ga = embs[0], guides[0]
@@ -410,11 +411,12 @@ class GISTEmbedLoss(nn.Module):
         with torch.no_grad():
             if self.mini_batch_size is None:
                 return self.guide(self._guide_features(features))["sentence_embedding"].detach()
-            n = _batch_size("sentence_features", features)
-            return torch.cat([self.guide(self._guide_features(_slice(features, s, min(n, s + self.mini_batch_size))))[
-                "sentence_embedding"].detach() for s in range(0, n, self.mini_batch_size)])
+            n, b = _batch_size("sentence_features", features), self.mini_batch_size
+            return torch.cat([self.guide(self._guide_features(_slice(features, s, min(n, s + b))))[
+                "sentence_embedding"].detach() for s in range(0, n, b)])
 
-    def compute_loss_from_embeddings(self, embeddings: List[Tensor], guide_embeddings: List[Tensor]) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: List[Tensor],
+                                     guide_embeddings: List[Tensor]) -> Tensor:
         return gist_from_embeddings(embeddings, guide_embeddings, temperature=self.temperature,
                                     margin_strategy=self.margin_strategy, margin=self.margin,
                                     contrast_anchors=self.contrast_anchors,
@@ -422,7 +424,8 @@ class GISTEmbedLoss(nn.Module):
                                     gather_across_devices=self.gather_across_devices,
                                     backend=self.backend, exact=self.exact)
 
-    def forward(self, sentence_features: Iterable[Dict[str, Any]], labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, sentence_features: Iterable[Dict[str, Any]],
+                labels: Optional[Tensor] = None) -> Tensor:
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"Expected at least 2 inputs (anchors, positives), got {len(features)}")
