@@ -313,15 +313,15 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
             ``S_ij > S_{i,p(i)} - fn_margin``, or cosine ``c_ij > fn_ratio * c_{i,p(i)}``, or
             ``key_ids[j] == key_ids[p(i)]`` (duplicates of the positive, (M,) int64) leave row i.
             ``fn_margin`` / ``fn_ratio`` apply to ``hard_negatives`` too; ``key_ids`` covers the
-            keys only. Entries within rounding of the threshold may fall either way.
+            keys only. Entries within rounding of the threshold (:func:`tie_slack`) stay, so
+            exact duplicates of the positive do at margin 0 / ratio 1.
         guide: optional (guide_queries (N, Dg), guide_keys (M, Dg)), a guide model's embeddings
             (GISTEmbed; normalise them for cosines): the false-negative rule compares the guide's
             products ``g_ij = <u_i, v_j>``, recomputed in the tiles, instead of the model's:
             keys j != p(i) with ``g_ij > g_{i,p(i)} - fn_margin`` (default margin 0), or
             ``g_ij > fn_ratio * g_{i,p(i)}``, leave row i. The guide is cast to the features'
-            dtype and its products formed in their precision; products within rounding
-            (:func:`guide_tie_slack`) of the threshold stay, so exact duplicates of the positive
-            do. No gradient reaches the guide; not with ``hard_negatives``.
+            dtype and its products formed in their precision; ties stay as above. No gradient
+            reaches the guide; not with ``hard_negatives``.
         backend: "auto" (Triton on CUDA, torch elsewhere) | "triton" | "torch" | "cuda" | "cpu".
         exact: float32 inputs use IEEE fp32 products instead of TF32.
     Returns:
@@ -360,6 +360,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         key_ids = _check_labels("key_ids", key_ids, M, queries.device)
     queries, keys, be = _prepare(queries, keys, backend)
     fn_space, threshold, row_ids, gu, gv = 0, None, None, None, None
+    tf32 = queries.dtype == torch.float32 and not exact  # (the tiles' products may be TF32)
     if guide is not None:
         if not isinstance(guide, (tuple, list)) or len(guide) != 2:
             raise TypeError("guide must be a pair (guide_queries (N, Dg), guide_keys (M, Dg)), got "
@@ -372,17 +373,18 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
             fn_space = 3
             threshold = float(fn_ratio) * g_pos if fn_ratio is not None else \
                 g_pos - float(fn_margin or 0.0)
-            threshold = threshold + guide_tie_slack(gu, gv)
+            threshold = threshold + tie_slack(gu, gv, tf32)
     elif fn_margin is not None or fn_ratio is not None:
         with torch.no_grad():
             kp = keys[:N] if positives is None else keys.index_select(0, positives)
-            c_pos = _row_dots(queries, kp).float()
+            c_pos = _row_dots(queries, kp)
+            slack = tie_slack(queries, keys, tf32)
             if fn_margin is not None:
                 fn_space = 1
-                threshold = s.detach().float() * c_pos - float(fn_margin)
-                threshold = threshold + b.detach().float() if b is not None else threshold
+                threshold = s.detach() * c_pos - float(fn_margin) + s.detach().abs() * slack
+                threshold = threshold + b.detach() if b is not None else threshold
             else:
-                fn_space, threshold = 2, float(fn_ratio) * c_pos
+                fn_space, threshold = 2, float(fn_ratio) * c_pos + slack
     if key_ids is not None:
         row_ids = key_ids[:N] if positives is None else key_ids.index_select(0, positives)
     spec = LossSpec(kind="softmax", exact=exact, fn_space=fn_space)
@@ -687,13 +689,17 @@ def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int
     return u.detach().to(like.dtype), v.detach().to(like.dtype)
 
 
-def guide_tie_slack(u: Tensor, v: Tensor) -> Tensor:
-    """(N,) what a guide threshold gains so that rounding cannot drop a key whose guide product
-    ties with the positive's (an exact duplicate of it, which the rule keeps): the products in the
-    tiles and the positive's, formed apart, differ by rounding, bounded by a small multiple of
-    ``|u_i| max_j |v_j|`` (Cauchy-Schwarz): 2^-16 of it (2^-40 for float64)."""
+def tie_slack(u: Tensor, v: Tensor, tf32: bool = False) -> Tensor:
+    """(N,) what a false-negative threshold on products ``<u_i, v_j>`` gains so that rounding
+    cannot drop a key whose product ties with the positive's (an exact duplicate of it, which the
+    rule keeps): the products in the tiles and the positive's, formed apart, differ by at most
+    ``(D + 2) eps |u_i| |v_j|`` (the sums' rounding, eps of float32 or float64; Cauchy-Schwarz),
+    or with TF32 products (``tf32``) by the inputs' rounding, ``2^-10 |u_i| |v_j|``."""
     dt = _stat_dtype(u)
-    rel = 2.0 ** -40 if dt == torch.float64 else 2.0 ** -16
+    if tf32:
+        rel = 2.0 ** -10
+    else:
+        rel = (u.shape[1] + 2) * (2.0 ** -53 if dt == torch.float64 else 2.0 ** -24)
     norm_v = v.to(dt).norm(dim=1).amax() if v.shape[0] else torch.zeros((), dtype=dt, device=v.device)
     return rel * u.to(dt).norm(dim=1) * norm_v
 

@@ -154,6 +154,32 @@ def test_false_negative_masking(backend, option):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["margin", "ratio"])
+def test_false_negative_ties_stay(backend, rule):
+    """A key that ties with the positive (here an exact copy of every positive) stays at margin 0 /
+    ratio 1, in every backend's arithmetic: the positive's product is formed apart from the tiles'
+    (in another order: float32 sums differ in their last bits), and the rule must not drop the
+    copy on that difference. The expected losses keep, in float64, what lies within 1e-9 of the
+    positive (there: only the copies)."""
+    N, D = 24, 64
+    q, k = _feat(N, D, requires_grad=False), _feat(N, D, requires_grad=False)
+    keys = torch.cat([k, k])  # every positive twice
+    kw = dict(fn_margin=0.0) if rule == "margin" else dict(fn_ratio=1.0)
+    ours = fastcl.info_nce(q, keys, scale=8.0, reduction="none", backend=backend, exact=True, **kw)
+    c = q.double() @ keys.double().T
+    c_pos = c.diagonal()[:, None]
+    other = ~torch.eye(N, 2 * N, dtype=torch.bool, device=DEVICE)
+
+    def expected(tol):
+        drop = other & (c > c_pos + tol)
+        return torch.logsumexp((8.0 * c).masked_fill(drop, -float("inf")), 1) - 8.0 * c_pos[:, 0]
+
+    want = expected(1e-9)
+    assert (ours.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (want - expected(-1e-9)).abs().max() > 1e-2  # the copies count
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("option", ["margin", "ratio"])
 def test_false_negative_masking_of_hard_negatives(backend, option):
     """fn_margin / fn_ratio drop private hard negatives by the keys' rule: here one of each row's
