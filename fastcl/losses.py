@@ -306,7 +306,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         scale: float or one-element tensor (1/temperature); a tensor gets a gradient.
         bias: optional float or one-element tensor added to every logit.
         reduction: "mean" | "sum" | "none" (per-query losses, shape (N,)).
-        label_smoothing: epsilon of ``F.cross_entropy``'s label smoothing (uniform over all columns).
+        label_smoothing: epsilon of ``F.cross_entropy``'s label smoothing (uniform over all
+            columns; not with false-negative masking).
         focal_gamma: per-row focal weighting ``(1 - p_i)^gamma * L_i``, p_i the positive's probability.
         hard_negatives: optional (N, h, D) private negatives of each query, merged into its LSE.
         fn_margin / fn_ratio / key_ids: in-tile false-negative masking: keys j != p(i) with
@@ -356,6 +357,11 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
     if fn_margin is not None and fn_ratio is not None:
         raise ValueError("fn_margin and fn_ratio cannot be combined")
+    if eps and (fn_margin is not None or fn_ratio is not None or key_ids is not None
+                or guide is not None):
+        # (its uniform part would run over the dropped keys too: a different loss)
+        raise ValueError("label_smoothing cannot be combined with false-negative masking "
+                         "(fn_margin, fn_ratio, key_ids, guide)")
     if key_ids is not None:
         key_ids = _check_labels("key_ids", key_ids, M, queries.device)
     queries, keys, be = _prepare(queries, keys, backend)

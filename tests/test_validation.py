@@ -241,3 +241,15 @@ def test_guide_arguments():
     if _backend.has_extension():
         with pytest.raises(ValueError, match="does not implement this loss"):
             fastcl.info_nce(q, k, guide=(u, v), backend="cpu")
+
+
+@pytest.mark.parametrize("masking", ["fn_margin", "fn_ratio", "key_ids", "guide"])
+def test_label_smoothing_refuses_false_negative_masking(masking):
+    """Its uniform part would run over the dropped keys too (the materialised loss is inf there)."""
+    q, k = f(6, 4), f(6, 4)
+    kw = {"fn_margin": dict(fn_margin=0.0), "fn_ratio": dict(fn_ratio=1.0),
+          "key_ids": dict(key_ids=torch.arange(6, device=DEVICE)),
+          "guide": dict(guide=(q.detach(), k.detach()))}[masking]
+    fastcl.info_nce(q, k, **kw)  # alone: fine
+    with pytest.raises(ValueError, match="label_smoothing cannot be combined with false-negative"):
+        fastcl.info_nce(q, k, label_smoothing=0.1, **kw)
