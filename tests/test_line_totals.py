@@ -18,8 +18,10 @@ N, D, SCALE = 70, 24, 20.0  # awkward sizes; tau = 0.05
 
 CASES = ["info_nce", "info_nce_positives", "info_nce_bias", "clip", "clip_queries_only",
          "clip_keys_only", "clip_label_smoothing", "nt_xent", "supcon", "soft_info_nce",
-         "info_nce_hard_negatives", "distill", "distill_keys_only", "softclip", "hcl"]
-EXTENDED = ("info_nce_hard", "distill", "softclip", "hcl")  # (not in the compiled extension)
+         "info_nce_hard_negatives", "info_nce_guide", "distill", "distill_keys_only", "softclip",
+         "hcl"]
+# (not in the compiled extension)
+EXTENDED = ("info_nce_hard", "info_nce_guide", "distill", "softclip", "hcl")
 
 
 def _near_duplicates(gen):
@@ -41,6 +43,8 @@ def _case(case, gen):
     u, v = (torch.nn.functional.normalize(z + 0.02 * torch.randn(N, D, dtype=torch.float64,
                                                                   generator=gen), dim=1)
             for z in _near_duplicates(gen))
+    # a guide with quarter-integer entries: its products are exact, so every backend masks alike
+    gu, gv = (torch.randint(-4, 5, (N, 4), generator=gen, dtype=torch.float64) / 4 for _ in range(2))
     kw = dict(reduction="none")
     ex = dict(kw, exact=True)
     grad = {"clip_queries_only": (True, False), "clip_keys_only": (False, True),
@@ -78,6 +82,11 @@ def _case(case, gen):
             lambda a, b, be: fastcl.info_nce(a, b, scale=SCALE, hard_negatives=hard.to(a), backend=be,
                                              **ex),
             lambda a, b: R.info_nce(a, b, scale=SCALE, hard_negatives=hard.to(a), **kw)),
+        # keys that a guide ranks above the positive left out (guide products in the tiles)
+        "info_nce_guide": (
+            lambda a, b, be: fastcl.info_nce(a, b, scale=SCALE, guide=(gu.to(a), gv.to(a)), backend=be,
+                                             **ex),
+            lambda a, b: R.info_nce(a, b, scale=SCALE, guide=(gu.to(a), gv.to(a)), **kw)),
         # teacher softmax targets recomputed in the tiles
         "distill": (
             lambda a, b, be: fastcl.distill(a, b, u.to(a), v.to(a), SCALE, SCALE, directions="row",
