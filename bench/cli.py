@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fwd, bwd, fwdbwd (default all three)")
     p.add_argument("--N", nargs="+", type=_list(_pos_int), help="rows (queries)")
     p.add_argument("--M", nargs="+", type=_list(_pos_int),
-                   help="columns (keys) for info_nce / siglip (default M = N)")
+                   help="columns (keys) for info_nce / siglip / gist (default M = N)")
     p.add_argument("--D", nargs="+", type=_list(_pos_int), help="feature dimension")
     p.add_argument("--dtype", nargs="+", type=_list(_choice(tuple(DTYPES))), help="bf16, fp16, fp32")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -242,7 +242,7 @@ def plan_shapes(args):
                     for M in (args.M or [N]):
                         if P.square_only(loss) and M != N:
                             continue
-                        if loss == "info_nce" and M < N:
+                        if loss in ("info_nce", "gist") and M < N:
                             continue
                         shapes.append((loss, dtype, D, N, M))
     return shapes

@@ -12,6 +12,8 @@ clip      symmetric CLIP InfoNCE, scale 1/0.07         queries (N, D), keys (N, 
 info_nce  one-way InfoNCE, scale 1/0.07, p(i) = i      queries (N, D), keys (M, D)
 siglip    pairwise sigmoid, scale 10, bias -10         queries (N, D), keys (M, D)
 supcon    SupCon L_out, temperature 0.1, N/8 classes   features (N, D), labels (N,)
+gist      info_nce with guided false negatives         queries (N, D), keys (M, D),
+          (GISTEmbed, margin 0), scale 1/0.07          guide (N, D/2), (M, D/2)
 ========  ==========================================  ===========================
 
 Providers:
@@ -37,7 +39,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-LOSSES = ("clip", "info_nce", "siglip", "supcon")
+LOSSES = ("clip", "info_nce", "siglip", "supcon", "gist")
 PROVIDERS = ("naive", "compiled", "infcl", "infcl-ring", "fastcl-triton", "fastcl-cuda",
              "fastcl-cpu", "fastcl-torch")
 FASTCL_BACKENDS = {"fastcl-triton": "triton", "fastcl-cuda": "cuda", "fastcl-cpu": "cpu",
@@ -49,7 +51,7 @@ SUPCON_TEMPERATURE = 0.1
 
 # the reference / public function behind each loss
 _REFERENCE_NAMES = {"clip": "clip_loss", "info_nce": "info_nce", "siglip": "siglip_loss",
-                    "supcon": "supcon"}
+                    "supcon": "supcon", "gist": "info_nce"}
 _PUBLIC_NAMES = _REFERENCE_NAMES
 
 Inputs = Dict[str, torch.Tensor]
@@ -130,24 +132,30 @@ def make_inputs(loss: str, N: int, M: int, D: int, dtype: torch.dtype, device,
                 generator: Optional[torch.Generator] = None) -> Inputs:
     """Fresh L2-normalised features (leaves with ``requires_grad``) for one loss.
 
-    Returns {"queries": (N, D), "keys": (M, D)} or, for supcon, {"features": (N, D), "labels": (N,)}.
-    The tensors are drawn in float32 on ``device`` and cast to ``dtype``.
+    Returns {"queries": (N, D), "keys": (M, D)}, for gist also {"guide_queries": (N, Dg),
+    "guide_keys": (M, Dg)} (Dg = max(16, D / 2), no gradient), or, for supcon,
+    {"features": (N, D), "labels": (N,)}. The tensors are drawn in float32 on ``device`` and cast
+    to ``dtype``.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if square_only(loss) and M != N:
         raise ValueError(f"{loss} needs M == N, got N={N}, M={M}")
-    if loss == "info_nce" and M < N:
-        raise ValueError(f"info_nce needs M >= N (key i is query i's positive), got N={N}, M={M}")
+    if loss in ("info_nce", "gist") and M < N:
+        raise ValueError(f"{loss} needs M >= N (key i is query i's positive), got N={N}, M={M}")
 
-    def feats(n):
-        x = torch.randn(n, D, device=device, dtype=torch.float32, generator=generator)
+    def feats(n, d=D, grad=True):
+        x = torch.randn(n, d, device=device, dtype=torch.float32, generator=generator)
         x = torch.nn.functional.normalize(x, dim=1)
-        return x.to(dtype).requires_grad_(True)
+        return x.to(dtype).requires_grad_(grad)
 
     if loss == "supcon":
         labels = torch.randint(0, supcon_classes(N), (N,), device=device, generator=generator)
         return {"features": feats(N), "labels": labels}
+    if loss == "gist":
+        dg = max(16, D // 2)
+        return {"queries": feats(N), "keys": feats(M), "guide_queries": feats(N, dg, False),
+                "guide_keys": feats(M, dg, False)}
     return {"queries": feats(N), "keys": feats(M)}
 
 
@@ -236,6 +244,9 @@ def naive_fn(loss: str) -> LossFn:
         return lambda x: ref(x["queries"], x["keys"], CLIP_SCALE, logits_dtype=f32)
     if loss == "info_nce":
         return lambda x: ref(x["queries"], x["keys"], scale=CLIP_SCALE, logits_dtype=f32)
+    if loss == "gist":
+        return lambda x: ref(x["queries"], x["keys"], scale=CLIP_SCALE, logits_dtype=f32,
+                             guide=(x["guide_queries"], x["guide_keys"]))
     if loss == "siglip":
         return lambda x: ref(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, logits_dtype=f32)
     # reference.supcon returns (loss, valid rows)
@@ -249,6 +260,11 @@ def fastcl_fn(loss: str, backend: str) -> LossFn:
         return lambda x: fn(x["queries"], x["keys"], CLIP_SCALE, backend=backend)
     if loss == "info_nce":
         return lambda x: fn(x["queries"], x["keys"], scale=CLIP_SCALE, backend=backend)
+    if loss == "gist":
+        if backend in ("cuda", "cpu"):
+            raise Unavailable("the compiled extension has no guided false-negative closure")
+        return lambda x: fn(x["queries"], x["keys"], scale=CLIP_SCALE, backend=backend,
+                            guide=(x["guide_queries"], x["guide_keys"]))
     if loss == "siglip":
         return lambda x: fn(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, backend=backend)
     return lambda x: _scalar_out(fn(x["features"], x["labels"], SUPCON_TEMPERATURE,

@@ -413,17 +413,21 @@ def test_main_no_save(tmp_path, capsys):
 
 
 def _reference64(loss, x):
-    d = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in x.items()}
+    d = {k: (v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+         for k, v in x.items()}
     if loss == "clip":
         out = reference.clip_loss(d["queries"], d["keys"], P.CLIP_SCALE)
     elif loss == "info_nce":
         out = reference.info_nce(d["queries"], d["keys"], scale=P.CLIP_SCALE)
+    elif loss == "gist":
+        out = reference.info_nce(d["queries"], d["keys"], scale=P.CLIP_SCALE,
+                                 guide=(d["guide_queries"], d["guide_keys"]))
     elif loss == "siglip":
         out = reference.siglip_loss(d["queries"], d["keys"], P.SIGLIP_SCALE, P.SIGLIP_BIAS)
     else:
         out = reference.supcon(d["features"], d["labels"], P.SUPCON_TEMPERATURE, normalize=False)[0]
     out.backward()
-    return out.detach(), {k: v.grad for k, v in d.items() if v.is_floating_point()}
+    return out.detach(), {k: v.grad for k, v in d.items() if v.is_floating_point() and v.requires_grad}
 
 
 @pytest.mark.parametrize("loss", P.LOSSES)
@@ -431,7 +435,7 @@ def _reference64(loss, x):
 def test_providers_match_float64_reference(loss, provider):
     if loss in ("siglip", "supcon") and not hasattr(reference, P._REFERENCE_NAMES[loss]):
         pytest.skip(f"fastcl.reference has no {loss}")
-    N, M, D = 40, (56 if loss in ("info_nce", "siglip") else 40), 24
+    N, M, D = 40, (56 if loss in ("info_nce", "siglip", "gist") else 40), 24
     x = P.make_inputs(loss, N, M, D, torch.float32, CPU, torch.Generator().manual_seed(3))
     assert all(v.abs().sum() > 0 for v in x.values())
     fn = P.build(loss, provider, CPU, torch.float32)

@@ -366,7 +366,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         key_ids = _check_labels("key_ids", key_ids, M, queries.device)
     queries, keys, be = _prepare(queries, keys, backend)
     fn_space, threshold, row_ids, gu, gv = 0, None, None, None, None
-    tf32 = queries.dtype == torch.float32 and not exact  # (the tiles' products may be TF32)
+    tf32 = tf32_products(queries, be, exact)
     if guide is not None:
         if not isinstance(guide, (tuple, list)) or len(guide) != 2:
             raise TypeError("guide must be a pair (guide_queries (N, Dg), guide_keys (M, Dg)), got "
@@ -693,6 +693,12 @@ def _teacher_pair(name_q: str, u: Tensor, name_k: str, v: Tensor, n: int, m: int
     if u.device != like.device:
         raise ValueError(f"{name_q} is on {u.device} but the features are on {like.device}")
     return u.detach().to(like.dtype), v.detach().to(like.dtype)
+
+
+def tf32_products(q: Tensor, backend: str, exact: bool) -> bool:
+    """Whether the products of float32 features ``q`` may be TF32 ones: not ``exact``, and the
+    Triton backend or CUDA tensors (torch's own matmuls there may use TF32)."""
+    return q.dtype == torch.float32 and not exact and (backend == "triton" or q.device.type == "cuda")
 
 
 def tie_slack(u: Tensor, v: Tensor, tf32: bool = False) -> Tensor:

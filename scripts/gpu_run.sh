@@ -26,7 +26,8 @@
 #             workers when it is installed; tests not started by the phase's deadline are
 #             skipped (FASTCL_TEST_DEADLINE) so the junit report is always written
 #   huge      symmetric CLIP fwd+bwd at N = 2^20, D = 512 (time and peak memory)
-#   targets   SigLIP bf16 and CLIP fp32 (TF32) at N = 32768, D = 512 against their peers
+#   targets   SigLIP bf16, CLIP fp32 (TF32) and guided InfoNCE (gist) bf16 at N = 32768, D = 512
+#             against their peers
 #   memcheck  compute-sanitizer over a tiny fastcl-cuda run
 # Other phases (a second call on a warm machine): "variants", "variants_general",
 # "variants_siglip", "variants_targets" (below), e.g. PHASES="install variants".
@@ -207,8 +208,9 @@ if want huge; then
     --N 1048576 --D 512 --dtype bf16 --mode fwdbwd --repeats 3 --warmup 1 --no-plots
 fi
 if want targets; then
-  # SigLIP bf16 against torch.compile; CLIP with float32 inputs (TF32) against naive float32
-  for what in "siglip bf16" "clip fp32"; do
+  # SigLIP bf16 against torch.compile; CLIP with float32 inputs (TF32) against naive float32;
+  # InfoNCE with guided false negatives (GISTEmbed: the guide's products in the tiles) in bf16
+  for what in "siglip bf16" "clip fp32" "gist bf16"; do
     set -- $what
     XLIMIT=$(min 90 $(( $(left) - 20 )))
     phase "targets_$1_$2" "$XLIMIT" "$PY" -m bench --out "$OUT/targets_$1_$2" \

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..autograd import engine_loss, engine_statistics
-from ..losses import _prepare, _scalar_param, tie_slack
+from ..losses import _prepare, _scalar_param, tf32_products, tie_slack
 from ..ops import LossSpec, Targets
 
 Tensor = torch.Tensor
@@ -110,7 +110,7 @@ def guided_statistics(a: Tensor, b: Tensor, scale, guide_a: Tensor, guide_b: Ten
     pos = targets if targets is not None else torch.full((n,), -1, dtype=torch.int64, device=a.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     u, v = guide_a.detach().to(q.dtype), guide_b.detach().to(q.dtype)
-    thr = threshold.detach().to(stat_dtype) + tie_slack(u, v, q.dtype == torch.float32 and not exact)
+    thr = threshold.detach().to(stat_dtype) + tie_slack(u, v, tf32_products(q, be, exact))
     t = Targets(positives=pos, fn_threshold=thr, guide_queries=u, guide_keys=v)
     spec = LossSpec(kind="softmax", fn_space=3, exact=exact)
     return engine_statistics(q, k, _scale(a, scale), None, t, spec, be)
