@@ -264,6 +264,15 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 _MARGIN_STRATEGIES = ("absolute", "relative")
 
 
+def _check_gist_args(temperature: float, margin_strategy: str, margin: float) -> None:
+    if margin_strategy not in _MARGIN_STRATEGIES:
+        raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be finite, got {margin}")
+
+
 def gist_from_embeddings(embeddings: Sequence[Tensor], guide_embeddings: Sequence[Tensor], *,
                          temperature: float = 0.01, margin_strategy: str = "absolute",
                          margin: float = 0.0, contrast_anchors: bool = True,
@@ -282,12 +291,7 @@ def gist_from_embeddings(embeddings: Sequence[Tensor], guide_embeddings: Sequenc
     if len(guide_embeddings) != len(embeddings):
         raise ValueError(f"guide_embeddings must hold one tensor per column ({len(embeddings)}), got "
                          f"{len(guide_embeddings)}")
-    if margin_strategy not in _MARGIN_STRATEGIES:
-        raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not math.isfinite(margin):
-        raise ValueError(f"margin must be finite, got {margin}")
+    _check_gist_args(temperature, margin_strategy, margin)
     n = embeddings[0].shape[0]
     for i, (e, g) in enumerate(zip(embeddings, guide_embeddings)):
         if e.dim() != 2 or e.shape != embeddings[0].shape:
@@ -366,12 +370,7 @@ class GISTEmbedLoss(nn.Module):
                  gather_across_devices: bool = False, *, mini_batch_size: Optional[int] = None,
                  show_progress_bar: bool = False, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__()
-        if margin_strategy not in _MARGIN_STRATEGIES:
-            raise ValueError("margin_strategy must be 'absolute' or 'relative'.")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not math.isfinite(margin):
-            raise ValueError(f"margin must be finite, got {margin}")
+        _check_gist_args(temperature, margin_strategy, margin)
         if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
             raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
         self.model, self.guide = model, guide
