@@ -93,6 +93,38 @@ def test_open_clip_single_process():
         oc.SigLipLoss(dist_impl="allgather")
 
 
+def _caption_batch(gen, b=9, t=6, v=11, pad_id=0):
+    logits = torch.randn(b, t, v, generator=gen, dtype=torch.float64).requires_grad_(True)
+    labels = torch.randint(1, v, (b, t), generator=gen)
+    labels[:, 4:] = pad_id  # padded tails, ignored
+    return logits, labels
+
+
+@pytest.mark.parametrize("weights", [(2.0, 1.0), (1.5, 0.0)])
+def test_open_clip_coca(weights):
+    gen = torch.Generator().manual_seed(4)
+    img, txt = _feats(gen, 9, 16), _feats(gen, 9, 16)
+    s = _leaf(14.0)
+    logits, labels = _caption_batch(gen)
+    cap_w, clip_w = weights
+    con, cap = oc.CoCaLoss(cap_w, clip_w)(img, txt, logits, labels, s)
+    want_cap = cap_w * nn.functional.cross_entropy(logits.permute(0, 2, 1), labels, ignore_index=0)
+    _compare("coca/caption", cap, want_cap, [logits])
+    if clip_w:
+        _compare("coca/contrastive", con, clip_w * reference.clip_loss(img, txt, s), [img, txt, s])
+    else:
+        assert con.item() == 0
+    out = oc.CoCaLoss(cap_w, clip_w)(img, txt, logits, labels, s, output_dict=True)
+    assert set(out) == {"contrastive_loss", "caption_loss"}
+    with pytest.raises(ValueError, match="logits must be"):
+        oc.CoCaLoss(cap_w, clip_w)(img, txt, logits[0], labels, s)
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    for k, name in enumerate(("contrastive", "caption")[0 if clip_w else 1:], 0 if clip_w else 1):
+        theirs = open_clip_loss.CoCaLoss(cap_w, clip_w)(img, txt, logits, labels, s)[k]
+        ours = oc.CoCaLoss(cap_w, clip_w)(img, txt, logits, labels, s)[k]
+        _compare(f"coca/open_clip/{name}", ours, theirs, [img, txt, s] if k == 0 else [logits])
+
+
 def _open_clip_worker(r, W):
     try:
         import open_clip.loss as ocl
@@ -114,6 +146,13 @@ def _open_clip_worker(r, W):
         ours = oc.ClipLoss(local_loss, with_grad, rank=r, world_size=W, dist_mode=mode)(i, t, s, b)
         cases.append((f"clip{(local_loss, with_grad, mode)}", ours, [i, t, s],
                       ("clip", local_loss, with_grad)))
+        if mode == "gather":  # CoCa's contrastive term: ClipLoss's, weighted
+            i, t, s = local(I), local(T), _leaf(9.0)
+            logits, labels = _caption_batch(torch.Generator().manual_seed(r), b=n)
+            ours, _ = oc.CoCaLoss(2.0, 1.5, local_loss=local_loss, gather_with_grad=with_grad, rank=r,
+                                  world_size=W)(i, t, logits, labels, s)
+            cases.append((f"coca{(local_loss, with_grad)}", ours, [i, t, s],
+                          ("coca", local_loss, with_grad, logits, labels)))
         if mode == "gather":  # the distillation term over the same gathered columns
             i, t, s = local(I), local(T), _leaf(9.0)
             ti, tt = local(I.flip(1)).detach(), local(T.roll(1, 1)).detach()
@@ -134,6 +173,9 @@ def _open_clip_worker(r, W):
             elif cfg[0] == "distill":
                 _, theirs = ocl.DistillClipLoss(cfg[1], cfg[2], rank=r, world_size=W)(
                     i2, t2, s2, cfg[3], cfg[4], torch.tensor(7.0, dtype=torch.float64))
+            elif cfg[0] == "coca":
+                theirs, _ = ocl.CoCaLoss(2.0, 1.5, local_loss=cfg[1], gather_with_grad=cfg[2], rank=r,
+                                         world_size=W)(i2, t2, cfg[3], cfg[4], s2)
             else:
                 theirs = ocl.SigLipLoss(rank=r, world_size=W, dist_impl=cfg[1])(i2, t2, s2, b2)
         else:  # transcription of open_clip's per-rank formulas, single process on gathered data

@@ -1,5 +1,6 @@
-"""open_clip drop-ins: ``ClipLoss`` and ``SigLipLoss`` with open_clip's constructor and forward
-signatures and numbers, on the fused engine. open_clip itself is not imported.
+"""open_clip drop-ins: ``ClipLoss``, ``CoCaLoss``, ``DistillClipLoss`` and ``SigLipLoss`` with
+open_clip's constructor and forward signatures and numbers, on the fused engine. open_clip itself is
+not imported.
 
 Single process (``world_size == 1``): the fused :func:`fastcl.clip_loss` / :func:`fastcl.siglip_loss`.
 Several processes (``world_size > 1``, torch.distributed initialised, ``rank`` / ``world_size`` as
@@ -17,6 +18,8 @@ given to open_clip) reproduce open_clip's per-rank values and gradients:
   in the tiles (:func:`fastcl.distill`, ``objective="cross_entropy"``). The teacher's features and
   scale are constants, as open_clip's training computes them (under ``torch.no_grad``): a
   teacher input that requires a gradient is refused.
+* ``CoCaLoss``: ``ClipLoss``'s term, weighted, and the captioning term, torch's cross-entropy of
+  the text decoder's logits (already the model's output; nothing to fuse) with ``pad_id`` ignored.
 * ``SigLipLoss``: the rank's images against every rank's texts (the positive only on its own
   block), divided by the local batch size; ``dist_impl`` "gather" all-gathers the texts, every
   other value ("bidir", "shift", "reduce", "ring") uses the ring: the texts travel, not all held.
@@ -43,7 +46,7 @@ from ._common import exact_products
 
 Tensor = torch.Tensor
 
-__all__ = ["ClipLoss", "DistillClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "CoCaLoss", "DistillClipLoss", "SigLipLoss"]
 
 
 def _gather_no_grad(x: Tensor, rank: int, world_size: int, keep_local: bool) -> Tensor:
@@ -116,6 +119,38 @@ class ClipLoss(nn.Module):
         rows = info_nce(img, all_t, **kw)
         cols = info_nce(txt, all_i, **kw)
         return (rows + cols) / 2
+
+
+class CoCaLoss(ClipLoss):
+    """open_clip ``CoCaLoss``: ``forward(image_features, text_features, logits, labels,
+    logit_scale, output_dict=False)`` -> (contrastive loss, caption loss), each weighted; the
+    contrastive term as :class:`ClipLoss` (the same distributed options), the caption term the
+    cross-entropy of ``logits`` (B, T, V) against ``labels`` (B, T), ``pad_id`` ignored."""
+
+    def __init__(self, caption_loss_weight: float, clip_loss_weight: float, pad_id: int = 0,
+                 local_loss: bool = False, gather_with_grad: bool = False,
+                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 use_horovod: bool = False, *, dist_mode: str = "gather", backend: str = "auto",
+                 exact: Optional[bool] = None):
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod,
+                         dist_mode=dist_mode, backend=backend, exact=exact)
+        self.clip_loss_weight, self.caption_loss_weight = clip_loss_weight, caption_loss_weight
+        self.caption_loss = nn.CrossEntropyLoss(ignore_index=pad_id)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logits: Tensor,
+                labels: Tensor, logit_scale, output_dict: bool = False):
+        if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+            raise ValueError(f"logits must be (B, T, V) and labels (B, T), got {tuple(logits.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if self.clip_loss_weight:
+            contrastive = self.clip_loss_weight * super().forward(image_features, text_features,
+                                                                  logit_scale)
+        else:
+            contrastive = torch.tensor(0, device=logits.device)
+        caption = self.caption_loss_weight * self.caption_loss(logits.permute(0, 2, 1), labels)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "caption_loss": caption}
+        return contrastive, caption
 
 
 class DistillClipLoss(ClipLoss):
