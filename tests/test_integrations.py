@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastcl import reference
+from fastcl.integrations import lightly as ly
 from fastcl.integrations import open_clip as oc
 from fastcl.integrations import pytorch_metric_learning as pml
 from fastcl.integrations import sentence_transformers as st
@@ -730,3 +731,136 @@ def test_gist_triton_float32():
     assert abs(ours.item() - ref.item()) <= 2e-6 * abs(ref.item())
     for a, b in zip(torch.autograd.grad(ours, e32), torch.autograd.grad(ref, e64)):
         assert ((a.double() - b).norm() / b.norm()).item() <= 2e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# lightly
+# ----------------------------------------------------------------------------------------------
+
+
+def _lightly():
+    try:
+        from lightly import loss as lightly_loss
+        return lightly_loss
+    except Exception:
+        pytest.skip("lightly is not installed: real-peer comparison skipped")
+
+
+def test_lightly_ntxent_without_memory_bank():
+    gen = torch.Generator().manual_seed(21)
+    a, b = _feats(gen, 11, 7, normalize=False), _feats(gen, 11, 7, normalize=False)
+    ours = ly.NTXentLoss(temperature=0.3)(a, b)
+    # transcription: NT-Xent over both views, the other view the target (fastcl's reference)
+    _compare("lightly/ntxent/reference", ours,
+             reference.nt_xent(nn.functional.normalize(a, dim=1), nn.functional.normalize(b, dim=1), 0.3),
+             [a, b])
+    lightly_loss = _lightly()
+    _compare("lightly/ntxent", ly.NTXentLoss(temperature=0.3)(a, b),
+             lightly_loss.NTXentLoss(temperature=0.3)(a, b), [a, b])
+
+
+def test_lightly_ntxent_memory_bank():
+    """MoCo: the bank's entries are the negatives, the queue advances by out1's rows (wrapping)."""
+    lightly_loss = _lightly()
+    gen = torch.Generator().manual_seed(22)
+    torch.manual_seed(5)
+    ours = ly.NTXentLoss(temperature=0.2, memory_bank_size=(10, 6), exact=True)
+    torch.manual_seed(5)  # the same random initial bank
+    theirs = lightly_loss.NTXentLoss(temperature=0.2, memory_bank_size=(10, 6))
+    assert torch.equal(ours.memory_bank.bank, theirs.memory_bank.bank)
+    for step in range(4):  # 4 rows per step: the queue wraps on the third
+        a = torch.randn(4, 6, generator=gen).requires_grad_(True)
+        b = torch.randn(4, 6, generator=gen).requires_grad_(True)
+        lo, lt = ours(a, b), theirs(a, b)
+        assert abs(lo.item() - lt.item()) <= 2e-6 * abs(lt.item()), step
+        for ga, gb in zip(torch.autograd.grad(lo, [a, b]), torch.autograd.grad(lt, [a, b])):
+            assert (ga - gb).abs().max() <= 2e-6, step
+        assert torch.allclose(ours.memory_bank.bank, theirs.memory_bank.bank, atol=1e-7), step
+    # out0 without a gradient (evaluation): the bank stays
+    before = ours.memory_bank.bank.clone()
+    ours(torch.randn(4, 6), torch.randn(4, 6))
+    assert torch.equal(before, ours.memory_bank.bank)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lightly_dcl(weighted):
+    lightly_loss = _lightly()
+    gen = torch.Generator().manual_seed(23)
+    a, b = _feats(gen, 13, 9, normalize=False), _feats(gen, 13, 9, normalize=False)
+    if weighted:
+        with pytest.warns(UserWarning):  # (lightly copies its weights with torch.tensor)
+            theirs = lightly_loss.DCLWLoss(temperature=0.2, sigma=0.4)(a, b)
+        ours = ly.DCLWLoss(temperature=0.2, sigma=0.4)(a, b)
+    else:
+        fn = lambda x, y: ((x - y) ** 2).sum(1)  # noqa: E731 (a weight with a gradient)
+        ours = ly.DCLLoss(temperature=0.2, weight_fn=fn)(a, b)
+        theirs = lightly_loss.DCLLoss(temperature=0.2, weight_fn=fn)(a, b)
+    _compare(f"lightly/dcl{'w' if weighted else ''}", ours, theirs, [a, b])
+
+
+@pytest.mark.parametrize("name", ["ntxent", "ntxent_bank", "dcl", "dclw"])
+def test_lightly_triton(name):
+    """The drop-ins on the Triton engine (the interpreter on CPU), float32, against float64."""
+    gen = torch.Generator().manual_seed(24)
+    a, b = _feats(gen, 17, 12, normalize=False), _feats(gen, 17, 12, normalize=False)
+    make = {"ntxent": lambda **kw: ly.NTXentLoss(0.2, **kw),
+            "ntxent_bank": lambda **kw: ly.NTXentLoss(0.2, memory_bank_size=(23, 12), **kw),
+            "dcl": lambda **kw: ly.DCLLoss(0.2, **kw), "dclw": lambda **kw: ly.DCLWLoss(0.2, 0.5, **kw)}[name]
+    torch.manual_seed(0)
+    ref_loss = make(backend="torch")
+    ref = ref_loss(a, b)
+    torch.manual_seed(0)
+    a32, b32 = (x.detach().float().requires_grad_(True) for x in (a, b))
+    ours = make(backend="triton", exact=True)(a32, b32)
+    assert abs(ours.item() - ref.item()) <= 2e-6 * abs(ref.item())
+    for g, gr in zip(torch.autograd.grad(ours, [a32, b32]), torch.autograd.grad(ref, [a, b])):
+        assert ((g.double() - gr).norm() / gr.norm()).item() <= 2e-5
+
+
+def test_lightly_errors():
+    with pytest.raises(ValueError, match="does not specify the feature dimension"):
+        ly.NTXentLoss(memory_bank_size=128)
+    with pytest.raises(ValueError, match="Illegal temperature"):
+        ly.NTXentLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ly.NTXentLoss()(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="sigma"):
+        ly.DCLWLoss(sigma=0.0)
+
+
+def _lightly_worker(r, W):
+    from lightly import loss as lightly_loss
+
+    gen = torch.Generator().manual_seed(8)
+    n, d = 5, 6
+    A = torch.randn(W * n, d, generator=gen, dtype=torch.float64)
+    B = torch.randn(W * n, d, generator=gen, dtype=torch.float64)
+    for name, make in (("ntxent", lambda L: L.NTXentLoss(temperature=0.3, gather_distributed=True)),
+                       ("dcl", lambda L: L.DCLLoss(temperature=0.3, gather_distributed=True))):
+        a, b = (x[r * n:(r + 1) * n].clone().requires_grad_(True) for x in (A, B))
+        a2, b2 = (x.detach().clone().requires_grad_(True) for x in (a, b))
+        ours, theirs = make(ly)(a, b), make(lightly_loss)(a2, b2)
+        if abs(ours.item() - theirs.item()) > TOL:
+            raise AssertionError(f"lightly/{name}/gather: {ours.item()} vs {theirs.item()}")
+        for k, (ga, gb) in enumerate(zip(torch.autograd.grad(ours, [a, b]),
+                                         torch.autograd.grad(theirs, [a2, b2]))):
+            if gb.abs().max() == 0 or (ga - gb).abs().max() > TOL:
+                raise AssertionError(f"lightly/{name}/gather: grad {k} off by {(ga - gb).abs().max():.3e}")
+    # the memory bank filled from every rank's rows
+    torch.manual_seed(3)
+    ours = ly.NTXentLoss(temperature=0.3, memory_bank_size=(3 * W * n, d), gather_distributed=True)
+    torch.manual_seed(3)
+    theirs = lightly_loss.NTXentLoss(temperature=0.3, memory_bank_size=(3 * W * n, d),
+                                     gather_distributed=True)
+    for step in range(4):
+        a, b = (torch.randn(n, d, generator=gen).requires_grad_(True) for _ in range(2))
+        lo, lt = ours(a, b), theirs(a, b)
+        if abs(lo.item() - lt.item()) > 2e-6 * abs(lt.item()):
+            raise AssertionError(f"lightly/memory bank/gather step {step}: {lo.item()} vs {lt.item()}")
+        if not torch.allclose(ours.memory_bank.bank, theirs.memory_bank.bank, atol=1e-7):
+            raise AssertionError(f"lightly/memory bank/gather step {step}: banks differ")
+
+
+def test_lightly_distributed():
+    _lightly()
+    run_gloo(_lightly_worker, 2)
