@@ -817,6 +817,32 @@ def test_lightly_triton(name):
         assert ((g.double() - gr).norm() / gr.norm()).item() <= 2e-5
 
 
+@pytest.mark.parametrize("name", ["directclr", "directclr_bank", "hypersphere"])
+def test_lightly_directclr_and_hypersphere(name):
+    lightly_loss = _lightly()
+    gen = torch.Generator().manual_seed(25)
+    a, b = (torch.randn(10, 3, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+            for _ in range(2))
+    if name == "hypersphere":
+        a, b = (x.detach()[:, 0].clone().requires_grad_(True) for x in (a, b))
+        ours = ly.HypersphereLoss(t=1.5, lam=0.7, alpha=3.0)(a, b)
+        from lightly.loss.hypersphere_loss import HypersphereLoss
+        theirs = HypersphereLoss(t=1.5, lam=0.7, alpha=3.0)(a, b)
+        _compare("lightly/hypersphere", ours, theirs, [a, b])
+        return
+    kw = dict(memory_bank_size=(12, 5)) if name == "directclr_bank" else {}
+    torch.manual_seed(1)
+    ours_fn = ly.DirectCLRLoss(loss_dim=5, temperature=0.3, **kw)
+    torch.manual_seed(1)
+    theirs_fn = lightly_loss.DirectCLRLoss(loss_dim=5, temperature=0.3, **kw)
+    if kw:  # (lightly's bank is float32)
+        a, b = (x.detach().float().requires_grad_(True) for x in (a, b))
+    lo, lt = ours_fn(a, b), theirs_fn(a, b)
+    assert abs(lo.item() - lt.item()) <= 2e-6 * abs(lt.item())
+    for ga, gb in zip(torch.autograd.grad(lo, [a, b]), torch.autograd.grad(lt, [a, b])):
+        assert gb.abs().max() > 0 and (ga - gb).abs().max() <= 2e-6
+
+
 def test_lightly_errors():
     with pytest.raises(ValueError, match="does not specify the feature dimension"):
         ly.NTXentLoss(memory_bank_size=128)

@@ -7,6 +7,6 @@ package, never requires open_clip, sentence-transformers, pytorch-metric-learnin
 * :mod:`fastcl.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``,
   ``CachedMultipleNegativesRankingLoss``, ``GISTEmbedLoss``, ``CachedGISTEmbedLoss``
 * :mod:`fastcl.integrations.pytorch_metric_learning`: ``NTXentLoss``, ``SupConLoss``
-* :mod:`fastcl.integrations.lightly`: ``NTXentLoss`` (with its memory bank), ``DCLLoss``,
-  ``DCLWLoss``
+* :mod:`fastcl.integrations.lightly`: ``NTXentLoss`` (with its memory bank), ``DirectCLRLoss``,
+  ``DCLLoss``, ``DCLWLoss``, ``HypersphereLoss``
 """

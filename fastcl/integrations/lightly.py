@@ -18,6 +18,12 @@ itself is not imported.
   von Mises-Fisher weights ``2 - n softmax(<out0_i, out1_i> / sigma)``, constants as lightly
   builds them (:func:`fastcl.dcl` with ``weight_sigma`` keeps them differentiable instead).
 
+* ``DirectCLRLoss(loss_dim, temperature, memory_bank_size, gather_distributed)``: ``NTXentLoss``
+  on the first ``loss_dim`` values of each flattened encoding.
+* ``HypersphereLoss(t, lam, alpha)``: alignment ``mean |x_i - y_i|^alpha`` plus ``lam`` times the
+  mean of the two views' uniformities ``log mean_{i<j} exp(-t |x_i - x_j|^2)``, each one fused
+  sweep (:func:`fastcl.uniformity_loss`) instead of ``torch.pdist``'s n(n-1)/2 distances.
+
 ``exact``: float32 features' products in IEEE arithmetic; by default as torch's float32 matmul
 precision allows (:func:`fastcl.integrations._common.exact_products`), as lightly's own einsums.
 """
@@ -32,13 +38,13 @@ from torch import nn
 
 from .. import distributed as fdist
 from ..autograd import engine_statistics
-from ..losses import _prepare, _scalar_param
+from ..losses import _prepare, _scalar_param, alignment_loss, uniformity_loss
 from ..ops import LossSpec, Targets
 from ._common import exact_products, row_gap, row_lse
 
 Tensor = torch.Tensor
 
-__all__ = ["NTXentLoss", "DCLLoss", "DCLWLoss", "MemoryBank"]
+__all__ = ["NTXentLoss", "DirectCLRLoss", "DCLLoss", "DCLWLoss", "HypersphereLoss", "MemoryBank"]
 
 
 def _check_views(out0: Tensor, out1: Tensor) -> None:
@@ -149,6 +155,41 @@ class NTXentLoss(nn.Module):
         rows1 = row_gap(out1, keys, scale, own, exclude_offset=m + offset, backend=self.backend,
                         exact=ex)
         return torch.cat([rows0, rows1]).mean()
+
+
+class DirectCLRLoss(NTXentLoss):
+    """lightly ``DirectCLRLoss``: :class:`NTXentLoss` on the first ``loss_dim`` values of each
+    flattened encoding."""
+
+    def __init__(self, loss_dim: int = 64, temperature: float = 0.5,
+                 memory_bank_size: Union[int, Sequence[int]] = 0, gather_distributed: bool = False,
+                 *, backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__(temperature, memory_bank_size, gather_distributed, backend=backend,
+                         exact=exact)
+        if not isinstance(loss_dim, int) or loss_dim < 1:
+            raise ValueError(f"loss_dim must be a positive int, got {loss_dim!r}")
+        self.loss_dim = loss_dim
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return super().forward(out0.flatten(start_dim=1)[:, :self.loss_dim],
+                               out1.flatten(start_dim=1)[:, :self.loss_dim])
+
+
+class HypersphereLoss(nn.Module):
+    """lightly ``HypersphereLoss``: ``forward(z_a, z_b)``, alignment and uniformity on the unit
+    sphere (Wang & Isola 2020)."""
+
+    def __init__(self, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0, *,
+                 backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__()
+        self.t, self.lam, self.alpha = t, lam, alpha
+        self.backend, self.exact = backend, exact
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        _check_views(z_a, z_b)
+        ex = exact_products(self.exact)
+        unif = [uniformity_loss(z, self.t, backend=self.backend, exact=ex) for z in (z_a, z_b)]
+        return alignment_loss(z_a, z_b, self.alpha) + self.lam * (unif[0] + unif[1]) / 2.0
 
 
 def _dcl_negatives(a: Tensor, keys: Tensor, scale: float, positives: Tensor, offset: int,
