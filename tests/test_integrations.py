@@ -817,6 +817,17 @@ def test_lightly_triton(name):
         assert ((g.double() - gr).norm() / gr.norm()).item() <= 2e-5
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_lightly_macl(aligned):
+    lightly_loss = _lightly()
+    gen = torch.Generator().manual_seed(26)
+    a = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    b = a + (0.1 if aligned else 3.0) * torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    a, b = a.requires_grad_(True), b.requires_grad_(True)
+    _compare("lightly/macl", ly.MACLLoss(0.1, 0.5, 0.2)(a, b), lightly_loss.MACLLoss(0.1, 0.5, 0.2)(a, b),
+             [a, b])
+
+
 @pytest.mark.parametrize("name", ["directclr", "directclr_bank", "hypersphere"])
 def test_lightly_directclr_and_hypersphere(name):
     lightly_loss = _lightly()

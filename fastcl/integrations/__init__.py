@@ -8,5 +8,5 @@ package, never requires open_clip, sentence-transformers, pytorch-metric-learnin
   ``CachedMultipleNegativesRankingLoss``, ``GISTEmbedLoss``, ``CachedGISTEmbedLoss``
 * :mod:`fastcl.integrations.pytorch_metric_learning`: ``NTXentLoss``, ``SupConLoss``
 * :mod:`fastcl.integrations.lightly`: ``NTXentLoss`` (with its memory bank), ``DirectCLRLoss``,
-  ``DCLLoss``, ``DCLWLoss``, ``HypersphereLoss``
+  ``DCLLoss``, ``DCLWLoss``, ``MACLLoss``, ``HypersphereLoss``
 """

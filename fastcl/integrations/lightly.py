@@ -20,6 +20,10 @@ itself is not imported.
 
 * ``DirectCLRLoss(loss_dim, temperature, memory_bank_size, gather_distributed)``: ``NTXentLoss``
   on the first ``loss_dim`` values of each flattened encoding.
+* ``MACLLoss(temperature, alpha, A_0)``: model-aware contrastive learning, NT-Xent at the
+  temperature ``temperature (1 + alpha (A - A_0))`` (A the batch's mean positive cosine, no
+  gradient), each row's loss weighted by the constant ``1 / (1 - P_i + 1e-8)``, P_i its positive's
+  probability: one fused sweep (:func:`fastcl.nt_xent`).
 * ``HypersphereLoss(t, lam, alpha)``: alignment ``mean |x_i - y_i|^alpha`` plus ``lam`` times the
   mean of the two views' uniformities ``log mean_{i<j} exp(-t |x_i - x_j|^2)``, each one fused
   sweep (:func:`fastcl.uniformity_loss`) instead of ``torch.pdist``'s n(n-1)/2 distances.
@@ -38,13 +42,14 @@ from torch import nn
 
 from .. import distributed as fdist
 from ..autograd import engine_statistics
-from ..losses import _prepare, _scalar_param, alignment_loss, uniformity_loss
+from ..losses import _prepare, _scalar_param, alignment_loss, nt_xent, uniformity_loss
 from ..ops import LossSpec, Targets
 from ._common import exact_products, row_gap, row_lse
 
 Tensor = torch.Tensor
 
-__all__ = ["NTXentLoss", "DirectCLRLoss", "DCLLoss", "DCLWLoss", "HypersphereLoss", "MemoryBank"]
+__all__ = ["NTXentLoss", "DirectCLRLoss", "DCLLoss", "DCLWLoss", "MACLLoss", "HypersphereLoss",
+           "MemoryBank"]
 
 
 def _check_views(out0: Tensor, out1: Tensor) -> None:
@@ -173,6 +178,35 @@ class DirectCLRLoss(NTXentLoss):
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         return super().forward(out0.flatten(start_dim=1)[:, :self.loss_dim],
                                out1.flatten(start_dim=1)[:, :self.loss_dim])
+
+
+class MACLLoss(nn.Module):
+    """lightly ``MACLLoss``: ``forward(z0, z1)``, model-aware contrastive learning (Huang et al.
+    2023)."""
+
+    def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *,
+                 backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__()
+        if not math.isfinite(temperature) or temperature < 1e-8:
+            raise ValueError(f"Illegal initial temperature: abs({temperature}) < 1e-8")
+        if not 0 <= alpha <= 1:
+            raise ValueError("Alpha must be in the range [0, 1].")
+        if not 0 <= A_0 <= 1:
+            raise ValueError("A_0 must be in the range [0, 1].")
+        self.temperature, self.alpha, self.A_0 = temperature, alpha, A_0
+        self.backend, self.exact = backend, exact
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        _check_views(z0, z1)
+        z0, z1 = nn.functional.normalize(z0, dim=-1), nn.functional.normalize(z1, dim=-1)
+        with torch.no_grad():  # the alignment A sets the temperature, without a gradient
+            dt = torch.float64 if z0.dtype == torch.float64 else torch.float32
+            A = (z0.to(dt) * z1.to(dt)).sum(1).mean()
+            t = self.temperature * (1 + self.alpha * (A - self.A_0))
+        rows = nt_xent(z0, z1, t, normalize=False, reduction="none", backend=self.backend,
+                       exact=exact_products(self.exact))
+        weight = 1.0 / (-torch.expm1(-rows.detach()) + 1e-8)  # 1 / (1 - P + eps)
+        return (weight * rows).mean()
 
 
 class HypersphereLoss(nn.Module):
