@@ -5,7 +5,7 @@ itself is not imported.
 * ``NTXentLoss(temperature, memory_bank_size=0, gather_distributed=False)``: without a memory bank,
   each of the 2n local rows (both views, L2-normalised) against the 2m columns of both views
   (m = n, or every rank's n with ``gather_distributed``), its own column left out, its other view
-  the target: two fused sweeps over one key tensor. With a memory bank ((size, dim)), each row of
+  the target: one process, :func:`fastcl.nt_xent`; gathered, two fused sweeps over one key tensor. With a memory bank ((size, dim)), each row of
   ``out0`` against its ``out1`` row and the bank's entries (one sweep over the bank); the bank is a
   first-in first-out queue of past ``out1`` rows (every rank's with ``gather_distributed``), as
   lightly's ``MemoryBankModule``, updated when ``out0`` requires a gradient. Its write position is
@@ -134,6 +134,8 @@ class NTXentLoss(nn.Module):
         super().__init__()
         if not math.isfinite(temperature) or abs(temperature) < 1e-8:
             raise ValueError("Illegal temperature: abs({}) < 1e-8".format(temperature))
+        if temperature < 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.memory_bank = MemoryBank(memory_bank_size, gather_distributed)
         self.temperature, self.gather_distributed = temperature, gather_distributed
         self.backend, self.exact = backend, exact
@@ -152,6 +154,9 @@ class NTXentLoss(nn.Module):
             lse = row_lse(out0, bank, scale, backend=self.backend, exact=ex)
             return nn.functional.softplus(lse - s_pos).mean()
         z0, z1, offset = _gathered(out0, out1, self.gather_distributed)
+        if z0 is out0:  # one process: the two views' self-similarity, one symmetric sweep
+            return nt_xent(out0, out1, self.temperature, normalize=False, backend=self.backend,
+                           exact=ex)
         n, m = out0.shape[0], z0.shape[0]
         keys = torch.cat([z0, z1])  # both views' columns
         own = torch.arange(n, device=out0.device) + offset
