@@ -1,15 +1,16 @@
-"""lightly drop-ins: ``NTXentLoss`` (SimCLR; MoCo with a memory bank), ``DCLLoss`` and ``DCLWLoss``,
-with lightly's constructor and ``forward(out0, out1)`` and its numbers, on the fused engine. lightly
-itself is not imported.
+"""lightly drop-ins: ``NTXentLoss`` (SimCLR; MoCo with a memory bank), ``DirectCLRLoss``,
+``DCLLoss``, ``DCLWLoss``, ``MACLLoss`` and ``HypersphereLoss``, with lightly's constructors,
+``forward(out0, out1)`` and numbers, on the fused engine. lightly itself is not imported.
 
 * ``NTXentLoss(temperature, memory_bank_size=0, gather_distributed=False)``: without a memory bank,
   each of the 2n local rows (both views, L2-normalised) against the 2m columns of both views
   (m = n, or every rank's n with ``gather_distributed``), its own column left out, its other view
-  the target: one process, :func:`fastcl.nt_xent`; gathered, two fused sweeps over one key tensor. With a memory bank ((size, dim)), each row of
-  ``out0`` against its ``out1`` row and the bank's entries (one sweep over the bank); the bank is a
-  first-in first-out queue of past ``out1`` rows (every rank's with ``gather_distributed``), as
-  lightly's ``MemoryBankModule``, updated when ``out0`` requires a gradient. Its write position is
-  kept on the host (no device synchronisation).
+  the target: one process, :func:`fastcl.nt_xent`; gathered, two fused sweeps over one key
+  tensor. With a memory bank ((size, dim)), each row of ``out0`` against its ``out1`` row and the
+  bank's entries (one sweep over the bank); the bank is a first-in first-out queue of past
+  ``out1`` rows (every rank's with ``gather_distributed``), as lightly's ``MemoryBankModule``,
+  updated when ``out0`` requires a gradient. Its write position is kept on the host (no device
+  synchronisation).
 * ``DCLLoss(temperature, weight_fn=None, gather_distributed=False)``: decoupled contrastive
   learning, ``(1/2)(L(out0, out1) + L(out1, out0))`` with L's negatives both views' columns except
   the row's own and its positive (one fused sweep per view), the positive term weighted by
@@ -17,7 +18,6 @@ itself is not imported.
 * ``DCLWLoss(temperature, sigma, gather_distributed=False)``: ``DCLLoss`` with lightly's negative
   von Mises-Fisher weights ``2 - n softmax(<out0_i, out1_i> / sigma)``, constants as lightly
   builds them (:func:`fastcl.dcl` with ``weight_sigma`` keeps them differentiable instead).
-
 * ``DirectCLRLoss(loss_dim, temperature, memory_bank_size, gather_distributed)``: ``NTXentLoss``
   on the first ``loss_dim`` values of each flattened encoding.
 * ``MACLLoss(temperature, alpha, A_0)``: model-aware contrastive learning, NT-Xent at the

@@ -2010,7 +2010,7 @@ def _metadata(targets, dummy, threshold=None, aux=None):
     statistics buffer, its D and strides."""
     thr = threshold if threshold is not None else targets.fn_threshold
     tq, tk = targets.teacher_queries, targets.teacher_keys
-    if targets.guide_queries is not None:  # a guide's features (fn_space 3) take the teacher's pointers
+    if targets.guide_queries is not None:  # a guide's features (fn_space 3): the teacher's pointers
         if tq is not None:
             raise ValueError("teacher targets and a guide cannot be combined in one closure")
         tq, tk = targets.guide_queries, targets.guide_keys
