@@ -112,6 +112,7 @@ class MemoryBank(nn.Module):
             self._enqueue(output)
         return output, bank
 
+    @torch.compiler.disable  # (host-side state: a compiled caller runs it eagerly, no recompiles)
     @torch.no_grad()
     def _enqueue(self, batch: Tensor) -> None:
         if self.gather_distributed and fdist._world(None)[0] > 1:
