@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1
 DEPS   := "$(TORCH)" "triton>=3.0" ninja pybind11 pytest pytest-benchmark numpy matplotlib rich tqdm
 # peer libraries the integration tests compare against (installed with the pinned torch)
-PEERS  := open_clip_torch sentence-transformers pytorch-metric-learning lightly
+PEERS  := open_clip_torch sentence-transformers pytorch-metric-learning lightly info-nce-pytorch
 # the oldest supported Triton (a CPU torch beside it): every kernel variant is compiled with it for
 # sm_90 / sm_80, and the Triton tests run on its interpreter (which needs numpy 1.x)
 FLOOR  ?= .venv-triton3.0

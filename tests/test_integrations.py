@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastcl import reference
+from fastcl.integrations import info_nce_pytorch as infonce
 from fastcl.integrations import lightly as ly
 from fastcl.integrations import open_clip as oc
 from fastcl.integrations import pytorch_metric_learning as pml
@@ -901,3 +902,70 @@ def _lightly_worker(r, W):
 def test_lightly_distributed():
     _lightly()
     run_gloo(_lightly_worker, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# info-nce-pytorch
+# ----------------------------------------------------------------------------------------------
+
+
+def _info_nce_formula(q, p, neg, t, reduction, mode):
+    """info-nce-pytorch's info_nce, transcribed."""
+    q, p = nn.functional.normalize(q, dim=-1), nn.functional.normalize(p, dim=-1)
+    if neg is None:
+        return nn.functional.cross_entropy(q @ p.T / t, torch.arange(len(q)), reduction=reduction)
+    neg = nn.functional.normalize(neg, dim=-1)
+    negs = q @ neg.T if mode == "unpaired" else torch.einsum("nd,nmd->nm", q, neg)
+    logits = torch.cat([(q * p).sum(1, keepdim=True), negs], 1) / t
+    return nn.functional.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long), reduction=reduction)
+
+
+@pytest.mark.parametrize("mode", [None, "unpaired", "paired"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_info_nce_pytorch(mode, reduction):
+    gen = torch.Generator().manual_seed(27)
+    q, p = _feats(gen, 9, 7, normalize=False), _feats(gen, 9, 7, normalize=False)
+    neg = None
+    if mode == "unpaired":
+        neg = _feats(gen, 13, 7, normalize=False)
+    elif mode == "paired":
+        neg = torch.randn(9, 4, 7, generator=gen, dtype=torch.float64).requires_grad_(True)
+    kw = dict(temperature=0.2, reduction=reduction, negative_mode=mode or "unpaired")
+    inputs = [q, p] + ([neg] if neg is not None else [])
+    g = torch.tensor(0.7, dtype=torch.float64) if reduction != "none" else \
+        torch.rand(9, generator=gen, dtype=torch.float64) + 0.5
+
+    def check(name, ours, theirs):
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=TOL, rtol=TOL), name
+        for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(theirs, inputs, g)):
+            assert b.abs().max() > 0 and (a - b).abs().max() <= TOL, name
+
+    check("info_nce/transcription", infonce.InfoNCE(**kw)(q, p, neg), _info_nce_formula(q, p, neg, 0.2, reduction,
+                                                                                    kw["negative_mode"]))
+    try:
+        import info_nce as peer
+    except Exception:
+        pytest.skip("info-nce-pytorch is not installed: real-peer comparison skipped")
+    check("info_nce/info-nce-pytorch", infonce.info_nce(q, p, neg, **kw), peer.info_nce(q, p, neg, **kw))
+
+
+def test_info_nce_pytorch_triton():
+    """The unpaired negatives' sweep on the Triton engine (the interpreter on CPU), float32."""
+    gen = torch.Generator().manual_seed(28)
+    q, p, neg = (torch.randn(n, 16, generator=gen, dtype=torch.float64) for n in (11, 11, 29))
+    ref = _info_nce_formula(q, p, neg, 0.1, "none", "unpaired")
+    ours = infonce.info_nce(q.float(), p.float(), neg.float(), temperature=0.1, reduction="none",
+                        backend="triton", exact=True)
+    assert ((ours.double() - ref).norm() / ref.norm()).item() <= 2e-6
+
+
+def test_info_nce_pytorch_errors():
+    q = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="negative_mode"):
+        infonce.InfoNCE(negative_mode="shared")
+    with pytest.raises(ValueError, match="must have 3 dimensions"):
+        infonce.info_nce(q, q, torch.randn(5, 3), negative_mode="paired")
+    with pytest.raises(ValueError, match="same number of samples"):
+        infonce.info_nce(q, q[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        infonce.info_nce(q, q, temperature=0.0)
