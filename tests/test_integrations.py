@@ -959,6 +959,19 @@ def test_info_nce_pytorch_triton():
     assert ((ours.double() - ref).norm() / ref.norm()).item() <= 2e-6
 
 
+def test_info_nce_pytorch_without_negatives_rows():
+    q = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    for neg in (torch.randn(0, 3, dtype=torch.float64), torch.randn(4, 0, 3, dtype=torch.float64)):
+        mode = "unpaired" if neg.dim() == 2 else "paired"
+        out = infonce.info_nce(q, q, neg, negative_mode=mode, reduction="none")
+        assert torch.equal(out, torch.zeros(4, dtype=torch.float64))
+        try:
+            import info_nce as peer
+        except Exception:
+            continue
+        assert torch.allclose(out, peer.info_nce(q, q, neg, negative_mode=mode, reduction="none"))
+
+
 def test_info_nce_pytorch_errors():
     q = torch.randn(4, 3)
     with pytest.raises(ValueError, match="negative_mode"):

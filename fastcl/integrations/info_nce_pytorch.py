@@ -16,6 +16,7 @@ allows (:func:`fastcl.integrations._common.exact_products`), as the package's ow
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -82,7 +83,9 @@ def info_nce(query: Tensor, positive_key: Tensor, negative_keys: Optional[Tensor
     n = nn.functional.normalize(negative_keys, dim=-1)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     s_pos = scale * (q.to(dt) * p.to(dt)).sum(1)
-    if negative_mode == "unpaired":
+    if n.shape[-2] == 0:  # no negatives: the positive alone, a zero loss
+        lse = torch.full_like(s_pos, -math.inf)
+    elif negative_mode == "unpaired":
         lse = row_lse(q, n, scale, backend=backend, exact=ex)
     else:
         lse = torch.logsumexp(scale * torch.einsum("nd,nmd->nm", q.to(dt), n.to(dt)), 1)
