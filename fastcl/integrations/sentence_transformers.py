@@ -343,6 +343,9 @@ def _must_retokenize(model: Callable, guide: Callable) -> bool:
     mt, gt = getattr(model, "tokenizer", None), getattr(guide, "tokenizer", None)
     if mt is None or gt is None or mt is gt:
         return False
+    if not (hasattr(mt, "get_vocab") and hasattr(gt, "get_vocab")):
+        raise ValueError("the model's and the guide's tokenizers must expose get_vocab() (as "
+                         "transformers tokenizers do) to tell whether the guide needs its own tokens")
     if mt.get_vocab() != gt.get_vocab():
         return True
     gl, ml = getattr(guide, "max_seq_length", None), getattr(model, "max_seq_length", None)
