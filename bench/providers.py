@@ -12,8 +12,8 @@ clip      symmetric CLIP InfoNCE, scale 1/0.07         queries (N, D), keys (N, 
 info_nce  one-way InfoNCE, scale 1/0.07, p(i) = i      queries (N, D), keys (M, D)
 siglip    pairwise sigmoid, scale 10, bias -10         queries (N, D), keys (M, D)
 supcon    SupCon L_out, temperature 0.1, N/8 classes   features (N, D), labels (N,)
-gist      info_nce with guided false negatives         queries (N, D), keys (M, D),
-          (GISTEmbed, margin 0), scale 1/0.07          guide (N, D/2), (M, D/2)
+gist      info_nce with guided false negatives         queries (N, D), keys (M, D), guide
+          (GISTEmbed, margin 0), scale 1/0.07          (N, Dg), (M, Dg), Dg = max(16, D/2)
 ========  ==========================================  ===========================
 
 Providers:
