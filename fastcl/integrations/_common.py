@@ -72,48 +72,69 @@ def row_lse(a: Tensor, b: Tensor, scale, *, exclude_offset: Optional[int] = None
     return out
 
 
+def statistics(a: Tensor, b: Tensor, scale, targets: Tensor, *, backend: str = "auto",
+               exact: bool = False, make_targets=None, **spec):
+    """Engine statistics (:class:`fastcl.autograd.Statistics`) of ``S = scale <a_i, b_j>``, one
+    fused sweep (a backend with the extended closures): ``targets`` t(i) (Na,) the rows' index
+    targets (-1: none), ``spec`` the softmax closure's :class:`fastcl.ops.LossSpec` fields;
+    ``make_targets(q, backend)`` the rest of the :class:`fastcl.ops.Targets` as a dict, built
+    from the prepared (autocast) queries."""
+    q, k, be = _prepare(a, b, backend)
+    extra = make_targets(q, be) if make_targets is not None else {}
+    return engine_statistics(q, k, _scale(a, scale), None, Targets(positives=targets, **extra),
+                             LossSpec(kind="softmax", exact=exact, **spec), be)
+
+
 def row_lse_without(a: Tensor, b: Tensor, scale, targets: Tensor, *, row_ids: Optional[Tensor] = None,
                     col_ids: Optional[Tensor] = None, backend: str = "auto",
                     exact: bool = False) -> Tensor:
     """``LSE_j scale <a_i, b_j>`` (Na,) over the columns j other than ``targets`` t(i) (Na,) and,
     when ids are given, other than those with ``col_ids[j] == row_ids[i]``: one fused sweep (a
     backend with the extended closures); -inf for a row with no such column."""
-    q, k, be = _prepare(a, b, backend)
-    spec = LossSpec(kind="softmax", exclude_targets=True, exact=exact)
-    st = engine_statistics(q, k, _scale(a, scale), None,
-                           Targets(positives=targets, row_ids=row_ids, col_ids=col_ids), spec, be)
-    return st.row_lse
+    return statistics(a, b, scale, targets, backend=backend, exact=exact, exclude_targets=True,
+                      make_targets=lambda q, be: dict(row_ids=row_ids, col_ids=col_ids)).row_lse
 
 
 def row_gap_without(a: Tensor, b: Tensor, scale, targets: Tensor, row_ids: Tensor, col_ids: Tensor, *,
                     backend: str = "auto", exact: bool = False) -> Tensor:
     """:func:`row_gap` over the columns other than those with ``col_ids[j] == row_ids[i]`` (the
     target t(i) kept)."""
-    q, k, be = _prepare(a, b, backend)
-    spec = LossSpec(kind="softmax", exact=exact)
-    st = engine_statistics(q, k, _scale(a, scale), None,
-                           Targets(positives=targets, row_ids=row_ids, col_ids=col_ids), spec, be)
-    return st.row_gap()
+    return statistics(a, b, scale, targets, backend=backend, exact=exact,
+                      make_targets=lambda q, be: dict(row_ids=row_ids, col_ids=col_ids)).row_gap()
 
 
 def guided_statistics(a: Tensor, b: Tensor, scale, guide_a: Tensor, guide_b: Tensor,
                       threshold: Tensor, targets: Optional[Tensor] = None, *, backend: str = "auto",
                       exact: bool = False):
-    """Engine statistics (:class:`fastcl.autograd.Statistics`) of ``S = scale <a_i, b_j>`` over
-    the columns j whose guide product ``<guide_a_i, guide_b_j>`` is at most ``threshold`` (Na,)
-    (GISTEmbed's false-negative rule, the guide's products recomputed in the tiles, in the
-    features' precision; within rounding of the threshold they stay, see
+    """:func:`statistics` over the columns j whose guide product ``<guide_a_i, guide_b_j>`` is at
+    most ``threshold`` (Na,) (GISTEmbed's false-negative rule, the guide's products recomputed in
+    the tiles, in the features' precision; within rounding of the threshold they stay, see
     :func:`fastcl.losses.tie_slack`), the target column ``targets`` t(i) (Na,) always kept;
     ``targets`` None: rows without a target. No gradient reaches the guide or the threshold."""
-    q, k, be = _prepare(a, b, backend)
-    n = a.shape[0]
-    pos = targets if targets is not None else torch.full((n,), -1, dtype=torch.int64, device=a.device)
-    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    u, v = guide_a.detach().to(q.dtype), guide_b.detach().to(q.dtype)
-    thr = threshold.detach().to(stat_dtype) + tie_slack(u, v, tf32_products(q, be, exact))
-    t = Targets(positives=pos, fn_threshold=thr, guide_queries=u, guide_keys=v)
-    spec = LossSpec(kind="softmax", fn_space=3, exact=exact)
-    return engine_statistics(q, k, _scale(a, scale), None, t, spec, be)
+    if targets is None:
+        targets = torch.full((a.shape[0],), -1, dtype=torch.int64, device=a.device)
+
+    def guide(q, be):
+        u, v = guide_a.detach().to(q.dtype), guide_b.detach().to(q.dtype)
+        stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        thr = threshold.detach().to(stat_dtype) + tie_slack(u, v, tf32_products(q, be, exact))
+        return dict(fn_threshold=thr, guide_queries=u, guide_keys=v)
+
+    return statistics(a, b, scale, targets, backend=backend, exact=exact, fn_space=3,
+                      make_targets=guide)
+
+
+def positive_against(q: Tensor, p: Tensor, negatives: Tensor, scale, *, backend: str = "auto",
+                     exact: bool = False) -> Tensor:
+    """``-log softmax`` of each row's own positive among it and shared negatives (Na,):
+    ``softplus(LSE_j scale <q_i, n_j> - scale <q_i, p_i>)``, the negatives' LSE one fused sweep
+    (:func:`row_lse`; none: a zero loss). MoCo's queue, info-nce-pytorch's unpaired negatives."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s_pos = scale * (q.to(dt) * p.to(dt)).sum(1)
+    if negatives.shape[0] == 0:
+        return torch.zeros_like(s_pos)
+    lse = row_lse(q, negatives.to(q.device, q.dtype), scale, backend=backend, exact=exact)
+    return torch.nn.functional.softplus(lse - s_pos)
 
 
 class _ScaledGrad(torch.autograd.Function):

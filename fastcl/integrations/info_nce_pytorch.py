@@ -16,14 +16,13 @@ allows (:func:`fastcl.integrations._common.exact_products`), as the package's ow
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from ..losses import info_nce as _fused_info_nce
-from ._common import exact_products, row_lse
+from ._common import exact_products, positive_against
 
 Tensor = torch.Tensor
 
@@ -81,14 +80,11 @@ def info_nce(query: Tensor, positive_key: Tensor, negative_keys: Optional[Tensor
     if negative_keys is None:
         return _fused_info_nce(q, p, scale=scale, reduction=reduction, backend=backend, exact=ex)
     n = nn.functional.normalize(negative_keys, dim=-1)
+    if negative_mode == "unpaired":
+        return _reduce(positive_against(q, p, n, scale, backend=backend, exact=ex), reduction)
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s_pos = scale * (q.to(dt) * p.to(dt)).sum(1)
-    if n.shape[-2] == 0:  # no negatives: the positive alone, a zero loss
-        lse = torch.full_like(s_pos, -math.inf)
-    elif negative_mode == "unpaired":
-        lse = row_lse(q, n, scale, backend=backend, exact=ex)
-    else:
-        lse = torch.logsumexp(scale * torch.einsum("nd,nmd->nm", q.to(dt), n.to(dt)), 1)
+    s_pos = scale * (q.to(dt) * p.to(dt)).sum(1)  # (no negatives: logsumexp -inf, a zero loss)
+    lse = torch.logsumexp(scale * torch.einsum("nd,nmd->nm", q.to(dt), n.to(dt)), 1)
     return _reduce(nn.functional.softplus(lse - s_pos), reduction)
 
 

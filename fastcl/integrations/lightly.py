@@ -41,10 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as fdist
-from ..autograd import engine_statistics
-from ..losses import _prepare, _scalar_param, alignment_loss, nt_xent, uniformity_loss
-from ..ops import LossSpec, Targets
-from ._common import exact_products, row_gap, row_lse
+from ..losses import alignment_loss, nt_xent, uniformity_loss
+from ._common import exact_products, positive_against, row_gap, statistics
 
 Tensor = torch.Tensor
 
@@ -149,11 +147,8 @@ class NTXentLoss(nn.Module):
         ex = exact_products(self.exact)
         scale = 1.0 / self.temperature
         if negatives is not None:  # the positive and the bank's entries
-            bank = negatives.to(out0.device, out0.dtype)
-            dt = torch.float64 if out0.dtype == torch.float64 else torch.float32
-            s_pos = scale * (out0.to(dt) * out1.to(dt)).sum(1)
-            lse = row_lse(out0, bank, scale, backend=self.backend, exact=ex)
-            return nn.functional.softplus(lse - s_pos).mean()
+            return positive_against(out0, out1, negatives, scale, backend=self.backend,
+                                    exact=ex).mean()
         z0, z1, offset = _gathered(out0, out1, self.gather_distributed)
         if z0 is out0:  # one process: the two views' self-similarity, one symmetric sweep
             return nt_xent(out0, out1, self.temperature, normalize=False, backend=self.backend,
@@ -232,16 +227,6 @@ class HypersphereLoss(nn.Module):
         return alignment_loss(z_a, z_b, self.alpha) + self.lam * (unif[0] + unif[1]) / 2.0
 
 
-def _dcl_negatives(a: Tensor, keys: Tensor, scale: float, positives: Tensor, offset: int,
-                   backend: str, exact: bool) -> Tensor:
-    """LSE_j scale <a_i, keys_j> (n,) over the columns other than i + offset and positives_i."""
-    q, k, be = _prepare(a, keys, backend)
-    sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = _scalar_param("scale", scale, a.device, optional=False, dtype=sdt)
-    spec = LossSpec(kind="softmax", exclude_self=True, offset=offset, exclude_targets=True, exact=exact)
-    return engine_statistics(q, k, s, None, Targets(positives=positives), spec, be).row_lse
-
-
 class DCLLoss(nn.Module):
     """lightly ``DCLLoss``: ``forward(out0, out1)``, projections (batch_size, dim) of two views."""
 
@@ -269,7 +254,9 @@ class DCLLoss(nn.Module):
         scale = 1.0 / self.temperature
         ex = exact_products(self.exact)
         own = torch.arange(n, device=a.device) + offset
-        neg = _dcl_negatives(a, torch.cat([a_all, b_all]), scale, own + m, offset, self.backend, ex)
+        # the LSE over both views' columns but the row's own (i + offset) and its positive
+        neg = statistics(a, torch.cat([a_all, b_all]), scale, own + m, backend=self.backend, exact=ex,
+                         exclude_self=True, offset=offset, exclude_targets=True).row_lse
         positive = -scale * (a.to(neg.dtype) * b.to(neg.dtype)).sum(1)
         if self.weight_fn is not None:
             positive = positive * self.weight_fn(a, b)
