@@ -582,13 +582,16 @@ def test_sentence_transformers_gist_distributed():
 # ----------------------------------------------------------------------------------------------
 
 
-def _pml_ntxent_formula(x, labels, t):
-    """pml's NTXentLoss (cosine similarity, MeanReducer over positive pairs), transcribed."""
+def _pml_ntxent_formula(x, labels, t, ref=None, ref_labels=None):
+    """pml's NTXentLoss (cosine similarity, MeanReducer over positive pairs), transcribed; with
+    ``ref``, the batch against that reference set (every pair)."""
     x = nn.functional.normalize(x, dim=1)
-    S = x @ x.T / t
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(x.shape[0], dtype=torch.bool)
-    a, p = torch.nonzero(same & ~eye, as_tuple=True)
+    r = x if ref is None else nn.functional.normalize(ref, dim=1)
+    rl = labels if ref is None else ref_labels
+    S = x @ r.T / t
+    same = labels[:, None] == rl[None, :]
+    pos = same & ~torch.eye(x.shape[0], dtype=torch.bool) if ref is None else same
+    a, p = torch.nonzero(pos, as_tuple=True)
     neg = S.masked_fill(same, -math.inf)[a]
     den = torch.logsumexp(torch.cat([S[a, p][:, None], neg], 1), 1)
     return (den - S[a, p]).mean()
@@ -623,7 +626,70 @@ def test_pml_supcon():
     with pytest.raises(ValueError, match="labels"):
         pml.SupConLoss()(x, None)
     with pytest.raises(ValueError, match="not supported"):
+        pml.NTXentLoss()(x, labels, (labels, labels, labels, labels))
+    with pytest.raises(ValueError, match="ref_labels must be given"):
         pml.NTXentLoss()(x, labels, ref_emb=x)
+    with pytest.raises(ValueError, match="ref_labels needs ref_emb"):
+        pml.SupConLoss()(x, labels, ref_labels=labels)
+    with pytest.raises(ValueError, match="feature dimension"):
+        pml.SupConLoss()(x, labels, ref_emb=x[:, :4], ref_labels=labels)
+    with pytest.raises(ValueError, match=r"ref_labels must have shape \(14,\)"):
+        pml.SupConLoss()(x, labels, ref_emb=x[:14], ref_labels=labels)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pml_reference_set(backend):
+    """pml's ``ref_emb`` / ``ref_labels``: the batch against a reference set (a cross-batch
+    memory, say): every pair, no self-exclusion, rectangular fused sweeps."""
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 4, (9,), generator=gen)
+    ref_labels = torch.randint(0, 5, (13,), generator=gen)
+    ref_labels[0] = labels[0]  # at least one positive pair
+    dt, tol = (torch.float64, 1e-8) if backend == "torch" else (torch.float32, 2e-5)
+    x = _feats(gen, 9, 10, normalize=False).to(dt).detach().requires_grad_()
+    r = _feats(gen, 13, 10, normalize=False).to(dt).detach().requires_grad_()
+    kw = dict(ref_emb=r, ref_labels=ref_labels)
+    ntx = lambda: pml.NTXentLoss(temperature=0.2, backend=backend)(x, labels, **kw)  # noqa: E731
+    sup = lambda: pml.SupConLoss(temperature=0.1, backend=backend)(x, labels, **kw)  # noqa: E731
+    _compare("ntxent/ref/transcription", ntx(), _pml_ntxent_formula(x, labels, 0.2, r, ref_labels),
+             [x, r], tol=tol)
+    ref, _ = reference.supcon(x.double(), labels, 0.1, keys=r.double(), key_labels=ref_labels)
+    _compare("supcon/ref/reference", sup(), ref.to(dt), [x, r], tol=tol)
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    _compare("ntxent/ref/pml", ntx(), losses.NTXentLoss(temperature=0.2)(x, labels, **kw), [x, r],
+             tol=tol)
+    _compare("supcon/ref/pml", sup(), losses.SupConLoss(temperature=0.1)(x, labels, **kw), [x, r],
+             tol=tol)
+
+
+@pytest.mark.parametrize("labels, ref_labels", [
+    ([0, 0, 0, 0, 0], None),      # no negative pair: pml's loss is 0
+    ([0, 1, 2, 3, 4], None),      # no positive pair
+    ([0, 0, 1, 1, 2], [7, 8, 7]),  # none against the reference set
+    ([0, 0, 1, 1, 2], [0, 0, 0]),  # SupCon has no negative in some rows only: a loss
+    ([0], [0, 1]),                # one positive and one negative pair: pml returns 0
+    ([0, 1], [0, 2]),             # one positive pair, three negatives
+])
+def test_pml_degenerate_batches(labels, ref_labels):
+    """Where pml's pair losses return 0 (no positive pair, no negative pair, or at most one of
+    each), so do the drop-ins, with a zero gradient; elsewhere they agree with pml."""
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    gen = torch.Generator().manual_seed(8)
+    labels = torch.tensor(labels)
+    x = _feats(gen, labels.shape[0], 6, normalize=False)
+    kw, inputs = {}, [x]
+    if ref_labels is not None:
+        r = _feats(gen, len(ref_labels), 6, normalize=False)
+        kw, inputs = dict(ref_emb=r, ref_labels=torch.tensor(ref_labels)), [x, r]
+    for name in ("NTXentLoss", "SupConLoss"):
+        ours = getattr(pml, name)(backend="torch")(x, labels, **kw)
+        theirs = getattr(losses, name)()(x, labels, **kw)
+        assert abs(ours.item() - theirs.item()) <= 1e-8 * max(1.0, abs(theirs.item())), \
+            (name, ours.item(), theirs.item())
+        grads = torch.autograd.grad(ours, inputs)
+        assert all(torch.isfinite(g).all() for g in grads), name
+        if theirs.item() == 0:
+            assert all((g == 0).all() for g in grads), name
 
 
 # ----------------------------------------------------------------------------------------------

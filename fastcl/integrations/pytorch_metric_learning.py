@@ -1,6 +1,9 @@
 """pytorch-metric-learning drop-ins: ``NTXentLoss`` and ``SupConLoss`` with pml's call convention
-``loss(embeddings (B, D), labels (B,))`` and its default cosine similarity, fused (no B x B matrix
-of logits). pytorch-metric-learning itself is not imported.
+``loss(embeddings (B, D), labels (B,))``, or ``loss(embeddings, labels, ref_emb=(R, D),
+ref_labels=(R,))`` for the batch against a reference set (every pair, nothing excluded), and its
+default cosine similarity, fused (no B x R matrix of logits). Mined pairs (``indices_tuple``) are
+refused. Where pml returns 0 (no positive pair, no negative pair, or at most one of each), so do
+these, with no host sync to decide it. pytorch-metric-learning itself is not imported.
 
 * ``NTXentLoss(temperature=0.07)``: for every positive pair (a, p) (same label, a != p),
   ``-log( e^{S_ap} / (e^{S_ap} + sum_{n: y_n != y_a} e^{S_an}) )``, mean over positive pairs;
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 
 from ..autograd import engine_statistics
-from ..losses import _check_features, _check_labels, _prepare, _scalar_param, _stat_dtype, supcon
+from ..losses import (_check_features, _check_labels, _check_pair, _prepare, _scalar_param,
+                      _stat_dtype, supcon)
 from ..ops import LossSpec, Targets
 from ._common import exact_products
 
@@ -30,52 +34,97 @@ Tensor = torch.Tensor
 __all__ = ["NTXentLoss", "SupConLoss", "ntxent_pairs"]
 
 
-def _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels) -> Tensor:
-    if indices_tuple is not None or ref_emb is not None or ref_labels is not None:
-        raise ValueError("indices_tuple, ref_emb and ref_labels are not supported by the fused loss; "
-                         "call loss(embeddings, labels)")
+def _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """Validated ``(labels, ref_emb, ref_labels)``; ``ref_emb`` None means the batch against itself."""
+    if indices_tuple is not None:
+        raise ValueError("indices_tuple (mined pairs) is not supported by the fused loss, which sums "
+                         "over every pair; call loss(embeddings, labels) or loss(embeddings, labels, "
+                         "ref_emb=..., ref_labels=...)")
     _check_features("embeddings", embeddings)
     if labels is None:
         raise ValueError(f"labels must be an integer tensor of shape ({embeddings.shape[0]},), got None")
-    return _check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+    labels = _check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels needs ref_emb")
+        return labels, None, None
+    _check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+    if ref_labels is None:
+        raise ValueError(f"ref_labels must be given with ref_emb: an integer tensor of shape "
+                         f"({ref_emb.shape[0]},)")
+    return labels, ref_emb, _check_labels("ref_labels", ref_labels, ref_emb.shape[0], ref_emb.device)
 
 
-def _positive_pairs(labels: Tensor):
-    """All ordered pairs (a, p), a != p, labels equal, from a sort: O(pairs) memory, not O(B^2)."""
-    order = torch.argsort(labels, stable=True)
-    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    size = torch.repeat_interleave(counts, counts)  # group size of each sorted position
-    start = torch.repeat_interleave(starts, counts)
-    pos_sorted = torch.arange(labels.shape[0], device=labels.device)
-    a_sorted = torch.repeat_interleave(pos_sorted, size)
-    first = torch.repeat_interleave(start, size)
-    within = torch.arange(a_sorted.shape[0], device=labels.device) - torch.repeat_interleave(
-        torch.cumsum(size, 0) - size, size)
-    p_sorted = first + within
-    keep = p_sorted != a_sorted
-    return order[a_sorted[keep]], order[p_sorted[keep]]
+def _label_ranges(labels: Tensor, key_labels: Tensor):
+    """Each label's run in the sorted key labels: (order, lo, hi) with
+    ``key_labels[order[lo[i]:hi[i]]] == labels[i]``; O(B + R) memory, no host sync."""
+    order = torch.argsort(key_labels, stable=True)
+    sorted_keys = key_labels[order].contiguous()
+    lo = torch.searchsorted(sorted_keys, labels, side="left")
+    hi = torch.searchsorted(sorted_keys, labels, side="right")
+    return order, lo, hi
+
+
+def _positive_pairs(labels: Tensor, key_labels: Optional[Tensor] = None):
+    """All pairs (a, p) with ``labels[a] == key_labels[p]`` (a != p when the keys are the batch
+    itself, ``key_labels`` None): O(pairs) memory, not O(B x R)."""
+    self_pairs = key_labels is None
+    order, lo, hi = _label_ranges(labels, labels if self_pairs else key_labels)
+    counts = hi - lo
+    a = torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), counts)
+    within = torch.arange(a.shape[0], device=labels.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)
+    p = order[lo[a] + within]
+    if self_pairs:
+        keep = p != a
+        a, p = a[keep], p[keep]
+    return a, p
+
+
+def _pml_has_pairs(labels: Tensor, key_labels: Optional[Tensor]) -> Tensor:
+    """pml's guard on its pair losses, as a bool tensor (no host sync): a loss only where there
+    is a positive pair and a negative pair, and not every index list of length <= 1 (pml returns
+    zero then)."""
+    self_pairs = key_labels is None
+    keys = labels if self_pairs else key_labels
+    _, lo, hi = _label_ranges(labels, keys)
+    same = (hi - lo).sum()  # ordered pairs with equal labels, self pairs included
+    positive = same - labels.shape[0] if self_pairs else same
+    negative = labels.shape[0] * keys.shape[0] - same
+    return (positive > 0) & (negative > 0) & ((positive > 1) | (negative > 1))
 
 
 def ntxent_pairs(embeddings: Tensor, labels: Tensor, temperature: float = 0.07, *,
+                 ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None,
                  backend: str = "auto", exact: Optional[bool] = None) -> Tensor:
-    """pml's NT-Xent (cosine similarity), mean over positive pairs; 0 when there is none."""
+    """pml's NT-Xent (cosine similarity), mean over positive pairs; 0 when there is none.
+
+    ``embeddings`` (B, D) with ``labels`` (B,) against themselves (pairs a != p), or against
+    ``ref_emb`` (R, D) with ``ref_labels`` (R,) (every pair, as pml's ``ref_emb``)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("ref_emb and ref_labels go together")
     x = nn.functional.normalize(embeddings, dim=-1)
-    a, p = _positive_pairs(labels)
+    ref = x if ref_emb is None else nn.functional.normalize(ref_emb, dim=-1)
+    key_labels = labels if ref_labels is None else ref_labels
+    a, p = _positive_pairs(labels, ref_labels)
     if a.numel() == 0:
-        return (x * 0).sum()
+        return (x * 0).sum() + (ref * 0).sum()
     dt = _stat_dtype(x)
     s = _scalar_param("temperature", 1.0 / temperature, x.device, optional=False, dtype=dt)
-    q, _, be = _prepare(x, x, backend)
-    # each anchor's LSE over the other labels' rows (its own label, itself included, left out)
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True,
+    q, k, be = _prepare(x, ref, backend)
+    # each anchor's LSE over the keys of other labels (its own label, itself included, left out)
+    gram = ref_emb is None
+    spec = LossSpec(kind="softmax", exclude_self=gram, exclude_targets=True, gram=gram,
                     exact=exact_products(exact))
-    neg_lse = engine_statistics(q, q, s, None, Targets(row_labels=labels, col_labels=labels), spec,
-                                be).row_lse
-    s_ap = s * (x[a].to(dt) * x[p].to(dt)).sum(-1)
-    return nn.functional.softplus(neg_lse[a] - s_ap).mean()
+    neg_lse = engine_statistics(q, q if gram else k, s, None,
+                                Targets(row_labels=labels, col_labels=key_labels), spec, be).row_lse
+    s_ap = s * (x[a].to(dt) * ref[p].to(dt)).sum(-1)
+    loss = nn.functional.softplus(neg_lse[a] - s_ap).mean()
+    if ref_emb is not None:  # (without ref_emb, pairs come both ways: never a single one)
+        loss = torch.where(_pml_has_pairs(labels, ref_labels), loss, torch.zeros_like(loss))
+    return loss
 
 
 class _PairLoss(nn.Module):
@@ -88,9 +137,12 @@ class _PairLoss(nn.Module):
         self.temperature, self.backend, self.exact = float(temperature), backend, exact
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
-                ref_emb=None, ref_labels=None) -> Tensor:
-        labels = _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        return self._loss(embeddings, labels)
+                ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
+        """``embeddings`` (B, D), ``labels`` (B,); ``ref_emb`` (R, D) with ``ref_labels`` (R,):
+        the embeddings against that reference set instead of each other (pml's convention)."""
+        labels, ref_emb, ref_labels = _check_call(embeddings, labels, indices_tuple, ref_emb,
+                                                  ref_labels)
+        return self._loss(embeddings, labels, ref_emb, ref_labels)
 
 
 class NTXentLoss(_PairLoss):
@@ -99,8 +151,9 @@ class NTXentLoss(_PairLoss):
     def __init__(self, temperature: float = 0.07, *, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__(temperature, backend, exact)
 
-    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return ntxent_pairs(embeddings, labels, self.temperature, backend=self.backend, exact=self.exact)
+    def _loss(self, embeddings, labels, ref_emb, ref_labels) -> Tensor:
+        return ntxent_pairs(embeddings, labels, self.temperature, ref_emb=ref_emb,
+                            ref_labels=ref_labels, backend=self.backend, exact=self.exact)
 
 
 class SupConLoss(_PairLoss):
@@ -109,6 +162,8 @@ class SupConLoss(_PairLoss):
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__(temperature, backend, exact)
 
-    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return supcon(embeddings, labels, self.temperature, normalize=True, reduction="mean",
-                      backend=self.backend, exact=exact_products(self.exact))
+    def _loss(self, embeddings, labels, ref_emb, ref_labels) -> Tensor:
+        loss = supcon(embeddings, labels, self.temperature, keys=ref_emb, key_labels=ref_labels,
+                      normalize=True, reduction="mean", backend=self.backend,
+                      exact=exact_products(self.exact))
+        return torch.where(_pml_has_pairs(labels, ref_labels), loss, torch.zeros_like(loss))
