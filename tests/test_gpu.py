@@ -230,3 +230,37 @@ def test_64bit_offsets_queries(D):
     dk_ref = sum(reference(torch.arange(r0, min(N, r0 + (1 << 19)), device=CUDA))[2]
                  for r0 in range(0, N, 1 << 19))
     assert_close("dK", k.grad.float(), dk_ref, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_torch_compile_training_step(backend):
+    """A compiled step (torch.compile, inductor) that projects, normalises and ends in the fused
+    CLIP loss gives the eager loss and gradients: the Triton backend, the CUDA extension (its
+    fake kernels: fullgraph as well) and the torch backend."""
+    if backend == "cuda":
+        pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
+    gen = torch.Generator(device=CUDA).manual_seed(11)
+    N, Din, D = 1000, 96, 256
+    x = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
+    y = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
+    w0 = (torch.randn(Din, D, device=CUDA, generator=gen) / Din ** 0.5).to(torch.bfloat16)
+
+    def step(w, s):
+        img = torch.nn.functional.normalize(x @ w, dim=1)
+        txt = torch.nn.functional.normalize(y @ w, dim=1)
+        return fastcl.clip_loss(img, txt, s, backend=backend)
+
+    def run(fn):
+        w = w0.clone().requires_grad_()
+        s = torch.tensor(14.0, device=CUDA, requires_grad=True)
+        loss = fn(w, s)
+        return (loss.float(), *(g.float() for g in torch.autograd.grad(loss * 0.7, (w, s))))
+
+    eager = run(step)
+    modes = [False, True] if backend == "cuda" else [False]
+    for fullgraph in modes:
+        torch._dynamo.reset()
+        compiled = run(torch.compile(step, fullgraph=fullgraph))
+        for name, c, e in zip(("loss", "d_w", "d_scale"), compiled, eager):
+            err = ((c - e).norm() / e.norm()).item()
+            assert err < 2e-2, (backend, fullgraph, name, err)  # bf16 projections, fused or not
