@@ -74,8 +74,9 @@ def _engine(backend: str, spec: LossSpec, targets: Targets):
 
 def _forward(ctx, queries, keys, scale, bias, targets, spec, backend) -> EngineStats:
     eng = _engine(backend, spec, targets)
-    if hasattr(eng, "prepare_targets"):  # once for the forward and the backward
-        targets = eng.prepare_targets(targets)
+    prepare = getattr(eng, "prepare_targets", None)  # (torch 2.4's dynamo traces no hasattr)
+    if prepare is not None:  # once for the forward and the backward
+        targets = prepare(targets)
     scale32, bias32 = _scalar32(scale, queries), _scalar32(bias, queries)
     with torch.autocast(queries.device.type, enabled=False):
         stats = eng.forward(queries, keys, scale32, bias32, targets, spec)
