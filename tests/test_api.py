@@ -143,3 +143,34 @@ def test_mixed_dtypes_allowed_under_autocast():
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         loss = fastcl.info_nce(i, t.to(torch.bfloat16), backend="torch")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_torch_compile_training_step_cpu(backend):
+    """A compiled step (torch.compile, inductor, one graph) that projects, normalises and ends in
+    the fused CLIP loss gives the eager loss and gradients on the CPU: the torch backend traced
+    through, the C++ extension through its fake kernels. (Dynamo cannot trace Triton's CPU
+    interpreter; tests/test_gpu.py checks the Triton backend compiled on a GPU.)"""
+    if backend == "cpu":
+        pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
+    gen = torch.Generator().manual_seed(12)
+    N, Din, D = 70, 24, 40
+    x, y = torch.randn(N, Din, generator=gen), torch.randn(N, Din, generator=gen)
+    w0 = torch.randn(Din, D, generator=gen) / Din ** 0.5
+
+    def step(w, s):
+        img = torch.nn.functional.normalize(x @ w, dim=1)
+        txt = torch.nn.functional.normalize(y @ w, dim=1)
+        return fastcl.clip_loss(img, txt, s, backend=backend)
+
+    def run(fn):
+        w = w0.clone().requires_grad_()
+        s = torch.tensor(14.0, requires_grad=True)
+        loss = fn(w, s)
+        return (loss, *torch.autograd.grad(loss * 0.7, (w, s)))
+
+    eager = run(step)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, fullgraph=True))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
