@@ -8,6 +8,10 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "cuda", "cpu")
+# what "auto" resolves to for CPU tensors when the extension is built: its C++ kernels for the
+# closures they implement, the torch engine for those that need the engine's extensions
+# (:func:`concrete` picks per call)
+AUTO_CPU = "auto-cpu"
 
 
 def _constant_under_compile(fn):
@@ -47,12 +51,17 @@ def has_extension() -> bool:
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn the user's ``backend`` argument into the concrete backend for these tensors."""
+    """Turn the user's ``backend`` argument into the backend for these tensors (a name this
+    returned is taken again: :data:`AUTO_CPU` resolves as "auto")."""
+    if backend == AUTO_CPU:
+        backend = "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda" and dtype in _FAST_DTYPES and has_triton():
             return "triton"
+        if device.type == "cpu" and dtype in _FAST_DTYPES and has_extension():
+            return AUTO_CPU
         return "torch"
     if backend == "triton":
         if not has_triton():
@@ -73,8 +82,19 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
+def concrete(name: str, extended: bool) -> str:
+    """The backend that runs a call: :data:`AUTO_CPU` becomes "cpu" for the closures the C++
+    kernels implement and "torch" where the call needs the engine's extensions (``extended``:
+    decoupled, target-LSE, false-negative or teacher closures, separate gradients of the
+    statistics, ranks and mining); any other name stays as it is."""
+    if name == AUTO_CPU:
+        return "torch" if extended else "cpu"
+    return name
+
+
 def engine(name: str) -> ModuleType:
-    """The module implementing the engine contract (``forward``/``backward``) for a backend."""
+    """The module implementing the engine contract (``forward``/``backward``) for a concrete
+    backend (not :data:`AUTO_CPU`: :func:`concrete` first)."""
     if name == "triton":
         from .ops.triton import engine as mod
     elif name == "torch":

@@ -61,19 +61,25 @@ def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return None if x is None else x.detach().reshape(1).to(dt)
 
 
-def _engine(backend: str, spec: LossSpec, targets: Targets):
-    eng = _backend.engine(backend)
-    extended = (spec.exclude_targets or spec.target_lse or spec.fn_space != 0
+def _engine(backend: str, spec: LossSpec, targets: Targets, split: bool = False):
+    """(engine module, concrete backend name) for a closure; ``split``: the caller needs separate
+    gradients of the statistics."""
+    extended = (split or spec.exclude_targets or spec.target_lse or spec.fn_space != 0
                 or spec.lse2_ratio is not None or targets.row_ids is not None
                 or targets.teacher_queries is not None or targets.target_weights is not None)
+    backend = _backend.concrete(backend, extended)
+    eng = _backend.engine(backend)
     if extended and not getattr(eng, "SPLIT_TARGET_GRADS", False):
+        if split:
+            raise ValueError(f"backend={backend!r} does not implement this loss (it needs separate "
+                             "gradients of the statistics); use backend='triton' or backend='torch'")
         raise ValueError(f"backend={backend!r} does not implement this loss (decoupled, target-LSE "
                          "or false-negative closures); use backend='triton' or backend='torch'")
-    return eng
+    return eng, backend
 
 
-def _forward(ctx, queries, keys, scale, bias, targets, spec, backend) -> EngineStats:
-    eng = _engine(backend, spec, targets)
+def _forward(ctx, queries, keys, scale, bias, targets, spec, backend, split=False) -> EngineStats:
+    eng, backend = _engine(backend, spec, targets, split)
     prepare = getattr(eng, "prepare_targets", None)  # (torch 2.4's dynamo traces no hasattr)
     if prepare is not None:  # once for the forward and the backward
         targets = prepare(targets)
@@ -158,10 +164,7 @@ class EngineStatistics(torch.autograd.Function):
                 targets: Targets, spec: LossSpec, backend: str):
         if spec.kind != "softmax":
             raise ValueError("EngineStatistics serves the softmax closures")
-        if not getattr(_backend.engine(backend), "SPLIT_TARGET_GRADS", False):
-            raise ValueError(f"backend={backend!r} does not implement this loss (it needs separate "
-                             "gradients of the statistics); use backend='triton' or backend='torch'")
-        stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend)
+        stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend, split=True)
         tgt = row_target_logit(stats, spec)
         if spec.symmetric:
             col_lse, col_pos = stats.col_lse, stats.col_pos

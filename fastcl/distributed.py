@@ -390,6 +390,7 @@ class _RingLoss(torch.autograd.Function):
 
 
 def _ring(queries, keys, scale, bias, positives, *, kind, symmetric, exact, backend, group):
+    backend = _backend.concrete(backend, extended=False)  # (the core closures)
     return _RingLoss.apply(queries, keys, scale, bias, positives,
                            (kind, symmetric, exact, backend, group))
 

@@ -323,7 +323,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
             ``g_ij > fn_ratio * g_{i,p(i)}``, leave row i. The guide is cast to the features'
             dtype and its products formed in their precision; ties stay as above. No gradient
             reaches the guide; not with ``hard_negatives``.
-        backend: "auto" (Triton on CUDA, torch elsewhere) | "triton" | "torch" | "cuda" | "cpu".
+        backend: "auto" (Triton on CUDA; on the CPU the C++ kernels where they implement the
+            closure, else torch) | "triton" | "torch" | "cuda" | "cpu".
         exact: float32 inputs use IEEE fp32 products instead of TF32.
     Returns:
         scalar, or (N,) for ``reduction="none"``.

@@ -42,6 +42,7 @@ def retrieval(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None,
     if isinstance(ks, int) or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be a sequence of positive integers, got {ks!r}")
     queries, keys, be = _prepare(queries, keys, backend)
+    be = _backend.concrete(be, extended=True)
     eng = _backend.engine(be)
     if not hasattr(eng, "count_above"):
         raise ValueError(f"backend={be!r} does not compute ranks; use backend='triton' or 'torch'")
@@ -87,6 +88,7 @@ def hard_negatives(queries: Tensor, keys: Tensor, positives: Optional[Tensor] = 
         positives = _check_index("positives", positives, N, M, "key indices, or -1 for none",
                                  queries.device, allow_missing=True)
     queries, keys, be = _prepare(queries, keys, backend)
+    be = _backend.concrete(be, extended=True)
     eng = _backend.engine(be)
     if not hasattr(eng, "top_negatives"):
         raise ValueError(f"backend={be!r} does not mine negatives; use backend='triton' or 'torch'")

@@ -103,7 +103,13 @@ def test_other_modules():
 
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    assert _backend.resolve("auto", cpu, torch.float32) == "torch"
+    auto_cpu = _backend.AUTO_CPU if _backend.has_extension() else "torch"
+    assert _backend.resolve("auto", cpu, torch.float32) == auto_cpu
+    assert _backend.resolve(auto_cpu, cpu, torch.bfloat16) == auto_cpu  # taken again as is
+    assert _backend.resolve("auto", cpu, torch.float64) == "torch"
+    assert _backend.concrete(auto_cpu, extended=False) == ("cpu" if _backend.has_extension() else "torch")
+    assert _backend.concrete(auto_cpu, extended=True) == "torch"
+    assert _backend.concrete("triton", extended=True) == "triton"
     assert _backend.resolve("torch", cpu, torch.bfloat16) == "torch"
     if _backend.has_triton():
         assert _backend.resolve("auto", torch.device("cuda"), torch.bfloat16) == "triton"
@@ -174,3 +180,41 @@ def test_torch_compile_training_step_cpu(backend):
     compiled = run(torch.compile(step, fullgraph=True))
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_backend_on_cpu_takes_the_extension_where_it_can(monkeypatch):
+    """backend="auto" on CPU tensors: the C++ kernels (faster than the torch engine at every
+    size measured, bench/results/cpu-n4096-d256) for the closures they implement, the torch
+    engine for the rest and for float64; the same values as naming each backend."""
+    pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
+    from fastcl.ops import cpp, torch_engine
+    seen = []
+    for mod, name in ((cpp, "cpu"), (torch_engine, "torch")):
+        for fn in ("forward", "backward"):
+            real = getattr(mod, fn)
+            monkeypatch.setattr(mod, fn, lambda *a, _r=real, _n=name, **kw: (seen.append(_n), _r(*a, **kw))[1])
+    gen = torch.Generator().manual_seed(13)
+    q, k = (torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=1).requires_grad_()
+            for _ in range(2))
+    labels = torch.randint(0, 5, (40,), generator=gen)
+    cases = [("clip", lambda be: fastcl.clip_loss(q, k, 14.0, backend=be), "cpu"),
+             ("siglip", lambda be: fastcl.siglip_loss(q, k, 10.0, -10.0, backend=be), "cpu"),
+             ("supcon_out", lambda be: fastcl.supcon(q, labels, 0.1, backend=be), "cpu"),
+             ("supcon_in", lambda be: fastcl.supcon(q, labels, 0.1, variant="in", backend=be), "torch"),
+             ("dcl", lambda be: fastcl.dcl(q, k, 0.1, backend=be), "torch"),
+             ("fn_margin", lambda be: fastcl.info_nce(q, k, fn_margin=0.1, backend=be), "torch"),
+             ("float64", lambda be: fastcl.info_nce(q.double(), k.double(), backend=be), "torch")]
+    for name, loss, want in cases:
+        seen.clear()
+        out = loss("auto")
+        g = torch.autograd.grad(out, (q, k), allow_unused=True)
+        assert seen == [want, want], (name, seen)
+        named = loss(want)
+        torch.testing.assert_close(out, named, rtol=0, atol=0)
+        for a, b in zip(g, torch.autograd.grad(named, (q, k), allow_unused=True)):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    seen.clear()
+    fastcl.metrics.retrieval(q.detach(), k.detach())  # ranks: the torch engine's count_above
+    assert fastcl.metrics.hard_negatives(q.detach(), k.detach(), k=3)[0].shape == (40, 3)
