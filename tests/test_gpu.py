@@ -1,5 +1,6 @@
-"""CUDA-only checks: larger shapes in low precision, memory bounds, no host-device syncs, 64-bit
-offsets. Skipped on machines without a GPU."""
+"""CUDA-only checks: torch.compile of a step ending in each backend's loss, larger shapes in low
+precision, memory bounds, no host-device syncs, 64-bit offsets. Skipped on machines without a
+GPU."""
 import pytest
 import torch
 
@@ -10,6 +11,41 @@ from ._utils import as64, assert_close, features, grads, lowp
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
+
+
+# one compile per case, first in the file so that a deadline-bound run starts them early
+@pytest.mark.parametrize("backend, fullgraph", [("triton", False), ("triton", True), ("cuda", True),
+                                                ("torch", True)])
+def test_torch_compile_training_step(backend, fullgraph):
+    """A compiled step (torch.compile, inductor; as one graph, and for Triton also with graph
+    breaks allowed) that projects, normalises and ends in the fused CLIP loss gives the eager loss
+    and gradients: the Triton backend (its kernels traced by dynamo), the CUDA extension (its fake
+    kernels) and the torch backend."""
+    if backend == "cuda":
+        pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
+    gen = torch.Generator(device=CUDA).manual_seed(11)
+    N, Din, D = 1000, 96, 256
+    x = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
+    y = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
+    w0 = (torch.randn(Din, D, device=CUDA, generator=gen) / Din ** 0.5).to(torch.bfloat16)
+
+    def step(w, s):
+        img = torch.nn.functional.normalize(x @ w, dim=1)
+        txt = torch.nn.functional.normalize(y @ w, dim=1)
+        return fastcl.clip_loss(img, txt, s, backend=backend)
+
+    def run(fn):
+        w = w0.clone().requires_grad_()
+        s = torch.tensor(14.0, device=CUDA, requires_grad=True)
+        loss = fn(w, s)
+        return (loss.float(), *(g.float() for g in torch.autograd.grad(loss * 0.7, (w, s))))
+
+    eager = run(step)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, fullgraph=fullgraph))
+    for name, c, e in zip(("loss", "d_w", "d_scale"), compiled, eager):
+        err = ((c - e).norm() / e.norm()).item()
+        assert err < 2e-2, (name, err)  # bf16 projections, fused or not
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -231,36 +267,3 @@ def test_64bit_offsets_queries(D):
                  for r0 in range(0, N, 1 << 19))
     assert_close("dK", k.grad.float(), dk_ref, rtol=2e-2)
 
-
-@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
-def test_torch_compile_training_step(backend):
-    """A compiled step (torch.compile, inductor; with graph breaks allowed, and as one graph)
-    that projects, normalises and ends in the fused CLIP loss gives the eager loss and gradients:
-    the Triton backend (its kernels traced by dynamo), the CUDA extension (its fake kernels) and
-    the torch backend."""
-    if backend == "cuda":
-        pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
-    gen = torch.Generator(device=CUDA).manual_seed(11)
-    N, Din, D = 1000, 96, 256
-    x = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
-    y = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
-    w0 = (torch.randn(Din, D, device=CUDA, generator=gen) / Din ** 0.5).to(torch.bfloat16)
-
-    def step(w, s):
-        img = torch.nn.functional.normalize(x @ w, dim=1)
-        txt = torch.nn.functional.normalize(y @ w, dim=1)
-        return fastcl.clip_loss(img, txt, s, backend=backend)
-
-    def run(fn):
-        w = w0.clone().requires_grad_()
-        s = torch.tensor(14.0, device=CUDA, requires_grad=True)
-        loss = fn(w, s)
-        return (loss.float(), *(g.float() for g in torch.autograd.grad(loss * 0.7, (w, s))))
-
-    eager = run(step)
-    for fullgraph in (False, True):
-        torch._dynamo.reset()
-        compiled = run(torch.compile(step, fullgraph=fullgraph))
-        for name, c, e in zip(("loss", "d_w", "d_scale"), compiled, eager):
-            err = ((c - e).norm() / e.norm()).item()
-            assert err < 2e-2, (backend, fullgraph, name, err)  # bf16 projections, fused or not
