@@ -266,4 +266,3 @@ def test_64bit_offsets_queries(D):
     dk_ref = sum(reference(torch.arange(r0, min(N, r0 + (1 << 19)), device=CUDA))[2]
                  for r0 in range(0, N, 1 << 19))
     assert_close("dK", k.grad.float(), dk_ref, rtol=2e-2)
-
