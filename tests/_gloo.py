@@ -3,6 +3,7 @@ import datetime
 import os
 import socket
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -32,14 +33,24 @@ def _entry(rank, body, world, port, errfile, args):
         raise
 
 
+WORKERS_TIMEOUT_S = 600  # a whole run (spawning, imports, the body); the collectives time out sooner
+
+
 def run_gloo(body, world: int, *args) -> None:
     """Call ``body(rank, world, *args)`` (a module-level function) in ``world`` spawned processes;
-    fail the test with every failing rank's traceback."""
+    fail the test with every failing rank's traceback, or when the workers outlast
+    ``WORKERS_TIMEOUT_S`` (they are killed: a stuck worker never hangs the suite)."""
     with tempfile.TemporaryDirectory() as tmp:
         errfile = os.path.join(tmp, "err")
+        ctx = mp.start_processes(_entry, args=(body, world, _free_port(), errfile, args),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + WORKERS_TIMEOUT_S
         try:
-            mp.start_processes(_entry, args=(body, world, _free_port(), errfile, args), nprocs=world,
-                               join=True, start_method="spawn")
+            while not ctx.join(timeout=2):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    pytest.fail(f"gloo workers still running after {WORKERS_TIMEOUT_S} s: killed")
         except Exception:
             msgs = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))]
             pytest.fail("worker failed:\n" + "\n".join(msgs))
