@@ -532,8 +532,8 @@ def _views_flat(name: str, x, labels, label_name: str):
 
 def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, variant: str = "out",
            keys: Optional[Tensor] = None, key_labels: Optional[Tensor] = None,
-           normalize: bool = True, reduction: str = "mean", backend: str = "auto",
-           exact: bool = False, return_valid: bool = False):
+           self_offset: Optional[int] = None, normalize: bool = True, reduction: str = "mean",
+           backend: str = "auto", exact: bool = False, return_valid: bool = False):
     """Supervised contrastive loss (Khosla et al. 2020), fused.
 
     Args:
@@ -542,7 +542,9 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
         variant: "out" (mean log-probability of the positives: the paper's L_out) or "in"
             (log of the mean probability: L_in = LSE_A - LSE_P + log |P|).
         keys, key_labels: the rectangular form: anchors (``features``) against a separate key set
-            ((B_k, D) or (B_k, V_k, D)) with its own labels; no self-exclusion then.
+            ((B_k, D) or (B_k, V_k, D)) with its own labels; no self-exclusion then, unless
+            ``self_offset`` o is given: row i's own entry is key i + o (a memory bank that holds
+            the batch), left out of its positives and its denominator.
         normalize: L2-normalise the rows first.
         reduction: "mean" over rows that have at least one positive | "sum" | "none" ((V*B,)).
         return_valid: also return the (V*B,) bool mask of rows that have a positive. Rows without
@@ -561,13 +563,21 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
             raise ValueError("keys need key_labels")
         cols_x, cols_y = _views_flat("keys", keys, key_labels, "key_labels")
         _check_pair("features", rows_x, "keys", cols_x)
+    if self_offset is not None:
+        if keys is None:
+            raise ValueError("self_offset needs keys")
+        if (isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0
+                or self_offset + rows_x.shape[0] > cols_x.shape[0]):
+            raise ValueError(f"self_offset must be an int with 0 <= self_offset <= "
+                             f"{cols_x.shape[0] - rows_x.shape[0]} (keys minus rows), got {self_offset!r}")
     s = _temperature_scale(temperature, rows_x)
     rows_x, cols_x, be = _prepare(rows_x, cols_x, backend)
     if normalize:
         rows_x = torch.nn.functional.normalize(rows_x, dim=1)
         cols_x = rows_x if keys is None else torch.nn.functional.normalize(cols_x, dim=1)
-    spec = LossSpec(kind="softmax", exclude_self=keys is None, target_lse=variant == "in",
-                    gram=keys is None, exact=exact)
+    spec = LossSpec(kind="softmax", exclude_self=keys is None or self_offset is not None,
+                    offset=self_offset or 0, target_lse=variant == "in", gram=keys is None,
+                    exact=exact)
     per, _, npos = engine_loss(rows_x, cols_x, s, None, Targets(row_labels=rows_y, col_labels=cols_y),
                                spec, be)
     valid = npos > 0

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import fastcl
 from fastcl import reference
 from fastcl.integrations import info_nce_pytorch as infonce
 from fastcl.integrations import lightly as ly
@@ -660,6 +661,70 @@ def test_pml_reference_set(backend):
              tol=tol)
     _compare("supcon/ref/pml", sup(), losses.SupConLoss(temperature=0.1)(x, labels, **kw), [x, r],
              tol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_pml_cross_batch_memory(backend, masked):
+    """pml's CrossBatchMemory around the drop-ins, step by step through the memory's wrap-around
+    (B = 4 into 10 slots) and with an enqueue mask (MoCo style: only the masked rows are queued,
+    the others are the queries): the same loss and gradients as pml's wrapper around its own
+    losses, the same queue. Also a transcription of SupCon against a memory that holds the batch
+    (each row's own slot left out), independent of pml."""
+    gen = torch.Generator().manual_seed(9)
+    dt, tol = (torch.float64, 1e-9) if backend == "torch" else (torch.float32, 2e-5)
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    for name in ("NTXentLoss", "SupConLoss"):
+        ours = pml.CrossBatchMemory(getattr(pml, name)(backend=backend), 8, memory_size=10)
+        theirs = losses.CrossBatchMemory(getattr(losses, name)(), 8, memory_size=10)
+        for step in range(5):
+            x = torch.randn(6 if masked else 4, 8, generator=gen, dtype=torch.float64).to(dt)
+            y = torch.randint(0, 3, (x.shape[0],), generator=gen)
+            mask = torch.arange(x.shape[0]) < 4 if masked else None
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            a, b = ours(xa, y, enqueue_mask=mask), theirs(xb, y, enqueue_mask=mask)
+            assert abs(a.item() - b.item()) <= tol * max(1.0, abs(b.item())), (name, step)
+            ga = torch.autograd.grad(a, xa, allow_unused=True)[0]
+            gb = torch.autograd.grad(b, xb, allow_unused=True)[0] if b.requires_grad else None
+            ga = torch.zeros_like(x) if ga is None else ga
+            gb = torch.zeros_like(x) if gb is None else gb
+            assert (ga - gb).abs().max() <= tol * max(1.0, gb.abs().max().item()), (name, step)
+            assert (ours.queue_idx, ours.has_been_filled) == (theirs.queue_idx, theirs.has_been_filled)
+            assert torch.equal(ours.label_memory, theirs.label_memory)
+        assert step == 4 and ours.has_been_filled  # the memory wrapped around
+    # SupCon against a memory holding the batch at slot 3: the transcription
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 2, 1])
+    mem = torch.randn(9, 8, generator=gen, dtype=torch.float64)
+    mem[3:8] = x
+    mem_y = torch.tensor([0, 1, 0, 0, 1, 0, 2, 1, 1])  # slots 3..7: y; label 2 only in row 3's own
+    xn, mn = nn.functional.normalize(x, dim=1), nn.functional.normalize(mem, dim=1)
+    own = torch.zeros(5, 9, dtype=torch.bool)
+    own[torch.arange(5), torch.arange(5) + 3] = True
+    pos = (y[:, None] == mem_y[None, :]) & ~own
+    S = (xn @ mn.T / 0.1).masked_fill(own, -math.inf)
+    logp = S - S.logsumexp(1, keepdim=True)
+    per = -(logp.masked_fill(~pos, 0)).sum(1) / pos.sum(1).clamp(min=1)
+    want = per[pos.any(1)].mean()  # rows with a positive
+    assert not pos.any(1).all()  # (one row without: left out of the mean)
+    xs = x.to(dt).requires_grad_()
+    got = fastcl.supcon(xs, y, 0.1, keys=mem.to(dt), key_labels=mem_y, self_offset=3, backend=backend)
+    assert abs(got.item() - want.item()) <= tol * abs(want.item())
+    with pytest.raises(TypeError, match="loss must be"):
+        pml.CrossBatchMemory(nn.MSELoss(), 8)
+    with pytest.raises(ValueError, match="miner"):
+        pml.CrossBatchMemory(pml.SupConLoss(), 8, miner=object())
+    xbm = pml.CrossBatchMemory(pml.SupConLoss(), 8, memory_size=3)
+    with pytest.raises(ValueError, match="indices_tuple"):
+        xbm(x, y, indices_tuple=(y, y, y, y))
+    with pytest.raises(ValueError, match=r"shape \(B, 8\)"):
+        xbm(x[:, :4], y)
+    with pytest.raises(ValueError, match="enqueue_mask"):
+        xbm(x, y, enqueue_mask=y)
+    with pytest.raises(ValueError, match="do not fit memory_size 3"):
+        xbm(x, y)
+    with pytest.raises(ValueError, match="self_offset"):
+        fastcl.supcon(x, y, 0.1, keys=mem, key_labels=mem_y, self_offset=5)
 
 
 @pytest.mark.parametrize("labels, ref_labels", [

@@ -7,7 +7,8 @@ info-nce-pytorch.
   ``SigLipLoss``
 * :mod:`fastcl.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``,
   ``CachedMultipleNegativesRankingLoss``, ``GISTEmbedLoss``, ``CachedGISTEmbedLoss``
-* :mod:`fastcl.integrations.pytorch_metric_learning`: ``NTXentLoss``, ``SupConLoss``
+* :mod:`fastcl.integrations.pytorch_metric_learning`: ``NTXentLoss``, ``SupConLoss``,
+  ``CrossBatchMemory``
 * :mod:`fastcl.integrations.lightly`: ``NTXentLoss`` (with its memory bank), ``DirectCLRLoss``,
   ``DCLLoss``, ``DCLWLoss``, ``MACLLoss``, ``HypersphereLoss``
 * :mod:`fastcl.integrations.info_nce_pytorch`: ``InfoNCE``, ``info_nce``

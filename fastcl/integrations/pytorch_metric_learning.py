@@ -31,7 +31,7 @@ from ._common import exact_products
 
 Tensor = torch.Tensor
 
-__all__ = ["NTXentLoss", "SupConLoss", "ntxent_pairs"]
+__all__ = ["NTXentLoss", "SupConLoss", "CrossBatchMemory", "ntxent_pairs"]
 
 
 def _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -65,9 +65,10 @@ def _label_ranges(labels: Tensor, key_labels: Tensor):
     return order, lo, hi
 
 
-def _positive_pairs(labels: Tensor, key_labels: Optional[Tensor] = None):
-    """All pairs (a, p) with ``labels[a] == key_labels[p]`` (a != p when the keys are the batch
-    itself, ``key_labels`` None): O(pairs) memory, not O(B x R)."""
+def _positive_pairs(labels: Tensor, key_labels: Optional[Tensor] = None, self_offset: int = 0):
+    """All pairs (a, p) with ``labels[a] == key_labels[p]``, but a row's own entry: p != a when
+    the keys are the batch itself (``key_labels`` None), p != a + ``self_offset`` when a memory
+    holds it (``self_offset`` not None); O(pairs) memory, not O(B x R)."""
     self_pairs = key_labels is None
     order, lo, hi = _label_ranges(labels, labels if self_pairs else key_labels)
     counts = hi - lo
@@ -75,32 +76,35 @@ def _positive_pairs(labels: Tensor, key_labels: Optional[Tensor] = None):
     within = torch.arange(a.shape[0], device=labels.device) - torch.repeat_interleave(
         torch.cumsum(counts, 0) - counts, counts)
     p = order[lo[a] + within]
-    if self_pairs:
-        keep = p != a
+    if self_pairs or self_offset is not None:
+        keep = p != a + (self_offset or 0)
         a, p = a[keep], p[keep]
     return a, p
 
 
-def _pml_has_pairs(labels: Tensor, key_labels: Optional[Tensor]) -> Tensor:
+def _pml_has_pairs(labels: Tensor, key_labels: Optional[Tensor], own_entries: bool = False) -> Tensor:
     """pml's guard on its pair losses, as a bool tensor (no host sync): a loss only where there
     is a positive pair and a negative pair, and not every index list of length <= 1 (pml returns
-    zero then)."""
+    zero then). ``own_entries``: the keys hold each row's own entry, not a pair."""
     self_pairs = key_labels is None
     keys = labels if self_pairs else key_labels
     _, lo, hi = _label_ranges(labels, keys)
     same = (hi - lo).sum()  # ordered pairs with equal labels, self pairs included
-    positive = same - labels.shape[0] if self_pairs else same
+    positive = same - labels.shape[0] if self_pairs or own_entries else same
     negative = labels.shape[0] * keys.shape[0] - same
     return (positive > 0) & (negative > 0) & ((positive > 1) | (negative > 1))
 
 
 def ntxent_pairs(embeddings: Tensor, labels: Tensor, temperature: float = 0.07, *,
                  ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None,
-                 backend: str = "auto", exact: Optional[bool] = None) -> Tensor:
+                 self_offset: Optional[int] = None, backend: str = "auto",
+                 exact: Optional[bool] = None) -> Tensor:
     """pml's NT-Xent (cosine similarity), mean over positive pairs; 0 when there is none.
 
     ``embeddings`` (B, D) with ``labels`` (B,) against themselves (pairs a != p), or against
-    ``ref_emb`` (R, D) with ``ref_labels`` (R,) (every pair, as pml's ``ref_emb``)."""
+    ``ref_emb`` (R, D) with ``ref_labels`` (R,) (every pair, as pml's ``ref_emb``; with
+    ``self_offset`` o, row a's own entry ref_emb[a + o] is not its positive: a memory that holds
+    the batch)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if (ref_emb is None) != (ref_labels is None):
@@ -108,7 +112,9 @@ def ntxent_pairs(embeddings: Tensor, labels: Tensor, temperature: float = 0.07, 
     x = nn.functional.normalize(embeddings, dim=-1)
     ref = x if ref_emb is None else nn.functional.normalize(ref_emb, dim=-1)
     key_labels = labels if ref_labels is None else ref_labels
-    a, p = _positive_pairs(labels, ref_labels)
+    if self_offset is not None and (ref_emb is None or not 0 <= self_offset <= ref_emb.shape[0] - x.shape[0]):
+        raise ValueError(f"self_offset needs ref_emb, with 0 <= self_offset <= R - B, got {self_offset!r}")
+    a, p = _positive_pairs(labels, ref_labels, self_offset)
     if a.numel() == 0:
         return (x * 0).sum() + (ref * 0).sum()
     dt = _stat_dtype(x)
@@ -123,7 +129,8 @@ def ntxent_pairs(embeddings: Tensor, labels: Tensor, temperature: float = 0.07, 
     s_ap = s * (x[a].to(dt) * ref[p].to(dt)).sum(-1)
     loss = nn.functional.softplus(neg_lse[a] - s_ap).mean()
     if ref_emb is not None:  # (without ref_emb, pairs come both ways: never a single one)
-        loss = torch.where(_pml_has_pairs(labels, ref_labels), loss, torch.zeros_like(loss))
+        has = _pml_has_pairs(labels, ref_labels, self_offset is not None)
+        loss = torch.where(has, loss, torch.zeros_like(loss))
     return loss
 
 
@@ -151,9 +158,10 @@ class NTXentLoss(_PairLoss):
     def __init__(self, temperature: float = 0.07, *, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__(temperature, backend, exact)
 
-    def _loss(self, embeddings, labels, ref_emb, ref_labels) -> Tensor:
+    def _loss(self, embeddings, labels, ref_emb, ref_labels, self_offset=None) -> Tensor:
         return ntxent_pairs(embeddings, labels, self.temperature, ref_emb=ref_emb,
-                            ref_labels=ref_labels, backend=self.backend, exact=self.exact)
+                            ref_labels=ref_labels, self_offset=self_offset, backend=self.backend,
+                            exact=self.exact)
 
 
 class SupConLoss(_PairLoss):
@@ -162,8 +170,87 @@ class SupConLoss(_PairLoss):
     def __init__(self, temperature: float = 0.1, *, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__(temperature, backend, exact)
 
-    def _loss(self, embeddings, labels, ref_emb, ref_labels) -> Tensor:
+    def _loss(self, embeddings, labels, ref_emb, ref_labels, self_offset=None) -> Tensor:
         loss = supcon(embeddings, labels, self.temperature, keys=ref_emb, key_labels=ref_labels,
-                      normalize=True, reduction="mean", backend=self.backend,
-                      exact=exact_products(self.exact))
-        return torch.where(_pml_has_pairs(labels, ref_labels), loss, torch.zeros_like(loss))
+                      self_offset=self_offset, normalize=True, reduction="mean",
+                      backend=self.backend, exact=exact_products(self.exact))
+        has = _pml_has_pairs(labels, ref_labels, self_offset is not None)
+        return torch.where(has, loss, torch.zeros_like(loss))
+
+
+class CrossBatchMemory(nn.Module):
+    """pml's ``CrossBatchMemory`` around the fused ``NTXentLoss`` / ``SupConLoss``: each call
+    enqueues the batch (or the rows of ``enqueue_mask``) into a first-in first-out memory of
+    ``memory_size`` detached embeddings and their labels, then takes the loss of the batch (or
+    the other rows) against the memory as one rectangular fused sweep, each row's own entry left
+    out, as pml does. ``forward(embeddings (B, D), labels (B,), indices_tuple=None,
+    enqueue_mask=None)``; ``miner`` and ``indices_tuple`` are refused. The write position lives
+    on the host (no sync); ``reset_queue()`` empties the memory."""
+
+    def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024, miner=None):
+        super().__init__()
+        if not isinstance(loss, _PairLoss):
+            raise TypeError("loss must be fastcl.integrations.pytorch_metric_learning.NTXentLoss or "
+                            f"SupConLoss, got {type(loss).__name__}")
+        if miner is not None:
+            raise ValueError("miner is not supported: the fused loss sums over every pair")
+        for name, v in (("embedding_size", embedding_size), ("memory_size", memory_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.loss, self.miner = loss, None
+        self.embedding_size, self.memory_size = embedding_size, memory_size
+        self.reset_queue()
+
+    def reset_queue(self) -> None:
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))
+        self.has_been_filled, self.queue_idx = False, 0
+
+    @torch.compiler.disable  # (host-side state: a compiled caller runs it eagerly)
+    def _enqueue(self, emb: Tensor, labels: Tensor) -> int:
+        """Write the rows at the write position (wrapping around); returns where they start."""
+        start, n = self.queue_idx, emb.shape[0]
+        idx = (torch.arange(n, device=emb.device) + start) % self.memory_size
+        self.embedding_memory[idx] = emb.detach().to(self.embedding_memory.dtype)
+        self.label_memory[idx] = labels
+        self.queue_idx = (start + n) % self.memory_size
+        if not self.has_been_filled and self.queue_idx <= start and n > 0:
+            self.has_been_filled = True
+        return start
+
+    def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None,
+                enqueue_mask: Optional[Tensor] = None) -> Tensor:
+        if indices_tuple is not None:
+            raise ValueError("indices_tuple (mined pairs) is not supported by the fused loss")
+        _check_features("embeddings", embeddings)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have shape (B, {self.embedding_size}), got "
+                             f"{tuple(embeddings.shape)}")
+        labels = _check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+        if (self.embedding_memory.device != embeddings.device
+                or self.embedding_memory.dtype != embeddings.dtype):
+            self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
+            self.label_memory = self.label_memory.to(embeddings.device)
+        if enqueue_mask is not None:
+            if (not isinstance(enqueue_mask, Tensor) or enqueue_mask.dtype != torch.bool
+                    or enqueue_mask.shape != labels.shape):
+                raise ValueError(f"enqueue_mask must be a bool tensor of shape ({labels.shape[0]},)")
+            queued, queued_labels = embeddings[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+        else:
+            queued, queued_labels = embeddings, labels
+        if queued.shape[0] > self.memory_size:
+            raise ValueError(f"{queued.shape[0]} rows to enqueue do not fit memory_size "
+                             f"{self.memory_size}")
+        start = self._enqueue(queued, queued_labels)
+        size = self.memory_size if self.has_been_filled else self.queue_idx
+        keys, key_labels = self.embedding_memory[:size], self.label_memory[:size]
+        offset = None
+        if enqueue_mask is None:  # each row's own entry: key start + i (modulo the memory)
+            offset = start
+            if start + embeddings.shape[0] > size:  # wrapped: rotate it to the front
+                keys, key_labels = keys.roll(-start, 0), key_labels.roll(-start, 0)
+                offset = 0
+        if embeddings.shape[0] == 0 or size == 0:
+            return (embeddings * 0).sum()
+        return self.loss._loss(embeddings, labels, keys, key_labels, offset)
