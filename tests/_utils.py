@@ -50,3 +50,30 @@ def grads(out, inputs, grad_out):
     want = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
     got = iter(torch.autograd.grad(out, want, grad_out.to(out.dtype)))
     return [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+
+
+def compiled_step(backend, device, dtype, fullgraph, *, n, d_in, d, seed):
+    """(eager, compiled) results (loss, d_w, d_scale), as float32, of a step that projects two
+    fresh random (n, d_in) batches by one (d_in, d) weight, normalises them and ends in the fused
+    CLIP loss; the compiled one through torch.compile (inductor)."""
+    import fastcl
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, d_in, device=device, generator=gen).to(dtype)
+    y = torch.randn(n, d_in, device=device, generator=gen).to(dtype)
+    w0 = (torch.randn(d_in, d, device=device, generator=gen) / d_in ** 0.5).to(dtype)
+
+    def step(w, s):
+        img = torch.nn.functional.normalize(x @ w, dim=1)
+        txt = torch.nn.functional.normalize(y @ w, dim=1)
+        return fastcl.clip_loss(img, txt, s, backend=backend)
+
+    def run(fn):
+        w = w0.clone().requires_grad_()
+        s = torch.tensor(14.0, device=device, requires_grad=True)
+        loss = fn(w, s)
+        return [t.float() for t in (loss, *torch.autograd.grad(loss * 0.7, (w, s)))]
+
+    eager = run(step)
+    torch._dynamo.reset()
+    return eager, run(torch.compile(step, fullgraph=fullgraph))

@@ -10,6 +10,7 @@ import fastcl
 from fastcl import _backend
 from fastcl import reference as R
 
+from ._utils import compiled_step
 from .conftest import DEVICE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,25 +160,8 @@ def test_torch_compile_training_step_cpu(backend):
     interpreter; tests/test_gpu.py checks the Triton backend compiled on a GPU.)"""
     if backend == "cpu":
         pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
-    gen = torch.Generator().manual_seed(12)
-    N, Din, D = 70, 24, 40
-    x, y = torch.randn(N, Din, generator=gen), torch.randn(N, Din, generator=gen)
-    w0 = torch.randn(Din, D, generator=gen) / Din ** 0.5
-
-    def step(w, s):
-        img = torch.nn.functional.normalize(x @ w, dim=1)
-        txt = torch.nn.functional.normalize(y @ w, dim=1)
-        return fastcl.clip_loss(img, txt, s, backend=backend)
-
-    def run(fn):
-        w = w0.clone().requires_grad_()
-        s = torch.tensor(14.0, requires_grad=True)
-        loss = fn(w, s)
-        return (loss, *torch.autograd.grad(loss * 0.7, (w, s)))
-
-    eager = run(step)
-    torch._dynamo.reset()
-    compiled = run(torch.compile(step, fullgraph=True))
+    eager, compiled = compiled_step(backend, torch.device("cpu"), torch.float32, True, n=70,
+                                    d_in=24, d=40, seed=12)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
 

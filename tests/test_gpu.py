@@ -7,7 +7,7 @@ import torch
 import fastcl
 from fastcl import reference as R
 
-from ._utils import as64, assert_close, features, grads, lowp
+from ._utils import as64, assert_close, compiled_step, features, grads, lowp
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -23,26 +23,8 @@ def test_torch_compile_training_step(backend, fullgraph):
     kernels) and the torch backend."""
     if backend == "cuda":
         pytest.importorskip("fastcl._C", reason="the C++ extension fastcl._C is not built")
-    gen = torch.Generator(device=CUDA).manual_seed(11)
-    N, Din, D = 1000, 96, 256
-    x = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
-    y = torch.randn(N, Din, device=CUDA, generator=gen).to(torch.bfloat16)
-    w0 = (torch.randn(Din, D, device=CUDA, generator=gen) / Din ** 0.5).to(torch.bfloat16)
-
-    def step(w, s):
-        img = torch.nn.functional.normalize(x @ w, dim=1)
-        txt = torch.nn.functional.normalize(y @ w, dim=1)
-        return fastcl.clip_loss(img, txt, s, backend=backend)
-
-    def run(fn):
-        w = w0.clone().requires_grad_()
-        s = torch.tensor(14.0, device=CUDA, requires_grad=True)
-        loss = fn(w, s)
-        return (loss.float(), *(g.float() for g in torch.autograd.grad(loss * 0.7, (w, s))))
-
-    eager = run(step)
-    torch._dynamo.reset()
-    compiled = run(torch.compile(step, fullgraph=fullgraph))
+    eager, compiled = compiled_step(backend, CUDA, torch.bfloat16, fullgraph, n=1000, d_in=96,
+                                    d=256, seed=11)
     for name, c, e in zip(("loss", "d_w", "d_scale"), compiled, eager):
         err = ((c - e).norm() / e.norm()).item()
         assert err < 2e-2, (name, err)  # bf16 projections, fused or not
