@@ -188,7 +188,12 @@ def write_results(out_dir: str, rows: Sequence[Dict], prov: Dict[str, str],
 def read_csv(path: str) -> List[Dict]:
     """Rows of a CSV written by :func:`write_csv` (values as strings)."""
     with open(path) as f:
-        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+        return read_csv_text(f.read())
+
+
+def read_csv_text(text: str) -> List[Dict]:
+    """Rows of the text of a CSV written by :func:`write_csv` (values as strings)."""
+    return list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #   junit_gpu.xml        the GPU checks (tests/test_gpu.py, the CUDA extension's tests)
 #   junit.xml            the rest of the test suite (tests not started by the deadline: skipped)
 #   bench/bench.csv      the sweep (provenance in '# ' lines), bench/bench.json, bench/*.png
+#   targets.md           each of the targets: measured, needed, verdict (python -m bench.targets)
 #   extras.tar.gz        only when more than 8 files were produced: everything beyond the first 7
 #
 # Default phases, in order (PHASES="..." picks a subset; each phase is time-limited, its failure
@@ -300,6 +301,9 @@ for csv in "$OUT"/bench/bench.csv "$OUT"/huge/bench.csv "$OUT"/targets_*/bench.c
   [ -f "$csv" ] && grep -v '^#' "$csv" | cut -d, -f1-13 | tee -a "$LOG"
 done
 
+# the targets: measured value, threshold and verdict per target, and the headline table
+"$PY" -m bench.targets "$OUT" --out "$OUT/targets.md" >>"$LOG" 2>&1 || log "bench.targets failed"
+
 mapfile -t FILES < <(cd "$OUT" && find . -type f ! -name extras.tar.gz | sed 's|^\./||' | sort)
 DEEP=0
 for f in "${FILES[@]}"; do
@@ -308,7 +312,7 @@ for f in "${FILES[@]}"; do
 done
 if [ "${#FILES[@]}" -gt 8 ] || [ "$DEEP" = 1 ]; then
   KEEP=()
-  for f in gpu_run.log bench/bench.csv bench/bench.json junit.xml variants/bench.csv; do
+  for f in gpu_run.log targets.md bench/bench.csv bench/bench.json junit.xml variants/bench.csv; do
     [ -f "$OUT/$f" ] && KEEP+=("$f")
   done
   # then the plots, then the rest in name order; files more than 2 folders deep go in the archive
