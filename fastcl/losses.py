@@ -530,6 +530,16 @@ def _views_flat(name: str, x, labels, label_name: str):
     return x, labels
 
 
+def _softplus_gap(negatives: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """``log(1 + e^(negatives - targets))`` = LSE(negatives, targets) - targets from the two LSEs
+    (N,) kept apart (0 where there are no negatives); rows outside ``valid`` (no targets) get a
+    finite placeholder, so that a ``torch.where`` around the result passes no NaN gradient."""
+    gap = negatives - targets
+    if valid is not None:
+        gap = torch.where(valid, gap, torch.zeros_like(gap))
+    return torch.nn.functional.softplus(gap)
+
+
 def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, variant: str = "out",
            keys: Optional[Tensor] = None, key_labels: Optional[Tensor] = None,
            self_offset: Optional[int] = None, normalize: bool = True, reduction: str = "mean",
@@ -575,14 +585,20 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
     if normalize:
         rows_x = torch.nn.functional.normalize(rows_x, dim=1)
         cols_x = rows_x if keys is None else torch.nn.functional.normalize(cols_x, dim=1)
+    targets = Targets(row_labels=rows_y, col_labels=cols_y)
     spec = LossSpec(kind="softmax", exclude_self=keys is None or self_offset is not None,
-                    offset=self_offset or 0, target_lse=variant == "in", gram=keys is None,
-                    exact=exact)
-    per, _, npos = engine_loss(rows_x, cols_x, s, None, Targets(row_labels=rows_y, col_labels=cols_y),
-                               spec, be)
-    valid = npos > 0
-    if variant == "in":
-        per = torch.where(valid, per + torch.log(npos.clamp(min=1)), torch.zeros_like(per))
+                    offset=self_offset or 0, exclude_targets=variant == "in",
+                    target_lse=variant == "in", gram=keys is None, exact=exact)
+    if variant == "out":
+        per, _, npos = engine_loss(rows_x, cols_x, s, None, targets, spec, be)
+        valid = npos > 0
+    else:
+        # L_in = softplus(LSE_{A \ P} - LSE_P) + log |P|: the negatives' LSE and the positives'
+        # from one sweep, so a row whose positives dominate has no difference of two ~|S| LSEs
+        st = engine_statistics(rows_x, cols_x, s, None, targets, spec, be)
+        valid = st.row_npos > 0
+        per = torch.where(valid, _softplus_gap(st.row_lse, st.row_target, valid)
+                          + torch.log(st.row_npos.clamp(min=1)), torch.zeros_like(st.row_lse))
     if reduction == "mean":
         loss = per.sum() / valid.sum().clamp(min=1)
     else:
@@ -896,8 +912,9 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     V = 2: the pair's logit is each row's index target (the other view), a linear term the lean
     path handles. V > 2: the instances are labels, and row (v, i) has its target LSE over the
     other views of i; by symmetry ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v}
-    e^{S_(v,i),(w,i)}``, so ``L_i = LSE_v(row LSE_(v,i)) - LSE_v(target LSE_(v,i))`` (a target
-    LSE is not linear: these sweeps take the masked path). "none" gives (B,).
+    e^{S_(v,i),(w,i)}``, so ``L_i = softplus(LSE_v(negatives' LSE_(v,i)) - LSE_v(target LSE_(v,i)))``
+    with the negatives' and the targets' LSEs kept apart (a target LSE is not linear: these
+    sweeps take the masked path). "none" gives (B,).
     """
     if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
         raise ValueError("features must have shape (B, V, D) with V >= 2 views, got "
@@ -910,17 +927,24 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     Z, _, be = _prepare(Z, Z, backend)
     if normalize:
         Z = torch.nn.functional.normalize(Z, dim=1)
-    # row (v, i): the LSE over c != (v, i), and the target term over (w, i), w != v
-    spec = LossSpec(kind="softmax", exclude_self=True, target_lse=V > 2, gram=True, exact=exact)
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
+        # row (v, i): the LSE over c != (v, i)
+        spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
         pair = torch.arange(2 * B, device=Z.device).add_(B).remainder_(2 * B)
         st = engine_statistics(Z, Z, s, None, Targets(positives=pair), spec, be)
         positive = st.row_target.view(2, B).mean(0)  # the pair's logit
+        per = torch.logsumexp(st.row_lse.view(V, B), dim=0) - math.log(2.0) - positive
     else:
+        # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
+        # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
+        spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, target_lse=True,
+                        gram=True, exact=exact)
         ids = torch.arange(B, device=Z.device).repeat(V)
         st = engine_statistics(Z, Z, s, None, Targets(row_labels=ids, col_labels=ids), spec, be)
-        positive = torch.logsumexp(st.row_target.view(V, B), dim=0) - math.log(2.0)  # target LSE
-    per = torch.logsumexp(st.row_lse.view(V, B), dim=0) - math.log(2.0) - positive
+        # (B = 1 has no negatives: their LSEs are -inf, floored so that logsumexp's gradient is 0)
+        negatives = st.row_lse.clamp(min=-1e30).view(V, B)
+        per = _softplus_gap(torch.logsumexp(negatives, dim=0),
+                            torch.logsumexp(st.row_target.view(V, B), dim=0))
     return _reduce(per, reduction)
 
 

@@ -30,7 +30,8 @@ CLOSURES = {
     "clip_masked": dict(_PLAIN, SYMMETRIC=True, HAS_BIAS=True),
     "info_nce": dict(_PLAIN, HAS_POS=True),
     "supcon": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True),
-    "supcon_in": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, TARGET_LSE=True),
+    # SupCon L_in, MV-InfoNCE with V > 2: the negatives' LSE and the targets' LSE apart
+    "supcon_in": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True, TARGET_LSE=True),
     "dcl_sym": dict(_PLAIN, SYMMETRIC=True, EXCLUDE_TARGETS=True, PLAIN=True),
     "siglip": dict(_PLAIN, KIND=1, HAS_BIAS=True, PLAIN=True),
     "info_nce_fn": dict(_PLAIN, HAS_POS=True, FN_SPACE=1, FN_IDS=True),
