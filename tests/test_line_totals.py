@@ -22,8 +22,10 @@ def position_independent_interpreter_dots(monkeypatch):
     """Under the Triton interpreter, float32 tile products in float64, rounded once.
 
     The symmetric sweep of a self-similarity (NT-Xent) uses S_ij from tile (i, j) for row j too,
-    whose LSE the forward took from tile (j, i): on the GPU the two are the same number (each
-    entry's products are accumulated in the same order wherever it sits in a tile). The
+    whose LSE the forward took from tile (j, i). On the GPU the two are expected to be the same
+    number, each entry's products being accumulated in the same order wherever it sits in a tile
+    (MMA instructions, or FMA chains in k order for IEEE float32), and these tests run there with
+    the real products. The
     interpreter's ``numpy.matmul`` does not promise that: with some CPUs' BLAS kernels (AVX2
     OpenBLAS) S_ij and S_ji differ by an ulp, and a row whose target dominates then carries that
     ulp (~1e-6 at |S| = 20) next to 1 - P ~ 1e-3 into its gradient, which these tests measure.
