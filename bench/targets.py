@@ -22,6 +22,7 @@ import io
 import os
 import sys
 import tarfile
+import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import report
@@ -208,8 +209,6 @@ def _huge_line(runs: List[Run]) -> List[str]:
 
 
 def _wide_line(junits: List[str]) -> List[str]:
-    import xml.etree.ElementTree as ET
-
     name = "N*D > 2^31 matches the reference (sampled rows)"
     results: Dict[str, str] = {}
     for text in junits:

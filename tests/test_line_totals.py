@@ -23,14 +23,12 @@ def position_independent_interpreter_dots(monkeypatch):
 
     The symmetric sweep of a self-similarity (NT-Xent) uses S_ij from tile (i, j) for row j too,
     whose LSE the forward took from tile (j, i). On the GPU the two are expected to be the same
-    number, each entry's products being accumulated in the same order wherever it sits in a tile
-    (MMA instructions, or FMA chains in k order for IEEE float32), and these tests run there with
-    the real products. The
-    interpreter's ``numpy.matmul`` does not promise that: with some CPUs' BLAS kernels (AVX2
-    OpenBLAS) S_ij and S_ji differ by an ulp, and a row whose target dominates then carries that
-    ulp (~1e-6 at |S| = 20) next to 1 - P ~ 1e-3 into its gradient, which these tests measure.
-    Products rounded once from float64 are the same number on every CPU and in both places, as
-    on the GPU; what is tested is the kernels' and the correction's own arithmetic."""
+    number (each entry's products accumulated in the same order wherever it sits in a tile), and
+    these tests run there with the real products. The interpreter's ``numpy.matmul`` does not
+    promise that: with some CPUs' BLAS kernels (AVX2 OpenBLAS) S_ij and S_ji differ by an ulp,
+    and a row whose target dominates carries that ulp (~1e-6 at |S| = 20) next to 1 - P ~ 1e-3
+    into its gradient. Products rounded once from float64 are the same number on every CPU and
+    in both places; what is tested is the kernels' and the correction's own arithmetic."""
     if DEVICE.type != "cpu":
         return
     try:
@@ -50,6 +48,7 @@ def position_independent_interpreter_dots(monkeypatch):
         return create_dot(self, a, b, d, *args, **kwargs)
 
     monkeypatch.setattr(builder, "create_dot", dot)
+
 
 CASES = ["info_nce", "info_nce_positives", "info_nce_bias", "clip", "clip_queries_only",
          "clip_keys_only", "clip_label_smoothing", "nt_xent", "supcon", "soft_info_nce",
