@@ -17,37 +17,7 @@ E = pytest.importorskip("fastcl.ops.triton.engine")
 N, D, SCALE = 70, 24, 20.0  # awkward sizes; tau = 0.05
 
 
-@pytest.fixture(autouse=True)
-def position_independent_interpreter_dots(monkeypatch):
-    """Under the Triton interpreter, float32 tile products in float64, rounded once.
-
-    The symmetric sweep of a self-similarity (NT-Xent) uses S_ij from tile (i, j) for row j too,
-    whose LSE the forward took from tile (j, i). On the GPU the two are expected to be the same
-    number (each entry's products accumulated in the same order wherever it sits in a tile), and
-    these tests run there with the real products. The interpreter's ``numpy.matmul`` does not
-    promise that: with some CPUs' BLAS kernels (AVX2 OpenBLAS) S_ij and S_ji differ by an ulp,
-    and a row whose target dominates carries that ulp (~1e-6 at |S| = 20) next to 1 - P ~ 1e-3
-    into its gradient. Products rounded once from float64 are the same number on every CPU and
-    in both places; what is tested is the kernels' and the correction's own arithmetic."""
-    if DEVICE.type != "cpu":
-        return
-    try:
-        import numpy as np
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    builder = getattr(interpreter, "InterpreterBuilder", None)
-    create_dot = getattr(builder, "create_dot", None)
-    if create_dot is None:
-        return
-
-    def dot(self, a, b, d, *args, **kwargs):
-        if a.data.dtype == np.float32 and b.data.dtype == np.float32 and d.data.dtype == np.float32:
-            product = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)).astype(np.float32)
-            return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
-        return create_dot(self, a, b, d, *args, **kwargs)
-
-    monkeypatch.setattr(builder, "create_dot", dot)
+pytestmark = pytest.mark.usefixtures("position_independent_interpreter_dots")
 
 
 CASES = ["info_nce", "info_nce_positives", "info_nce_bias", "clip", "clip_queries_only",
