@@ -27,18 +27,19 @@ def _entry(rank, body, world, port, errfile, args):
                                 world_size=world, timeout=datetime.timedelta(seconds=120))
         body(rank, world, *args)
         dist.barrier()
+        code = 0
     except BaseException:
         with open(f"{errfile}.{rank}", "w") as f:
             f.write(traceback.format_exc())
-        raise
-    # Every rank is past the barrier: exit without tearing the group down. In older torch (2.4.1
-    # among them; fixed by pytorch/pytorch#154976) the gloo group's destructor joins its worker
-    # threads while holding the GIL, and a worker still freeing a finished collective's tensors
-    # waits for the GIL: destroy_process_group(), or the interpreter's shutdown, which destroys
-    # the group too, then hangs for good.
+        code = 1
+    # Exit without tearing the group down. In older torch (2.4.1 among them; fixed by
+    # pytorch/pytorch#154976) the gloo group's destructor joins its worker threads while holding
+    # the GIL, and a worker still freeing a finished collective's tensors waits for the GIL:
+    # destroy_process_group(), or the interpreter's shutdown, which destroys the group too, then
+    # hangs for good (a failed rank too, which would then time out instead of reporting).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 WORKERS_TIMEOUT_S = 600  # a whole run (spawning, imports, the body); the collectives time out sooner
