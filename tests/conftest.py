@@ -24,6 +24,9 @@ DEVICE = torch.device("cuda") if GPU else torch.device("cpu")
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line("markers", "interpreter: runs the Triton backend on CPU tensors, which "
+                            "only the interpreter does (skipped on a GPU machine, where the Triton "
+                            "tests run the kernels on CUDA tensors)")
     # pytest-xdist (--dist loadgroup): tests of one group run on one worker, one after another
     config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
 
@@ -48,9 +51,56 @@ def pytest_runtest_setup(item):
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interpreter = pytest.mark.skip(reason="the Triton backend on CPU tensors needs TRITON_INTERPRET=1")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "gpu" in item.keywords and not GPU:
             item.add_marker(skip_gpu)
+        if item.get_closest_marker("interpreter") is not None and not interpreting:
+            item.add_marker(skip_interpreter)
+
+
+# FASTCL_INTERPRET_TF32=1: the interpreter's float32 products that ask for TF32 take their
+# operands as the tensor cores do (the low 13 bits of each mantissa dropped), so the suite shows
+# without a GPU which float32 checks the default (TF32) mode would fail there
+_TF32 = os.environ.get("FASTCL_INTERPRET_TF32", "0") not in ("", "0")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_tf32_products():
+    if not _TF32 or GPU:
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+    builder = interpreter.InterpreterBuilder
+    create_dot = builder.create_dot
+
+    def tf32(x):
+        return (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def dot(self, a, b, d, input_precision, *args, **kwargs):
+        if (a.data.dtype == np.float32 and b.data.dtype == np.float32
+                and "TF32" in str(input_precision) and "x3" not in str(input_precision)):
+            a = interpreter.TensorHandle(tf32(a.data), a.dtype.scalar)
+            b = interpreter.TensorHandle(tf32(b.data), b.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, *args, **kwargs)
+
+    builder.create_dot = dot
+    try:
+        yield
+    finally:
+        builder.create_dot = create_dot
+
+
+@pytest.fixture
+def ieee_default_products(monkeypatch):
+    """The default mode's float32 kernels with IEEE products instead of TF32 ones: on a GPU the
+    tests that hold the default mode's arithmetic to float32 bounds (set by the interpreter's IEEE
+    products) check the same kernels there; its TF32 rounding is checked apart at TF32 bounds
+    (tests/test_gpu.py, test_triton.py::test_tf32_default_close_to_exact)."""
+    from fastcl.ops.triton import engine
+    monkeypatch.setattr(engine, "TF32_PRODUCTS", False)
 
 
 @pytest.fixture

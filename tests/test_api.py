@@ -13,6 +13,9 @@ from fastcl import reference as R
 from ._utils import compiled_step
 from .conftest import DEVICE
 
+# float32 values here are held to float32 bounds: on a GPU with IEEE products too
+pytestmark = pytest.mark.usefixtures("ieee_default_products")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -10,6 +10,9 @@ from ._utils import features
 from .conftest import DEVICE
 from .test_triton import _check, _scalar
 
+# float32 checks here hold the default mode to float32 bounds: on a GPU with IEEE products too
+pytestmark = pytest.mark.usefixtures("ieee_default_products")
+
 F32 = torch.float32
 BACKENDS = ["triton", "torch"]
 

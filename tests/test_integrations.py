@@ -21,6 +21,11 @@ from ._gloo import run_gloo
 TOL = 1e-9
 
 
+# the Triton backend on these CPU tensors: the interpreter (tests/test_triton.py and the others
+# run the kernels on CUDA tensors where there is a GPU)
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter)
+
+
 def _feats(gen, n, d, normalize=True):
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
     if normalize:
@@ -638,7 +643,7 @@ def test_pml_supcon():
         pml.SupConLoss()(x, labels, ref_emb=x[:14], ref_labels=labels)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_pml_reference_set(backend):
     """pml's ``ref_emb`` / ``ref_labels``: the batch against a reference set (a cross-batch
     memory, say): every pair, no self-exclusion, rectangular fused sweeps."""
@@ -663,7 +668,7 @@ def test_pml_reference_set(backend):
              tol=tol)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("masked", [False, True])
 def test_pml_cross_batch_memory(backend, masked):
     """pml's CrossBatchMemory around the drop-ins, step by step through the memory's wrap-around
@@ -708,7 +713,8 @@ def test_pml_cross_batch_memory(backend, masked):
     want = per[pos.any(1)].mean()  # rows with a positive
     assert not pos.any(1).all()  # (one row without: left out of the mean)
     xs = x.to(dt).requires_grad_()
-    got = fastcl.supcon(xs, y, 0.1, keys=mem.to(dt), key_labels=mem_y, self_offset=3, backend=backend)
+    got = fastcl.supcon(xs, y, 0.1, keys=mem.to(dt), key_labels=mem_y, self_offset=3, backend=backend,
+                         exact=True)
     assert abs(got.item() - want.item()) <= tol * abs(want.item())
     with pytest.raises(TypeError, match="loss must be"):
         pml.CrossBatchMemory(nn.MSELoss(), 8)
@@ -782,7 +788,7 @@ def _float32_errors(ours, theirs, inputs):
             [rel(a, b) for a, b in zip(run(theirs, torch.float32), want)])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 @pytest.mark.parametrize("case", ["mnrl", "mnrl_all_directions", "mnrl_hard_negatives",
                                   "mnrl_in_batch_negatives", "mnrl_all_negatives",
                                   "ntxent_two_views", "ntxent_three_views"])
@@ -849,6 +855,7 @@ def test_drop_ins_follow_torchs_float32_matmul_precision(monkeypatch):
     assert seen == [True, False, True]
 
 
+@pytest.mark.interpreter
 def test_gist_triton_float32():
     """The drop-in's blocks on the Triton engine (the interpreter on CPU), float32 against the
     float64 transcription; one anchor's guide sees a duplicate of its positive (a tie: it stays)."""
@@ -933,6 +940,7 @@ def test_lightly_dcl(weighted):
     _compare(f"lightly/dcl{'w' if weighted else ''}", ours, theirs, [a, b])
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", ["ntxent", "ntxent_bank", "dcl", "dclw"])
 def test_lightly_triton(name):
     """The drop-ins on the Triton engine (the interpreter on CPU), float32, against float64."""
@@ -1083,6 +1091,7 @@ def test_info_nce_pytorch(mode, reduction):
     check("info_nce/info-nce-pytorch", infonce.info_nce(q, p, neg, **kw), peer.info_nce(q, p, neg, **kw))
 
 
+@pytest.mark.interpreter
 def test_info_nce_pytorch_triton():
     """The unpaired negatives' sweep on the Triton engine (the interpreter on CPU), float32."""
     gen = torch.Generator().manual_seed(28)

@@ -12,13 +12,18 @@ except Exception:  # pragma: no cover - not installable here
     pml_losses = None
 
 
+# the Triton backend on these CPU tensors: the interpreter (tests/test_triton.py and the others
+# run the kernels on CUDA tensors where there is a GPU)
+TRITON = pytest.param("triton", marks=pytest.mark.interpreter)
+
+
 def _grad(loss, x):
     (g,) = torch.autograd.grad(loss, [x])
     return g
 
 
 @pytest.mark.skipif(pml_losses is None, reason="pytorch-metric-learning is not installed")
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_nt_xent_matches_pytorch_metric_learning(backend):
     torch.manual_seed(0)
     N, D = 24, 16
@@ -32,7 +37,7 @@ def test_nt_xent_matches_pytorch_metric_learning(backend):
 
 
 @pytest.mark.skipif(pml_losses is None, reason="pytorch-metric-learning is not installed")
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_supcon_matches_pytorch_metric_learning(backend):
     torch.manual_seed(1)
     B, D = 40, 12
@@ -53,7 +58,7 @@ except Exception:  # pragma: no cover - not installable here
 
 
 @pytest.mark.skipif(lightly_loss is None, reason="lightly is not installed")
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
 def test_dcl_matches_lightly(backend):
     torch.manual_seed(2)
     dt = torch.float64 if backend == "torch" else torch.float32

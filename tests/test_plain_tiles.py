@@ -20,6 +20,9 @@ from .conftest import DEVICE
 from .test_triton import _check, _scalar
 from ._utils import features, rel
 
+# float32 checks here hold the default mode to float32 bounds: on a GPU with IEEE products too
+pytestmark = pytest.mark.usefixtures("ieee_default_products")
+
 interpreter_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="records branches under the interpreter")
 
 

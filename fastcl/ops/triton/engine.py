@@ -1747,11 +1747,11 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos, col_lse, a_row, b_row, a_col, b_col,
               a2_row)
-    const = dict(SYMMETRIC=symmetric, PRECISION=_precision(queries, spec.exact),
+    const = dict(SYMMETRIC=symmetric, PRECISION=_dot_precision(queries, spec.exact),
                  COMPUTE_SB=need_sb, COMPUTE_SBC=need_sb and _centre_columns(queries, symmetric,
                                                                             self_sym, True),
                  SELF_SYM=self_sym, **flags)
-    tf32 = queries.dtype == torch.float32 and not spec.exact and dev.type == "cuda"
+    tf32 = _dot_precision(queries, spec.exact) == "tf32" and dev.type == "cuda"
     for si, c0 in enumerate(slabs):
         c1 = min(M, c0 + W)
         for r0 in row_chunks:
@@ -1834,7 +1834,20 @@ def _ratio2(spec) -> float:
 
 
 def _precision(queries: torch.Tensor, exact: bool) -> str:
+    """The arithmetic the call is held to: "tf32" (float32 features, the default mode) or "ieee"."""
     return "tf32" if queries.dtype == torch.float32 and not exact else "ieee"
+
+
+# Whether the default mode's float32 products are TF32 ones on the tensor cores. False keeps the
+# default mode's kernels and choices but gives them IEEE products, as the interpreter forms them:
+# tests on a GPU hold the default mode's arithmetic to float32 bounds that way.
+TF32_PRODUCTS = True
+
+
+def _dot_precision(queries: torch.Tensor, exact: bool) -> str:
+    """The kernels' ``PRECISION`` (tl.dot's input precision) for :func:`_precision`'s mode."""
+    mode = _precision(queries, exact)
+    return "ieee" if mode == "tf32" and not TF32_PRODUCTS else mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2104,7 +2117,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     # the interior launch's column-underflow flag per row block of a launch group
     flags_buf = torch.empty(per_launch, dtype=torch.int32, device=dev) if (plain and symmetric) \
         else row_npos
-    const = dict(SYMMETRIC=symmetric, COUNT=0, PRECISION=_precision(queries, spec.exact),
+    const = dict(SYMMETRIC=symmetric, COUNT=0, PRECISION=_dot_precision(queries, spec.exact),
                  TILE_N=tile_n, SP_SERIES=queries.dtype == torch.float32 and spec.kind == "sigmoid",
                  LSE_LO=lse_lo, **flags)
     # the tiling of the column partials and of the two launches is fixed: BLOCK_N tuned otherwise
@@ -2272,7 +2285,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
     grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
                     a2_row.stride(0))
-    precision = _precision(queries, spec.exact)
+    precision = _dot_precision(queries, spec.exact)
     dq = dk = None
     dsb = []
     # scale / bias sums: by the rows kernel unless only dK is needed (rows_sum False; the
@@ -2365,7 +2378,7 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
     flags.pop("TARGET_K")
     cfg = dict(cfg, TMA=False)
     const = dict(SYMMETRIC=False, COUNT=1 if threshold is not None else 2,
-                 PRECISION=_precision(queries, spec.exact), TILES=0,
+                 PRECISION=_dot_precision(queries, spec.exact), TILES=0,
                  TILE_N=cfg["BLOCK_N"], RESIDENT=False, SP_SERIES=False, **flags)
     _launch(_forward_kernel, grid, args, const, cfg, "BLOCK_N")
     return counts
@@ -2448,7 +2461,7 @@ def top_negatives(queries, keys, targets, spec, k: int):
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
         HAS_POS=targets.positives is not None, LABELS=targets.row_labels is not None,
         EXCLUDE_SELF=spec.exclude_self, K=k, KP=max(2, _next_pow2(k)),
-        PRECISION=_precision(queries, spec.exact),
+        PRECISION=_dot_precision(queries, spec.exact),
         UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
         **{name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")})
     return vals, idx
