@@ -1,6 +1,10 @@
 """CUDA-only checks: torch.compile of a step ending in each backend's loss, larger shapes in low
 precision, memory bounds, no host-device syncs, 64-bit offsets. Skipped on machines without a
 GPU."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -50,6 +54,35 @@ def test_clip_large_low_precision(dtype, N, D):
     g = torch.tensor(0.7, device=CUDA, dtype=torch.float64)
     for name, a, r, b in zip("its", grads(out, [i, t, s], g), grads(ref, ins64, g), g_base):
         assert_close(name, a, r, b, rtol=1e-4)
+
+
+# values the checks on CPU tensors reject with a ValueError (tests/test_validation.py)
+_DEVICE_CHECKS = {
+    "positives": "fastcl.info_nce(q, k, positives=torch.tensor([0, 1, 2, 6], device='cuda'))",
+    "temperature": "fastcl.nt_xent(q, k[:4], torch.tensor(-0.5, device='cuda'))",
+    "target_weights": "fastcl.soft_info_nce(q, k, (torch.tensor([[0, 1]] * 4, device='cuda'), "
+                      "torch.tensor([[1.5, -0.5]] * 4, device='cuda')))",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DEVICE_CHECKS))
+def test_value_checks_are_device_assertions(case):
+    """On CUDA tensors, out-of-range positives, a tensor temperature <= 0 and negative target
+    weights are checked by an asynchronous device assertion (no host sync): the process fails at
+    the next synchronisation instead of a loss being computed. One process per case, since the
+    assertion leaves its CUDA context unusable."""
+    code = ("import torch, fastcl\n"
+            "q, k = torch.randn(4, 8, device='cuda'), torch.randn(6, 8, device='cuda')\n"
+            f"loss = {_DEVICE_CHECKS[case]}\n"
+            "torch.cuda.synchronize()\n"
+            "print('synchronised', loss.item(), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode != 0 and "synchronised" not in proc.stdout, proc.stdout
+    assert "device-side assert" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_no_host_device_sync():

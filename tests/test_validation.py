@@ -6,6 +6,9 @@ import fastcl
 
 from .conftest import DEVICE
 
+# float32 values here are held to float32 bounds: on a GPU with IEEE products too
+pytestmark = pytest.mark.usefixtures("ieee_default_products")
+
 
 def f(n, d, dtype=torch.float32):
     return torch.randn(n, d, dtype=dtype, device=DEVICE)
@@ -32,12 +35,13 @@ class TestInfoNCE:
             fastcl.info_nce(f(5, 8), f(4, 8), backend=backend)
 
     def test_positives_out_of_range(self, backend):
+        # CPU tensors: checked before the backend is resolved (on CUDA tensors the check is a
+        # device assertion, tests/test_gpu.py)
+        q, k = torch.randn(4, 8), torch.randn(6, 8)
         with pytest.raises(ValueError, match=r"positives must lie in \[0, 6\)"):
-            fastcl.info_nce(f(4, 8), f(6, 8), positives=torch.tensor([0, 1, 2, 6], device=DEVICE),
-                            backend=backend)
+            fastcl.info_nce(q, k, positives=torch.tensor([0, 1, 2, 6]), backend=backend)
         with pytest.raises(ValueError, match="positives must lie"):
-            fastcl.info_nce(f(4, 8), f(6, 8), positives=torch.tensor([0, -1, 2, 3], device=DEVICE),
-                            backend=backend)
+            fastcl.info_nce(q, k, positives=torch.tensor([0, -1, 2, 3]), backend=backend)
 
     def test_positives_shape_and_dtype(self, backend):
         with pytest.raises(ValueError, match=r"positives must have shape \(4,\)"):
@@ -116,11 +120,12 @@ def test_non_finite_and_non_positive_parameters():
         fastcl.info_nce(z, z, scale=float("nan"))
     with pytest.raises(ValueError, match="bias must be finite"):
         fastcl.info_nce(z, z, bias=float("nan"))
+    z_cpu = torch.randn(6, 8)  # tensor values: on CUDA a device assertion (tests/test_gpu.py)
     for bad in (0.0, -0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
-            fastcl.nt_xent(z, z, torch.tensor(bad, device=DEVICE))
+            fastcl.nt_xent(z_cpu, z_cpu, torch.tensor(bad))
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
-            fastcl.supcon(z, torch.arange(6, device=DEVICE) % 2, temperature=torch.tensor([bad], device=DEVICE))
+            fastcl.supcon(z_cpu, torch.arange(6) % 2, temperature=torch.tensor([bad]))
     with pytest.raises(TypeError, match="temperature must be a float"):
         fastcl.hcl(z, z, "0.5")
     with pytest.raises(TypeError, match="temperature must be a float"):
@@ -153,12 +158,12 @@ def test_full_label_smoothing_matches_cross_entropy():
 
 
 def test_soft_targets_must_be_non_negative():
-    q, k = f(4, 8), f(6, 8)
-    idx = torch.tensor([[0, 1]] * 4, device=DEVICE)
+    q, k = torch.randn(4, 8), torch.randn(6, 8)  # (on CUDA a device assertion: tests/test_gpu.py)
+    idx = torch.tensor([[0, 1]] * 4)
     with pytest.raises(ValueError, match="target weights must be >= 0 and finite"):
-        fastcl.soft_info_nce(q, k, (idx, torch.tensor([[1.5, -0.5]] * 4, device=DEVICE)))
+        fastcl.soft_info_nce(q, k, (idx, torch.tensor([[1.5, -0.5]] * 4)))
     with pytest.raises(ValueError, match="dense targets must be >= 0 and finite"):
-        fastcl.soft_info_nce(q, k, torch.full((4, 6), float("nan"), device=DEVICE))
+        fastcl.soft_info_nce(q, k, torch.full((4, 6), float("nan")))
 
 
 def test_modules_check_their_arguments_when_built():
