@@ -485,8 +485,11 @@ def test_sentence_transformers_gist(cols, kw):
         want = [p.grad.clone() for p in params]
         model.zero_grad(set_to_none=True)
         lo.backward()
+        # (ours are held to the float64 transcription at TOL above; sentence-transformers 6.0's
+        # cached gradients are up to 1.3e-7 off it here, 6.2's within 1e-14: the library is
+        # held to the same loss, not to its last digits)
         for p, g in zip(params, want):
-            assert (p.grad - g).abs().max() <= TOL, "gist/cached vs sentence-transformers"
+            assert (p.grad - g).abs().max() <= 1e-6, "gist/cached vs sentence-transformers"
         return
     ours = st.GISTEmbedLoss(model, guide, temperature=0.05, **kw)(feats, None)
     _compare("gist/sentence-transformers", ours, Real(model, guide, temperature=0.05, **kw)(feats, None),
