@@ -612,19 +612,17 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
         if case == "info_nce_keys_only":  # queries without a gradient: the column kernel's sums
             z1.requires_grad_(False)
         fn = lambda a, b, t, **kw: fastcl.info_nce(a, b, scale=1 / t, **kw)  # noqa: E731
-    # Float32 features default to TF32 products. On the GPU (inputs rounded to 2^-11, far above
-    # what is measured here) every run takes IEEE ones (exact=True). The interpreter forms IEEE
-    # products either way, but the default mode keeps no LSE rounding terms and forms the target
-    # logits apart from the sweep: there the self-similarities' dS tiles come within 5e-6 - 7e-5 of
-    # the reference (NT-Xent, 20 draws; PyTorch float32 on the materialised matrix: 1e-4 - 3e-4),
-    # held to twice PyTorch's error, and their centring is checked with exact=True.
-    on_gpu = DEVICE.type == "cuda"
-    dense_self = bool(path.get("DENSE")) and case in ("nt_xent", "supcon") and not on_gpu
+    # The default mode's products are IEEE ones here, on the GPU too (ieee_default_products), but
+    # it keeps no LSE rounding terms and forms the target logits apart from the sweep: there the
+    # self-similarities' dS tiles come within 5e-6 - 7e-5 of the reference (NT-Xent, 20 draws;
+    # PyTorch float32 on the materialised matrix: 1e-4 - 3e-4), held to twice PyTorch's error,
+    # and their centring is checked with exact=True.
+    dense_self = bool(path.get("DENSE")) and case in ("nt_xent", "supcon")
     g = None
     grads = {}
-    runs = [("reference", torch.float64, "torch", False), ("triton", torch.float32, "triton", on_gpu)]
+    runs = [("reference", torch.float64, "torch", False), ("triton", torch.float32, "triton", False)]
     if not path:  # the torch backend centres its sums the same way
-        runs.append(("torch", torch.float32, "torch", on_gpu))
+        runs.append(("torch", torch.float32, "torch", False))
     if dense_self:
         runs += [("triton-exact", torch.float32, "triton", True),
                  ("pytorch", torch.float32, "torch", None)]  # None: the materialised reference
