@@ -426,11 +426,14 @@ def test_dense_backward(monkeypatch, case, chunked):
     _check(f"dense-{case}", fn, ref, inputs)
 
 
-@pytest.mark.parametrize("loss,exact,want", [("clip", True, True), ("clip", False, False),
-                                              ("info_nce", True, False)])
-def test_exact_symmetric_backward_goes_wide(monkeypatch, loss, exact, want):
+@pytest.mark.parametrize("loss,dtype,exact,want", [
+    ("clip", F32, True, True), ("clip", F32, False, False), ("info_nce", F32, True, False),
+    ("clip", torch.bfloat16, False, False), ("clip", torch.bfloat16, True, False),
+    ("clip", torch.float16, False, False)])
+def test_exact_symmetric_backward_goes_wide(monkeypatch, loss, dtype, exact, want):
     """A symmetric closure with IEEE float32 products asks for the wide-feature backward at any D
-    (its fused kernels spill with those products); TF32 and one-way closures do not."""
+    (its fused kernels spill with those products); TF32, 16-bit features (whose products are IEEE
+    too, with exact or not) and one-way closures do not."""
     seen = []
     real = E._dense_backward
 
@@ -439,7 +442,7 @@ def test_exact_symmetric_backward_goes_wide(monkeypatch, loss, exact, want):
         return real(queries, exact_symmetric)
 
     monkeypatch.setattr(E, "_dense_backward", spy)
-    q, k = features(20, 16, F32, DEVICE), features(20, 16, F32, DEVICE)
+    q, k = features(20, 16, dtype, DEVICE), features(20, 16, dtype, DEVICE)
     if loss == "clip":
         out = fastcl.clip_loss(q, k, 10.0, backend=BACKEND, exact=exact)
     else:

@@ -1838,6 +1838,12 @@ def _precision(queries: torch.Tensor, exact: bool) -> str:
     return "tf32" if queries.dtype == torch.float32 and not exact else "ieee"
 
 
+def _ieee32(queries: torch.Tensor, exact: bool) -> bool:
+    """Float32 features with IEEE products (``exact``): not 16-bit features, whose products are
+    IEEE too ("ieee" above) but whose inputs' rounding is far above float32's."""
+    return queries.dtype == torch.float32 and _precision(queries, exact) == "ieee"
+
+
 # Whether the default mode's float32 products are TF32 ones on the tensor cores. False keeps the
 # default mode's kernels and choices but gives them IEEE products, as the interpreter forms them:
 # tests on a GPU hold the default mode's arithmetic to float32 bounds that way.
@@ -2070,7 +2076,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
     # float32 with IEEE products (its own tiles), and for softmax closures the LSEs' rounding
     # errors too (EngineStats.row_lse_lo); with TF32 or 16-bit features the logits' own error is
     # far larger
-    ieee32 = queries.dtype == f32 and _precision(queries, spec.exact) == "ieee"
+    ieee32 = _ieee32(queries, spec.exact)
     lse_lo = spec.kind == "softmax" and ieee32
     # (not with lse_lo: a target logit computed apart differs from the sweep's by ~1 ulp of |S|,
     # which a loss lse - S_t ~ 1e-3 would keep; in the sweep, both come from the same tile)
@@ -2175,9 +2181,8 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     M = keys.shape[0]
     f32 = torch.float32
     softmax = spec.kind == "softmax"
-    lines = measures_line_sums(spec, targets, queries, needs,
-                               _precision(queries, spec.exact) == "ieee", whole_lines,
-                               return_line_sums)
+    lines = measures_line_sums(spec, targets, queries, needs, _ieee32(queries, spec.exact),
+                               whole_lines, return_line_sums)
     spec0, targets0 = spec, targets
     gram = (spec.gram and softmax and not spec.symmetric and targets.teacher_queries is None
             and targets.guide_queries is None)
@@ -2212,7 +2217,7 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     # stride of 1 as a constant, so each tile's loads of them take no 64-bit stride products
     # (the dS tiles' kernel loads them once per tile)
     a_row, b_row, a_col, b_col, a2_row = (t.contiguous() for t in (a_row, b_row, a_col, b_col, a2_row))
-    wide = _dense_backward(queries, symmetric and _precision(queries, spec.exact) == "ieee")
+    wide = _dense_backward(queries, symmetric and _ieee32(queries, spec.exact))
     # which sweep takes the scale / bias sums: over the rows (the dS tiles; the rows kernel) unless
     # only dK is needed of the fused kernels (the columns kernel); it decides their centring
     rows_sum = wide or need_q or not need_k
