@@ -168,8 +168,8 @@ class EngineStatistics(torch.autograd.Function):
         tgt = row_target_logit(stats, spec)
         if spec.symmetric:
             col_lse, col_pos = stats.col_lse, stats.col_pos
-        else:
-            col_lse = col_pos = stats.row_lse.new_zeros(0)
+        else:  # (two tensors: torch.compile cannot trace a Function returning one tensor twice)
+            col_lse, col_pos = stats.row_lse.new_zeros(0), stats.row_lse.new_zeros(0)
         aux = stats.row_aux[:2].clone() if stats.row_aux is not None else stats.row_lse.new_zeros(0)
         lse2 = stats.row_aux[2].clone() if spec.lse2_ratio is not None else stats.row_lse.new_zeros(0)
         empty = stats.row_lse.new_zeros
@@ -203,10 +203,18 @@ class EngineStatistics(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def _gram_keys(queries: Tensor, keys: Tensor, spec: LossSpec) -> Tensor:
+    """The keys of a ``spec.gram`` call (the queries themselves) as an alias without autograd
+    history: the whole gradient comes back in the queries' slot, and torch.compile cannot trace
+    a Function given one tensor twice."""
+    return keys.detach() if spec.gram and keys is queries else keys
+
+
 def engine_loss(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
                 targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional form of :class:`EngineLoss` (inputs already validated and resolved)."""
-    return EngineLoss.apply(queries, keys, scale, bias, targets, spec, backend)
+    return EngineLoss.apply(queries, _gram_keys(queries, keys, spec), scale, bias, targets, spec,
+                            backend)
 
 
 class Statistics(NamedTuple):
@@ -242,6 +250,6 @@ class Statistics(NamedTuple):
 def engine_statistics(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
                       targets: Targets, spec: LossSpec, backend: str) -> Statistics:
     """Functional form of :class:`EngineStatistics`, as a :class:`Statistics`."""
-    *out, row_lo, col_lo, tgt_lo = EngineStatistics.apply(queries, keys, scale, bias, targets, spec,
-                                                          backend)
+    *out, row_lo, col_lo, tgt_lo = EngineStatistics.apply(
+        queries, _gram_keys(queries, keys, spec), scale, bias, targets, spec, backend)
     return Statistics(*out, *(x if x.numel() else None for x in (row_lo, col_lo, tgt_lo)))

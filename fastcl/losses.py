@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _backend
 from .autograd import engine_loss, engine_statistics
-from .ops import LossSpec, Targets
+from .ops import LossSpec, Targets, compiling
 
 Tensor = torch.Tensor
 Scalar = Union[float, int, Tensor]
@@ -123,11 +123,17 @@ def _real(name: str, x, expected: str = "a float", *, low: Optional[float] = Non
     return v
 
 
+def _host_checks(x: Tensor) -> bool:
+    """Whether checks of ``x``'s values read them here (CPU tensors, eagerly), raising ValueError;
+    else they are assertions in the stream (a GPU's, without a host sync; a compiled graph's)."""
+    return x.device.type == "cpu" and not compiling()
+
+
 def _require(ok: Tensor, message: str) -> None:
     """A check of tensor values (``ok``: a 0-d bool tensor): a ValueError here for CPU tensors; on
     a GPU an asynchronous device assertion, without a host sync, that fails at the next
-    synchronisation."""
-    if ok.device.type == "cpu":
+    synchronisation; under torch.compile an assertion in the graph (RuntimeError)."""
+    if _host_checks(ok):
         if not bool(ok):
             raise ValueError(message)
     elif ok.device.type != "meta":
@@ -162,7 +168,7 @@ def _check_index(name: str, idx, n: int, bound: int, bound_name: str, device, *,
         raise ValueError(f"{name} is on {idx.device} but the features are on {device}")
     idx = idx.to(torch.int64).contiguous()
     low = -1 if allow_missing else 0
-    if idx.device.type == "cpu":
+    if _host_checks(idx):
         if n and (int(idx.min()) < low or int(idx.max()) >= bound):
             raise ValueError(f"{name} must lie in [{low}, {bound}) ({bound_name}), got values in "
                              f"[{int(idx.min())}, {int(idx.max())}]")

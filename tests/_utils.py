@@ -1,5 +1,26 @@
-"""Shared helpers: fresh random inputs and error checks against the float64 reference."""
+"""Shared helpers: fresh random inputs and error checks against the float64 reference; the
+catalogue of public losses (every closure) on one set of inputs."""
+import json
+import os
+import subprocess
+import sys
+
 import torch
+
+import fastcl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def module_report(module: str, *args: str) -> dict:
+    """The JSON that ``python -m module args`` prints, run from the source tree in a process
+    without TRITON_INTERPRET (its kernels compiled for GPU targets, or traced as JIT kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
 
 
 def features(n, d, dtype, device, *, normalize=True, requires_grad=True, gen=None):
@@ -77,3 +98,57 @@ def compiled_step(backend, device, dtype, fullgraph, *, n, d_in, d, seed):
     eager = run(step)
     torch._dynamo.reset()
     return eager, run(torch.compile(step, fullgraph=fullgraph))
+
+
+def loss_inputs(make, N: int, D: int, dtype: torch.dtype) -> dict:
+    """Inputs for every entry of LOSSES / METRICS: features (N, D) ``q``, ``k``, scale ``s``, bias
+    ``b``, guide / teacher features ``u``, ``v`` (N, 48), labels, ids, positives, hard negatives
+    (N, 3, D), views (N/4, 4, D) and their labels, target weights (N, 2). ``make(*shape, dtype=,
+    grad=, integer_high=, value=)`` builds each: integers in [0, integer_high), ``value`` for a
+    tensor whose values must make sense (scale, bias, weights), fresh random values otherwise."""
+    f32 = torch.float32
+    return dict(
+        q=make(N, D, dtype=dtype), k=make(N, D, dtype=dtype), s=make(dtype=f32, value=12.0),
+        b=make(dtype=f32, value=-1.0), u=make(N, 48, dtype=dtype, grad=False),
+        v=make(N, 48, dtype=dtype, grad=False), labels=make(N, integer_high=40),
+        ids=make(N, integer_high=N // 2), pos=make(N, integer_high=N), hard=make(N, 3, D, dtype=dtype),
+        views=make(N // 4, 4, D, dtype=dtype), view_labels=make(N // 4, integer_high=40),
+        weights=make(N, 2, dtype=f32, grad=False, value=0.5))
+
+
+# every public loss (and each keyword that picks another closure), on inputs from _inputs
+LOSSES = {
+    "info_nce": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"]),
+    "info_nce_positives_bias": lambda x: fastcl.info_nce(x["q"], x["k"], positives=x["pos"], scale=x["s"], bias=x["b"]),
+    "info_nce_smoothing": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], label_smoothing=0.1),
+    "info_nce_focal": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], focal_gamma=2.0),
+    "info_nce_hard_negatives": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], hard_negatives=x["hard"]),
+    "info_nce_fn_margin": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], fn_margin=0.1),
+    "info_nce_fn_ratio": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], fn_ratio=0.9),
+    "info_nce_key_ids": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], key_ids=x["ids"]),
+    "info_nce_guide": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], guide=(x["u"], x["v"]), fn_margin=0.1),
+    "clip": lambda x: fastcl.clip_loss(x["q"], x["k"], x["s"], x["b"]),
+    "clip_smoothing": lambda x: fastcl.clip_loss(x["q"], x["k"], x["s"], label_smoothing=0.1),
+    "siglip": lambda x: fastcl.siglip_loss(x["q"], x["k"], x["s"], x["b"]),
+    "siglip_labels": lambda x: fastcl.siglip_loss(x["q"], x["k"], x["s"], x["b"], labels=x["labels"]),
+    "nt_xent": lambda x: fastcl.nt_xent(x["q"], x["k"], 0.5),
+    "supcon_out": lambda x: fastcl.supcon(x["q"], x["labels"], 0.1),
+    "supcon_in": lambda x: fastcl.supcon(x["q"], x["labels"], 0.1, variant="in"),
+    "supcon_views": lambda x: fastcl.supcon(x["views"], x["view_labels"], 0.1),
+    "supcon_keys": lambda x: fastcl.supcon(x["q"], x["labels"], 0.1, keys=x["k"], key_labels=x["ids"]),
+    "dcl": lambda x: fastcl.dcl(x["q"], x["k"], 0.1),
+    "dclw": lambda x: fastcl.dcl(x["q"], x["k"], 0.1, weight_sigma=0.5),
+    "hcl": lambda x: fastcl.hcl(x["q"], x["k"], 0.5),
+    "mv_infonce_2_views": lambda x: fastcl.mv_infonce(x["views"][:, :2], 0.1),
+    "mv_infonce_4_views": lambda x: fastcl.mv_infonce(x["views"], 0.1),
+    "soft_info_nce": lambda x: fastcl.soft_info_nce(
+        x["q"], x["k"], (torch.stack([x["pos"], x["pos"].flip(0)], 1), x["weights"]), scale=x["s"]),
+    "distill": lambda x: fastcl.distill(x["q"], x["k"], x["u"], x["v"], x["s"], 10.0),
+    "softclip": lambda x: fastcl.softclip(x["q"], x["k"], x["s"], x["u"]),
+    "cwcl": lambda x: fastcl.cwcl(x["q"], x["k"], x["u"], x["v"], scale=x["s"]),
+    "uniformity": lambda x: fastcl.uniformity_loss(x["q"]),
+}
+METRICS = {
+    "retrieval": lambda x: fastcl.metrics.retrieval(x["q"], x["k"], x["pos"])["MRR"],
+    "hard_negatives": lambda x: fastcl.metrics.hard_negatives(x["q"], x["k"], k=8)[0],
+}

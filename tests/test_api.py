@@ -10,7 +10,7 @@ import fastcl
 from fastcl import _backend
 from fastcl import reference as R
 
-from ._utils import compiled_step
+from ._utils import LOSSES, compiled_step, loss_inputs
 from .conftest import DEVICE
 
 # float32 values here are held to float32 bounds: on a GPU with IEEE products too
@@ -167,6 +167,45 @@ def test_torch_compile_training_step_cpu(backend):
                                     d_in=24, d=40, seed=12)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+
+
+def _cpu_inputs(seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(*shape, dtype=torch.float32, grad=True, integer_high=None, value=None):
+        if integer_high is not None:
+            return torch.randint(0, integer_high, shape, generator=gen)
+        if value is not None:
+            x = torch.full(shape, value, dtype=dtype)
+        else:
+            x = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).to(dtype)
+        return x.requires_grad_(grad)
+
+    return loss_inputs(make, 64, 24, torch.float32)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_torch_compile_one_graph_cpu(loss):
+    """Every loss of the catalogue (each closure) compiles as one graph (``fullgraph=True``:
+    dynamo and AOTAutograd through the autograd Functions, value checks as assertions in the
+    graph) and gives the eager loss and gradients, with the default backend on CPU tensors (the
+    C++ ops' fake kernels, the torch engine); tests/test_gpu_plan.py traces the Triton backend."""
+    x = _cpu_inputs(5)
+    leaves = [t for t in x.values() if t.requires_grad]
+
+    def step():
+        return LOSSES[loss](x)
+
+    eager = step()
+    g_eager = torch.autograd.grad(eager, leaves, allow_unused=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)()
+    g_compiled = torch.autograd.grad(compiled, leaves, allow_unused=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for name, c, e in zip([n for n, t in x.items() if t.requires_grad], g_compiled, g_eager):
+        assert (c is None) == (e is None), name
+        if e is not None:
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_auto_backend_on_cpu_takes_the_extension_where_it_can(monkeypatch):

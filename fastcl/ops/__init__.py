@@ -103,7 +103,14 @@ import torch
 __all__ = ["LossSpec", "Targets", "EngineStats", "row_losses", "col_losses", "row_target_logit",
            "scale_centres", "centred_scale_sums", "tied_scale_totals", "closure_weights", "line_totals",
            "corrects_line_totals", "measures_line_sums", "correct_line_totals", "dense_ids",
-           "split_lse", "merge_lse"]
+           "split_lse", "merge_lse", "compiling"]
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing the call (torch >= 2.3; False before): host reads of
+    tensor values and module state set on first use have no place in a traced graph."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check is not None and check())
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import (EngineStats, centred_scale_sums, closure_weights, correct_line_totals, dense_ids,
-                measures_line_sums, merge_lse)
+from .. import (EngineStats, centred_scale_sums, closure_weights, compiling, correct_line_totals,
+                dense_ids, measures_line_sums, merge_lse)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
@@ -1627,9 +1627,13 @@ def _fp32_acc_gemm(a: torch.Tensor) -> bool:
     the GEMM (``addmm(acc, a, b, out_dtype=float32, out=acc)``: float32 sums, no rounded partial
     products). Checked once on 2 x 2 tensors of a's device: torch versions differ on the dtype
     that addmm's float32-output overload accepts for its addend, and the check raises before
-    launching anything."""
+    launching anything. Not inside torch.compile, which would trace the check (and may not keep
+    the module's answer from a traced function): there, until an eager call has checked, the
+    rounded products (the fallback of torches without the overload)."""
     global _fp32_acc_gemm_ok
     if _fp32_acc_gemm_ok is None:
+        if compiling():
+            return False
         try:
             m = torch.ones((2, 2), dtype=a.dtype, device=a.device)
             acc = torch.zeros((2, 2), dtype=torch.float32, device=a.device)
@@ -2299,11 +2303,11 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     rows_do_sb = need_sb and rows_sum
     sym_sb = need_sb and _centre_columns(queries, symmetric, self_sym, rows_do_sb)
 
-    def launches(kernel, n, out, sb_rows, const, tuned, lines=None):
+    def launches(kernel, rows, n, out, sb_rows, const, tuned, lines=None):
         """One launch over every tile, or the band launch then the interior launch (the same D
         chunks; partial sums through a float32 buffer; scale / bias sums in separate rows; line
-        sums (n,) through a buffer per launch)."""
-        rows = kernel is _backward_rows_kernel
+        sums (n,) through a buffer per launch). ``rows``: the kernel is the rows kernel (told,
+        not compared: torch.compile cannot trace ``is`` between Triton kernels)."""
         own = "BLOCK_M" if rows else "BLOCK_N"
         cfg_in = _config(queries, "bwd_rows_plain" if rows else "bwd_cols_plain") if split else cfg
         # D chunks of the gradient (without it the kernels compute only sums)
@@ -2348,7 +2352,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
                      SELF_SYM=self_sym,
                      # the transposed term of GRAM has its targets on the other band
                      **dict(flags, PLAIN=lean))
-        sb = launches(_backward_rows_kernel, N, dq, rows_do_sb, const, "BLOCK_N", rt)
+        sb = launches(_backward_rows_kernel, True, N, dq, rows_do_sb, const, "BLOCK_N", rt)
         if rows_do_sb:
             dsb.append(sb)
     if need_k or ct is not None:
@@ -2356,7 +2360,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
         cols_do_sb = need_sb and not rows_do_sb
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_SB=cols_do_sb,
                      COMPUTE_DK=need_k, **flags)
-        sb = launches(_backward_cols_kernel, M, dk, cols_do_sb, const, "BLOCK_M", ct)
+        sb = launches(_backward_cols_kernel, False, M, dk, cols_do_sb, const, "BLOCK_M", ct)
         if cols_do_sb:
             dsb.append(sb)
     return dq, dk, sum(t.sum(0) for t in dsb) if need_sb else None, rt, ct
