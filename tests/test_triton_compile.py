@@ -16,18 +16,14 @@ except ImportError:  # pragma: no cover
     pytest.skip("this Triton has no ASTSource/GPUTarget compile API", allow_module_level=True)
 
 from . import triton_aot
+from ._utils import module_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "tests.triton_aot"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return module_report("tests.triton_aot")
 
 
 @pytest.mark.parametrize("variant", [triton_aot.variant_name(*v) for v in triton_aot.VARIANTS]

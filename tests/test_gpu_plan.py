@@ -1,0 +1,121 @@
+"""What the Triton backend does on a GPU, checked without one (tests/_fake_gpu.py): every public
+loss forward and backward on fake CUDA tensors of an H100 (and an A100), its launches recorded.
+Per call: no host read of a tensor's values (no synchronisation), launch grids within CUDA's
+limits, power-of-two blocks; at the headline shapes, the backward path each feature width takes
+and the peak bytes against the issue's memory target (1/20 of torch.compile's), and the scaling to
+N = 2^20; torch.compile of each loss as one graph, its Triton kernels in it (tests/fake_compile.py)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastcl  # noqa: E402
+from fastcl.ops.triton import engine as E  # noqa: E402
+
+from ._fake_gpu import FakeGPU  # noqa: E402
+from ._utils import LOSSES, METRICS, loss_inputs, module_report  # noqa: E402
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+MiB = 1 << 20
+_ROWS_GRID_MAX = (1 << 31) - 1  # CUDA grid limits: x, then y and z
+_COLS_GRID_MAX = 65535
+
+
+def _check_launches(plan):
+    assert not plan.transfers, plan.transfers
+    assert plan.launches, "no kernel launched"
+    for launch in plan.launches:
+        x, y, z = launch.grid
+        assert 1 <= x <= _ROWS_GRID_MAX and 1 <= y <= _COLS_GRID_MAX and 1 <= z <= _COLS_GRID_MAX, launch
+        for name, value in launch.constants.items():
+            if name.startswith("BLOCK_") or name == "num_warps":
+                assert isinstance(value, int) and value >= 1 and value & (value - 1) == 0, launch
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_losses_run_without_host_reads(monkeypatch, loss, dtype, arch):
+    """Forward and backward at an awkward shape (N not a multiple of any block; D = 200 takes the
+    fused backward for 16-bit features on Hopper, the wide-feature one otherwise): a host read of
+    any tensor's values (a synchronisation) raises on fake tensors."""
+    gpu = FakeGPU(monkeypatch, arch)
+    x = loss_inputs(gpu.tensor, 1004, 200, dtype)
+    plan = gpu.plan(lambda: LOSSES[loss](x))
+    _check_launches(plan)
+    assert plan.forward_launches >= 1 and len(plan.launches) > plan.forward_launches
+    wide = "_grad_tiles_kernel" in plan.kernels("backward")
+    assert wide == (dtype == F32 or arch < 90), plan.kernels("backward")
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_metrics_run_without_host_reads(monkeypatch, metric):
+    gpu = FakeGPU(monkeypatch)
+    x = loss_inputs(gpu.tensor, 1004, 200, BF16)
+    _check_launches(gpu.plan(lambda: METRICS[metric](x), backward=False))
+
+
+# torch.compile's extra memory for symmetric CLIP, bf16, fwd + bwd, N = 32768 on the H100
+# (the peer measurement of 2026-11-22; extra = peak above the inputs, gradients included)
+COMPILE_EXTRA_MIB = {256: 4080.6, 512: 4064.6, 768: 4048.6, 1024: 4032.6}
+
+
+@pytest.mark.parametrize("D", sorted(COMPILE_EXTRA_MIB))
+def test_headline_plan(monkeypatch, D):
+    """Symmetric CLIP, bf16, N = 32768 on an H100: the forward's masked band launch, interior
+    launch and column merge; the fused backward (rows and columns kernels, no dS tiles) up to
+    D = 256, the wide-feature backward (dS tiles + GEMMs) beyond; and at most 1/20 of the bytes
+    torch.compile takes above the inputs (issue target), gradients included."""
+    gpu = FakeGPU(monkeypatch)
+    N = 32768
+    q, k, s = gpu.tensor(N, D, dtype=BF16), gpu.tensor(N, D, dtype=BF16), gpu.tensor()
+    plan = gpu.plan(lambda: fastcl.clip_loss(q, k, s))
+    _check_launches(plan)
+    fwd, bwd = plan.kernels("forward"), set(plan.kernels("backward"))
+    assert fwd.count("_forward_kernel") >= 2 and fwd[-1] == "_merge_column_partials_kernel", fwd
+    if D <= 256:
+        assert bwd == {"_backward_rows_kernel", "_backward_cols_kernel"}, bwd
+    else:
+        assert bwd == {"_grad_tiles_kernel"}, bwd
+    assert plan.peak_bytes <= COMPILE_EXTRA_MIB[D] * MiB / 20, plan.peak_bytes / MiB
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_huge_batch_plan(monkeypatch, dtype):
+    """Symmetric CLIP at N = 2^20, D = 512 (the issue's huge-batch target, its inputs 2 GiB in
+    bf16): within CUDA's grid limits, and at most ~2x the inputs' bytes above them (gradients,
+    the dS block and the forward's partial column LSEs are each bounded by the inputs' bytes)."""
+    gpu = FakeGPU(monkeypatch)
+    N, D = 1 << 20, 512
+    q, k, s = gpu.tensor(N, D, dtype=dtype), gpu.tensor(N, D, dtype=dtype), gpu.tensor()
+    plan = gpu.plan(lambda: fastcl.clip_loss(q, k, s))
+    _check_launches(plan)
+    inputs = 2 * N * D * q.element_size()
+    assert plan.peak_bytes <= 2.1 * inputs, plan.peak_bytes / inputs
+    assert plan.forward_peak_bytes <= 1.1 * inputs, plan.forward_peak_bytes / inputs
+
+
+def test_fused_width_boundary(monkeypatch):
+    """The first width past the fused backward's (256 for 16-bit features on Hopper, 128
+    otherwise) takes the wide-feature one; 16-bit symmetric closures stay fused up to it."""
+    for arch, dtype in ((90, BF16), (90, F16), (80, BF16), (90, F32)):
+        width = E._fused_width(dtype, arch)
+        for D, wide in ((width, False), (width + 1, True)):
+            gpu = FakeGPU(monkeypatch, arch)
+            q, k, s = gpu.tensor(640, D, dtype=dtype), gpu.tensor(640, D, dtype=dtype), gpu.tensor()
+            plan = gpu.plan(lambda: fastcl.clip_loss(q, k, s))
+            assert ("_grad_tiles_kernel" in plan.kernels("backward")) == wide, (arch, dtype, D)
+
+
+@pytest.fixture(scope="module")
+def compile_report():
+    return module_report("tests.fake_compile")
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_torch_compile_traces_one_graph(compile_report, loss):
+    """torch.compile(fullgraph=True) of each loss with the Triton backend on an H100: one graph,
+    the forward's and the backward's Triton kernels in it (as torch's user-kernel operators)."""
+    entry = compile_report[loss]
+    assert entry["ok"], entry["error"]
+    assert entry["graphs"] == 1 and entry["kernels"] >= 2, entry
