@@ -7,6 +7,8 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
   LSE and target logit) as differentiable outputs, so a loss can be any function of them (plus
   O((N + M) D) terms) and autograd supplies separate weights for each; this needs a backend with
   ``SPLIT_TARGET_GRADS``.
+* :class:`RowDots` gives those O((N + M) D) terms, ``<a_i, b_i>`` in float32, without float32
+  copies of the features.
 """
 from __future__ import annotations
 
@@ -53,6 +55,69 @@ def first_order_only(backward):
         res = res if isinstance(res, tuple) else (res,)
         return res[:len(outs)] if isinstance(out, tuple) else res[0]
     return wrapper
+
+
+_DOT_CHUNK_BYTES = 16 << 20  # float32 bytes of one operand's row chunk in RowDots
+
+
+def _dot_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(a: Tensor):
+    """Row ranges of ``a`` (R, D) whose float32 copies take at most _DOT_CHUNK_BYTES."""
+    R, D = a.shape
+    step = max(1, _DOT_CHUNK_BYTES // (4 * max(D, 1)))
+    return [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+
+
+class RowDots(torch.autograd.Function):
+    """``<a_i, b_i>`` (R,) in float32 (float64 for float64 inputs) for a (R, D) and b (R, D), or
+    ``<a_i, b>`` for b (D,). Forward and backward upcast one row chunk at a time (at most 16 MiB
+    of float32 per operand), where ``(a.float() * b.float()).sum(-1)`` would keep float32 copies
+    of both operands for its backward: 4x a 16-bit operand's bytes."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        dt = _dot_dtype(a)
+        ctx.save_for_backward(a, b)
+        out = torch.empty(a.shape[0], dtype=dt, device=a.device)
+        bv = b.to(dt) if b.dim() == 1 else None
+        for r0, r1 in _row_chunks(a):
+            other = bv if bv is not None else b[r0:r1].to(dt)
+            out[r0:r1] = torch.linalg.vecdot(a[r0:r1].to(dt), other)
+        return out
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g: Tensor):
+        a, b = ctx.saved_tensors
+        dt = _dot_dtype(a)
+        g = g.to(dt)
+        vector = b.dim() == 1
+        bv = b.to(dt) if vector else None
+        ga = torch.empty_like(a) if ctx.needs_input_grad[0] else None
+        gb = None
+        if ctx.needs_input_grad[1]:
+            gb = torch.zeros(b.shape, dtype=dt, device=b.device) if vector else torch.empty_like(b)
+        for r0, r1 in _row_chunks(a):
+            gi = g[r0:r1, None]
+            if ga is not None:
+                ga[r0:r1] = gi * (bv if vector else b[r0:r1].to(dt))
+            if gb is not None:
+                ai = a[r0:r1].to(dt)
+                if vector:
+                    gb += ai.t().mv(g[r0:r1])
+                else:
+                    gb[r0:r1] = gi * ai
+        if vector and gb is not None:
+            gb = gb.to(b.dtype)
+        return ga, gb
+
+
+def row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """:class:`RowDots`: ``<a_i, b_i>`` (or ``<a_i, b>`` for a vector b) in float32."""
+    return RowDots.apply(a, b)
 
 
 def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .autograd import engine_loss, engine_statistics
+from .autograd import engine_loss, engine_statistics, row_dots
 from .ops import LossSpec, Targets, compiling
 
 Tensor = torch.Tensor
@@ -264,9 +264,9 @@ def _check_unit(name: str, x: float, *, high_open: bool = True) -> float:
 
 
 def _row_dots(a: Tensor, b: Tensor) -> Tensor:
-    """<a_i, b_i> in float32 (float64 for float64 inputs): O(N D), differentiable."""
-    dt = _stat_dtype(a)
-    return (a.to(dt) * b.to(dt)).sum(-1)
+    """<a_i, b_i> (a, b: (N, D); or <a_i, b> for b: (D,)) in float32 (float64 for float64
+    inputs): O(N D), differentiable, without float32 copies of the operands."""
+    return row_dots(a, b)
 
 
 def _smoothing_term(q: Tensor, k: Tensor, pos: Optional[Tensor], s: Tensor, extra_sum=None,
@@ -276,12 +276,12 @@ def _smoothing_term(q: Tensor, k: Tensor, pos: Optional[Tensor], s: Tensor, extr
     ``extra_sum`` (N, D) / ``extra_count`` add private columns to the mean (hard negatives)."""
     kp = k[: q.shape[0]] if pos is None else k.index_select(0, pos)
     dt = _stat_dtype(q)
-    total = k.to(dt).sum(0)
+    total = k.sum(0, dtype=dt)
     if extra_sum is None:
         mean = total / k.shape[0]
     else:
         mean = (total + extra_sum.to(dt)) / (k.shape[0] + extra_count)
-    return s.to(dt) * _row_dots(q, kp.to(dt) - mean)
+    return s.to(dt) * (_row_dots(q, kp) - _row_dots(q, mean))
 
 
 def _focal(loss: Tensor, gamma: float) -> Tensor:
@@ -411,7 +411,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         hn = hard_negatives.to(queries.dtype)
         st = engine_statistics(queries, keys, s, b, targets, spec, be)
         lse = st.row_lse
-        dots_h = torch.einsum("nd,nhd->nh", queries.to(dt), hn.to(dt))
+        dots_h = torch.stack([_row_dots(queries, hn[:, j]) for j in range(hn.shape[1])], 1)
         logits_h = s.to(dt) * dots_h
         if b is not None:
             logits_h = logits_h + b.to(dt)
@@ -425,7 +425,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         # (~2e-6 next to shares of ~1e-5 on converged rows), which the scale gradient multiplies
         lse_h = torch.logsumexp(logits_h, dim=1)
         rows = st.row_gap() + nn.functional.softplus(lse_h - lse)
-        extra_sum = hn.to(dt).sum(1)
+        extra_sum = hn.sum(1, dtype=dt)
     if eps:
         rows = rows + eps * _smoothing_term(queries, keys, positives, s, extra_sum,
                                             0 if hard_negatives is None else hard_negatives.shape[1])

@@ -208,6 +208,32 @@ def test_torch_compile_one_graph_cpu(loss):
             torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("vector", [False, True])
+def test_row_dots(monkeypatch, dtype, vector):
+    """fastcl.autograd.row_dots: <a_i, b_i> (or <a_i, b>) in float32 (float64 for float64) and
+    its gradients, one row chunk at a time (here chunks of 2 rows and a remainder), against
+    float64 on the same rounded inputs; either operand may go without a gradient."""
+    from fastcl import autograd as A
+    monkeypatch.setattr(A, "_DOT_CHUNK_BYTES", 2 * 4 * 7)
+    a = torch.randn(9, 7, device=DEVICE).to(dtype)
+    b = torch.randn(7 if vector else (9, 7), device=DEVICE).to(dtype)
+    g = torch.randn(9, device=DEVICE, dtype=torch.float64)
+    for need_a, need_b in ((True, True), (True, False), (False, True)):
+        x, y = a.clone().requires_grad_(need_a), b.clone().requires_grad_(need_b)
+        out = A.row_dots(x, y)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        x64, y64 = x.detach().double().requires_grad_(need_a), y.detach().double().requires_grad_(need_b)
+        ref = (x64 * y64).sum(-1)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+        got = torch.autograd.grad(out, [t for t in (x, y) if t.requires_grad], g.to(out.dtype))
+        want = torch.autograd.grad(ref, [t for t in (x64, y64) if t.requires_grad], g)
+        for gg, ww, t in zip(got, want, [t for t in (x, y) if t.requires_grad]):
+            assert gg.dtype == t.dtype and gg.shape == t.shape
+            tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+            torch.testing.assert_close(gg.double(), ww, rtol=tol, atol=tol)
+
+
 def test_auto_backend_on_cpu_takes_the_extension_where_it_can(monkeypatch):
     """backend="auto" on CPU tensors: the C++ kernels (faster than the torch engine at every
     size measured, bench/results/cpu-n4096-d256) for the closures they implement, the torch
