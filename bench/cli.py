@@ -294,6 +294,34 @@ def run_case(fn, input_sets, row: Dict, args, peak: Optional[float]) -> Dict:
     return row
 
 
+# devices where engine configurations with the same launch plan at a shape are timed once, and
+# the compute capability their plans assume (None: the GPU's own)
+PLAN_DEVICES = ("cuda",)
+PLAN_ARCH: Optional[int] = None
+
+
+def _engine_providers(names) -> List[str]:
+    return [p for p in names if p == "fastcl-triton" or p in P.TRITON_VARIANTS]
+
+
+def same_launches(prov_name: str, fn, inputs, mode: str, seen: Dict) -> Optional[str]:
+    """The provider already in ``seen`` (launch signature -> provider, for one shape and mode)
+    whose launches ``prov_name`` would repeat in ``mode`` (bench/launch_plan.py: kernels, grids,
+    arguments, configurations and the torch operators between them), else None after recording
+    its own. Never an exception: without a plan the case is timed."""
+    try:
+        from . import launch_plan
+
+        with P.engine_config(prov_name):
+            key = (mode, launch_plan.mode_signature(fn, inputs, mode, PLAN_ARCH))
+    except Exception:
+        return None
+    if key in seen:
+        return seen[key]
+    seen[key] = prov_name
+    return None
+
+
 def run(args, log=None) -> Dict:
     """Run the sweep described by parsed ``args``; returns {"rows", "skipped", "provenance", "files"}."""
     dev = args.device
@@ -372,6 +400,10 @@ def run(args, log=None) -> Dict:
                 bar.step(f"{loss} N={N} D={D}: inputs {status}", advance=len(todo) * len(args.mode))
                 continue
             peak = peak_for(args, dtype)
+            # engine configurations (fastcl-triton and its @variants) with one launch plan at
+            # this shape and mode are timed once: the others' rows say whose launches they repeat
+            plans: Optional[Dict] = {} if (dev.type in PLAN_DEVICES
+                                           and len(_engine_providers(todo)) > 1) else None
             for prov_name in todo:
                 try:
                     fn = P.build(loss, prov_name, dev, dtype)
@@ -379,8 +411,13 @@ def run(args, log=None) -> Dict:
                     fn, err = None, _error_status(e)
                 for mode in args.mode:
                     r = _row(loss, prov_name, mode, N, M, D, dtype)
+                    twin = None
+                    if fn is not None and plans is not None and prov_name in _engine_providers([prov_name]):
+                        twin = same_launches(prov_name, fn, first, mode, plans)
                     if fn is None:
                         r["status"] = err
+                    elif twin is not None:
+                        r["status"] = f"same launches as {twin}"
                     else:
                         with P.engine_config(prov_name):
                             run_case(fn, input_sets, r, args, peak)

@@ -358,6 +358,38 @@ def test_triton_config_variants_run_with_their_configuration(tmp_path, monkeypat
     assert E.config_override == {"BLOCK_D": 16}
 
 
+def test_engine_configurations_with_one_launch_plan_are_timed_once(tmp_path, monkeypatch):
+    """Engine configurations whose launch plan at a shape is another's (bench/launch_plan.py,
+    the Triton backend on fake CUDA tensors of an H100) are not timed again: their rows say
+    whose launches they repeat. At D = 64 the fused backward is the default (``fused`` repeats
+    it in both passes), ``dense`` changes only the backward and ``colsum`` only the forward."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fastcl_fn, naive = P.fastcl_fn, P.naive_fn
+
+    def planned_or_naive(loss, backend):  # the engine's plan; timed, the naive loss (no GPU here)
+        fast, slow = fastcl_fn(loss, backend), naive(loss)
+        return lambda x: fast(x) if isinstance(x["queries"], FakeTensor) else slow(x)
+
+    monkeypatch.setattr(P, "fastcl_fn", planned_or_naive)
+    monkeypatch.setattr(P, "check_backend", lambda backend, device, dtype: None)
+    monkeypatch.setattr(P, "TRITON_VARIANTS", {})
+    monkeypatch.setattr(cli, "PLAN_DEVICES", ("cpu",))
+    monkeypatch.setattr(cli, "PLAN_ARCH", 90)
+    args = _args(tmp_path, "--loss", "clip", "--N", "640", "--D", "64", "--dtype", "bf16",
+                 "--provider", "fastcl-triton", "--mode", "fwd", "bwd", "--no-plots",
+                 "--triton-config", 'fused={"DENSE": false}', "--triton-config", 'dense={"DENSE": true}',
+                 "--triton-config", 'colsum={"fwd_plain.COLSUM_MMA": false}')
+    res = cli.run(args)
+    by = {(r["provider"], r["mode"]): r["status"] for r in res["rows"]}
+    same = "same launches as fastcl-triton"
+    assert by == {("fastcl-triton", "fwd"): "ok", ("fastcl-triton", "bwd"): "ok",
+                  ("fastcl-triton@fused", "fwd"): same, ("fastcl-triton@fused", "bwd"): same,
+                  ("fastcl-triton@dense", "fwd"): same, ("fastcl-triton@dense", "bwd"): "ok",
+                  ("fastcl-triton@colsum", "fwd"): "ok", ("fastcl-triton@colsum", "bwd"): same}, by
+    assert not [r for r in res["rows"] if r["status"] != "ok" and r["ms"] is not None]
+
+
 @pytest.mark.parametrize("spec,match", [
     ("noequals", "NAME=JSON"), ("a b={}", "plain NAME"), ("x={bad", "not JSON"), ("x=[1]", "JSON object"),
     ('x={"BLOCK_Q": 64}', "unknown key"), ('x={"bwd2.BLOCK_M": 64}', "unknown key"),

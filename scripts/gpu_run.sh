@@ -40,7 +40,8 @@
 # resident query block, D chunks through tensor descriptors (TMA), its column sums by reductions
 # instead of the tensor cores, the lean path off, the backward's split launches, resident feature
 # blocks and D step, and the fused / wide-feature backward at each D (the latter's dS tiles in
-# one launch, or 128 x 64 interior tiles). Phase
+# one launch, or 128 x 64 interior tiles); a configuration whose launch plan at a shape is one
+# already timed there is reported as the same, not timed again (bench/launch_plan.py). Phase
 # "variants_general" times the masked path's tile shape, D step and tensor descriptors on the
 # SupCon forward with the lean path off (variants_general/bench.csv); phases "variants_siglip"
 # and "variants_targets" time SigLIP's and SupCon's forward and backward on the lean path (the

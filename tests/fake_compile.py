@@ -3,7 +3,7 @@ TRITON_INTERPRET unset: dynamo traces Triton's JIT kernels, not the interpreter'
 ``python -m tests.fake_compile LOSS ...`` prints a JSON report {loss: {"ok", "error", "graphs",
 "kernels"}} used by tests/test_gpu_plan.py.
 
-Each loss of tests/_fake_gpu.LOSSES is compiled as one graph (``fullgraph=True``, forward and the
+Each loss of tests/_utils.LOSSES is compiled as one graph (``fullgraph=True``, forward and the
 autograd Function's backward) on fake CUDA tensors of an H100, then run on them (no kernel runs:
 a fake tensor's kernels are its shapes). Dynamo only treats Triton kernels as such where torch
 finds a GPU for Triton, and Triton's launcher asks its driver for the device, so both are told
@@ -62,7 +62,7 @@ def _pretend_gpu(monkeypatch) -> None:
 
 
 def compile_report(names) -> dict:
-    from ._fake_gpu import FakeGPU
+    from bench.launch_plan import FakeGPU
     from ._utils import LOSSES, loss_inputs
 
     monkeypatch = MonkeyPatch()

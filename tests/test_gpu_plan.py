@@ -1,4 +1,4 @@
-"""What the Triton backend does on a GPU, checked without one (tests/_fake_gpu.py): every public
+"""What the Triton backend does on a GPU, checked without one (bench/launch_plan.py): every public
 loss forward and backward on fake CUDA tensors of an H100 (and an A100), its launches recorded.
 Per call: no host read of a tensor's values (no synchronisation), launch grids within CUDA's
 limits, power-of-two blocks; at the headline shapes, the backward path each feature width takes
@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 import fastcl  # noqa: E402
 from fastcl.ops.triton import engine as E  # noqa: E402
 
-from ._fake_gpu import FakeGPU  # noqa: E402
+from bench.launch_plan import FakeGPU  # noqa: E402
 from ._utils import LOSSES, METRICS, loss_inputs, module_report  # noqa: E402
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
