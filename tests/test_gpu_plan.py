@@ -68,6 +68,31 @@ def test_memory_at_the_headline_shape(monkeypatch, loss):
     assert ratio <= (2.1 if loss.startswith(_LEAN_MEMORY) else 6.5), ratio
 
 
+EXACT = {  # IEEE float32 products (exact=True): the line sums' kernels and their correction
+    "clip": lambda x: fastcl.clip_loss(x["q"], x["k"], x["s"], x["b"], exact=True),
+    "info_nce": lambda x: fastcl.info_nce(x["q"], x["k"], positives=x["pos"], scale=x["s"], exact=True),
+    "info_nce_smoothing": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"], label_smoothing=0.1, exact=True),
+    "siglip": lambda x: fastcl.siglip_loss(x["q"], x["k"], x["s"], x["b"], exact=True),
+    "nt_xent": lambda x: fastcl.nt_xent(x["q"], x["k"], 0.3, exact=True),
+    "supcon_in": lambda x: fastcl.supcon(x["q"], x["labels"], 0.1, variant="in", exact=True),
+    "distill": lambda x: fastcl.distill(x["q"], x["k"], x["u"], x["v"], x["s"], 10.0, exact=True),
+}
+
+
+@pytest.mark.parametrize("D", [64, 200])
+@pytest.mark.parametrize("loss", list(EXACT))
+def test_exact_float32_runs_without_host_reads(monkeypatch, loss, D):
+    """exact=True on an H100: no host reads either; the symmetric closure (CLIP) takes the
+    wide-feature backward at every D (its fused kernels spill with IEEE products), the others
+    the fused one where D fits it (128 for float32)."""
+    gpu = FakeGPU(monkeypatch)
+    x = loss_inputs(gpu.tensor, 1004, D, F32)
+    plan = gpu.plan(lambda: EXACT[loss](x))
+    _check_launches(plan)
+    wide = "_grad_tiles_kernel" in plan.kernels("backward")
+    assert wide == (loss == "clip" or D > 128), plan.kernels("backward")
+
+
 @pytest.mark.parametrize("metric", list(METRICS))
 def test_metrics_run_without_host_reads(monkeypatch, metric):
     gpu = FakeGPU(monkeypatch)
