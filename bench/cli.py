@@ -300,8 +300,9 @@ PLAN_DEVICES = ("cuda",)
 PLAN_ARCH: Optional[int] = None
 
 
-def _engine_providers(names) -> List[str]:
-    return [p for p in names if p == "fastcl-triton" or p in P.TRITON_VARIANTS]
+def _is_engine(provider: str) -> bool:
+    """fastcl-triton or one of its @variants (engine configurations)."""
+    return provider == "fastcl-triton" or provider in P.TRITON_VARIANTS
 
 
 def same_launches(prov_name: str, fn, inputs, mode: str, seen: Dict) -> Optional[str]:
@@ -403,7 +404,7 @@ def run(args, log=None) -> Dict:
             # engine configurations (fastcl-triton and its @variants) with one launch plan at
             # this shape and mode are timed once: the others' rows say whose launches they repeat
             plans: Optional[Dict] = {} if (dev.type in PLAN_DEVICES
-                                           and len(_engine_providers(todo)) > 1) else None
+                                           and sum(map(_is_engine, todo)) > 1) else None
             for prov_name in todo:
                 try:
                     fn = P.build(loss, prov_name, dev, dtype)
@@ -412,7 +413,7 @@ def run(args, log=None) -> Dict:
                 for mode in args.mode:
                     r = _row(loss, prov_name, mode, N, M, D, dtype)
                     twin = None
-                    if fn is not None and plans is not None and prov_name in _engine_providers([prov_name]):
+                    if fn is not None and plans is not None and _is_engine(prov_name):
                         twin = same_launches(prov_name, fn, first, mode, plans)
                     if fn is None:
                         r["status"] = err

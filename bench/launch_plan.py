@@ -160,6 +160,8 @@ class FakeGPU:
     def __init__(self, patch, arch: Optional[int] = 90, record_launches: bool = True):
         from fastcl.ops.triton import engine as E
 
+        if E._autotuning():  # (its tuner would time launches that do not run, and keep the winner)
+            raise RuntimeError("launch plans need the fixed configurations: FASTCL_AUTOTUNE is on")
         self.launches: List[Launch] = []
         self.mode = FakeTensorMode()
         record = self.launches

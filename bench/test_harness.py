@@ -390,6 +390,21 @@ def test_engine_configurations_with_one_launch_plan_are_timed_once(tmp_path, mon
     assert not [r for r in res["rows"] if r["status"] != "ok" and r["ms"] is not None]
 
 
+def test_no_launch_plans_under_autotuning(monkeypatch):
+    """With FASTCL_AUTOTUNE=1 no plan is made (the tuner would time launches that do not run
+    and keep a winner): every case is timed."""
+    monkeypatch.setenv("FASTCL_AUTOTUNE", "1")
+    monkeypatch.setattr(cli, "PLAN_ARCH", 90)
+    x = P.make_inputs("clip", 64, 64, 16, torch.bfloat16, CPU)
+    seen = {}
+    fn = P.fastcl_fn("clip", "triton")
+    assert cli.same_launches("fastcl-triton", fn, x, "fwd", seen) is None
+    assert cli.same_launches("fastcl-triton", fn, x, "fwd", seen) is None and seen == {}
+    monkeypatch.delenv("FASTCL_AUTOTUNE")
+    assert cli.same_launches("fastcl-triton", fn, x, "fwd", seen) is None
+    assert cli.same_launches("fastcl-triton", fn, x, "fwd", seen) == "fastcl-triton"
+
+
 @pytest.mark.parametrize("spec,match", [
     ("noequals", "NAME=JSON"), ("a b={}", "plain NAME"), ("x={bad", "not JSON"), ("x=[1]", "JSON object"),
     ('x={"BLOCK_Q": 64}', "unknown key"), ('x={"bwd2.BLOCK_M": 64}', "unknown key"),

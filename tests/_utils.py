@@ -116,7 +116,7 @@ def loss_inputs(make, N: int, D: int, dtype: torch.dtype) -> dict:
         weights=make(N, 2, dtype=f32, grad=False, value=0.5))
 
 
-# every public loss (and each keyword that picks another closure), on inputs from _inputs
+# every public loss (and each keyword that picks another closure), on inputs from loss_inputs
 LOSSES = {
     "info_nce": lambda x: fastcl.info_nce(x["q"], x["k"], scale=x["s"]),
     "info_nce_positives_bias": lambda x: fastcl.info_nce(x["q"], x["k"], positives=x["pos"], scale=x["s"], bias=x["b"]),
