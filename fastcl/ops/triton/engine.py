@@ -1735,8 +1735,11 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     # then added to sb_sums: O(tiles of a block), not O(N M) over the whole sweep
     dsb = torch.empty((sum(tiles), 2), dtype=torch.float32, device=dev) if need_sb else None
     sb_sums = torch.zeros(2, dtype=torch.float32, device=dev) if need_sb else None
+    # gram: one gradient of the shared features, dK's slab sums added into dq once the first
+    # slab has written every row of it (no dK beside it)
+    fold = gram and need_q
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
-    dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k else None
+    dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k and not fold else None
     dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
     # line_sums: the row part's sums per row (N,), the column part's per column (M,), from
     # per-tile sums of one block (the launches' grids x the block's rows / columns)
@@ -1796,11 +1799,10 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
                     if r0 == 0:
                         sums.zero_()
                     _gemm_acc(sums, dS.transpose(0, 1), queries[r0:r1], scratch)
-        if need_k:
+        if fold:
+            dq[c0:c1].add_(dk_sums[: c1 - c0])
+        elif need_k:
             dk[c0:c1].copy_(dk_sums[: c1 - c0])
-    if gram and need_q:
-        dq.add_(dk)
-        dk = None
     return dq, dk, sb_sums, rt, ct
 
 
