@@ -186,10 +186,11 @@ def _cpu_inputs(seed: int) -> dict:
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_torch_compile_one_graph_cpu(loss):
-    """Every loss of the catalogue (each closure) compiles as one graph (``fullgraph=True``:
-    dynamo and AOTAutograd through the autograd Functions, value checks as assertions in the
-    graph) and gives the eager loss and gradients, with the default backend on CPU tensors (the
-    C++ ops' fake kernels, the torch engine); tests/test_gpu_plan.py traces the Triton backend."""
+    """Every loss of the catalogue (each closure) compiles as one graph (``fullgraph=True``,
+    inductor: dynamo and AOTAutograd through the autograd Functions, value checks as assertions
+    in the graph) and gives the eager loss and gradients, with the default backend on CPU tensors
+    (the C++ ops' fake kernels, the torch engine); tests/test_gpu_plan.py traces the Triton
+    backend."""
     x = _cpu_inputs(5)
     leaves = [t for t in x.values() if t.requires_grad]
 
@@ -199,7 +200,7 @@ def test_torch_compile_one_graph_cpu(loss):
     eager = step()
     g_eager = torch.autograd.grad(eager, leaves, allow_unused=True)
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)()
+    compiled = torch.compile(step, fullgraph=True)()
     g_compiled = torch.autograd.grad(compiled, leaves, allow_unused=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for name, c, e in zip([n for n, t in x.items() if t.requires_grad], g_compiled, g_eager):
