@@ -106,7 +106,8 @@ def _real(name: str, x, expected: str = "a float", *, low: Optional[float] = Non
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {type(x).__name__}")
     v = float(x)
-    bad = not math.isfinite(v)
+    bad = not abs(v) < math.inf  # (not finite; NaN compares False: also under torch.compile's
+    # symbolic floats, where math.isfinite does not trace)
     if low is not None:
         bad = bad or (v <= low if low_open else v < low)
     if high is not None:

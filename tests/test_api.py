@@ -169,7 +169,7 @@ def test_torch_compile_training_step_cpu(backend):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
 
 
-def _cpu_inputs(seed: int) -> dict:
+def _cpu_inputs(seed: int, n: int = 64) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
     def make(*shape, dtype=torch.float32, grad=True, integer_high=None, value=None):
@@ -181,32 +181,33 @@ def _cpu_inputs(seed: int) -> dict:
             x = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).to(dtype)
         return x.requires_grad_(grad)
 
-    return loss_inputs(make, 64, 24, torch.float32)
+    return loss_inputs(make, n, 24, torch.float32)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_torch_compile_one_graph_cpu(loss):
+def test_torch_compile_one_graph_cpu(loss, dynamic):
     """Every loss of the catalogue (each closure) compiles as one graph (``fullgraph=True``,
     inductor: dynamo and AOTAutograd through the autograd Functions, value checks as assertions
     in the graph) and gives the eager loss and gradients, with the default backend on CPU tensors
-    (the C++ ops' fake kernels, the torch engine); tests/test_gpu_plan.py traces the Triton
-    backend."""
-    x = _cpu_inputs(5)
-    leaves = [t for t in x.values() if t.requires_grad]
-
-    def step():
-        return LOSSES[loss](x)
-
-    eager = step()
-    g_eager = torch.autograd.grad(eager, leaves, allow_unused=True)
+    (the C++ ops' fake kernels, the torch engine); with ``dynamic=True`` (symbolic sizes and
+    floats) at two batch sizes, traced (dynamo and AOTAutograd) and run without inductor's code
+    generation. tests/test_gpu_plan.py traces the Triton backend."""
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True)()
-    g_compiled = torch.autograd.grad(compiled, leaves, allow_unused=True)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    for name, c, e in zip([n for n, t in x.items() if t.requires_grad], g_compiled, g_eager):
-        assert (c is None) == (e is None), name
-        if e is not None:
-            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
+    compiled_step = torch.compile(lambda x: LOSSES[loss](x), fullgraph=True, dynamic=dynamic,
+                                  backend="aot_eager" if dynamic else "inductor")
+    for n in (64, 40) if dynamic else (64,):
+        x = _cpu_inputs(5 + n, n)
+        leaves = [t for t in x.values() if t.requires_grad]
+        eager = LOSSES[loss](x)
+        g_eager = torch.autograd.grad(eager, leaves, allow_unused=True)
+        compiled = compiled_step(x)
+        g_compiled = torch.autograd.grad(compiled, leaves, allow_unused=True)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+        for name, c, e in zip([k for k, t in x.items() if t.requires_grad], g_compiled, g_eager):
+            assert (c is None) == (e is None), name
+            if e is not None:
+                torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
