@@ -1,7 +1,8 @@
 """torch.compile of the Triton backend's losses without a GPU (run as a module, with
 TRITON_INTERPRET unset: dynamo traces Triton's JIT kernels, not the interpreter's):
-``python -m tests.fake_compile LOSS ...`` prints a JSON report {loss: {"ok", "error", "graphs",
-"kernels"}} used by tests/test_gpu_plan.py.
+``python -m tests.fake_compile [--dynamic] LOSS ...`` prints a JSON report {loss: {"ok", "error",
+"graphs", "kernels"}} used by tests/test_gpu_plan.py (``--dynamic``: ``dynamic=True``, symbolic
+sizes and floats).
 
 Each loss of tests/_utils.LOSSES is compiled as one graph (``fullgraph=True``, forward and the
 autograd Function's backward) on fake CUDA tensors of an H100, then run on them (no kernel runs:
@@ -61,7 +62,7 @@ def _pretend_gpu(monkeypatch) -> None:
     driver.set_active(fake)
 
 
-def compile_report(names) -> dict:
+def compile_report(names, dynamic: bool = False) -> dict:
     from bench.launch_plan import FakeGPU
     from ._utils import LOSSES, loss_inputs
 
@@ -83,7 +84,8 @@ def compile_report(names) -> dict:
         entry = {"ok": False, "error": "", "graphs": 0, "kernels": 0}
         try:
             with gpu.mode:
-                out = torch.compile(lambda: LOSSES[name](x), backend=backend, fullgraph=True)()
+                out = torch.compile(lambda: LOSSES[name](x), backend=backend, fullgraph=True,
+                                    dynamic=dynamic)()
             entry["ok"] = out.shape == () and out.device.type == "cuda"
             if not entry["ok"]:
                 entry["error"] = f"output {tuple(out.shape)} on {out.device}"
@@ -100,4 +102,5 @@ def compile_report(names) -> dict:
 if __name__ == "__main__":
     from ._utils import LOSSES
 
-    print(json.dumps(compile_report(sys.argv[1:] or list(LOSSES))))
+    names = [a for a in sys.argv[1:] if a != "--dynamic"]
+    print(json.dumps(compile_report(names or list(LOSSES), dynamic="--dynamic" in sys.argv)))

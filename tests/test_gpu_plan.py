@@ -154,14 +154,18 @@ def test_fused_width_boundary(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def compile_report():
-    return module_report("tests.fake_compile")
+def compile_reports():
+    return {}
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_torch_compile_traces_one_graph(compile_report, loss):
-    """torch.compile(fullgraph=True) of each loss with the Triton backend on an H100: one graph,
-    the forward's and the backward's Triton kernels in it (as torch's user-kernel operators)."""
-    entry = compile_report[loss]
+def test_torch_compile_traces_one_graph(compile_reports, loss, dynamic):
+    """torch.compile(fullgraph=True) of each loss with the Triton backend on an H100, with static
+    and with symbolic sizes (dynamic=True): one graph, the forward's and the backward's Triton
+    kernels in it (as torch's user-kernel operators)."""
+    if dynamic not in compile_reports:
+        compile_reports[dynamic] = module_report("tests.fake_compile", *(["--dynamic"] if dynamic else []))
+    entry = compile_reports[dynamic][loss]
     assert entry["ok"], entry["error"]
     assert entry["graphs"] == 1 and entry["kernels"] >= 2, entry
