@@ -5,8 +5,8 @@ TRITON_INTERPRET unset: dynamo traces Triton's JIT kernels, not the interpreter'
 sizes and floats).
 
 Each loss of tests/_utils.LOSSES is compiled as one graph (``fullgraph=True``, forward and the
-autograd Function's backward) on fake CUDA tensors of an H100, then run on them (no kernel runs:
-a fake tensor's kernels are its shapes). Dynamo only treats Triton kernels as such where torch
+autograd Function's backward) on fake CUDA tensors of an H100, then run on them (nothing runs:
+on fake tensors each operator computes only shapes). Dynamo only treats Triton kernels as such where torch
 finds a GPU for Triton, and Triton's launcher asks its driver for the device, so both are told
 of an sm_90 one. What this catches: Python in the launchers that dynamo cannot trace into one
 graph (module state changed inside the autograd Function, host reads, unsupported calls)."""
