@@ -1,4 +1,5 @@
 """Public API: modules, backend resolution, autocast, import hygiene."""
+import functools
 import os
 import subprocess
 import sys
@@ -184,6 +185,7 @@ def _cpu_inputs(seed: int, n: int = 64) -> dict:
     return loss_inputs(make, n, 24, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def _dynamo_logs_symbolic_sizes() -> bool:
     """Whether this torch's dynamo traces math.log of a symbolic size (torch 2.14 does, 2.4.1
     does not: there dynamic=True breaks the graph at the losses' log counts)."""
