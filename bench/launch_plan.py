@@ -134,7 +134,7 @@ def _arg(x):
     return x if isinstance(x, (int, float, bool, str, type(None))) else type(x).__name__
 
 
-class _Patcher:
+class Patcher:
     """setattr with undo, for use outside pytest (whose monkeypatch has the same two methods)."""
 
     def __init__(self):
@@ -214,7 +214,7 @@ class FakeGPU:
 @contextlib.contextmanager
 def fake_gpu(arch: Optional[int] = None, record_launches: bool = True):
     """:class:`FakeGPU` with its patches undone on exit."""
-    patch = _Patcher()
+    patch = Patcher()
     try:
         yield FakeGPU(patch, arch, record_launches)
     finally:

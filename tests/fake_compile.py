@@ -16,7 +16,6 @@ import sys
 import traceback
 
 import torch
-from _pytest.monkeypatch import MonkeyPatch
 
 
 class _Driver:
@@ -55,18 +54,18 @@ def _pretend_gpu(monkeypatch) -> None:
     monkeypatch.setattr(tt, "has_triton", yes)
     for name, mod in list(sys.modules.items()):
         if name.startswith("torch") and mod is not tt and getattr(mod, "has_triton", None) is not None:
-            monkeypatch.setattr(mod, "has_triton", yes, raising=False)
+            monkeypatch.setattr(mod, "has_triton", yes)
     driver = importlib.import_module("triton.runtime.driver").driver
     fake = _Driver()
-    monkeypatch.setattr(driver, "_default", fake, raising=False)
+    monkeypatch.setattr(driver, "_default", fake)
     driver.set_active(fake)
 
 
 def compile_report(names, dynamic: bool = False) -> dict:
-    from bench.launch_plan import FakeGPU
+    from bench.launch_plan import FakeGPU, Patcher
     from ._utils import LOSSES, loss_inputs
 
-    monkeypatch = MonkeyPatch()
+    monkeypatch = Patcher()
     # (the kernels' launches not replaced: dynamo must see the JIT kernels themselves; run on
     # fake tensors, the compiled graph launches nothing)
     gpu = FakeGPU(monkeypatch, 90, record_launches=False)
