@@ -9,6 +9,8 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
   ``SPLIT_TARGET_GRADS``.
 * :class:`RowDots` gives those O((N + M) D) terms, ``<a_i, b_i>`` in float32, without float32
   copies of the features.
+* :class:`UnitRows` stacks and L2-normalises the views of the self-similarity losses, keeping
+  only its output for the backward.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from . import _backend
-from .ops import EngineStats, LossSpec, Targets, col_losses, row_losses, row_target_logit
+from .ops import EngineStats, LossSpec, Targets, col_losses, compiling, row_losses, row_target_logit
 
 Tensor = torch.Tensor
 
@@ -65,8 +67,11 @@ def _dot_dtype(x: Tensor) -> torch.dtype:
 
 
 def _row_chunks(a: Tensor):
-    """Row ranges of ``a`` (R, D) whose float32 copies take at most _DOT_CHUNK_BYTES."""
+    """Row ranges of ``a`` (R, D) whose float32 copies take at most _DOT_CHUNK_BYTES (one range
+    under torch.compile, whose fused kernels form no float32 copies: symbolic sizes stay so)."""
     R, D = a.shape
+    if compiling():
+        return [(0, R)]
     step = max(1, _DOT_CHUNK_BYTES // (4 * max(D, 1)))
     return [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
 
@@ -118,6 +123,68 @@ class RowDots(torch.autograd.Function):
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """:class:`RowDots`: ``<a_i, b_i>`` (or ``<a_i, b>`` for a vector b) in float32."""
     return RowDots.apply(a, b)
+
+
+class UnitRows(torch.autograd.Function):
+    """The rows of x_1 (R_1, D), ..., x_k (R_k, D) stacked and L2-normalised into one (sum R, D)
+    tensor of ``dtype``: ``y_r = x_r / max(|x_r|, eps)``, F.normalize's values (its eps, 1e-12),
+    with the norms in float32 (float64 for float64 inputs) and one rounding to ``dtype``.
+
+    Saves the output (which the loss keeps anyway) and the (R,) inverse norms: where
+    ``F.normalize(torch.cat(xs))`` keeps the concatenation beside its output, and an autocast
+    copy before both. The gradient ``dx_r = (dy_r - y_r <y_r, dy_r>) / |x_r|`` (``dy_r / eps``
+    for rows shorter than eps) is formed one row chunk at a time in float32, in the inputs'
+    dtypes."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *xs: Tensor) -> Tensor:
+        # F.normalize's eps, 1e-12, as literals: under torch.compile(dynamic=True) a module
+        # global float would be a symbolic input, which dynamo fails to share between two
+        # calls' graphs
+        dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+        R = sum(x.shape[0] for x in xs)
+        out = torch.empty((R, xs[0].shape[1]), dtype=dtype, device=xs[0].device)
+        inv = torch.empty(R, dtype=dt, device=out.device)
+        short = torch.empty(R, dtype=torch.bool, device=out.device)
+        o = 0
+        for x in xs:
+            for r0, r1 in _row_chunks(x):
+                xc = x[r0:r1].to(dt)
+                n = torch.linalg.vector_norm(xc, dim=1)
+                short[o + r0:o + r1] = n < 1e-12
+                ic = 1.0 / n.clamp(min=1e-12)
+                inv[o + r0:o + r1] = ic
+                out[o + r0:o + r1] = xc * ic[:, None]
+            o += x.shape[0]
+        ctx.save_for_backward(out, inv, short)
+        ctx.parts = [(x.shape[0], x.dtype) for x in xs]
+        return out
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, gy: Tensor):
+        y, inv, short = ctx.saved_tensors
+        dt = inv.dtype
+        grads = []
+        o = 0
+        for i, (n, dtype) in enumerate(ctx.parts):
+            gx = None
+            if ctx.needs_input_grad[1 + i]:
+                gx = torch.empty((n, y.shape[1]), dtype=dtype, device=y.device)
+                for r0, r1 in _row_chunks(gx):
+                    a, b = o + r0, o + r1
+                    yc, gc = y[a:b].to(dt), gy[a:b].to(dt)
+                    c = torch.linalg.vecdot(yc, gc).masked_fill_(short[a:b], 0.0)
+                    gx[r0:r1] = torch.addcmul(gc, yc, c[:, None], value=-1.0).mul_(inv[a:b, None])
+            grads.append(gx)
+            o += n
+        return (None, *grads)
+
+
+def unit_rows(*xs: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """:class:`UnitRows`: ``F.normalize(torch.cat(xs).to(dtype), dim=1)`` (dtype: the inputs')
+    keeping only its output and O(R) norms for the backward."""
+    return UnitRows.apply(dtype or xs[0].dtype, *xs)
 
 
 def _scalar32(x: Optional[Tensor], like: Tensor) -> Optional[Tensor]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .autograd import engine_loss, engine_statistics, row_dots
+from .autograd import engine_loss, engine_statistics, row_dots, unit_rows
 from .ops import LossSpec, Targets, compiling
 
 Tensor = torch.Tensor
@@ -228,12 +228,34 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def _cast_dtype(*xs: Tensor) -> torch.dtype:
+    """The features' dtype for the kernels: autocast's when it is on and any of ``xs`` is float32
+    or their dtypes differ (cast like a matmul's inputs), else theirs."""
+    ac = _autocast_dtype(xs[0].device)
+    if ac is not None and any(x.dtype == torch.float32 or x.dtype != xs[0].dtype for x in xs):
+        return ac
+    return xs[0].dtype
+
+
 def _prepare(q: Tensor, k: Tensor, backend: str) -> Tuple[Tensor, Tensor, str]:
     """Apply autocast (features cast like a matmul's inputs) and resolve the backend."""
-    ac = _autocast_dtype(q.device)
-    if ac is not None and (q.dtype == torch.float32 or k.dtype == torch.float32 or q.dtype != k.dtype):
-        q, k = q.to(ac), k.to(ac)
+    dt = _cast_dtype(q, k)
+    q, k = q.to(dt), k.to(dt)
     return q, k, _backend.resolve(backend, q.device, q.dtype)
+
+
+def _stack_rows(parts, normalize: bool, dtype: torch.dtype) -> Tensor:
+    """The rows of ``parts`` (each (R_i, D)) stacked in ``dtype``, L2-normalised if ``normalize``
+    (:func:`unit_rows`: the backward keeps only the result, not the stacked or cast inputs).
+    Under torch.compile, F.normalize: the compiler chooses what its graph saves, and torch 2.4's
+    dynamo traces an engine Function fed by another Function's output as if no gradient were
+    needed (the loss's gradient then misses the keys' part)."""
+    parts = list(parts)
+    if normalize and not compiling():
+        return unit_rows(*parts, dtype=dtype)
+    parts = [p.to(dtype) for p in parts]
+    z = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return torch.nn.functional.normalize(z, dim=1) if normalize else z
 
 
 def _two_views(z1: Tensor, z2: Tensor, normalize: bool, backend: str, min_batch: int = 1):
@@ -243,10 +265,8 @@ def _two_views(z1: Tensor, z2: Tensor, normalize: bool, backend: str, min_batch:
         raise ValueError(f"z1 and z2 must have the same batch size, got {z1.shape[0]} and {z2.shape[0]}")
     if z1.shape[0] < min_batch:
         raise ValueError(f"this loss needs at least {min_batch} samples: with fewer there are no negatives")
-    z1, z2, be = _prepare(z1, z2, backend)
-    Z = torch.cat([z1, z2])
-    if normalize:
-        Z = torch.nn.functional.normalize(Z, dim=1)
+    Z = _stack_rows((z1, z2), normalize, _cast_dtype(z1, z2))
+    be = _backend.resolve(backend, Z.device, Z.dtype)
     n2 = Z.shape[0]
     return Z, torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2), be
 
@@ -522,19 +542,21 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
 
 
 def _views_flat(name: str, x, labels, label_name: str):
-    """(B, D) or (B, V, D) features + (B,) labels -> (V*B, D) view-major rows + (V*B,) labels."""
+    """(B, D) or (B, V, D) features + (B,) labels -> the V views (B, D), whose rows taken
+    view-major are the loss's, + (V*B,) labels."""
     if not isinstance(x, Tensor) or x.dim() not in (2, 3):
         raise ValueError(f"{name} must be a tensor of shape (B, D) or (B, V, D), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     labels = _check_labels(label_name, labels, x.shape[0], x.device)
-    if x.dim() == 3:
-        V = x.shape[1]
-        if V == 0:
-            raise ValueError(f"{name} of shape (B, V, D) needs V >= 1 views, got {tuple(x.shape)}")
-        x = torch.cat(torch.unbind(x, dim=1))
-        labels = labels.repeat(V)
-    _check_features(name, x)
-    return x, labels
+    if x.dim() == 2:
+        _check_features(name, x)
+        return [x], labels
+    V = x.shape[1]
+    if V == 0:
+        raise ValueError(f"{name} of shape (B, V, D) needs V >= 1 views, got {tuple(x.shape)}")
+    views = list(torch.unbind(x, dim=1))
+    _check_features(name, views[0])
+    return views, labels.repeat(V)
 
 
 def _softplus_gap(negatives: Tensor, targets: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -570,28 +592,30 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
     if variant not in ("out", "in"):
         raise ValueError(f"variant must be 'out' or 'in', got {variant!r}")
     _check_reduction(reduction)
-    rows_x, rows_y = _views_flat("features", features, labels, "labels")
+    row_views, rows_y = _views_flat("features", features, labels, "labels")
+    n_rows = sum(v.shape[0] for v in row_views)
     if keys is None:
         if key_labels is not None:
             raise ValueError("key_labels needs keys")
-        cols_x, cols_y = rows_x, rows_y
+        col_views, cols_y = row_views, rows_y
     else:
         if key_labels is None:
             raise ValueError("keys need key_labels")
-        cols_x, cols_y = _views_flat("keys", keys, key_labels, "key_labels")
-        _check_pair("features", rows_x, "keys", cols_x)
+        col_views, cols_y = _views_flat("keys", keys, key_labels, "key_labels")
+        _check_pair("features", row_views[0], "keys", col_views[0])
+    n_cols = sum(v.shape[0] for v in col_views)
     if self_offset is not None:
         if keys is None:
             raise ValueError("self_offset needs keys")
         if (isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0
-                or self_offset + rows_x.shape[0] > cols_x.shape[0]):
+                or self_offset + n_rows > n_cols):
             raise ValueError(f"self_offset must be an int with 0 <= self_offset <= "
-                             f"{cols_x.shape[0] - rows_x.shape[0]} (keys minus rows), got {self_offset!r}")
-    s = _temperature_scale(temperature, rows_x)
-    rows_x, cols_x, be = _prepare(rows_x, cols_x, backend)
-    if normalize:
-        rows_x = torch.nn.functional.normalize(rows_x, dim=1)
-        cols_x = rows_x if keys is None else torch.nn.functional.normalize(cols_x, dim=1)
+                             f"{n_cols - n_rows} (keys minus rows), got {self_offset!r}")
+    s = _temperature_scale(temperature, row_views[0])
+    dt = _cast_dtype(row_views[0], col_views[0])
+    rows_x = _stack_rows(row_views, normalize, dt)
+    cols_x = rows_x if keys is None else _stack_rows(col_views, normalize, dt)
+    be = _backend.resolve(backend, rows_x.device, rows_x.dtype)
     targets = Targets(row_labels=rows_y, col_labels=cols_y)
     spec = LossSpec(kind="softmax", exclude_self=keys is None or self_offset is not None,
                     offset=self_offset or 0, exclude_targets=variant == "in",
@@ -928,12 +952,11 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
                          f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
     _check_reduction(reduction)
     B, V, _ = features.shape
-    Z = torch.cat(torch.unbind(features, dim=1))
-    _check_features("features", Z)
-    s = _temperature_scale(temperature, Z)
-    Z, _, be = _prepare(Z, Z, backend)
-    if normalize:
-        Z = torch.nn.functional.normalize(Z, dim=1)
+    views = torch.unbind(features, dim=1)
+    _check_features("features", views[0])
+    s = _temperature_scale(temperature, features)
+    Z = _stack_rows(views, normalize, _cast_dtype(features))
+    be = _backend.resolve(backend, Z.device, Z.dtype)
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
         # row (v, i): the LSE over c != (v, i)
         spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
@@ -968,12 +991,12 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
     t = _real("t", t, "a float (uniformity takes no tensor t)", low=0.0)
     dt = _stat_dtype(x)
     s = _scalar_param("t", 2.0 * t, x.device, optional=False, dtype=dt)
-    x, _, be = _prepare(x, x, backend)
+    x = _stack_rows([x], normalize, _cast_dtype(x))
+    be = _backend.resolve(backend, x.device, x.dtype)
     n = x.shape[0]
     # the row LSE over j != i (the default target, the diagonal, is excluded with it)
     spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize, exact=exact)
     if normalize:
-        x = torch.nn.functional.normalize(x, dim=1)
         lse = engine_statistics(x, x, s, None, Targets(), spec, be).row_lse
         return torch.logsumexp(lse, 0) - 2.0 * t - math.log(n * (n - 1))
     sq = x.to(dt).pow(2).sum(1)  # |x_i|^2, float32

@@ -255,6 +255,86 @@ def test_row_dots(monkeypatch, dtype, vector):
             torch.testing.assert_close(gg.double(), ww, rtol=tol, atol=tol)
 
 
+def _rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                             (torch.float32, None), (torch.float64, None),
+                                             (torch.float32, torch.bfloat16)])
+def test_unit_rows(monkeypatch, dtype, out_dtype):
+    """fastcl.autograd.unit_rows(x_1, x_2, dtype=...): F.normalize(torch.cat(xs).to(dtype)) and
+    its gradient for each part (in the part's dtype), one row chunk at a time (chunks of 3 rows
+    and remainders here), against float64; either part may go without a gradient. Rounded to 16
+    bits, the values and gradients are within 1.2x the error of PyTorch's own F.normalize in that
+    dtype. A zero row and a row shorter than eps take F.normalize's x / eps (gradient g / eps),
+    except in float16, whose range holds neither 1 / eps nor F.normalize's eps."""
+    from fastcl import autograd as A
+    monkeypatch.setattr(A, "_DOT_CHUNK_BYTES", 3 * 4 * 7)
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(10, 7, generator=gen).to(DEVICE)
+    b = 3.0 * torch.randn(8, 7, generator=gen).to(DEVICE)
+    short = torch.zeros(18, dtype=torch.bool)
+    out_dt = out_dtype or dtype
+    if torch.float16 not in (dtype, out_dt):
+        a[2] = 0.0
+        b[5] = 1e-14 * b[5]  # |b_5| < eps
+        short[[2, 15]] = True
+    a, b = a.to(dtype), b.to(dtype)
+    g = torch.randn(18, 7, generator=gen).to(DEVICE)
+    exact = out_dt in (torch.float32, torch.float64)
+    for need_a, need_b in ((True, True), (True, False), (False, True)):
+        x, y = a.clone().requires_grad_(need_a), b.clone().requires_grad_(need_b)
+        out = A.unit_rows(x, y, dtype=out_dtype)
+        assert out.dtype == out_dt and out.shape == (18, 7)
+        x64, y64 = x.detach().double().requires_grad_(need_a), y.detach().double().requires_grad_(need_b)
+        ref = torch.nn.functional.normalize(torch.cat([x64, y64]), dim=1)
+        # PyTorch's own, in the output's dtype (the tolerance of rounded results)
+        xt, yt = x.detach().to(out_dt).requires_grad_(need_a), y.detach().to(out_dt).requires_grad_(need_b)
+        torch_out = torch.nn.functional.normalize(torch.cat([xt, yt]), dim=1)
+        assert _rel(out, ref) <= (1e-6 if exact else 1.2 * _rel(torch_out, ref))
+        got = torch.autograd.grad(out, [t for t in (x, y) if t.requires_grad], g.to(out_dt))
+        want = torch.autograd.grad(ref, [t for t in (x64, y64) if t.requires_grad], g.to(out_dt).double())
+        theirs = torch.autograd.grad(torch_out, [t for t in (xt, yt) if t.requires_grad], g.to(out_dt))
+        parts = [(t, short[:10] if t is x else short[10:]) for t in (x, y) if t.requires_grad]
+        for gg, ww, tt, (t, s) in zip(got, want, theirs, parts):
+            assert gg.dtype == t.dtype and gg.shape == t.shape
+            # the rows in range, and the short rows' g / eps apart (1e12 times the others)
+            assert _rel(gg[~s], ww[~s]) <= (1e-6 if exact and dtype != torch.float16
+                                            else 1.2 * _rel(tt[~s], ww[~s])), (_rel(gg[~s], ww[~s]),
+                                                                               _rel(tt[~s], ww[~s]))
+            if s.any():
+                assert _rel(gg[s], ww[s]) <= (1e-6 if exact and dtype != torch.float16 else 2 ** -8)
+
+
+def test_unit_rows_keeps_only_its_output(monkeypatch):
+    """Two views stacked and normalised, forward and backward: unit_rows holds its output (and
+    O(R) norms) and at most its output, the incoming gradient and the views' gradients (and
+    float32 row chunks, 256 rows here), where F.normalize(torch.cat(...)) also keeps the
+    concatenation for its backward and forms temporaries of its size there."""
+    from bench.launch_plan import _Record
+    from fastcl import autograd as A
+    chunk = 256 * 64 * 4
+    monkeypatch.setattr(A, "_DOT_CHUNK_BYTES", chunk)
+    z1, z2 = (torch.randn(4096, 64, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    g = torch.randn(8192, 64, dtype=torch.bfloat16)
+    view = 2 * z1.numel() * z1.element_size()  # the stacked views' bytes
+
+    def peak(fn):
+        """(bytes held once the forward has returned, peak over forward and backward)"""
+        with _Record() as rec:
+            out = fn()
+            held = sum(n for ref, n in rec.live.values() if not ref.expired())
+            torch.autograd.grad(out, (z1, z2), g)
+            del out
+        return held, rec.peak
+
+    ours = peak(lambda: A.unit_rows(z1, z2))
+    theirs = peak(lambda: torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1))
+    assert ours[0] <= 1.05 * view and theirs[0] >= 2 * view, (ours, theirs)
+    assert ours[1] <= 3.05 * view + 3 * chunk < theirs[1], (ours, theirs)
+
+
 def test_auto_backend_on_cpu_takes_the_extension_where_it_can(monkeypatch):
     """backend="auto" on CPU tensors: the C++ kernels (faster than the torch engine at every
     size measured, bench/results/cpu-n4096-d256) for the closures they implement, the torch
