@@ -248,8 +248,8 @@ def _stack_rows(parts, normalize: bool, dtype: torch.dtype) -> Tensor:
     """The rows of ``parts`` (each (R_i, D)) stacked in ``dtype``, L2-normalised if ``normalize``
     (:func:`unit_rows`: the backward keeps only the result, not the stacked or cast inputs).
     Under torch.compile, F.normalize: the compiler chooses what its graph saves, and torch 2.4's
-    dynamo traces an engine Function fed by another Function's output as if no gradient were
-    needed (the loss's gradient then misses the keys' part)."""
+    dynamo mistraces a Function whose output is written in place (as unit_rows's, by row chunks)
+    when another Function consumes it: the engine's gradient then comes out wrong."""
     parts = list(parts)
     if normalize and not compiling():
         return unit_rows(*parts, dtype=dtype)
