@@ -130,9 +130,9 @@ class UnitRows(torch.autograd.Function):
     tensor of ``dtype``: ``y_r = x_r / max(|x_r|, eps)``, F.normalize's values (its eps, 1e-12),
     with the norms in float32 (float64 for float64 inputs) and one rounding to ``dtype``.
 
-    Saves the output (which the loss keeps anyway) and the (R,) inverse norms: where
-    ``F.normalize(torch.cat(xs))`` keeps the concatenation beside its output, and an autocast
-    copy before both. The gradient ``dx_r = (dy_r - y_r <y_r, dy_r>) / |x_r|`` (``dy_r / eps``
+    Saves the output (which the loss keeps anyway) and the (R,) inverse norms, where
+    ``F.normalize(torch.cat(xs))`` keeps the concatenation (or F.normalize(x), x) beside its
+    output. The gradient ``dx_r = (dy_r - y_r <y_r, dy_r>) / |x_r|`` (``dy_r / eps``
     for rows shorter than eps) is formed one row chunk at a time in float32, in the inputs'
     dtypes."""
 
