@@ -149,6 +149,35 @@ def test_autocast_casts_features_like_a_matmul(backend):
     assert i.grad is not None and i.grad.dtype == torch.float32 and torch.isfinite(i.grad).all()
 
 
+_SELF_SIM = {  # (loss of the features, its un-normalised form on already unit rows)
+    "nt_xent": (lambda z, n=True: fastcl.nt_xent(z[:, 0], z[:, 1], 0.5, normalize=n)),
+    "supcon_views": (lambda z, n=True: fastcl.supcon(z, torch.arange(z.shape[0], device=z.device) % 3,
+                                                      0.5, normalize=n)),
+    "mv_infonce": (lambda z, n=True: fastcl.mv_infonce(z, 0.5, normalize=n)),
+    "uniformity": (lambda z, n=True: fastcl.uniformity_loss(z[:, 0], normalize=n)),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(_SELF_SIM))
+def test_autocast_self_similarities(loss):
+    """The self-similarity losses under autocast: float32 views (B, V, D), not unit length, give
+    the loss of their unit rows rounded to bfloat16 (with normalize=False); the gradients reach
+    the float32 inputs, in float32, within bfloat16's error of the float64 loss's."""
+    fn = _SELF_SIM[loss]
+    gen = torch.Generator().manual_seed(11)
+    z = (2.0 * torch.randn(24, 3, 16, generator=gen)).to(DEVICE).requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got = fn(z)
+    (g,) = torch.autograd.grad(got, z)
+    unit = torch.nn.functional.normalize(z.detach(), dim=-1).to(torch.bfloat16)
+    # (uniformity's unnormalised form carries |x|^2 in an extra feature: a different rounding)
+    torch.testing.assert_close(got.detach(), fn(unit, False).float(), rtol=1e-4, atol=1e-6)
+    z64 = z.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(fn(z64), z64)
+    assert g.dtype == torch.float32
+    assert ((g.double() - want).norm() / want.norm()).item() < 2e-2
+
+
 def test_mixed_dtypes_allowed_under_autocast():
     i, t = _pair(8, 8)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
