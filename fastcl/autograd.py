@@ -8,7 +8,7 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
   O((N + M) D) terms) and autograd supplies separate weights for each; this needs a backend with
   ``SPLIT_TARGET_GRADS``.
 * :class:`RowDots` gives those O((N + M) D) terms, ``<a_i, b_i>`` in float32, without float32
-  copies of the features.
+  copies of the features; :class:`RowBilinear` gives ``a_i^T W u_i`` the same way.
 * :class:`UnitRows` stacks and L2-normalises the views of the self-similarity losses, keeping
   only its output for the backward.
 """
@@ -123,6 +123,48 @@ class RowDots(torch.autograd.Function):
 def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """:class:`RowDots`: ``<a_i, b_i>`` (or ``<a_i, b>`` for a vector b) in float32."""
     return RowDots.apply(a, b)
+
+
+class RowBilinear(torch.autograd.Function):
+    """``a_i^T W u_i`` (R,) for a (R, D), W (D, E) and u (R, E), in float32 (float64 for float64
+    a): a's rows are upcast one chunk at a time, forward and backward, where
+    ``((a.float() @ W) * u).sum(-1)`` would keep a float32 copy of a for W's gradient."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, w: Tensor, u: Tensor) -> Tensor:
+        dt = _dot_dtype(a)
+        ctx.save_for_backward(a, w, u)
+        out = torch.empty(a.shape[0], dtype=dt, device=a.device)
+        wd = w.to(dt)
+        for r0, r1 in _row_chunks(a):
+            out[r0:r1] = torch.linalg.vecdot(a[r0:r1].to(dt) @ wd, u[r0:r1].to(dt))
+        return out
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g: Tensor):
+        a, w, u = ctx.saved_tensors
+        dt = _dot_dtype(a)
+        wd, g = w.to(dt), g.to(dt)
+        ga = torch.empty_like(a) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(w.shape, dtype=dt, device=w.device) if ctx.needs_input_grad[1] else None
+        gu = torch.empty_like(u) if ctx.needs_input_grad[2] else None
+        for r0, r1 in _row_chunks(a):
+            gi = g[r0:r1, None]
+            if ga is not None or gw is not None:
+                gui = gi * u[r0:r1].to(dt)  # g_i u_i
+                if ga is not None:
+                    ga[r0:r1] = gui @ wd.t()
+                if gw is not None:
+                    gw += a[r0:r1].to(dt).t() @ gui
+            if gu is not None:
+                gu[r0:r1] = gi * (a[r0:r1].to(dt) @ wd)
+        return ga, (gw.to(w.dtype) if gw is not None else None), gu
+
+
+def row_bilinear(a: Tensor, w: Tensor, u: Tensor) -> Tensor:
+    """:class:`RowBilinear`: ``a_i^T W u_i`` in float32, without a float32 copy of a."""
+    return RowBilinear.apply(a, w, u)
 
 
 class UnitRows(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from .autograd import engine_loss, engine_statistics, row_dots, unit_rows
+from .autograd import engine_loss, engine_statistics, row_bilinear, row_dots, unit_rows
 from .ops import LossSpec, Targets, compiling
 
 Tensor = torch.Tensor
@@ -882,10 +882,14 @@ def cwcl(queries: Tensor, keys: Tensor, target_queries: Tensor, target_keys: Opt
     q, k, be = _prepare(queries, keys, backend)
     # the row LSE alone (the default diagonal target's statistic goes unused: no weight on it)
     st = engine_statistics(q, k, s, None, Targets(), LossSpec(kind="softmax", exact=exact), be)
-    qf, kf = q.to(dt), k.to(dt)
     u, v = u.to(dt), v.to(dt)
     mass = (M + u @ v.sum(0)) / 2  # W_i = sum_j w_ij
-    weighted = (s.to(dt) / 2) * (qf @ kf.sum(0) + ((qf @ (kf.transpose(0, 1) @ v)) * u).sum(1))
+    # K^T V and sum_j k_j from a float32 copy of the keys that autograd does not keep (only V for
+    # K's gradient); the queries' terms one float32 row chunk at a time (row_dots, row_bilinear)
+    kf = k.to(dt)
+    kv, ksum = kf.transpose(0, 1) @ v, kf.sum(0)
+    del kf
+    weighted = (s.to(dt) / 2) * (_row_dots(q, ksum) + row_bilinear(q, kv, u))
     return _reduce(st.plus_lse_lo(st.row_lse - weighted / mass), reduction)
 
 

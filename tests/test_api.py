@@ -284,6 +284,35 @@ def test_row_dots(monkeypatch, dtype, vector):
             torch.testing.assert_close(gg.double(), ww, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_row_bilinear(monkeypatch, dtype):
+    """fastcl.autograd.row_bilinear: a_i^T W u_i in float32 (float64 for float64 a) and its
+    gradients for a, W and u (each in its own dtype), one row chunk at a time (chunks of 2 rows
+    and a remainder here), against float64 on the same rounded inputs; any of them may go
+    without a gradient."""
+    from fastcl import autograd as A
+    monkeypatch.setattr(A, "_DOT_CHUNK_BYTES", 2 * 4 * 7)
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    a = torch.randn(9, 7, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(7, 5, generator=gen).to(DEVICE, wide)
+    u = torch.randn(9, 5, generator=gen).to(DEVICE, wide)
+    g = torch.randn(9, generator=gen, dtype=torch.float64).to(DEVICE)
+    for needs in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        x, m, y = (t.clone().requires_grad_(n) for t, n in zip((a, w, u), needs))
+        out = A.row_bilinear(x, m, y)
+        assert out.dtype == wide
+        x64, m64, y64 = (t.detach().double().requires_grad_(n) for t, n in zip((x, m, y), needs))
+        ref = ((x64 @ m64) * y64).sum(-1)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+        got = torch.autograd.grad(out, [t for t in (x, m, y) if t.requires_grad], g.to(out.dtype))
+        want = torch.autograd.grad(ref, [t for t in (x64, m64, y64) if t.requires_grad], g)
+        for gg, ww, t in zip(got, want, [t for t in (x, m, y) if t.requires_grad]):
+            assert gg.dtype == t.dtype and gg.shape == t.shape
+            tol = 1e-6 if gg.dtype in (torch.float32, torch.float64) else 1e-2
+            torch.testing.assert_close(gg.double(), ww, rtol=tol, atol=tol)
+
+
 def _rel(x, ref):
     return ((x.double() - ref).norm() / ref.norm()).item()
 
