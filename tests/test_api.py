@@ -149,7 +149,7 @@ def test_autocast_casts_features_like_a_matmul(backend):
     assert i.grad is not None and i.grad.dtype == torch.float32 and torch.isfinite(i.grad).all()
 
 
-_SELF_SIM = {  # (loss of the features, its un-normalised form on already unit rows)
+_SELF_SIM = {  # loss(z (B, V, D), normalize)
     "nt_xent": (lambda z, n=True: fastcl.nt_xent(z[:, 0], z[:, 1], 0.5, normalize=n)),
     "supcon_views": (lambda z, n=True: fastcl.supcon(z, torch.arange(z.shape[0], device=z.device) % 3,
                                                       0.5, normalize=n)),
@@ -332,7 +332,7 @@ def test_unit_rows(monkeypatch, dtype, out_dtype):
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(10, 7, generator=gen).to(DEVICE)
     b = 3.0 * torch.randn(8, 7, generator=gen).to(DEVICE)
-    short = torch.zeros(18, dtype=torch.bool)
+    short = torch.zeros(18, dtype=torch.bool, device=DEVICE)
     out_dt = out_dtype or dtype
     if torch.float16 not in (dtype, out_dt):
         a[2] = 0.0
