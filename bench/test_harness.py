@@ -358,29 +358,34 @@ def test_triton_config_variants_run_with_their_configuration(tmp_path, monkeypat
     assert E.config_override == {"BLOCK_D": 16}
 
 
-def test_engine_configurations_with_one_launch_plan_are_timed_once(tmp_path, monkeypatch):
-    """Engine configurations whose launch plan at a shape is another's (bench/launch_plan.py,
-    the Triton backend on fake CUDA tensors of an H100) are not timed again: their rows say
-    whose launches they repeat. At D = 64 the fused backward is the default (``fused`` repeats
-    it in both passes), ``dense`` changes only the backward and ``colsum`` only the forward."""
+def _planned_run(tmp_path, monkeypatch, *argv):
+    """cli.run at N = 640, bf16, fastcl-triton forward and backward, with the launch plans of an
+    H100 deciding which configurations repeat another's; what is timed is the naive loss."""
     from torch._subclasses.fake_tensor import FakeTensor
 
     fastcl_fn, naive = P.fastcl_fn, P.naive_fn
 
     def planned_or_naive(loss, backend):  # the engine's plan; timed, the naive loss (no GPU here)
         fast, slow = fastcl_fn(loss, backend), naive(loss)
-        return lambda x: fast(x) if isinstance(x["queries"], FakeTensor) else slow(x)
+        return lambda x: fast(x) if isinstance(next(iter(x.values())), FakeTensor) else slow(x)
 
     monkeypatch.setattr(P, "fastcl_fn", planned_or_naive)
     monkeypatch.setattr(P, "check_backend", lambda backend, device, dtype: None)
     monkeypatch.setattr(P, "TRITON_VARIANTS", {})
     monkeypatch.setattr(cli, "PLAN_DEVICES", ("cpu",))
     monkeypatch.setattr(cli, "PLAN_ARCH", 90)
-    args = _args(tmp_path, "--loss", "clip", "--N", "640", "--D", "64", "--dtype", "bf16",
-                 "--provider", "fastcl-triton", "--mode", "fwd", "bwd", "--no-plots",
-                 "--triton-config", 'fused={"DENSE": false}', "--triton-config", 'dense={"DENSE": true}',
-                 "--triton-config", 'colsum={"fwd_plain.COLSUM_MMA": false}')
-    res = cli.run(args)
+    return cli.run(_args(tmp_path, "--N", "640", "--dtype", "bf16", "--provider", "fastcl-triton",
+                         "--mode", "fwd", "bwd", "--no-plots", *argv))
+
+
+def test_engine_configurations_with_one_launch_plan_are_timed_once(tmp_path, monkeypatch):
+    """Engine configurations whose launch plan at a shape is another's (bench/launch_plan.py,
+    the Triton backend on fake CUDA tensors of an H100) are not timed again: their rows say
+    whose launches they repeat. At D = 64 the fused backward is the default (``fused`` repeats
+    it in both passes), ``dense`` changes only the backward and ``colsum`` only the forward."""
+    res = _planned_run(tmp_path, monkeypatch, "--loss", "clip", "--D", "64",
+                       "--triton-config", 'fused={"DENSE": false}', "--triton-config", 'dense={"DENSE": true}',
+                       "--triton-config", 'colsum={"fwd_plain.COLSUM_MMA": false}')
     by = {(r["provider"], r["mode"]): r["status"] for r in res["rows"]}
     same = "same launches as fastcl-triton"
     assert by == {("fastcl-triton", "fwd"): "ok", ("fastcl-triton", "bwd"): "ok",
@@ -388,6 +393,18 @@ def test_engine_configurations_with_one_launch_plan_are_timed_once(tmp_path, mon
                   ("fastcl-triton@dense", "fwd"): same, ("fastcl-triton@dense", "bwd"): "ok",
                   ("fastcl-triton@colsum", "fwd"): "ok", ("fastcl-triton@colsum", "bwd"): same}, by
     assert not [r for r in res["rows"] if r["status"] != "ok" and r["ms"] is not None]
+
+
+def test_self_similarity_block_variant(tmp_path, monkeypatch):
+    """SupCon's symmetric dS with dK's slab sums (``DENSE_ROWS`` false) changes only the
+    wide-feature backward: timed there (D = 320 on an H100, bf16), the same launches elsewhere."""
+    res = _planned_run(tmp_path, monkeypatch, "--loss", "supcon", "--D", "64", "320",
+                       "--triton-config", 'dense_cols={"DENSE_ROWS": false}')
+    by = {(r["provider"], r["mode"], r["D"]): r["status"] for r in res["rows"]}
+    same = "same launches as fastcl-triton"
+    variant = {k[1:]: v for k, v in by.items() if k[0] == "fastcl-triton@dense_cols"}
+    assert variant == {("fwd", 64): same, ("bwd", 64): same, ("fwd", 320): same,
+                       ("bwd", 320): "ok"}, by
 
 
 def test_no_launch_plans_under_autotuning(monkeypatch):
@@ -409,7 +426,8 @@ def test_no_launch_plans_under_autotuning(monkeypatch):
     ("noequals", "NAME=JSON"), ("a b={}", "plain NAME"), ("x={bad", "not JSON"), ("x=[1]", "JSON object"),
     ('x={"BLOCK_Q": 64}', "unknown key"), ('x={"bwd2.BLOCK_M": 64}', "unknown key"),
     ('x={"BLOCK_M": 0}', "positive integer"), ('x={"num_warps": true}', "positive integer"),
-    ('x={"DENSE": 1}', "true or false"), ('x={"fwd.TMA": 1}', "true or false")])
+    ('x={"DENSE": 1}', "true or false"), ('x={"DENSE_ROWS": 1}', "true or false"),
+    ('x={"fwd.TMA": 1}', "true or false")])
 def test_triton_config_rejects_bad_specs(spec, match, monkeypatch, capsys):
     monkeypatch.setattr(P, "TRITON_VARIANTS", {})
     with pytest.raises(ValueError, match=match):

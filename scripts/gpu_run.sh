@@ -46,7 +46,9 @@
 # SupCon forward with the lean path off (variants_general/bench.csv); phases "variants_siglip"
 # and "variants_targets" time SigLIP's and SupCon's forward and backward on the lean path (the
 # default; SupCon's targets summed beside the forward sweep and compared in the backward's
-# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv).
+# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv);
+# variants_targets also times SupCon's wide-feature backward (D = 768) with dK's slab sums in a
+# block of twice the bytes (DENSE_ROWS false) against the default, the rows' float32 sums.
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -279,7 +281,7 @@ if want variants_targets; then
   phase variants_targets "$TLIMIT" "$PY" -m bench --out "$OUT/variants_targets" --provider fastcl-triton \
     --loss supcon --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
     --budget-s $(( TLIMIT > 90 ? TLIMIT - 60 : TLIMIT / 2 )) \
-    --triton-config 'masked={"PLAIN": false}'
+    --triton-config 'masked={"PLAIN": false}' --triton-config 'dense_cols={"DENSE_ROWS": false}'
 fi
 if want variants; then
   VLIMIT=$(min 420 $(( $(left) - 20 )))

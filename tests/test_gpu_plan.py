@@ -53,9 +53,10 @@ def test_losses_run_without_host_reads(monkeypatch, loss, dtype, arch):
 # backward's buffers alone; SupCon against keys holds normalised copies of both sets, CWCL its
 # frozen modality's normalised rows in float32 (here 0.2x); the two-view self-similarities hold
 # their stacked, normalised views and run the 2N x 2N backward, whose dS block takes the
-# features' bytes twice over (queries and keys are the same rows).
-_MEMORY = (("supcon_keys", 3.1), ("cwcl", 2.3),
-           (("nt_xent", "dcl", "hcl"), 4.1),
+# features' bytes once where it holds the symmetric dS + dS^T (NT-Xent: the rows' gradient is
+# the whole one), twice over where dS is taken one row at a time (DCL, HCL: the queries and keys,
+# the same rows, with dK's slab sums for the columns' part).
+_MEMORY = (("supcon_keys", 3.1), ("cwcl", 2.3), ("nt_xent", 3.1), (("dcl", "hcl"), 4.1),
            (("info_nce", "clip", "siglip", "soft_info_nce", "distill", "softclip", "uniformity",
              "supcon", "mv_infonce"), 2.1))
 
@@ -66,7 +67,9 @@ def test_memory_at_the_headline_shape(monkeypatch, loss):
     lean losses within 2.1x the features' bytes: the gradients, the dS block and the float32 dK
     sums; label smoothing and hard negatives included, their row products formed one row chunk
     at a time; the self-similarities' views stacked and normalised by unit_rows, which keeps
-    only its output). Every one of them is O((N + M) D)."""
+    only its output; NT-Xent's symmetric dS block budgeted as the stacked views once, DCL's and
+    HCL's, with dK's slab sums beside it, as two feature sets). Every one of them is
+    O((N + M) D)."""
     gpu = FakeGPU(monkeypatch)
     x = loss_inputs(gpu.tensor, 32768, 512, BF16)
     plan = gpu.plan(lambda: LOSSES[loss](x))

@@ -467,6 +467,33 @@ def test_dense_backward_low_precision(monkeypatch, blocked):
            dtype=torch.bfloat16, rtol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_self_similarity(monkeypatch, rows, dtype):
+    """A self-similarity's symmetric dS on the wide-feature backward, in several row chunks and
+    column slabs: the rows' gradient summed over the slabs in float32 per row chunk (the
+    default, ``rows``), or dK's float32 sums per slab (``DENSE_ROWS`` False); both within 2x
+    PyTorch's own error in the features' dtype. (IEEE float32 features correct the lines'
+    totals afterwards, which takes the general path: test_dense_backward.)"""
+    monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": rows})
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    plans = []
+    real = E.dense_plan
+
+    def spy(N, M, D, elt, BM, BN, dk_sums, rows_acc=False):
+        plans.append((N, rows_acc, dk_sums) + real(N, M, D, elt, BM, BN, dk_sums, rows_acc))
+        return plans[-1][3:]
+
+    monkeypatch.setattr(E, "dense_plan", spy)
+    z1, z2 = features(75, 40, dtype, DEVICE), features(75, 40, dtype, DEVICE)
+    _check("dense-self", lambda a, b: fastcl.nt_xent(a, b, 0.2, reduction="none", backend=BACKEND,
+                                                     exact=True),
+           lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), [z1, z2], dtype=dtype, rtol=1e-3)
+    (N, rows_acc, dk_sums, chunk, slab), = plans
+    assert (rows_acc, dk_sums) == (rows, not rows)
+    assert N == 150 and chunk < N and -(-N // slab) >= 3, plans
+
+
 @pytest.mark.parametrize("D", [384, 512, 768, 1024, 2048])
 @pytest.mark.parametrize("N,M", [(32768, 32768), (8192, 65536), (1 << 20, 1 << 20), (300, 70)])
 def test_dense_plan_bounds(N, M, D):
@@ -484,6 +511,13 @@ def test_dense_plan_bounds(N, M, D):
             assert (R * W * elt + W * D * 4 + (N + M) * D * elt) < 200 * 2**20
         R1, W1 = E.dense_plan(N, M, D, elt, 128, 64, False)  # no dK: longer row chunks
         assert W1 == W and R1 >= R
+        # a self-similarity (N rows against themselves): the block and the rows' float32 sums
+        # within the features' bytes, counted once
+        R2, W2 = E.dense_plan(N, N, D, elt, 128, 64, False, rows_acc=True)
+        assert R2 % 128 == 0 and W2 % 64 == 0 and -(-N // W2) <= E._DENSE_SLABS
+        assert R2 == 128 or R2 * W2 * elt + R2 * D * 4 <= max(E._DENSE_BYTES_MIN, N * min(D, 512) * elt)
+        if elt == 2 and N == 32768 and D <= 1024:  # the block, the stacked rows, their gradient
+            assert R2 * W2 * elt + R2 * D * 4 + 2 * N * D * elt < 160 * 2**20
 
 
 @triton.jit

@@ -61,9 +61,10 @@ _MERGE_BLOCK = 256
 # column sums on the tensor cores), and choose paths: "DENSE" (the wide-feature
 # backward on or off), "PLAIN" (False: every tile takes the general, masked path), "SPLIT" (the
 # backward's interior tiles in launches of their own: the fused kernels', and the wide-feature
-# backward's dS tiles).
+# backward's dS tiles), "DENSE_ROWS" (False: a self-similarity's symmetric dS takes the general
+# wide-feature backward's slab sums, in a dS block budgeted as two feature sets, see dense_plan).
 config_override: dict = {}
-_POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT")
+_POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT", "DENSE_ROWS")
 PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram", "dense_plain")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT",
                "TMA", "COLSUM_MMA")
@@ -1662,19 +1663,33 @@ def _gemm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: list
 _DENSE_SLABS = 4  # at most this many column slabs: dQ is rounded once per slab
 
 
-def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool):
+def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool,
+               rows_acc: bool = False):
     """(R, W): the dS block of the wide-feature backward, R x W entries of ``elt`` bytes, R a
-    multiple of BM and W of BN. The columns are swept in at most _DENSE_SLABS slabs of W, the rows
-    in chunks of R within each slab; per slab dK accumulates over the row chunks in a W x D
-    float32 buffer (``dk_sums``), dQ over the slabs in the gradient itself. The block and those
-    sums take at most max(_DENSE_BYTES_MIN, (N + M) min(D, 512) elt, twice the sums): the bytes
-    of the inputs up to D = 512 (beyond, the gradients themselves outweigh them). Each row chunk's
-    dK GEMM reads and writes the slab's float32 sums, so narrow slabs (small sums) and long chunks
-    are best."""
+    multiple of BM and W of BN, the columns in at most _DENSE_SLABS slabs of W.
+
+    General (two feature sets): the rows are swept in chunks of R within each slab; per slab dK
+    accumulates over the row chunks in a W x D float32 buffer (``dk_sums``), dQ over the slabs in
+    the gradient itself. The block and those sums take at most max(_DENSE_BYTES_MIN,
+    (N + M) min(D, 512) elt, twice the sums): the bytes of the inputs up to D = 512 (beyond, the
+    gradients themselves outweigh them). Each row chunk's dK GEMM reads and writes the slab's
+    float32 sums, so narrow slabs (small sums) and long chunks are best.
+
+    ``rows_acc`` (a self-similarity's symmetric dS, whose rows' gradient is the whole one; the
+    queries are the keys): each row chunk's gradient accumulates over the slabs in an R x D
+    float32 buffer, rounded once. The block and that buffer take max(_DENSE_BYTES_MIN,
+    N min(D, 512) elt): the features counted once. The GEMM's float32 traffic is then on the
+    short side of the block (R x D against W x D), so its intensity,
+    1 / (1/D + 1/R + 4/W) FLOP per byte for bf16, stays above the general plan's at twice the
+    budget (N = M = 65536, D = 512: R = 1920, ~370, against R = 3072 with dK sums, ~300)."""
     ceil = lambda x, m: -(-x // m) * m  # noqa: E731
     W = ceil(-(-M // _DENSE_SLABS), BN)
-    budget = max(_DENSE_BYTES_MIN, (N + M) * min(D, 512) * elt, 2 * W * D * 4)
-    R = max(BM, (budget - (W * D * 4 if dk_sums else 0)) // (W * elt) // BM * BM)
+    if rows_acc:
+        budget = max(_DENSE_BYTES_MIN, N * min(D, 512) * elt)
+        R = max(BM, budget // (W * elt + D * 4) // BM * BM)
+    else:
+        budget = max(_DENSE_BYTES_MIN, (N + M) * min(D, 512) * elt, 2 * W * D * 4)
+        R = max(BM, (budget - (W * D * 4 if dk_sums else 0)) // (W * elt) // BM * BM)
     n_chunks = -(-N // R)  # balanced chunks
     return min(ceil(-(-N // n_chunks), BM), ceil(N, BM)), min(W, ceil(M, BN))
 
@@ -1700,10 +1715,13 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
                     self_sym=False, line_sums=False):
     """(dq, dk, scale / bias sums (2,)) from dS written one bounded block at a time (dense_plan:
     column slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in
-    the gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab. For
-    lean closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans
-    are written by a launch of their own ("dense_plain" tiles, lean path only), the others by a
-    band launch."""
+    the gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab.
+    ``self_sym`` (dS symmetric, the rows' gradient the whole one, no dK): row chunks, the slabs
+    within each, dQ_chunk += dS K_slab in float32 sums per chunk, one rounding (unless
+    ``config_override["DENSE_ROWS"]`` is False: then dK's slab sums, returned as dk). For lean
+    closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans are
+    written by a launch of their own ("dense_plain" tiles, lean path only), the others by a band
+    launch."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
     need_k = need_k or (gram and need_q)
@@ -1722,9 +1740,16 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     if split:
         cfg = _band_config(cfg, cfg_in["BLOCK_M"], cfg_in["BLOCK_N"])
     BM, BN = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]  # the spans
-    R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k)
+    rows_acc = self_sym and config_override.get("DENSE_ROWS", True)
+    if self_sym:  # one gradient: the rows' (float32 sums per row chunk) or the columns'
+        need_q, need_k = (need_q or need_k, False) if rows_acc else (False, need_q or need_k)
+    R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k, rows_acc=rows_acc)
     row_chunks = list(range(0, N, R))
     slabs = list(range(0, M, W))
+    # rows_acc: row chunks outer, each summed over the slabs; else slabs outer, each summed over
+    # the row chunks
+    blocks = ([(r0, c0) for r0 in row_chunks for c0 in slabs] if rows_acc else
+              [(r0, c0) for c0 in slabs for r0 in row_chunks])
     ds_buf = torch.empty((min(R, N), min(W, M)), dtype=queries.dtype, device=dev)
     need_sb = need_s or need_b
     launches = [(1, cfg), (2, cfg_in)] if split else [(0, cfg)]
@@ -1741,6 +1766,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
     dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k and not fold else None
     dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
+    dq_sums = torch.empty((min(R, N), D), dtype=torch.float32, device=dev) if rows_acc else None
     # line_sums: the row part's sums per row (N,), the column part's per column (M,), from
     # per-tile sums of one block (the launches' grids x the block's rows / columns)
     rt = torch.zeros(N, dtype=torch.float32, device=dev) if line_sums else None
@@ -1759,50 +1785,57 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
                                                                             self_sym, True),
                  SELF_SYM=self_sym, **flags)
     tf32 = _dot_precision(queries, spec.exact) == "tf32" and dev.type == "cuda"
-    for si, c0 in enumerate(slabs):
-        c1 = min(M, c0 + W)
-        for r0 in row_chunks:
-            r1 = min(N, r0 + R)
-            dS = ds_buf[: r1 - r0, : c1 - c0]
-            if need_sb:
-                dsb.zero_()
-            first = 0
-            for (tiles_, c), n_tiles, rp, cp in zip(launches, tiles, rtp, ctp):
-                grid = (triton.cdiv(r1 - r0, c["BLOCK_M"]), triton.cdiv(c1 - c0, c["BLOCK_N"]))
-                sb = dsb[first:first + n_tiles] if need_sb else None
-                first += n_tiles
-                for t in (rp, cp):  # (programs without work leave their sums at zero)
-                    if t is not None:
-                        t.zero_()
-                args = (queries, keys, *common, dS, _ptr(sb, stats.row_lse),
-                        _ptr(rp, stats.row_lse), _ptr(cp, stats.row_lse), N, M, D, spec.offset,
-                        _ratio2(spec), r0, c0, n_rows_blk, n_cols_blk, queries.stride(0),
-                        queries.stride(1), keys.stride(0), keys.stride(1), ds_buf.stride(0),
-                        a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
-                        a2_row.stride(0))
-                _grad_tiles_kernel[grid](*args, **const, TILES=tiles_, SPAN_M=BM, SPAN_N=BN,
-                                         LINE_SUMS=line_sums, **c)
-                if rp is not None:
-                    rt[r0:r1] += rp[: grid[1], : r1 - r0].sum(0)
-                if cp is not None:
-                    ct[c0:c1] += cp[: grid[0], : c1 - c0].sum(0)
-            if need_sb:
-                sb_sums += dsb.sum(0)
-            with _tf32_matmul(tf32):
-                if need_q:
-                    if si == 0:
-                        torch.mm(dS, keys[c0:c1], out=dq[r0:r1])
-                    else:
-                        dq[r0:r1].addmm_(dS, keys[c0:c1])
-                if need_k:
-                    sums = dk_sums[: c1 - c0]
-                    if r0 == 0:
-                        sums.zero_()
-                    _gemm_acc(sums, dS.transpose(0, 1), queries[r0:r1], scratch)
-        if fold:
+    for r0, c0 in blocks:
+        r1, c1 = min(N, r0 + R), min(M, c0 + W)
+        dS = ds_buf[: r1 - r0, : c1 - c0]
+        if need_sb:
+            dsb.zero_()
+        first = 0
+        for (tiles_, c), n_tiles, rp, cp in zip(launches, tiles, rtp, ctp):
+            grid = (triton.cdiv(r1 - r0, c["BLOCK_M"]), triton.cdiv(c1 - c0, c["BLOCK_N"]))
+            sb = dsb[first:first + n_tiles] if need_sb else None
+            first += n_tiles
+            for t in (rp, cp):  # (programs without work leave their sums at zero)
+                if t is not None:
+                    t.zero_()
+            args = (queries, keys, *common, dS, _ptr(sb, stats.row_lse),
+                    _ptr(rp, stats.row_lse), _ptr(cp, stats.row_lse), N, M, D, spec.offset,
+                    _ratio2(spec), r0, c0, n_rows_blk, n_cols_blk, queries.stride(0),
+                    queries.stride(1), keys.stride(0), keys.stride(1), ds_buf.stride(0),
+                    a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
+                    a2_row.stride(0))
+            _grad_tiles_kernel[grid](*args, **const, TILES=tiles_, SPAN_M=BM, SPAN_N=BN,
+                                     LINE_SUMS=line_sums, **c)
+            if rp is not None:
+                rt[r0:r1] += rp[: grid[1], : r1 - r0].sum(0)
+            if cp is not None:
+                ct[c0:c1] += cp[: grid[0], : c1 - c0].sum(0)
+        if need_sb:
+            sb_sums += dsb.sum(0)
+        with _tf32_matmul(tf32):
+            if rows_acc and need_q:
+                sums = dq_sums[: r1 - r0]
+                if c0 == 0:
+                    sums.zero_()
+                _gemm_acc(sums, dS, keys[c0:c1], scratch)
+                if c1 == M:
+                    dq[r0:r1].copy_(sums)
+            elif need_q:
+                if c0 == 0:
+                    torch.mm(dS, keys[c0:c1], out=dq[r0:r1])
+                else:
+                    dq[r0:r1].addmm_(dS, keys[c0:c1])
+            if need_k:
+                sums = dk_sums[: c1 - c0]
+                if r0 == 0:
+                    sums.zero_()
+                _gemm_acc(sums, dS.transpose(0, 1), queries[r0:r1], scratch)
+        if r1 == N and fold:
             dq[c0:c1].add_(dk_sums[: c1 - c0])
-        elif need_k:
+        elif r1 == N and need_k:
             dk[c0:c1].copy_(dk_sums[: c1 - c0])
+    if self_sym and not rows_acc:
+        dq, dk = dk, None
     return dq, dk, sb_sums, rt, ct
 
 
@@ -2228,15 +2261,12 @@ def backward(queries, keys, scale, bias, targets, spec, stats, grad_row, grad_co
     # only dK is needed of the fused kernels (the columns kernel); it decides their centring
     rows_sum = wide or need_q or not need_k
     if wide:
-        # (twice: dS is symmetric, so the keys' gradient -- float32 sums within each column
-        # slab, one rounding -- is the whole gradient, without dQ's rounding per slab)
+        # (twice: dS is symmetric, so the rows' gradient -- float32 sums over the column slabs,
+        # one rounding -- is the whole gradient)
         dq, dk, sb_sums, rt, ct = _backward_dense(
             queries, keys, scale, bias, targets, spec, stats, flags_args=(
                 a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric),
-            needs=(False, need_q, need_s, need_b) if twice else (need_q, need_k, need_s, need_b),
-            gram=gram, self_sym=twice, line_sums=lines)
-        if twice:
-            dq, dk = dk, None
+            needs=(need_q, need_k, need_s, need_b), gram=gram, self_sym=twice, line_sums=lines)
     else:
         dq, dk, sb_sums, rt, ct = _backward_fused(
             queries, keys, scale, bias, targets, spec, stats, (a_row, b_row, a_col, b_col, a2_row),
