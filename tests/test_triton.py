@@ -467,31 +467,56 @@ def test_dense_backward_low_precision(monkeypatch, blocked):
            dtype=torch.bfloat16, rtol=1e-3)
 
 
-@pytest.mark.parametrize("rows", [True, False])
+_SELF = {  # (the loss of two views, its float64 reference, the plan's (same_rows, rows_acc))
+    "nt_xent": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
+                lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), (True, True)),
+    "nt_xent_cols": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
+                     lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), (False, False)),
+    "dclw": (lambda a, b, **kw: fastcl.dcl(a, b, 0.2, weight_sigma=0.5, **kw),
+             lambda a, b: R.dcl(a, b, 0.2, 0.5, reduction="none"), (True, False)),
+    "hcl": (lambda a, b, **kw: fastcl.hcl(a, b, 0.5, **kw),
+            lambda a, b: R.hcl(a, b, 0.5, reduction="none"), (True, False)),
+    "supcon_in": (lambda a, b, **kw: fastcl.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device),
+                                                   0.2, variant="in", **kw),
+                  lambda a, b: R.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device), 0.2,
+                                        variant="in", reduction="none")[0], (True, False)),
+}
+_LABELS = torch.arange(75) % 20
+
+
+@pytest.mark.parametrize("case", list(_SELF))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_self_similarity(monkeypatch, rows, dtype):
-    """A self-similarity's symmetric dS on the wide-feature backward, in several row chunks and
-    column slabs: the rows' gradient summed over the slabs in float32 per row chunk (the
-    default, ``rows``), or dK's float32 sums per slab (``DENSE_ROWS`` False); both within 2x
-    PyTorch's own error in the features' dtype. (IEEE float32 features correct the lines'
-    totals afterwards, which takes the general path: test_dense_backward.)"""
-    monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": rows})
+def test_dense_self_similarity(monkeypatch, case, dtype):
+    """The self-similarities on the wide-feature backward, in several row chunks and column
+    slabs, within 2x PyTorch's own error in the features' dtype:
+    - a symmetric dS (NT-Xent): the rows' gradient summed over the slabs in float32 per row
+      chunk, in a block of the stacked rows' bytes; or (``DENSE_ROWS`` False) dK's float32 sums
+      per slab, in a block of twice those bytes;
+    - dS taken one row at a time (DCLW, HCL, SupCon L_in): dQ summed over twice as many slabs
+      in the gradient, dK's float32 sums per slab folded into it, in a block of the stacked
+      rows' bytes.
+    (IEEE float32 features correct the lines' totals afterwards, which takes the general path:
+    test_dense_backward.)"""
+    loss, ref, (same_rows, rows_acc) = _SELF[case]
+    monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": case != "nt_xent_cols"})
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
     plans = []
     real = E.dense_plan
 
-    def spy(N, M, D, elt, BM, BN, dk_sums, rows_acc=False):
-        plans.append((N, rows_acc, dk_sums) + real(N, M, D, elt, BM, BN, dk_sums, rows_acc))
-        return plans[-1][3:]
+    def spy(N, M, D, elt, BM, BN, dk_sums, same_rows=False, rows_acc=False):
+        plans.append((N, same_rows, rows_acc, dk_sums) + real(N, M, D, elt, BM, BN, dk_sums,
+                                                              same_rows, rows_acc))
+        return plans[-1][4:]
 
     monkeypatch.setattr(E, "dense_plan", spy)
     z1, z2 = features(75, 40, dtype, DEVICE), features(75, 40, dtype, DEVICE)
-    _check("dense-self", lambda a, b: fastcl.nt_xent(a, b, 0.2, reduction="none", backend=BACKEND,
-                                                     exact=True),
-           lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), [z1, z2], dtype=dtype, rtol=1e-3)
-    (N, rows_acc, dk_sums, chunk, slab), = plans
-    assert (rows_acc, dk_sums) == (rows, not rows)
-    assert N == 150 and chunk < N and -(-N // slab) >= 3, plans
+    _check(f"dense-{case}", lambda a, b: loss(a, b, reduction="none", backend=BACKEND, exact=True),
+           ref, [z1, z2], dtype=dtype, rtol=1e-3)
+    (N, *mode, chunk, slab), = plans
+    assert mode == [same_rows, rows_acc, not rows_acc], plans
+    slabs = -(-N // slab)
+    assert N == 150 and chunk < N and (slabs > E._DENSE_SLABS if same_rows and not rows_acc
+                                       else slabs >= 3), plans
 
 
 @pytest.mark.parametrize("D", [384, 512, 768, 1024, 2048])
@@ -512,12 +537,19 @@ def test_dense_plan_bounds(N, M, D):
         R1, W1 = E.dense_plan(N, M, D, elt, 128, 64, False)  # no dK: longer row chunks
         assert W1 == W and R1 >= R
         # a self-similarity (N rows against themselves): the block and the rows' float32 sums
-        # within the features' bytes, counted once
-        R2, W2 = E.dense_plan(N, N, D, elt, 128, 64, False, rows_acc=True)
+        # (symmetric dS), or dK's (dS taken one row at a time: twice as many slabs), within the
+        # features' bytes counted once
+        once = max(E._DENSE_BYTES_MIN, N * min(D, 512) * elt)
+        R2, W2 = E.dense_plan(N, N, D, elt, 128, 64, False, same_rows=True, rows_acc=True)
         assert R2 % 128 == 0 and W2 % 64 == 0 and -(-N // W2) <= E._DENSE_SLABS
-        assert R2 == 128 or R2 * W2 * elt + R2 * D * 4 <= max(E._DENSE_BYTES_MIN, N * min(D, 512) * elt)
+        assert R2 == 128 or R2 * W2 * elt + R2 * D * 4 <= once
+        R3, W3 = E.dense_plan(N, N, D, elt, 128, 64, True, same_rows=True)
+        assert R3 % 128 == 0 and W3 % 64 == 0 and -(-N // W3) <= 2 * E._DENSE_SLABS
+        assert R3 == 128 or R3 * W3 * elt + W3 * D * 4 <= max(once, 2 * W3 * D * 4)
         if elt == 2 and N == 32768 and D <= 1024:  # the block, the stacked rows, their gradient
             assert R2 * W2 * elt + R2 * D * 4 + 2 * N * D * elt < 160 * 2**20
+            assert R3 * W3 * elt + W3 * D * 4 + 2 * N * D * elt <= 160 * 2**20
+            assert R3 >= R // 2 and (D > 512 or R3 >= R)  # (chunks as long as two sets' up to 512)
 
 
 @triton.jit

@@ -1660,35 +1660,43 @@ def _gemm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: list
         acc.add_(scratch[0])
 
 
-_DENSE_SLABS = 4  # at most this many column slabs: dQ is rounded once per slab
+_DENSE_SLABS = 4  # at most this many column slabs (twice as many for DCL / HCL, dense_plan)
 
 
 def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool,
-               rows_acc: bool = False):
+               same_rows: bool = False, rows_acc: bool = False):
     """(R, W): the dS block of the wide-feature backward, R x W entries of ``elt`` bytes, R a
-    multiple of BM and W of BN, the columns in at most _DENSE_SLABS slabs of W.
+    multiple of BM and W of BN, the columns in slabs of W (at most _DENSE_SLABS, or twice as many:
+    ``same_rows`` below).
 
     General (two feature sets): the rows are swept in chunks of R within each slab; per slab dK
     accumulates over the row chunks in a W x D float32 buffer (``dk_sums``), dQ over the slabs in
-    the gradient itself. The block and those sums take at most max(_DENSE_BYTES_MIN,
-    (N + M) min(D, 512) elt, twice the sums): the bytes of the inputs up to D = 512 (beyond, the
-    gradients themselves outweigh them). Each row chunk's dK GEMM reads and writes the slab's
-    float32 sums, so narrow slabs (small sums) and long chunks are best.
+    the gradient itself, rounded once per slab. The block and those sums take at most
+    max(_DENSE_BYTES_MIN, (N + M) min(D, 512) elt, twice the sums): the bytes of the inputs up to
+    D = 512 (beyond, the gradients themselves outweigh them). Each row chunk's dK GEMM reads and
+    writes the slab's float32 sums, so narrow slabs (small sums) and long chunks are best: its
+    intensity is 1 / (1/D + 1/W + 4/R) FLOP per byte for bf16.
 
-    ``rows_acc`` (a self-similarity's symmetric dS, whose rows' gradient is the whole one; the
-    queries are the keys): each row chunk's gradient accumulates over the slabs in an R x D
-    float32 buffer, rounded once. The block and that buffer take max(_DENSE_BYTES_MIN,
-    N min(D, 512) elt): the features counted once. The GEMM's float32 traffic is then on the
-    short side of the block (R x D against W x D), so its intensity,
-    1 / (1/D + 1/R + 4/W) FLOP per byte for bf16, stays above the general plan's at twice the
-    budget (N = M = 65536, D = 512: R = 1920, ~370, against R = 3072 with dK sums, ~300)."""
+    ``same_rows`` (a self-similarity: the queries are the keys) counts their bytes once,
+    max(_DENSE_BYTES_MIN, N min(D, 512) elt). With dK's sums (DCL, HCL, SupCon L_in: dS taken one
+    row at a time, its columns' part from dK, folded into the one gradient) the columns go in
+    twice as many slabs, so that the sums stay a quarter of the budget (bf16) and the row chunks
+    as long as the general plan's at twice the bytes (N = M = 65536, D = 512: R = 3072, ~300
+    FLOP per byte); dQ is then rounded once per slab, 8 times.
+
+    ``rows_acc`` (same_rows with a symmetric dS, whose rows' gradient is the whole one): each row
+    chunk's gradient accumulates over the slabs in an R x D float32 buffer, rounded once, within
+    the same budget. The GEMM's float32 traffic is then on the short side of the block (R x D
+    against W x D): 1 / (1/D + 1/R + 4/W), N = M = 65536, D = 512: R = 1920, ~370."""
     ceil = lambda x, m: -(-x // m) * m  # noqa: E731
-    W = ceil(-(-M // _DENSE_SLABS), BN)
+    fold = same_rows and dk_sums and not rows_acc
+    W = ceil(-(-M // (_DENSE_SLABS * (2 if fold else 1))), BN)
+    rows_bytes = (N if same_rows else N + M) * min(D, 512) * elt
     if rows_acc:
-        budget = max(_DENSE_BYTES_MIN, N * min(D, 512) * elt)
+        budget = max(_DENSE_BYTES_MIN, rows_bytes)
         R = max(BM, budget // (W * elt + D * 4) // BM * BM)
     else:
-        budget = max(_DENSE_BYTES_MIN, (N + M) * min(D, 512) * elt, 2 * W * D * 4)
+        budget = max(_DENSE_BYTES_MIN, rows_bytes, 2 * W * D * 4)
         R = max(BM, (budget - (W * D * 4 if dk_sums else 0)) // (W * elt) // BM * BM)
     n_chunks = -(-N // R)  # balanced chunks
     return min(ceil(-(-N // n_chunks), BM), ceil(N, BM)), min(W, ceil(M, BN))
@@ -1743,7 +1751,8 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     rows_acc = self_sym and config_override.get("DENSE_ROWS", True)
     if self_sym:  # one gradient: the rows' (float32 sums per row chunk) or the columns'
         need_q, need_k = (need_q or need_k, False) if rows_acc else (False, need_q or need_k)
-    R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k, rows_acc=rows_acc)
+    R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k, same_rows=gram or rows_acc,
+                      rows_acc=rows_acc)
     row_chunks = list(range(0, N, R))
     slabs = list(range(0, M, W))
     # rows_acc: row chunks outer, each summed over the slabs; else slabs outer, each summed over
