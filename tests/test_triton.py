@@ -467,38 +467,43 @@ def test_dense_backward_low_precision(monkeypatch, blocked):
            dtype=torch.bfloat16, rtol=1e-3)
 
 
-_SELF = {  # (the loss of two views, its float64 reference, the plan's (same_rows, rows_acc))
-    "nt_xent": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
-                lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), (True, True)),
-    "nt_xent_cols": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
-                     lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), (False, False)),
-    "dclw": (lambda a, b, **kw: fastcl.dcl(a, b, 0.2, weight_sigma=0.5, **kw),
-             lambda a, b: R.dcl(a, b, 0.2, 0.5, reduction="none"), (True, False)),
-    "hcl": (lambda a, b, **kw: fastcl.hcl(a, b, 0.5, **kw),
-            lambda a, b: R.hcl(a, b, 0.5, reduction="none"), (True, False)),
-    "supcon_in": (lambda a, b, **kw: fastcl.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device),
-                                                   0.2, variant="in", **kw),
-                  lambda a, b: R.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device), 0.2,
-                                        variant="in", reduction="none")[0], (True, False)),
-}
+def _dclw(a, b, **kw):
+    return fastcl.dcl(a, b, 0.2, weight_sigma=0.5, **kw)
+
+
+def _supcon_in(a, b, **kw):
+    return fastcl.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device), 0.2, variant="in", **kw)
+
+
 _LABELS = torch.arange(75) % 20
+_SELF = {  # the loss of two views, its float64 reference, DENSE_ROWS, and the plan's same_rows
+    "nt_xent": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
+                lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), True, True),
+    "nt_xent_cols": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
+                     lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), False, False),
+    "dclw": (_dclw, lambda a, b: R.dcl(a, b, 0.2, 0.5, reduction="none"), True, True),
+    "dclw_fold": (_dclw, lambda a, b: R.dcl(a, b, 0.2, 0.5, reduction="none"), False, True),
+    "hcl": (lambda a, b, **kw: fastcl.hcl(a, b, 0.5, **kw),
+            lambda a, b: R.hcl(a, b, 0.5, reduction="none"), True, True),
+    "supcon_in": (_supcon_in, lambda a, b: R.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device),
+                                                    0.2, variant="in", reduction="none")[0], True, True),
+}
 
 
 @pytest.mark.parametrize("case", list(_SELF))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dense_self_similarity(monkeypatch, case, dtype):
     """The self-similarities on the wide-feature backward, in several row chunks and column
-    slabs, within 2x PyTorch's own error in the features' dtype:
-    - a symmetric dS (NT-Xent): the rows' gradient summed over the slabs in float32 per row
-      chunk, in a block of the stacked rows' bytes; or (``DENSE_ROWS`` False) dK's float32 sums
-      per slab, in a block of twice those bytes;
-    - dS taken one row at a time (DCLW, HCL, SupCon L_in): dQ summed over twice as many slabs
-      in the gradient, dK's float32 sums per slab folded into it, in a block of the stacked
-      rows' bytes.
-    (IEEE float32 features correct the lines' totals afterwards, which takes the general path:
-    test_dense_backward.)"""
-    loss, ref, (same_rows, rows_acc) = _SELF[case]
-    monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": case != "nt_xent_cols"})
+    slabs, within 2x PyTorch's own error in the features' dtype. By default the block holds
+    dS + dS^T -- the symmetric closure's (NT-Xent), or the transposed term added in the tiles
+    (GRAM: DCLW, HCL, SupCon L_in) -- and the rows' gradient, summed over the slabs in float32
+    per row chunk, is the whole one, in a block of the stacked rows' bytes. ``DENSE_ROWS`` False
+    keeps dS alone: NT-Xent then takes dK's float32 sums per slab in a block of twice those
+    bytes; DCLW dQ summed in the gradient over twice as many slabs, dK's float32 sums per slab
+    folded into it, in a block of the stacked rows' bytes. (IEEE float32 features: the lines'
+    totals are corrected afterwards, test_dense_backward, test_line_totals.)"""
+    loss, ref, dense_rows, same_rows = _SELF[case]
+    monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": dense_rows})
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
     plans = []
     real = E.dense_plan
@@ -513,9 +518,9 @@ def test_dense_self_similarity(monkeypatch, case, dtype):
     _check(f"dense-{case}", lambda a, b: loss(a, b, reduction="none", backend=BACKEND, exact=True),
            ref, [z1, z2], dtype=dtype, rtol=1e-3)
     (N, *mode, chunk, slab), = plans
-    assert mode == [same_rows, rows_acc, not rows_acc], plans
+    assert mode == [same_rows, dense_rows, not dense_rows], plans
     slabs = -(-N // slab)
-    assert N == 150 and chunk < N and (slabs > E._DENSE_SLABS if same_rows and not rows_acc
+    assert N == 150 and chunk < N and (slabs > E._DENSE_SLABS if same_rows and not dense_rows
                                        else slabs >= 3), plans
 
 

@@ -35,7 +35,8 @@ def test_compiles(report, variant):
 _HOT = [("fwd", "clip"), ("fwd_plain", "clip"), ("fwd_resident", "clip"), ("fwd", "info_nce"),
         ("bwd_rows", "clip"), ("bwd_cols", "clip"), ("bwd_gram", "supcon"), ("grad_tiles", "clip"),
         ("grad_tiles_in", "clip"), ("fwd_plain", "self_lse"), ("bwd_rows", "self_lse_sym"),
-        ("bwd_rows", "nt_xent_sym"), ("bwd_rows", "supcon_sym"), ("bwd_rows", "info_nce_lean")]
+        ("bwd_rows", "nt_xent_sym"), ("bwd_rows", "supcon_sym"), ("bwd_rows", "info_nce_lean"),
+        ("grad_tiles_gram", "hcl"), ("grad_tiles_gram", "supcon_in")]
 
 
 @pytest.mark.parametrize("kernel,closure,dtype",

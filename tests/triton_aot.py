@@ -56,13 +56,16 @@ CLOSURES = {
     "soft_k2": dict(_PLAIN, HAS_POS=True, TARGET_K=2, PLAIN=True),
     # each row's LSE over the other labels (pytorch-metric-learning's NT-Xent drop-in)
     "other_labels": dict(_PLAIN, LABELS=True, EXCLUDE_SELF=True, EXCLUDE_TARGETS=True),
+    # NT-Xent with IEEE float32 products (its dS tiles with the transposed term, GRAM)
+    "nt_xent_gram": dict(_PLAIN, HAS_POS=True, EXCLUDE_SELF=True),
 }
 _SELF_BWD = ("bwd_rows", "bwd_rows_in", "grad_tiles", "grad_tiles_in")
 _LEAN_BWD = _SELF_BWD + ("bwd_cols", "bwd_cols_in")
 _ONLY = {"self_lse": ("fwd", "fwd_plain", "fwd_resident"), "self_lse_sym": _SELF_BWD,
          "nt_xent_sym": _SELF_BWD, "supcon_sym": _SELF_BWD, "info_nce_lean": _LEAN_BWD,
          "supcon_lean": _LEAN_BWD, "soft_k2": _LEAN_BWD,
-         "other_labels": ("fwd", "bwd_gram", "grad_tiles")}
+         "other_labels": ("fwd", "bwd_gram", "grad_tiles", "grad_tiles_gram"),
+         "nt_xent_gram": ()}  # (its _lines kernel below)
 KERNELS = {
     # the forward of closures with PLAIN: the band-and-edge launch (TILES=1, with the interior
     # launch's tile shape) and the interior launch (fwd_plain, TILES=2); else one launch (TILES=0)
@@ -112,6 +115,11 @@ KERNELS = {
                                  PRECISION="ieee")),
     "grad_tiles_lines": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True, LINE_SUMS=True,
                                                           PRECISION="ieee")),
+    # the self-similarities' dS tiles with the transposed term, on the masked path (GRAM: DCL,
+    # HCL, SupCon L_in; with IEEE float32 products, NT-Xent and SupCon L_out)
+    "grad_tiles_gram": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True, GRAM=True)),
+    "grad_tiles_gram_lines": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True, GRAM=True, LINE_SUMS=True,
+                                                               PRECISION="ieee")),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
 }
 
@@ -154,7 +162,7 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(flags, UPCAST=False, PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                  LINE_SUMS=False, COMPUTE_DK=True, LSE_LO=False)
+                  LINE_SUMS=False, COMPUTE_DK=True, LSE_LO=False, GRAM=False)
     consts.update(extra)
     # as the launcher: a symmetric closure's scale sums in two centred parts for float32 features
     if fn is E._backward_rows_kernel or fn is E._grad_tiles_kernel:
@@ -250,13 +258,17 @@ TMA_VARIANTS = E._TensorDescriptor is not None  # Triton with host-side tensor d
 # self-similarity closures (no column stats)
 _GRAM_CLOSURES = ("supcon", "supcon_in", "info_nce", "hcl", "other_labels")
 _LINE_CLOSURES = ("clip", "clip_masked", "info_nce", "info_nce_lean", "supcon", "supcon_lean", "soft_k2")
-VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for c in _LINE_CLOSURES
-             if k != "bwd_cols_only_lines" or CLOSURES[c]["SYMMETRIC"]]
+_GRAM_LINE_CLOSURES = ("nt_xent_gram", "supcon")  # (NT-Xent and SupCon L_out, IEEE float32)
+VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines")
+             for c in _LINE_CLOSURES + ("nt_xent_gram",)
+             if (k != "bwd_cols_only_lines" or CLOSURES[c]["SYMMETRIC"])
+             and (c in _GRAM_LINE_CLOSURES if k == "grad_tiles_gram_lines" else c in _LINE_CLOSURES)]
             + [(k, c, "float32", 90) for k in KERNELS if k.endswith("_lo") for c in _LINE_CLOSURES
                if (k == "fwd_lo" or CLOSURES[c]["PLAIN"]) and (k != "fwd_fixup_lo" or CLOSURES[c]["SYMMETRIC"])]
             + [(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
              if not k.endswith(("_lines", "_lo"))
-             and (k != "bwd_gram" or c in _GRAM_CLOSURES) and (k not in ("count", "topk") or c == "info_nce")
+             and (k not in ("bwd_gram", "grad_tiles_gram") or c in _GRAM_CLOSURES)
+             and (k not in ("count", "topk") or c == "info_nce")
              and k in _ONLY.get(c, (k,))
              and (k not in ("fwd_plain", "fwd_resident", "fwd_fixup", "bwd_rows_in", "bwd_cols_in",
                             "grad_tiles_in") or CLOSURES[c]["PLAIN"])
@@ -266,7 +278,7 @@ VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines") for 
              and (not k.endswith("_tma") or (TMA_VARIANTS and c in ("clip", "info_nce", "supcon", "siglip")
                                              and (k == "fwd_tma" or c == "clip") and d != "float16"))]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
-               if k not in ("bwd_gram", "count", "topk")
+               if k not in ("bwd_gram", "grad_tiles_gram", "count", "topk")
                and not k.endswith(("_split", "_in", "_tma", "_sb", "_lines", "_lo"))])
 
 

@@ -589,11 +589,23 @@ def _teacher_probs(tq_ptr, tk_ptr, tscale_ptr, aux_ptr, row0, col0, rows, valid,
 
 
 @triton.jit
-def _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j, a2_j, ratio2,
+def _grad_logits_transposed(S, valid, target, rows, cols, M, offset, ratio2, pos_ptr, rlab_ptr,
+                            row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
+                            stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND: tl.constexpr,
+                            HAS_POS: tl.constexpr, LABELS: tl.constexpr, TARGET_K: tl.constexpr,
                             EXCLUDE_TARGETS: tl.constexpr, TARGET_LSE: tl.constexpr,
                             LSE2: tl.constexpr):
     """dS_ji laid out as tile (i, j), for a self-similarity (queries == keys: S_ji = S_ij), from
-    the statistics of rows j; ``target_t`` is T_ji."""
+    the statistics of rows j (the columns); ``target`` is the tile's T_ij (label targets are
+    symmetric, index targets are T_ji = [p_j == i])."""
+    lse_j, a_j, b_j, t_j, l2_j, a2_j = _row_grad_meta(
+        cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
+        stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
+    if LABELS:
+        target_t = target
+    else:
+        tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, TARGET_K)
+        target_t = valid & (rows[:, None] == tgt_j[None, :])
     if EXCLUDE_TARGETS:
         in_lse = valid & (target_t == 0)
     else:
@@ -1224,16 +1236,11 @@ def _backward_rows_kernel(
                              + dv.to(tl.int64)[None, :] * stride_kd,
                              mask=cmask[:, None] & dvmask[None, :], other=0.0)
             if GRAM:
-                lse_j, a_j, b_j, t_j, l2_j, a2_j = _row_grad_meta(
-                    cols, M, row_lse_ptr, row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr,
-                    stride_grp, aux_ptr, g_l2_ptr, stride_gl2, KIND, TARGET_LSE, LSE2)
-                if LABELS:
-                    target_t = target
-                else:
-                    tgt_j = _row_targets(cols, M, offset, pos_ptr, rlab_ptr, HAS_POS, LABELS, TARGET_K)
-                    target_t = valid & (rows[:, None] == tgt_j[None, :])
-                dS_all = dS + _grad_logits_transposed(S, valid, target_t, lse_j, a_j, b_j, t_j, l2_j,
-                                                      a2_j, ratio2, EXCLUDE_TARGETS, TARGET_LSE, LSE2)
+                dS_all = dS + _grad_logits_transposed(
+                    S, valid, target, rows, cols, M, offset, ratio2, pos_ptr, rlab_ptr, row_lse_ptr,
+                    row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp, aux_ptr,
+                    g_l2_ptr, stride_gl2, KIND, HAS_POS, LABELS, TARGET_K, EXCLUDE_TARGETS,
+                    TARGET_LSE, LSE2)
             else:
                 dS_all = dS
             acc = tl.dot(_operand(_lowp(dS_all, kv.dtype, UPCAST), UPCAST), _operand(kv, UPCAST), acc,
@@ -1400,7 +1407,7 @@ def _grad_tiles_kernel(
     COMPUTE_SBC: tl.constexpr, SELF_SYM: tl.constexpr,
     TILES: tl.constexpr, SPAN_M: tl.constexpr, SPAN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    LINE_SUMS: tl.constexpr = False,
+    LINE_SUMS: tl.constexpr = False, GRAM: tl.constexpr = False,
 ):
     # Backward for wide features: one tile per program writes dL/dS (same closure as the fused
     # kernels), times s, into the block [row_start, row_start + R) x [col_start, col_start + W) of
@@ -1415,6 +1422,9 @@ def _grad_tiles_kernel(
     # TILES (lean closures): 0 = every tile; split launches over the SPAN_M x SPAN_N tiling of
     # the matrix: 1 = the tiles of non-plain spans (the band and the edges), 2 = the plain spans
     # (BLOCK = SPAN) on the lean path only; the other launch's programs return at once.
+    # GRAM (as in the rows kernel: the queries are the keys, dS taken one row at a time): the
+    # tile stores dS_ij + dS_ji, the second term from the statistics of rows j, so that the rows'
+    # GEMM (s dS) Q gives the whole gradient; its sums are those of dS_ij alone (the row part).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     row0 = row_start + pid_m * BLOCK_M
@@ -1453,9 +1463,17 @@ def _grad_tiles_kernel(
                 cin = (cols < M) & (cols - col_start < n_cols_blk)
                 tl.store(ct_ptr + pid_m.to(tl.int64) * n_cols_blk + (cols - col_start), cb,
                          mask=cin)
+        if GRAM:
+            dS_all = dS + _grad_logits_transposed(
+                S, valid, target, rows, cols, M, offset, ratio2, pos_ptr, rlab_ptr, row_lse_ptr,
+                row_pos_ptr, row_npos_ptr, g_row_ptr, g_rpos_ptr, stride_gr, stride_grp, aux_ptr,
+                g_l2_ptr, stride_gl2, KIND, HAS_POS, LABELS, TARGET_K, EXCLUDE_TARGETS, TARGET_LSE,
+                LSE2)
+        else:
+            dS_all = dS
         out = (ds_ptr + (rows - row_start).to(tl.int64)[:, None] * stride_ds
                + (cols - col_start)[None, :])
-        tl.store(out, _lowp(dS * s, ds_ptr.dtype.element_ty, UPCAST),
+        tl.store(out, _lowp(dS_all * s, ds_ptr.dtype.element_ty, UPCAST),
                  mask=(rows < N)[:, None] & (cols < M)[None, :])
         if COMPUTE_SB:  # scale / bias sums as in the fused kernels, centred on the rows (and,
             # COMPUTE_SBC, the column part on the columns)
@@ -1660,7 +1678,7 @@ def _gemm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: list
         acc.add_(scratch[0])
 
 
-_DENSE_SLABS = 4  # at most this many column slabs (twice as many for DCL / HCL, dense_plan)
+_DENSE_SLABS = 4  # at most this many column slabs (twice as many: dense_plan's same_rows)
 
 
 def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool,
@@ -1678,16 +1696,18 @@ def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool
     intensity is 1 / (1/D + 1/W + 4/R) FLOP per byte for bf16.
 
     ``same_rows`` (a self-similarity: the queries are the keys) counts their bytes once,
-    max(_DENSE_BYTES_MIN, N min(D, 512) elt). With dK's sums (DCL, HCL, SupCon L_in: dS taken one
-    row at a time, its columns' part from dK, folded into the one gradient) the columns go in
-    twice as many slabs, so that the sums stay a quarter of the budget (bf16) and the row chunks
-    as long as the general plan's at twice the bytes (N = M = 65536, D = 512: R = 3072, ~300
-    FLOP per byte); dQ is then rounded once per slab, 8 times.
+    max(_DENSE_BYTES_MIN, N min(D, 512) elt).
 
-    ``rows_acc`` (same_rows with a symmetric dS, whose rows' gradient is the whole one): each row
-    chunk's gradient accumulates over the slabs in an R x D float32 buffer, rounded once, within
-    the same budget. The GEMM's float32 traffic is then on the short side of the block (R x D
-    against W x D): 1 / (1/D + 1/R + 4/W), N = M = 65536, D = 512: R = 1920, ~370."""
+    ``rows_acc`` (same_rows with dS + dS^T in the block, whose rows' gradient is the whole one):
+    each row chunk's gradient accumulates over the slabs in an R x D float32 buffer, rounded
+    once, within that budget. The GEMM's float32 traffic is then on the short side of the block
+    (R x D against W x D): 1 / (1/D + 1/R + 4/W), N = M = 65536, D = 512: R = 1920, ~370.
+
+    same_rows with dK's sums (a self-similarity's dS alone, ``config_override["DENSE_ROWS"]``
+    False: its columns' part from dK, folded into the one gradient): the columns go in twice as
+    many slabs, so that the sums stay a quarter of the budget (bf16) and the row chunks as long
+    as the general plan's at twice the bytes (R = 3072 there, ~300 FLOP per byte); dQ is then
+    rounded once per slab, 8 times."""
     ceil = lambda x, m: -(-x // m) * m  # noqa: E731
     fold = same_rows and dk_sums and not rows_acc
     W = ceil(-(-M // (_DENSE_SLABS * (2 if fold else 1))), BN)
@@ -1724,20 +1744,29 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     """(dq, dk, scale / bias sums (2,)) from dS written one bounded block at a time (dense_plan:
     column slabs, row chunks within each), then multiplied on the tensor cores: dQ += dS K_slab in
     the gradient (one rounding per slab), dK_slab += dS^T Q_chunk in float32 sums per slab.
-    ``self_sym`` (dS symmetric, the rows' gradient the whole one, no dK): row chunks, the slabs
-    within each, dQ_chunk += dS K_slab in float32 sums per chunk, one rounding (unless
-    ``config_override["DENSE_ROWS"]`` is False: then dK's slab sums, returned as dk). For lean
-    closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans are
-    written by a launch of their own ("dense_plain" tiles, lean path only), the others by a band
-    launch."""
+    A self-similarity whose block holds dS + dS^T (``self_sym``: the symmetric closure; ``gram``:
+    the tiles add the transposed term, GRAM) has the rows' gradient as the whole one: row
+    chunks, the slabs within each, dQ_chunk += dS K_slab in float32 sums per chunk, one rounding,
+    no dK. ``config_override["DENSE_ROWS"] = False`` keeps the block dS alone: then ``self_sym``
+    takes dK's slab sums (returned as dq), ``gram`` both GEMMs, dK's slab sums added into dQ. For
+    lean closures on a GPU (``config_override["SPLIT"]`` either way) the dS tiles of plain spans
+    are written by a launch of their own ("dense_plain" tiles, lean path only), the others by a
+    band launch."""
     a_row, b_row, a_col, b_col, a2_row, col_lse, symmetric = flags_args
     need_q, need_k, need_s, need_b = needs
-    need_k = need_k or (gram and need_q)
+    rows_acc = (self_sym or gram) and config_override.get("DENSE_ROWS", True)
+    if self_sym:  # one gradient: the rows' (float32 sums per row chunk) or the columns'
+        need_q, need_k = (need_q or need_k, False) if rows_acc else (False, need_q or need_k)
+    need_k = need_k or (gram and need_q and not rows_acc)
     N, D = queries.shape
     M = keys.shape[0]
     dev = queries.device
     cfg = dict(_config(queries, "fwd"))
     flags = _flags(queries, spec, targets, bias, linear=True)
+    if gram and rows_acc:
+        # (as the fused GRAM kernel: every tile on the masked path, where an entry and its
+        # transposed term are formed alike, so that the lines' sums measure what the GEMM sums)
+        flags["PLAIN"] = False
     # lean closures: the tiles of plain spans in a launch of their own (lean path only, wider
     # tiles), the rest in a band launch with the "fwd" tiles
     split = flags["PLAIN"] and config_override.get("SPLIT", dev.type == "cuda")
@@ -1748,9 +1777,6 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     if split:
         cfg = _band_config(cfg, cfg_in["BLOCK_M"], cfg_in["BLOCK_N"])
     BM, BN = cfg_in["BLOCK_M"], cfg_in["BLOCK_N"]  # the spans
-    rows_acc = self_sym and config_override.get("DENSE_ROWS", True)
-    if self_sym:  # one gradient: the rows' (float32 sums per row chunk) or the columns'
-        need_q, need_k = (need_q or need_k, False) if rows_acc else (False, need_q or need_k)
     R, W = dense_plan(N, M, D, queries.element_size(), BM, BN, need_k, same_rows=gram or rows_acc,
                       rows_acc=rows_acc)
     row_chunks = list(range(0, N, R))
@@ -1769,9 +1795,9 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     # then added to sb_sums: O(tiles of a block), not O(N M) over the whole sweep
     dsb = torch.empty((sum(tiles), 2), dtype=torch.float32, device=dev) if need_sb else None
     sb_sums = torch.zeros(2, dtype=torch.float32, device=dev) if need_sb else None
-    # gram: one gradient of the shared features, dK's slab sums added into dq once the first
-    # slab has written every row of it (no dK beside it)
-    fold = gram and need_q
+    # gram without rows_acc: one gradient of the shared features, dK's slab sums added into dq
+    # once the first slab has written every row of it (no dK beside it)
+    fold = gram and need_q and not rows_acc
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
     dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k and not fold else None
     dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
@@ -1792,7 +1818,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     const = dict(SYMMETRIC=symmetric, PRECISION=_dot_precision(queries, spec.exact),
                  COMPUTE_SB=need_sb, COMPUTE_SBC=need_sb and _centre_columns(queries, symmetric,
                                                                             self_sym, True),
-                 SELF_SYM=self_sym, **flags)
+                 SELF_SYM=self_sym, GRAM=gram and rows_acc, **flags)
     tf32 = _dot_precision(queries, spec.exact) == "tf32" and dev.type == "cuda"
     for r0, c0 in blocks:
         r1, c1 = min(N, r0 + R), min(M, c0 + W)
