@@ -1801,7 +1801,8 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
     dk = torch.empty((M, D), dtype=keys.dtype, device=dev) if need_k and not fold else None
     dk_sums = torch.empty((min(W, M), D), dtype=torch.float32, device=dev) if need_k else None
-    dq_sums = torch.empty((min(R, N), D), dtype=torch.float32, device=dev) if rows_acc else None
+    dq_sums = (torch.empty((min(R, N), D), dtype=torch.float32, device=dev) if rows_acc and need_q
+               else None)
     # line_sums: the row part's sums per row (N,), the column part's per column (M,), from
     # per-tile sums of one block (the launches' grids x the block's rows / columns)
     rt = torch.zeros(N, dtype=torch.float32, device=dev) if line_sums else None
