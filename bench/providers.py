@@ -12,6 +12,7 @@ clip      symmetric CLIP InfoNCE, scale 1/0.07         queries (N, D), keys (N, 
 info_nce  one-way InfoNCE, scale 1/0.07, p(i) = i      queries (N, D), keys (M, D)
 siglip    pairwise sigmoid, scale 10, bias -10         queries (N, D), keys (M, D)
 supcon    SupCon L_out, temperature 0.1, N/8 classes   features (N, D), labels (N,)
+supcon_in SupCon L_in, the same                        features (N, D), labels (N,)
 gist      info_nce with guided false negatives         queries (N, D), keys (M, D), guide
           (GISTEmbed, margin 0), scale 1/0.07          (N, Dg), (M, Dg), Dg = max(16, D/2)
 ========  ==========================================  ===========================
@@ -39,7 +40,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-LOSSES = ("clip", "info_nce", "siglip", "supcon", "gist")
+LOSSES = ("clip", "info_nce", "siglip", "supcon", "supcon_in", "gist")
 PROVIDERS = ("naive", "compiled", "infcl", "infcl-ring", "fastcl-triton", "fastcl-cuda",
              "fastcl-cpu", "fastcl-torch")
 FASTCL_BACKENDS = {"fastcl-triton": "triton", "fastcl-cuda": "cuda", "fastcl-cpu": "cpu",
@@ -51,7 +52,7 @@ SUPCON_TEMPERATURE = 0.1
 
 # the reference / public function behind each loss
 _REFERENCE_NAMES = {"clip": "clip_loss", "info_nce": "info_nce", "siglip": "siglip_loss",
-                    "supcon": "supcon", "gist": "info_nce"}
+                    "supcon": "supcon", "supcon_in": "supcon", "gist": "info_nce"}
 _PUBLIC_NAMES = _REFERENCE_NAMES
 
 Inputs = Dict[str, torch.Tensor]
@@ -121,7 +122,7 @@ def engine_config(provider: str):
 
 def square_only(loss: str) -> bool:
     """Losses whose keys are the queries' partners (M must equal N)."""
-    return loss in ("clip", "supcon")
+    return loss in ("clip", "supcon", "supcon_in")
 
 
 def supcon_classes(n: int) -> int:
@@ -133,7 +134,7 @@ def make_inputs(loss: str, N: int, M: int, D: int, dtype: torch.dtype, device,
     """Fresh L2-normalised features (leaves with ``requires_grad``) for one loss.
 
     Returns {"queries": (N, D), "keys": (M, D)}, for gist also {"guide_queries": (N, Dg),
-    "guide_keys": (M, Dg)} (Dg = max(16, D / 2), no gradient), or, for supcon,
+    "guide_keys": (M, Dg)} (Dg = max(16, D / 2), no gradient), or, for supcon / supcon_in,
     {"features": (N, D), "labels": (N,)}. The tensors are drawn in float32 on ``device`` and cast
     to ``dtype``.
     """
@@ -149,7 +150,7 @@ def make_inputs(loss: str, N: int, M: int, D: int, dtype: torch.dtype, device,
         x = torch.nn.functional.normalize(x, dim=1)
         return x.to(dtype).requires_grad_(grad)
 
-    if loss == "supcon":
+    if loss in ("supcon", "supcon_in"):
         labels = torch.randint(0, supcon_classes(N), (N,), device=device, generator=generator)
         return {"features": feats(N), "labels": labels}
     if loss == "gist":
@@ -250,8 +251,9 @@ def naive_fn(loss: str) -> LossFn:
     if loss == "siglip":
         return lambda x: ref(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, logits_dtype=f32)
     # reference.supcon returns (loss, valid rows)
-    return lambda x: _scalar_out(ref(x["features"], x["labels"], SUPCON_TEMPERATURE, normalize=False,
-                                     logits_dtype=f32))
+    variant = "in" if loss == "supcon_in" else "out"
+    return lambda x: _scalar_out(ref(x["features"], x["labels"], SUPCON_TEMPERATURE, variant=variant,
+                                     normalize=False, logits_dtype=f32))
 
 
 def fastcl_fn(loss: str, backend: str) -> LossFn:
@@ -267,7 +269,10 @@ def fastcl_fn(loss: str, backend: str) -> LossFn:
                             guide=(x["guide_queries"], x["guide_keys"]))
     if loss == "siglip":
         return lambda x: fn(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, backend=backend)
-    return lambda x: _scalar_out(fn(x["features"], x["labels"], SUPCON_TEMPERATURE,
+    if loss == "supcon_in" and backend in ("cuda", "cpu"):
+        raise Unavailable("the compiled extension has no target-LSE closure (SupCon L_in)")
+    variant = "in" if loss == "supcon_in" else "out"
+    return lambda x: _scalar_out(fn(x["features"], x["labels"], SUPCON_TEMPERATURE, variant=variant,
                                     normalize=False, backend=backend))
 
 

@@ -395,10 +395,12 @@ def test_engine_configurations_with_one_launch_plan_are_timed_once(tmp_path, mon
     assert not [r for r in res["rows"] if r["status"] != "ok" and r["ms"] is not None]
 
 
-def test_self_similarity_block_variant(tmp_path, monkeypatch):
-    """SupCon's symmetric dS with dK's slab sums (``DENSE_ROWS`` false) changes only the
-    wide-feature backward: timed there (D = 320 on an H100, bf16), the same launches elsewhere."""
-    res = _planned_run(tmp_path, monkeypatch, "--loss", "supcon", "--D", "64", "320",
+@pytest.mark.parametrize("loss", ["supcon", "supcon_in"])
+def test_self_similarity_block_variant(tmp_path, monkeypatch, loss):
+    """SupCon's dS block without its transposed half (``DENSE_ROWS`` false: L_out's symmetric
+    closure with dK's slab sums, L_in's dS alone with both GEMMs) changes only the wide-feature
+    backward: timed there (D = 320 on an H100, bf16), the same launches elsewhere."""
+    res = _planned_run(tmp_path, monkeypatch, "--loss", loss, "--D", "64", "320",
                        "--triton-config", 'dense_cols={"DENSE_ROWS": false}')
     by = {(r["provider"], r["mode"], r["D"]): r["status"] for r in res["rows"]}
     same = "same launches as fastcl-triton"
@@ -490,7 +492,8 @@ def _reference64(loss, x):
     elif loss == "siglip":
         out = reference.siglip_loss(d["queries"], d["keys"], P.SIGLIP_SCALE, P.SIGLIP_BIAS)
     else:
-        out = reference.supcon(d["features"], d["labels"], P.SUPCON_TEMPERATURE, normalize=False)[0]
+        out = reference.supcon(d["features"], d["labels"], P.SUPCON_TEMPERATURE, normalize=False,
+                               variant="in" if loss == "supcon_in" else "out")[0]
     out.backward()
     return out.detach(), {k: v.grad for k, v in d.items() if v.is_floating_point() and v.requires_grad}
 
@@ -498,7 +501,7 @@ def _reference64(loss, x):
 @pytest.mark.parametrize("loss", P.LOSSES)
 @pytest.mark.parametrize("provider", ["naive", "fastcl-torch"])
 def test_providers_match_float64_reference(loss, provider):
-    if loss in ("siglip", "supcon") and not hasattr(reference, P._REFERENCE_NAMES[loss]):
+    if loss in ("siglip", "supcon", "supcon_in") and not hasattr(reference, P._REFERENCE_NAMES[loss]):
         pytest.skip(f"fastcl.reference has no {loss}")
     N, M, D = 40, (56 if loss in ("info_nce", "siglip", "gist") else 40), 24
     x = P.make_inputs(loss, N, M, D, torch.float32, CPU, torch.Generator().manual_seed(3))

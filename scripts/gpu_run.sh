@@ -31,7 +31,7 @@
 #             against their peers
 #   memcheck  compute-sanitizer over a tiny fastcl-cuda run
 # Other phases (a second call on a warm machine): "variants", "variants_general",
-# "variants_siglip", "variants_targets" (below), e.g. PHASES="install variants".
+# "variants_siglip", "variants_targets", "variants_self" (below), e.g. PHASES="install variants".
 # Environment knobs: PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's),
 # GPU_RUN_BUDGET_S (total seconds, default 570), TESTS_MAX_S (default 150), TEST_WORKERS
 # (pytest-xdist workers, default 8), BENCH_ARGS, SKIP_TESTS=1, SKIP_SANITIZER=1.
@@ -46,9 +46,11 @@
 # SupCon forward with the lean path off (variants_general/bench.csv); phases "variants_siglip"
 # and "variants_targets" time SigLIP's and SupCon's forward and backward on the lean path (the
 # default; SupCon's targets summed beside the forward sweep and compared in the backward's
-# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv);
-# variants_targets also times SupCon's wide-feature backward (D = 768) with dK's slab sums in a
-# block of twice the bytes (DENSE_ROWS false) against the default, the rows' float32 sums.
+# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv). Phase
+# "variants_self" times the self-similarities' wide-feature backward (SupCon L_out and L_in,
+# D = 768) with the dS block alone (DENSE_ROWS false: dK's slab sums; L_in both GEMMs) against
+# the default, dS + dS^T in the block and one GEMM into the rows' float32 sums
+# (variants_self/bench.csv).
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -281,7 +283,14 @@ if want variants_targets; then
   phase variants_targets "$TLIMIT" "$PY" -m bench --out "$OUT/variants_targets" --provider fastcl-triton \
     --loss supcon --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
     --budget-s $(( TLIMIT > 90 ? TLIMIT - 60 : TLIMIT / 2 )) \
-    --triton-config 'masked={"PLAIN": false}' --triton-config 'dense_cols={"DENSE_ROWS": false}'
+    --triton-config 'masked={"PLAIN": false}'
+fi
+if want variants_self; then
+  ELIMIT=$(min 240 $(( $(left) - 20 )))
+  phase variants_self "$ELIMIT" "$PY" -m bench --out "$OUT/variants_self" --provider fastcl-triton \
+    --loss supcon supcon_in --N 32768 --D 768 --dtype bf16 --mode bwd --no-plots \
+    --budget-s $(( ELIMIT > 90 ? ELIMIT - 60 : ELIMIT / 2 )) \
+    --triton-config 'dense_cols={"DENSE_ROWS": false}'
 fi
 if want variants; then
   VLIMIT=$(min 420 $(( $(left) - 20 )))
