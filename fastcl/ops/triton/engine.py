@@ -61,8 +61,8 @@ _MERGE_BLOCK = 256
 # column sums on the tensor cores), and choose paths: "DENSE" (the wide-feature
 # backward on or off), "PLAIN" (False: every tile takes the general, masked path), "SPLIT" (the
 # backward's interior tiles in launches of their own: the fused kernels', and the wide-feature
-# backward's dS tiles), "DENSE_ROWS" (False: a self-similarity's symmetric dS takes the general
-# wide-feature backward's slab sums, in a dS block budgeted as two feature sets, see dense_plan).
+# backward's dS tiles), "DENSE_ROWS" (False: a self-similarity's wide-feature dS block without
+# its transposed half, and dK's slab sums beside it; see _backward_dense).
 config_override: dict = {}
 _POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT", "DENSE_ROWS")
 PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram", "dense_plain")
