@@ -11,6 +11,9 @@ an autograd-aware gather; each rank computes the loss rows of its local queries 
 (positives offset by ``rank * m``) and, for CLIP, the rows of its local texts against all images.
 Memory per rank: O(N * D) features.
 
+The self-similarity losses (:func:`nt_xent`, :func:`supcon`) take the gather mode: each rank's
+rows against the rows of every rank, its own left out.
+
 ``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
 (``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
 each rank merges the row statistics of its queries over all blocks (log-sum-exp with ``logaddexp``,
@@ -44,13 +47,15 @@ import torch.distributed as dist
 
 from . import _backend
 from .autograd import _scalar32, engine_loss, first_order_only
-from .losses import _check_index, _check_pair, _prepare, _scalar_param
+from .losses import (_cast_dtype, _check_index, _check_pair, _prepare, _scalar_param, _stack_rows,
+                     _two_views, _views_flat)
 from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
                   merge_lse, row_losses, split_lse, tied_scale_totals)
 
 Tensor = torch.Tensor
 
-__all__ = ["all_gather_with_grad", "clip_loss", "info_nce", "siglip_loss", "MODES"]
+__all__ = ["all_gather_with_grad", "clip_loss", "info_nce", "siglip_loss", "nt_xent", "supcon",
+           "MODES"]
 
 MODES = ("gather", "ring")
 
@@ -516,3 +521,101 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         rows, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
                         backend=be, group=group)
     return _global_value(rows.sum() * norm, group)
+
+
+def _gather_plain(x: Tensor, group) -> Tensor:
+    """All-gather of a tensor without a gradient (labels): (n, ...) -> (W * n, ...), rank order."""
+    parts = [torch.empty_like(x) for _ in range(_world(group)[0])]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _self_similarity_rows(rows: Tensor, labels: Tensor, temperature, variant: str, group,
+                          reduction: str, backend: str, exact: bool) -> Tensor:
+    """The global SupCon loss of every rank's ``rows`` (R, D) (normalised, the kernels' dtype) with
+    ``labels`` (R,): this rank's rows against the rows of all ranks, gathered in rank order, each
+    row's own copy left out (``self_offset``), averaged over the rows with a positive on any rank."""
+    from .losses import supcon as _supcon
+    r = _world(group)[1]
+    if isinstance(temperature, Tensor):
+        temperature = _sync_scalar(temperature, group)
+    keys = all_gather_with_grad(rows, group)
+    key_labels = _gather_plain(labels, group)
+    per, valid = _supcon(rows, labels, temperature, variant=variant, keys=keys, key_labels=key_labels,
+                         self_offset=r * rows.shape[0], normalize=False, reduction="none",
+                         backend=backend, exact=exact, return_valid=True)
+    contribution = per.sum()
+    if reduction == "mean":
+        count = valid.sum().to(contribution.dtype)
+        dist.all_reduce(count, group=group)  # (on the device: no host synchronisation)
+        contribution = contribution / count.clamp(min=1)
+    return _global_value(contribution, group)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, group=None,
+            reduction: str = "mean", backend: str = "auto", exact: bool = False,
+            check_sizes: bool = True) -> Tensor:
+    """SimCLR NT-Xent of the global batch: :func:`fastcl.nt_xent` of every rank's views
+    concatenated in rank order (N = W * n pairs, 2N rows), from each rank's local pairs.
+
+    Gather mode: each rank's 2n rows ``[z1; z2]`` (normalised first when ``normalize``) are
+    all-gathered with their gradient; its rows are taken against all 2N, their own left out, the
+    other view the positive (SupCon L_out with instance labels, one fused sweep).
+
+    Args:
+        z1, z2: (n, D) the local pairs' two views (the same n on every rank).
+        temperature: float or one-element tensor (its gradient is the single-process one on
+            every rank).
+        reduction: "mean" over the 2N rows | "sum"; group, backend, exact, check_sizes: as
+            :func:`clip_loss`.
+    Returns:
+        the global loss (same value on every rank); gradients follow the averaging convention of
+        this module's docstring. Without an initialised process group, :func:`fastcl.nt_xent`.
+    """
+    _check_mode("gather", reduction)
+    if _world(group)[0] == 1:
+        from .losses import nt_xent as _nt_xent
+        return _nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
+                        backend=backend, exact=exact)
+    rows, _, _ = _two_views(z1, z2, normalize, backend)
+    n = z1.shape[0]
+    if check_sizes:
+        _check_sizes("z1", n, group, z1.device)
+    ids = torch.arange(n, device=rows.device).repeat(2) + _world(group)[1] * n  # (instances)
+    return _self_similarity_rows(rows, ids, temperature, "out", group, reduction, backend, exact)
+
+
+def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = "out",
+           normalize: bool = True, group=None, reduction: str = "mean", backend: str = "auto",
+           exact: bool = False, check_sizes: bool = True) -> Tensor:
+    """Supervised contrastive loss of the global batch: :func:`fastcl.supcon` of every rank's
+    samples concatenated in rank order, from each rank's local samples.
+
+    Gather mode: each rank's rows (its V views, view-major, normalised first when ``normalize``)
+    and labels are all-gathered, the rows with their gradient; its rows are taken against the
+    rows of every rank, their own left out (one fused sweep). Positives are the rows of the same
+    class on any rank.
+
+    Args:
+        features: (n, D) or (n, V, D), the same n and V on every rank; labels: (n,) class ids,
+            global (the same class has the same id on every rank).
+        variant: "out" | "in", as :func:`fastcl.supcon`.
+        reduction: "mean" over the rows of every rank that have a positive (their number summed
+            on the device, no host synchronisation) | "sum". Other arguments as :func:`nt_xent`.
+    Returns:
+        the global loss (same value on every rank). Without an initialised process group,
+        :func:`fastcl.supcon`.
+    """
+    _check_mode("gather", reduction)
+    if variant not in ("out", "in"):
+        raise ValueError(f"variant must be 'out' or 'in', got {variant!r}")
+    if _world(group)[0] == 1:
+        from .losses import supcon as _supcon
+        return _supcon(features, labels, temperature, variant=variant, normalize=normalize,
+                       reduction=reduction, backend=backend, exact=exact)
+    views, row_labels = _views_flat("features", features, labels, "labels")
+    if check_sizes:
+        _check_sizes("features", features.shape[0], group, features.device)
+    rows = _stack_rows(views, normalize, _cast_dtype(views[0]))
+    return _self_similarity_rows(rows, row_labels, temperature, variant, group, reduction, backend,
+                                 exact)

@@ -181,6 +181,52 @@ def test_gather_and_ring_match_single_process(world):
     run_gloo(_worker, world)
 
 
+def _worker_self(r, W):
+    """NT-Xent and SupCon (gather mode) against the single-process loss of the global batch."""
+    gen = torch.Generator().manual_seed(77 + W)
+    n, d = 4, 6
+    N = W * n
+    # un-normalised views (normalize=True), a learnable temperature, mean and sum
+    Z1 = torch.randn(N, d, generator=gen, dtype=torch.float64).requires_grad_()
+    Z2 = (Z1.detach() + 0.5 * torch.randn(N, d, generator=gen, dtype=torch.float64)).requires_grad_()
+    for reduction, g in (("mean", 0.7), ("sum", -1.1)):
+        t = _leaf(0.3)
+        ref = reference.nt_xent(Z1, Z2, t, reduction=reduction)
+        z1, z2 = _slices(r, W, Z1, Z2)
+        tl = _leaf(0.3)
+        loss = fdist.nt_xent(z1, z2, tl, reduction=reduction, backend="torch")
+        _check(f"nt_xent/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g, [n, n])
+    # SupCon, two views, classes across ranks; one view with a class of one sample (a row
+    # without positives: out of the mean's count, on whichever rank it lies)
+    F2 = torch.randn(N, 2, d, generator=gen, dtype=torch.float64).requires_grad_()
+    F1 = torch.randn(N, d, generator=gen, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, N // 2, (N,), generator=gen)
+    y[-1] = 10**6
+    for feats, variant in ((F2, "out"), (F2, "in"), (F1, "out"), (F1, "in")):
+        t = _leaf(0.2)
+        ref = reference.supcon(feats, y, t, variant=variant)[0]
+        (f,) = _slices(r, W, feats)
+        tl = _leaf(0.2)
+        loss = fdist.supcon(f, y[r * n:(r + 1) * n], tl, variant=variant, backend="torch")
+        _check(f"supcon/{variant}/{feats.dim()}d", W, r, loss, ref, [f, tl], [feats, t], 1.3, [n])
+    # float32 through the Triton engine (interpreted on CPU): the rectangular kernels with labels
+    # and the own slot left out at this rank's offset
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ref = reference.nt_xent(Z1, Z2, 0.25)
+        z1, z2 = (x.float().requires_grad_(True) for x in _slices(r, W, Z1, Z2))
+        loss = fdist.nt_xent(z1, z2, 0.25, backend="triton", exact=True)
+        got = torch.autograd.grad(loss, [z1, z2])
+        want = torch.autograd.grad(ref, [Z1, Z2])
+        _close("nt_xent/triton loss", loss.double(), ref, tol=1e-5)
+        for k, (a, b) in enumerate(zip(got, want)):
+            _close(f"nt_xent/triton grad {k}", a.double(), W * b[r * n:(r + 1) * n], tol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_self_similarities_gather_match_single_process(world):
+    run_gloo(_worker_self, world)
+
+
 def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
@@ -257,3 +303,17 @@ def test_single_process_fallback():
         fdist.info_nce(I, T, reduction="none")
     with pytest.raises(ValueError, match="same batch size"):
         fdist.clip_loss(I, T[:4], 3.0)
+    # the self-similarities: the single-process losses
+    t = _leaf(0.4)
+    for loss, ref in ((fdist.nt_xent(I, T, t, backend="torch"), reference.nt_xent(I, T, t)),
+                      (fdist.supcon(torch.stack([I, T], 1), torch.tensor([0, 1, 0, 2, 1, 3]), t,
+                                    variant="in", backend="torch"),
+                       reference.supcon(torch.stack([I, T], 1), torch.tensor([0, 1, 0, 2, 1, 3]), t,
+                                        variant="in")[0])):
+        _close("self-similarity", loss, ref)
+        for a, b in zip(torch.autograd.grad(loss, [I, T, t]), torch.autograd.grad(ref, [I, T, t])):
+            _close("self-similarity grad", a, b)
+    with pytest.raises(ValueError, match="reduction"):
+        fdist.nt_xent(I, T, reduction="none")
+    with pytest.raises(ValueError, match="variant"):
+        fdist.supcon(I, torch.zeros(6, dtype=torch.long), variant="all")
