@@ -355,6 +355,41 @@ def test_sentence_transformers_mnrl(directions, partition_mode, cols, cos, hardn
     _compare("mnrl/sentence-transformers", ours, Real(model, scale=20.0, **kw)(feats, None), params)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_sentence_transformers_symmetric_mnrl(cached):
+    """MultipleNegativesSymmetricRankingLoss and its cached form: the anchors' loss over the
+    documents and the positives' over the anchors (a hard-negative column, which only the first
+    direction sees), against the transcribed formula and the library's own class."""
+    gen = torch.Generator().manual_seed(31)
+    torch.manual_seed(0)
+    model = ToyEncoder()
+    feats = _columns(gen, 6, 3)
+    params = list(model.parameters())
+    kw = dict(mini_batch_size=2) if cached else {}
+    cls = st.CachedMultipleNegativesSymmetricRankingLoss if cached else st.MultipleNegativesSymmetricRankingLoss
+    loss = cls(model, scale=15.0, **kw)
+    assert loss.directions == ("query_to_doc", "doc_to_query") and loss.partition_mode == "per_direction"
+    embs = [model(f)["sentence_embedding"] for f in feats]
+    ref = _mnrl_formula(embs, 15.0, loss.directions, loss.partition_mode, True, None, 0.0)
+    ours = loss(feats, None)
+    assert abs(ours.item() - ref.item()) <= TOL
+    (0.9 * ours).backward()
+    for p, g in zip(params, torch.autograd.grad(0.9 * ref, params)):
+        assert g.abs().max() > 0 and (p.grad - g).abs().max() <= TOL, "symmetric mnrl gradient"
+    model.zero_grad(set_to_none=True)
+    if cached:  # (the library's cached form needs a real SentenceTransformer: the plain one is
+        return  # compared with the library below, and the cached form with it above)
+    try:
+        import warnings
+        from sentence_transformers.sentence_transformer import losses as real
+    except Exception:
+        pytest.skip("sentence-transformers not installed: real-peer comparison skipped")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        want = real.MultipleNegativesSymmetricRankingLoss(model, scale=15.0)
+    _compare("symmetric mnrl/sentence-transformers", loss(feats, None), want(feats, None), params)
+
+
 def test_sentence_transformers_errors():
     model = ToyEncoder()
     with pytest.raises(ValueError, match="query_to_doc"):

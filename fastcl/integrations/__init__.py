@@ -6,7 +6,8 @@ info-nce-pytorch.
 * :mod:`fastcl.integrations.open_clip`: ``ClipLoss``, ``CoCaLoss``, ``DistillClipLoss``,
   ``SigLipLoss``
 * :mod:`fastcl.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``,
-  ``CachedMultipleNegativesRankingLoss``, ``GISTEmbedLoss``, ``CachedGISTEmbedLoss``
+  ``CachedMultipleNegativesRankingLoss``, ``MultipleNegativesSymmetricRankingLoss``,
+  ``CachedMultipleNegativesSymmetricRankingLoss``, ``GISTEmbedLoss``, ``CachedGISTEmbedLoss``
 * :mod:`fastcl.integrations.pytorch_metric_learning`: ``NTXentLoss``, ``SupConLoss``,
   ``CrossBatchMemory``
 * :mod:`fastcl.integrations.lightly`: ``NTXentLoss`` (with its memory bank), ``DirectCLRLoss``,

@@ -1,5 +1,5 @@
-"""sentence-transformers drop-ins: ``MultipleNegativesRankingLoss``, ``GISTEmbedLoss`` and their
-cached (chunked) forms.
+"""sentence-transformers drop-ins: ``MultipleNegativesRankingLoss``,
+``MultipleNegativesSymmetricRankingLoss``, ``GISTEmbedLoss`` and their cached (chunked) forms.
 
 Same constructor arguments and ``forward(sentence_features, labels)`` as the sentence-transformers
 losses: the first column holds the anchors (queries), the second their positives, any further
@@ -46,6 +46,7 @@ from ._common import (exact_products, guided_statistics, row_gap, row_gap_withou
 Tensor = torch.Tensor
 
 __all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "mnrl_from_embeddings",
+           "MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
            "GISTEmbedLoss", "CachedGISTEmbedLoss", "gist_from_embeddings"]
 
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -254,6 +255,36 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         super().__init__(model, scale, similarity_fct, gather_across_devices, directions,
                          partition_mode, hardness_mode, hardness_strength,
                          mini_batch_size=mini_batch_size, show_progress_bar=show_progress_bar,
+                         backend=backend, exact=exact)
+
+
+_SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+
+
+class MultipleNegativesSymmetricRankingLoss(MultipleNegativesRankingLoss):
+    """Fused ``MultipleNegativesSymmetricRankingLoss``: :class:`MultipleNegativesRankingLoss` with
+    ``directions=("query_to_doc", "doc_to_query")`` and ``partition_mode="per_direction"``, as
+    sentence-transformers defines it (the mean of the anchors' loss over the documents and the
+    positives' loss over the anchors)."""
+
+    def __init__(self, model: Callable, scale: float = 20.0, similarity_fct: Optional[Callable] = None,
+                 gather_across_devices: bool = False, *, mini_batch_size: Optional[int] = None,
+                 show_progress_bar: bool = False, backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__(model, scale, similarity_fct, gather_across_devices, **_SYMMETRIC,
+                         mini_batch_size=mini_batch_size, show_progress_bar=show_progress_bar,
+                         backend=backend, exact=exact)
+
+
+class CachedMultipleNegativesSymmetricRankingLoss(CachedMultipleNegativesRankingLoss):
+    """Fused ``CachedMultipleNegativesSymmetricRankingLoss``: :class:`CachedMultipleNegativesRankingLoss`
+    with the symmetric directions of :class:`MultipleNegativesSymmetricRankingLoss`."""
+
+    def __init__(self, model: Callable, scale: float = 20.0, similarity_fct: Optional[Callable] = None,
+                 mini_batch_size: int = 32, mini_batch_num_tokens: Optional[int] = None,
+                 gather_across_devices: bool = False, show_progress_bar: bool = False, *,
+                 backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__(model, scale, similarity_fct, mini_batch_size, mini_batch_num_tokens,
+                         gather_across_devices, **_SYMMETRIC, show_progress_bar=show_progress_bar,
                          backend=backend, exact=exact)
 
 
