@@ -656,6 +656,43 @@ def test_pml_ntxent(kind):
              losses.NTXentLoss(temperature=0.2)(x, labels), [x], tol=1e-8)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kind", ["ntxent", "supcon"])
+def test_pml_self_supervised(kind, symmetric):
+    """SelfSupervisedLoss around the drop-ins against pml's own wrapper around its own losses
+    (two augmentations, stacked or the second as a reference set), and pml's wrapper around the
+    drop-ins (its labels made on the CPU)."""
+    gen = torch.Generator().manual_seed(8)
+    x = _feats(gen, 7, 9, normalize=False)
+    y = (x.detach() + 0.4 * torch.randn(7, 9, generator=gen, dtype=x.dtype)).requires_grad_(True)
+    ours_cls = pml.NTXentLoss if kind == "ntxent" else pml.SupConLoss
+    loss = pml.SelfSupervisedLoss(ours_cls(temperature=0.2), symmetric=symmetric)
+    ours = loss(x, y)
+    ref_labels = torch.arange(7)
+    if symmetric:
+        ref = (_pml_ntxent_formula(torch.cat([x, y]), ref_labels.repeat(2), 0.2) if kind == "ntxent"
+               else reference.supcon(torch.cat([x, y]), ref_labels.repeat(2), 0.2)[0])
+    else:
+        ref = (_pml_ntxent_formula(x, ref_labels, 0.2, y, ref_labels) if kind == "ntxent" else None)
+    if ref is not None:
+        _compare(f"self-supervised/{kind}/transcription", ours, ref, [x, y])
+    losses = pytest.importorskip("pytorch_metric_learning.losses")
+    real = getattr(losses, "NTXentLoss" if kind == "ntxent" else "SupConLoss")(temperature=0.2)
+    wrapper = losses.SelfSupervisedLoss(real, symmetric=symmetric)
+    _compare(f"self-supervised/{kind}/pml", loss(x, y), wrapper(x, y), [x, y], tol=1e-8)
+    wrapped = losses.SelfSupervisedLoss(ours_cls(temperature=0.2), symmetric=symmetric)(x, y)
+    _compare(f"self-supervised/{kind}/pml-wrapper", wrapped, wrapper(x, y), [x, y], tol=1e-8)
+
+
+def test_pml_self_supervised_errors():
+    gen = torch.Generator().manual_seed(9)
+    x = _feats(gen, 5, 4, normalize=False)
+    with pytest.raises(TypeError, match="NTXentLoss or SupConLoss"):
+        pml.SelfSupervisedLoss(nn.MSELoss())
+    with pytest.raises(ValueError, match="same batch size"):
+        pml.SelfSupervisedLoss(pml.NTXentLoss())(x, x[:4])
+
+
 def test_pml_supcon():
     gen = torch.Generator().manual_seed(6)
     labels = torch.randint(0, 5, (15,), generator=gen)

@@ -9,7 +9,7 @@ info-nce-pytorch.
   ``CachedMultipleNegativesRankingLoss``, ``MultipleNegativesSymmetricRankingLoss``,
   ``CachedMultipleNegativesSymmetricRankingLoss``, ``GISTEmbedLoss``, ``CachedGISTEmbedLoss``
 * :mod:`fastcl.integrations.pytorch_metric_learning`: ``NTXentLoss``, ``SupConLoss``,
-  ``CrossBatchMemory``
+  ``SelfSupervisedLoss``, ``CrossBatchMemory``
 * :mod:`fastcl.integrations.lightly`: ``NTXentLoss`` (with its memory bank), ``DirectCLRLoss``,
   ``DCLLoss``, ``DCLWLoss``, ``MACLLoss``, ``HypersphereLoss``
 * :mod:`fastcl.integrations.info_nce_pytorch`: ``InfoNCE``, ``info_nce``

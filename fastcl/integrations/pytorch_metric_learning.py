@@ -12,6 +12,13 @@ these, with no host sync to decide it. pytorch-metric-learning itself is not imp
   positive dominates). Needs a backend with the extended closures ("auto", "triton", "torch").
 * ``SupConLoss(temperature=0.1)``: :func:`fastcl.supcon` (variant "out"), mean over anchors that
   have a positive (pml's AvgNonZeroReducer).
+* ``SelfSupervisedLoss(loss, symmetric=True)``: pml's wrapper for two augmentations,
+  ``forward(embeddings (B, D), ref_emb (B, D))`` with row i of each the same sample: the two
+  stacked with labels ``arange(B)`` twice (``symmetric``), or the embeddings against ``ref_emb``.
+  It wraps these drop-ins (pml's own wrapper takes them too).
+
+Labels on another device than the embeddings are moved to it, as pml does (pml's wrapper makes
+its labels on the CPU).
 
 ``exact`` (both): float32 products in IEEE arithmetic; by default as torch's float32 matmul
 precision allows (:func:`fastcl.integrations._common.exact_products`), as pml's own matmuls.
@@ -31,7 +38,7 @@ from ._common import exact_products
 
 Tensor = torch.Tensor
 
-__all__ = ["NTXentLoss", "SupConLoss", "CrossBatchMemory", "ntxent_pairs"]
+__all__ = ["NTXentLoss", "SupConLoss", "SelfSupervisedLoss", "CrossBatchMemory", "ntxent_pairs"]
 
 
 def _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels):
@@ -43,7 +50,7 @@ def _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels):
     _check_features("embeddings", embeddings)
     if labels is None:
         raise ValueError(f"labels must be an integer tensor of shape ({embeddings.shape[0]},), got None")
-    labels = _check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+    labels = _check_labels("labels", _on(labels, embeddings), embeddings.shape[0], embeddings.device)
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError("ref_labels needs ref_emb")
@@ -52,7 +59,15 @@ def _check_call(embeddings, labels, indices_tuple, ref_emb, ref_labels):
     if ref_labels is None:
         raise ValueError(f"ref_labels must be given with ref_emb: an integer tensor of shape "
                          f"({ref_emb.shape[0]},)")
-    return labels, ref_emb, _check_labels("ref_labels", ref_labels, ref_emb.shape[0], ref_emb.device)
+    return labels, ref_emb, _check_labels("ref_labels", _on(ref_labels, ref_emb), ref_emb.shape[0],
+                                          ref_emb.device)
+
+
+def _on(labels, x: Tensor):
+    """pml's convention: labels on another device than their embeddings are moved to it."""
+    if isinstance(labels, Tensor) and isinstance(x, Tensor) and labels.device != x.device:
+        return labels.to(x.device)
+    return labels
 
 
 def _label_ranges(labels: Tensor, key_labels: Tensor):
@@ -176,6 +191,31 @@ class SupConLoss(_PairLoss):
                       backend=self.backend, exact=exact_products(self.exact))
         has = _pml_has_pairs(labels, ref_labels, self_offset is not None)
         return torch.where(has, loss, torch.zeros_like(loss))
+
+
+class SelfSupervisedLoss(nn.Module):
+    """pml ``SelfSupervisedLoss(loss, symmetric=True)`` around :class:`NTXentLoss` or
+    :class:`SupConLoss`: ``forward(embeddings (B, D), ref_emb (B, D))``, ``ref_emb`` an augmentation
+    of ``embeddings`` row by row. ``symmetric``: the 2B rows stacked, labels ``arange(B)`` twice
+    (each row's positive its other view); else the embeddings against ``ref_emb`` as a reference
+    set with the same labels."""
+
+    def __init__(self, loss: nn.Module, symmetric: bool = True):
+        super().__init__()
+        if not isinstance(loss, (NTXentLoss, SupConLoss)):
+            raise TypeError(f"SelfSupervisedLoss wraps fastcl's NTXentLoss or SupConLoss, got "
+                            f"{type(loss).__name__}")
+        self.loss, self.symmetric = loss, bool(symmetric)
+
+    def forward(self, embeddings: Tensor, ref_emb: Tensor) -> Tensor:
+        _check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+        if embeddings.shape[0] != ref_emb.shape[0]:
+            raise ValueError(f"embeddings and ref_emb must have the same batch size (row i of each "
+                             f"is one sample), got {embeddings.shape[0]} and {ref_emb.shape[0]}")
+        labels = torch.arange(embeddings.shape[0], device=embeddings.device)
+        if self.symmetric:
+            return self.loss(torch.cat([embeddings, ref_emb]), labels.repeat(2))
+        return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=labels)
 
 
 class CrossBatchMemory(nn.Module):
