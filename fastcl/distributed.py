@@ -614,8 +614,8 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
         return _supcon(features, labels, temperature, variant=variant, normalize=normalize,
                        reduction=reduction, backend=backend, exact=exact)
     views, row_labels = _views_flat("features", features, labels, "labels")
-    if check_sizes:
-        _check_sizes("features", features.shape[0], group, features.device)
+    if check_sizes:  # (samples times views: the rows each rank gathers)
+        _check_sizes("features", row_labels.shape[0], group, row_labels.device)
     rows = _stack_rows(views, normalize, _cast_dtype(views[0]))
     return _self_similarity_rows(rows, row_labels, temperature, variant, group, reduction, backend,
                                  exact)
