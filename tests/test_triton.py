@@ -542,8 +542,8 @@ def test_dense_plan_bounds(N, M, D):
         R1, W1 = E.dense_plan(N, M, D, elt, 128, 64, False)  # no dK: longer row chunks
         assert W1 == W and R1 >= R
         # a self-similarity (N rows against themselves): the block and the rows' float32 sums
-        # (symmetric dS), or dK's (dS taken one row at a time: twice as many slabs), within the
-        # features' bytes counted once
+        # (dS + dS^T in the block), or dK's (dS alone, DENSE_ROWS false: twice as many slabs),
+        # within the features' bytes counted once
         once = max(E._DENSE_BYTES_MIN, N * min(D, 512) * elt)
         R2, W2 = E.dense_plan(N, N, D, elt, 128, 64, False, same_rows=True, rows_acc=True)
         assert R2 % 128 == 0 and W2 % 64 == 0 and -(-N // W2) <= E._DENSE_SLABS
