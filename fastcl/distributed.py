@@ -552,9 +552,16 @@ def _self_similarity_rows(rows: Tensor, labels: Tensor, temperature, variant: st
     return _global_value(contribution, group)
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, group=None,
-            reduction: str = "mean", backend: str = "auto", exact: bool = False,
-            check_sizes: bool = True) -> Tensor:
+def _check_gather(name: str, mode: str, reduction: str) -> None:
+    if mode == "ring":
+        raise ValueError(f"{name} has the gather mode only (mode='gather'): its rows are taken "
+                         "against the rows of every rank")
+    _check_mode(mode, reduction)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
+            mode: str = "gather", group=None, reduction: str = "mean", backend: str = "auto",
+            exact: bool = False, check_sizes: bool = True) -> Tensor:
     """SimCLR NT-Xent of the global batch: :func:`fastcl.nt_xent` of every rank's views
     concatenated in rank order (N = W * n pairs, 2N rows), from each rank's local pairs.
 
@@ -566,13 +573,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
         z1, z2: (n, D) the local pairs' two views (the same n on every rank).
         temperature: float or one-element tensor (its gradient is the single-process one on
             every rank).
+        mode: "gather" (the only mode of the self-similarities).
         reduction: "mean" over the 2N rows | "sum"; group, backend, exact, check_sizes: as
             :func:`clip_loss`.
     Returns:
         the global loss (same value on every rank); gradients follow the averaging convention of
         this module's docstring. Without an initialised process group, :func:`fastcl.nt_xent`.
     """
-    _check_mode("gather", reduction)
+    _check_gather("nt_xent", mode, reduction)
     if _world(group)[0] == 1:
         from .losses import nt_xent as _nt_xent
         return _nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
@@ -586,8 +594,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True, 
 
 
 def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = "out",
-           normalize: bool = True, group=None, reduction: str = "mean", backend: str = "auto",
-           exact: bool = False, check_sizes: bool = True) -> Tensor:
+           normalize: bool = True, mode: str = "gather", group=None, reduction: str = "mean",
+           backend: str = "auto", exact: bool = False, check_sizes: bool = True) -> Tensor:
     """Supervised contrastive loss of the global batch: :func:`fastcl.supcon` of every rank's
     samples concatenated in rank order, from each rank's local samples.
 
@@ -606,7 +614,7 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
         the global loss (same value on every rank). Without an initialised process group,
         :func:`fastcl.supcon`.
     """
-    _check_mode("gather", reduction)
+    _check_gather("supcon", mode, reduction)
     if variant not in ("out", "in"):
         raise ValueError(f"variant must be 'out' or 'in', got {variant!r}")
     if _world(group)[0] == 1:

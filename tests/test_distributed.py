@@ -194,7 +194,7 @@ def _worker_self(r, W):
         ref = reference.nt_xent(Z1, Z2, t, reduction=reduction)
         z1, z2 = _slices(r, W, Z1, Z2)
         tl = _leaf(0.3)
-        loss = fdist.nt_xent(z1, z2, tl, reduction=reduction, backend="torch")
+        loss = fdist.nt_xent(z1, z2, tl, mode="gather", reduction=reduction, backend="torch")
         _check(f"nt_xent/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g, [n, n])
     # SupCon, two views, classes across ranks; one view with a class of one sample (a row
     # without positives: out of the mean's count, on whichever rank it lies)
@@ -315,5 +315,9 @@ def test_single_process_fallback():
             _close("self-similarity grad", a, b)
     with pytest.raises(ValueError, match="reduction"):
         fdist.nt_xent(I, T, reduction="none")
+    with pytest.raises(ValueError, match="gather mode only"):
+        fdist.supcon(I, torch.zeros(6, dtype=torch.long), mode="ring")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fdist.nt_xent(I, T, mode="allgather")
     with pytest.raises(ValueError, match="variant"):
         fdist.supcon(I, torch.zeros(6, dtype=torch.long), variant="all")
