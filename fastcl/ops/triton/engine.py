@@ -1762,11 +1762,7 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
     M = keys.shape[0]
     dev = queries.device
     cfg = dict(_config(queries, "fwd"))
-    flags = _flags(queries, spec, targets, bias, linear=True)
-    if gram and rows_acc:
-        # (as the fused GRAM kernel: every tile on the masked path, where an entry and its
-        # transposed term are formed alike, so that the lines' sums measure what the GEMM sums)
-        flags["PLAIN"] = False
+    flags = _flags(queries, spec, targets, bias, linear=True, gram=gram and rows_acc)
     # lean closures: the tiles of plain spans in a launch of their own (lean path only, wider
     # tiles), the rest in a band launch with the "fwd" tiles
     split = flags["PLAIN"] and config_override.get("SPLIT", dev.type == "cuda")
@@ -1954,10 +1950,14 @@ def _plain(spec, targets) -> bool:
             and targets.row_ids is None and targets.teacher_queries is None)
 
 
-def _flags(queries, spec, targets, bias, linear: bool = False) -> dict:
+def _flags(queries, spec, targets, bias, linear: bool = False, gram: bool = False) -> dict:
     """The kernels' closure flags; ``linear`` (the backward): tiles off the band take the lean
-    path for linear-target closures too, with their targets compared in the tile."""
-    return dict(PLAIN=_plain(spec, targets) or (linear and _linear_targets(spec, targets)),
+    path for linear-target closures too, with their targets compared in the tile. ``gram`` (the
+    backward's GRAM kernels, which add each tile's transposed term): every tile on the masked
+    path, where the transposed term's targets (on the other band) are compared and an entry and
+    its transposed term are formed alike, so that the lines' sums measure what is summed."""
+    return dict(PLAIN=not gram and (_plain(spec, targets)
+                                    or (linear and _linear_targets(spec, targets))),
                 UPCAST=queries.device.type != "cuda" and queries.dtype == torch.bfloat16,
                 EXCLUDE_TARGETS=spec.exclude_targets, TARGET_LSE=spec.target_lse,
                 FN_SPACE=spec.fn_space, FN_IDS=targets.row_ids is not None,
@@ -2350,8 +2350,8 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     M = keys.shape[0]
     dev = queries.device
     f32 = torch.float32
-    flags = _flags(queries, spec, targets, bias, linear=True)
-    lean = flags["PLAIN"] and not gram
+    flags = _flags(queries, spec, targets, bias, linear=True, gram=gram)
+    lean = flags["PLAIN"]
     # split: interior tiles in launches of their own (lean path only, wider tiles), after launches
     # over the band and edge tiles that hand over float32 partial gradients
     split = lean and _split_backward(queries)
@@ -2417,9 +2417,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
         dq = torch.empty((N, D), dtype=queries.dtype, device=dev) if need_q else None
         const = dict(SYMMETRIC=symmetric, PRECISION=precision, COMPUTE_DQ=need_q,
                      COMPUTE_SB=rows_do_sb, COMPUTE_SBC=sym_sb and rows_do_sb, GRAM=gram,
-                     SELF_SYM=self_sym,
-                     # the transposed term of GRAM has its targets on the other band
-                     **dict(flags, PLAIN=lean))
+                     SELF_SYM=self_sym, **flags)
         sb = launches(_backward_rows_kernel, True, N, dq, rows_do_sb, const, "BLOCK_N", rt)
         if rows_do_sb:
             dsb.append(sb)
