@@ -11,8 +11,9 @@ an autograd-aware gather; each rank computes the loss rows of its local queries 
 (positives offset by ``rank * m``) and, for CLIP, the rows of its local texts against all images.
 Memory per rank: O(N * D) features.
 
-The self-similarity losses (:func:`nt_xent`, :func:`supcon`) take the gather mode: each rank's
-rows against the rows of every rank, its own left out.
+The self-similarity losses (:func:`nt_xent`, :func:`supcon`) take each rank's rows against the
+rows of every rank, its own left out, in either mode (gather by default): in the ring a rank's
+rows are its queries and the blocks that travel are the other ranks' rows.
 
 ``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
 (``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
@@ -40,15 +41,16 @@ synchronisation is the optional batch-size check (``check_sizes=True``: one tiny
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _backend
-from .autograd import _scalar32, engine_loss, first_order_only
+from .autograd import _engine, _scalar32, engine_loss, first_order_only
 from .losses import (_cast_dtype, _check_index, _check_pair, _prepare, _scalar_param, _stack_rows,
-                     _two_views, _views_flat)
+                     _temperature_scale, _two_views, _views_flat)
 from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
                   merge_lse, row_losses, split_lse, tied_scale_totals)
 
@@ -215,46 +217,68 @@ def _merge_col(acc: Tensor, part: Tensor) -> Tensor:
     return torch.stack([hi, acc[1] + part[1], lo])
 
 
-def _tile_args(kind, symmetric, exact, positives, r, o, m):
+def _tile_args(base: LossSpec, positives, labels, block_labels, r, o, m):
     """Spec and targets of the (local queries) x (key block of rank o) tile: with offset
-    (r - o) * m the default positive i + offset is in range only on the diagonal block."""
-    spec = LossSpec(kind=kind, symmetric=symmetric, offset=(r - o) * m, exact=exact)
+    (r - o) * m the default positive i + offset, and the excluded self, are in range only on the
+    diagonal block. Index ``positives`` lie in the own block; with ``labels`` every block's keys
+    of the row's class are its positives (``block_labels``: the block's)."""
     if o == r and positives is not None:
-        return LossSpec(kind=kind, symmetric=symmetric, offset=0, exact=exact), Targets(positives=positives)
+        return replace(base, offset=0), Targets(positives=positives)
+    spec = replace(base, offset=(r - o) * m)
+    if labels is not None:
+        return spec, Targets(row_labels=labels, col_labels=block_labels)
     return spec, Targets()
+
+
+def _travel(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
+    """Posts the next block of each tensor not None (sent on to rank + 1, received from rank - 1):
+    (pending, the received buffers with None kept in place)."""
+    send = [t for t in tensors if t is not None]
+    recv = [torch.empty_like(t) for t in send]
+    pending = ring.exchange(send, recv)
+    it = iter(recv)
+    return pending, [None if t is None else next(it) for t in tensors]
 
 
 class _RingLoss(torch.autograd.Function):
     """Per-row losses (n,) of the local queries against every rank's keys, and (symmetric) the
     per-column losses (m,) of the local keys against every rank's queries, with exact global
-    statistics. Gradients are those of the sum over ranks of each rank's weighted outputs (scale
-    and bias: this rank's share; the caller all-reduces them)."""
+    statistics, and each row's number of targets (n,). Gradients are those of the sum over ranks
+    of each rank's weighted outputs (scale and bias: this rank's share; the caller all-reduces
+    them).
+
+    cfg = (spec, gap, backend, group): ``spec`` the closure (its offset set per block), ``gap``
+    the rows' loss ``softplus(LSE_negatives - LSE_targets) + log npos`` (SupCon L_in:
+    ``spec.exclude_targets`` and ``spec.target_lse``) instead of ``lse - target``. ``labels``
+    (n,) travel with the key blocks (the self-similarities: the keys are the queries)."""
 
     @staticmethod
-    def forward(ctx, queries, keys, scale, bias, positives, cfg):
-        kind, symmetric, exact, backend, group = cfg
+    def forward(ctx, queries, keys, scale, bias, positives, labels, cfg):
+        spec0, gap, backend, group = cfg
+        kind, symmetric, tlse = spec0.kind, spec0.symmetric, spec0.target_lse
         ring = _Ring(group)
         W, r = ring.world, ring.rank
         eng = _backend.engine(backend)
         s32, b32 = _scalar32(scale, queries), _scalar32(bias, queries)
         n, m = queries.shape[0], keys.shape[0]
         sdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        f64 = torch.float64
         dev = queries.device
-        # (softmax: the row LSE merged in float64 from each block's hi + lo parts)
+        # (softmax: the row LSEs merged in float64 from each block's hi + lo parts)
         row_lse = torch.full((n,), -math.inf if kind == "softmax" else 0.0,
-                             dtype=torch.float64 if kind == "softmax" else sdt, device=dev)
-        row_pos = torch.zeros(n, dtype=sdt, device=dev)
+                             dtype=f64 if kind == "softmax" else sdt, device=dev)
+        row_pos = (torch.full((n,), -math.inf, dtype=f64, device=dev) if tlse
+                   else torch.zeros(n, dtype=sdt, device=dev))
         row_npos = torch.zeros(n, dtype=sdt, device=dev)
         own_col, col_in, col_req = None, None, None
-        kb = keys.contiguous()
+        kb, lb = keys.contiguous(), labels
         with torch.autocast(dev.type, enabled=False):
             for t in range(W):
                 o = (r - t) % W
-                k_req, nkb = None, None
+                k_req, nxt = None, (None, None)
                 if t < W - 1:  # next block in flight while this one is computed
-                    nkb = torch.empty_like(kb)
-                    k_req = ring.exchange([kb], [nkb])
-                spec, targets = _tile_args(kind, symmetric, exact, positives, r, o, m)
+                    k_req, nxt = _travel(ring, [kb, lb])
+                spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
                 st = eng.forward(queries, kb, s32, b32, targets, spec)
                 if kind == "sigmoid":
                     row_lse = row_lse + st.row_lse.to(sdt)
@@ -263,7 +287,8 @@ class _RingLoss(torch.autograd.Function):
                     if st.row_lse_lo is not None:
                         lse = lse + st.row_lse_lo.double()
                     row_lse = torch.logaddexp(row_lse, lse)
-                    row_pos = row_pos + st.row_pos.to(sdt)
+                    row_pos = (torch.logaddexp(row_pos, st.row_pos.double()) if tlse
+                               else row_pos + st.row_pos.to(sdt))
                     row_npos = row_npos + st.row_npos.to(sdt)
                 if symmetric:
                     lo = st.col_lse_lo if st.col_lse_lo is not None else torch.zeros_like(st.col_lse)
@@ -277,31 +302,39 @@ class _RingLoss(torch.autograd.Function):
                         col_in = torch.empty_like(part)
                         col_req = ring.exchange([part], [col_in])
                 ring.wait(k_req)
-                if nkb is not None:
-                    kb = nkb
+                if t < W - 1:
+                    kb, lb = nxt
             if symmetric and W > 1:
                 ring.wait(col_req)
                 own_col = col_in
-        row_lo = None
+        row_lo, sig = None, None
+        if gap:  # L_in from the float64 LSEs; its gradient weight sigmoid(gap) on the tied closure
+            valid = row_npos > 0
+            d = torch.where(valid, row_lse - row_pos, torch.zeros_like(row_lse))
+            sig = torch.where(valid, torch.sigmoid(d), torch.zeros_like(d)).to(sdt)
+            rows = torch.where(valid, torch.nn.functional.softplus(d)
+                               + torch.log(row_npos.clamp(min=1)).to(f64), torch.zeros_like(d)).to(sdt)
         if kind == "softmax":
             row_lse, row_lo = split_lse(row_lse, sdt)
-        stats = EngineStats(row_lse, row_pos, row_npos, row_lse_lo=row_lo)
-        rows = row_losses(stats, LossSpec(kind=kind))
+        row_pos = row_pos.to(sdt)
+        if not gap:
+            rows = row_losses(EngineStats(row_lse, row_pos, row_npos, row_lse_lo=row_lo), spec0)
         cols = (own_col[0] - own_col[1]) + own_col[2] if symmetric else rows.new_zeros(0)
         ctx.save_for_backward(queries, keys, s32, b32, row_lse, row_pos, row_npos,
-                              own_col[0] if symmetric else None, positives)
+                              own_col[0] if symmetric else None, positives, labels, sig)
         ctx.cfg = cfg
         ctx.scale_meta = (scale.shape, scale.dtype)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        if not symmetric:
-            ctx.mark_non_differentiable(cols)
-        return rows, cols
+        ctx.mark_non_differentiable(row_npos, *([] if symmetric else [cols]))
+        return rows, cols, row_npos
 
     @staticmethod
     @first_order_only
-    def backward(ctx, grad_rows, grad_cols):
-        queries, keys, s32, b32, row_lse, row_pos, row_npos, col_lse, positives = ctx.saved_tensors
-        kind, symmetric, exact, backend, group = ctx.cfg
+    def backward(ctx, grad_rows, grad_cols, _grad_npos=None):
+        (queries, keys, s32, b32, row_lse, row_pos, row_npos, col_lse, positives, labels,
+         sig) = ctx.saved_tensors
+        spec0, gap, backend, group = ctx.cfg
+        kind, symmetric = spec0.kind, spec0.symmetric
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         ring = _Ring(group)
         W, r = ring.world, ring.rank
@@ -310,11 +343,13 @@ class _RingLoss(torch.autograd.Function):
         sdt = row_lse.dtype
         dev = queries.device
         g = (grad_rows if grad_rows is not None else torch.zeros(n, device=dev)).to(sdt).contiguous()
+        if gap:  # d L_in / d LSE_negatives = -d L_in / d LSE_targets = sigmoid(gap)
+            g = g * sig
         stats_dt = torch.float64 if queries.dtype == torch.float64 else torch.float32
         dq = torch.zeros(queries.shape, dtype=stats_dt, device=dev) if need_q else None
         ds = torch.zeros(1, dtype=sdt, device=dev)
         db = torch.zeros(1, dtype=sdt, device=dev)
-        kb = keys.contiguous()
+        kb, lb = keys.contiguous(), labels
         # column info travelling with the key block: [col_lse; col grad weights]
         cinfo = None
         if symmetric:
@@ -329,16 +364,10 @@ class _RingLoss(torch.autograd.Function):
         with torch.autocast(dev.type, enabled=False):
             for t in range(W):
                 o = (r - t) % W
-                reqs, nkb, ncinfo = None, None, None
+                reqs, nxt = None, (None, None, None)
                 if t < W - 1:
-                    nkb = torch.empty_like(kb)
-                    send, recv = [kb], [nkb]
-                    if symmetric:
-                        ncinfo = torch.empty_like(cinfo)
-                        send.append(cinfo)
-                        recv.append(ncinfo)
-                    reqs = ring.exchange(send, recv)
-                spec, targets = _tile_args(kind, symmetric, exact, positives, r, o, m)
+                    reqs, nxt = _travel(ring, [kb, cinfo, lb])
+                spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
                 stats = EngineStats(row_lse, row_pos, row_npos,
                                     cinfo[0].contiguous() if symmetric else None, None)
                 gcol = cinfo[1].contiguous() if symmetric else None
@@ -374,30 +403,73 @@ class _RingLoss(torch.autograd.Function):
                         travel_in = [torch.empty_like(a) for a in part]
                         travel_req = ring.exchange(part, travel_in)
                 ring.wait(reqs)
-                if nkb is not None:
-                    kb, cinfo = nkb, ncinfo
+                if t < W - 1:
+                    kb, cinfo, lb = nxt
             if travel_in is not None and W > 1:
                 ring.wait(travel_req)
                 travel_own = travel_in
-        dk_own = travel_own[0] if need_k else None
-        if row_sums is not None:  # the whole lines' sums against their exact totals
-            col_sums = travel_own[-1] if symmetric else None
-            spec, targets = _tile_args(kind, symmetric, exact, positives, r, r, m)
-            stats = EngineStats(row_lse, row_pos, row_npos, col_lse if symmetric else None, None)
-            weights = closure_weights(spec, stats, g, grad_col=gc.to(sdt) if symmetric else None)
-            correct_line_totals(dq, dk_own, queries, keys, s32, spec, targets, stats, weights,
-                                row_sums, col_sums)
+            dk_own = travel_own[0] if need_k else None
+            if row_sums is not None:  # the whole lines' sums against their exact totals
+                col_sums = travel_own[-1] if symmetric else None
+                stats = EngineStats(row_lse, row_pos, row_npos, col_lse if symmetric else None, None)
+                weights = closure_weights(spec0, stats, g, grad_col=gc.to(sdt) if symmetric else None)
+                if labels is None:  # every line's targets lie in the own block
+                    spec, targets = _tile_args(spec0, positives, None, None, r, r, m)
+                    correct_line_totals(dq, dk_own, queries, keys, s32, spec, targets, stats,
+                                        weights, row_sums, col_sums)
+                else:
+                    _correct_labels_ring(ring, dq, dk_own, queries, keys, labels, s32, spec0,
+                                         stats, weights, row_sums)
         d_scale = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1]) if need_s else None
         d_bias = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
         return (dq.to(queries.dtype) if need_q else None,
                 dk_own.to(keys.dtype) if need_k else None,
-                d_scale, d_bias, None, None)
+                d_scale, d_bias, None, None, None)
 
 
-def _ring(queries, keys, scale, bias, positives, *, kind, symmetric, exact, backend, group):
-    backend = _backend.concrete(backend, extended=False)  # (the core closures)
-    return _RingLoss.apply(queries, keys, scale, bias, positives,
-                           (kind, symmetric, exact, backend, group))
+def _correct_labels_ring(ring, dq, dk, queries, keys, labels, s32, spec0, stats, weights,
+                         row_sums) -> None:
+    """:func:`fastcl.ops.correct_line_totals` of label targets over the ring, in place: a row's
+    targets lie in every block, so once its whole line's sums are known the key blocks go round
+    again (with their labels). Each rank corrects its rows' dQ from a block's keys of their class
+    and adds its rows' share to the block's dK correction, which travels with the block and
+    comes home after the last step."""
+    W, r = ring.world, ring.rank
+    m = keys.shape[0]
+    kb, lb = keys.contiguous(), labels
+    fix = torch.zeros_like(dk) if dk is not None else None
+    fix_in, fix_req = None, None
+    for t in range(W):
+        o = (r - t) % W
+        reqs, nxt = None, (None, None)
+        if t < W - 1:
+            reqs, nxt = _travel(ring, [kb, lb])
+        spec, targets = _tile_args(spec0, None, labels, lb, r, o, m)
+        if t > 0 and fix is not None:  # block o's correction from the ranks it visited before
+            ring.wait(fix_req)
+            fix = fix_in
+        correct_line_totals(dq, fix, queries, kb, s32, spec, targets, stats, weights, row_sums)
+        if fix is not None and W > 1:  # on to the next rank; after the last step this sends it home
+            fix_req, (fix_in,) = _travel(ring, [fix])
+        ring.wait(reqs)
+        if t < W - 1:
+            kb, lb = nxt
+    if fix is not None:
+        if W > 1:
+            ring.wait(fix_req)
+            fix = fix_in
+        dk += fix
+
+
+def _ring(queries, keys, scale, bias, positives, *, kind="softmax", symmetric=False, exact,
+          backend, group, labels=None, exclude_self=False, variant_in=False):
+    """Rows (n,), columns (m,) (empty unless symmetric) and targets per row (n,) of the ring;
+    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE)."""
+    spec = LossSpec(kind=kind, symmetric=symmetric, exact=exact, exclude_self=exclude_self,
+                    exclude_targets=variant_in, target_lse=variant_in)
+    _, backend = _engine(backend, spec, Targets())
+    return _RingLoss.apply(queries, keys, scale, bias, positives, labels,
+                           (spec, variant_in, backend, group))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,8 +526,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         cols = _info_nce(k, all_q, positives=pos, scale=s, bias=b, reduction="sum", backend=be, exact=exact)
         contribution = (rows + cols) * norm
     else:
-        rows, cols = _ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=exact,
-                           backend=be, group=group)
+        rows, cols, _ = _ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=exact,
+                              backend=be, group=group)
         contribution = (rows.sum() + cols.sum()) * norm
     return _global_value(contribution, group)
 
@@ -493,8 +565,8 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
                          backend=be, exact=exact)
         contribution = rows * norm
     else:
-        rows, _ = _ring(q, k, s, b, positives, kind="softmax", symmetric=False, exact=exact,
-                        backend=be, group=group)
+        rows, _, _ = _ring(q, k, s, b, positives, kind="softmax", symmetric=False, exact=exact,
+                           backend=be, group=group)
         contribution = rows.sum() * norm
     return _global_value(contribution, group)
 
@@ -518,8 +590,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         rows, _, _ = engine_loss(q, all_k, s, b, Targets(positives=pos),
                                  LossSpec(kind="sigmoid", exact=exact), be)
     else:
-        rows, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
-                        backend=be, group=group)
+        rows, _, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
+                           backend=be, group=group)
     return _global_value(rows.sum() * norm, group)
 
 
@@ -530,20 +602,34 @@ def _gather_plain(x: Tensor, group) -> Tensor:
     return torch.cat(parts)
 
 
-def _self_similarity_rows(rows: Tensor, labels: Tensor, temperature, variant: str, group,
-                          reduction: str, backend: str, exact: bool) -> Tensor:
-    """The global SupCon loss of every rank's ``rows`` (R, D) (normalised, the kernels' dtype) with
-    ``labels`` (R,): this rank's rows against the rows of all ranks, gathered in rank order, each
-    row's own copy left out (``self_offset``), averaged over the rows with a positive on any rank."""
-    from .losses import supcon as _supcon
-    r = _world(group)[1]
-    if isinstance(temperature, Tensor):
-        temperature = _sync_scalar(temperature, group)
-    keys = all_gather_with_grad(rows, group)
-    key_labels = _gather_plain(labels, group)
-    per, valid = _supcon(rows, labels, temperature, variant=variant, keys=keys, key_labels=key_labels,
-                         self_offset=r * rows.shape[0], normalize=False, reduction="none",
-                         backend=backend, exact=exact, return_valid=True)
+def _self_similarity_rows(rows: Tensor, labels: Optional[Tensor], positives: Optional[Tensor],
+                          temperature, variant: str, group, reduction: str, backend: str,
+                          exact: bool, mode: str) -> Tensor:
+    """The global SupCon loss of every rank's ``rows`` (R, D) (normalised, the kernels' dtype):
+    this rank's rows against the rows of all ranks, each row's own copy left out, averaged over
+    the rows with a positive on any rank. Positives: the rows of the same class (``labels`` (R,))
+    on any rank, or the local row ``positives`` (R,) (NT-Xent's other view).
+
+    Gather: the rows and labels of all ranks gathered in rank order (``self_offset``). Ring:
+    :class:`_RingLoss` with ``rows`` as both queries and keys, the labels travelling with the
+    blocks, the own entry left out on the diagonal block."""
+    W, r = _world(group)
+    be = _backend.resolve(backend, rows.device, rows.dtype)
+    if mode == "ring":
+        s = _sync_scalar(_temperature_scale(temperature, rows), group)
+        per, _, npos = _ring(rows, rows, s, None, positives,
+                             labels=None if positives is not None else labels, exact=exact,
+                             backend=be, group=group, exclude_self=True, variant_in=variant == "in")
+        valid = npos > 0
+    else:
+        from .losses import supcon as _supcon
+        if isinstance(temperature, Tensor):
+            temperature = _sync_scalar(temperature, group)
+        keys = all_gather_with_grad(rows, group)
+        key_labels = _gather_plain(labels, group)
+        per, valid = _supcon(rows, labels, temperature, variant=variant, keys=keys,
+                             key_labels=key_labels, self_offset=r * rows.shape[0], normalize=False,
+                             reduction="none", backend=be, exact=exact, return_valid=True)
     contribution = per.sum()
     if reduction == "mean":
         count = valid.sum().to(contribution.dtype)
@@ -552,45 +638,44 @@ def _self_similarity_rows(rows: Tensor, labels: Tensor, temperature, variant: st
     return _global_value(contribution, group)
 
 
-def _check_gather(name: str, mode: str, reduction: str) -> None:
-    if mode == "ring":
-        raise ValueError(f"{name} has the gather mode only (mode='gather'): its rows are taken "
-                         "against the rows of every rank")
-    _check_mode(mode, reduction)
-
-
 def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
             mode: str = "gather", group=None, reduction: str = "mean", backend: str = "auto",
             exact: bool = False, check_sizes: bool = True) -> Tensor:
     """SimCLR NT-Xent of the global batch: :func:`fastcl.nt_xent` of every rank's views
     concatenated in rank order (N = W * n pairs, 2N rows), from each rank's local pairs.
 
-    Gather mode: each rank's 2n rows ``[z1; z2]`` (normalised first when ``normalize``) are
-    all-gathered with their gradient; its rows are taken against all 2N, their own left out, the
-    other view the positive (SupCon L_out with instance labels, one fused sweep).
+    Each rank's 2n rows ``[z1; z2]`` (normalised first when ``normalize``) are taken against the
+    2N rows of all ranks, their own left out, the other view the positive. Gather mode: the rows
+    are all-gathered with their gradient (SupCon L_out with instance labels, one fused sweep).
+    Ring mode: the row blocks travel round the ring as :func:`clip_loss`'s key blocks do (the
+    positive lies in the own block), so no rank holds more than two blocks: O(n D) per rank.
 
     Args:
         z1, z2: (n, D) the local pairs' two views (the same n on every rank).
         temperature: float or one-element tensor (its gradient is the single-process one on
             every rank).
-        mode: "gather" (the only mode of the self-similarities).
+        mode: "gather" | "ring".
         reduction: "mean" over the 2N rows | "sum"; group, backend, exact, check_sizes: as
             :func:`clip_loss`.
     Returns:
         the global loss (same value on every rank); gradients follow the averaging convention of
         this module's docstring. Without an initialised process group, :func:`fastcl.nt_xent`.
     """
-    _check_gather("nt_xent", mode, reduction)
+    _check_mode(mode, reduction)
     if _world(group)[0] == 1:
         from .losses import nt_xent as _nt_xent
         return _nt_xent(z1, z2, temperature, normalize=normalize, reduction=reduction,
                         backend=backend, exact=exact)
-    rows, _, _ = _two_views(z1, z2, normalize, backend)
+    rows, positives, _ = _two_views(z1, z2, normalize, backend)
     n = z1.shape[0]
     if check_sizes:
         _check_sizes("z1", n, group, z1.device)
-    ids = torch.arange(n, device=rows.device).repeat(2) + _world(group)[1] * n  # (instances)
-    return _self_similarity_rows(rows, ids, temperature, "out", group, reduction, backend, exact)
+    if mode == "ring":
+        labels = None
+    else:  # (instance ids: the other view's row is the one of the same id, on this rank)
+        labels, positives = torch.arange(n, device=rows.device).repeat(2) + _world(group)[1] * n, None
+    return _self_similarity_rows(rows, labels, positives, temperature, "out", group, reduction,
+                                 backend, exact, mode)
 
 
 def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = "out",
@@ -599,10 +684,13 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
     """Supervised contrastive loss of the global batch: :func:`fastcl.supcon` of every rank's
     samples concatenated in rank order, from each rank's local samples.
 
-    Gather mode: each rank's rows (its V views, view-major, normalised first when ``normalize``)
-    and labels are all-gathered, the rows with their gradient; its rows are taken against the
-    rows of every rank, their own left out (one fused sweep). Positives are the rows of the same
-    class on any rank.
+    Each rank's rows (its V views, view-major, normalised first when ``normalize``) are taken
+    against the rows of every rank, their own left out; positives are the rows of the same class
+    on any rank. Gather mode: the rows (with their gradient) and labels are all-gathered (one
+    fused sweep). Ring mode: the row blocks travel round the ring with their labels, O(n V D)
+    per rank; with float32 features and IEEE products (``exact``, or the torch and CPU backends)
+    the blocks go round once more in the backward, to correct the rows whose positives dominate
+    their softmax (:func:`fastcl.ops.correct_line_totals`) once each line's sums are known.
 
     Args:
         features: (n, D) or (n, V, D), the same n and V on every rank; labels: (n,) class ids,
@@ -614,7 +702,7 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
         the global loss (same value on every rank). Without an initialised process group,
         :func:`fastcl.supcon`.
     """
-    _check_gather("supcon", mode, reduction)
+    _check_mode(mode, reduction)
     if variant not in ("out", "in"):
         raise ValueError(f"variant must be 'out' or 'in', got {variant!r}")
     if _world(group)[0] == 1:
@@ -625,5 +713,5 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
     if check_sizes:  # (samples times views: the rows each rank gathers)
         _check_sizes("features", row_labels.shape[0], group, row_labels.device)
     rows = _stack_rows(views, normalize, _cast_dtype(views[0]))
-    return _self_similarity_rows(rows, row_labels, temperature, variant, group, reduction, backend,
-                                 exact)
+    return _self_similarity_rows(rows, row_labels, None, temperature, variant, group, reduction,
+                                 backend, exact, mode)

@@ -2,6 +2,7 @@
 reference: loss values and the gradients of features, scale and bias, under the documented
 averaging convention (features: W x their slice of the reference gradient; scale/bias: exact)."""
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -182,48 +183,63 @@ def test_gather_and_ring_match_single_process(world):
 
 
 def _worker_self(r, W):
-    """NT-Xent and SupCon (gather mode) against the single-process loss of the global batch."""
+    """NT-Xent and SupCon (both modes) against the single-process loss of the global batch."""
     gen = torch.Generator().manual_seed(77 + W)
     n, d = 4, 6
     N = W * n
     # un-normalised views (normalize=True), a learnable temperature, mean and sum
     Z1 = torch.randn(N, d, generator=gen, dtype=torch.float64).requires_grad_()
     Z2 = (Z1.detach() + 0.5 * torch.randn(N, d, generator=gen, dtype=torch.float64)).requires_grad_()
-    for reduction, g in (("mean", 0.7), ("sum", -1.1)):
+    for mode, (reduction, g) in itertools.product(fdist.MODES, (("mean", 0.7), ("sum", -1.1))):
         t = _leaf(0.3)
         ref = reference.nt_xent(Z1, Z2, t, reduction=reduction)
         z1, z2 = _slices(r, W, Z1, Z2)
         tl = _leaf(0.3)
-        loss = fdist.nt_xent(z1, z2, tl, mode="gather", reduction=reduction, backend="torch")
-        _check(f"nt_xent/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g, [n, n])
+        loss = fdist.nt_xent(z1, z2, tl, mode=mode, reduction=reduction, backend="torch")
+        _check(f"nt_xent/{mode}/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g, [n, n])
     # SupCon, two views, classes across ranks; one view with a class of one sample (a row
     # without positives: out of the mean's count, on whichever rank it lies)
     F2 = torch.randn(N, 2, d, generator=gen, dtype=torch.float64).requires_grad_()
     F1 = torch.randn(N, d, generator=gen, dtype=torch.float64).requires_grad_()
     y = torch.randint(0, N // 2, (N,), generator=gen)
     y[-1] = 10**6
-    for feats, variant in ((F2, "out"), (F2, "in"), (F1, "out"), (F1, "in")):
+    for mode, (feats, variant) in itertools.product(
+            fdist.MODES, ((F2, "out"), (F2, "in"), (F1, "out"), (F1, "in"))):
         t = _leaf(0.2)
         ref = reference.supcon(feats, y, t, variant=variant)[0]
         (f,) = _slices(r, W, feats)
         tl = _leaf(0.2)
-        loss = fdist.supcon(f, y[r * n:(r + 1) * n], tl, variant=variant, backend="torch")
-        _check(f"supcon/{variant}/{feats.dim()}d", W, r, loss, ref, [f, tl], [feats, t], 1.3, [n])
-    # float32 through the Triton engine (interpreted on CPU): the rectangular kernels with labels
-    # and the own slot left out at this rank's offset
+        loss = fdist.supcon(f, y[r * n:(r + 1) * n], tl, variant=variant, mode=mode, backend="torch")
+        _check(f"supcon/{mode}/{variant}/{feats.dim()}d", W, r, loss, ref, [f, tl], [feats, t], 1.3,
+               [n])
+    # float32 through the Triton engine (interpreted on CPU): gather, the rectangular kernels with
+    # labels and the own slot left out at this rank's offset; ring, the blocks' kernels with the
+    # labels that travel with them, the own slot left out on the diagonal block
     if os.environ.get("TRITON_INTERPRET") == "1":
-        ref = reference.nt_xent(Z1, Z2, 0.25)
-        z1, z2 = (x.float().requires_grad_(True) for x in _slices(r, W, Z1, Z2))
-        loss = fdist.nt_xent(z1, z2, 0.25, backend="triton", exact=True)
-        got = torch.autograd.grad(loss, [z1, z2])
-        want = torch.autograd.grad(ref, [Z1, Z2])
-        _close("nt_xent/triton loss", loss.double(), ref, tol=1e-5)
-        for k, (a, b) in enumerate(zip(got, want)):
-            _close(f"nt_xent/triton grad {k}", a.double(), W * b[r * n:(r + 1) * n], tol=1e-5)
+        cases = [("nt_xent", lambda a, b, mode, tt: fdist.nt_xent(a, b, tt, mode=mode, backend="triton",
+                                                                 exact=True),
+                  lambda a, b, tt: reference.nt_xent(a, b, tt))]
+        for variant in ("out", "in"):
+            cases.append((f"supcon/{variant}", lambda a, b, mode, tt, v=variant: fdist.supcon(
+                torch.stack([a, b], 1), y[r * n:(r + 1) * n], tt, variant=v, mode=mode,
+                backend="triton", exact=True),
+                lambda a, b, tt, v=variant: reference.supcon(torch.stack([a, b], 1), y, tt, variant=v)[0]))
+        for (name, ours, theirs), mode in itertools.product(cases, fdist.MODES):
+            t = _leaf(0.25)
+            ref = theirs(Z1, Z2, t)
+            z1, z2 = (x.float().requires_grad_(True) for x in _slices(r, W, Z1, Z2))
+            tl = torch.tensor(0.25, requires_grad=True)
+            loss = ours(z1, z2, mode, tl)
+            got = torch.autograd.grad(loss, [z1, z2, tl])
+            want = torch.autograd.grad(ref, [Z1, Z2, t])
+            _close(f"{name}/{mode}/triton loss", loss.double(), ref, tol=1e-5)
+            for k, (a, b) in enumerate(zip(got, want)):
+                b = W * b[r * n:(r + 1) * n] if k < 2 else b
+                _close(f"{name}/{mode}/triton grad {k}", a.double(), b, tol=1e-5)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_self_similarities_gather_match_single_process(world):
+def test_self_similarities_match_single_process(world):
     run_gloo(_worker_self, world)
 
 
@@ -232,49 +248,64 @@ def _rel(a, b):
 
 
 def _worker_dominant(r, W):
-    """Float32 near-duplicate views at tau = 0.05 (1 - P_ii ~ 1e-3): the ring's blocks are not
-    whole lines, so it adds up each line's sums of dS over the ring and corrects once at the end
-    (gather mode sweeps whole lines on each rank); the loss value keeps the LSEs' lo parts."""
+    """Float32 near-duplicate rows at tau = 0.05 (1 - P ~ 1e-3 on the target): the ring's blocks
+    are not whole lines, so it adds up each line's sums of dS over the ring and corrects once at
+    the end (gather mode sweeps whole lines on each rank); the loss value keeps the LSEs' lo
+    parts. SupCon's label targets lie in other ranks' blocks: each sample's near-duplicate, its
+    only positive, is on the next rank, so the ring takes its blocks round again to correct."""
     gen = torch.Generator().manual_seed(77)
     n, d, scale = 35, 24, 20.0
     N = W * n
+
+    def near(x):
+        return torch.nn.functional.normalize(x + 0.05 * torch.randn(x.shape, generator=gen,
+                                                                    dtype=torch.float64), dim=1)
     Z1 = torch.nn.functional.normalize(torch.randn(N, d, generator=gen, dtype=torch.float64), dim=1)
-    Z2 = torch.nn.functional.normalize(Z1 + 0.05 * torch.randn(N, d, generator=gen,
-                                                                dtype=torch.float64), dim=1)
+    Z2 = near(Z1)
     local_pos = torch.randperm(n, generator=gen)  # one-way: each rank's keys permuted
     glob_pos = torch.cat([local_pos + q * n for q in range(W)])
     K2 = torch.empty_like(Z2)
     K2[glob_pos] = Z2
+    # SupCon: sample i + n (the next rank's) is a near-duplicate of sample i and of its class
+    F = torch.cat([Z1[:n]] + [near(Z1[:n]) for _ in range(W - 1)])
+    y = torch.cat([torch.randperm(n, generator=gen) * 3] * W)
+    yr = y[r * n:(r + 1) * n]
     cases = {
         "clip": (lambda a, b, be, mode: fdist.clip_loss(a, b, scale, mode=mode, backend=be,
                                                         exact=True),
-                 lambda a, b: reference.clip_loss(a, b, scale), Z2),
+                 lambda a, b: reference.clip_loss(a, b, scale), (Z1, Z2)),
         "info_nce": (lambda a, b, be, mode: fdist.info_nce(a, b, positives=local_pos.clone(),
                                                            scale=scale, mode=mode, backend=be,
                                                            exact=True),
-                     lambda a, b: reference.info_nce(a, b, glob_pos, scale=scale), K2),
+                     lambda a, b: reference.info_nce(a, b, glob_pos, scale=scale), (Z1, K2)),
+        "nt_xent": (lambda a, b, be, mode: fdist.nt_xent(a, b, 1 / scale, mode=mode, backend=be,
+                                                         exact=True),
+                    lambda a, b: reference.nt_xent(a, b, 1 / scale), (Z1, Z2)),
+        "supcon": (lambda a, be, mode: fdist.supcon(a, yr, 1 / scale, mode=mode, backend=be,
+                                                    exact=True),
+                   lambda a: reference.supcon(a, y, 1 / scale)[0], (F,)),
     }
     engines = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     if importlib.util.find_spec("fastcl._C") is not None:
         engines.append("cpu")
-    for name, (ours, ref, keys) in cases.items():
+    for name, (ours, ref, inputs) in cases.items():
         want, torch32 = [], []
         for dt, out in ((torch.float64, want), (torch.float32, torch32)):
-            a, b = (x.to(dt).requires_grad_(True) for x in (Z1, keys))
-            out.extend(g[r * n:(r + 1) * n].double() * W for g in torch.autograd.grad(ref(a, b), [a, b]))
-        loss64 = ref(Z1, keys)
-        e_torch_loss = abs(ref(Z1.float(), keys.float()).item() - loss64.item()) / loss64.item()
+            xs = [x.to(dt).requires_grad_(True) for x in inputs]
+            out.extend(g[r * n:(r + 1) * n].double() * W for g in torch.autograd.grad(ref(*xs), xs))
+        loss64 = ref(*inputs)
+        e_torch_loss = abs(ref(*(x.float() for x in inputs)).item() - loss64.item()) / loss64.item()
         for be in engines:
             for mode in ("ring", "gather"):
-                a, b = (x.float().requires_grad_(True) for x in _slices(r, W, Z1, keys))
-                loss = ours(a, b, be, mode)
+                xs = [x.float().requires_grad_(True) for x in _slices(r, W, *inputs)]
+                loss = ours(*xs, be, mode)
                 # the loss value: the blocks' LSEs merged with their lo parts (EngineStats)
                 # (measured 2e-8 - 9e-7; PyTorch float32: 7e-5 - 1e-4)
                 e = abs(loss.item() - loss64.item()) / loss64.item()
                 if not e <= 1e-5:
                     raise AssertionError(f"{name}/{be}/{mode} loss: {e:.2e} (PyTorch float32: "
                                          f"{e_torch_loss:.2e})")
-                got = torch.autograd.grad(loss, [a, b])
+                got = torch.autograd.grad(loss, xs)
                 for k, (h, p, w) in enumerate(zip(got, torch32, want)):
                     e, e_torch = _rel(h, w), _rel(p, w)
                     if not (e <= 2e-5 and e <= max(e_torch, 1e-6)):
@@ -303,20 +334,19 @@ def test_single_process_fallback():
         fdist.info_nce(I, T, reduction="none")
     with pytest.raises(ValueError, match="same batch size"):
         fdist.clip_loss(I, T[:4], 3.0)
-    # the self-similarities: the single-process losses
-    t = _leaf(0.4)
-    for loss, ref in ((fdist.nt_xent(I, T, t, backend="torch"), reference.nt_xent(I, T, t)),
-                      (fdist.supcon(torch.stack([I, T], 1), torch.tensor([0, 1, 0, 2, 1, 3]), t,
-                                    variant="in", backend="torch"),
-                       reference.supcon(torch.stack([I, T], 1), torch.tensor([0, 1, 0, 2, 1, 3]), t,
-                                        variant="in")[0])):
-        _close("self-similarity", loss, ref)
-        for a, b in zip(torch.autograd.grad(loss, [I, T, t]), torch.autograd.grad(ref, [I, T, t])):
-            _close("self-similarity grad", a, b)
+    # the self-similarities: the single-process losses, in either mode
+    y = torch.tensor([0, 1, 0, 2, 1, 3])
+    for mode in fdist.MODES:
+        t = _leaf(0.4)
+        for loss, ref in ((fdist.nt_xent(I, T, t, mode=mode, backend="torch"), reference.nt_xent(I, T, t)),
+                          (fdist.supcon(torch.stack([I, T], 1), y, t, variant="in", mode=mode,
+                                        backend="torch"),
+                           reference.supcon(torch.stack([I, T], 1), y, t, variant="in")[0])):
+            _close("self-similarity", loss, ref)
+            for a, b in zip(torch.autograd.grad(loss, [I, T, t]), torch.autograd.grad(ref, [I, T, t])):
+                _close("self-similarity grad", a, b)
     with pytest.raises(ValueError, match="reduction"):
         fdist.nt_xent(I, T, reduction="none")
-    with pytest.raises(ValueError, match="gather mode only"):
-        fdist.supcon(I, torch.zeros(6, dtype=torch.long), mode="ring")
     with pytest.raises(ValueError, match="mode must be one of"):
         fdist.nt_xent(I, T, mode="allgather")
     with pytest.raises(ValueError, match="variant"):
