@@ -246,3 +246,22 @@ def test_example_tiny_runs(capsys):
     assert mod.main(["--tiny", "--steps", "2", "--device", "cpu", "--batch", "512"]) == 0
     out = capsys.readouterr().out
     assert "step 2: loss" in out and "R@1" in out
+
+
+@pytest.mark.parametrize("loss,mode", [("simclr", "ring"), ("supcon", "gather")])
+def test_example_ddp_tiny_gradients_match(loss, mode):
+    """examples/train_simclr_ddp.py --tiny --check: two gloo processes under DDP, whose averaged
+    gradients after the first step equal the single-process loss's on the gathered batch."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    out = subprocess.run([sys.executable, str(root / "examples" / "train_simclr_ddp.py"), "--tiny",
+                          "--check", "--steps", "2", "--loss", loss, "--mode", mode, "--cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "gradients match" in out.stdout and "step 2: loss" in out.stdout, out.stdout
