@@ -109,11 +109,17 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def _use_cuda(args, world: int, torchrun: bool) -> bool:
+    """One GPU per process: torchrun's local ranks, or as many GPUs here as processes started."""
+    return (torch.cuda.is_available() and not args.cpu
+            and (torchrun or torch.cuda.device_count() >= world))
+
+
 def worker(rank: int, world: int, args, port: int = 0) -> int:
-    spawned = port != 0
-    if spawned:
+    torchrun = port == 0
+    if not torchrun:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args.cpu
+    cuda = _use_cuda(args, world, torchrun)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
@@ -189,14 +195,13 @@ def main(argv=None) -> int:
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if "RANK" in os.environ:  # started by torchrun
-        args.check_tol = args.check_tol or (2e-2 if torch.cuda.is_available() else 1e-4)
-        return worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
-    world = args.procs
+    torchrun = "RANK" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else args.procs
     if args.batch % world:
         p.error(f"--batch {args.batch} must be a multiple of the {world} processes")
-    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world and not args.cpu
-    args.check_tol = args.check_tol or (2e-2 if cuda else 1e-4)
+    args.check_tol = args.check_tol or (2e-2 if _use_cuda(args, world, torchrun) else 1e-4)
+    if torchrun:
+        return worker(int(os.environ["RANK"]), world, args)
     try:
         mp.spawn(_spawned, args=(world, args, _free_port()), nprocs=world, join=True)
     except mp.ProcessRaisedException as e:
