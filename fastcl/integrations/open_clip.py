@@ -106,8 +106,8 @@ class ClipLoss(nn.Module):
             s = _scalar_param("logit_scale", logit_scale, img.device, optional=False, dtype=_sdt(img))
             b = _scalar_param("logit_bias", logit_bias, img.device, optional=True, dtype=_sdt(img))
             q, k, be = _prepare(img, txt, self.backend)
-            rows, cols = fdist._ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=ex,
-                                     backend=be, group=None)
+            rows, cols, _ = fdist._ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=ex,
+                                        backend=be, group=None)
             return (rows.sum() + cols.sum()) / (2 * n)
         if self.gather_with_grad:
             all_i, all_t = fdist.all_gather_with_grad(img), fdist.all_gather_with_grad(txt)
@@ -226,7 +226,7 @@ class SigLipLoss(nn.Module):
                 rows, _, _ = engine_loss(q, all_t, s, b, Targets(positives=pos),
                                          LossSpec(kind="sigmoid", exact=ex), be)
             else:
-                rows, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=ex,
-                                      backend=be, group=None)
+                rows, _, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=ex,
+                                         backend=be, group=None)
             loss = rows.sum() / n
         return {"contrastive_loss": loss} if output_dict else loss
