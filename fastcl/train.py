@@ -225,6 +225,7 @@ def chunked_loss(
         *,
         autocast: Any = None,
         progress: bool = False,
+        loss_backward: bool = False,
 ) -> Tensor:
     """The loss of a big batch encoded ``chunk_size`` samples at a time, as a differentiable scalar.
 
@@ -235,6 +236,15 @@ def chunked_loss(
     its phase-1 RNG state and back-propagates the chunk's slice of the embedding gradient
     (phase 3). Arguments as :func:`chunked_contrastive_step`. The graph is used once: call
     backward at most once.
+
+    ``loss_backward``: ``loss_fn`` gets, for each input, the list of its chunks' embeddings (leaf
+    tensors that require grad) and back-propagates its loss to them itself, returning the loss
+    value: the protocol of sentence-transformers' gradient-cached losses (``calculate_loss(reps,
+    ..., with_backward=True)``), through which wrappers such as its ``MatryoshkaLoss`` add terms of
+    their own. Their gradients are kept, and the returned scalar (detached from ``loss_fn``'s
+    graph) re-encodes the chunks at its backward with those gradients times its own. Inputs whose
+    chunks got no gradient are not re-encoded. Learnable parameters of ``loss_fn`` itself get
+    their gradients from its own backward, unscaled by the returned scalar's.
     """
     towers, devices, ac, jobs = _plan(encoders, inputs, loss_fn, chunk_size, autocast)
     bar = _progress(2 * len(jobs), progress, "chunks")
@@ -249,6 +259,8 @@ def chunked_loss(
             chunks[t].append((s, e, state))
             if bar is not None:
                 bar.update(1)
+    if loss_backward:
+        return _loss_with_backward(towers, inputs, loss_fn, pieces, chunks, ac, jobs, bar)
     remaining = {}
     for t, _, _ in jobs:
         for m in _modules(towers[t]):
@@ -264,6 +276,34 @@ def chunked_loss(
         raise TypeError("loss_fn must return a one-element tensor (a reduced loss), got "
                         f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
     return loss
+
+
+def _loss_with_backward(towers, inputs, loss_fn, pieces, chunks, ac, jobs, bar) -> Tensor:
+    """Phases 2 and 3 of :func:`chunked_loss` with ``loss_backward``: ``loss_fn`` back-propagates
+    to the chunks' embeddings itself; a hook on the returned scalar replays the encoders."""
+    reps = [[p.requires_grad_(True) for p in tower_pieces] for tower_pieces in pieces]
+    with torch.enable_grad(), ac():
+        value = loss_fn(*reps)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise TypeError("loss_fn must return a one-element tensor (a reduced loss), got "
+                        f"{type(value).__name__ if not isinstance(value, Tensor) else tuple(value.shape)}")
+    used = [t for t, rs in enumerate(reps) if any(r.grad is not None for r in rs)]
+    grads = {t: torch.cat([r.grad if r.grad is not None else torch.zeros_like(r) for r in reps[t]])
+             for t in used}
+    remaining = {}
+    for t, _, _ in jobs:
+        if t in grads:
+            for m in _modules(towers[t]):
+                remaining[id(m)] = remaining.get(id(m), 0) + 1
+    replayers = {t: _Replayer(towers[t], t, inputs[t], chunks[t], ac, remaining, bar) for t in used}
+    out = value.detach().clone().requires_grad_(True)
+
+    def replay(grad: Tensor) -> None:
+        for t, replayer in replayers.items():
+            replayer(grads[t] * grad.to(grads[t].dtype))
+
+    out.register_hook(replay)
+    return out
 
 
 def chunked_contrastive_step(

@@ -531,6 +531,75 @@ def test_sentence_transformers_gist(cols, kw):
              params)
 
 
+class DimToy(ModuleListToy):
+    """ModuleListToy with the embedding width a SentenceTransformer reports (MatryoshkaLoss asks)."""
+
+    def get_embedding_dimension(self):
+        return self.proj.out_features
+
+
+@pytest.mark.parametrize("kind", ["mnrl", "symmetric", "gist"])
+def test_sentence_transformers_matryoshka(kind):
+    """sentence-transformers' MatryoshkaLoss around the cached drop-ins: it decorates their
+    ``calculate_loss`` (the gradient-cache protocol) and the loss and gradients are those of the
+    plain drop-in inside it, which re-runs the model per width, and of the library's own loss;
+    in evaluation (no grad) the same value. Before, the cached forms failed there: the
+    re-encoding in their backward ran the undecorated model, full width against truncated
+    gradients."""
+    try:
+        import warnings
+
+        from sentence_transformers.sentence_transformer import losses as real
+    except Exception:
+        pytest.skip("sentence-transformers not installed")
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(2)
+    model, guide = DimToy(), ToyEncoder(d=5)
+    if kind == "gist":  # (the library's GIST wants tokenizers; one for both: the same features)
+        tok = _word_tokenizer([f"w{i}" for i in range(40)])
+        for m in (model, guide):
+            m.tokenizer, m.max_seq_length = tok, 16
+    feats = _columns(gen, 7, 3)
+    params = list(model.parameters())
+    dims, weights = [12, 8, 4], [1.0, 0.5, 2.0]
+    make = {
+        "mnrl": (lambda **kw: st.MultipleNegativesRankingLoss(model, scale=15.0, **kw),
+                 lambda: real.MultipleNegativesRankingLoss(model, scale=15.0)),
+        "symmetric": (lambda **kw: (st.CachedMultipleNegativesSymmetricRankingLoss(model, scale=15.0, **kw)
+                                    if kw else st.MultipleNegativesSymmetricRankingLoss(model, scale=15.0)),
+                      lambda: real.MultipleNegativesSymmetricRankingLoss(model, scale=15.0)),
+        "gist": (lambda **kw: st.GISTEmbedLoss(model, guide, temperature=0.05, margin=0.05, **kw),
+                 lambda: real.GISTEmbedLoss(model, guide, temperature=0.05, margin=0.05)),
+    }[kind]
+
+    def run(loss, g=0.7):
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = real.MatryoshkaLoss(model, loss, dims, weights)
+        value = wrapped(feats, None)
+        (g * value).backward()
+        grads = [p.grad.clone() for p in params]
+        with torch.no_grad():
+            assert abs(wrapped(feats, None).item() - value.item()) <= TOL
+        return value, grads
+
+    cached = make[0](mini_batch_size=3)
+    assert cached.uses_gradient_cache and not make[0]().uses_gradient_cache
+    want, want_g = run(make[0]())
+    got, got_g = run(cached)
+    assert abs(got.item() - want.item()) <= TOL
+    for a, b in zip(got_g, want_g):
+        assert b.abs().max() > 0 and (a - b).abs().max() <= TOL, f"{kind}: matryoshka gradient"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = make[1]()
+    peer, peer_g = run(theirs)
+    assert abs(peer.item() - want.item()) <= 1e-9
+    for a, b in zip(peer_g, want_g):
+        assert (a - b).abs().max() <= 1e-9, f"{kind}: matryoshka against sentence-transformers"
+
+
 def test_sentence_transformers_gist_retokenizes_for_the_guide():
     """A guide with its own vocabulary gets the texts re-encoded by its tokenizer (decoded with the
     model's), as sentence-transformers does."""

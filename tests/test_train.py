@@ -234,6 +234,55 @@ def test_chunked_loss_deferred_backward():
         assert (p.grad - r).abs().max().item() <= 1e-10
 
 
+def test_chunked_loss_with_its_own_backward():
+    """loss_backward: loss_fn gets each input's chunk embeddings and back-propagates to them itself
+    (sentence-transformers' gradient-cache protocol); the towers' gradients are the unchunked
+    step's with the returned scalar's upstream gradient (2.5) applied at its backward, and an
+    input the loss leaves unused is not re-encoded."""
+    from fastcl.train import chunked_loss
+
+    dtype, B, chunk, seed = torch.float64, 14, 4, 11
+    img, txt, _ = _make(dtype)
+    x, t = _data(B, dtype)
+
+    def loss_of(ei, et):
+        return fastcl.siglip_loss(ei, et, 8.0, -2.0, backend="torch")
+
+    _reference_step(img, txt, None, x, t, chunk, lambda a, b: 2.5 * loss_of(a, b), seed)
+    ref = [p.grad.clone() for p in _params(img, txt)]
+    for p in _params(img, txt):
+        p.grad = None
+    seen = []
+
+    def loss_fn(ei, et):
+        seen.append([tuple(e.shape) for e in ei])
+        assert all(e.is_leaf and e.requires_grad for e in ei + et)
+        value = loss_of(torch.cat(ei), torch.cat(et))
+        value.backward()
+        return value.detach()
+
+    torch.manual_seed(seed)
+    loss = chunked_loss((img, txt), (x, t), loss_fn, chunk, loss_backward=True)
+    assert seen == [[(4, 8), (4, 8), (4, 8), (2, 8)]]
+    assert all(p.grad is None for p in _params(img, txt))  # the towers wait for the backward
+    (2.5 * loss).backward()
+    for r, p in zip(ref, _params(img, txt)):
+        assert r.abs().max() > 0 and (p.grad - r).abs().max().item() <= 1e-10
+    # the texts unused: their tower is not run again
+    calls = []
+    txt.register_forward_hook(lambda *a: calls.append(1))
+
+    def images_only(ei, et):
+        value = fastcl.uniformity_loss(torch.cat(ei), backend="torch")
+        value.backward()
+        return value.detach()
+
+    loss = chunked_loss((img, txt), (x, t), images_only, chunk, loss_backward=True)
+    n_phase1 = len(calls)
+    loss.backward()
+    assert n_phase1 == 4 and len(calls) == 4
+
+
 def test_example_tiny_runs(capsys):
     """examples/train_clip_huge_batch.py --tiny, two steps, in-process."""
     import importlib.util

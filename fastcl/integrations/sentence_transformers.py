@@ -29,6 +29,11 @@ guide's, as sentence-transformers does).
 ``exact``: float32 products in IEEE arithmetic; by default as torch's float32 matmul precision
 allows (:func:`fastcl.integrations._common.exact_products`), as the library's own similarity
 matrices.
+
+The cached forms (and the others with ``mini_batch_size``) follow the library's gradient-cache
+protocol: ``uses_gradient_cache`` is True and ``calculate_loss(reps, ..., with_backward=False)``
+takes each column's mini-batch embeddings, so wrappers that decorate it, such as
+``MatryoshkaLoss``, work around them as around the library's own.
 """
 from __future__ import annotations
 
@@ -158,7 +163,43 @@ def mnrl_from_embeddings(embeddings: Sequence[Tensor], *, scale: float = 20.0, s
     return loss.mean()
 
 
-class MultipleNegativesRankingLoss(nn.Module):
+class _GradientCache:
+    """sentence-transformers' gradient-cache protocol over :func:`fastcl.train.chunked_loss`: with
+    ``mini_batch_size`` set, ``uses_gradient_cache`` is True and the forward calls
+    ``self.calculate_loss(reps, *args, with_backward=True)`` on each column's mini-batch
+    embeddings (looked up on the instance, where ``MatryoshkaLoss`` puts its decorator)."""
+
+    mini_batch_size: Optional[int]
+    show_progress_bar: bool
+
+    @property
+    def uses_gradient_cache(self) -> bool:
+        return self.mini_batch_size is not None
+
+    def _mini_batches(self, features: Dict[str, Any]) -> List[Tensor]:
+        n, b = _batch_size("sentence_features", features), self.mini_batch_size
+        return [self._embed(_slice(features, s, min(n, s + b))) for s in range(0, n, b)]
+
+    def _cached_loss(self, features: List[Dict[str, Any]], *args) -> Tensor:
+        if not torch.is_grad_enabled():  # evaluation: no gradient to cache
+            return self.calculate_loss([self._mini_batches(f) for f in features], *args)
+        return chunked_loss(self._embed, features,
+                            lambda *reps: self.calculate_loss(list(reps), *args, with_backward=True),
+                            self.mini_batch_size, progress=self.show_progress_bar, loss_backward=True)
+
+
+def _loss_from_reps(loss_fn: Callable[[List[Tensor]], Tensor], reps: List[List[Tensor]],
+                    with_backward: bool) -> Tensor:
+    """``loss_fn`` of the columns' mini-batch embeddings ``reps`` concatenated; with
+    ``with_backward`` back-propagated to them and returned detached."""
+    loss = loss_fn([torch.cat(list(r)) for r in reps])
+    if not with_backward:
+        return loss
+    loss.backward()
+    return loss.detach()
+
+
+class MultipleNegativesRankingLoss(_GradientCache, nn.Module):
     """Fused ``MultipleNegativesRankingLoss``: ``forward(sentence_features, labels)``.
 
     Args:
@@ -219,14 +260,20 @@ class MultipleNegativesRankingLoss(nn.Module):
                                     hardness_mode=self.hardness_mode,
                                     hardness_strength=self.hardness_strength)
 
+    def calculate_loss(self, reps: List[List[Tensor]], labels: Optional[Tensor] = None, *,
+                       with_backward: bool = False) -> Tensor:
+        """The loss of the columns' mini-batch embeddings ``reps`` (the gradient-cache protocol);
+        ``with_backward``: back-propagated to them, returned detached."""
+        return _loss_from_reps(lambda e: self.compute_loss_from_embeddings(e, labels), reps,
+                               with_backward)
+
     def forward(self, sentence_features: Iterable[Dict[str, Any]], labels: Optional[Tensor] = None) -> Tensor:
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"Expected at least 2 inputs (anchors, positives), got {len(features)}")
         if self.mini_batch_size is None:
             return self.compute_loss_from_embeddings([self._embed(f) for f in features])
-        return chunked_loss(self._embed, features, lambda *e: self.compute_loss_from_embeddings(list(e)),
-                            self.mini_batch_size, progress=self.show_progress_bar)
+        return self._cached_loss(features, labels)
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {"scale": self.scale, "similarity_fct": self.similarity, "directions": self.directions,
@@ -383,7 +430,7 @@ def _must_retokenize(model: Callable, guide: Callable) -> bool:
     return gl is not None and ml is not None and gl < ml
 
 
-class GISTEmbedLoss(nn.Module):
+class GISTEmbedLoss(_GradientCache, nn.Module):
     """Fused ``GISTEmbedLoss``: ``forward(sentence_features, labels)``.
 
     Args:
@@ -457,6 +504,15 @@ class GISTEmbedLoss(nn.Module):
                                     gather_across_devices=self.gather_across_devices,
                                     backend=self.backend, exact=self.exact)
 
+    def calculate_loss(self, reps: List[List[Tensor]], reps_guided: List[List[Tensor]], *,
+                       with_backward: bool = False) -> Tensor:
+        """The loss of the columns' mini-batch embeddings ``reps`` and the guide's ``reps_guided``
+        (the gradient-cache protocol); ``with_backward``: back-propagated to ``reps``, returned
+        detached."""
+        guide = [torch.cat(list(g)) for g in reps_guided]
+        return _loss_from_reps(lambda e: self.compute_loss_from_embeddings(e, guide), reps,
+                               with_backward)
+
     def forward(self, sentence_features: Iterable[Dict[str, Any]],
                 labels: Optional[Tensor] = None) -> Tensor:
         features = list(sentence_features)
@@ -465,9 +521,7 @@ class GISTEmbedLoss(nn.Module):
         guide_embeddings = [self._guide_embed(f) for f in features]  # (before the model sees them)
         if self.mini_batch_size is None:
             return self.compute_loss_from_embeddings([self._embed(f) for f in features], guide_embeddings)
-        return chunked_loss(self._embed, features,
-                            lambda *e: self.compute_loss_from_embeddings(list(e), guide_embeddings),
-                            self.mini_batch_size, progress=self.show_progress_bar)
+        return self._cached_loss(features, [[g] for g in guide_embeddings])
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {"guide": self.guide, "temperature": self.temperature,
