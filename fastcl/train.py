@@ -158,8 +158,28 @@ def _modules(enc) -> List[nn.Module]:
     return [enc] if isinstance(enc, nn.Module) else []
 
 
-def _plan(encoders, inputs, loss_fn, chunk_size, autocast):
-    """Validate the arguments; returns (towers, sizes, devices, autocast factory, jobs)."""
+def _chunk_ranges(ranges, sizes: List[int]) -> List[List[tuple]]:
+    """Validated per-input chunk ranges: (start, stop) pairs of ints that cover [0, B_t) in order."""
+    if not isinstance(ranges, (list, tuple)) or len(ranges) != len(sizes):
+        raise ValueError(f"ranges must hold one list of (start, stop) chunks per input ({len(sizes)}), "
+                         f"got {type(ranges).__name__}"
+                         + (f" of {len(ranges)}" if isinstance(ranges, (list, tuple)) else ""))
+    out = []
+    for t, (rs, n) in enumerate(zip(ranges, sizes)):
+        rs = [tuple(r) for r in rs]
+        ends = [0] + [e for _, e in rs]
+        ok = (all(len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+                  for r in rs)
+              and all(s == prev and s < e for (s, e), prev in zip(rs, ends)) and ends[-1] == n)
+        if not ok:
+            raise ValueError(f"ranges[{t}] must be (start, stop) chunks covering rows [0, {n}) in "
+                             f"order, each non-empty, got {rs}")
+        out.append(rs)
+    return out
+
+
+def _plan(encoders, inputs, loss_fn, chunk_size, autocast, ranges=None):
+    """Validate the arguments; returns (towers, devices, autocast factory, jobs)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
@@ -185,7 +205,11 @@ def _plan(encoders, inputs, loss_fn, chunk_size, autocast):
             if p is not None:
                 devices.append(p.device)
     device = devices[0] if devices else torch.device("cpu")
-    jobs = [(t, s, min(s + chunk_size, n)) for t, n in enumerate(sizes) for s in range(0, n, chunk_size)]
+    if ranges is None:
+        jobs = [(t, s, min(s + chunk_size, n)) for t, n in enumerate(sizes)
+                for s in range(0, n, chunk_size)]
+    else:
+        jobs = [(t, s, e) for t, rs in enumerate(_chunk_ranges(ranges, sizes)) for s, e in rs]
     return towers, devices, _autocast_ctx(autocast, device), jobs
 
 
@@ -226,6 +250,7 @@ def chunked_loss(
         autocast: Any = None,
         progress: bool = False,
         loss_backward: bool = False,
+        ranges: Optional[Sequence[Sequence[tuple]]] = None,
 ) -> Tensor:
     """The loss of a big batch encoded ``chunk_size`` samples at a time, as a differentiable scalar.
 
@@ -245,8 +270,11 @@ def chunked_loss(
     graph) re-encodes the chunks at its backward with those gradients times its own. Inputs whose
     chunks got no gradient are not re-encoded. Learnable parameters of ``loss_fn`` itself get
     their gradients from its own backward, unscaled by the returned scalar's.
+
+    ``ranges``: the chunks of each input as (start, stop) row ranges covering it in order (e.g.
+    packed to a token budget), instead of ``chunk_size`` rows each.
     """
-    towers, devices, ac, jobs = _plan(encoders, inputs, loss_fn, chunk_size, autocast)
+    towers, devices, ac, jobs = _plan(encoders, inputs, loss_fn, chunk_size, autocast, ranges)
     bar = _progress(2 * len(jobs), progress, "chunks")
     pieces: List[List[Tensor]] = [[] for _ in inputs]
     chunks: List[list] = [[] for _ in inputs]

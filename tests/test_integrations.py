@@ -600,6 +600,63 @@ def test_sentence_transformers_matryoshka(kind):
         assert (a - b).abs().max() <= 1e-9, f"{kind}: matryoshka against sentence-transformers"
 
 
+@pytest.mark.parametrize("kind", ["mnrl", "gist"])
+def test_sentence_transformers_token_budget(kind):
+    """mini_batch_num_tokens: each column's mini-batches packed to that many non-padding tokens
+    (sentence-transformers' ranges), the model and the guide run on them, and the loss and
+    gradients those of the unchunked loss; evaluation (no grad) the same value."""
+    gen = torch.Generator().manual_seed(9)
+    torch.manual_seed(3)
+    model, guide = DimToy(), ToyEncoder(d=5)
+    feats = _columns(gen, 9, 3)
+    params = list(model.parameters())
+    budget = 11
+    if kind == "mnrl":
+        plain = st.MultipleNegativesRankingLoss(model, scale=15.0)
+        cached = st.CachedMultipleNegativesRankingLoss(model, scale=15.0, mini_batch_num_tokens=budget)
+    else:
+        plain = st.GISTEmbedLoss(model, guide, temperature=0.05, margin=0.05)
+        cached = st.CachedGISTEmbedLoss(model, guide, temperature=0.05, margin=0.05,
+                                        mini_batch_num_tokens=budget)
+    # the ranges: greedy, at most `budget` tokens unless one sequence alone exceeds it
+    for f in feats:
+        counts = f["attention_mask"].sum(1).tolist()
+        ranges = cached._ranges(f)
+        assert ranges[0][0] == 0 and ranges[-1][1] == 9 and len(ranges) > 2
+        for (s, e), nxt in zip(ranges, ranges[1:] + [None]):
+            assert sum(counts[s:e]) <= budget or e == s + 1
+            if nxt is not None:
+                assert nxt[0] == e and sum(counts[s:e + 1]) > budget
+        try:
+            from sentence_transformers.base.losses.gradcache import _minibatch_ranges
+        except Exception:
+            continue
+        assert ranges == _minibatch_ranges(f, 32, budget)
+    sizes = {"model": [], "guide": []}
+    hooks = [model.register_forward_hook(lambda m, a, o: sizes["model"].append(a[0]["input_ids"].shape[0])),
+             guide.register_forward_hook(lambda m, a, o: sizes["guide"].append(a[0]["input_ids"].shape[0]))]
+    want = plain(feats, None)
+    want_g = torch.autograd.grad(0.7 * want, params)
+    for k in sizes:
+        sizes[k].clear()
+    got = cached(feats, None)
+    (0.7 * got).backward()
+    for h in hooks:
+        h.remove()
+    expect = [e - s for f in feats for s, e in cached._ranges(f)]
+    assert sizes["model"] == expect + expect  # encoded, then re-encoded in the backward
+    assert sizes["guide"] == (expect if kind == "gist" else [])
+    assert abs(got.item() - want.item()) <= TOL
+    for p, g in zip(params, want_g):
+        assert g.abs().max() > 0 and (p.grad - g).abs().max() <= TOL, f"{kind}: token-budget gradient"
+    with torch.no_grad():
+        assert abs(cached(feats, None).item() - want.item()) <= TOL
+    with pytest.raises(ValueError, match="mini_batch_num_tokens must be"):
+        st.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        cached([{"input_ids": f["input_ids"]} for f in feats], None)
+
+
 def test_sentence_transformers_gist_retokenizes_for_the_guide():
     """A guide with its own vocabulary gets the texts re-encoded by its tokenizer (decoded with the
     model's), as sentence-transformers does."""
@@ -640,7 +697,7 @@ def test_sentence_transformers_gist_errors():
     with pytest.raises(ValueError, match="margin"):
         st.GISTEmbedLoss(model, guide, margin=float("nan"))
     with pytest.raises(ValueError, match="mini_batch_num_tokens"):
-        st.CachedGISTEmbedLoss(model, guide, mini_batch_num_tokens=512)
+        st.CachedGISTEmbedLoss(model, guide, mini_batch_num_tokens=-3)
     with pytest.raises(ValueError, match="at least 2"):
         st.GISTEmbedLoss(model, guide)(_columns(torch.Generator().manual_seed(0), 3, 1), None)
     e = [torch.randn(4, 6, dtype=torch.float64) for _ in range(2)]

@@ -208,6 +208,24 @@ def test_bad_arguments():
         chunked_contrastive_step((img, txt), (x, t),
                                  lambda a, b: fastcl.clip_loss(a, b, 10.0, reduction="none",
                                                                backend="torch"), 4)
+    from fastcl.train import chunked_loss
+    for bad in ([[(0, 8)]], [[(0, 4), (5, 8)], [(0, 8)]], [[(0, 4), (4, 4), (4, 8)], [(0, 8)]],
+                [[(0, 4), (4, 7)], [(0, 8)]], [[(0, 8.0)], [(0, 8)]]):
+        with pytest.raises(ValueError, match="ranges"):
+            chunked_loss((img, txt), (x, t), f, 4, ranges=bad)
+    # uneven chunks given as ranges (dropout off): the unchunked loss's gradients
+    img.eval(), txt.eval()
+    calls = []
+    img.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    loss = chunked_loss((img, txt), (x, t), f, 4, ranges=[[(0, 3), (3, 8)], [(0, 1), (1, 2), (2, 8)]])
+    loss.backward()
+    assert calls == [3, 5, 3, 5]
+    got = [p.grad.clone() for p in _params(img, txt)]
+    for p in _params(img, txt):
+        p.grad = None
+    f(img(x), txt(t)).backward()
+    for a, b in zip(got, [p.grad for p in _params(img, txt)]):
+        assert b.abs().max() > 0 and (a - b).abs().max().item() <= 1e-5
 
 
 def test_chunked_loss_deferred_backward():

@@ -37,6 +37,7 @@ takes each column's mini-batch embeddings, so wrappers that decorate it, such as
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -170,22 +171,54 @@ class _GradientCache:
     embeddings (looked up on the instance, where ``MatryoshkaLoss`` puts its decorator)."""
 
     mini_batch_size: Optional[int]
+    mini_batch_num_tokens: Optional[int] = None
     show_progress_bar: bool
 
     @property
     def uses_gradient_cache(self) -> bool:
         return self.mini_batch_size is not None
 
-    def _mini_batches(self, features: Dict[str, Any]) -> List[Tensor]:
-        n, b = _batch_size("sentence_features", features), self.mini_batch_size
-        return [self._embed(_slice(features, s, min(n, s + b))) for s in range(0, n, b)]
+    def _ranges(self, features: Dict[str, Any]) -> List[tuple]:
+        """A column's mini-batches as (start, stop) rows: ``mini_batch_size`` rows each, or with
+        ``mini_batch_num_tokens`` as many rows as fit that many non-padding tokens (at least one),
+        as sentence-transformers packs them."""
+        n = _batch_size("sentence_features", features)
+        budget = self.mini_batch_num_tokens
+        if budget is None:
+            b = self.mini_batch_size
+            return [(s, min(n, s + b)) for s in range(0, n, b)]
+        mask = features.get("attention_mask") if isinstance(features, dict) else None
+        if not (isinstance(mask, Tensor) and mask.dim() == 2):
+            raise ValueError("mini_batch_num_tokens needs each column's per-sequence token counts, "
+                             "from a 2-D 'attention_mask' in its features; use mini_batch_size")
+        ends = mask.sum(1).cumsum(0).tolist()  # (the mini-batches' bounds: read on the host)
+        out, start = [], 0
+        while start < n:
+            before = ends[start - 1] if start > 0 else 0
+            stop = max(start + 1, bisect.bisect_right(ends, before + budget))
+            out.append((start, stop))
+            start = stop
+        return out
+
+    def _mini_batches(self, features: Dict[str, Any], embed: Callable) -> List[Tensor]:
+        return [embed(_slice(features, s, e)) for s, e in self._ranges(features)]
 
     def _cached_loss(self, features: List[Dict[str, Any]], *args) -> Tensor:
         if not torch.is_grad_enabled():  # evaluation: no gradient to cache
-            return self.calculate_loss([self._mini_batches(f) for f in features], *args)
+            return self.calculate_loss([self._mini_batches(f, self._embed) for f in features], *args)
         return chunked_loss(self._embed, features,
                             lambda *reps: self.calculate_loss(list(reps), *args, with_backward=True),
-                            self.mini_batch_size, progress=self.show_progress_bar, loss_backward=True)
+                            self.mini_batch_size, progress=self.show_progress_bar, loss_backward=True,
+                            ranges=[self._ranges(f) for f in features])
+
+
+def _check_num_tokens(mini_batch_num_tokens) -> Optional[int]:
+    if mini_batch_num_tokens is not None and (
+            not isinstance(mini_batch_num_tokens, int) or isinstance(mini_batch_num_tokens, bool)
+            or mini_batch_num_tokens < 1):
+        raise ValueError(f"mini_batch_num_tokens must be a positive int or None, got "
+                         f"{mini_batch_num_tokens!r}")
+    return mini_batch_num_tokens
 
 
 def _loss_from_reps(loss_fn: Callable[[List[Tensor]], Tensor], reps: List[List[Tensor]],
@@ -278,6 +311,7 @@ class MultipleNegativesRankingLoss(_GradientCache, nn.Module):
     def get_config_dict(self) -> Dict[str, Any]:
         return {"scale": self.scale, "similarity_fct": self.similarity, "directions": self.directions,
                 "partition_mode": self.partition_mode, "mini_batch_size": self.mini_batch_size,
+                "mini_batch_num_tokens": self.mini_batch_num_tokens,
                 "gather_across_devices": self.gather_across_devices,
                 "hardness_mode": self.hardness_mode, "hardness_strength": self.hardness_strength}
 
@@ -297,12 +331,11 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                  partition_mode: str = "joint", show_progress_bar: bool = False,
                  hardness_mode: Optional[str] = None, hardness_strength: float = 0.0, *,
                  backend: str = "auto", exact: Optional[bool] = None):
-        if mini_batch_num_tokens is not None:
-            raise ValueError("mini_batch_num_tokens is not supported; use mini_batch_size")
         super().__init__(model, scale, similarity_fct, gather_across_devices, directions,
                          partition_mode, hardness_mode, hardness_strength,
                          mini_batch_size=mini_batch_size, show_progress_bar=show_progress_bar,
                          backend=backend, exact=exact)
+        self.mini_batch_num_tokens = _check_num_tokens(mini_batch_num_tokens)
 
 
 _SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
@@ -487,13 +520,13 @@ class GISTEmbedLoss(_GradientCache, nn.Module):
                 for k, v in out.items()}
 
     def _guide_embed(self, features: Dict[str, Any]) -> Tensor:
-        """The guide's embeddings of a column, without autograd (``mini_batch_size`` rows at a time)."""
+        """The guide's embeddings of a column, without autograd (in the model's mini-batches)."""
+        def embed(f):
+            return self.guide(self._guide_features(f))["sentence_embedding"].detach()
         with torch.no_grad():
             if self.mini_batch_size is None:
-                return self.guide(self._guide_features(features))["sentence_embedding"].detach()
-            n, b = _batch_size("sentence_features", features), self.mini_batch_size
-            return torch.cat([self.guide(self._guide_features(_slice(features, s, min(n, s + b))))[
-                "sentence_embedding"].detach() for s in range(0, n, b)])
+                return embed(features)
+            return torch.cat(self._mini_batches(features, embed))
 
     def compute_loss_from_embeddings(self, embeddings: List[Tensor],
                                      guide_embeddings: List[Tensor]) -> Tensor:
@@ -528,7 +561,8 @@ class GISTEmbedLoss(_GradientCache, nn.Module):
                 "margin_strategy": self.margin_strategy, "margin": self.margin,
                 "contrast_anchors": self.contrast_anchors, "contrast_positives": self.contrast_positives,
                 "gather_across_devices": self.gather_across_devices,
-                "mini_batch_size": self.mini_batch_size}
+                "mini_batch_size": self.mini_batch_size,
+                "mini_batch_num_tokens": self.mini_batch_num_tokens}
 
 
 class CachedGISTEmbedLoss(GISTEmbedLoss):
@@ -543,8 +577,7 @@ class CachedGISTEmbedLoss(GISTEmbedLoss):
                  margin: float = 0.0, contrast_anchors: bool = True, contrast_positives: bool = True,
                  gather_across_devices: bool = False, *, backend: str = "auto",
                  exact: Optional[bool] = None):
-        if mini_batch_num_tokens is not None:
-            raise ValueError("mini_batch_num_tokens is not supported; use mini_batch_size")
         super().__init__(model, guide, temperature, margin_strategy, margin, contrast_anchors,
                          contrast_positives, gather_across_devices, mini_batch_size=mini_batch_size,
                          show_progress_bar=show_progress_bar, backend=backend, exact=exact)
+        self.mini_batch_num_tokens = _check_num_tokens(mini_batch_num_tokens)
