@@ -613,7 +613,7 @@ def _self_similarity_rows(rows: Tensor, labels: Optional[Tensor], positives: Opt
     Gather: the rows and labels of all ranks gathered in rank order (``self_offset``). Ring:
     :class:`_RingLoss` with ``rows`` as both queries and keys, the labels travelling with the
     blocks, the own entry left out on the diagonal block."""
-    W, r = _world(group)
+    r = _world(group)[1]
     be = _backend.resolve(backend, rows.device, rows.dtype)
     if mode == "ring":
         s = _sync_scalar(_temperature_scale(temperature, rows), group)

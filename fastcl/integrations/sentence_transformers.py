@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -187,7 +188,7 @@ class _GradientCache:
         if budget is None:
             b = self.mini_batch_size
             return [(s, min(n, s + b)) for s in range(0, n, b)]
-        mask = features.get("attention_mask") if isinstance(features, dict) else None
+        mask = features.get("attention_mask") if isinstance(features, Mapping) else None
         if not (isinstance(mask, Tensor) and mask.dim() == 2):
             raise ValueError("mini_batch_num_tokens needs each column's per-sequence token counts, "
                              "from a 2-D 'attention_mask' in its features; use mini_batch_size")
