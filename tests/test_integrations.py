@@ -657,6 +657,56 @@ def test_sentence_transformers_token_budget(kind):
         cached([{"input_ids": f["input_ids"]} for f in feats], None)
 
 
+@pytest.mark.parametrize("cos", [True, False])
+def test_sentence_transformers_contrastive_tension(cos):
+    """ContrastiveTensionLossInBatchNegatives: the model's copy and the model on one column, the
+    symmetric CLIP loss at a learnable scale; against the transcribed formula and the library's
+    class (the copy's, the model's and the scale's gradients)."""
+    gen = torch.Generator().manual_seed(13)
+    torch.manual_seed(4)
+    model = ToyEncoder()
+    feats = _columns(gen, 8, 1)
+    kw = {}
+    try:
+        from sentence_transformers import util as st_util
+        kw["similarity_fct"] = st_util.cos_sim if cos else st_util.dot_score
+    except Exception:
+        st_util = None
+        if not cos:
+            kw["similarity_fct"] = lambda a, b: a @ b.T
+            kw["similarity_fct"].__name__ = "dot_score"
+    ours = st.ContrastiveTensionLossInBatchNegatives(model, scale=12.0, **kw)
+    assert ours.model2 is model and ours.model1 is not model
+    with torch.no_grad():  # the copy drifts from the model during training
+        ours.model1.proj.weight.add_(0.1 * torch.randn(12, 12, generator=gen, dtype=torch.float64))
+
+    def formula():
+        a, b = ours.model1(feats[0])["sentence_embedding"], model(feats[0])["sentence_embedding"]
+        if cos:
+            a, b = nn.functional.normalize(a, dim=-1), nn.functional.normalize(b, dim=-1)
+        logits = ours.logit_scale.exp() * a @ b.T
+        y = torch.arange(8)
+        return (nn.functional.cross_entropy(logits, y) + nn.functional.cross_entropy(logits.T, y)) / 2
+
+    params = list(ours.parameters())
+    assert len(params) == 2 * len(list(model.parameters())) + 1
+    _compare("contrastive tension/transcription", ours(feats, None), formula(), params)
+    if st_util is None:
+        pytest.skip("sentence-transformers not installed: real-peer comparison skipped")
+    from sentence_transformers.sentence_transformer.losses import ContrastiveTensionLossInBatchNegatives as Real
+    theirs = Real(model, scale=12.0, **kw)
+    theirs.model1.load_state_dict(ours.model1.state_dict())
+    got = torch.autograd.grad(ours(feats, None), params)
+    want_loss = theirs(feats, None)
+    want = torch.autograd.grad(want_loss, list(theirs.model2.parameters()) + list(theirs.model1.parameters())
+                               + [theirs.logit_scale])
+    order = list(ours.model2.parameters()) + list(ours.model1.parameters()) + [ours.logit_scale]
+    index = {id(p): i for i, p in enumerate(params)}
+    for p, w in zip(order, want):
+        assert (got[index[id(p)]] - w).abs().max() <= TOL, "contrastive tension vs sentence-transformers"
+    assert abs(ours(feats, None).item() - want_loss.item()) <= TOL
+
+
 def test_sentence_transformers_gist_retokenizes_for_the_guide():
     """A guide with its own vocabulary gets the texts re-encoded by its tokenizer (decoded with the
     model's), as sentence-transformers does."""

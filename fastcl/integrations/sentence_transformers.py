@@ -1,5 +1,6 @@
 """sentence-transformers drop-ins: ``MultipleNegativesRankingLoss``,
-``MultipleNegativesSymmetricRankingLoss``, ``GISTEmbedLoss`` and their cached (chunked) forms.
+``MultipleNegativesSymmetricRankingLoss``, ``GISTEmbedLoss`` and their cached (chunked) forms, and
+``ContrastiveTensionLossInBatchNegatives``.
 
 Same constructor arguments and ``forward(sentence_features, labels)`` as the sentence-transformers
 losses: the first column holds the anchors (queries), the second their positives, any further
@@ -38,6 +39,7 @@ takes each column's mini-batch embeddings, so wrappers that decorate it, such as
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
@@ -46,6 +48,7 @@ import torch
 from torch import nn
 
 from .. import distributed as fdist
+from ..losses import clip_loss
 from ..train import _batch_size, _slice, chunked_loss
 from ._common import (exact_products, guided_statistics, row_gap, row_gap_without, row_lse,
                       row_lse_without, scaled_grad)
@@ -54,7 +57,8 @@ Tensor = torch.Tensor
 
 __all__ = ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "mnrl_from_embeddings",
            "MultipleNegativesSymmetricRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss",
-           "GISTEmbedLoss", "CachedGISTEmbedLoss", "gist_from_embeddings"]
+           "GISTEmbedLoss", "CachedGISTEmbedLoss", "gist_from_embeddings",
+           "ContrastiveTensionLossInBatchNegatives"]
 
 _DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 _HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
@@ -582,3 +586,47 @@ class CachedGISTEmbedLoss(GISTEmbedLoss):
                          contrast_positives, gather_across_devices, mini_batch_size=mini_batch_size,
                          show_progress_bar=show_progress_bar, backend=backend, exact=exact)
         self.mini_batch_num_tokens = _check_num_tokens(mini_batch_num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrastive tension
+# ----------------------------------------------------------------------------------------------
+
+
+class ContrastiveTensionLossInBatchNegatives(nn.Module):
+    """Fused ``ContrastiveTensionLossInBatchNegatives`` (Carlsson et al. 2021): each sentence of
+    the first column through ``model1`` (a copy of the model made at construction) and ``model2``
+    (the model itself); the symmetric CLIP loss of the two embeddings, ``sim(a_i, b_j)`` at the
+    learnable scale ``logit_scale.exp()`` (initialised to ``scale``), the pair i the positive.
+
+    Args:
+        model: as :class:`MultipleNegativesRankingLoss` (deep-copied into ``model1``).
+        scale, similarity_fct: as sentence-transformers (``cos_sim`` or ``dot_score``).
+        backend, exact: as :class:`MultipleNegativesRankingLoss`.
+    """
+
+    def __init__(self, model: Callable, scale: float = 20.0, similarity_fct: Optional[Callable] = None,
+                 *, backend: str = "auto", exact: Optional[bool] = None):
+        super().__init__()
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.similarity = _similarity_kind(similarity_fct)
+        self.model2 = model  # (the model trained and kept)
+        self.model1 = copy.deepcopy(model)
+        self.similarity_fct = similarity_fct
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(scale))
+        self.backend, self.exact = backend, exact
+
+    def forward(self, sentence_features: Iterable[Dict[str, Any]], labels: Optional[Tensor] = None) -> Tensor:
+        features = list(sentence_features)
+        if not features:
+            raise ValueError("Expected one input column (the sentences), got none")
+        a = self.model1(features[0])["sentence_embedding"]
+        b = self.model2(features[0])["sentence_embedding"]
+        if self.similarity == "cos":
+            a, b = nn.functional.normalize(a, dim=-1), nn.functional.normalize(b, dim=-1)
+        return clip_loss(a, b, self.logit_scale.exp(), backend=self.backend,
+                         exact=exact_products(self.exact))
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        return {"scale": self.logit_scale.exp().item(), "similarity_fct": self.similarity}
