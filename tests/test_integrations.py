@@ -797,6 +797,50 @@ def test_sentence_transformers_gist_distributed():
     run_gloo(_gist_worker, 2)
 
 
+def _cached_gather_worker(r, W):
+    """The cached drop-ins with gather_across_devices: calculate_loss back-propagates through the
+    all-gather inside the forward (every rank takes part), the re-encoding follows at the
+    backward; parameter gradients equal the plain drop-in's on every rank, inside MatryoshkaLoss
+    too when sentence-transformers is installed."""
+    gen = torch.Generator().manual_seed(21 + r)
+    torch.manual_seed(6)  # the same model on every rank
+    model = DimToy()
+    feats = _columns(gen, 6, 3)
+    params = list(model.parameters())
+    cases = [(st.MultipleNegativesRankingLoss(model, scale=15.0, gather_across_devices=True),
+              st.CachedMultipleNegativesRankingLoss(model, scale=15.0, mini_batch_size=4,
+                                                    gather_across_devices=True))]
+    try:
+        import warnings
+
+        from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cases.append(tuple(MatryoshkaLoss(model, loss, [12, 6], [1.0, 0.5]) for loss in (
+                st.MultipleNegativesRankingLoss(model, scale=15.0, gather_across_devices=True),
+                st.CachedMultipleNegativesRankingLoss(model, scale=15.0, mini_batch_num_tokens=13,
+                                                      gather_across_devices=True))))
+    except ImportError:
+        pass
+    for k, (plain, cached) in enumerate(cases):
+        grads = []
+        for loss in (plain, cached):
+            model.zero_grad(set_to_none=True)
+            value = loss(feats, None)
+            (0.8 * value).backward()
+            grads.append((value.item(), [p.grad.clone() for p in params]))
+        (a, ga), (b, gb) = grads
+        if abs(a - b) > TOL:
+            raise AssertionError(f"case {k}: loss {a} vs {b}")
+        for x, y in zip(ga, gb):
+            if x.abs().max() == 0 or (x - y).abs().max() > TOL:
+                raise AssertionError(f"case {k}: gradient off by {(x - y).abs().max().item():.3e}")
+
+
+def test_sentence_transformers_cached_gather_distributed():
+    run_gloo(_cached_gather_worker, 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # pytorch-metric-learning
 # ----------------------------------------------------------------------------------------------
