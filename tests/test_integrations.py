@@ -841,6 +841,38 @@ def test_sentence_transformers_cached_gather_distributed():
     run_gloo(_cached_gather_worker, 2)
 
 
+def _cached_ddp_worker(r, W):
+    """The cached drop-in around a DistributedDataParallel model (as the library's trainer puts
+    it in the loss), each rank with a different number of token-packed mini-batches: the
+    re-encoding synchronises once, on each rank's last mini-batch (a sync per mini-batch would
+    pair rank 0's third with nothing on rank 1), and the averaged gradients are those of the
+    plain drop-in's single backward."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gen = torch.Generator().manual_seed(40 + r)
+    torch.manual_seed(8)  # the same model on every rank
+    model = DDP(DimToy())
+    feats = _columns(gen, 6 if r == 0 else 3, 2)  # uneven chunk counts across the ranks
+    params = list(model.parameters())
+    plain = st.MultipleNegativesRankingLoss(model, scale=15.0)
+    cached = st.CachedMultipleNegativesRankingLoss(model, scale=15.0, mini_batch_num_tokens=9)
+    if r == 0:
+        assert [len(cached._ranges(f)) for f in feats] != [len(cached._ranges(f)) for f in
+                                                           _columns(torch.Generator().manual_seed(41), 3, 2)]
+    grads = []
+    for loss in (plain, cached):
+        model.zero_grad(set_to_none=True)
+        (0.6 * loss(feats, None)).backward()
+        grads.append([p.grad.clone() for p in params])
+    for x, y in zip(*grads):
+        if x.abs().max() == 0 or (x - y).abs().max() > TOL:
+            raise AssertionError(f"ddp cached gradient off by {(x - y).abs().max().item():.3e}")
+
+
+def test_sentence_transformers_cached_ddp_uneven_mini_batches():
+    run_gloo(_cached_ddp_worker, 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # pytorch-metric-learning
 # ----------------------------------------------------------------------------------------------

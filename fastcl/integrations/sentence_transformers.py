@@ -39,6 +39,7 @@ takes each column's mini-batch embeddings, so wrappers that decorate it, such as
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import math
 from collections.abc import Mapping
@@ -211,10 +212,29 @@ class _GradientCache:
     def _cached_loss(self, features: List[Dict[str, Any]], *args) -> Tensor:
         if not torch.is_grad_enabled():  # evaluation: no gradient to cache
             return self.calculate_loss([self._mini_batches(f, self._embed) for f in features], *args)
-        return chunked_loss(self._embed, features,
+        return chunked_loss(_Embedder(self), features,
                             lambda *reps: self.calculate_loss(list(reps), *args, with_backward=True),
                             self.mini_batch_size, progress=self.show_progress_bar, loss_backward=True,
                             ranges=[self._ranges(f) for f in features])
+
+
+class _Embedder(nn.Module):
+    """A loss's model as :func:`fastcl.train.chunked_loss`'s encoder: the ``"sentence_embedding"``
+    of the features, and the model's own ``no_sync`` (a DistributedDataParallel model, as the
+    library's trainer puts it in the loss), so that the re-encoding synchronises the gradients
+    once, on its last mini-batch, however many mini-batches each rank has."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.model = loss.model
+        self._embed = loss._embed
+
+    def forward(self, features: Dict[str, Any]) -> Tensor:
+        return self._embed(features)
+
+    def no_sync(self):
+        sync = getattr(self.model, "no_sync", None)
+        return sync() if sync is not None else contextlib.nullcontext()
 
 
 def _check_num_tokens(mini_batch_num_tokens) -> Optional[int]:
