@@ -707,6 +707,82 @@ def test_sentence_transformers_contrastive_tension(cos):
     assert abs(ours(feats, None).item() - want_loss.item()) <= TOL
 
 
+def _tiny_sentence_transformer(path, seed):
+    """A real SentenceTransformer, offline: a one-layer BERT (dropout on) with a word-level
+    tokenizer, saved under ``path`` and loaded with mean pooling."""
+    import warnings
+
+    from transformers import BertConfig, BertModel
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules
+
+    tok = _word_tokenizer([f"w{i}" for i in range(30)])
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size + 5, hidden_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                     hidden_dropout_prob=0.1)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = modules.Transformer(str(path), max_seq_length=16)
+        return SentenceTransformer(modules=[tr, modules.Pooling(tr.get_word_embedding_dimension(), "mean")],
+                                   device="cpu")
+
+
+def test_sentence_transformers_real_model_cached(tmp_path):
+    """The cached drop-ins on a real SentenceTransformer (dropout on: the re-encoding replays the
+    RNG) against the library's own cached losses: mini_batch_size, mini_batch_num_tokens, inside
+    MatryoshkaLoss, and CachedGISTEmbedLoss with a guide model; float32, loss and gradients."""
+    try:
+        import warnings
+
+        import transformers  # noqa: F401
+        from sentence_transformers.sentence_transformer import losses as real
+    except Exception:
+        pytest.skip("sentence-transformers / transformers not installed")
+    model = _tiny_sentence_transformer(tmp_path / "model", 0)
+    guide = _tiny_sentence_transformer(tmp_path / "guide", 1)
+    gen = torch.Generator().manual_seed(1)
+    words = [f"w{i}" for i in range(30)]
+
+    def texts(n):
+        return [" ".join(words[i] for i in torch.randint(0, 30, (int(torch.randint(2, 9, (1,), generator=gen)),),
+                                                         generator=gen)) for _ in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        feats = [dict(model.preprocess(texts(10))) for _ in range(3)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(loss):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # the same dropout draws for both
+        value = loss([dict(f) for f in feats], None)
+        (0.7 * value).backward()
+        return value.item(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = [
+            ("mini_batch_size", st.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
+             real.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)),
+            ("mini_batch_num_tokens", st.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=20),
+             real.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=20)),
+            ("matryoshka", real.MatryoshkaLoss(model, st.CachedMultipleNegativesRankingLoss(
+                model, mini_batch_size=4), [16, 8, 4]), real.MatryoshkaLoss(
+                model, real.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), [16, 8, 4])),
+            ("gist", st.CachedGISTEmbedLoss(model, guide, mini_batch_size=4),
+             real.CachedGISTEmbedLoss(model, guide, mini_batch_size=4)),
+        ]
+        for name, ours, theirs in cases:
+            (a, ga), (b, gb) = run(ours), run(theirs)
+            assert abs(a - b) <= 1e-5 * abs(b), f"{name}: loss {a} vs {b}"
+            size = max(g.abs().max().item() for g in gb)
+            err = max((x - y).abs().max().item() for x, y in zip(ga, gb))
+            assert size > 0 and err <= 1e-5 * size, f"{name}: gradients off by {err:.2e} (largest {size:.2e})"
+
+
 def test_sentence_transformers_gist_retokenizes_for_the_guide():
     """A guide with its own vocabulary gets the texts re-encoded by its tokenizer (decoded with the
     model's), as sentence-transformers does."""
