@@ -742,7 +742,7 @@ def test_sentence_transformers_real_model_cached(tmp_path):
         from sentence_transformers.sentence_transformer import losses as real
     except Exception:
         pytest.skip("sentence-transformers / transformers not installed")
-    model = _tiny_sentence_transformer(tmp_path / "model", 0)
+    model = _tiny_sentence_transformer(tmp_path / "model", 0).train()  # (dropout on)
     guide = _tiny_sentence_transformer(tmp_path / "guide", 1)
     gen = torch.Generator().manual_seed(1)
     words = [f"w{i}" for i in range(30)]

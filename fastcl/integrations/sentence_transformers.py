@@ -207,7 +207,7 @@ class _GradientCache:
         return out
 
     def _mini_batches(self, features: Dict[str, Any], embed: Callable) -> List[Tensor]:
-        return [embed(_slice(features, s, e)) for s, e in self._ranges(features)]
+        return [embed(_trim_padding(_slice(features, s, e))) for s, e in self._ranges(features)]
 
     def _cached_loss(self, features: List[Dict[str, Any]], *args) -> Tensor:
         if not torch.is_grad_enabled():  # evaluation: no gradient to cache
@@ -216,6 +216,27 @@ class _GradientCache:
                             lambda *reps: self.calculate_loss(list(reps), *args, with_backward=True),
                             self.mini_batch_size, progress=self.show_progress_bar, loss_backward=True,
                             ranges=[self._ranges(f) for f in features])
+
+
+def _trim_padding(features: Dict[str, Any]) -> Dict[str, Any]:
+    """A mini-batch's features without the padding columns that trail every sequence in it, as
+    the library cuts its mini-batches: the model runs on the columns it needs (memory bounded by
+    the mini-batch's longest sequence) and draws the dropout masks the library's own cached
+    losses draw. Leading padding stays (positions derived from lengths)."""
+    mask = features.get("attention_mask") if isinstance(features, Mapping) else None
+    if not (isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] > 0):
+        return features
+    active = mask.bool()
+    expansion = features.get("query_expansion_positions")  # (scored though masked)
+    if isinstance(expansion, Tensor) and expansion.shape == mask.shape:
+        active = active | expansion.bool()
+    used = active.any(0).nonzero()
+    width = mask.shape[1]
+    end = int(used.max()) + 1 if used.numel() else width  # (read on the host, as the library does)
+    if end >= width:
+        return features
+    return {k: (v[:, :end] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v)
+            for k, v in features.items()}
 
 
 class _Embedder(nn.Module):
@@ -230,7 +251,7 @@ class _Embedder(nn.Module):
         self._embed = loss._embed
 
     def forward(self, features: Dict[str, Any]) -> Tensor:
-        return self._embed(features)
+        return self._embed(_trim_padding(features))
 
     def no_sync(self):
         sync = getattr(self.model, "no_sync", None)
