@@ -732,9 +732,11 @@ def _tiny_sentence_transformer(path, seed):
 
 
 def test_sentence_transformers_real_model_cached(tmp_path):
-    """The cached drop-ins on a real SentenceTransformer (dropout on: the re-encoding replays the
-    RNG) against the library's own cached losses: mini_batch_size, mini_batch_num_tokens, inside
-    MatryoshkaLoss, and CachedGISTEmbedLoss with a guide model; float32, loss and gradients."""
+    """The drop-ins on a real SentenceTransformer against the library's own losses: plain MNRL,
+    symmetric MNRL and GIST, and with dropout on (the re-encoding replays the RNG, and the
+    mini-batches are cut as the library's) the cached forms with mini_batch_size,
+    mini_batch_num_tokens, inside MatryoshkaLoss, and CachedGISTEmbedLoss with a guide model;
+    float32, loss and gradients."""
     try:
         import warnings
 
@@ -742,7 +744,7 @@ def test_sentence_transformers_real_model_cached(tmp_path):
         from sentence_transformers.sentence_transformer import losses as real
     except Exception:
         pytest.skip("sentence-transformers / transformers not installed")
-    model = _tiny_sentence_transformer(tmp_path / "model", 0).train()  # (dropout on)
+    model = _tiny_sentence_transformer(tmp_path / "model", 0)
     guide = _tiny_sentence_transformer(tmp_path / "guide", 1)
     gen = torch.Generator().manual_seed(1)
     words = [f"w{i}" for i in range(30)]
@@ -765,6 +767,12 @@ def test_sentence_transformers_real_model_cached(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cases = [
+            # (the library's plain losses may merge the candidate columns into one forward: other
+            # dropout draws; these run without dropout)
+            ("plain", st.MultipleNegativesRankingLoss(model), real.MultipleNegativesRankingLoss(model)),
+            ("symmetric", st.MultipleNegativesSymmetricRankingLoss(model),
+             real.MultipleNegativesSymmetricRankingLoss(model)),
+            ("gist plain", st.GISTEmbedLoss(model, guide), real.GISTEmbedLoss(model, guide)),
             ("mini_batch_size", st.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
              real.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)),
             ("mini_batch_num_tokens", st.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=20),
@@ -776,6 +784,7 @@ def test_sentence_transformers_real_model_cached(tmp_path):
              real.CachedGISTEmbedLoss(model, guide, mini_batch_size=4)),
         ]
         for name, ours, theirs in cases:
+            model.train("plain" not in name and "symmetric" not in name)
             (a, ga), (b, gb) = run(ours), run(theirs)
             assert abs(a - b) <= 1e-5 * abs(b), f"{name}: loss {a} vs {b}"
             size = max(g.abs().max().item() for g in gb)
