@@ -2,6 +2,7 @@
 transcription of the peer's formula on the materialised matrix. Float64, fresh random inputs,
 learnable scale/bias, every gradient, grad_output != 1."""
 import math
+import random
 
 import pytest
 import torch
@@ -708,7 +709,7 @@ def test_sentence_transformers_contrastive_tension(cos):
 
 
 def _tiny_sentence_transformer(path, seed):
-    """A real SentenceTransformer, offline: a one-layer BERT (dropout on) with a word-level
+    """A real SentenceTransformer, offline: a two-layer BERT (dropout 0.1) with a word-level
     tokenizer, saved under ``path`` and loaded with mean pooling."""
     import warnings
 
@@ -719,7 +720,7 @@ def _tiny_sentence_transformer(path, seed):
 
     tok = _word_tokenizer([f"w{i}" for i in range(30)])
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=tok.vocab_size + 5, hidden_size=16, num_hidden_layers=1,
+    cfg = BertConfig(vocab_size=tok.vocab_size + 5, hidden_size=16, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
                      hidden_dropout_prob=0.1)
     BertModel(cfg).save_pretrained(path)
@@ -733,7 +734,8 @@ def _tiny_sentence_transformer(path, seed):
 
 def test_sentence_transformers_real_model_cached(tmp_path):
     """The drop-ins on a real SentenceTransformer against the library's own losses: plain MNRL,
-    symmetric MNRL and GIST, and with dropout on (the re-encoding replays the RNG, and the
+    symmetric MNRL and GIST, MNRL inside AdaptiveLayerLoss and Matryoshka2dLoss (which pass
+    every layer's embeddings between calls in the features), and with dropout on (the re-encoding replays the RNG, and the
     mini-batches are cut as the library's) the cached forms with mini_batch_size,
     mini_batch_num_tokens, inside MatryoshkaLoss, and CachedGISTEmbedLoss with a guide model;
     float32, loss and gradients."""
@@ -760,6 +762,7 @@ def test_sentence_transformers_real_model_cached(tmp_path):
     def run(loss):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(5)  # the same dropout draws for both
+        random.seed(5)  # (AdaptiveLayerLoss samples its layers with Python's random)
         value = loss([dict(f) for f in feats], None)
         (0.7 * value).backward()
         return value.item(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -773,6 +776,11 @@ def test_sentence_transformers_real_model_cached(tmp_path):
             ("symmetric", st.MultipleNegativesSymmetricRankingLoss(model),
              real.MultipleNegativesSymmetricRankingLoss(model)),
             ("gist plain", st.GISTEmbedLoss(model, guide), real.GISTEmbedLoss(model, guide)),
+            ("plain, AdaptiveLayerLoss", real.AdaptiveLayerLoss(model, st.MultipleNegativesRankingLoss(model)),
+             real.AdaptiveLayerLoss(model, real.MultipleNegativesRankingLoss(model))),
+            ("plain, Matryoshka2dLoss", real.Matryoshka2dLoss(model, st.MultipleNegativesRankingLoss(model),
+                                                             [16, 8]),
+             real.Matryoshka2dLoss(model, real.MultipleNegativesRankingLoss(model), [16, 8])),
             ("mini_batch_size", st.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3),
              real.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)),
             ("mini_batch_num_tokens", st.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=20),
