@@ -213,6 +213,17 @@ def _plan(encoders, inputs, loss_fn, chunk_size, autocast, ranges=None):
     return towers, devices, _autocast_ctx(autocast, device), jobs
 
 
+def _chunk_counts(towers, jobs, replayed) -> dict:
+    """How many chunks each module re-encodes (id -> count) over the inputs in ``replayed``: a
+    DDP module synchronises on its last one (:class:`_Replayer`)."""
+    counts: dict = {}
+    for t, _, _ in jobs:
+        if t in replayed:
+            for m in _modules(towers[t]):
+                counts[id(m)] = counts.get(id(m), 0) + 1
+    return counts
+
+
 class _Replayer:
     """Phase 3 for one tower: a hook on the cached embeddings (B_t, D) that, when their gradient
     arrives, re-encodes each chunk with autograd and back-propagates its slice."""
@@ -289,10 +300,7 @@ def chunked_loss(
                 bar.update(1)
     if loss_backward:
         return _loss_with_backward(towers, inputs, loss_fn, pieces, chunks, ac, jobs, bar)
-    remaining = {}
-    for t, _, _ in jobs:
-        for m in _modules(towers[t]):
-            remaining[id(m)] = remaining.get(id(m), 0) + 1
+    remaining = _chunk_counts(towers, jobs, range(len(inputs)))
     embeddings = []
     for t, p in enumerate(pieces):
         emb = torch.cat(p).requires_grad_(True)
@@ -318,11 +326,7 @@ def _loss_with_backward(towers, inputs, loss_fn, pieces, chunks, ac, jobs, bar) 
     used = [t for t, rs in enumerate(reps) if any(r.grad is not None for r in rs)]
     grads = {t: torch.cat([r.grad if r.grad is not None else torch.zeros_like(r) for r in reps[t]])
              for t in used}
-    remaining = {}
-    for t, _, _ in jobs:
-        if t in grads:
-            for m in _modules(towers[t]):
-                remaining[id(m)] = remaining.get(id(m), 0) + 1
+    remaining = _chunk_counts(towers, jobs, grads)
     replayers = {t: _Replayer(towers[t], t, inputs[t], chunks[t], ac, remaining, bar) for t in used}
     out = value.detach().clone().requires_grad_(True)
 
