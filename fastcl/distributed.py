@@ -299,8 +299,7 @@ class _RingLoss(torch.autograd.Function):
                     if W == 1:
                         own_col = part
                     else:  # on to the next rank; after the last step this sends it home
-                        col_in = torch.empty_like(part)
-                        col_req = ring.exchange([part], [col_in])
+                        col_req, (col_in,) = _travel(ring, [part])
                 ring.wait(k_req)
                 if t < W - 1:
                     kb, lb = nxt
@@ -400,8 +399,7 @@ class _RingLoss(torch.autograd.Function):
                     if W == 1:
                         travel_own = part
                     else:  # on to the next rank; after the last step this sends it home
-                        travel_in = [torch.empty_like(a) for a in part]
-                        travel_req = ring.exchange(part, travel_in)
+                        travel_req, travel_in = _travel(ring, part)
                 ring.wait(reqs)
                 if t < W - 1:
                     kb, cinfo, lb = nxt
