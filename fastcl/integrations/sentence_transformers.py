@@ -206,16 +206,21 @@ class _GradientCache:
             start = stop
         return out
 
-    def _mini_batches(self, features: Dict[str, Any], embed: Callable) -> List[Tensor]:
-        return [embed(_trim_padding(_slice(features, s, e))) for s, e in self._ranges(features)]
+    def _mini_batches(self, features: Dict[str, Any], embed: Callable, ranges: List[tuple]) -> List[Tensor]:
+        return [embed(_trim_padding(_slice(features, s, e))) for s, e in ranges]
 
-    def _cached_loss(self, features: List[Dict[str, Any]], *args) -> Tensor:
+    def _cached_loss(self, features: List[Dict[str, Any]], args: tuple,
+                     ranges: Optional[List[List[tuple]]] = None) -> Tensor:
+        """``calculate_loss(reps, *args)`` over the columns' mini-batches (``ranges``: each
+        column's, when the caller has them already)."""
+        ranges = ranges if ranges is not None else [self._ranges(f) for f in features]
         if not torch.is_grad_enabled():  # evaluation: no gradient to cache
-            return self.calculate_loss([self._mini_batches(f, self._embed) for f in features], *args)
+            return self.calculate_loss([self._mini_batches(f, self._embed, r)
+                                        for f, r in zip(features, ranges)], *args)
         return chunked_loss(_Embedder(self), features,
                             lambda *reps: self.calculate_loss(list(reps), *args, with_backward=True),
                             self.mini_batch_size, progress=self.show_progress_bar, loss_backward=True,
-                            ranges=[self._ranges(f) for f in features])
+                            ranges=ranges)
 
 
 def _trim_padding(features: Dict[str, Any]) -> Dict[str, Any]:
@@ -258,13 +263,11 @@ class _Embedder(nn.Module):
         return sync() if sync is not None else contextlib.nullcontext()
 
 
-def _check_num_tokens(mini_batch_num_tokens) -> Optional[int]:
-    if mini_batch_num_tokens is not None and (
-            not isinstance(mini_batch_num_tokens, int) or isinstance(mini_batch_num_tokens, bool)
-            or mini_batch_num_tokens < 1):
-        raise ValueError(f"mini_batch_num_tokens must be a positive int or None, got "
-                         f"{mini_batch_num_tokens!r}")
-    return mini_batch_num_tokens
+def _positive_or_none(name: str, value) -> Optional[int]:
+    """``mini_batch_size`` / ``mini_batch_num_tokens``: a positive int, or None."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
 
 
 def _loss_from_reps(loss_fn: Callable[[List[Tensor]], Tensor], reps: List[List[Tensor]],
@@ -313,8 +316,7 @@ class MultipleNegativesRankingLoss(_GradientCache, nn.Module):
             raise ValueError(f"hardness_mode must be one of {_HARDNESS}, got {hardness_mode!r}")
         if not hardness_strength >= 0:
             raise ValueError(f"hardness_strength must be >= 0, got {hardness_strength}")
-        if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
-            raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
+        _positive_or_none("mini_batch_size", mini_batch_size)
         self.model = model
         self.scale = float(scale)
         self.similarity = _similarity_kind(similarity_fct)
@@ -352,7 +354,7 @@ class MultipleNegativesRankingLoss(_GradientCache, nn.Module):
             raise ValueError(f"Expected at least 2 inputs (anchors, positives), got {len(features)}")
         if self.mini_batch_size is None:
             return self.compute_loss_from_embeddings([self._embed(f) for f in features])
-        return self._cached_loss(features, labels)
+        return self._cached_loss(features, (labels,))
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {"scale": self.scale, "similarity_fct": self.similarity, "directions": self.directions,
@@ -381,7 +383,7 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                          partition_mode, hardness_mode, hardness_strength,
                          mini_batch_size=mini_batch_size, show_progress_bar=show_progress_bar,
                          backend=backend, exact=exact)
-        self.mini_batch_num_tokens = _check_num_tokens(mini_batch_num_tokens)
+        self.mini_batch_num_tokens = _positive_or_none("mini_batch_num_tokens", mini_batch_num_tokens)
 
 
 _SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
@@ -531,8 +533,7 @@ class GISTEmbedLoss(_GradientCache, nn.Module):
                  show_progress_bar: bool = False, backend: str = "auto", exact: Optional[bool] = None):
         super().__init__()
         _check_gist_args(temperature, margin_strategy, margin)
-        if mini_batch_size is not None and (not isinstance(mini_batch_size, int) or mini_batch_size < 1):
-            raise ValueError(f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}")
+        _positive_or_none("mini_batch_size", mini_batch_size)
         self.model, self.guide = model, guide
         self.temperature = float(temperature)
         self.margin_strategy, self.margin = margin_strategy, float(margin)
@@ -565,14 +566,15 @@ class GISTEmbedLoss(_GradientCache, nn.Module):
         return {k: (v.to(device) if isinstance(v, Tensor) and device is not None else v)
                 for k, v in out.items()}
 
-    def _guide_embed(self, features: Dict[str, Any]) -> Tensor:
-        """The guide's embeddings of a column, without autograd (in the model's mini-batches)."""
+    def _guide_embed(self, features: Dict[str, Any], ranges: Optional[List[tuple]]) -> Tensor:
+        """The guide's embeddings of a column, without autograd (in the model's mini-batches
+        ``ranges``, when set)."""
         def embed(f):
             return self.guide(self._guide_features(f))["sentence_embedding"].detach()
         with torch.no_grad():
-            if self.mini_batch_size is None:
+            if ranges is None:
                 return embed(features)
-            return torch.cat(self._mini_batches(features, embed))
+            return torch.cat(self._mini_batches(features, embed, ranges))
 
     def compute_loss_from_embeddings(self, embeddings: List[Tensor],
                                      guide_embeddings: List[Tensor]) -> Tensor:
@@ -597,10 +599,13 @@ class GISTEmbedLoss(_GradientCache, nn.Module):
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"Expected at least 2 inputs (anchors, positives), got {len(features)}")
-        guide_embeddings = [self._guide_embed(f) for f in features]  # (before the model sees them)
-        if self.mini_batch_size is None:
+        # the mini-batches once, for the guide and the model
+        ranges = [self._ranges(f) for f in features] if self.mini_batch_size is not None else None
+        guide_embeddings = [self._guide_embed(f, r)  # (before the model sees them)
+                            for f, r in zip(features, ranges or [None] * len(features))]
+        if ranges is None:
             return self.compute_loss_from_embeddings([self._embed(f) for f in features], guide_embeddings)
-        return self._cached_loss(features, [[g] for g in guide_embeddings])
+        return self._cached_loss(features, ([[g] for g in guide_embeddings],), ranges)
 
     def get_config_dict(self) -> Dict[str, Any]:
         return {"guide": self.guide, "temperature": self.temperature,
@@ -626,7 +631,7 @@ class CachedGISTEmbedLoss(GISTEmbedLoss):
         super().__init__(model, guide, temperature, margin_strategy, margin, contrast_anchors,
                          contrast_positives, gather_across_devices, mini_batch_size=mini_batch_size,
                          show_progress_bar=show_progress_bar, backend=backend, exact=exact)
-        self.mini_batch_num_tokens = _check_num_tokens(mini_batch_num_tokens)
+        self.mini_batch_num_tokens = _positive_or_none("mini_batch_num_tokens", mini_batch_num_tokens)
 
 
 # ----------------------------------------------------------------------------------------------
