@@ -11,9 +11,10 @@ an autograd-aware gather; each rank computes the loss rows of its local queries 
 (positives offset by ``rank * m``) and, for CLIP, the rows of its local texts against all images.
 Memory per rank: O(N * D) features.
 
-The self-similarity losses (:func:`nt_xent`, :func:`supcon`) take each rank's rows against the
-rows of every rank, its own left out, in either mode (gather by default): in the ring a rank's
-rows are its queries and the blocks that travel are the other ranks' rows.
+The self-similarity losses (:func:`nt_xent`, :func:`supcon`, :func:`dcl`) take each rank's rows
+against the rows of every rank, its own left out, in either mode (gather by default): in the ring
+a rank's rows are its queries and the blocks that travel are the other ranks' rows. :func:`hcl`,
+:func:`mv_infonce` and :func:`uniformity_loss` have gather mode only.
 
 ``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
 (``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
@@ -49,15 +50,17 @@ import torch.distributed as dist
 
 from . import _backend
 from .autograd import _engine, _scalar32, engine_loss, first_order_only
-from .losses import (_cast_dtype, _check_index, _check_pair, _prepare, _scalar_param, _stack_rows,
-                     _temperature_scale, _two_views, _views_flat)
+from .losses import (_cast_dtype, _check_features, _check_index, _check_pair, _dcl_rows,
+                     _dclw_weights, _hcl_params, _hcl_rows, _mv_infonce_rows, _prepare, _real,
+                     _row_dots, _scalar_param, _stack_rows, _temperature_scale, _two_views,
+                     _uniformity_terms, _views_flat)
 from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
                   merge_lse, row_losses, split_lse, tied_scale_totals)
 
 Tensor = torch.Tensor
 
 __all__ = ["all_gather_with_grad", "clip_loss", "info_nce", "siglip_loss", "nt_xent", "supcon",
-           "MODES"]
+           "dcl", "hcl", "mv_infonce", "uniformity_loss", "MODES"]
 
 MODES = ("gather", "ring")
 
@@ -460,11 +463,13 @@ def _correct_labels_ring(ring, dq, dk, queries, keys, labels, s32, spec0, stats,
 
 
 def _ring(queries, keys, scale, bias, positives, *, kind="softmax", symmetric=False, exact,
-          backend, group, labels=None, exclude_self=False, variant_in=False):
+          backend, group, labels=None, exclude_self=False, variant_in=False,
+          exclude_targets=False):
     """Rows (n,), columns (m,) (empty unless symmetric) and targets per row (n,) of the ring;
-    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE)."""
+    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE);
+    ``exclude_targets``: DCL's (targets out of the LSE, their mean logit subtracted)."""
     spec = LossSpec(kind=kind, symmetric=symmetric, exact=exact, exclude_self=exclude_self,
-                    exclude_targets=variant_in, target_lse=variant_in)
+                    exclude_targets=variant_in or exclude_targets, target_lse=variant_in)
     _, backend = _engine(backend, spec, Targets())
     return _RingLoss.apply(queries, keys, scale, bias, positives, labels,
                            (spec, variant_in, backend, group))
@@ -713,3 +718,155 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
     rows = _stack_rows(views, normalize, _cast_dtype(views[0]))
     return _self_similarity_rows(rows, row_labels, None, temperature, variant, group, reduction,
                                  backend, exact, mode)
+
+
+def _gather_only(name: str, mode: str, reduction: str) -> None:
+    _check_mode(mode, reduction)
+    if mode != "gather":
+        raise ValueError(f"{name} has mode='gather' only (its rows' statistics are not merged "
+                         f"over a ring), got mode={mode!r}")
+
+
+def _rank_slice(x: Tensor, group) -> Tensor:
+    """This rank's slice of a tensor gathered in rank order."""
+    W, r = _world(group)
+    n = x.shape[0] // W
+    return x[r * n:(r + 1) * n]
+
+
+def dcl(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma: Optional[float] = None,
+        normalize: bool = True, mode: str = "gather", group=None, reduction: str = "mean",
+        backend: str = "auto", exact: bool = False, check_sizes: bool = True) -> Tensor:
+    """Decoupled contrastive loss of the global batch: :func:`fastcl.dcl` of every rank's views
+    concatenated in rank order (N = W * n pairs, 2N rows), from each rank's local pairs.
+
+    Each rank's 2n rows are taken against the 2N rows of all ranks, their own and their other
+    view (the positive) left out of the LSE, as :func:`nt_xent` takes them (gather: the rows
+    all-gathered with their gradient; ring: the row blocks travel, O(n D) per rank). DCLW
+    (``weight_sigma``): the weights' softmax runs over the N pairs of every rank (their cosines
+    all-gathered, (N,)). Arguments as :func:`nt_xent`; "mean" divides by 2N.
+    """
+    _check_mode(mode, reduction)
+    if _world(group)[0] == 1:
+        from .losses import dcl as _dcl
+        return _dcl(z1, z2, temperature, weight_sigma=weight_sigma, normalize=normalize,
+                    reduction=reduction, backend=backend, exact=exact)
+    if weight_sigma is not None:
+        weight_sigma = _real("weight_sigma", weight_sigma, "a float or None", low=0.0)
+    rows, positives, be = _two_views(z1, z2, normalize, backend)
+    n, R = z1.shape[0], rows.shape[0]
+    W, r = _world(group)
+    if check_sizes:
+        _check_sizes("z1", n, group, z1.device)
+    s = _sync_scalar(_temperature_scale(temperature, rows), group)
+    weights = None
+    if weight_sigma is not None:  # the softmax over every rank's pairs
+        cos = all_gather_with_grad(_row_dots(rows[:n], rows[n:]), group)
+        w = _rank_slice(_dclw_weights(cos, weight_sigma), group)
+        weights = torch.cat([w, w])
+    if mode == "gather":
+        keys = all_gather_with_grad(rows, group)
+        per = _dcl_rows(rows, positives + r * R, s, weights, be, exact, keys=keys, offset=r * R)
+    else:  # LSE over the negatives - S_pos from the ring; DCLW: + (1 - w) S_pos, S_pos local
+        per, _, _ = _ring(rows, rows, s, None, positives, exact=exact, backend=be, group=group,
+                          exclude_self=True, exclude_targets=True)
+        if weights is not None:
+            s_pos = s.to(per.dtype) * _row_dots(rows, rows.index_select(0, positives)).to(per.dtype)
+            per = per + (1.0 - weights.to(per.dtype)) * s_pos
+    contribution = per.sum() / (W * R) if reduction == "mean" else per.sum()
+    return _global_value(contribution, group)
+
+
+def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0,
+        tau_plus: float = 0.1, normalize: bool = True, mode: str = "gather", group=None,
+        reduction: str = "mean", backend: str = "auto", exact: bool = False,
+        check_sizes: bool = True) -> Tensor:
+    """Hard-negative contrastive loss of the global batch: :func:`fastcl.hcl` of every rank's
+    views concatenated in rank order (N = W * n pairs, 2N rows; each row's 2N - 2 negatives on
+    every rank), from each rank's local pairs: each rank's rows against the all-gathered rows
+    (with their gradient), both LSEs from one fused sweep. ``mode`` "gather" only. Other
+    arguments as :func:`fastcl.hcl` and :func:`nt_xent`; "mean" divides by 2N.
+    """
+    _gather_only("hcl", mode, reduction)
+    if _world(group)[0] == 1:
+        from .losses import hcl as _hcl
+        return _hcl(z1, z2, temperature, beta=beta, tau_plus=tau_plus, normalize=normalize,
+                    reduction=reduction, backend=backend, exact=exact)
+    temperature, beta, tau_plus = _hcl_params(temperature, beta, tau_plus)
+    rows, positives, be = _two_views(z1, z2, normalize, backend)
+    n, R = z1.shape[0], rows.shape[0]
+    W, r = _world(group)
+    if check_sizes:
+        _check_sizes("z1", n, group, z1.device)
+    keys = all_gather_with_grad(rows, group)
+    per = _hcl_rows(rows, positives + r * R, temperature, beta, tau_plus, W * R - 2, be, exact,
+                    keys=keys, offset=r * R)
+    contribution = per.sum() / (W * R) if reduction == "mean" else per.sum()
+    return _global_value(contribution, group)
+
+
+def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
+               mode: str = "gather", group=None, reduction: str = "mean", backend: str = "auto",
+               exact: bool = False, check_sizes: bool = True) -> Tensor:
+    """MV-InfoNCE of the global batch: :func:`fastcl.mv_infonce` of every rank's instances
+    concatenated in rank order (B = W * b instances of V views), from each rank's local
+    instances (b, V, D): each rank's V*b rows against the all-gathered rows (with their
+    gradient), one fused sweep. ``mode`` "gather" only; "mean" divides by B. Other arguments as
+    :func:`fastcl.mv_infonce` and :func:`nt_xent`.
+    """
+    _gather_only("mv_infonce", mode, reduction)
+    if _world(group)[0] == 1:
+        from .losses import mv_infonce as _mv_infonce
+        return _mv_infonce(features, temperature, normalize=normalize, reduction=reduction,
+                           backend=backend, exact=exact)
+    if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
+        raise ValueError("features must have shape (b, V, D) with V >= 2 views, got "
+                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    b, V, _ = features.shape
+    views = torch.unbind(features, dim=1)
+    _check_features("features", views[0])
+    W, r = _world(group)
+    if check_sizes:
+        _check_sizes("features", b, group, features.device)
+    rows = _stack_rows(views, normalize, _cast_dtype(features))
+    be = _backend.resolve(backend, rows.device, rows.dtype)
+    s = _sync_scalar(_temperature_scale(temperature, rows), group)
+    keys = all_gather_with_grad(rows, group)
+    key_ids = None
+    if V > 2:  # rank k's rows: its instances k b .. k b + b - 1, view-major
+        key_ids = (torch.arange(b, device=rows.device).repeat(W * V)
+                   + (torch.arange(W, device=rows.device) * b).repeat_interleave(V * b))
+    per = _mv_infonce_rows(rows, b, V, s, be, exact, keys=keys, offset=r * V * b, key_ids=key_ids)
+    contribution = per.sum() / (W * b) if reduction == "mean" else per.sum()
+    return _global_value(contribution, group)
+
+
+def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, mode: str = "gather",
+                    group=None, backend: str = "auto", exact: bool = False,
+                    check_sizes: bool = True) -> Tensor:
+    """Uniformity of the global batch: :func:`fastcl.uniformity_loss` of every rank's rows
+    concatenated (N = W * n), from each rank's local rows x (n, D): each rank's rows against the
+    all-gathered rows (with their gradient) give their LSEs, and the global LSE of all N runs
+    over them all-gathered ((N,) values). ``mode`` "gather" only. Returns the global value on
+    every rank, its gradient under the averaging convention of this module's docstring.
+    """
+    _gather_only("uniformity_loss", mode, "mean")
+    if _world(group)[0] == 1:
+        from .losses import uniformity_loss as _uniformity
+        return _uniformity(x, t, normalize=normalize, backend=backend, exact=exact)
+    _check_features("x", x)
+    t = _real("t", t, "a float (uniformity takes no tensor t)", low=0.0)
+    W, r = _world(group)
+    n = x.shape[0]
+    if check_sizes:
+        _check_sizes("x", n, group, x.device)
+    N = W * n
+    if N < 2:
+        raise ValueError(f"uniformity needs at least 2 rows over all ranks, got {N}")
+    x = _stack_rows([x], normalize, _cast_dtype(x))
+    be = _backend.resolve(backend, x.device, x.dtype)
+    terms = _uniformity_terms(x, t, normalize, be, exact,
+                              gather=lambda keys: all_gather_with_grad(keys, group), offset=r * n)
+    # every rank forms the global value; the gathered terms' gradient, summed over the ranks,
+    # is W times the single-process one (the averaging convention)
+    return torch.logsumexp(all_gather_with_grad(terms, group), 0) - math.log(N * (N - 1))

@@ -655,16 +655,30 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
         weight_sigma = _real("weight_sigma", weight_sigma, "a float or None", low=0.0)
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
     s = _temperature_scale(temperature, Z)
-    n2 = Z.shape[0]
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact)
-    st = engine_statistics(Z, Z, s, None, Targets(positives=positives), spec, be)
-    tgt = st.row_target
+    weights = None
     if weight_sigma is not None:
-        half = n2 // 2
-        cos = _row_dots(Z[:half], Z[half:])
-        w = 2.0 - half * torch.softmax(cos / weight_sigma, dim=0)
-        tgt = tgt * torch.cat([w, w])
-    return _reduce(st.plus_lse_lo(st.row_lse - tgt), reduction)
+        half = Z.shape[0] // 2
+        w = _dclw_weights(_row_dots(Z[:half], Z[half:]), weight_sigma)
+        weights = torch.cat([w, w])
+    return _reduce(_dcl_rows(Z, positives, s, weights, be, exact), reduction)
+
+
+def _dclw_weights(cos: Tensor, sigma: float) -> Tensor:
+    """DCLW's weights ``2 - N softmax(cos / sigma)`` (N,) from the N pairs' cosines (N,)."""
+    return 2.0 - cos.shape[0] * torch.softmax(cos / sigma, dim=0)
+
+
+def _dcl_rows(Z: Tensor, positives: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
+              exact: bool, keys: Optional[Tensor] = None, offset: int = 0) -> Tensor:
+    """Per-row DCL losses (R,) of the rows Z (R, D) against ``keys`` (default: Z itself), Z's
+    rows at ``offset`` in them (left out); ``positives`` (R,) index the keys; ``weights`` (R,)
+    DCLW's or None."""
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=keys is None,
+                    offset=offset, exact=exact)
+    st = engine_statistics(Z, Z if keys is None else keys, s, None, Targets(positives=positives),
+                           spec, be)
+    tgt = st.row_target if weights is None else st.row_target * weights
+    return st.plus_lse_lo(st.row_lse - tgt)
 
 
 def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0 / 0.07,
@@ -907,21 +921,32 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
     is evaluated in log space, so small temperatures do not overflow.
     """
     _check_reduction(reduction)
-    temperature = _real("temperature", temperature, "a float (hcl takes no tensor temperature)",
-                        low=0.0)
-    tau_plus = _check_unit("tau_plus", tau_plus)
-    beta = _real("beta", beta, low=0.0, low_open=False)
+    temperature, beta, tau_plus = _hcl_params(temperature, beta, tau_plus)
     Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
+    per = _hcl_rows(Z, positives, temperature, beta, tau_plus, Z.shape[0] - 2, be, exact)
+    return _reduce(per, reduction)
+
+
+def _hcl_params(temperature, beta, tau_plus) -> Tuple[float, float, float]:
+    """:func:`hcl`'s (temperature, beta, tau_plus), validated."""
+    return (_real("temperature", temperature, "a float (hcl takes no tensor temperature)", low=0.0),
+            _real("beta", beta, low=0.0, low_open=False), _check_unit("tau_plus", tau_plus))
+
+
+def _hcl_rows(Z: Tensor, positives: Tensor, temperature: float, beta: float, tau_plus: float,
+              n_neg: int, be: str, exact: bool, keys: Optional[Tensor] = None,
+              offset: int = 0) -> Tensor:
+    """Per-row HCL losses (R,) of the rows Z (R, D) against ``keys`` (default: Z itself), Z's
+    rows at ``offset`` in them (left out); ``positives`` (R,) index the keys; ``n_neg`` each
+    row's number of negatives."""
     dt = _stat_dtype(Z)
-    n2 = Z.shape[0]
-    targets = Targets(positives=positives)
     inv_t = 1.0 / float(temperature)
     s_hi = torch.full((), (1.0 + beta) * inv_t, dtype=dt, device=Z.device)
-    n_neg = n2 - 2
     # one sweep: LSE over negatives of (1 + beta) S / t, and of beta S / t = ratio * the former
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=True, exact=exact,
-                    lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
-    st = engine_statistics(Z, Z, s_hi, None, targets, spec, be)
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=keys is None,
+                    offset=offset, exact=exact, lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
+    st = engine_statistics(Z, Z if keys is None else keys, s_hi, None, Targets(positives=positives),
+                           spec, be)
     lse_1b, pos_hi, lse_b = st.row_lse, st.row_target, st.lse2
     if not beta > 0:  # e^{0 S}: the plain count of negatives
         lse_b = torch.full_like(lse_1b, math.log(n_neg))
@@ -933,7 +958,7 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0, 
                         torch.full_like(log_r, -math.inf)) - math.log(1.0 - tau_plus)
     log_ng = torch.maximum(log_a, torch.full_like(log_a, math.log(n_neg) - inv_t))
     # log(e^S_pos + Ng) - S_pos as softplus(log Ng - S_pos): without the rounding of a sum ~S_pos
-    return _reduce(nn.functional.softplus(log_ng - s_pos), reduction)
+    return nn.functional.softplus(log_ng - s_pos)
 
 
 def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,
@@ -961,25 +986,37 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     s = _temperature_scale(temperature, features)
     Z = _stack_rows(views, normalize, _cast_dtype(features))
     be = _backend.resolve(backend, Z.device, Z.dtype)
+    return _reduce(_mv_infonce_rows(Z, B, V, s, be, exact), reduction)
+
+
+def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
+                     keys: Optional[Tensor] = None, offset: int = 0,
+                     key_ids: Optional[Tensor] = None) -> Tensor:
+    """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major, against ``keys``
+    (default: Z itself), Z's rows at ``offset`` in them (left out). V > 2: ``key_ids`` the
+    keys' instance ids (default: Z's, ``arange(B).repeat(V)``); Z's instances are
+    ``offset // V + arange(B)``, so a block of keys holds its instances' V views view-major."""
+    gram = keys is None
+    keys = Z if gram else keys
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
         # row (v, i): the LSE over c != (v, i)
-        spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
-        pair = torch.arange(2 * B, device=Z.device).add_(B).remainder_(2 * B)
-        st = engine_statistics(Z, Z, s, None, Targets(positives=pair), spec, be)
+        spec = LossSpec(kind="softmax", exclude_self=True, gram=gram, offset=offset, exact=exact)
+        pair = torch.arange(2 * B, device=Z.device).add_(B).remainder_(2 * B).add_(offset)
+        st = engine_statistics(Z, keys, s, None, Targets(positives=pair), spec, be)
         positive = st.row_target.view(2, B).mean(0)  # the pair's logit
-        per = torch.logsumexp(st.row_lse.view(V, B), dim=0) - math.log(2.0) - positive
-    else:
-        # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
-        # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
-        spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, target_lse=True,
-                        gram=True, exact=exact)
-        ids = torch.arange(B, device=Z.device).repeat(V)
-        st = engine_statistics(Z, Z, s, None, Targets(row_labels=ids, col_labels=ids), spec, be)
-        # (B = 1 has no negatives: their LSEs are -inf, floored so that logsumexp's gradient is 0)
-        negatives = st.row_lse.clamp(min=-1e30).view(V, B)
-        per = _softplus_gap(torch.logsumexp(negatives, dim=0),
-                            torch.logsumexp(st.row_target.view(V, B), dim=0))
-    return _reduce(per, reduction)
+        return torch.logsumexp(st.row_lse.view(V, B), dim=0) - math.log(2.0) - positive
+    # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
+    # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, target_lse=True,
+                    gram=gram, offset=offset, exact=exact)
+    ids = torch.arange(B, device=Z.device).add_(offset // V).repeat(V)
+    st = engine_statistics(Z, keys, s, None,
+                           Targets(row_labels=ids, col_labels=ids if key_ids is None else key_ids),
+                           spec, be)
+    # (B = 1 has no negatives: their LSEs are -inf, floored so that logsumexp's gradient is 0)
+    negatives = st.row_lse.clamp(min=-1e30).view(V, B)
+    return _softplus_gap(torch.logsumexp(negatives, dim=0),
+                         torch.logsumexp(st.row_target.view(V, B), dim=0))
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",
@@ -993,21 +1030,33 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
     if x.shape[0] < 2:
         raise ValueError(f"uniformity needs at least 2 rows, got {x.shape[0]}")
     t = _real("t", t, "a float (uniformity takes no tensor t)", low=0.0)
-    dt = _stat_dtype(x)
-    s = _scalar_param("t", 2.0 * t, x.device, optional=False, dtype=dt)
     x = _stack_rows([x], normalize, _cast_dtype(x))
     be = _backend.resolve(backend, x.device, x.dtype)
     n = x.shape[0]
+    return torch.logsumexp(_uniformity_terms(x, t, normalize, be, exact), 0) - math.log(n * (n - 1))
+
+
+def _uniformity_terms(x: Tensor, t: float, normalize: bool, be: str, exact: bool,
+                      gather=None, offset: int = 0) -> Tensor:
+    """Each row's term (n,) of uniformity = logsumexp(terms) - log(N (N - 1)): the row's LSE over
+    j != i of ``2t <x_i, x_j> - t |x_i|^2 - t |x_j|^2`` (x (n, D) as the kernels take it: unit
+    rows when ``normalize``). ``gather`` (keys (n, D') -> (N, D')) takes them against every
+    rank's keys, x's at ``offset``; by default against x's own."""
+    dt = _stat_dtype(x)
+    s = _scalar_param("t", 2.0 * t, x.device, optional=False, dtype=dt)
+    n = x.shape[0]
     # the row LSE over j != i (the default target, the diagonal, is excluded with it)
-    spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize, exact=exact)
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize and gather is None,
+                    offset=offset, exact=exact)
     if normalize:
-        lse = engine_statistics(x, x, s, None, Targets(), spec, be).row_lse
-        return torch.logsumexp(lse, 0) - 2.0 * t - math.log(n * (n - 1))
+        keys = x if gather is None else gather(x)
+        return engine_statistics(x, keys, s, None, Targets(), spec, be).row_lse - 2.0 * t
     sq = x.to(dt).pow(2).sum(1)  # |x_i|^2, float32
     queries = torch.cat([x, x.new_ones(n, 1)], 1)
     keys = torch.cat([x, (-0.5 * sq).to(x.dtype).unsqueeze(1)], 1)
-    lse = engine_statistics(queries, keys, s, None, Targets(), spec, be).row_lse
-    return torch.logsumexp(lse - t * sq, 0) - math.log(n * (n - 1))
+    if gather is not None:
+        keys = gather(keys)
+    return engine_statistics(queries, keys, s, None, Targets(), spec, be).row_lse - t * sq
 
 
 def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0, *, normalize: bool = True) -> Tensor:
