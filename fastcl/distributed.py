@@ -14,7 +14,7 @@ Memory per rank: O(N * D) features.
 The self-similarity losses (:func:`nt_xent`, :func:`supcon`, :func:`dcl`) take each rank's rows
 against the rows of every rank, its own left out, in either mode (gather by default): in the ring
 a rank's rows are its queries and the blocks that travel are the other ranks' rows. :func:`hcl`,
-:func:`mv_infonce` and :func:`uniformity_loss` have gather mode only.
+:func:`mv_infonce`, :func:`mv_dhel` and :func:`uniformity_loss` have gather mode only.
 
 ``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
 (``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
@@ -50,8 +50,9 @@ import torch.distributed as dist
 
 from . import _backend
 from .autograd import _engine, _scalar32, engine_loss, first_order_only
-from .losses import (_cast_dtype, _check_features, _check_index, _check_pair, _dcl_rows,
-                     _dclw_weights, _hcl_params, _hcl_rows, _mv_infonce_rows, _prepare, _real,
+from .losses import (_cast_dtype, _check_features, _check_index, _check_multi_view, _check_pair,
+                     _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
+                     _mv_infonce_rows, _prepare, _real,
                      _row_dots, _scalar_param, _stack_rows, _temperature_scale, _two_views,
                      _uniformity_terms, _views_flat)
 from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
@@ -60,7 +61,7 @@ from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_
 Tensor = torch.Tensor
 
 __all__ = ["all_gather_with_grad", "clip_loss", "info_nce", "siglip_loss", "nt_xent", "supcon",
-           "dcl", "hcl", "mv_infonce", "uniformity_loss", "MODES"]
+           "dcl", "hcl", "mv_infonce", "mv_dhel", "uniformity_loss", "MODES"]
 
 MODES = ("gather", "ring")
 
@@ -819,12 +820,8 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
         from .losses import mv_infonce as _mv_infonce
         return _mv_infonce(features, temperature, normalize=normalize, reduction=reduction,
                            backend=backend, exact=exact)
-    if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
-        raise ValueError("features must have shape (b, V, D) with V >= 2 views, got "
-                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
-    b, V, _ = features.shape
+    b, V = _check_multi_view(features)
     views = torch.unbind(features, dim=1)
-    _check_features("features", views[0])
     W, r = _world(group)
     if check_sizes:
         _check_sizes("features", b, group, features.device)
@@ -837,6 +834,36 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
         key_ids = (torch.arange(b, device=rows.device).repeat(W * V)
                    + (torch.arange(W, device=rows.device) * b).repeat_interleave(V * b))
     per = _mv_infonce_rows(rows, b, V, s, be, exact, keys=keys, offset=r * V * b, key_ids=key_ids)
+    contribution = per.sum() / (W * b) if reduction == "mean" else per.sum()
+    return _global_value(contribution, group)
+
+
+def mv_dhel(features: Tensor, temperature=0.1, *, normalize: bool = True, mode: str = "gather",
+            group=None, reduction: str = "mean", backend: str = "auto", exact: bool = False,
+            check_sizes: bool = True) -> Tensor:
+    """MV-DHEL of the global batch: :func:`fastcl.mv_dhel` of every rank's instances
+    concatenated in rank order (B = W * b instances of V views), from each rank's local
+    instances (b, V, D): each view's local rows against that view's all-gathered rows (with
+    their gradient), one fused sweep per view; each instance's alignment term stays on its rank.
+    ``mode`` "gather" only; "mean" divides by B. Other arguments as :func:`mv_infonce`.
+    """
+    _gather_only("mv_dhel", mode, reduction)
+    if _world(group)[0] == 1:
+        from .losses import mv_dhel as _mv_dhel
+        return _mv_dhel(features, temperature, normalize=normalize, reduction=reduction,
+                        backend=backend, exact=exact)
+    b, V = _check_multi_view(features)
+    W, r = _world(group)
+    if check_sizes:
+        _check_sizes("features", b, group, features.device)
+    if W * b < 2:
+        raise ValueError(f"mv_dhel needs at least 2 instances over all ranks, got {W * b}")
+    dt = _cast_dtype(features)
+    views = [_stack_rows([v], normalize, dt) for v in torch.unbind(features, dim=1)]
+    be = _backend.resolve(backend, views[0].device, views[0].dtype)
+    s = _sync_scalar(_temperature_scale(temperature, views[0]), group)
+    per = _mv_dhel_rows(views, s, be, exact, gather=lambda rows: all_gather_with_grad(rows, group),
+                        offset=r * b)
     contribution = per.sum() / (W * b) if reduction == "mean" else per.sum()
     return _global_value(contribution, group)
 

@@ -22,7 +22,7 @@ Scalar = Union[float, int, Tensor]
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "dcl", "soft_info_nce",
            "uniformity_loss", "alignment_loss", "distill", "softclip", "cwcl", "hcl", "mv_infonce",
-           "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "DCLLoss"]
+           "mv_dhel", "InfoNCELoss", "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "DCLLoss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -976,13 +976,9 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
     with the negatives' and the targets' LSEs kept apart (a target LSE is not linear: these
     sweeps take the masked path). "none" gives (B,).
     """
-    if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
-        raise ValueError("features must have shape (B, V, D) with V >= 2 views, got "
-                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    B, V = _check_multi_view(features)
     _check_reduction(reduction)
-    B, V, _ = features.shape
     views = torch.unbind(features, dim=1)
-    _check_features("features", views[0])
     s = _temperature_scale(temperature, features)
     Z = _stack_rows(views, normalize, _cast_dtype(features))
     be = _backend.resolve(backend, Z.device, Z.dtype)
@@ -1017,6 +1013,56 @@ def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
     negatives = st.row_lse.clamp(min=-1e30).view(V, B)
     return _softplus_gap(torch.logsumexp(negatives, dim=0),
                          torch.logsumexp(st.row_target.view(V, B), dim=0))
+
+
+def _check_multi_view(features, min_instances: int = 1) -> Tuple[int, int]:
+    """(B, V) of multi-view features (B, V, D) with V >= 2 views and B >= ``min_instances``."""
+    if not isinstance(features, Tensor) or features.dim() != 3 or features.shape[1] < 2:
+        raise ValueError("features must have shape (B, V, D) with V >= 2 views, got "
+                         f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
+    B, V, _ = features.shape
+    _check_features("features", features[:, 0])
+    if B < min_instances:
+        raise ValueError(f"this loss needs at least {min_instances} instances (B): with fewer "
+                         f"there are no negatives, got features of shape {tuple(features.shape)}")
+    return B, V
+
+
+def mv_dhel(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,
+            reduction: str = "mean", backend: str = "auto", exact: bool = False) -> Tensor:
+    """MV-DHEL (multi-view decoupled hyperspherical energy loss) for V >= 2 views of B >= 2
+    instances, features (B, V, D):
+
+        L_i = sum_v log sum_{j != i} e^{S_(v,i),(v,j)} - log sum_{v<w} e^{S_(v,i),(w,i)}
+
+    with S = <z, z'> / temperature. Uniformity within each view (one fused self-similarity
+    sweep of B rows per view: V B^2 D products, a V-th of MV-InfoNCE's), alignment over the
+    V (V - 1) / 2 pairs of each instance's views (O(V^2 B D)). "none" gives (B,).
+    """
+    _check_reduction(reduction)
+    B, V = _check_multi_view(features, min_instances=2)
+    s = _temperature_scale(temperature, features)
+    dt = _cast_dtype(features)
+    views = [_stack_rows([v], normalize, dt) for v in torch.unbind(features, dim=1)]
+    be = _backend.resolve(backend, views[0].device, views[0].dtype)
+    return _reduce(_mv_dhel_rows(views, s, be, exact), reduction)
+
+
+def _mv_dhel_rows(views, s: Tensor, be: str, exact: bool, gather=None, offset: int = 0) -> Tensor:
+    """Per-instance MV-DHEL losses (B,) of the V views' rows (each (B, D), as the kernels take
+    them). ``gather`` (rows (B, D) -> (N, D)) takes each view's rows against every rank's rows
+    of that view, this rank's at ``offset``; by default against their own."""
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=gather is None, offset=offset,
+                    exact=exact)
+    energy = None
+    for z in views:  # the LSE over j != i within the view (no targets: the diagonal is left out)
+        st = engine_statistics(z, z if gather is None else gather(z), s, None, Targets(), spec, be)
+        lse = st.plus_lse_lo(st.row_lse)
+        energy = lse if energy is None else energy + lse
+    dt = energy.dtype
+    pairs = torch.stack([_row_dots(views[v], views[w]) for v in range(len(views))
+                         for w in range(v + 1, len(views))])
+    return energy - torch.logsumexp(s.to(dt) * pairs.to(dt), dim=0)
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backend: str = "auto",

@@ -289,6 +289,20 @@ def mv_infonce(features: Tensor, temperature: float = 0.1, normalize: bool = Tru
     return _reduce(all_terms - math.log(2.0) - pos, reduction)
 
 
+def mv_dhel(features: Tensor, temperature: float = 0.1, normalize: bool = True,
+            reduction: str = "mean") -> Tensor:
+    """MV-DHEL over V views of B instances, features (B, V, D):
+    L_i = sum_v log sum_{j != i} e^{S_(v,i),(v,j)} - log sum_{v<w} e^{S_(v,i),(w,i)}."""
+    B, V, _ = features.shape
+    Z = F.normalize(features, dim=-1) if normalize else features
+    off = torch.eye(B, dtype=torch.bool, device=Z.device)
+    energy = sum(torch.logsumexp((Z[:, v] @ Z[:, v].T / temperature).masked_fill(off, -math.inf), dim=1)
+                 for v in range(V))
+    pairs = torch.stack([(Z[:, v] * Z[:, w]).sum(-1) / temperature
+                         for v in range(V) for w in range(v + 1, V)])
+    return _reduce(energy - torch.logsumexp(pairs, dim=0), reduction)
+
+
 def uniformity(x: Tensor, t: float = 2.0, normalize: bool = True) -> Tensor:
     """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the (by default L2-normalised) rows (Wang &
     Isola)."""

@@ -141,6 +141,7 @@ LOSSES = {
     "hcl": lambda x: fastcl.hcl(x["q"], x["k"], 0.5),
     "mv_infonce_2_views": lambda x: fastcl.mv_infonce(x["views"][:, :2], 0.1),
     "mv_infonce_4_views": lambda x: fastcl.mv_infonce(x["views"], 0.1),
+    "mv_dhel": lambda x: fastcl.mv_dhel(x["views"], 0.1),
     "soft_info_nce": lambda x: fastcl.soft_info_nce(
         x["q"], x["k"], (torch.stack([x["pos"], x["pos"].flip(0)], 1), x["weights"]), scale=x["s"]),
     "distill": lambda x: fastcl.distill(x["q"], x["k"], x["u"], x["v"], x["s"], 10.0),

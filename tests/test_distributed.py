@@ -244,7 +244,7 @@ def test_self_similarities_match_single_process(world):
 
 
 def _worker_family(r, W):
-    """DCL / DCLW (both modes), HCL, MV-InfoNCE and uniformity (gather) against the
+    """DCL / DCLW (both modes), HCL, MV-InfoNCE, MV-DHEL and uniformity (gather) against the
     single-process losses of the global batch."""
     gen = torch.Generator().manual_seed(91 + W)
     n, d = 3, 5
@@ -275,6 +275,11 @@ def _worker_family(r, W):
         tl = _leaf(0.25)
         loss = fdist.mv_infonce(f, tl, reduction=reduction, backend="torch")
         _check(f"mv_infonce/{V}", W, r, loss, ref, [f, tl], [F, t], 1.2, [n])
+        t = _leaf(0.35)
+        ref = reference.mv_dhel(F, t, reduction=reduction)
+        tl = _leaf(0.35)
+        loss = fdist.mv_dhel(f, tl, reduction=reduction, backend="torch")
+        _check(f"mv_dhel/{V}", W, r, loss, ref, [f, tl], [F, t], -0.6, [n])
     for normalize in (True, False):
         X = (0.6 * torch.randn(N, d, generator=gen, dtype=torch.float64)).requires_grad_()
         ref = reference.uniformity(X, 1.5, normalize=normalize)
@@ -292,6 +297,8 @@ def _worker_family(r, W):
                    lambda a, b: reference.hcl(a, b, 0.4)),
                   ("mv_infonce", [F3], lambda f: fdist.mv_infonce(f, 0.3, backend="triton", exact=True),
                    lambda f: reference.mv_infonce(f, 0.3)),
+                  ("mv_dhel", [F3], lambda f: fdist.mv_dhel(f, 0.3, backend="triton", exact=True),
+                   lambda f: reference.mv_dhel(f, 0.3)),
                   ("uniformity", [Z1], lambda x: fdist.uniformity_loss(x, backend="triton", exact=True),
                    lambda x: reference.uniformity(x))]
         for name, inputs, ours, theirs in cases:
@@ -432,6 +439,8 @@ def test_single_process_fallback():
               lambda: reference.hcl(I, T, 0.4), ("gather",), [I, T]),
              (lambda mode: fdist.mv_infonce(F3, 0.3, mode=mode, backend="torch"),
               lambda: reference.mv_infonce(F3, 0.3), ("gather",), [I, T]),
+             (lambda mode: fdist.mv_dhel(F3, 0.3, mode=mode, backend="torch"),
+              lambda: reference.mv_dhel(F3, 0.3), ("gather",), [I, T]),
              (lambda mode: fdist.uniformity_loss(I, 1.5, mode=mode, backend="torch"),
               lambda: reference.uniformity(I, 1.5), ("gather",), [I])]
     for ours, theirs, modes, inputs in pairs:

@@ -445,6 +445,32 @@ def test_mv_infonce(backend, views):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("views", [2, 3, 5])
+def test_mv_dhel(backend, views):
+    """Each view's rows against themselves (one sweep per view, B = 19 rows: not a multiple of a
+    block), the pairs' alignment apart; a learnable temperature."""
+    x = torch.randn(19, views, 11, device=DEVICE, requires_grad=True)
+    _check("mv_dhel", lambda x, t: fastcl.mv_dhel(x, t, reduction="none", backend=backend, exact=True),
+           lambda x, t: R.mv_dhel(x, t, reduction="none"), [x, _scalar(0.2)])
+
+
+def test_mv_dhel_two_views_is_dhel():
+    """V = 2: DHEL, -S(u_i, v_i) + log sum_{j != i} e^{S(u_i, u_j)} + log sum_{j != i} e^{S(v_i, v_j)},
+    here against the materialised similarities of each view."""
+    x = torch.randn(9, 2, 5, dtype=torch.float64)
+    u, v = (torch.nn.functional.normalize(x[:, k], dim=1) for k in (0, 1))
+    off = torch.eye(9, dtype=torch.bool)
+    expect = (torch.logsumexp((u @ u.T / 0.5).masked_fill(off, -float("inf")), 1)
+              + torch.logsumexp((v @ v.T / 0.5).masked_fill(off, -float("inf")), 1)
+              - (u * v).sum(1) / 0.5)
+    torch.testing.assert_close(fastcl.mv_dhel(x, 0.5, reduction="none", backend="torch"), expect)
+    with pytest.raises(ValueError, match="at least 2 instances"):
+        fastcl.mv_dhel(x[:1])
+    with pytest.raises(ValueError, match="V >= 2 views"):
+        fastcl.mv_dhel(x[:, :1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["supcon_in", "mv_infonce"])
 def test_target_lse_closures_where_the_targets_dominate(backend, loss):
     """SupCon L_in and MV-InfoNCE with V > 2 views subtract a target LSE from a row LSE. Where

@@ -138,13 +138,15 @@ def _family_calls(N, D):
         "softclip": ([q, k, sc], lambda: fastcl.softclip(q, k, sc, u)),
         "cwcl": ([q, k, sc], lambda: fastcl.cwcl(q, k, u, scale=sc)),
         "mv_infonce": ([mv, t], lambda: fastcl.mv_infonce(mv, t)),
+        "mv_dhel": ([mv, t], lambda: fastcl.mv_dhel(mv, t)),
         "uniformity": ([q], lambda: fastcl.uniformity_loss(q)),
     }
 
 
 _FAMILY = ["clip", "clip_smoothing", "clip_focal", "siglip", "info_nce_positives", "info_nce_hard_negatives",
            "info_nce_false_negatives", "info_nce_guide", "nt_xent", "supcon_out", "supcon_in", "dcl",
-           "hcl", "soft_info_nce", "distill", "softclip", "cwcl", "mv_infonce", "uniformity"]
+           "hcl", "soft_info_nce", "distill", "softclip", "cwcl", "mv_infonce", "mv_dhel",
+           "uniformity"]
 
 
 @pytest.mark.parametrize("D", [128, 512])  # the fused backward, the wide-feature backward
