@@ -53,11 +53,6 @@ struct GradMeta {
   // its column part times (c - n_j), and the host adds the lines' known totals (scale_sum_totals).
   const float* row_centre;  // (N,) or null
   const float* col_centre;  // (M,) or null
-  // The LSEs in the units of c, (lse - b) / s (softmax, s != 0; null: unused): the exponent of P is
-  // s (c - mu_i), so an entry's rounding is relative to its own distance from the LSE and not to
-  // the logit's size (S - lse, with S rounded to an ulp of |S|, moves P by ~|S| 6e-8 per entry).
-  const float* row_mu;  // (N,) or null
-  const float* col_mu;  // (M,) or null
 };
 
 // An LSE m + log(l) in float32 as hi + lo: hi rounded, lo its rounding error (0 when not finite).
@@ -91,16 +86,12 @@ FASTCL_HD void grad_logit_parts(const TargetMeta& t, const GradMeta& g, int64_t 
     row = -g.grad_row[i] * z * sigmoid_f(-z * S);
     return;
   }
-  const bool mu = s != 0.f;
+  // (the exponent S - lse from the logit formed as the forward formed it: a dominant entry, whose
+  // logit the stored LSE rounds to, gets P = 1 exactly)
   const float npos = g.row_npos[i];
-  if (npos > 0.f) {
-    const float x = mu && g.row_mu ? s * (c - g.row_mu[i]) : S - g.row_lse[i];
-    row = g.grad_row[i] * (expf(x) - (T ? 1.f / npos : 0.f));
-  }
-  if (g.grad_col != nullptr) {
-    const float x = mu && g.col_mu ? s * (c - g.col_mu[j]) : S - g.col_lse[j];
-    col = g.grad_col[j] * (expf(x) - (t.col_target(i, j) ? 1.f : 0.f));
-  }
+  if (npos > 0.f) row = g.grad_row[i] * (expf(S - g.row_lse[i]) - (T ? 1.f / npos : 0.f));
+  if (g.grad_col != nullptr)
+    col = g.grad_col[j] * (expf(S - g.col_lse[j]) - (t.col_target(i, j) ? 1.f : 0.f));
 }
 
 FASTCL_HD float grad_logit(const TargetMeta& t, const GradMeta& g, int64_t i, int64_t j, float c, float s,
@@ -134,8 +125,6 @@ void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bo
 // log-mean-exp, within the range of c = <q, k>); 0 for lines without entries or s = 0. Float32,
 // contiguous (see fastcl/ops/__init__.py: scale_centres).
 at::Tensor scale_centres(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias, int64_t count);
-// (lse - b) / s (float32, contiguous; s = 0 gives finite values the kernels do not use).
-at::Tensor lse_in_c_units(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias);
 // (2,) float32 [sum_j n_j C_j, sum_j C_j]: what the centred column sums leave out, C_j = sum_i of
 // column j's part of dS (ac_j ([column has entries] - [its positive is valid]) in exact
 // arithmetic); zeros without a column term. The row part's totals are 0 in these tied closures: a

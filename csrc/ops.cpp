@@ -129,13 +129,6 @@ at::Tensor scale_centres(const at::Tensor& lse, const at::Tensor& scale, const O
   return at::where(keep, m, at::zeros({}, m.options())).contiguous();
 }
 
-at::Tensor lse_in_c_units(const at::Tensor& lse, const at::Tensor& scale, const OptT& bias) {
-  const at::Tensor s = scale.reshape({}).to(at::kFloat);
-  at::Tensor mu = lse.to(at::kFloat);
-  if (bias.has_value() && bias->defined()) mu = mu - bias->reshape({}).to(at::kFloat);
-  return (mu / at::where(s != 0, s, at::ones({}, s.options()))).contiguous();
-}
-
 at::Tensor scale_sum_totals(const at::Tensor& col_centre, const OptT& col_lse, const OptT& grad_col,
                             const OptT& col_positives, int64_t N, int64_t M, int64_t offset,
                             bool exclude_self, const at::Tensor& like) {

@@ -178,3 +178,34 @@ def test_dominant_targets_loss_values_float32(monkeypatch, case, path):
     have = ours(z1.float().to(DEVICE), z2.float().to(DEVICE), backend)
     e = rel(have.double().cpu().reshape(want.shape), want)
     assert e <= max(2 * e_torch, 1e-6), (case, e, e_torch)
+
+
+@pytest.mark.parametrize("path", [None, {}, "cpp"], ids=["torch", "triton", "cpp"])
+@pytest.mark.parametrize("case", ["info_nce", "clip"])
+def test_dominant_negatives_float32(monkeypatch, case, path):
+    """Each query's exact duplicate among the keys at another index, tau = 0.01: a negative holds
+    P ~ 1 of its row (and of its column). The recomputed exponent of that entry must be the
+    forward's logit minus the stored LSE, formed alike (0 here): an exponent s (c - mu) with
+    mu = lse / s rounded put up to an ulp of |lse| ~ 100 into each row's dS (gradients 1e-6 off,
+    20x PyTorch's float32 error of 5e-8), and the line totals' correction, which moves a line's
+    error onto its target, cannot remove it."""
+    backend = _backend_for(path, case, monkeypatch)
+    gen = torch.Generator().manual_seed(9)
+    q = torch.nn.functional.normalize(torch.randn(N, D, dtype=torch.float64, generator=gen), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(N, D, dtype=torch.float64, generator=gen), dim=1)
+    k[(torch.arange(N) + 5) % N] = q  # the duplicate of query i at key i + 5
+    if case == "clip":
+        ours = lambda a, b: fastcl.clip_loss(a, b, 100.0, reduction="none", backend=backend,  # noqa: E731
+                                             exact=True)
+        ref = lambda a, b: R.clip_loss(a, b, 100.0, reduction="none")  # noqa: E731
+    else:
+        ours = lambda a, b: fastcl.info_nce(a, b, scale=100.0, reduction="none", backend=backend,  # noqa: E731
+                                            exact=True)
+        ref = lambda a, b: R.info_nce(a, b, scale=100.0, reduction="none")  # noqa: E731
+    g = torch.rand(ref(q, k).shape, dtype=torch.float64, generator=gen) + 0.5
+    want = _grads(ref, q, k, (True, True), torch.float64, g)
+    torch_f32 = _grads(ref, q, k, (True, True), torch.float32, g)
+    have = _grads(lambda a, b: ours(a.to(DEVICE), b.to(DEVICE)), q, k, (True, True), torch.float32, g)
+    for i, (h, p, r) in enumerate(zip(have, torch_f32, want)):
+        e, e_torch = rel(h, r), rel(p, r)
+        assert e <= max(2 * e_torch, 1e-7), (case, i, e, e_torch)

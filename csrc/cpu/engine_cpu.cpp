@@ -335,8 +335,6 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
   }
   const float* gc = gm.grad_col ? gm.grad_col + c0 : nullptr;
   const float* clse = gm.grad_col ? gm.col_lse + c0 : nullptr;
-  const float* mu_r = s != 0.f ? gm.row_mu : nullptr;
-  const float* mu_c = s != 0.f && gc && gm.col_mu ? gm.col_mu + c0 : nullptr;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = r0 + r;
     const float* Cr = C + r * nc;
@@ -344,24 +342,14 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
     const float npos = gm.row_npos[i];
     const float g = npos > 0.f ? gm.grad_row[i] : 0.f;
     const float lse = gm.row_lse[i];
-    // (exponents s (c - mu): see GradMeta::row_mu)
-    if (mu_r) {
-      const float mu = mu_r[i];
+    // (exponents S - lse with S formed as the forward formed it, s c + b: an entry that dominates
+    // its line, whose logit the stored LSE rounds to, gets P = 1 exactly)
 #pragma omp simd
-      for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast(s * (Cr[c] - mu));
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast(s * Cr[c] + b - lse);
-    }
+    for (int64_t c = 0; c < nc; ++c) Gr[c] = g * exp_fast((s * Cr[c] + b) - lse);
     if (gc) {
       float* Gcr = Gc + r * nc;
-      if (mu_c) {
 #pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) Gcr[c] = gc[c] * exp_fast(s * (Cr[c] - mu_c[c]));
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < nc; ++c) Gcr[c] = gc[c] * exp_fast(s * Cr[c] + b - clse[c]);
-      }
+      for (int64_t c = 0; c < nc; ++c) Gcr[c] = gc[c] * exp_fast((s * Cr[c] + b) - clse[c]);
     }
     if (npos > 0.f) {
       const float gt = g / npos;
@@ -456,11 +444,9 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   const int64_t N_ = queries.size(0), M_ = keys.size(0);
   const at::Tensor rc = softmax ? scale_centres(lse32, scale, bias, M_) : at::Tensor();
   const at::Tensor cc = softmax && has_gc ? scale_centres(clse32, scale, bias, N_) : at::Tensor();
-  const at::Tensor rmu = softmax ? lse_in_c_units(lse32, scale, bias) : at::Tensor();
-  const at::Tensor cmu = softmax && has_gc ? lse_in_c_units(clse32, scale, bias) : at::Tensor();
   const auto fp = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(), fp(clse32), g32.data_ptr<float>(),
-                    fp(gc32), kind, fp(rc), fp(cc), fp(rmu), fp(cmu)};
+                    fp(gc32), kind, fp(rc), fp(cc)};
 
   at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::Tensor();
   at::Tensor dk = need_k ? at::empty({M, D}, f32) : at::Tensor();

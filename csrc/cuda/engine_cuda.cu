@@ -646,11 +646,8 @@ BackwardOut engine_backward_cuda(const at::Tensor& queries, const at::Tensor& ke
   const bool softmax = kind == kSoftmax;
   const at::Tensor rc = softmax ? scale_centres(lse32, scale, bias, keys.size(0)) : at::Tensor();
   const at::Tensor cc = softmax && has_gc ? scale_centres(clse32, scale, bias, queries.size(0)) : at::Tensor();
-  const at::Tensor rmu = softmax ? lse_in_c_units(lse32, scale, bias) : at::Tensor();
-  const at::Tensor cmu = softmax && has_gc ? lse_in_c_units(clse32, scale, bias) : at::Tensor();
   const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(), fptr_or_null(clse32),
-                    g32.data_ptr<float>(), fptr_or_null(gc32), kind, fptr_or_null(rc), fptr_or_null(cc),
-                    fptr_or_null(rmu), fptr_or_null(cmu)};
+                    g32.data_ptr<float>(), fptr_or_null(gc32), kind, fptr_or_null(rc), fptr_or_null(cc)};
 
   const bool need_sb = need_scale || need_bias;
   // Line sums: each sweep sums its own lines (rows: the row parts, columns: the column parts),
