@@ -728,6 +728,18 @@ def _gather_only(name: str, mode: str, reduction: str) -> None:
                          f"over a ring), got mode={mode!r}")
 
 
+def _gatherer(group):
+    """rows (n, ...) -> every rank's rows (W * n, ...), rank order, with their gradient."""
+    return lambda x: all_gather_with_grad(x, group)
+
+
+def _global_reduce(per: Tensor, count: int, reduction: str, group) -> Tensor:
+    """The global loss from this rank's per-row losses: their sum over every rank ("sum") or
+    divided by the global number of rows ``count`` ("mean"), by :func:`_global_value`."""
+    contribution = per.sum() / count if reduction == "mean" else per.sum()
+    return _global_value(contribution, group)
+
+
 def _rank_slice(x: Tensor, group) -> Tensor:
     """This rank's slice of a tensor gathered in rank order."""
     W, r = _world(group)
@@ -766,16 +778,14 @@ def dcl(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma: Optional[float
         w = _rank_slice(_dclw_weights(cos, weight_sigma), group)
         weights = torch.cat([w, w])
     if mode == "gather":
-        keys = all_gather_with_grad(rows, group)
-        per = _dcl_rows(rows, positives + r * R, s, weights, be, exact, keys=keys, offset=r * R)
+        per = _dcl_rows(rows, positives, s, weights, be, exact, gather=_gatherer(group), offset=r * R)
     else:  # LSE over the negatives - S_pos from the ring; DCLW: + (1 - w) S_pos, S_pos local
         per, _, _ = _ring(rows, rows, s, None, positives, exact=exact, backend=be, group=group,
                           exclude_self=True, exclude_targets=True)
         if weights is not None:
             s_pos = s.to(per.dtype) * _row_dots(rows, rows.index_select(0, positives)).to(per.dtype)
             per = per + (1.0 - weights.to(per.dtype)) * s_pos
-    contribution = per.sum() / (W * R) if reduction == "mean" else per.sum()
-    return _global_value(contribution, group)
+    return _global_reduce(per, W * R, reduction, group)
 
 
 def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0,
@@ -799,11 +809,9 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0,
     W, r = _world(group)
     if check_sizes:
         _check_sizes("z1", n, group, z1.device)
-    keys = all_gather_with_grad(rows, group)
-    per = _hcl_rows(rows, positives + r * R, temperature, beta, tau_plus, W * R - 2, be, exact,
-                    keys=keys, offset=r * R)
-    contribution = per.sum() / (W * R) if reduction == "mean" else per.sum()
-    return _global_value(contribution, group)
+    per = _hcl_rows(rows, positives, temperature, beta, tau_plus, W * R - 2, be, exact,
+                    gather=_gatherer(group), offset=r * R)
+    return _global_reduce(per, W * R, reduction, group)
 
 
 def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
@@ -828,14 +836,13 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
     rows = _stack_rows(views, normalize, _cast_dtype(features))
     be = _backend.resolve(backend, rows.device, rows.dtype)
     s = _sync_scalar(_temperature_scale(temperature, rows), group)
-    keys = all_gather_with_grad(rows, group)
     key_ids = None
     if V > 2:  # rank k's rows: its instances k b .. k b + b - 1, view-major
         key_ids = (torch.arange(b, device=rows.device).repeat(W * V)
                    + (torch.arange(W, device=rows.device) * b).repeat_interleave(V * b))
-    per = _mv_infonce_rows(rows, b, V, s, be, exact, keys=keys, offset=r * V * b, key_ids=key_ids)
-    contribution = per.sum() / (W * b) if reduction == "mean" else per.sum()
-    return _global_value(contribution, group)
+    per = _mv_infonce_rows(rows, b, V, s, be, exact, gather=_gatherer(group), offset=r * V * b,
+                           key_ids=key_ids)
+    return _global_reduce(per, W * b, reduction, group)
 
 
 def mv_dhel(features: Tensor, temperature=0.1, *, normalize: bool = True, mode: str = "gather",
@@ -862,10 +869,8 @@ def mv_dhel(features: Tensor, temperature=0.1, *, normalize: bool = True, mode: 
     views = [_stack_rows([v], normalize, dt) for v in torch.unbind(features, dim=1)]
     be = _backend.resolve(backend, views[0].device, views[0].dtype)
     s = _sync_scalar(_temperature_scale(temperature, views[0]), group)
-    per = _mv_dhel_rows(views, s, be, exact, gather=lambda rows: all_gather_with_grad(rows, group),
-                        offset=r * b)
-    contribution = per.sum() / (W * b) if reduction == "mean" else per.sum()
-    return _global_value(contribution, group)
+    per = _mv_dhel_rows(views, s, be, exact, gather=_gatherer(group), offset=r * b)
+    return _global_reduce(per, W * b, reduction, group)
 
 
 def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, mode: str = "gather",
@@ -892,8 +897,7 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, mode: 
         raise ValueError(f"uniformity needs at least 2 rows over all ranks, got {N}")
     x = _stack_rows([x], normalize, _cast_dtype(x))
     be = _backend.resolve(backend, x.device, x.dtype)
-    terms = _uniformity_terms(x, t, normalize, be, exact,
-                              gather=lambda keys: all_gather_with_grad(keys, group), offset=r * n)
+    terms = _uniformity_terms(x, t, normalize, be, exact, gather=_gatherer(group), offset=r * n)
     # every rank forms the global value; the gathered terms' gradient, summed over the ranks,
     # is W times the single-process one (the averaging convention)
     return torch.logsumexp(all_gather_with_grad(terms, group), 0) - math.log(N * (N - 1))

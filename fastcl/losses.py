@@ -669,14 +669,14 @@ def _dclw_weights(cos: Tensor, sigma: float) -> Tensor:
 
 
 def _dcl_rows(Z: Tensor, positives: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
-              exact: bool, keys: Optional[Tensor] = None, offset: int = 0) -> Tensor:
-    """Per-row DCL losses (R,) of the rows Z (R, D) against ``keys`` (default: Z itself), Z's
-    rows at ``offset`` in them (left out); ``positives`` (R,) index the keys; ``weights`` (R,)
-    DCLW's or None."""
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=keys is None,
+              exact: bool, gather=None, offset: int = 0) -> Tensor:
+    """Per-row DCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``weights``
+    (R,) DCLW's or None. ``gather`` (rows (R, D) -> (N, D)) takes the rows against every rank's
+    rows, Z's at ``offset`` (left out); by default against Z itself."""
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=gather is None,
                     offset=offset, exact=exact)
-    st = engine_statistics(Z, Z if keys is None else keys, s, None, Targets(positives=positives),
-                           spec, be)
+    st = engine_statistics(Z, Z if gather is None else gather(Z), s, None,
+                           Targets(positives=positives + offset), spec, be)
     tgt = st.row_target if weights is None else st.row_target * weights
     return st.plus_lse_lo(st.row_lse - tgt)
 
@@ -934,19 +934,17 @@ def _hcl_params(temperature, beta, tau_plus) -> Tuple[float, float, float]:
 
 
 def _hcl_rows(Z: Tensor, positives: Tensor, temperature: float, beta: float, tau_plus: float,
-              n_neg: int, be: str, exact: bool, keys: Optional[Tensor] = None,
-              offset: int = 0) -> Tensor:
-    """Per-row HCL losses (R,) of the rows Z (R, D) against ``keys`` (default: Z itself), Z's
-    rows at ``offset`` in them (left out); ``positives`` (R,) index the keys; ``n_neg`` each
-    row's number of negatives."""
+              n_neg: int, be: str, exact: bool, gather=None, offset: int = 0) -> Tensor:
+    """Per-row HCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``n_neg`` each
+    row's number of negatives; ``gather`` and ``offset`` as :func:`_dcl_rows`."""
     dt = _stat_dtype(Z)
     inv_t = 1.0 / float(temperature)
     s_hi = torch.full((), (1.0 + beta) * inv_t, dtype=dt, device=Z.device)
     # one sweep: LSE over negatives of (1 + beta) S / t, and of beta S / t = ratio * the former
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=keys is None,
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=gather is None,
                     offset=offset, exact=exact, lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
-    st = engine_statistics(Z, Z if keys is None else keys, s_hi, None, Targets(positives=positives),
-                           spec, be)
+    st = engine_statistics(Z, Z if gather is None else gather(Z), s_hi, None,
+                           Targets(positives=positives + offset), spec, be)
     lse_1b, pos_hi, lse_b = st.row_lse, st.row_target, st.lse2
     if not beta > 0:  # e^{0 S}: the plain count of negatives
         lse_b = torch.full_like(lse_1b, math.log(n_neg))
@@ -986,14 +984,13 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 
 
 def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
-                     keys: Optional[Tensor] = None, offset: int = 0,
-                     key_ids: Optional[Tensor] = None) -> Tensor:
-    """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major, against ``keys``
-    (default: Z itself), Z's rows at ``offset`` in them (left out). V > 2: ``key_ids`` the
-    keys' instance ids (default: Z's, ``arange(B).repeat(V)``); Z's instances are
-    ``offset // V + arange(B)``, so a block of keys holds its instances' V views view-major."""
-    gram = keys is None
-    keys = Z if gram else keys
+                     gather=None, offset: int = 0, key_ids: Optional[Tensor] = None) -> Tensor:
+    """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major; ``gather`` and
+    ``offset`` as :func:`_dcl_rows`. V > 2: ``key_ids`` the gathered rows' instance ids (default:
+    Z's, ``arange(B).repeat(V)``); Z's instances are ``offset // V + arange(B)``, so each rank's
+    block holds its instances' V views view-major."""
+    gram = gather is None
+    keys = Z if gram else gather(Z)
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
         # row (v, i): the LSE over c != (v, i)
         spec = LossSpec(kind="softmax", exclude_self=True, gram=gram, offset=offset, exact=exact)
