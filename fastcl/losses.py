@@ -1118,8 +1118,8 @@ def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0, *, normalize: bool 
 # ----------------------------------------------------------------------------------------------
 
 
-class InfoNCELoss(nn.Module):
-    """Module form of :func:`info_nce`: ``forward(queries (N, D), keys (M, D), positives=None)``."""
+class _ScaledLoss(nn.Module):
+    """A loss of queries against keys with a scale and an optional bias."""
 
     def __init__(self, scale: Scalar = 1.0 / 0.07, bias: Optional[Scalar] = None,
                  reduction: str = "mean", backend: str = "auto", exact: bool = False):
@@ -1127,6 +1127,10 @@ class InfoNCELoss(nn.Module):
         _check_module_args(reduction, backend, scale=scale, bias=bias)
         self.scale, self.bias = scale, bias
         self.reduction, self.backend, self.exact = reduction, backend, exact
+
+
+class InfoNCELoss(_ScaledLoss):
+    """Module form of :func:`info_nce`: ``forward(queries (N, D), keys (M, D), positives=None)``."""
 
     def forward(self, queries: Tensor, keys: Tensor, positives: Optional[Tensor] = None) -> Tensor:
         return info_nce(queries, keys, positives=positives, scale=self.scale, bias=self.bias,
@@ -1211,3 +1215,145 @@ class DCLLoss(nn.Module):
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return dcl(z1, z2, self.temperature, weight_sigma=self.weight_sigma, normalize=self.normalize,
                    reduction=self.reduction, backend=self.backend, exact=self.exact)
+
+
+class SoftInfoNCELoss(_ScaledLoss):
+    """Module form of :func:`soft_info_nce`: ``forward(queries (N, D), keys (M, D), targets)``,
+    targets ``(indices, weights)`` (N, K) each or a dense (N, M) tensor."""
+
+    def forward(self, queries: Tensor, keys: Tensor, targets) -> Tensor:
+        return soft_info_nce(queries, keys, targets, scale=self.scale, bias=self.bias,
+                             reduction=self.reduction, backend=self.backend, exact=self.exact)
+
+
+class DistillLoss(nn.Module):
+    """Module form of :func:`distill`: ``forward(queries (N, D), keys (M, D), teacher_queries
+    (N, Dt), teacher_keys (M, Dt), scale, teacher_scale)`` (the scales per call, as a CLIP
+    student's and teacher's learnt logit scales are)."""
+
+    def __init__(self, directions: str = "both", objective: str = "kl", reduction: str = "mean",
+                 backend: str = "auto", exact: bool = False):
+        super().__init__()
+        _check_module_args(reduction, backend)
+        if directions not in ("row", "col", "both"):
+            raise ValueError(f"directions must be 'row', 'col' or 'both', got {directions!r}")
+        if objective not in ("kl", "cross_entropy"):
+            raise ValueError(f"objective must be 'kl' or 'cross_entropy', got {objective!r}")
+        self.directions, self.objective = directions, objective
+        self.reduction, self.backend, self.exact = reduction, backend, exact
+
+    def forward(self, queries: Tensor, keys: Tensor, teacher_queries: Tensor, teacher_keys: Tensor,
+                scale: Scalar, teacher_scale: Scalar) -> Tensor:
+        return distill(queries, keys, teacher_queries, teacher_keys, scale, teacher_scale,
+                       directions=self.directions, objective=self.objective,
+                       reduction=self.reduction, backend=self.backend, exact=self.exact)
+
+
+class SoftClipLoss(nn.Module):
+    """Module form of :func:`softclip`:
+    ``forward(image_features (N, D), text_features (N, D), logit_scale, target_features (N, Du))``."""
+
+    def __init__(self, target_scale: Scalar = 10.0, alpha: float = 0.5, reduction: str = "mean",
+                 backend: str = "auto", exact: bool = False):
+        super().__init__()
+        _check_module_args(reduction, backend, target_scale=target_scale)
+        _check_unit("alpha", alpha, high_open=False)
+        self.target_scale, self.alpha = target_scale, alpha
+        self.reduction, self.backend, self.exact = reduction, backend, exact
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
+                target_features: Tensor) -> Tensor:
+        return softclip(image_features, text_features, logit_scale, target_features,
+                        self.target_scale, alpha=self.alpha, reduction=self.reduction,
+                        backend=self.backend, exact=self.exact)
+
+
+class CWCLLoss(nn.Module):
+    """Module form of :func:`cwcl`:
+    ``forward(queries (N, D), keys (M, D), target_queries (N, Du), target_keys=None)``."""
+
+    def __init__(self, scale: Scalar = 1.0 / 0.07, reduction: str = "mean", backend: str = "auto",
+                 exact: bool = False):
+        super().__init__()
+        _check_module_args(reduction, backend, scale=scale)
+        self.scale = scale
+        self.reduction, self.backend, self.exact = reduction, backend, exact
+
+    def forward(self, queries: Tensor, keys: Tensor, target_queries: Tensor,
+                target_keys: Optional[Tensor] = None) -> Tensor:
+        return cwcl(queries, keys, target_queries, target_keys, scale=self.scale,
+                    reduction=self.reduction, backend=self.backend, exact=self.exact)
+
+
+class HCLLoss(nn.Module):
+    """Module form of :func:`hcl`: ``forward(z1 (N, D), z2 (N, D))``."""
+
+    def __init__(self, temperature: float = 0.5, beta: float = 1.0, tau_plus: float = 0.1,
+                 normalize: bool = True, reduction: str = "mean", backend: str = "auto",
+                 exact: bool = False):
+        super().__init__()
+        _check_module_args(reduction, backend)
+        self.temperature, self.beta, self.tau_plus = _hcl_params(temperature, beta, tau_plus)
+        self.normalize = normalize
+        self.reduction, self.backend, self.exact = reduction, backend, exact
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        return hcl(z1, z2, self.temperature, beta=self.beta, tau_plus=self.tau_plus,
+                   normalize=self.normalize, reduction=self.reduction, backend=self.backend,
+                   exact=self.exact)
+
+
+class _MultiViewLoss(nn.Module):
+    """A multi-view loss of features (B, V, D) with a temperature."""
+
+    _loss = None
+
+    def __init__(self, temperature: Scalar = 0.1, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto", exact: bool = False):
+        super().__init__()
+        _check_module_args(reduction, backend, temperature=temperature)
+        self.temperature, self.normalize = temperature, normalize
+        self.reduction, self.backend, self.exact = reduction, backend, exact
+
+    def forward(self, features: Tensor) -> Tensor:
+        return type(self)._loss(features, self.temperature, normalize=self.normalize,
+                                reduction=self.reduction, backend=self.backend, exact=self.exact)
+
+
+class MVInfoNCELoss(_MultiViewLoss):
+    """Module form of :func:`mv_infonce`: ``forward(features (B, V, D))``."""
+
+    _loss = staticmethod(mv_infonce)
+
+
+class MVDHELLoss(_MultiViewLoss):
+    """Module form of :func:`mv_dhel`: ``forward(features (B, V, D))``."""
+
+    _loss = staticmethod(mv_dhel)
+
+
+class UniformityLoss(nn.Module):
+    """Module form of :func:`uniformity_loss`: ``forward(x (N, D))``."""
+
+    def __init__(self, t: float = 2.0, normalize: bool = True, backend: str = "auto",
+                 exact: bool = False):
+        super().__init__()
+        _check_module_args("mean", backend)
+        self.t = _real("t", t, "a float (uniformity takes no tensor t)", low=0.0)
+        self.normalize, self.backend, self.exact = normalize, backend, exact
+
+    def forward(self, x: Tensor) -> Tensor:
+        return uniformity_loss(x, self.t, normalize=self.normalize, backend=self.backend,
+                               exact=self.exact)
+
+
+class AlignmentLoss(nn.Module):
+    """Module form of :func:`alignment_loss`: ``forward(x (N, D), y (N, D))``."""
+
+    def __init__(self, alpha: float = 2.0, normalize: bool = True):
+        super().__init__()
+        self.alpha = _real("alpha", alpha, low=0.0)
+        self.normalize = normalize
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return alignment_loss(x, y, self.alpha, normalize=self.normalize)

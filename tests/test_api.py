@@ -70,7 +70,7 @@ def test_no_undefined_module_names():
 
 def test_public_names():
     for name in ["info_nce", "clip_loss", "siglip_loss", "nt_xent", "supcon", "InfoNCELoss",
-                 "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss"]:
+                 "ClipLoss", "SigLipLoss", "NTXentLoss", "SupConLoss", "MVDHELLoss"]:
         assert name in fastcl.__all__ and hasattr(fastcl, name)
     assert isinstance(fastcl.__version__, str)
 
@@ -104,6 +104,70 @@ def test_other_modules():
     torch.testing.assert_close(fastcl.NTXentLoss(0.3)(i, t), fastcl.nt_xent(i, t, 0.3))
     y = torch.arange(12, device=DEVICE) % 3
     torch.testing.assert_close(fastcl.SupConLoss(0.2)(i, y), fastcl.supcon(i, y, 0.2))
+
+
+def test_every_loss_has_a_module():
+    """Each public loss function has a module of the same loss; each module gives its function's
+    value and gradients with the constructor's arguments, and a tensor temperature or scale
+    given to the constructor (an ``nn.Parameter``) is registered and learnt."""
+    gen = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    q, k, u, v = r(12, 8), r(12, 8), r(12, 5), r(12, 5)
+    views = r(6, 3, 8)
+    idx = torch.stack([torch.arange(12), torch.randperm(12, generator=gen)], 1).to(DEVICE)
+    w = torch.rand(12, 2, generator=gen).to(DEVICE)
+    cases = {  # function: (module, module call's inputs, function of the same inputs)
+        "info_nce": (fastcl.InfoNCELoss(scale=20.0, bias=-1.0), (q, k),
+                     lambda a, b: fastcl.info_nce(a, b, scale=20.0, bias=-1.0)),
+        "clip_loss": (fastcl.ClipLoss(reduction="sum"), (q, k, 14.0),
+                      lambda a, b, s: fastcl.clip_loss(a, b, s, reduction="sum")),
+        "siglip_loss": (fastcl.SigLipLoss(), (q, k, 10.0, -10.0), fastcl.siglip_loss),
+        "nt_xent": (fastcl.NTXentLoss(0.3, normalize=False), (q, k),
+                    lambda a, b: fastcl.nt_xent(a, b, 0.3, normalize=False)),
+        "supcon": (fastcl.SupConLoss(0.2, variant="in"), (views, idx[:6, 1] % 2),
+                   lambda a, y: fastcl.supcon(a, y, 0.2, variant="in")),
+        "dcl": (fastcl.DCLLoss(0.2, weight_sigma=0.5), (q, k),
+                lambda a, b: fastcl.dcl(a, b, 0.2, weight_sigma=0.5)),
+        "soft_info_nce": (fastcl.SoftInfoNCELoss(scale=5.0), (q, k, (idx, w)),
+                          lambda a, b, t: fastcl.soft_info_nce(a, b, t, scale=5.0)),
+        "distill": (fastcl.DistillLoss(directions="col", objective="cross_entropy"),
+                    (q, k, u, v, 10.0, 7.0),
+                    lambda *a: fastcl.distill(*a, directions="col", objective="cross_entropy")),
+        "softclip": (fastcl.SoftClipLoss(target_scale=4.0, alpha=0.3), (q, k, 10.0, u),
+                     lambda a, b, s, t: fastcl.softclip(a, b, s, t, 4.0, alpha=0.3)),
+        "cwcl": (fastcl.CWCLLoss(scale=9.0), (q, k, u, v),
+                 lambda *a: fastcl.cwcl(*a, scale=9.0)),
+        "hcl": (fastcl.HCLLoss(0.4, beta=0.5, tau_plus=0.05, reduction="none"), (q, k),
+                lambda a, b: fastcl.hcl(a, b, 0.4, beta=0.5, tau_plus=0.05, reduction="none")),
+        "mv_infonce": (fastcl.MVInfoNCELoss(0.3), (views,), lambda a: fastcl.mv_infonce(a, 0.3)),
+        "mv_dhel": (fastcl.MVDHELLoss(0.3, normalize=False), (views,),
+                    lambda a: fastcl.mv_dhel(a, 0.3, normalize=False)),
+        "uniformity_loss": (fastcl.UniformityLoss(t=1.5), (q,),
+                            lambda a: fastcl.uniformity_loss(a, 1.5)),
+        "alignment_loss": (fastcl.AlignmentLoss(alpha=1.0, normalize=False), (q, k),
+                           lambda a, b: fastcl.alignment_loss(a, b, 1.0, normalize=False)),
+    }
+    functions = {n for n in fastcl.__all__ if callable(getattr(fastcl, n)) and n[0].islower()}
+    assert functions == set(cases)
+    modules = {n for n in fastcl.__all__ if isinstance(getattr(fastcl, n), type)}
+    assert modules == {type(m).__name__ for m, _, _ in cases.values()}
+    for name, (module, inputs, fn) in cases.items():
+        a = inputs[0].clone().requires_grad_()
+        got = module(a, *inputs[1:])
+        want_a = inputs[0].clone().requires_grad_()
+        want = fn(want_a, *inputs[1:])
+        torch.testing.assert_close(got, want, msg=name)
+        (g,) = torch.autograd.grad(got.sum(), a)
+        (gw,) = torch.autograd.grad(want.sum(), want_a)
+        torch.testing.assert_close(g, gw, msg=name)
+    for module in (fastcl.NTXentLoss(torch.nn.Parameter(torch.tensor(0.3, device=DEVICE))),
+                   fastcl.MVDHELLoss(torch.nn.Parameter(torch.tensor(0.3, device=DEVICE))),
+                   fastcl.SoftInfoNCELoss(scale=torch.nn.Parameter(torch.tensor(5.0, device=DEVICE)))):
+        (p,) = module.parameters()
+        inputs = {fastcl.NTXentLoss: (q, k), fastcl.MVDHELLoss: (views,),
+                  fastcl.SoftInfoNCELoss: (q, k, (idx, w))}[type(module)]
+        (gp,) = torch.autograd.grad(module(*inputs), p)
+        assert torch.isfinite(gp) and gp != 0
 
 
 def test_backend_resolution(monkeypatch):

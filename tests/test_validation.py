@@ -177,6 +177,29 @@ def test_modules_check_their_arguments_when_built():
         fastcl.DCLLoss(weight_sigma=-1.0)
     with pytest.raises(ValueError, match="scale must be finite"):
         fastcl.InfoNCELoss(scale=float("inf"))
+    with pytest.raises(ValueError, match="directions must be"):
+        fastcl.DistillLoss(directions="rows")
+    with pytest.raises(ValueError, match="objective must be"):
+        fastcl.DistillLoss(objective="ce")
+    with pytest.raises(ValueError, match="alpha must be"):
+        fastcl.SoftClipLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="target_scale must be finite"):
+        fastcl.SoftClipLoss(target_scale=float("nan"))
+    with pytest.raises(ValueError, match="reduction must be"):
+        fastcl.CWCLLoss(reduction="avg")
+    with pytest.raises(ValueError, match="tau_plus must be"):
+        fastcl.HCLLoss(tau_plus=1.0)
+    with pytest.raises(TypeError, match="hcl takes no tensor temperature"):
+        fastcl.HCLLoss(temperature=torch.tensor(0.5))
+    for cls in (fastcl.MVInfoNCELoss, fastcl.MVDHELLoss):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            cls(temperature=-0.1)
+    with pytest.raises(ValueError, match="t must be > 0"):
+        fastcl.UniformityLoss(t=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcl.UniformityLoss(backend="gpu")
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        fastcl.AlignmentLoss(alpha=-1.0)
 
 
 def test_metric_arguments():
