@@ -11,10 +11,10 @@ an autograd-aware gather; each rank computes the loss rows of its local queries 
 (positives offset by ``rank * m``) and, for CLIP, the rows of its local texts against all images.
 Memory per rank: O(N * D) features.
 
-The self-similarity losses (:func:`nt_xent`, :func:`supcon`, :func:`dcl`) take each rank's rows
-against the rows of every rank, its own left out, in either mode (gather by default): in the ring
-a rank's rows are its queries and the blocks that travel are the other ranks' rows. :func:`hcl`,
-:func:`mv_infonce`, :func:`mv_dhel` and :func:`uniformity_loss` have gather mode only.
+The self-similarity losses (:func:`nt_xent`, :func:`supcon`, :func:`dcl`, :func:`hcl`,
+:func:`mv_infonce`, :func:`mv_dhel`, :func:`uniformity_loss`) take each rank's rows against the
+rows of every rank, its own left out, in either mode (gather by default): in the ring a rank's
+rows are its queries and the blocks that travel are the other ranks' rows.
 
 ``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
 (``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
@@ -49,14 +49,15 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from .autograd import _engine, _scalar32, engine_loss, first_order_only
+from .autograd import Statistics, _engine, _scalar32, engine_loss, engine_statistics, first_order_only
 from .losses import (_cast_dtype, _check_features, _check_index, _check_multi_view, _check_pair,
                      _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
                      _mv_infonce_rows, _prepare, _real,
                      _row_dots, _scalar_param, _stack_rows, _temperature_scale, _two_views,
                      _uniformity_terms, _views_flat)
-from .ops import (EngineStats, LossSpec, Targets, closure_weights, correct_line_totals,
-                  merge_lse, row_losses, split_lse, tied_scale_totals)
+from .ops import (EngineStats, LossSpec, Targets, centred_scale_sums, closure_weights,
+                  correct_line_totals, merge_lse, row_losses, row_target_logit, split_lse,
+                  tied_scale_totals)
 
 Tensor = torch.Tensor
 
@@ -463,14 +464,178 @@ def _correct_labels_ring(ring, dq, dk, queries, keys, labels, s32, spec0, stats,
         dk += fix
 
 
+def _around(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
+    """The ring's steps: yields (t, o, blocks), the blocks of ``tensors`` (None kept) that this
+    rank holds at step t, rank o = rank - t's; the next step's are in flight while the caller
+    computes, and arrive before the next yield."""
+    blocks = list(tensors)
+    for t in range(ring.world):
+        pending, nxt = None, blocks
+        if t < ring.world - 1:
+            pending, nxt = _travel(ring, blocks)
+        yield t, (ring.rank - t) % ring.world, blocks
+        ring.wait(pending)
+        blocks = nxt
+
+
+def _home(ring: "_Ring", t: int, part: List[Tensor], state: list) -> None:
+    """Accumulators that travel with block o = rank - t (its dK, ...): this rank's ``part`` is
+    added to the sums from the ranks the block visited before and sent on; after the last step
+    :func:`_arrived` gives the own block's. ``state``: [pending, received] between steps."""
+    if t > 0:
+        ring.wait(state[0])
+        part = [a + b for a, b in zip(part, state[1])]
+    if ring.world == 1:
+        state[:] = [None, part]
+    else:
+        state[:] = list(_travel(ring, part))
+
+
+def _arrived(ring: "_Ring", state: list) -> List[Tensor]:
+    """The own block's accumulators once they are home (see :func:`_home`)."""
+    ring.wait(state[0])
+    return state[1]
+
+
+class _RingStatistics(torch.autograd.Function):
+    """The global row statistics of the local queries against every rank's keys, over the ring:
+    what :class:`fastcl.autograd.EngineStatistics` gives for rows against the concatenated keys
+    (row-only softmax closures: LSEs with targets or the queries' own copies left out, a target
+    LSE, a second LSE), for the family's row formulas in ring mode.
+
+    Outputs: row_lse (n,), the row target statistic (n,), the number of targets (n,) (not
+    differentiable), the second LSE (n,) with ``spec.lse2_ratio`` (else empty) and the row LSE's
+    rounding error (n,) (not differentiable). The forward merges each block's statistics in
+    float64; the backward runs the ring again with the split gradients of all three, each block's
+    dK travelling home (scale and bias: this rank's share; the caller all-reduces them).
+    cfg = (spec, backend, group); ``positives`` (n,) index the own block; ``labels`` (n,) travel
+    with the key blocks (the keys are the queries' rows)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, positives, labels, cfg):
+        spec0, backend, group = cfg
+        ring = _Ring(group)
+        eng = _backend.engine(backend)
+        s32, b32 = _scalar32(scale, queries), _scalar32(bias, queries)
+        n, m = queries.shape[0], keys.shape[0]
+        sdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        f64, tlse, two = torch.float64, spec0.target_lse, spec0.lse2_ratio is not None
+        lse = torch.full((n,), -math.inf, dtype=f64, device=queries.device)
+        lse2 = lse.clone() if two else None
+        pos = lse.clone() if tlse else torch.zeros(n, dtype=sdt, device=queries.device)
+        npos = torch.zeros(n, dtype=sdt, device=queries.device)
+        with torch.autocast(queries.device.type, enabled=False):
+            for _, o, (kb, lb) in _around(ring, [keys.contiguous(), labels]):
+                spec, targets = _tile_args(spec0, positives, labels, lb, ring.rank, o, m)
+                st = eng.forward(queries, kb, s32, b32, targets, spec)
+                part = st.row_lse.double()
+                lse = torch.logaddexp(lse, part if st.row_lse_lo is None
+                                      else part + st.row_lse_lo.double())
+                pos = torch.logaddexp(pos, st.row_pos.double()) if tlse else pos + st.row_pos.to(sdt)
+                npos = npos + st.row_npos.to(sdt)
+                if two:
+                    lse2 = torch.logaddexp(lse2, st.row_aux[2].double())
+        row_lse, row_lo = split_lse(lse, sdt)
+        pos = pos.to(sdt)
+        lse2 = lse2.to(sdt) if two else row_lse.new_zeros(0)
+        target = row_target_logit(EngineStats(row_lse, pos, npos), spec0)
+        ctx.save_for_backward(queries, keys, s32, b32, row_lse, pos, npos, lse2, positives, labels)
+        ctx.cfg = cfg
+        ctx.scale_meta = (scale.shape, scale.dtype)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.mark_non_differentiable(npos, row_lo, *([] if two else [lse2]))
+        return row_lse, target, npos, lse2, row_lo
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g_lse, g_tgt, _g_npos=None, g_lse2=None, _g_lo=None):
+        queries, keys, s32, b32, row_lse, pos, npos, lse2, positives, labels = ctx.saved_tensors
+        spec0, backend, group = ctx.cfg
+        need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
+        ring = _Ring(group)
+        W, r = ring.world, ring.rank
+        eng = _backend.engine(backend)
+        n, m = queries.shape[0], keys.shape[0]
+        sdt = row_lse.dtype
+        zeros = row_lse.new_zeros(n)
+        g_lse = zeros if g_lse is None else g_lse.to(sdt).contiguous()
+        g_tgt = zeros if g_tgt is None else g_tgt.to(sdt).contiguous()
+        a2, aux = None, None
+        if spec0.lse2_ratio is not None:
+            a2 = zeros if g_lse2 is None else g_lse2.to(sdt).contiguous()
+            aux = torch.stack([zeros, zeros, lse2])
+        stats = EngineStats(row_lse, pos, npos, row_aux=aux)
+        weights = closure_weights(spec0, stats, g_lse, g_tgt)
+        dq = torch.zeros(queries.shape, dtype=sdt, device=queries.device) if need_q else None
+        ds = torch.zeros(1, dtype=sdt, device=queries.device)
+        db = torch.zeros(1, dtype=sdt, device=queries.device)
+        needs = (bool(need_q), bool(need_k), bool(need_s), bool(need_b))
+        row_sums, home = None, [None, None]
+        with torch.autocast(queries.device.type, enabled=False):
+            for t, o, (kb, lb) in _around(ring, [keys.contiguous(), labels]):
+                spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
+                # (a block is not its lines' whole: their sums are added up over the ring)
+                out = eng.backward(queries, kb, s32, b32, targets, spec, stats, g_lse, None, needs,
+                                   grad_row_pos=g_tgt, grad_row_lse2=a2, whole_lines=W == 1,
+                                   return_line_sums=W > 1)
+                dq_t, dk_t, ds_t, db_t = out[:4]
+                if W > 1 and out[4] is not None:
+                    row_sums = out[4].to(sdt) if row_sums is None else row_sums + out[4].to(sdt)
+                if need_q:
+                    dq += dq_t.to(sdt)
+                if t > 0 and (need_s or need_b):  # the lines' totals once, as on the own block
+                    tot = centred_scale_sums(row_lse.new_zeros(2), spec, targets, stats, *weights[:2],
+                                             s32.to(sdt).reshape(()),
+                                             None if b32 is None else b32.to(sdt).reshape(()),
+                                             kb.shape[0], a2_row=a2)
+                    ds_t = ds_t - tot[0] if need_s else ds_t
+                    db_t = db_t - tot[1] if need_b else db_t
+                if need_s:
+                    ds += ds_t.to(sdt)
+                if need_b:
+                    db += db_t.to(sdt)
+                if need_k:
+                    _home(ring, t, [dk_t.to(sdt)], home)
+            dk = _arrived(ring, home)[0] if need_k else None
+            if row_sums is not None:  # the whole lines' sums against their exact totals
+                if labels is None:  # every line's targets lie in the own block
+                    spec, targets = _tile_args(spec0, positives, None, None, r, r, m)
+                    correct_line_totals(dq, dk, queries, keys, s32, spec, targets, stats, weights,
+                                        row_sums, a2_row=a2)
+                else:
+                    _correct_labels_ring(ring, dq, dk, queries, keys, labels, s32, spec0, stats,
+                                         weights, row_sums)
+        d_scale = ds.reshape(ctx.scale_meta[0]).to(ctx.scale_meta[1]) if need_s else None
+        d_bias = db.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b else None
+        return (dq.to(queries.dtype) if need_q else None, dk.to(keys.dtype) if need_k else None,
+                d_scale, d_bias, None, None, None)
+
+
+def _ring_sweep(group):
+    """A sweep of the family's row formulas (as :func:`_gatherer`) over the ring: the rows'
+    global statistics from :class:`_RingStatistics`, the key blocks travelling (the keys given are
+    this rank's rows, as the queries or with an extra feature). The formulas' global indexing is
+    taken back to the ring's: ``spec.offset`` is the rows' place, the index targets lie in the own
+    block, and the row labels travel with the blocks as their keys' labels."""
+    def sweep(queries, keys, scale, bias, targets, spec, backend):
+        positives = None if targets.positives is None else targets.positives - spec.offset
+        spec = replace(spec, gram=False, offset=0)
+        _, backend = _engine(backend, spec, targets, split=True)
+        row_lse, target, npos, lse2, row_lo = _RingStatistics.apply(
+            queries, keys.contiguous(), scale, bias, positives, targets.row_labels,
+            (spec, backend, group))
+        empty = row_lse.new_zeros(0)
+        return Statistics(row_lse, target, npos, empty, empty, empty, lse2,
+                          row_lo if row_lo.numel() else None, None, None)
+    return sweep
+
+
 def _ring(queries, keys, scale, bias, positives, *, kind="softmax", symmetric=False, exact,
-          backend, group, labels=None, exclude_self=False, variant_in=False,
-          exclude_targets=False):
+          backend, group, labels=None, exclude_self=False, variant_in=False):
     """Rows (n,), columns (m,) (empty unless symmetric) and targets per row (n,) of the ring;
-    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE);
-    ``exclude_targets``: DCL's (targets out of the LSE, their mean logit subtracted)."""
+    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE)."""
     spec = LossSpec(kind=kind, symmetric=symmetric, exact=exact, exclude_self=exclude_self,
-                    exclude_targets=variant_in or exclude_targets, target_lse=variant_in)
+                    exclude_targets=variant_in, target_lse=variant_in)
     _, backend = _engine(backend, spec, Targets())
     return _RingLoss.apply(queries, keys, scale, bias, positives, labels,
                            (spec, variant_in, backend, group))
@@ -721,16 +886,19 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
                                  backend, exact, mode)
 
 
-def _gather_only(name: str, mode: str, reduction: str) -> None:
-    _check_mode(mode, reduction)
-    if mode != "gather":
-        raise ValueError(f"{name} has mode='gather' only (its rows' statistics are not merged "
-                         f"over a ring), got mode={mode!r}")
-
-
 def _gatherer(group):
-    """rows (n, ...) -> every rank's rows (W * n, ...), rank order, with their gradient."""
-    return lambda x: all_gather_with_grad(x, group)
+    """A sweep of the family's row formulas (``sweep`` of :func:`fastcl.losses._dcl_rows`):
+    :func:`fastcl.autograd.engine_statistics` of the rows against every rank's keys,
+    all-gathered in rank order with their gradient."""
+    def sweep(queries, keys, *args):
+        return engine_statistics(queries, all_gather_with_grad(keys, group), *args)
+    return sweep
+
+
+def _sweeper(mode: str, group):
+    """The family's sweep of every rank's keys in ``mode``: :func:`_gatherer` or
+    :func:`_ring_sweep`."""
+    return _gatherer(group) if mode == "gather" else _ring_sweep(group)
 
 
 def _global_reduce(per: Tensor, count: int, reduction: str, group) -> Tensor:
@@ -777,14 +945,8 @@ def dcl(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma: Optional[float
         cos = all_gather_with_grad(_row_dots(rows[:n], rows[n:]), group)
         w = _rank_slice(_dclw_weights(cos, weight_sigma), group)
         weights = torch.cat([w, w])
-    if mode == "gather":
-        per = _dcl_rows(rows, positives, s, weights, be, exact, gather=_gatherer(group), offset=r * R)
-    else:  # LSE over the negatives - S_pos from the ring; DCLW: + (1 - w) S_pos, S_pos local
-        per, _, _ = _ring(rows, rows, s, None, positives, exact=exact, backend=be, group=group,
-                          exclude_self=True, exclude_targets=True)
-        if weights is not None:
-            s_pos = s.to(per.dtype) * _row_dots(rows, rows.index_select(0, positives)).to(per.dtype)
-            per = per + (1.0 - weights.to(per.dtype)) * s_pos
+    per = _dcl_rows(rows, positives, s, weights, be, exact, sweep=_sweeper(mode, group),
+                    offset=r * R)
     return _global_reduce(per, W * R, reduction, group)
 
 
@@ -795,10 +957,11 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0,
     """Hard-negative contrastive loss of the global batch: :func:`fastcl.hcl` of every rank's
     views concatenated in rank order (N = W * n pairs, 2N rows; each row's 2N - 2 negatives on
     every rank), from each rank's local pairs: each rank's rows against the all-gathered rows
-    (with their gradient), both LSEs from one fused sweep. ``mode`` "gather" only. Other
-    arguments as :func:`fastcl.hcl` and :func:`nt_xent`; "mean" divides by 2N.
+    (with their gradient), or the row blocks travelling round the ring (:func:`_ring_sweep`),
+    both LSEs from one fused sweep. Other arguments as :func:`fastcl.hcl` and :func:`nt_xent`;
+    "mean" divides by 2N.
     """
-    _gather_only("hcl", mode, reduction)
+    _check_mode(mode, reduction)
     if _world(group)[0] == 1:
         from .losses import hcl as _hcl
         return _hcl(z1, z2, temperature, beta=beta, tau_plus=tau_plus, normalize=normalize,
@@ -810,7 +973,7 @@ def hcl(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, beta: float = 1.0,
     if check_sizes:
         _check_sizes("z1", n, group, z1.device)
     per = _hcl_rows(rows, positives, temperature, beta, tau_plus, W * R - 2, be, exact,
-                    gather=_gatherer(group), offset=r * R)
+                    sweep=_sweeper(mode, group), offset=r * R)
     return _global_reduce(per, W * R, reduction, group)
 
 
@@ -820,10 +983,10 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
     """MV-InfoNCE of the global batch: :func:`fastcl.mv_infonce` of every rank's instances
     concatenated in rank order (B = W * b instances of V views), from each rank's local
     instances (b, V, D): each rank's V*b rows against the all-gathered rows (with their
-    gradient), one fused sweep. ``mode`` "gather" only; "mean" divides by B. Other arguments as
+    gradient) or travelling round the ring, one fused sweep. "mean" divides by B. Other arguments as
     :func:`fastcl.mv_infonce` and :func:`nt_xent`.
     """
-    _gather_only("mv_infonce", mode, reduction)
+    _check_mode(mode, reduction)
     if _world(group)[0] == 1:
         from .losses import mv_infonce as _mv_infonce
         return _mv_infonce(features, temperature, normalize=normalize, reduction=reduction,
@@ -840,8 +1003,8 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
     if V > 2:  # rank k's rows: its instances k b .. k b + b - 1, view-major
         key_ids = (torch.arange(b, device=rows.device).repeat(W * V)
                    + (torch.arange(W, device=rows.device) * b).repeat_interleave(V * b))
-    per = _mv_infonce_rows(rows, b, V, s, be, exact, gather=_gatherer(group), offset=r * V * b,
-                           key_ids=key_ids)
+    per = _mv_infonce_rows(rows, b, V, s, be, exact, sweep=_sweeper(mode, group),
+                           offset=r * V * b, key_ids=key_ids)
     return _global_reduce(per, W * b, reduction, group)
 
 
@@ -852,9 +1015,10 @@ def mv_dhel(features: Tensor, temperature=0.1, *, normalize: bool = True, mode: 
     concatenated in rank order (B = W * b instances of V views), from each rank's local
     instances (b, V, D): each view's local rows against that view's all-gathered rows (with
     their gradient), one fused sweep per view; each instance's alignment term stays on its rank.
-    ``mode`` "gather" only; "mean" divides by B. Other arguments as :func:`mv_infonce`.
+    In ring mode each view's blocks travel. "mean" divides by B. Other arguments as
+    :func:`mv_infonce`.
     """
-    _gather_only("mv_dhel", mode, reduction)
+    _check_mode(mode, reduction)
     if _world(group)[0] == 1:
         from .losses import mv_dhel as _mv_dhel
         return _mv_dhel(features, temperature, normalize=normalize, reduction=reduction,
@@ -869,7 +1033,7 @@ def mv_dhel(features: Tensor, temperature=0.1, *, normalize: bool = True, mode: 
     views = [_stack_rows([v], normalize, dt) for v in torch.unbind(features, dim=1)]
     be = _backend.resolve(backend, views[0].device, views[0].dtype)
     s = _sync_scalar(_temperature_scale(temperature, views[0]), group)
-    per = _mv_dhel_rows(views, s, be, exact, gather=_gatherer(group), offset=r * b)
+    per = _mv_dhel_rows(views, s, be, exact, sweep=_sweeper(mode, group), offset=r * b)
     return _global_reduce(per, W * b, reduction, group)
 
 
@@ -879,10 +1043,11 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, mode: 
     """Uniformity of the global batch: :func:`fastcl.uniformity_loss` of every rank's rows
     concatenated (N = W * n), from each rank's local rows x (n, D): each rank's rows against the
     all-gathered rows (with their gradient) give their LSEs, and the global LSE of all N runs
-    over them all-gathered ((N,) values). ``mode`` "gather" only. Returns the global value on
+    over them all-gathered ((N,) values); in ring mode the row blocks travel instead of being
+    gathered. Returns the global value on
     every rank, its gradient under the averaging convention of this module's docstring.
     """
-    _gather_only("uniformity_loss", mode, "mean")
+    _check_mode(mode, "mean")
     if _world(group)[0] == 1:
         from .losses import uniformity_loss as _uniformity
         return _uniformity(x, t, normalize=normalize, backend=backend, exact=exact)
@@ -897,7 +1062,8 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, mode: 
         raise ValueError(f"uniformity needs at least 2 rows over all ranks, got {N}")
     x = _stack_rows([x], normalize, _cast_dtype(x))
     be = _backend.resolve(backend, x.device, x.dtype)
-    terms = _uniformity_terms(x, t, normalize, be, exact, gather=_gatherer(group), offset=r * n)
+    terms = _uniformity_terms(x, t, normalize, be, exact, sweep=_sweeper(mode, group),
+                              offset=r * n)
     # every rank forms the global value; the gathered terms' gradient, summed over the ranks,
     # is W times the single-process one (the averaging convention)
     return torch.logsumexp(all_gather_with_grad(terms, group), 0) - math.log(N * (N - 1))

@@ -669,14 +669,14 @@ def _dclw_weights(cos: Tensor, sigma: float) -> Tensor:
 
 
 def _dcl_rows(Z: Tensor, positives: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
-              exact: bool, gather=None, offset: int = 0) -> Tensor:
+              exact: bool, sweep=None, offset: int = 0) -> Tensor:
     """Per-row DCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``weights``
-    (R,) DCLW's or None. ``gather`` (rows (R, D) -> (N, D)) takes the rows against every rank's
-    rows, Z's at ``offset`` (left out); by default against Z itself."""
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=gather is None,
+    (R,) DCLW's or None. ``sweep`` (:func:`engine_statistics`'s signature, given this rank's
+    keys) takes the rows against every rank's rows, Z's at ``offset`` (left out; the targets'
+    indices and labels are global); by default :func:`engine_statistics` against Z itself."""
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=sweep is None,
                     offset=offset, exact=exact)
-    st = engine_statistics(Z, Z if gather is None else gather(Z), s, None,
-                           Targets(positives=positives + offset), spec, be)
+    st = (sweep or engine_statistics)(Z, Z, s, None, Targets(positives=positives + offset), spec, be)
     tgt = st.row_target if weights is None else st.row_target * weights
     return st.plus_lse_lo(st.row_lse - tgt)
 
@@ -934,17 +934,17 @@ def _hcl_params(temperature, beta, tau_plus) -> Tuple[float, float, float]:
 
 
 def _hcl_rows(Z: Tensor, positives: Tensor, temperature: float, beta: float, tau_plus: float,
-              n_neg: int, be: str, exact: bool, gather=None, offset: int = 0) -> Tensor:
+              n_neg: int, be: str, exact: bool, sweep=None, offset: int = 0) -> Tensor:
     """Per-row HCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``n_neg`` each
-    row's number of negatives; ``gather`` and ``offset`` as :func:`_dcl_rows`."""
+    row's number of negatives; ``sweep`` and ``offset`` as :func:`_dcl_rows`."""
     dt = _stat_dtype(Z)
     inv_t = 1.0 / float(temperature)
     s_hi = torch.full((), (1.0 + beta) * inv_t, dtype=dt, device=Z.device)
     # one sweep: LSE over negatives of (1 + beta) S / t, and of beta S / t = ratio * the former
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=gather is None,
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=sweep is None,
                     offset=offset, exact=exact, lse2_ratio=beta / (1.0 + beta) if beta > 0 else None)
-    st = engine_statistics(Z, Z if gather is None else gather(Z), s_hi, None,
-                           Targets(positives=positives + offset), spec, be)
+    st = (sweep or engine_statistics)(Z, Z, s_hi, None, Targets(positives=positives + offset),
+                                      spec, be)
     lse_1b, pos_hi, lse_b = st.row_lse, st.row_target, st.lse2
     if not beta > 0:  # e^{0 S}: the plain count of negatives
         lse_b = torch.full_like(lse_1b, math.log(n_neg))
@@ -984,28 +984,31 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 
 
 def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
-                     gather=None, offset: int = 0, key_ids: Optional[Tensor] = None) -> Tensor:
-    """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major; ``gather`` and
-    ``offset`` as :func:`_dcl_rows`. V > 2: ``key_ids`` the gathered rows' instance ids (default:
-    Z's, ``arange(B).repeat(V)``); Z's instances are ``offset // V + arange(B)``, so each rank's
+                     sweep=None, offset: int = 0, key_ids: Optional[Tensor] = None) -> Tensor:
+    """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major; ``sweep`` and
+    ``offset`` as :func:`_dcl_rows`. V > 2: ``key_ids`` every key's instance id (default: Z's,
+    ``arange(B).repeat(V)``); Z's instances are ``offset // V + arange(B)``, so each rank's
     block holds its instances' V views view-major."""
-    gram = gather is None
-    keys = Z if gram else gather(Z)
+    gram = sweep is None
+    stats = sweep or engine_statistics
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
         # row (v, i): the LSE over c != (v, i)
         spec = LossSpec(kind="softmax", exclude_self=True, gram=gram, offset=offset, exact=exact)
         pair = torch.arange(2 * B, device=Z.device).add_(B).remainder_(2 * B).add_(offset)
-        st = engine_statistics(Z, keys, s, None, Targets(positives=pair), spec, be)
-        positive = st.row_target.view(2, B).mean(0)  # the pair's logit
-        return torch.logsumexp(st.row_lse.view(V, B), dim=0) - math.log(2.0) - positive
+        st = stats(Z, Z, s, None, Targets(positives=pair), spec, be)
+        # L_i = log((e^{g_(0,i)} + e^{g_(1,i)}) / 2) for the rows' gaps g = LSE - S_pair with
+        # the LSEs' lo parts, as hi + log1p(expm1(lo - hi) / 2): a near-duplicate pair's loss is
+        # far below one ulp of |LSE| and of log 2 (maximum / minimum split a tie's gradient)
+        g0, g1 = st.row_gap().view(V, B)
+        hi, lo = torch.maximum(g0, g1), torch.minimum(g0, g1)
+        return hi + torch.log1p(torch.expm1(lo - hi) / 2)
     # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
     # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, target_lse=True,
                     gram=gram, offset=offset, exact=exact)
     ids = torch.arange(B, device=Z.device).add_(offset // V).repeat(V)
-    st = engine_statistics(Z, keys, s, None,
-                           Targets(row_labels=ids, col_labels=ids if key_ids is None else key_ids),
-                           spec, be)
+    st = stats(Z, Z, s, None, Targets(row_labels=ids, col_labels=ids if key_ids is None else key_ids),
+               spec, be)
     # (B = 1 has no negatives: their LSEs are -inf, floored so that logsumexp's gradient is 0)
     negatives = st.row_lse.clamp(min=-1e30).view(V, B)
     return _softplus_gap(torch.logsumexp(negatives, dim=0),
@@ -1045,15 +1048,15 @@ def mv_dhel(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = Tr
     return _reduce(_mv_dhel_rows(views, s, be, exact), reduction)
 
 
-def _mv_dhel_rows(views, s: Tensor, be: str, exact: bool, gather=None, offset: int = 0) -> Tensor:
+def _mv_dhel_rows(views, s: Tensor, be: str, exact: bool, sweep=None, offset: int = 0) -> Tensor:
     """Per-instance MV-DHEL losses (B,) of the V views' rows (each (B, D), as the kernels take
-    them). ``gather`` (rows (B, D) -> (N, D)) takes each view's rows against every rank's rows
-    of that view, this rank's at ``offset``; by default against their own."""
-    spec = LossSpec(kind="softmax", exclude_self=True, gram=gather is None, offset=offset,
+    them). ``sweep`` and ``offset`` as :func:`_dcl_rows`: each view's rows against every rank's
+    rows of that view; by default against their own."""
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=sweep is None, offset=offset,
                     exact=exact)
     energy = None
     for z in views:  # the LSE over j != i within the view (no targets: the diagonal is left out)
-        st = engine_statistics(z, z if gather is None else gather(z), s, None, Targets(), spec, be)
+        st = (sweep or engine_statistics)(z, z, s, None, Targets(), spec, be)
         lse = st.plus_lse_lo(st.row_lse)
         energy = lse if energy is None else energy + lse
     dt = energy.dtype
@@ -1080,26 +1083,24 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, backen
 
 
 def _uniformity_terms(x: Tensor, t: float, normalize: bool, be: str, exact: bool,
-                      gather=None, offset: int = 0) -> Tensor:
+                      sweep=None, offset: int = 0) -> Tensor:
     """Each row's term (n,) of uniformity = logsumexp(terms) - log(N (N - 1)): the row's LSE over
     j != i of ``2t <x_i, x_j> - t |x_i|^2 - t |x_j|^2`` (x (n, D) as the kernels take it: unit
-    rows when ``normalize``). ``gather`` (keys (n, D') -> (N, D')) takes them against every
-    rank's keys, x's at ``offset``; by default against x's own."""
+    rows when ``normalize``). ``sweep`` and ``offset`` as :func:`_dcl_rows`: the rows against
+    every rank's rows; by default against x's own."""
     dt = _stat_dtype(x)
     s = _scalar_param("t", 2.0 * t, x.device, optional=False, dtype=dt)
     n = x.shape[0]
+    stats = sweep or engine_statistics
     # the row LSE over j != i (the default target, the diagonal, is excluded with it)
-    spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize and gather is None,
+    spec = LossSpec(kind="softmax", exclude_self=True, gram=normalize and sweep is None,
                     offset=offset, exact=exact)
     if normalize:
-        keys = x if gather is None else gather(x)
-        return engine_statistics(x, keys, s, None, Targets(), spec, be).row_lse - 2.0 * t
+        return stats(x, x, s, None, Targets(), spec, be).row_lse - 2.0 * t
     sq = x.to(dt).pow(2).sum(1)  # |x_i|^2, float32
     queries = torch.cat([x, x.new_ones(n, 1)], 1)
     keys = torch.cat([x, (-0.5 * sq).to(x.dtype).unsqueeze(1)], 1)
-    if gather is not None:
-        keys = gather(keys)
-    return engine_statistics(queries, keys, s, None, Targets(), spec, be).row_lse - t * sq
+    return stats(queries, keys, s, None, Targets(), spec, be).row_lse - t * sq
 
 
 def alignment_loss(x: Tensor, y: Tensor, alpha: float = 2.0, *, normalize: bool = True) -> Tensor:

@@ -244,7 +244,7 @@ def test_self_similarities_match_single_process(world):
 
 
 def _worker_family(r, W):
-    """DCL / DCLW (both modes), HCL, MV-InfoNCE, MV-DHEL and uniformity (gather) against the
+    """DCL / DCLW, HCL, MV-InfoNCE, MV-DHEL and uniformity, in both modes, against the
     single-process losses of the global batch."""
     gen = torch.Generator().manual_seed(91 + W)
     n, d = 3, 5
@@ -261,46 +261,57 @@ def _worker_family(r, W):
                          backend="torch")
         _check(f"dcl/{mode}/{sigma}/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g,
                [n, n])
-    for beta, tau_plus, reduction in ((1.0, 0.1, "mean"), (0.0, 0.0, "sum"), (2.0, 0.05, "mean")):
+    for mode, (beta, tau_plus, reduction) in itertools.product(
+            fdist.MODES, ((1.0, 0.1, "mean"), (0.0, 0.0, "sum"), (2.0, 0.05, "mean"))):
         ref = reference.hcl(Z1, Z2, 0.4, beta=beta, tau_plus=tau_plus, reduction=reduction)
         z1, z2 = _slices(r, W, Z1, Z2)
-        loss = fdist.hcl(z1, z2, 0.4, beta=beta, tau_plus=tau_plus, reduction=reduction,
+        loss = fdist.hcl(z1, z2, 0.4, beta=beta, tau_plus=tau_plus, mode=mode, reduction=reduction,
                          backend="torch")
-        _check(f"hcl/{beta}/{tau_plus}", W, r, loss, ref, [z1, z2], [Z1, Z2], 0.9, [n, n])
+        _check(f"hcl/{mode}/{beta}/{tau_plus}", W, r, loss, ref, [z1, z2], [Z1, Z2], 0.9, [n, n])
     for V, reduction in ((2, "mean"), (3, "sum"), (4, "mean")):
         F = torch.randn(N, V, d, generator=gen, dtype=torch.float64).requires_grad_()
-        t = _leaf(0.25)
-        ref = reference.mv_infonce(F, t, reduction=reduction)
-        (f,) = _slices(r, W, F)
-        tl = _leaf(0.25)
-        loss = fdist.mv_infonce(f, tl, reduction=reduction, backend="torch")
-        _check(f"mv_infonce/{V}", W, r, loss, ref, [f, tl], [F, t], 1.2, [n])
-        t = _leaf(0.35)
-        ref = reference.mv_dhel(F, t, reduction=reduction)
-        tl = _leaf(0.35)
-        loss = fdist.mv_dhel(f, tl, reduction=reduction, backend="torch")
-        _check(f"mv_dhel/{V}", W, r, loss, ref, [f, tl], [F, t], -0.6, [n])
-    for normalize in (True, False):
+        for mode in fdist.MODES:
+            t = _leaf(0.25)
+            ref = reference.mv_infonce(F, t, reduction=reduction)
+            (f,) = _slices(r, W, F)
+            tl = _leaf(0.25)
+            loss = fdist.mv_infonce(f, tl, mode=mode, reduction=reduction, backend="torch")
+            _check(f"mv_infonce/{mode}/{V}", W, r, loss, ref, [f, tl], [F, t], 1.2, [n])
+            t = _leaf(0.35)
+            ref = reference.mv_dhel(F, t, reduction=reduction)
+            tl = _leaf(0.35)
+            loss = fdist.mv_dhel(f, tl, mode=mode, reduction=reduction, backend="torch")
+            _check(f"mv_dhel/{mode}/{V}", W, r, loss, ref, [f, tl], [F, t], -0.6, [n])
+    for mode, normalize in itertools.product(fdist.MODES, (True, False)):
         X = (0.6 * torch.randn(N, d, generator=gen, dtype=torch.float64)).requires_grad_()
         ref = reference.uniformity(X, 1.5, normalize=normalize)
         (x,) = _slices(r, W, X)
-        loss = fdist.uniformity_loss(x, 1.5, normalize=normalize, backend="torch")
-        _check(f"uniformity/{normalize}", W, r, loss, ref, [x], [X], -0.8, [n])
+        loss = fdist.uniformity_loss(x, 1.5, normalize=normalize, mode=mode, backend="torch")
+        _check(f"uniformity/{mode}/{normalize}", W, r, loss, ref, [x], [X], -0.8, [n])
     # float32 through the Triton engine (interpreted on CPU): the rectangular kernels with the
-    # own rows left out at this rank's offset (gather), the blocks' kernels (DCL's ring)
+    # own rows left out at this rank's offset (gather), the blocks' kernels (ring)
     if os.environ.get("TRITON_INTERPRET") == "1":
         F3 = torch.stack([Z1, Z2, Z1 + Z2], 1)
-        cases = [(f"dcl/{mode}", [Z1, Z2], lambda a, b, mode=mode: fdist.dcl(
-                      a, b, 0.3, weight_sigma=0.5, mode=mode, backend="triton", exact=True),
-                  lambda a, b: reference.dcl(a, b, 0.3, weight_sigma=0.5)) for mode in fdist.MODES]
-        cases += [("hcl", [Z1, Z2], lambda a, b: fdist.hcl(a, b, 0.4, backend="triton", exact=True),
-                   lambda a, b: reference.hcl(a, b, 0.4)),
-                  ("mv_infonce", [F3], lambda f: fdist.mv_infonce(f, 0.3, backend="triton", exact=True),
-                   lambda f: reference.mv_infonce(f, 0.3)),
-                  ("mv_dhel", [F3], lambda f: fdist.mv_dhel(f, 0.3, backend="triton", exact=True),
-                   lambda f: reference.mv_dhel(f, 0.3)),
-                  ("uniformity", [Z1], lambda x: fdist.uniformity_loss(x, backend="triton", exact=True),
-                   lambda x: reference.uniformity(x))]
+        cases = []
+        for mode in fdist.MODES:
+            kw = dict(mode=mode, backend="triton", exact=True)
+            cases += [
+                (f"dcl/{mode}", [Z1, Z2],
+                 lambda a, b, kw=kw: fdist.dcl(a, b, 0.3, weight_sigma=0.5, **kw),
+                 lambda a, b: reference.dcl(a, b, 0.3, weight_sigma=0.5)),
+                (f"hcl/{mode}", [Z1, Z2], lambda a, b, kw=kw: fdist.hcl(a, b, 0.4, **kw),
+                 lambda a, b: reference.hcl(a, b, 0.4)),
+                (f"mv_infonce/{mode}", [F3], lambda f, kw=kw: fdist.mv_infonce(f, 0.3, **kw),
+                 lambda f: reference.mv_infonce(f, 0.3)),
+                (f"mv_infonce2/{mode}", [F3[:, :2]], lambda f, kw=kw: fdist.mv_infonce(f, 0.3, **kw),
+                 lambda f: reference.mv_infonce(f, 0.3)),
+                (f"mv_dhel/{mode}", [F3], lambda f, kw=kw: fdist.mv_dhel(f, 0.3, **kw),
+                 lambda f: reference.mv_dhel(f, 0.3)),
+                (f"uniformity/{mode}", [Z1], lambda x, kw=kw: fdist.uniformity_loss(x, **kw),
+                 lambda x: reference.uniformity(x)),
+                (f"uniformity_raw/{mode}", [Z1],
+                 lambda x, kw=kw: fdist.uniformity_loss(x, 0.5, normalize=False, **kw),
+                 lambda x: reference.uniformity(x, 0.5, normalize=False))]
         for name, inputs, ours, theirs in cases:
             full = [x.detach().requires_grad_() for x in inputs]
             ref = theirs(*full)
@@ -362,6 +373,9 @@ def _worker_dominant(r, W):
         "dclw": (lambda a, b, be, mode: fdist.dcl(a, b, 1 / scale, weight_sigma=0.5, mode=mode,
                                                   backend=be, exact=True),
                  lambda a, b: reference.dcl(a, b, 1 / scale, weight_sigma=0.5), (Z1, Z2)),
+        "mv_infonce": (lambda a, be, mode: fdist.mv_infonce(a, 1 / scale, mode=mode, backend=be,
+                                                            exact=True),
+                       lambda a: reference.mv_infonce(a, 1 / scale), (torch.stack([Z1, Z2], 1),)),
     }
     engines = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     if importlib.util.find_spec("fastcl._C") is not None:
@@ -374,7 +388,7 @@ def _worker_dominant(r, W):
         loss64 = ref(*inputs)
         e_torch_loss = abs(ref(*(x.float() for x in inputs)).item() - loss64.item()) / loss64.item()
         for be in engines:
-            if name == "dclw" and be == "cpu":  # (the C++ kernels have no decoupled closure)
+            if name in ("dclw", "mv_infonce") and be == "cpu":  # (split closures: no C++ kernels)
                 continue
             for mode in ("ring", "gather"):
                 xs = [x.float().requires_grad_(True) for x in _slices(r, W, *inputs)]
@@ -431,27 +445,26 @@ def test_single_process_fallback():
         fdist.nt_xent(I, T, mode="allgather")
     with pytest.raises(ValueError, match="variant"):
         fdist.supcon(I, torch.zeros(6, dtype=torch.long), variant="all")
-    # the rest of the family: the single-process losses; ring only where it is built
+    # the rest of the family: the single-process losses, in either mode
     F3 = torch.stack([I, T, I - T], 1)
     pairs = [(lambda mode: fdist.dcl(I, T, 0.3, weight_sigma=0.5, mode=mode, backend="torch"),
-              lambda: reference.dcl(I, T, 0.3, weight_sigma=0.5), fdist.MODES, [I, T]),
+              lambda: reference.dcl(I, T, 0.3, weight_sigma=0.5), [I, T]),
              (lambda mode: fdist.hcl(I, T, 0.4, mode=mode, backend="torch"),
-              lambda: reference.hcl(I, T, 0.4), ("gather",), [I, T]),
+              lambda: reference.hcl(I, T, 0.4), [I, T]),
              (lambda mode: fdist.mv_infonce(F3, 0.3, mode=mode, backend="torch"),
-              lambda: reference.mv_infonce(F3, 0.3), ("gather",), [I, T]),
+              lambda: reference.mv_infonce(F3, 0.3), [I, T]),
              (lambda mode: fdist.mv_dhel(F3, 0.3, mode=mode, backend="torch"),
-              lambda: reference.mv_dhel(F3, 0.3), ("gather",), [I, T]),
+              lambda: reference.mv_dhel(F3, 0.3), [I, T]),
              (lambda mode: fdist.uniformity_loss(I, 1.5, mode=mode, backend="torch"),
-              lambda: reference.uniformity(I, 1.5), ("gather",), [I])]
-    for ours, theirs, modes, inputs in pairs:
-        for mode in modes:
+              lambda: reference.uniformity(I, 1.5), [I])]
+    for ours, theirs, inputs in pairs:
+        for mode in fdist.MODES:
             loss, ref = ours(mode), theirs()
             _close("family", loss, ref)
             for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs)):
                 _close("family grad", a, b)
-        if modes == ("gather",):
-            with pytest.raises(ValueError, match="mode='gather' only"):
-                ours("ring")
+        with pytest.raises(ValueError, match="mode must be one of"):
+            ours("allgather")
     with pytest.raises(ValueError, match="weight_sigma"):
         fdist.dcl(I, T, weight_sigma=-1.0)
     with pytest.raises(ValueError, match="tau_plus"):

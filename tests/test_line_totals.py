@@ -23,9 +23,9 @@ pytestmark = pytest.mark.usefixtures("position_independent_interpreter_dots")
 CASES = ["info_nce", "info_nce_positives", "info_nce_bias", "clip", "clip_queries_only",
          "clip_keys_only", "clip_label_smoothing", "nt_xent", "supcon", "soft_info_nce",
          "info_nce_hard_negatives", "info_nce_guide", "distill", "distill_keys_only", "softclip",
-         "hcl"]
+         "hcl", "mv_infonce"]
 # (not in the compiled extension)
-EXTENDED = ("info_nce_hard", "info_nce_guide", "distill", "softclip", "hcl")
+EXTENDED = ("info_nce_hard", "info_nce_guide", "distill", "softclip", "hcl", "mv_infonce")
 
 
 def _near_duplicates(gen):
@@ -102,6 +102,10 @@ def _case(case, gen):
         # two LSEs of the negatives against a positive at tau = 0.2 (at 0.05 its loss underflows)
         "hcl": (lambda a, b, be: fastcl.hcl(a, b, 0.2, backend=be, **ex),
                 lambda a, b: R.hcl(a, b, 0.2, **kw)),
+        # two views: each row's LSE against the pair's logit, the rows' gaps merged per instance
+        "mv_infonce": (lambda a, b, be: fastcl.mv_infonce(torch.stack([a, b], 1), 1 / SCALE,
+                                                          backend=be, **ex),
+                       lambda a, b: R.mv_infonce(torch.stack([a, b], 1), 1 / SCALE, **kw)),
     }
     ours, ref = table[next((k for k in ("clip", "distill") if case.startswith(k)), case)]
     return ours, ref, grad
