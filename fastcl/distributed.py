@@ -245,6 +245,40 @@ def _travel(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
     return pending, [None if t is None else next(it) for t in tensors]
 
 
+def _around(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
+    """The ring's steps: yields (t, o, blocks), the blocks of ``tensors`` (None kept) that this
+    rank holds at step t, rank o = rank - t's; the next step's are in flight while the caller
+    computes, and arrive before the next yield."""
+    blocks = list(tensors)
+    for t in range(ring.world):
+        pending, nxt = None, blocks
+        if t < ring.world - 1:
+            pending, nxt = _travel(ring, blocks)
+        yield t, (ring.rank - t) % ring.world, blocks
+        ring.wait(pending)
+        blocks = nxt
+
+
+def _home(ring: "_Ring", t: int, part: List[Tensor], state: list, merge=None) -> None:
+    """Accumulators that travel with block o = rank - t (its dK, its column statistics, ...):
+    this rank's ``part`` is merged (``merge(received, part)``; by default added) with what the
+    ranks the block visited before sent, and sent on; after the last step :func:`_arrived` gives
+    the own block's. ``state``: [pending, received] between steps."""
+    if t > 0:
+        ring.wait(state[0])
+        part = [a + b if merge is None else merge(a, b) for a, b in zip(state[1], part)]
+    if ring.world == 1:
+        state[:] = [None, part]
+    else:
+        state[:] = list(_travel(ring, part))
+
+
+def _arrived(ring: "_Ring", state: list) -> List[Tensor]:
+    """The own block's accumulators once they are home (see :func:`_home`)."""
+    ring.wait(state[0])
+    return state[1]
+
+
 class _RingLoss(torch.autograd.Function):
     """Per-row losses (n,) of the local queries against every rank's keys, and (symmetric) the
     per-column losses (m,) of the local keys against every rank's queries, with exact global
@@ -262,7 +296,7 @@ class _RingLoss(torch.autograd.Function):
         spec0, gap, backend, group = cfg
         kind, symmetric, tlse = spec0.kind, spec0.symmetric, spec0.target_lse
         ring = _Ring(group)
-        W, r = ring.world, ring.rank
+        r = ring.rank
         eng = _backend.engine(backend)
         s32, b32 = _scalar32(scale, queries), _scalar32(bias, queries)
         n, m = queries.shape[0], keys.shape[0]
@@ -275,14 +309,9 @@ class _RingLoss(torch.autograd.Function):
         row_pos = (torch.full((n,), -math.inf, dtype=f64, device=dev) if tlse
                    else torch.zeros(n, dtype=sdt, device=dev))
         row_npos = torch.zeros(n, dtype=sdt, device=dev)
-        own_col, col_in, col_req = None, None, None
-        kb, lb = keys.contiguous(), labels
+        home = [None, None]  # the column statistics of the block held, on their way home
         with torch.autocast(dev.type, enabled=False):
-            for t in range(W):
-                o = (r - t) % W
-                k_req, nxt = None, (None, None)
-                if t < W - 1:  # next block in flight while this one is computed
-                    k_req, nxt = _travel(ring, [kb, lb])
+            for t, o, (kb, lb) in _around(ring, [keys.contiguous(), labels]):
                 spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
                 st = eng.forward(queries, kb, s32, b32, targets, spec)
                 if kind == "sigmoid":
@@ -298,19 +327,8 @@ class _RingLoss(torch.autograd.Function):
                 if symmetric:
                     lo = st.col_lse_lo if st.col_lse_lo is not None else torch.zeros_like(st.col_lse)
                     part = torch.stack([st.col_lse.to(sdt), st.col_pos.to(sdt), lo.to(sdt)])
-                    if t > 0:  # block o's statistics from the ranks it visited before
-                        ring.wait(col_req)
-                        part = _merge_col(col_in, part)
-                    if W == 1:
-                        own_col = part
-                    else:  # on to the next rank; after the last step this sends it home
-                        col_req, (col_in,) = _travel(ring, [part])
-                ring.wait(k_req)
-                if t < W - 1:
-                    kb, lb = nxt
-            if symmetric and W > 1:
-                ring.wait(col_req)
-                own_col = col_in
+                    _home(ring, t, [part], home, merge=_merge_col)
+            own_col = _arrived(ring, home)[0] if symmetric else None
         row_lo, sig = None, None
         if gap:  # L_in from the float64 LSEs; its gradient weight sigmoid(gap) on the tied closure
             valid = row_npos > 0
@@ -353,7 +371,6 @@ class _RingLoss(torch.autograd.Function):
         dq = torch.zeros(queries.shape, dtype=stats_dt, device=dev) if need_q else None
         ds = torch.zeros(1, dtype=sdt, device=dev)
         db = torch.zeros(1, dtype=sdt, device=dev)
-        kb, lb = keys.contiguous(), labels
         # column info travelling with the key block: [col_lse; col grad weights]
         cinfo = None
         if symmetric:
@@ -362,15 +379,11 @@ class _RingLoss(torch.autograd.Function):
         # what travels home with block o: its dK accumulator and (float32, IEEE products) its
         # columns' sums of dS's column part; the rows' sums of the local queries stay here. With
         # them the whole lines' sums are known after the ring (fastcl.ops.correct_line_totals).
-        travel_own, travel_in, travel_req = None, None, None
+        home = [None, None]
         row_sums = None
         needs = (bool(need_q), bool(need_k), bool(need_s), bool(need_b))
         with torch.autocast(dev.type, enabled=False):
-            for t in range(W):
-                o = (r - t) % W
-                reqs, nxt = None, (None, None, None)
-                if t < W - 1:
-                    reqs, nxt = _travel(ring, [kb, cinfo, lb])
+            for t, o, (kb, cinfo, lb) in _around(ring, [keys.contiguous(), cinfo, labels]):
                 spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
                 stats = EngineStats(row_lse, row_pos, row_npos,
                                     cinfo[0].contiguous() if symmetric else None, None)
@@ -398,19 +411,8 @@ class _RingLoss(torch.autograd.Function):
                 part = ([dk_t.to(stats_dt)] if need_k else []) + (
                     [cs_t.to(sdt)] if cs_t is not None else [])
                 if part:
-                    if t > 0:  # block o's accumulators from the ranks it visited before
-                        ring.wait(travel_req)
-                        part = [a + b for a, b in zip(part, travel_in)]
-                    if W == 1:
-                        travel_own = part
-                    else:  # on to the next rank; after the last step this sends it home
-                        travel_req, travel_in = _travel(ring, part)
-                ring.wait(reqs)
-                if t < W - 1:
-                    kb, cinfo, lb = nxt
-            if travel_in is not None and W > 1:
-                ring.wait(travel_req)
-                travel_own = travel_in
+                    _home(ring, t, part, home)
+            travel_own = _arrived(ring, home)
             dk_own = travel_own[0] if need_k else None
             if row_sums is not None:  # the whole lines' sums against their exact totals
                 col_sums = travel_own[-1] if symmetric else None
@@ -437,64 +439,16 @@ def _correct_labels_ring(ring, dq, dk, queries, keys, labels, s32, spec0, stats,
     again (with their labels). Each rank corrects its rows' dQ from a block's keys of their class
     and adds its rows' share to the block's dK correction, which travels with the block and
     comes home after the last step."""
-    W, r = ring.world, ring.rank
-    m = keys.shape[0]
-    kb, lb = keys.contiguous(), labels
-    fix = torch.zeros_like(dk) if dk is not None else None
-    fix_in, fix_req = None, None
-    for t in range(W):
-        o = (r - t) % W
-        reqs, nxt = None, (None, None)
-        if t < W - 1:
-            reqs, nxt = _travel(ring, [kb, lb])
+    r, m = ring.rank, keys.shape[0]
+    home = [None, None]
+    for t, o, (kb, lb) in _around(ring, [keys.contiguous(), labels]):
         spec, targets = _tile_args(spec0, None, labels, lb, r, o, m)
-        if t > 0 and fix is not None:  # block o's correction from the ranks it visited before
-            ring.wait(fix_req)
-            fix = fix_in
+        fix = torch.zeros_like(dk) if dk is not None else None
         correct_line_totals(dq, fix, queries, kb, s32, spec, targets, stats, weights, row_sums)
-        if fix is not None and W > 1:  # on to the next rank; after the last step this sends it home
-            fix_req, (fix_in,) = _travel(ring, [fix])
-        ring.wait(reqs)
-        if t < W - 1:
-            kb, lb = nxt
-    if fix is not None:
-        if W > 1:
-            ring.wait(fix_req)
-            fix = fix_in
-        dk += fix
-
-
-def _around(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
-    """The ring's steps: yields (t, o, blocks), the blocks of ``tensors`` (None kept) that this
-    rank holds at step t, rank o = rank - t's; the next step's are in flight while the caller
-    computes, and arrive before the next yield."""
-    blocks = list(tensors)
-    for t in range(ring.world):
-        pending, nxt = None, blocks
-        if t < ring.world - 1:
-            pending, nxt = _travel(ring, blocks)
-        yield t, (ring.rank - t) % ring.world, blocks
-        ring.wait(pending)
-        blocks = nxt
-
-
-def _home(ring: "_Ring", t: int, part: List[Tensor], state: list) -> None:
-    """Accumulators that travel with block o = rank - t (its dK, ...): this rank's ``part`` is
-    added to the sums from the ranks the block visited before and sent on; after the last step
-    :func:`_arrived` gives the own block's. ``state``: [pending, received] between steps."""
-    if t > 0:
-        ring.wait(state[0])
-        part = [a + b for a, b in zip(part, state[1])]
-    if ring.world == 1:
-        state[:] = [None, part]
-    else:
-        state[:] = list(_travel(ring, part))
-
-
-def _arrived(ring: "_Ring", state: list) -> List[Tensor]:
-    """The own block's accumulators once they are home (see :func:`_home`)."""
-    ring.wait(state[0])
-    return state[1]
+        if fix is not None:
+            _home(ring, t, [fix], home)
+    if dk is not None:
+        dk += _arrived(ring, home)[0]
 
 
 class _RingStatistics(torch.autograd.Function):
