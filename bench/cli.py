@@ -277,7 +277,7 @@ def run_case(fn, input_sets, row: Dict, args, peak: Optional[float]) -> Dict:
         t = timing.time_step(fn, input_sets, mode, dev, warmup=args.warmup, repeats=args.repeats,
                              max_seconds=args.case_seconds)
         row.update(ms=sig(t.ms, 5), p20=sig(t.p20, 5), p80=sig(t.p80, 5), repeats=t.repeats)
-        tf = timing.tflops(mode, N, M, D, t.ms)
+        tf = timing.tflops(mode, *P.similarity_shape(row["loss"], N, M), D, t.ms)
         row["tflops"] = sig(tf, 4)
         if peak:
             row["pct_peak"] = sig(100.0 * tf / peak, 3)

@@ -40,7 +40,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-LOSSES = ("clip", "info_nce", "siglip", "supcon", "supcon_in", "gist")
+LOSSES = ("clip", "info_nce", "siglip", "supcon", "supcon_in", "gist", "nt_xent", "dcl")
 PROVIDERS = ("naive", "compiled", "infcl", "infcl-ring", "fastcl-triton", "fastcl-cuda",
              "fastcl-cpu", "fastcl-torch")
 FASTCL_BACKENDS = {"fastcl-triton": "triton", "fastcl-cuda": "cuda", "fastcl-cpu": "cpu",
@@ -49,10 +49,12 @@ FASTCL_BACKENDS = {"fastcl-triton": "triton", "fastcl-cuda": "cuda", "fastcl-cpu
 CLIP_SCALE = 1.0 / 0.07
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 SUPCON_TEMPERATURE = 0.1
+NT_XENT_TEMPERATURE, DCL_TEMPERATURE = 0.5, 0.1
 
 # the reference / public function behind each loss
 _REFERENCE_NAMES = {"clip": "clip_loss", "info_nce": "info_nce", "siglip": "siglip_loss",
-                    "supcon": "supcon", "supcon_in": "supcon", "gist": "info_nce"}
+                    "supcon": "supcon", "supcon_in": "supcon", "gist": "info_nce",
+                    "nt_xent": "nt_xent", "dcl": "dcl"}
 _PUBLIC_NAMES = _REFERENCE_NAMES
 
 Inputs = Dict[str, torch.Tensor]
@@ -122,7 +124,18 @@ def engine_config(provider: str):
 
 def square_only(loss: str) -> bool:
     """Losses whose keys are the queries' partners (M must equal N)."""
-    return loss in ("clip", "supcon", "supcon_in")
+    return loss in ("clip", "supcon", "supcon_in", "nt_xent", "dcl")
+
+
+def two_views(loss: str) -> bool:
+    """The self-similarities of two views: queries and keys (N, D) are the views of N pairs, and
+    the similarity matrix is that of their 2N rows (2N x 2N)."""
+    return loss in ("nt_xent", "dcl")
+
+
+def similarity_shape(loss: str, N: int, M: int):
+    """The (rows, columns) of the loss's similarity matrix, which the FLOP counts use."""
+    return (2 * N, 2 * M) if two_views(loss) else (N, M)
 
 
 def supcon_classes(n: int) -> int:
@@ -133,7 +146,8 @@ def make_inputs(loss: str, N: int, M: int, D: int, dtype: torch.dtype, device,
                 generator: Optional[torch.Generator] = None) -> Inputs:
     """Fresh L2-normalised features (leaves with ``requires_grad``) for one loss.
 
-    Returns {"queries": (N, D), "keys": (M, D)}, for gist also {"guide_queries": (N, Dg),
+    Returns {"queries": (N, D), "keys": (M, D)} (nt_xent, dcl: the two views of N pairs), for
+    gist also {"guide_queries": (N, Dg),
     "guide_keys": (M, Dg)} (Dg = max(16, D / 2), no gradient), or, for supcon / supcon_in,
     {"features": (N, D), "labels": (N,)}. The tensors are drawn in float32 on ``device`` and cast
     to ``dtype``.
@@ -250,6 +264,9 @@ def naive_fn(loss: str) -> LossFn:
                              guide=(x["guide_queries"], x["guide_keys"]))
     if loss == "siglip":
         return lambda x: ref(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, logits_dtype=f32)
+    if two_views(loss):
+        t = NT_XENT_TEMPERATURE if loss == "nt_xent" else DCL_TEMPERATURE
+        return lambda x: ref(x["queries"], x["keys"], t, normalize=False, logits_dtype=f32)
     # reference.supcon returns (loss, valid rows)
     variant = "in" if loss == "supcon_in" else "out"
     return lambda x: _scalar_out(ref(x["features"], x["labels"], SUPCON_TEMPERATURE, variant=variant,
@@ -269,6 +286,11 @@ def fastcl_fn(loss: str, backend: str) -> LossFn:
                             guide=(x["guide_queries"], x["guide_keys"]))
     if loss == "siglip":
         return lambda x: fn(x["queries"], x["keys"], SIGLIP_SCALE, SIGLIP_BIAS, backend=backend)
+    if two_views(loss):
+        if loss == "dcl" and backend in ("cuda", "cpu"):
+            raise Unavailable("the compiled extension has no decoupled closure (DCL)")
+        t = NT_XENT_TEMPERATURE if loss == "nt_xent" else DCL_TEMPERATURE
+        return lambda x: fn(x["queries"], x["keys"], t, normalize=False, backend=backend)
     if loss == "supcon_in" and backend in ("cuda", "cpu"):
         raise Unavailable("the compiled extension has no target-LSE closure (SupCon L_in)")
     variant = "in" if loss == "supcon_in" else "out"

@@ -37,6 +37,10 @@ def test_flop_formula():
     with pytest.raises(ValueError, match="ms"):
         timing.tflops("fwd", 1, 1, 1, 0.0)
     assert "8*N*M*D" in timing.FLOP_CONVENTION
+    # the two-view self-similarities count their 2N x 2N matrix of N pairs
+    assert P.similarity_shape("nt_xent", 64, 64) == (128, 128)
+    assert P.similarity_shape("dcl", 64, 64) == (128, 128)
+    assert P.similarity_shape("clip", 64, 64) == (64, 64)
 
 
 def test_percentile_matches_numpy():
@@ -491,6 +495,10 @@ def _reference64(loss, x):
                                  guide=(d["guide_queries"], d["guide_keys"]))
     elif loss == "siglip":
         out = reference.siglip_loss(d["queries"], d["keys"], P.SIGLIP_SCALE, P.SIGLIP_BIAS)
+    elif loss == "nt_xent":
+        out = reference.nt_xent(d["queries"], d["keys"], P.NT_XENT_TEMPERATURE, normalize=False)
+    elif loss == "dcl":
+        out = reference.dcl(d["queries"], d["keys"], P.DCL_TEMPERATURE, normalize=False)
     else:
         out = reference.supcon(d["features"], d["labels"], P.SUPCON_TEMPERATURE, normalize=False,
                                variant="in" if loss == "supcon_in" else "out")[0]
@@ -542,6 +550,17 @@ def test_input_oom_marks_the_shape(tmp_path, monkeypatch):
                         "--no-plots"))
     status = {(r["N"], r["mode"]): r["status"] for r in res["rows"]}
     assert status == {(32, "fwd"): "ok", (32, "bwd"): "ok", (64, "fwd"): "OOM", (64, "bwd"): "OOM"}
+
+
+def test_two_view_rows_count_their_pairs_matrix(tmp_path):
+    """nt_xent / dcl rows: N pairs, TFLOP/s of the 2N x 2N similarity matrix."""
+    res = cli.run(_args(tmp_path, "--loss", "nt_xent", "dcl", "--N", "24", "--D", "8",
+                        "--provider", "naive", "fastcl-torch", "--mode", "fwd", "--no-plots"))
+    rows = [r for r in res["rows"] if r["status"] == "ok"]
+    assert {(r["loss"], r["provider"]) for r in rows} == {
+        (loss, prov) for loss in ("nt_xent", "dcl") for prov in ("naive", "fastcl-torch")}
+    for r in rows:
+        assert r["tflops"] == pytest.approx(timing.tflops("fwd", 48, 48, 8, r["ms"]), rel=1e-3)
 
 
 def test_json_is_strict_with_non_finite_values(tmp_path):

@@ -33,8 +33,9 @@ CPU_CACHE_BYTES = 64 * 2**20  # a generous last-level cache for server CPUs
 # FLOPs per similarity entry: the forward is one N x M x D product (2 NMD: every row and column
 # statistic comes from the same tile); the backward recomputes it and forms dQ and dK (6 NMD).
 FLOP_FACTORS = {"fwd": 2, "bwd": 6, "fwdbwd": 8}
-FLOP_CONVENTION = ("TFLOP/s counted at 2*N*M*D (fwd), 6*N*M*D (bwd), 8*N*M*D (fwd+bwd), "
-                   "whatever the implementation actually executes")
+FLOP_CONVENTION = ("TFLOP/s counted at 2*N*M*D (fwd), 6*N*M*D (bwd), 8*N*M*D (fwd+bwd) for an "
+                   "N x M similarity matrix (nt_xent, dcl: 2N x 2N for N pairs), whatever the "
+                   "implementation actually executes")
 
 
 def flops(mode: str, N: int, M: int, D: int) -> int:

@@ -123,13 +123,15 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = True,
-            reduction: str = "mean") -> Tensor:
-    """SimCLR NT-Xent over the 2N rows of Z = [z1; z2]: self excluded, positive of a is a +- N."""
+            reduction: str = "mean", logits_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """SimCLR NT-Xent over the 2N rows of Z = [z1; z2]: self excluded, positive of a is a +- N.
+    ``logits_dtype`` casts the materialised logits before the loss."""
     Z = torch.cat([z1, z2])
     if normalize:
         Z = F.normalize(Z, dim=1)
     n2 = Z.shape[0]
     S = (Z @ Z.transpose(0, 1)) / temperature
+    S = S if logits_dtype is None else S.to(logits_dtype)
     S = S.masked_fill(torch.eye(n2, dtype=torch.bool, device=Z.device), -math.inf)
     target = (torch.arange(n2, device=Z.device) + n2 // 2) % n2
     return F.cross_entropy(S, target, reduction=reduction)
@@ -185,18 +187,21 @@ def supcon(features: Tensor, labels: Tensor, temperature: float = 0.1, variant: 
 
 
 def dcl(z1: Tensor, z2: Tensor, temperature: float = 0.1, weight_sigma: Optional[float] = None,
-        normalize: bool = True, reduction: str = "mean") -> Tensor:
+        normalize: bool = True, reduction: str = "mean",
+        logits_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Decoupled contrastive loss (Yeh et al.), both directions averaged: for view a of sample i,
     L = -w_i <a_i, b_i>/t + LSE over [a_i . a_j (j != i), a_i . b_j (j != i)] / t; DCLW weights
-    w_i = 2 - N softmax_i(<a_i, b_i> / sigma). "none": (2N,) rows, z1's first."""
+    w_i = 2 - N softmax_i(<a_i, b_i> / sigma). "none": (2N,) rows, z1's first.
+    ``logits_dtype`` casts the materialised logits before the loss."""
     if normalize:
         z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     n = z1.shape[0]
     off = ~torch.eye(n, dtype=torch.bool, device=z1.device)
+    cast = (lambda x: x) if logits_dtype is None else (lambda x: x.to(logits_dtype))
 
     def one_way(a, b):
-        s_aa = (a @ a.T / temperature)[off].view(n, n - 1)
-        s_ab = a @ b.T / temperature
+        s_aa = cast(a @ a.T / temperature)[off].view(n, n - 1)
+        s_ab = cast(a @ b.T / temperature)
         pos = s_ab.diagonal()
         if weight_sigma is not None:
             pos = pos * (2 - n * torch.softmax((a * b).sum(1) / weight_sigma, dim=0))

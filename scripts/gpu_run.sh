@@ -31,7 +31,8 @@
 #             against their peers
 #   memcheck  compute-sanitizer over a tiny fastcl-cuda run
 # Other phases (a second call on a warm machine): "variants", "variants_general",
-# "variants_siglip", "variants_targets", "variants_self" (below), e.g. PHASES="install variants".
+# "variants_siglip", "variants_targets", "variants_self" (below), e.g. PHASES="install variants",
+# and "self": NT-Xent, DCL and SupCon against naive and torch.compile (self/bench.csv).
 # Environment knobs: PYTHON, CUDA_HOME, MAX_JOBS, TORCH_CUDA_ARCH_LIST (default: this GPU's),
 # GPU_RUN_BUDGET_S (total seconds, default 570), TESTS_MAX_S (default 150), TEST_WORKERS
 # (pytest-xdist workers, default 8), BENCH_ARGS, SKIP_TESTS=1, SKIP_SANITIZER=1.
@@ -284,6 +285,14 @@ if want variants_targets; then
     --loss supcon --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
     --budget-s $(( TLIMIT > 90 ? TLIMIT - 60 : TLIMIT / 2 )) \
     --triton-config 'masked={"PLAIN": false}'
+fi
+if want self; then
+  # the self-similarities against their peers: NT-Xent and DCL (16384 pairs: 32768 rows) and
+  # SupCon (32768 rows), bf16, fwd+bwd
+  SLIMIT=$(min 240 $(( $(left) - 20 )))
+  phase self "$SLIMIT" "$PY" -m bench --out "$OUT/self" --provider naive compiled fastcl-triton \
+    --loss nt_xent dcl supcon --N 16384 32768 --D 512 --dtype bf16 --mode fwdbwd --no-plots \
+    --budget-s $(( SLIMIT > 90 ? SLIMIT - 60 : SLIMIT / 2 ))
 fi
 if want variants_self; then
   ELIMIT=$(min 240 $(( $(left) - 20 )))
