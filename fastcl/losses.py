@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _backend
 from .autograd import engine_loss, engine_statistics, row_bilinear, row_dots, unit_rows
-from .ops import LossSpec, Targets, compiling
+from .ops import LossSpec, Targets, compiling, merge_lse
 
 Tensor = torch.Tensor
 Scalar = Union[float, int, Tensor]
@@ -673,12 +673,43 @@ def _dcl_rows(Z: Tensor, positives: Tensor, s: Tensor, weights: Optional[Tensor]
     """Per-row DCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``weights``
     (R,) DCLW's or None. ``sweep`` (:func:`engine_statistics`'s signature, given this rank's
     keys) takes the rows against every rank's rows, Z's at ``offset`` (left out; the targets'
-    indices and labels are global); by default :func:`engine_statistics` against Z itself."""
+    indices and labels are global); by default Z's two views against each other
+    (:func:`_dcl_two_view_rows`, ``positives`` their pairing)."""
+    if sweep is None:
+        return _dcl_two_view_rows(Z, s, weights, be, exact)
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=sweep is None,
                     offset=offset, exact=exact)
     st = (sweep or engine_statistics)(Z, Z, s, None, Targets(positives=positives + offset), spec, be)
     tgt = st.row_target if weights is None else st.row_target * weights
     return st.plus_lse_lo(st.row_lse - tgt)
+
+
+def _dcl_two_view_rows(Z: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
+                       exact: bool) -> Tensor:
+    """Per-row DCL losses (2n,) of the two views' rows Z = [z1; z2] (2n, D) (row i's positive
+    i +- n). A row's negatives are the other rows of its view and the other view's rows but its
+    pair, so its LSE is that of two sweeps which each leave out the band j = i only: the view
+    against itself (one self-similarity sweep per view) and the views against each other (one
+    symmetric sweep: z1's rows and z2's rows as its columns). With nothing but the band masked,
+    their interior tiles take the kernels' lean path; one sweep of [z1; z2] against itself
+    leaving out the positives too would mask every tile. The LSEs merge in float64 with their lo
+    parts; the positive logit ``s <z1_i, z2_i>`` comes from the pair's row product."""
+    n = Z.shape[0] // 2
+    z1, z2 = Z[:n], Z[n:]
+    own = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
+    cross = engine_statistics(z1, z2, s, None, Targets(),
+                              LossSpec(kind="softmax", symmetric=True, exclude_self=True,
+                                       exact=exact), be)
+    parts = []
+    for z, lse_x, lo_x in ((z1, cross.row_lse, cross.row_lse_lo), (z2, cross.col_lse, cross.col_lse_lo)):
+        st = engine_statistics(z, z, s, None, Targets(), own, be)
+        parts.append(merge_lse(st.row_lse, st.row_lse_lo, lse_x, lo_x))
+    lse = torch.cat([p[0] for p in parts])
+    lo = torch.cat([p[1] for p in parts]).detach()
+    dt = lse.dtype
+    pos = s.to(dt) * _row_dots(z1, z2).to(dt)
+    pos = torch.cat([pos, pos])
+    return (lse - (pos if weights is None else pos * weights)) + lo
 
 
 def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0 / 0.07,

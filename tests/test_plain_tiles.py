@@ -564,9 +564,9 @@ def _near_duplicates(n, d, dtype, gen):
 
 
 @pytest.mark.parametrize("path", [{}, {"DENSE": True, "SPLIT": True}])
-@pytest.mark.parametrize("case", ["nt_xent", "supcon", "dclw", "info_nce", "info_nce_keys_only",
-                                  "info_nce_hard_negatives", "clip", "clip_keys_only",
-                                  "clip_queries_only", "distill", "softclip"])
+@pytest.mark.parametrize("case", ["nt_xent", "supcon", "supcon_in", "dclw", "info_nce",
+                                  "info_nce_keys_only", "info_nce_hard_negatives", "clip",
+                                  "clip_keys_only", "clip_queries_only", "distill", "softclip"])
 @pytest.mark.usefixtures("position_independent_interpreter_dots")
 def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     """tau = 0.05 on near-duplicate views: d_tau = -d_scale / tau^2 sums N M terms of size ~1 /
@@ -574,8 +574,9 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     (``_centres``), the float32 LSE's own error (1 ulp of ~20) moves it by ~1e-5 - 1e-3 relative;
     with it the gradient of the temperature stays within 4e-6 of the float64 reference (PyTorch
     float32: ~1e-4 - 1e-3; the self-similarities' dS tiles: see below). Row kernel (one-way;
-    the self-similarities' symmetric closure; DCL's GRAM kernel), column kernel (only the keys
-    need a gradient) and the dS tiles; rows whose dS sums to a_i + b_i != 0 (DCLW's weights),
+    the self-similarities' symmetric closure; DCLW's self and cross sweeps; SupCon L_in's GRAM
+    kernel), column kernel (only the keys need a gradient) and the dS tiles; rows whose dS sums
+    to a_i + b_i != 0 (DCLW's weights),
     label targets; CLIP's column part (centred on the columns: in the column kernel, or in the
     one kernel that runs), teacher targets (KL distillation, SoftCLIP's mixed targets); private
     hard negatives merged into the row LSE beside the kernels."""
@@ -591,6 +592,10 @@ def test_scale_gradient_at_low_temperature(monkeypatch, case, path):
     elif case == "supcon":
         labels = (torch.arange(70) % 60).repeat(2).to(DEVICE)  # the two views, some classes of 4
         fn = lambda a, b, t, **kw: fastcl.supcon(torch.cat([a, b]), labels, t, **kw)  # noqa: E731
+    elif case == "supcon_in":  # the targets' LSE apart from the negatives' (GRAM)
+        labels = (torch.arange(70) % 60).repeat(2).to(DEVICE)
+        fn = lambda a, b, t, **kw: fastcl.supcon(torch.cat([a, b]), labels, t, variant="in",  # noqa: E731
+                                                 **kw)
     elif case == "dclw":  # targets left out of the LSE, weighted: the rows' dS sum to a_i + b_i != 0
         fn = lambda a, b, t, **kw: fastcl.dcl(a, b, t, weight_sigma=0.5, **kw)  # noqa: E731
     elif case.startswith("clip"):

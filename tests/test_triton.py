@@ -467,8 +467,35 @@ def test_dense_backward_low_precision(monkeypatch, blocked):
            dtype=torch.bfloat16, rtol=1e-3)
 
 
-def _dclw(a, b, **kw):
-    return fastcl.dcl(a, b, 0.2, weight_sigma=0.5, **kw)
+@pytest.mark.parametrize("path", [{}, {"DENSE": True}])
+@pytest.mark.parametrize("sigma", [None, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, F32])
+def test_dcl_sweeps(monkeypatch, path, sigma, dtype):
+    """DCL and DCLW of two views sweep each view against itself and the views against each other
+    (one symmetric sweep), each sweep leaving out its band j = i only: no closure leaves its
+    targets out, so every sweep's interior tiles take the lean path (PLAIN), on the fused and
+    the wide-feature backward. Loss and gradients (the temperature's too) within 2x PyTorch's
+    own error in the features' dtype."""
+    monkeypatch.setattr(E, "config_override", path)
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    seen = []
+    real = E._flags
+
+    def spy(queries, spec, targets, bias, **kw):
+        out = real(queries, spec, targets, bias, **kw)
+        seen.append((spec.exclude_targets, E._plain(spec, targets), out["PLAIN"], kw.get("gram")))
+        return out
+
+    monkeypatch.setattr(E, "_flags", spy)
+    t = torch.tensor(0.2, dtype=F32, device=DEVICE, requires_grad=True)
+    z1, z2 = features(75, 40, dtype, DEVICE), features(75, 40, dtype, DEVICE)
+    _check(f"dcl-{sigma}", lambda a, b, t: fastcl.dcl(a, b, t, weight_sigma=sigma, reduction="none",
+                                                      backend=BACKEND, exact=True),
+           lambda a, b, t: R.dcl(a, b, t, sigma, reduction="none"), [z1, z2, t], dtype=dtype,
+           rtol=1e-3 if dtype != F32 else 2e-5)
+    assert len(seen) >= 6 and not any(x[0] for x in seen) and all(x[1] for x in seen), seen
+    # (a GRAM backward masks every tile: the self-sweeps' backward is the symmetric closure's)
+    assert all(x[2] for x in seen if not x[3]), seen
 
 
 def _supcon_in(a, b, **kw):
@@ -481,10 +508,10 @@ _SELF = {  # the loss of two views, its float64 reference, DENSE_ROWS, and the p
                 lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), True, True),
     "nt_xent_cols": (lambda a, b, **kw: fastcl.nt_xent(a, b, 0.2, **kw),
                      lambda a, b: R.nt_xent(a, b, 0.2, reduction="none"), False, False),
-    "dclw": (_dclw, lambda a, b: R.dcl(a, b, 0.2, 0.5, reduction="none"), True, True),
-    "dclw_fold": (_dclw, lambda a, b: R.dcl(a, b, 0.2, 0.5, reduction="none"), False, True),
     "hcl": (lambda a, b, **kw: fastcl.hcl(a, b, 0.5, **kw),
             lambda a, b: R.hcl(a, b, 0.5, reduction="none"), True, True),
+    "hcl_fold": (lambda a, b, **kw: fastcl.hcl(a, b, 0.5, **kw),
+                 lambda a, b: R.hcl(a, b, 0.5, reduction="none"), False, True),
     "supcon_in": (_supcon_in, lambda a, b: R.supcon(torch.cat([a, b]), _LABELS.repeat(2).to(a.device),
                                                     0.2, variant="in", reduction="none")[0], True, True),
 }
@@ -496,11 +523,12 @@ def test_dense_self_similarity(monkeypatch, case, dtype):
     """The self-similarities on the wide-feature backward, in several row chunks and column
     slabs, within 2x PyTorch's own error in the features' dtype. By default the block holds
     dS + dS^T -- the symmetric closure's (NT-Xent), or the transposed term added in the tiles
-    (GRAM: DCLW, HCL, SupCon L_in) -- and the rows' gradient, summed over the slabs in float32
+    (GRAM: HCL, SupCon L_in) -- and the rows' gradient, summed over the slabs in float32
     per row chunk, is the whole one, in a block of the stacked rows' bytes. ``DENSE_ROWS`` False
     keeps dS alone: NT-Xent then takes dK's float32 sums per slab in a block of twice those
-    bytes; DCLW dQ summed in the gradient over twice as many slabs, dK's float32 sums per slab
-    folded into it, in a block of the stacked rows' bytes. (IEEE float32 features: the lines'
+    bytes; HCL dQ summed in the gradient over twice as many slabs, dK's float32 sums per slab
+    folded into it, in a block of the stacked rows' bytes. (DCL and DCLW sweep each view
+    against itself and the views against each other: test_dcl_sweeps.) (IEEE float32 features: the lines'
     totals are corrected afterwards, test_dense_backward, test_line_totals.)"""
     loss, ref, dense_rows, same_rows = _SELF[case]
     monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": dense_rows})
