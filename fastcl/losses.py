@@ -696,20 +696,28 @@ def _dcl_two_view_rows(Z: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
     parts; the positive logit ``s <z1_i, z2_i>`` comes from the pair's row product."""
     n = Z.shape[0] // 2
     z1, z2 = Z[:n], Z[n:]
+    lse, lo = _dcl_negatives(z1, z2, s, be, exact)
+    dt = lse.dtype
+    pos = s.to(dt) * _row_dots(z1, z2).to(dt)
+    pos = torch.cat([pos, pos])
+    return (lse - (pos if weights is None else pos * weights)) + lo
+
+
+def _dcl_negatives(z1: Tensor, z2: Tensor, s: Tensor, be: str, exact: bool) -> Tuple[Tensor, Tensor]:
+    """Each row's LSE over its DCL negatives for two views z1, z2 (n, D) as the kernels take them
+    (row i of z1 against z1's other rows and z2's rows but i; z2's rows likewise), as
+    ``(hi (2n,), lo (2n,))``, z1's rows first: hi differentiable, lo its rounding error. The
+    three lean sweeps of :func:`_dcl_two_view_rows`; ``s`` the scale, a 0-d tensor."""
     own = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
     cross = engine_statistics(z1, z2, s, None, Targets(),
                               LossSpec(kind="softmax", symmetric=True, exclude_self=True,
                                        exact=exact), be)
     parts = []
-    for z, lse_x, lo_x in ((z1, cross.row_lse, cross.row_lse_lo), (z2, cross.col_lse, cross.col_lse_lo)):
+    for z, lse_x, lo_x in ((z1, cross.row_lse, cross.row_lse_lo),
+                           (z2, cross.col_lse, cross.col_lse_lo)):
         st = engine_statistics(z, z, s, None, Targets(), own, be)
         parts.append(merge_lse(st.row_lse, st.row_lse_lo, lse_x, lo_x))
-    lse = torch.cat([p[0] for p in parts])
-    lo = torch.cat([p[1] for p in parts]).detach()
-    dt = lse.dtype
-    pos = s.to(dt) * _row_dots(z1, z2).to(dt)
-    pos = torch.cat([pos, pos])
-    return (lse - (pos if weights is None else pos * weights)) + lo
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
 
 
 def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0 / 0.07,

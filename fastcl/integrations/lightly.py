@@ -13,8 +13,10 @@
   synchronisation).
 * ``DCLLoss(temperature, weight_fn=None, gather_distributed=False)``: decoupled contrastive
   learning, ``(1/2)(L(out0, out1) + L(out1, out0))`` with L's negatives both views' columns except
-  the row's own and its positive (one fused sweep per view), the positive term weighted by
-  ``weight_fn(out0, out1)`` (normalised views) when given.
+  the row's own and its positive, the positive term weighted by ``weight_fn(out0, out1)``
+  (normalised views) when given. One process: :func:`fastcl.dcl`'s three lean sweeps (each
+  view against itself, the views against each other) give both directions' negatives;
+  ``gather_distributed``: one fused sweep per view against every rank's rows.
 * ``DCLWLoss(temperature, sigma, gather_distributed=False)``: ``DCLLoss`` with lightly's negative
   von Mises-Fisher weights ``2 - n softmax(<out0_i, out1_i> / sigma)``, constants as lightly
   builds them (:func:`fastcl.dcl` with ``weight_sigma`` keeps them differentiable instead).
@@ -42,7 +44,8 @@ from torch import nn
 
 from .. import distributed as fdist
 from ..losses import alignment_loss, nt_xent, uniformity_loss
-from ._common import exact_products, positive_against, row_gap, statistics
+from ..losses import _dcl_negatives, _prepare
+from ._common import _scale, exact_products, positive_against, row_gap, statistics
 
 Tensor = torch.Tensor
 
@@ -246,6 +249,13 @@ class DCLLoss(nn.Module):
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
         z0, z1, offset = _gathered(out0, out1, self.gather_distributed)
+        if z0 is out0:  # one process: both directions' negatives from fastcl.dcl's lean sweeps
+            q, k, be = _prepare(out0, out1, self.backend)
+            neg, lo = _dcl_negatives(q, k, _scale(out0, 1.0 / self.temperature), be,
+                                     exact_products(self.exact))
+            n = out0.shape[0]
+            return 0.5 * (self._mean(out0, out1, neg[:n] + lo[:n])
+                          + self._mean(out1, out0, neg[n:] + lo[n:]))
         return 0.5 * (self._loss(out0, out1, z0, z1, offset) + self._loss(out1, out0, z1, z0, offset))
 
     def _loss(self, a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, offset: int) -> Tensor:
@@ -257,7 +267,11 @@ class DCLLoss(nn.Module):
         # the LSE over both views' columns but the row's own (i + offset) and its positive
         neg = statistics(a, torch.cat([a_all, b_all]), scale, own + m, backend=self.backend, exact=ex,
                          exclude_self=True, offset=offset, exclude_targets=True).row_lse
-        positive = -scale * (a.to(neg.dtype) * b.to(neg.dtype)).sum(1)
+        return self._mean(a, b, neg)
+
+    def _mean(self, a: Tensor, b: Tensor, neg: Tensor) -> Tensor:
+        """mean_i [-<a_i, b_i> w_i / t + neg_i] for the rows' LSEs over their negatives neg."""
+        positive = -(1.0 / self.temperature) * (a.to(neg.dtype) * b.to(neg.dtype)).sum(1)
         if self.weight_fn is not None:
             positive = positive * self.weight_fn(a, b)
         return (positive + neg).mean()
