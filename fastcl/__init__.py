@@ -4,9 +4,9 @@ No GPU work happens at import: backends are resolved and compiled on first use.
 """
 from .losses import (AlignmentLoss, ClipLoss, CWCLLoss, DCLLoss, DistillLoss, HCLLoss,
                      InfoNCELoss, MVDHELLoss, MVInfoNCELoss, NTXentLoss, SigLipLoss, SoftClipLoss,
-                     SoftInfoNCELoss, SupConLoss, UniformityLoss, alignment_loss, clip_loss, cwcl, dcl, distill, hcl, info_nce, mv_dhel,
-                     mv_infonce, nt_xent, siglip_loss, soft_info_nce, softclip, supcon,
-                     uniformity_loss)
+                     SoftInfoNCELoss, SupConLoss, UniformityLoss, alignment_loss, clip_loss, cwcl,
+                     dcl, distill, hcl, info_nce, mv_dhel, mv_infonce, nt_xent, siglip_loss,
+                     soft_info_nce, softclip, supcon, uniformity_loss)
 
 from . import metrics  # noqa: E402  (retrieval metrics from the sweep)
 

@@ -49,7 +49,8 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from .autograd import Statistics, _engine, _scalar32, engine_loss, engine_statistics, first_order_only
+from .autograd import (Statistics, _engine, _scalar32, engine_loss, engine_statistics,
+                       first_order_only)
 from .losses import (_cast_dtype, _check_features, _check_index, _check_multi_view, _check_pair,
                      _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
                      _mv_infonce_rows, _prepare, _real,
@@ -538,8 +539,8 @@ class _RingStatistics(torch.autograd.Function):
                 if need_q:
                     dq += dq_t.to(sdt)
                 if t > 0 and (need_s or need_b):  # the lines' totals once, as on the own block
-                    tot = centred_scale_sums(row_lse.new_zeros(2), spec, targets, stats, *weights[:2],
-                                             s32.to(sdt).reshape(()),
+                    tot = centred_scale_sums(row_lse.new_zeros(2), spec, targets, stats,
+                                             *weights[:2], s32.to(sdt).reshape(()),
                                              None if b32 is None else b32.to(sdt).reshape(()),
                                              kb.shape[0], a2_row=a2)
                     ds_t = ds_t - tot[0] if need_s else ds_t
@@ -937,8 +938,8 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
     """MV-InfoNCE of the global batch: :func:`fastcl.mv_infonce` of every rank's instances
     concatenated in rank order (B = W * b instances of V views), from each rank's local
     instances (b, V, D): each rank's V*b rows against the all-gathered rows (with their
-    gradient) or travelling round the ring, one fused sweep. "mean" divides by B. Other arguments as
-    :func:`fastcl.mv_infonce` and :func:`nt_xent`.
+    gradient), or the row blocks travelling round the ring, one fused sweep. "mean" divides by
+    B. Other arguments as :func:`fastcl.mv_infonce` and :func:`nt_xent`.
     """
     _check_mode(mode, reduction)
     if _world(group)[0] == 1:
@@ -998,8 +999,8 @@ def uniformity_loss(x: Tensor, t: float = 2.0, *, normalize: bool = True, mode: 
     concatenated (N = W * n), from each rank's local rows x (n, D): each rank's rows against the
     all-gathered rows (with their gradient) give their LSEs, and the global LSE of all N runs
     over them all-gathered ((N,) values); in ring mode the row blocks travel instead of being
-    gathered. Returns the global value on
-    every rank, its gradient under the averaging convention of this module's docstring.
+    gathered. Returns the global value on every rank, its gradient under the averaging
+    convention of this module's docstring.
     """
     _check_mode(mode, "mean")
     if _world(group)[0] == 1:

@@ -677,9 +677,9 @@ def _dcl_rows(Z: Tensor, positives: Tensor, s: Tensor, weights: Optional[Tensor]
     (:func:`_dcl_two_view_rows`, ``positives`` their pairing)."""
     if sweep is None:
         return _dcl_two_view_rows(Z, s, weights, be, exact)
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, gram=sweep is None,
-                    offset=offset, exact=exact)
-    st = (sweep or engine_statistics)(Z, Z, s, None, Targets(positives=positives + offset), spec, be)
+    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, offset=offset,
+                    exact=exact)
+    st = sweep(Z, Z, s, None, Targets(positives=positives + offset), spec, be)
     tgt = st.row_target if weights is None else st.row_target * weights
     return st.plus_lse_lo(st.row_lse - tgt)
 
