@@ -842,11 +842,17 @@ def supcon(features: Tensor, labels: Tensor, temperature=0.1, *, variant: str = 
 
 
 def _gatherer(group):
-    """A sweep of the family's row formulas (``sweep`` of :func:`fastcl.losses._dcl_rows`):
+    """A sweep of the family's row formulas (``sweep`` of :func:`fastcl.losses._hcl_rows`):
     :func:`fastcl.autograd.engine_statistics` of the rows against every rank's keys,
-    all-gathered in rank order with their gradient."""
+    all-gathered in rank order with their gradient, each keys tensor once per loss."""
+    gathered = []  # (keys, every rank's keys)
+
     def sweep(queries, keys, *args):
-        return engine_statistics(queries, all_gather_with_grad(keys, group), *args)
+        found = [g for k, g in gathered if k is keys]
+        if not found:
+            found = [all_gather_with_grad(keys, group)]
+            gathered.append((keys, found[0]))
+        return engine_statistics(queries, found[0], *args)
     return sweep
 
 
@@ -877,8 +883,10 @@ def dcl(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma: Optional[float
     concatenated in rank order (N = W * n pairs, 2N rows), from each rank's local pairs.
 
     Each rank's 2n rows are taken against the 2N rows of all ranks, their own and their other
-    view (the positive) left out of the LSE, as :func:`nt_xent` takes them (gather: the rows
-    all-gathered with their gradient; ring: the row blocks travel, O(n D) per rank). DCLW
+    view (the positive) left out of the LSE: each view's rows against every rank's rows of
+    either view, four sweeps that each leave out only the band of the rows' own index, so
+    their interior tiles take the lean path (gather: each view's rows all-gathered once with
+    their gradient; ring: each view's row blocks travel, O(n D) per rank). DCLW
     (``weight_sigma``): the weights' softmax runs over the N pairs of every rank (their cosines
     all-gathered, (N,)). Arguments as :func:`nt_xent`; "mean" divides by 2N.
     """
@@ -889,7 +897,7 @@ def dcl(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma: Optional[float
                     reduction=reduction, backend=backend, exact=exact)
     if weight_sigma is not None:
         weight_sigma = _real("weight_sigma", weight_sigma, "a float or None", low=0.0)
-    rows, positives, be = _two_views(z1, z2, normalize, backend)
+    rows, _, be = _two_views(z1, z2, normalize, backend)
     n, R = z1.shape[0], rows.shape[0]
     W, r = _world(group)
     if check_sizes:
@@ -900,8 +908,7 @@ def dcl(z1: Tensor, z2: Tensor, temperature=0.1, *, weight_sigma: Optional[float
         cos = all_gather_with_grad(_row_dots(rows[:n], rows[n:]), group)
         w = _rank_slice(_dclw_weights(cos, weight_sigma), group)
         weights = torch.cat([w, w])
-    per = _dcl_rows(rows, positives, s, weights, be, exact, sweep=_sweeper(mode, group),
-                    offset=r * R)
+    per = _dcl_rows(rows, s, weights, be, exact, sweep=_sweeper(mode, group), offset=r * n)
     return _global_reduce(per, W * R, reduction, group)
 
 

@@ -653,14 +653,14 @@ def dcl(z1: Tensor, z2: Tensor, temperature: Scalar = 0.1, *, weight_sigma: Opti
     _check_reduction(reduction)
     if weight_sigma is not None:
         weight_sigma = _real("weight_sigma", weight_sigma, "a float or None", low=0.0)
-    Z, positives, be = _two_views(z1, z2, normalize, backend, min_batch=2)
+    Z, _, be = _two_views(z1, z2, normalize, backend, min_batch=2)
     s = _temperature_scale(temperature, Z)
     weights = None
     if weight_sigma is not None:
         half = Z.shape[0] // 2
         w = _dclw_weights(_row_dots(Z[:half], Z[half:]), weight_sigma)
         weights = torch.cat([w, w])
-    return _reduce(_dcl_rows(Z, positives, s, weights, be, exact), reduction)
+    return _reduce(_dcl_rows(Z, s, weights, be, exact), reduction)
 
 
 def _dclw_weights(cos: Tensor, sigma: float) -> Tensor:
@@ -668,55 +668,51 @@ def _dclw_weights(cos: Tensor, sigma: float) -> Tensor:
     return 2.0 - cos.shape[0] * torch.softmax(cos / sigma, dim=0)
 
 
-def _dcl_rows(Z: Tensor, positives: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
-              exact: bool, sweep=None, offset: int = 0) -> Tensor:
-    """Per-row DCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``weights``
-    (R,) DCLW's or None. ``sweep`` (:func:`engine_statistics`'s signature, given this rank's
-    keys) takes the rows against every rank's rows, Z's at ``offset`` (left out; the targets'
-    indices and labels are global); by default Z's two views against each other
-    (:func:`_dcl_two_view_rows`, ``positives`` their pairing)."""
-    if sweep is None:
-        return _dcl_two_view_rows(Z, s, weights, be, exact)
-    spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, offset=offset,
-                    exact=exact)
-    st = sweep(Z, Z, s, None, Targets(positives=positives + offset), spec, be)
-    tgt = st.row_target if weights is None else st.row_target * weights
-    return st.plus_lse_lo(st.row_lse - tgt)
-
-
-def _dcl_two_view_rows(Z: Tensor, s: Tensor, weights: Optional[Tensor], be: str,
-                       exact: bool) -> Tensor:
+def _dcl_rows(Z: Tensor, s: Tensor, weights: Optional[Tensor], be: str, exact: bool,
+              sweep=None, offset: int = 0) -> Tensor:
     """Per-row DCL losses (2n,) of the two views' rows Z = [z1; z2] (2n, D) (row i's positive
-    i +- n). A row's negatives are the other rows of its view and the other view's rows but its
-    pair, so its LSE is that of two sweeps which each leave out the band j = i only: the view
-    against itself (one self-similarity sweep per view) and the views against each other (one
-    symmetric sweep: z1's rows and z2's rows as its columns). With nothing but the band masked,
-    their interior tiles take the kernels' lean path; one sweep of [z1; z2] against itself
-    leaving out the positives too would mask every tile. The LSEs merge in float64 with their lo
-    parts; the positive logit ``s <z1_i, z2_i>`` comes from the pair's row product."""
+    i +- n); ``weights`` (2n,) DCLW's or None. A row's negatives are the other rows of its view
+    and the other view's rows but its pair, so its LSE is that of two sweeps which each leave
+    out the band j = i only (:func:`_dcl_negatives`): with nothing but the band masked, their
+    interior tiles take the kernels' lean path, where one sweep of [z1; z2] against itself that
+    left the positives out too would mask every tile. The positive logit ``s <z1_i, z2_i>``
+    comes from the pair's row product. ``sweep`` (:func:`engine_statistics`'s signature, given
+    this rank's keys) takes the rows against every rank's rows of the same view, this rank's at
+    ``offset``; by default the views' own."""
     n = Z.shape[0] // 2
     z1, z2 = Z[:n], Z[n:]
-    lse, lo = _dcl_negatives(z1, z2, s, be, exact)
+    lse, lo = _dcl_negatives(z1, z2, s, be, exact, sweep, offset)
     dt = lse.dtype
     pos = s.to(dt) * _row_dots(z1, z2).to(dt)
     pos = torch.cat([pos, pos])
     return (lse - (pos if weights is None else pos * weights)) + lo
 
 
-def _dcl_negatives(z1: Tensor, z2: Tensor, s: Tensor, be: str, exact: bool) -> Tuple[Tensor, Tensor]:
+def _dcl_negatives(z1: Tensor, z2: Tensor, s: Tensor, be: str, exact: bool, sweep=None,
+                   offset: int = 0) -> Tuple[Tensor, Tensor]:
     """Each row's LSE over its DCL negatives for two views z1, z2 (n, D) as the kernels take them
     (row i of z1 against z1's other rows and z2's rows but i; z2's rows likewise), as
-    ``(hi (2n,), lo (2n,))``, z1's rows first: hi differentiable, lo its rounding error. The
-    three lean sweeps of :func:`_dcl_two_view_rows`; ``s`` the scale, a 0-d tensor."""
-    own = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
-    cross = engine_statistics(z1, z2, s, None, Targets(),
-                              LossSpec(kind="softmax", symmetric=True, exclude_self=True,
-                                       exact=exact), be)
-    parts = []
-    for z, lse_x, lo_x in ((z1, cross.row_lse, cross.row_lse_lo),
-                           (z2, cross.col_lse, cross.col_lse_lo)):
-        st = engine_statistics(z, z, s, None, Targets(), own, be)
-        parts.append(merge_lse(st.row_lse, st.row_lse_lo, lse_x, lo_x))
+    ``(hi (2n,), lo (2n,))``, z1's rows first: hi differentiable, lo its rounding error. Each
+    view against itself and against the other view, each sweep leaving out its band j = i
+    (+ ``offset``); the two LSEs of a row merge in float64 with their lo parts. By default one
+    self-similarity sweep per view and one symmetric sweep of z1 against z2 (its columns z2's
+    rows); with ``sweep`` (as :func:`_dcl_rows`) four one-way sweeps. ``s`` a 0-d tensor."""
+    if sweep is None:
+        own = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
+        cross = engine_statistics(z1, z2, s, None, Targets(),
+                                  LossSpec(kind="softmax", symmetric=True, exclude_self=True,
+                                           exact=exact), be)
+        pairs = [(engine_statistics(z, z, s, None, Targets(), own, be), lse_x, lo_x)
+                 for z, lse_x, lo_x in ((z1, cross.row_lse, cross.row_lse_lo),
+                                        (z2, cross.col_lse, cross.col_lse_lo))]
+    else:
+        spec = LossSpec(kind="softmax", exclude_self=True, offset=offset, exact=exact)
+        pairs = []
+        for a, b in ((z1, z2), (z2, z1)):
+            other = sweep(a, b, s, None, Targets(), spec, be)
+            pairs.append((sweep(a, a, s, None, Targets(), spec, be), other.row_lse,
+                          other.row_lse_lo))
+    parts = [merge_lse(st.row_lse, st.row_lse_lo, lse_x, lo_x) for st, lse_x, lo_x in pairs]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
 
 
@@ -975,7 +971,10 @@ def _hcl_params(temperature, beta, tau_plus) -> Tuple[float, float, float]:
 def _hcl_rows(Z: Tensor, positives: Tensor, temperature: float, beta: float, tau_plus: float,
               n_neg: int, be: str, exact: bool, sweep=None, offset: int = 0) -> Tensor:
     """Per-row HCL losses (R,) of the rows Z (R, D); ``positives`` (R,) index Z; ``n_neg`` each
-    row's number of negatives; ``sweep`` and ``offset`` as :func:`_dcl_rows`."""
+    row's number of negatives. ``sweep`` (:func:`engine_statistics`'s signature, given this
+    rank's keys) takes the rows against every rank's rows, Z's at ``offset`` (left out; the
+    targets' indices and labels are global); by default :func:`engine_statistics` against Z
+    itself."""
     dt = _stat_dtype(Z)
     inv_t = 1.0 / float(temperature)
     s_hi = torch.full((), (1.0 + beta) * inv_t, dtype=dt, device=Z.device)
@@ -1025,7 +1024,7 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
                      sweep=None, offset: int = 0, key_ids: Optional[Tensor] = None) -> Tensor:
     """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major; ``sweep`` and
-    ``offset`` as :func:`_dcl_rows`. V > 2: ``key_ids`` every key's instance id (default: Z's,
+    ``offset`` as :func:`_hcl_rows`. V > 2: ``key_ids`` every key's instance id (default: Z's,
     ``arange(B).repeat(V)``); Z's instances are ``offset // V + arange(B)``, so each rank's
     block holds its instances' V views view-major."""
     gram = sweep is None
@@ -1089,7 +1088,7 @@ def mv_dhel(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = Tr
 
 def _mv_dhel_rows(views, s: Tensor, be: str, exact: bool, sweep=None, offset: int = 0) -> Tensor:
     """Per-instance MV-DHEL losses (B,) of the V views' rows (each (B, D), as the kernels take
-    them). ``sweep`` and ``offset`` as :func:`_dcl_rows`: each view's rows against every rank's
+    them). ``sweep`` and ``offset`` as :func:`_hcl_rows`: each view's rows against every rank's
     rows of that view; by default against their own."""
     spec = LossSpec(kind="softmax", exclude_self=True, gram=sweep is None, offset=offset,
                     exact=exact)
@@ -1125,7 +1124,7 @@ def _uniformity_terms(x: Tensor, t: float, normalize: bool, be: str, exact: bool
                       sweep=None, offset: int = 0) -> Tensor:
     """Each row's term (n,) of uniformity = logsumexp(terms) - log(N (N - 1)): the row's LSE over
     j != i of ``2t <x_i, x_j> - t |x_i|^2 - t |x_j|^2`` (x (n, D) as the kernels take it: unit
-    rows when ``normalize``). ``sweep`` and ``offset`` as :func:`_dcl_rows`: the rows against
+    rows when ``normalize``). ``sweep`` and ``offset`` as :func:`_hcl_rows`: the rows against
     every rank's rows; by default against x's own."""
     dt = _stat_dtype(x)
     s = _scalar_param("t", 2.0 * t, x.device, optional=False, dtype=dt)

@@ -261,6 +261,16 @@ def _worker_family(r, W):
                          backend="torch")
         _check(f"dcl/{mode}/{sigma}/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g,
                [n, n])
+    # gather mode: DCL's four sweeps (each view against each view) gather each view once
+    calls, real = [], fdist.all_gather_with_grad
+    fdist.all_gather_with_grad = lambda x, group=None: (calls.append(x.shape), real(x, group))[1]
+    try:
+        z1, z2 = _slices(r, W, Z1, Z2)
+        fdist.dcl(z1, z2, 0.3, backend="torch").backward()
+    finally:
+        fdist.all_gather_with_grad = real
+    if calls != [(n, d), (n, d)]:
+        raise AssertionError(f"dcl gathers {calls}")
     for mode, (beta, tau_plus, reduction) in itertools.product(
             fdist.MODES, ((1.0, 0.1, "mean"), (0.0, 0.0, "sum"), (2.0, 0.05, "mean"))):
         ref = reference.hcl(Z1, Z2, 0.4, beta=beta, tau_plus=tau_plus, reduction=reduction)
