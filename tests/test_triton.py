@@ -494,8 +494,9 @@ def test_dcl_sweeps(monkeypatch, path, sigma, dtype):
            lambda a, b, t: R.dcl(a, b, t, sigma, reduction="none"), [z1, z2, t], dtype=dtype,
            rtol=1e-3 if dtype != F32 else 2e-5)
     assert len(seen) >= 6 and not any(x[0] for x in seen) and all(x[1] for x in seen), seen
-    # (a GRAM backward masks every tile: the self-sweeps' backward is the symmetric closure's)
-    assert all(x[2] for x in seen if not x[3]), seen
+    # (a GRAM backward would mask every tile: the self-sweeps' backward is the symmetric
+    # closure's, on the lean path like the rest)
+    assert not any(x[3] for x in seen) and all(x[2] for x in seen), seen
 
 
 def _supcon_in(a, b, **kw):
@@ -528,8 +529,9 @@ def test_dense_self_similarity(monkeypatch, case, dtype):
     keeps dS alone: NT-Xent then takes dK's float32 sums per slab in a block of twice those
     bytes; HCL dQ summed in the gradient over twice as many slabs, dK's float32 sums per slab
     folded into it, in a block of the stacked rows' bytes. (DCL and DCLW sweep each view
-    against itself and the views against each other: test_dcl_sweeps.) (IEEE float32 features: the lines'
-    totals are corrected afterwards, test_dense_backward, test_line_totals.)"""
+    against itself and the views against each other: test_dcl_sweeps.) (IEEE float32
+    features: the lines' totals are corrected afterwards, test_dense_backward,
+    test_line_totals.)"""
     loss, ref, dense_rows, same_rows = _SELF[case]
     monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": dense_rows})
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
