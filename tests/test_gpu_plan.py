@@ -129,6 +129,15 @@ def test_headline_plan(monkeypatch, D):
         assert bwd == {"_backward_rows_kernel", "_backward_cols_kernel"}, bwd
     else:
         assert bwd == {"_grad_tiles_kernel"}, bwd
+        # per dS block the plain spans' launch, and the band launch only in blocks the band
+        # crosses (N is a multiple of the spans: no edges)
+        tiles = [x.constants["TILES"] for x in plan.part("backward")]
+        blocks = tiles.count(2)
+        R, W = E.dense_plan(N, N, D, 2, 128, 128, True)
+        assert blocks == -(-N // R) * -(-N // W), (blocks, R, W)
+        band = sum(1 for r0 in range(0, N, R) for c0 in range(0, N, W)
+                   if r0 < c0 + W and c0 < r0 + R)
+        assert tiles.count(1) == band < blocks / 2, (tiles.count(1), band, blocks)
     assert plan.peak_bytes <= COMPILE_EXTRA_MIB[D] * MiB / 20, plan.peak_bytes / MiB
 
 

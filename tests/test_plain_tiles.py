@@ -6,6 +6,7 @@ Under the interpreter the branch predicates are wrapped to record which way each
 test fails if the path it is about was not taken (with the interpreter's 32 x 32 tiles).
 """
 import collections
+import random
 
 import pytest
 import torch
@@ -395,6 +396,33 @@ def test_wide_feature_backward_split(branches, monkeypatch, tiling, case):
         _check("info_nce", fn, lambda q, k, s: fn(q, k, s, "torch"), (q, k, _scalar(20.0)))
     if DEVICE.type == "cpu":
         assert branches[("_plain_tile", True)] > 0 and branches[("_plain_tile", False)] > 0
+
+
+def test_span_work_matches_the_tiles():
+    """span_work (which of the wide-feature backward's two dS launches has tiles in a block)
+    against every span of the block classified as the kernels' _plain_tile does, over blocks of
+    several plans: square and rectangular, edges cut by N and M or not, offsets either side of
+    the diagonal and past the matrix, spans of unequal sides."""
+    rng = random.Random(0)
+
+    def plain(r, c, N, M, off, BM, BN):
+        return r + BM <= N and c + BN <= M and (c + BN <= r + off or c >= r + off + BM)
+
+    seen = set()
+    for _ in range(600):
+        BM, BN = rng.choice([16, 32, 64]), rng.choice([16, 32, 64])
+        N, M = rng.randint(1, 9 * 64), rng.randint(1, 9 * 64)
+        off = rng.randint(-M, N + M) if rng.random() < 0.7 else 0
+        R, W = BM * rng.randint(1, 5), BN * rng.randint(1, 5)
+        for r0 in range(0, N, R):
+            for c0 in range(0, M, W):
+                r1, c1 = min(N, r0 + R), min(M, c0 + W)
+                kinds = {plain(r, c, N, M, off, BM, BN)
+                         for r in range(r0, r1, BM) for c in range(c0, c1, BN)}
+                got = E.span_work(r0, r1, c0, c1, N, M, off, BM, BN)
+                assert got == (False in kinds, True in kinds), (r0, r1, c0, c1, N, M, off, BM, BN)
+                seen.add(got)
+    assert seen == {(True, False), (False, True), (True, True)}
 
 
 @pytest.mark.parametrize("resident", [False, True])

@@ -1722,6 +1722,28 @@ def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool
     return min(ceil(-(-N // n_chunks), BM), ceil(N, BM)), min(W, ceil(M, BN))
 
 
+def span_work(r0: int, r1: int, c0: int, c1: int, N: int, M: int, offset: int, BM: int,
+              BN: int):
+    """(band, plain): whether the block [r0, r1) x [c0, c1) of the N x M matrix, r0 and c0
+    multiples of the BM x BN spans, holds a span that is not plain (the band j = i + offset or
+    an edge cut by N or M) and one that is (``_plain_tile``), so that the split dS launches of
+    the wide-feature backward that would have nothing to do there are not made. Closed forms,
+    O(1) per block: the row spans r in [r0, r_last] and column spans c in [c0, c_last] (both
+    lattices of span starts); a span is on the band when r + offset - BN < c < r + offset + BM,
+    an interval longer than either step, so it meets the block's spans exactly when it meets
+    their range."""
+    r_last, c_last = (r1 - 1) // BM * BM, (c1 - 1) // BN * BN
+    edge = (r_last + BM > N) or (c_last + BN > M)
+    band = edge or max(r0, c0 - offset - BM + 1) <= min(r_last, c_last - offset + BN - 1)
+    # a span inside the matrix is plain left of the band (c + BN <= r + offset: likeliest at the
+    # block's first column span and last inside row span) or right of it (c >= r + offset + BM:
+    # at its last inside column span and first row span)
+    r_in, c_in = min(r1, N // BM * BM) - BM, min(c1, M // BN * BN) - BN
+    plain = (r_in >= r0 and c_in >= c0
+             and (c0 + BN <= r_in + offset or c_in >= r0 + offset + BM))
+    return band, plain
+
+
 class _tf32_matmul:
     """Within the block, float32 GEMMs of the wide-feature backward use TF32 (the engine's
     default precision for float32 inputs) unless ``exact``; the global setting is restored."""
@@ -1823,10 +1845,14 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
         if need_sb:
             dsb.zero_()
         first = 0
-        for (tiles_, c), n_tiles, rp, cp in zip(launches, tiles, rtp, ctp):
+        # split: only the launches with tiles to write in this block (the band crosses few)
+        work = span_work(r0, r1, c0, c1, N, M, spec.offset, BM, BN) if split else (True,)
+        for (tiles_, c), n_tiles, rp, cp, has in zip(launches, tiles, rtp, ctp, work):
             grid = (triton.cdiv(r1 - r0, c["BLOCK_M"]), triton.cdiv(c1 - c0, c["BLOCK_N"]))
             sb = dsb[first:first + n_tiles] if need_sb else None
             first += n_tiles
+            if not has:  # (its scale / bias sums stay at zero)
+                continue
             for t in (rp, cp):  # (programs without work leave their sums at zero)
                 if t is not None:
                     t.zero_()
