@@ -276,7 +276,8 @@ def run_case(fn, input_sets, row: Dict, args, peak: Optional[float]) -> Dict:
     try:
         t = timing.time_step(fn, input_sets, mode, dev, warmup=args.warmup, repeats=args.repeats,
                              max_seconds=args.case_seconds)
-        row.update(ms=sig(t.ms, 5), p20=sig(t.p20, 5), p80=sig(t.p80, 5), repeats=t.repeats)
+        row.update(ms=sig(t.ms, 5), p20=sig(t.p20, 5), p80=sig(t.p80, 5), repeats=t.repeats,
+                   host_ms=None if t.host_ms is None else sig(t.host_ms, 4))
         tf = timing.tflops(mode, *P.similarity_shape(row["loss"], N, M), D, t.ms)
         row["tflops"] = sig(tf, 4)
         if peak:
@@ -287,7 +288,7 @@ def run_case(fn, input_sets, row: Dict, args, peak: Optional[float]) -> Dict:
         row["loss_value"] = timing.loss_value(fn, input_sets[0], no_grad=mode == "fwd")
     except Exception as e:  # OOM and failures are results, not crashes
         row["status"] = _error_status(e)
-        for k in ("ms", "p20", "p80", "tflops", "pct_peak", "peak_extra_mib", "loss_value"):
+        for k in ("ms", "p20", "p80", "host_ms", "tflops", "pct_peak", "peak_extra_mib", "loss_value"):
             row[k] = None
     if row["status"] != "ok":  # outside the handler: the traceback no longer pins the tensors
         timing.free_memory(dev)

@@ -18,11 +18,14 @@ import torch
 from .timing import FLOP_CONVENTION
 
 COLUMNS = ("loss", "provider", "mode", "N", "M", "D", "dtype", "status", "ms", "p20", "p80",
-           "repeats", "tflops", "pct_peak", "peak_extra_mib", "loss_value", "x_vs_compiled",
+           "repeats", "host_ms", "tflops", "pct_peak", "peak_extra_mib", "loss_value", "x_vs_compiled",
            "x_vs_naive")
 CSV_NAME, JSON_NAME = "bench.csv", "bench.json"
 RATIO_NOTE = ("x_vs_compiled / x_vs_naive = that provider's median ms / this row's median ms, "
               "same loss, mode, shape and dtype in the same run (> 1: faster)")
+HOST_NOTE = ("host_ms = the host's time to issue one step (Python, dispatch, launches) to an idle "
+             "CUDA device, nothing waited for; a step whose host_ms nears its ms is bound by the "
+             "host; blank on CPU")
 MEMORY_NOTE = ("peak_extra_mib = CUDA peak allocation above the inputs during one step "
                "(forward for fwd; forward + backward, gradients included, for bwd and fwdbwd); "
                "blank on CPU")
@@ -105,6 +108,7 @@ def provenance(device: torch.device, argv: Optional[Sequence[str]] = None,
         "flops": FLOP_CONVENTION,
         "ratios": RATIO_NOTE,
         "memory": MEMORY_NOTE,
+        "host": HOST_NOTE,
     }
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
@@ -307,7 +311,11 @@ def _cell(v, nd=3) -> str:
 
 
 def print_table(rows: Sequence[Dict], prov: Dict[str, str], has_peak: bool) -> None:
-    cols = ["loss", "provider", "mode", "N", "M", "D", "dtype", "ms", "p20", "p80", "TFLOP/s"]
+    cols = ["loss", "provider", "mode", "N", "M", "D", "dtype", "ms", "p20", "p80"]
+    host = any(r.get("host_ms") is not None for r in rows)
+    if host:
+        cols.append("host ms")
+    cols.append("TFLOP/s")
     if has_peak:
         cols.append("% peak")
     cols += ["extra MiB", "loss value", "x compiled", "x naive"]
@@ -315,8 +323,10 @@ def print_table(rows: Sequence[Dict], prov: Dict[str, str], has_peak: bool) -> N
     for r in rows:
         ok = r["status"] == "ok"
         line = [r["loss"], r["provider"], r["mode"], str(r["N"]), str(r["M"]), str(r["D"]), r["dtype"],
-                _cell(r["ms"]) if ok else r["status"], _cell(r["p20"]), _cell(r["p80"]),
-                _cell(r["tflops"], 2)]
+                _cell(r["ms"]) if ok else r["status"], _cell(r["p20"]), _cell(r["p80"])]
+        if host:
+            line.append(_cell(r.get("host_ms")))
+        line.append(_cell(r["tflops"], 2))
         if has_peak:
             line.append(_cell(r["pct_peak"], 1))
         line += [_cell(r["peak_extra_mib"], 1), _cell(r["loss_value"], 5), _cell(r["x_vs_compiled"], 2),

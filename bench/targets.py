@@ -7,7 +7,8 @@ Reads every ``bench.csv`` under the given folders (and in ``extras.tar.gz`` arch
   ``not met`` with the gap, or ``not measured``);
 * the headline table (symmetric CLIP, bf16, N = 32768, fwd+bwd, per D: torch.compile, fastcl,
   Inf-CL, the ratios, TFLOP/s, % of the measured peak and extra memory);
-* forward and backward separately (TFLOP/s and % of peak of each provider).
+* forward and backward separately (TFLOP/s and % of peak of each provider, and the host's time to
+  issue one step: a step the host cannot issue faster than the device runs it is host-bound).
 
 A ratio is only ever formed between rows of one result file (one run, same inputs); when several
 files hold a case, the newest run (``# date:``) is taken. "fastcl" is the faster of the
@@ -317,10 +318,14 @@ def split_table(runs: List[Run]) -> str:
                 continue
             for r in run[1]:
                 if r["status"] == "ok" and _match(r, **case):
-                    lines.append([D, mode, r["provider"], _ms(r), r.get("tflops", ""), r.get("pct_peak", "") or "—"])
+                    host = _num(r.get("host_ms"))
+                    lines.append([D, mode, r["provider"], _ms(r), r.get("tflops", ""),
+                                  r.get("pct_peak", "") or "—",
+                                  "—" if host is None else f"{host:.3g} ms" + (
+                                      " (host-bound)" if host >= 0.9 * float(r["ms"]) else "")])
     if not lines:
         return "(no forward / backward rows at the headline shape)"
-    return _table(["D", "mode", "provider", "median", "TFLOP/s", "% peak"], lines)
+    return _table(["D", "mode", "provider", "median", "TFLOP/s", "% peak", "host issue time"], lines)
 
 
 def build_report(paths: Sequence[str]) -> str:

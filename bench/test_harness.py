@@ -104,6 +104,7 @@ def test_time_step_positive_and_ordered(mode):
     assert 0 < t.p20 <= t.ms <= t.p80
     assert t.ms == pytest.approx(sorted(t.times_ms)[3])
     assert fn.calls == 2 + 7  # warm-up steps + repeats: one forward each, never more
+    assert t.host_ms is None  # (CUDA only: a CPU step runs where it is issued)
     assert all(m == (mode != "fwd") for m in fn.grad_modes)
     for x in sets:  # gradients are reset outside the timed region and left clean
         assert x["queries"].grad is None and x["keys"].grad is None
@@ -142,7 +143,15 @@ def test_cuda_events_and_memory():
     sets = [P.make_inputs("clip", 1024, 1024, 64, torch.float32, dev) for _ in range(2)]
     fn = P.naive_fn("clip")
     t = timing.time_step(fn, sets, "fwdbwd", dev, warmup=2, repeats=5)
-    assert t.ms > 0
+    assert t.ms > 0 and 0 < t.host_ms
+
+    import time as _t
+
+    def host_bound(inp):  # the host's 20 ms, then a short kernel: the device waits on the host
+        _t.sleep(0.02)
+        return fn(inp)
+    t = timing.time_step(host_bound, sets, "fwd", dev, warmup=2, repeats=3)
+    assert t.host_ms >= 20.0 and t.host_ms >= 0.9 * t.ms
     extra = timing.peak_extra_bytes(fn, sets[0], "fwdbwd", dev)
     assert extra >= 1024 * 1024 * 4  # the materialised logits at least
 

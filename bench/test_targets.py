@@ -33,8 +33,9 @@ def _headline_rows():
         rows += [_row("compiled", comp, mem=4032, D=D), _row("fastcl-triton", ours, mem=mem, tflops=1, pct=50, D=D),
                  _row("fastcl-cuda", ours * 2, mem=mem, D=D), _row("infcl", ours * 30, D=D)]
     rows.append(_row("fastcl-triton@dense", 20.0, D=1024))
-    rows += [_row("fastcl-triton", 1.0, mode="fwd", tflops=500, pct=70, D=512),
-             _row("fastcl-triton", 3.0, mode="bwd", tflops=400, pct=55, D=512)]
+    rows += [_row("fastcl-triton", 1.0, mode="fwd", tflops=500, pct=70, D=512, host_ms=0.2),
+             _row("fastcl-triton", 3.0, mode="bwd", tflops=400, pct=55, D=512, host_ms=2.8),
+             _row("compiled", 3.0, mode="bwd", D=512)]
     return rows
 
 
@@ -56,7 +57,10 @@ def test_headline_verdicts(tmp_path):
     assert lines["CLIP fwd+bwd at N = 2^20, D = 512"][3] == "not measured"
     text = targets.build_report([str(tmp_path)])
     assert "fastcl-triton@dense 20 ms" in text  # shown beside the default, at D = 1024
-    assert "| 512 | fwd | fastcl-triton | 1 ms | 500 | 70 |" in text
+    assert "| 512 | fwd | fastcl-triton | 1 ms | 500 | 70 | 0.2 ms |" in text
+    # a step the host issues in nearly its device time is flagged; no host time: a dash
+    assert "| 512 | bwd | fastcl-triton | 3 ms | 400 | 55 | 2.8 ms (host-bound) |" in text
+    assert "| 512 | bwd | compiled | 3 ms |  | — | — |" in text
     assert "NVIDIA H100 80GB HBM3 (torch 2.11.0, triton 3.6.0, git 0123456)" in text
 
 

@@ -12,6 +12,9 @@ size exceeds the last-level cache, so no repeat finds its inputs in cache.
 
 On CUDA each repeat is bracketed by CUDA events (device time, no host sync inside the loop);
 on CPU by ``time.perf_counter``. Results are the median and the 20th / 80th percentiles in ms.
+On CUDA also the host's time to issue one step (``host_ms``: the Python, dispatch and launch
+work, timed on an idle device with nothing waited for): a step whose ``host_ms`` nears its
+``ms`` keeps the device waiting on the host, and its time is the host's, not the kernels'.
 
 Memory (CUDA only): the peak bytes allocated above the inputs during one step of the mode
 (forward for ``fwd``, forward + backward for ``bwd`` and ``fwdbwd``), gradients included.
@@ -93,6 +96,7 @@ class Timing:
     p80: float
     repeats: int
     times_ms: List[float] = field(repr=False, default_factory=list)
+    host_ms: Optional[float] = None  # CUDA: median host time to issue one step
 
 
 def _zero_grads(inputs) -> None:
@@ -134,11 +138,12 @@ class Step:
 
 def time_step(fn: Callable, input_sets: Sequence, mode: str, device: torch.device, *,
               warmup: int = 10, repeats: int = 50, min_repeats: int = 5,
-              max_seconds: Optional[float] = None) -> Timing:
+              max_seconds: Optional[float] = None, host_repeats: int = 3) -> Timing:
     """Median / p20 / p80 (ms) of ``repeats`` steps of ``mode``, rotating over ``input_sets``.
 
     ``max_seconds`` caps the timed repeats by the time the warm-up steps took (never fewer than
-    ``min_repeats``). Exceptions (OOM included) propagate to the caller.
+    ``min_repeats``). On CUDA, ``host_repeats`` more steps, each issued to an idle device, give
+    ``host_ms``. Exceptions (OOM included) propagate to the caller.
     """
     if not input_sets:
         raise ValueError("input_sets must hold at least one input set")
@@ -171,6 +176,7 @@ def time_step(fn: Callable, input_sets: Sequence, mode: str, device: torch.devic
         repeats = max(min(repeats, min_repeats), min(repeats, int(max_seconds / per_step)))
 
     times: List[float] = []
+    host_ms = None
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
@@ -182,6 +188,16 @@ def time_step(fn: Callable, input_sets: Sequence, mode: str, device: torch.devic
             ends[i].record()
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        host = []
+        for i in range(host_repeats):  # each step issued to an idle device
+            x = input_sets[i % n_sets]
+            step.prepare(x)
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            step.run(x)
+            host.append((time.perf_counter() - t) * 1e3)
+            torch.cuda.synchronize(device)
+        host_ms = percentile(host, 50) if host else None
     else:
         for i in range(repeats):
             x = input_sets[i % n_sets]
@@ -192,7 +208,7 @@ def time_step(fn: Callable, input_sets: Sequence, mode: str, device: torch.devic
     for x in input_sets:
         _zero_grads(x)
     return Timing(ms=percentile(times, 50), p20=percentile(times, 20), p80=percentile(times, 80),
-                  repeats=repeats, times_ms=times)
+                  repeats=repeats, times_ms=times, host_ms=host_ms)
 
 
 def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int = 8192, repeats: int = 10,
