@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -690,30 +690,49 @@ def _dcl_rows(Z: Tensor, s: Tensor, weights: Optional[Tensor], be: str, exact: b
 
 def _dcl_negatives(z1: Tensor, z2: Tensor, s: Tensor, be: str, exact: bool, sweep=None,
                    offset: int = 0) -> Tuple[Tensor, Tensor]:
-    """Each row's LSE over its DCL negatives for two views z1, z2 (n, D) as the kernels take them
-    (row i of z1 against z1's other rows and z2's rows but i; z2's rows likewise), as
-    ``(hi (2n,), lo (2n,))``, z1's rows first: hi differentiable, lo its rounding error. Each
-    view against itself and against the other view, each sweep leaving out its band j = i
-    (+ ``offset``); the two LSEs of a row merge in float64 with their lo parts. By default one
-    self-similarity sweep per view and one symmetric sweep of z1 against z2 (its columns z2's
-    rows); with ``sweep`` (as :func:`_dcl_rows`) four one-way sweeps. ``s`` a 0-d tensor."""
+    """Each row's LSE over its DCL negatives for two views z1, z2 (n, D) (row i of z1 against
+    z1's other rows and z2's rows but i; z2's rows likewise): :func:`_view_negatives` of the two
+    views."""
+    return _view_negatives([z1, z2], s, be, exact, sweep, offset)
+
+
+def _view_negatives(views: Sequence[Tensor], s: Tensor, be: str, exact: bool, sweep=None,
+                    offset: int = 0) -> Tuple[Tensor, Tensor]:
+    """Each row's LSE over the rows of V views (n, D) each, as the kernels take them, but its
+    own instance's (row i of view v against every view's rows but their row i), as
+    ``(hi (V n,), lo (V n,))``, view-major: hi differentiable, lo its rounding error. Each view
+    against itself and against every other view, each sweep leaving out its band j = i
+    (+ ``offset``), so that every sweep's interior tiles take the kernels' lean path; a row's
+    LSEs merge in float64 with their lo parts. By default one self-similarity sweep per view
+    and one symmetric sweep per pair of views (its columns the second view's rows); with
+    ``sweep`` (:func:`engine_statistics`'s signature, given this rank's keys: the rows against
+    every rank's rows of a view, this rank's at ``offset``) V^2 one-way sweeps. ``s`` a 0-d
+    tensor."""
+    V = len(views)
+    parts: List[List[Tuple[Tensor, Optional[Tensor]]]] = [[] for _ in range(V)]
     if sweep is None:
         own = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
-        cross = engine_statistics(z1, z2, s, None, Targets(),
-                                  LossSpec(kind="softmax", symmetric=True, exclude_self=True,
-                                           exact=exact), be)
-        pairs = [(engine_statistics(z, z, s, None, Targets(), own, be), lse_x, lo_x)
-                 for z, lse_x, lo_x in ((z1, cross.row_lse, cross.row_lse_lo),
-                                        (z2, cross.col_lse, cross.col_lse_lo))]
+        pair = LossSpec(kind="softmax", symmetric=True, exclude_self=True, exact=exact)
+        for v in range(V):
+            st = engine_statistics(views[v], views[v], s, None, Targets(), own, be)
+            parts[v].append((st.row_lse, st.row_lse_lo))
+            for w in range(v + 1, V):
+                st = engine_statistics(views[v], views[w], s, None, Targets(), pair, be)
+                parts[v].append((st.row_lse, st.row_lse_lo))
+                parts[w].append((st.col_lse, st.col_lse_lo))
     else:
         spec = LossSpec(kind="softmax", exclude_self=True, offset=offset, exact=exact)
-        pairs = []
-        for a, b in ((z1, z2), (z2, z1)):
-            other = sweep(a, b, s, None, Targets(), spec, be)
-            pairs.append((sweep(a, a, s, None, Targets(), spec, be), other.row_lse,
-                          other.row_lse_lo))
-    parts = [merge_lse(st.row_lse, st.row_lse_lo, lse_x, lo_x) for st, lse_x, lo_x in pairs]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+        for v in range(V):
+            for w in [v] + [u for u in range(V) if u != v]:
+                st = sweep(views[v], views[w], s, None, Targets(), spec, be)
+                parts[v].append((st.row_lse, st.row_lse_lo))
+    out = []
+    for lines in parts:
+        hi, lo = lines[0]
+        for hi2, lo2 in lines[1:]:
+            hi, lo = merge_lse(hi, lo, hi2, lo2)
+        out.append((hi, lo if lo is not None else torch.zeros_like(hi)))
+    return torch.cat([p[0] for p in out]), torch.cat([p[1] for p in out]).detach()
 
 
 def soft_info_nce(queries: Tensor, keys: Tensor, targets, *, scale: Scalar = 1.0 / 0.07,
@@ -999,18 +1018,17 @@ def _hcl_rows(Z: Tensor, positives: Tensor, temperature: float, beta: float, tau
 
 def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool = True,
                reduction: str = "mean", backend: str = "auto", exact: bool = False) -> Tensor:
-    """MV-InfoNCE for V >= 2 views of B instances (features (B, V, D)), one fused sweep over the
-    V*B rows:
+    """MV-InfoNCE for V >= 2 views of B instances (features (B, V, D)), fused over the V*B rows:
 
         L_i = log sum_v sum_{c != (v,i)} e^{S_(v,i),c} - log 2 - log sum_{v<w} e^{S_(v,i),(w,i)}
 
-    Both terms come from one sweep, which forms the targets' gradient in its tiles with the rest.
-    V = 2: the pair's logit is each row's index target (the other view), a linear term the lean
-    path handles. V > 2: the instances are labels, and row (v, i) has its target LSE over the
-    other views of i; by symmetry ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v}
+    V = 2: one sweep, the pair's logit each row's index target (the other view), a linear term
+    the lean path handles, its gradient formed in the tiles with the rest. V > 2: row (v, i)
+    has its targets in the other views of i; by symmetry ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v}
     e^{S_(v,i),(w,i)}``, so ``L_i = softplus(LSE_v(negatives' LSE_(v,i)) - LSE_v(target LSE_(v,i)))``
-    with the negatives' and the targets' LSEs kept apart (a target LSE is not linear: these
-    sweeps take the masked path). "none" gives (B,).
+    with the negatives' and the targets' LSEs kept apart: the negatives' from the views' sweeps
+    against themselves and each other, each leaving out its band j = i only (lean tiles, as
+    :func:`dcl`'s), the targets' from the views' row products. "none" gives (B,).
     """
     B, V = _check_multi_view(features)
     _check_reduction(reduction)
@@ -1042,6 +1060,20 @@ def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
         return hi + torch.log1p(torch.expm1(lo - hi) / 2)
     # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
     # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
+    if gram and B > 1:
+        # the negatives from the views' sweeps against themselves and each other, each leaving
+        # out its band j = i only (lean tiles); the targets, V - 1 per row, from the views'
+        # row products: O(B V^2 D)
+        views = list(Z.view(V, B, -1))
+        neg_hi, neg_lo = _view_negatives(views, s, be, exact)
+        dt = neg_hi.dtype
+        negatives = (neg_hi.double() + neg_lo.double()).view(V, B)
+        pairs = {(v, w): s.to(dt) * _row_dots(views[v], views[w]).to(dt)
+                 for v in range(V) for w in range(v + 1, V)}
+        # each instance's logits of its ordered pairs of views (B, V (V - 1)): both orders
+        S = torch.stack([pairs[min(v, w), max(v, w)] for v in range(V) for w in range(V) if v != w], 1)
+        return _softplus_gap(torch.logsumexp(negatives, dim=0),
+                             torch.logsumexp(S.double(), dim=1)).to(dt)
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, target_lse=True,
                     gram=gram, offset=offset, exact=exact)
     ids = torch.arange(B, device=Z.device).add_(offset // V).repeat(V)

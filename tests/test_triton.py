@@ -468,14 +468,15 @@ def test_dense_backward_low_precision(monkeypatch, blocked):
 
 
 @pytest.mark.parametrize("path", [{}, {"DENSE": True}])
-@pytest.mark.parametrize("sigma", [None, 0.5])
+@pytest.mark.parametrize("loss", ["dcl", "dclw", "mv_infonce_3", "mv_infonce_4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, F32])
-def test_dcl_sweeps(monkeypatch, path, sigma, dtype):
-    """DCL and DCLW of two views sweep each view against itself and the views against each other
-    (one symmetric sweep), each sweep leaving out its band j = i only: no closure leaves its
-    targets out, so every sweep's interior tiles take the lean path (PLAIN), on the fused and
-    the wide-feature backward. Loss and gradients (the temperature's too) within 2x PyTorch's
-    own error in the features' dtype."""
+def test_view_pair_sweeps(monkeypatch, path, loss, dtype):
+    """DCL and DCLW of two views, and MV-InfoNCE of V > 2 views, sweep each view against itself
+    and the views against each other (one symmetric sweep per pair), each sweep leaving out its
+    band j = i only: no closure leaves its targets out or takes a target LSE, so every sweep's
+    interior tiles take the lean path (PLAIN), on the fused and the wide-feature backward. Loss
+    and gradients (the temperature's too) within 2x PyTorch's own error in the features'
+    dtype."""
     monkeypatch.setattr(E, "config_override", path)
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
     seen = []
@@ -483,17 +484,28 @@ def test_dcl_sweeps(monkeypatch, path, sigma, dtype):
 
     def spy(queries, spec, targets, bias, **kw):
         out = real(queries, spec, targets, bias, **kw)
-        seen.append((spec.exclude_targets, E._plain(spec, targets), out["PLAIN"], kw.get("gram")))
+        seen.append((spec.exclude_targets or spec.target_lse, E._plain(spec, targets), out["PLAIN"],
+                     kw.get("gram")))
         return out
 
     monkeypatch.setattr(E, "_flags", spy)
     t = torch.tensor(0.2, dtype=F32, device=DEVICE, requires_grad=True)
-    z1, z2 = features(75, 40, dtype, DEVICE), features(75, 40, dtype, DEVICE)
-    _check(f"dcl-{sigma}", lambda a, b, t: fastcl.dcl(a, b, t, weight_sigma=sigma, reduction="none",
-                                                      backend=BACKEND, exact=True),
-           lambda a, b, t: R.dcl(a, b, t, sigma, reduction="none"), [z1, z2, t], dtype=dtype,
-           rtol=1e-3 if dtype != F32 else 2e-5)
-    assert len(seen) >= 6 and not any(x[0] for x in seen) and all(x[1] for x in seen), seen
+    if loss.startswith("dcl"):
+        sigma = 0.5 if loss == "dclw" else None
+        views = [features(75, 40, dtype, DEVICE), features(75, 40, dtype, DEVICE)]
+        fn = lambda a, b, t: fastcl.dcl(a, b, t, weight_sigma=sigma, reduction="none",  # noqa: E731
+                                        backend=BACKEND, exact=True)
+        ref = lambda a, b, t: R.dcl(a, b, t, sigma, reduction="none")  # noqa: E731
+    else:
+        V = int(loss[-1])
+        views = [torch.stack([features(40, 24, dtype, DEVICE) for _ in range(V)], 1).detach()
+                 .requires_grad_()]
+        fn = lambda x, t: fastcl.mv_infonce(x, t, reduction="none", backend=BACKEND,  # noqa: E731
+                                            exact=True)
+        ref = lambda x, t: R.mv_infonce(x, t, reduction="none")  # noqa: E731
+    _check(loss, fn, ref, views + [t], dtype=dtype, rtol=1e-3 if dtype != F32 else 2e-5)
+    pairs = 3 if loss.startswith("dcl") else int(loss[-1]) * (int(loss[-1]) + 1) // 2
+    assert len(seen) >= 2 * pairs and not any(x[0] for x in seen) and all(x[1] for x in seen), seen
     # every launch on the lean path but the self-sweeps' GRAM launches, which IEEE float32
     # products take for their lines' sums, as every self-similarity's do
     assert all(x[2] for x in seen if not x[3]), seen
@@ -528,10 +540,10 @@ def test_dense_self_similarity(monkeypatch, case, dtype):
     per row chunk, is the whole one, in a block of the stacked rows' bytes. ``DENSE_ROWS`` False
     keeps dS alone: NT-Xent then takes dK's float32 sums per slab in a block of twice those
     bytes; HCL dQ summed in the gradient over twice as many slabs, dK's float32 sums per slab
-    folded into it, in a block of the stacked rows' bytes. (DCL and DCLW sweep each view
-    against itself and the views against each other: test_dcl_sweeps.) (IEEE float32
-    features: the lines' totals are corrected afterwards, test_dense_backward,
-    test_line_totals.)"""
+    folded into it, in a block of the stacked rows' bytes. (DCL, DCLW and MV-InfoNCE with
+    V > 2 views sweep each view against itself and the views against each other:
+    test_view_pair_sweeps.) (IEEE float32 features: the lines' totals are corrected
+    afterwards, test_dense_backward, test_line_totals.)"""
     loss, ref, dense_rows, same_rows = _SELF[case]
     monkeypatch.setattr(E, "config_override", {"DENSE": True, "DENSE_ROWS": dense_rows})
     monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
