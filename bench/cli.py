@@ -288,7 +288,8 @@ def run_case(fn, input_sets, row: Dict, args, peak: Optional[float]) -> Dict:
         row["loss_value"] = timing.loss_value(fn, input_sets[0], no_grad=mode == "fwd")
     except Exception as e:  # OOM and failures are results, not crashes
         row["status"] = _error_status(e)
-        for k in ("ms", "p20", "p80", "host_ms", "tflops", "pct_peak", "peak_extra_mib", "loss_value"):
+        for k in ("ms", "p20", "p80", "host_ms", "tflops", "pct_peak", "peak_extra_mib",
+                  "loss_value"):
             row[k] = None
     if row["status"] != "ok":  # outside the handler: the traceback no longer pins the tensors
         timing.free_memory(dev)

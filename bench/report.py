@@ -18,8 +18,8 @@ import torch
 from .timing import FLOP_CONVENTION
 
 COLUMNS = ("loss", "provider", "mode", "N", "M", "D", "dtype", "status", "ms", "p20", "p80",
-           "repeats", "host_ms", "tflops", "pct_peak", "peak_extra_mib", "loss_value", "x_vs_compiled",
-           "x_vs_naive")
+           "repeats", "host_ms", "tflops", "pct_peak", "peak_extra_mib", "loss_value",
+           "x_vs_compiled", "x_vs_naive")
 CSV_NAME, JSON_NAME = "bench.csv", "bench.json"
 RATIO_NOTE = ("x_vs_compiled / x_vs_naive = that provider's median ms / this row's median ms, "
               "same loss, mode, shape and dtype in the same run (> 1: faster)")

@@ -325,7 +325,8 @@ def split_table(runs: List[Run]) -> str:
                                       " (host-bound)" if host >= 0.9 * float(r["ms"]) else "")])
     if not lines:
         return "(no forward / backward rows at the headline shape)"
-    return _table(["D", "mode", "provider", "median", "TFLOP/s", "% peak", "host issue time"], lines)
+    return _table(["D", "mode", "provider", "median", "TFLOP/s", "% peak", "host issue time"],
+                  lines)
 
 
 def build_report(paths: Sequence[str]) -> str:

@@ -1024,10 +1024,11 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 
     V = 2: one sweep, the pair's logit each row's index target (the other view), a linear term
     the lean path handles, its gradient formed in the tiles with the rest. V > 2: row (v, i)
-    has its targets in the other views of i; by symmetry ``sum_{v<w} e^{S_(v,i),(w,i)} = 1/2 sum_v sum_{w != v}
-    e^{S_(v,i),(w,i)}``, so ``L_i = softplus(LSE_v(negatives' LSE_(v,i)) - LSE_v(target LSE_(v,i)))``
-    with the negatives' and the targets' LSEs kept apart: the negatives' from the views' sweeps
-    against themselves and each other, each leaving out its band j = i only (lean tiles, as
+    has its targets in the other views of i; by symmetry ``sum_{v<w} e^{S_(v,i),(w,i)} =
+    1/2 sum_v sum_{w != v} e^{S_(v,i),(w,i)}``, so
+    ``L_i = softplus(LSE_v(negatives' LSE_(v,i)) - LSE_v(target LSE_(v,i)))`` with the
+    negatives' and the targets' LSEs kept apart: the negatives' from the views' sweeps against
+    themselves and each other, each leaving out its band j = i only (lean tiles, as
     :func:`dcl`'s), the targets' from the views' row products. "none" gives (B,).
     """
     B, V = _check_multi_view(features)
@@ -1071,7 +1072,8 @@ def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
         pairs = {(v, w): s.to(dt) * _row_dots(views[v], views[w]).to(dt)
                  for v in range(V) for w in range(v + 1, V)}
         # each instance's logits of its ordered pairs of views (B, V (V - 1)): both orders
-        S = torch.stack([pairs[min(v, w), max(v, w)] for v in range(V) for w in range(V) if v != w], 1)
+        S = torch.stack([pairs[min(v, w), max(v, w)]
+                         for v in range(V) for w in range(V) if v != w], 1)
         return _softplus_gap(torch.logsumexp(negatives, dim=0),
                              torch.logsumexp(S.double(), dim=1)).to(dt)
     spec = LossSpec(kind="softmax", exclude_self=True, exclude_targets=True, target_lse=True,

@@ -67,8 +67,9 @@ class _Draw:
 
 
 def _draw(loss: str, seed: int):
-    """(call(fn, x), ref(x), inputs): ``call`` runs fastcl's loss through ``fn`` (the loss with
-    the backend bound) on the inputs ``x`` (a dict: tensors by name), ``ref`` the reference."""
+    """(call(fn, x), ref(x), inputs, public): ``public`` the loss's fastcl function, ``call``
+    runs ``fn`` (``public`` with a backend bound) on the inputs ``x`` (a dict of tensors by
+    name, as ``inputs``), ``ref`` the reference on them."""
     d = _Draw(loss, seed)
     N, D = d.int(2, 28), d.int(2, 16)
     red = d.pick("mean", "sum", "none")
@@ -144,7 +145,8 @@ def _draw(loss: str, seed: int):
         if loss == "nt_xent":
             t = d.scalar("t", 0.1, 0.5, 1.0)
             return ((lambda fn, x: fn(x[z1], x[z2], opt(x, t), normalize=unit, reduction=red)),
-                    (lambda x: R.nt_xent(x[z1], x[z2], opt(x, t), unit, red)), d.inputs, fastcl.nt_xent)
+                    (lambda x: R.nt_xent(x[z1], x[z2], opt(x, t), unit, red)), d.inputs,
+                    fastcl.nt_xent)
         if loss == "dcl":
             t, ws = d.scalar("t", 0.1, 0.5), d.pick(None, 0.5)
             return ((lambda fn, x: fn(x[z1], x[z2], opt(x, t), weight_sigma=ws, normalize=unit,
@@ -205,7 +207,8 @@ def _draw(loss: str, seed: int):
         u = d.tensor("u", N, dt_, grad=False, unit=True)
         if loss == "distill":
             v = d.tensor("v", M, dt_, grad=False, unit=True)
-            ts, obj, dirs = d.pick(5.0, 20.0), d.pick("kl", "cross_entropy"), d.pick("both", "row", "col")
+            ts, obj = d.pick(5.0, 20.0), d.pick("kl", "cross_entropy")
+            dirs = d.pick("both", "row", "col")
 
             def ref(x):
                 rows = R.distill(x[q], x[k], x[u], x[v], opt(x, s), ts, "none", obj)
@@ -217,7 +220,8 @@ def _draw(loss: str, seed: int):
         if loss == "cwcl":
             v = d.tensor("v", M, dt_, grad=False, unit=True)
             return ((lambda fn, x: fn(x[q], x[k], x[u], x[v], scale=opt(x, s), reduction=red)),
-                    (lambda x: R.cwcl(x[q], x[k], x[u], x[v], opt(x, s), red)), d.inputs, fastcl.cwcl)
+                    (lambda x: R.cwcl(x[q], x[k], x[u], x[v], opt(x, s), red)), d.inputs,
+                    fastcl.cwcl)
         ts, alpha = d.pick(5.0, 10.0), d.pick(0.0, 0.3, 1.0)
         return ((lambda fn, x: fn(x[q], x[k], opt(x, s), x[u], ts, alpha=alpha, reduction=red)),
                 (lambda x: R.softclip(x[q], x[k], opt(x, s), x[u], ts, alpha, red)), d.inputs,
@@ -246,7 +250,8 @@ def _run(fn, x, seed):
     random grad_output (drawn in float64, then cast)."""
     out = fn(x)
     gen = torch.Generator().manual_seed(seed + 7)
-    go = torch.randn(out.shape, generator=gen, dtype=F64) if out.dim() else torch.tensor(0.7, dtype=F64)
+    go = torch.randn(out.shape, generator=gen, dtype=F64) if out.dim() else \
+        torch.tensor(0.7, dtype=F64)
     leaves = [t for t in x.values() if t.requires_grad]
     grads = torch.autograd.grad(out, leaves, go.to(out), allow_unused=True) if leaves else []
     return [out.detach().double().cpu()] + [None if g is None else g.double().cpu() for g in grads]
@@ -276,7 +281,8 @@ def test_torch_backend_float64(loss, seed):
 
 def _backends():
     out = []
-    if _backend.has_triton() and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if _backend.has_triton() and (DEVICE.type == "cuda" or interpreted):
         out.append("triton")
     if _backend.has_extension():
         out.append("cpu")
