@@ -1,8 +1,9 @@
 """torch.compile of the Triton backend's losses without a GPU (run as a module, with
 TRITON_INTERPRET unset: dynamo traces Triton's JIT kernels, not the interpreter's):
-``python -m tests.fake_compile [--dynamic] LOSS ...`` prints a JSON report {loss: {"ok", "error",
-"graphs", "kernels"}} used by tests/test_gpu_plan.py (``--dynamic``: ``dynamic=True``, symbolic
-sizes and floats).
+``python -m tests.fake_compile [--dynamic] [--float32] LOSS ...`` prints a JSON report {loss:
+{"ok", "error", "graphs", "kernels"}} used by tests/test_gpu_plan.py (``--dynamic``:
+``dynamic=True``, symbolic sizes and floats; ``--float32``: float32 features, which take the
+wide-feature backward at D = 200, instead of bfloat16 ones).
 
 Each loss of tests/_utils.LOSSES is compiled as one graph (``fullgraph=True``, forward and the
 autograd Function's backward) on fake CUDA tensors of an H100, then run on them (nothing runs:
@@ -61,7 +62,7 @@ def _pretend_gpu(monkeypatch) -> None:
     driver.set_active(fake)
 
 
-def compile_report(names, dynamic: bool = False) -> dict:
+def compile_report(names, dynamic: bool = False, dtype: torch.dtype = torch.bfloat16) -> dict:
     from bench.launch_plan import FakeGPU, Patcher
     from ._utils import LOSSES, loss_inputs
 
@@ -70,7 +71,7 @@ def compile_report(names, dynamic: bool = False) -> dict:
     # fake tensors, the compiled graph launches nothing)
     gpu = FakeGPU(monkeypatch, 90, record_launches=False)
     _pretend_gpu(monkeypatch)
-    x = loss_inputs(gpu.tensor, 1004, 200, torch.bfloat16)
+    x = loss_inputs(gpu.tensor, 1004, 200, dtype)
     report = {}
     for name in names:
         graphs = []
@@ -101,5 +102,7 @@ def compile_report(names, dynamic: bool = False) -> dict:
 if __name__ == "__main__":
     from ._utils import LOSSES
 
-    names = [a for a in sys.argv[1:] if a != "--dynamic"]
-    print(json.dumps(compile_report(names or list(LOSSES), dynamic="--dynamic" in sys.argv)))
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    dtype = torch.float32 if "--float32" in sys.argv else torch.bfloat16
+    print(json.dumps(compile_report(names or list(LOSSES), dynamic="--dynamic" in sys.argv,
+                                    dtype=dtype)))

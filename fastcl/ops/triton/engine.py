@@ -1722,6 +1722,15 @@ def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool
     return min(ceil(-(-N // n_chunks), BM), ceil(N, BM)), min(W, ceil(M, BN))
 
 
+def _row_strides(x: torch.Tensor):
+    """(row stride, feature stride) of a 2-D tensor, from its shape when it is contiguous:
+    under torch.compile a view's strides can stay symbolic where its sizes are already
+    specialised, and dynamo then cannot read them one by one."""
+    if x.is_contiguous():
+        return x.shape[1], 1
+    return x.stride(0), x.stride(1)
+
+
 def span_work(r0: int, r1: int, c0: int, c1: int, N: int, M: int, offset: int, BM: int,
               BN: int):
     """(band, plain): whether the block [r0, r1) x [c0, c1) of the N x M matrix, r0 and c0
@@ -1858,8 +1867,8 @@ def _backward_dense(queries, keys, scale, bias, targets, spec, stats, flags_args
                     t.zero_()
             args = (queries, keys, *common, dS, _ptr(sb, stats.row_lse),
                     _ptr(rp, stats.row_lse), _ptr(cp, stats.row_lse), N, M, D, spec.offset,
-                    _ratio2(spec), r0, c0, n_rows_blk, n_cols_blk, queries.stride(0),
-                    queries.stride(1), keys.stride(0), keys.stride(1), ds_buf.stride(0),
+                    _ratio2(spec), r0, c0, n_rows_blk, n_cols_blk, *_row_strides(queries),
+                    *_row_strides(keys), ds_buf.stride(0),
                     a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
                     a2_row.stride(0))
             _grad_tiles_kernel[grid](*args, **const, TILES=tiles_, SPAN_M=BM, SPAN_N=BN,
@@ -2234,7 +2243,7 @@ def forward(queries, keys, scale, bias, targets, spec) -> EngineStats:
         args = (queries, keys, scale, _ptr(bias, scale), *_metadata(targets, row_lse, aux=aux),
                 row_lse, row_pos, row_npos, partial, refs, col_pos, row_init, flags_buf, row_lo,
                 partial_lo, N, M, D, start, spec.offset, _ratio2(spec),
-                queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+                *_row_strides(queries), *_row_strides(keys))
         args_band, cfg_band = _with_tma(args, queries, keys, cfg)
         if plain:
             _launch(_forward_kernel, (nb,), args_band, dict(const, TILES=1, RESIDENT=False), cfg_band,
@@ -2385,7 +2394,7 @@ def _backward_fused(queries, keys, scale, bias, targets, spec, stats, grads, col
     common = (scale, _ptr(bias, scale), *_metadata(targets, stats.row_lse, aux=stats.row_aux),
               stats.row_lse, stats.row_pos, stats.row_npos,
               col_lse, a_row, b_row, a_col, b_col, a2_row)
-    strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+    strides = (*_row_strides(queries), *_row_strides(keys))
     grad_strides = (a_row.stride(0), b_row.stride(0), a_col.stride(0), b_col.stride(0),
                     a2_row.stride(0))
     precision = _dot_precision(queries, spec.exact)
@@ -2473,7 +2482,7 @@ def count_above(queries, keys, scale, bias, targets, spec, threshold=None):
             counts, counts, counts, counts, counts, counts, counts, counts, counts, counts, N, M, D,
             0, spec.offset,
             0.0,
-            queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
+            *_row_strides(queries), *_row_strides(keys))
     flags = _flags(queries, spec, targets, bias)
     flags.pop("PLAIN")
     flags.pop("TARGET_K")
@@ -2559,7 +2568,7 @@ def top_negatives(queries, keys, targets, spec, k: int):
     _top_negatives_kernel[grid](
         queries, keys, _ptr(targets.positives, vals), _ptr(targets.row_labels, vals),
         _ptr(targets.col_labels, vals), vals, idx, N, M, D, spec.offset,
-        queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
+        *_row_strides(queries), *_row_strides(keys),
         HAS_POS=targets.positives is not None, LABELS=targets.row_labels is not None,
         EXCLUDE_SELF=spec.exclude_self, K=k, KP=max(2, _next_pow2(k)),
         PRECISION=_dot_precision(queries, spec.exact),
