@@ -16,7 +16,7 @@ FLOOR_DEPS := torch==2.4.1 triton==3.0.0 "numpy<2" pytest ninja pybind11 setupto
 FLOOR_SRC := build/floor
 FLOOR_TESTS := tests/test_triton.py tests/test_plain_tiles.py tests/test_family.py tests/test_api.py \
 	tests/test_cpp_ops.py tests/test_distributed.py tests/test_validation.py tests/test_reference.py \
-	tests/test_train.py
+	tests/test_train.py tests/test_random_cases.py
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 export MAX_JOBS ?= 2
