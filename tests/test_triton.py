@@ -566,6 +566,19 @@ def test_dense_self_similarity(monkeypatch, case, dtype):
                                        else slabs >= 3), plans
 
 
+def test_dense_plan_small_matrix_is_one_block():
+    """A matrix whose whole dS and float32 sums take at most 8 x _DENSE_BYTES_MIN (64 MiB) is
+    one block: N = M = 4096, D = 512, bf16 (dS 32 MiB + dK sums 8 MiB) in one pair of dS
+    launches and two GEMMs instead of four column slabs; N = M = 8192 (128 MiB of dS) keeps
+    its slabs and row chunks within the inputs' bytes."""
+    assert E.dense_plan(4096, 4096, 512, 2, 128, 64, True) == (4096, 4096)
+    assert E.dense_plan(4000, 3000, 512, 2, 128, 64, True) == (4096, 3008)
+    assert E.dense_plan(4096, 4096, 512, 2, 128, 64, False, same_rows=True,
+                        rows_acc=True) == (4096, 4096)
+    R, W = E.dense_plan(8192, 8192, 512, 2, 128, 64, True)
+    assert W == 2048 and R < 8192 and R * W * 2 + W * 512 * 4 <= 16 << 20
+
+
 @pytest.mark.parametrize("D", [384, 512, 768, 1024, 2048])
 @pytest.mark.parametrize("N,M", [(32768, 32768), (8192, 65536), (1 << 20, 1 << 20), (300, 70)])
 def test_dense_plan_bounds(N, M, D):

@@ -1611,6 +1611,10 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
     return cfg
 
 
+# the wide-feature backward's dS block may take this much whatever the inputs' size; and a
+# matrix whose whole dS and sums take at most 8 times this is one block: each block costs the
+# host ~10 operators and 1-2 launches, which small blocks' tensor-core work does not cover
+# (N = M = 4096, D = 512, bf16: 4 blocks of ~0.03 ms each)
 _DENSE_BYTES_MIN = 8 << 20
 
 
@@ -1707,11 +1711,17 @@ def dense_plan(N: int, M: int, D: int, elt: int, BM: int, BN: int, dk_sums: bool
     False: its columns' part from dK, folded into the one gradient): the columns go in twice as
     many slabs, so that the sums stay a quarter of the budget (bf16) and the row chunks as long
     as the general plan's at twice the bytes (R = 3072 there, ~300 FLOP per byte); dQ is then
-    rounded once per slab, 8 times."""
+    rounded once per slab, 8 times.
+
+    A matrix whose whole dS and sums take at most max(8 _DENSE_BYTES_MIN, the rows' bytes) is
+    one block."""
     ceil = lambda x, m: -(-x // m) * m  # noqa: E731
     fold = same_rows and dk_sums and not rows_acc
-    W = ceil(-(-M // (_DENSE_SLABS * (2 if fold else 1))), BN)
     rows_bytes = (N if same_rows else N + M) * min(D, 512) * elt
+    whole = N * M * elt + (N * D * 4 if rows_acc else M * D * 4 if dk_sums else 0)
+    if whole <= max(8 * _DENSE_BYTES_MIN, rows_bytes):
+        return ceil(N, BM), ceil(M, BN)
+    W = ceil(-(-M // (_DENSE_SLABS * (2 if fold else 1))), BN)
     if rows_acc:
         budget = max(_DENSE_BYTES_MIN, rows_bytes)
         R = max(BM, budget // (W * elt + D * 4) // BM * BM)
