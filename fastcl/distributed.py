@@ -944,9 +944,12 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
                exact: bool = False, check_sizes: bool = True) -> Tensor:
     """MV-InfoNCE of the global batch: :func:`fastcl.mv_infonce` of every rank's instances
     concatenated in rank order (B = W * b instances of V views), from each rank's local
-    instances (b, V, D): each rank's V*b rows against the all-gathered rows (with their
-    gradient), or the row blocks travelling round the ring, one fused sweep. "mean" divides by
-    B. Other arguments as :func:`fastcl.mv_infonce` and :func:`nt_xent`.
+    instances (b, V, D). Gather: each view's local rows against each view's all-gathered rows
+    (with their gradient), each sweep leaving out the rows' own instance, as
+    :func:`fastcl.mv_infonce` does in one process (V > 2 views; two views: the V*b rows against
+    all, one sweep). Ring: the row blocks travel round the ring, one fused sweep of the V*b rows
+    (the instances as labels), so that a block goes round once. "mean" divides by B. Other
+    arguments as :func:`fastcl.mv_infonce` and :func:`nt_xent`.
     """
     _check_mode(mode, reduction)
     if _world(group)[0] == 1:
@@ -961,12 +964,14 @@ def mv_infonce(features: Tensor, temperature=0.1, *, normalize: bool = True,
     rows = _stack_rows(views, normalize, _cast_dtype(features))
     be = _backend.resolve(backend, rows.device, rows.dtype)
     s = _sync_scalar(_temperature_scale(temperature, rows), group)
-    key_ids = None
-    if V > 2:  # rank k's rows: its instances k b .. k b + b - 1, view-major
+    key_ids = view_offset = None
+    if V > 2 and mode == "gather":  # each view gathered once, swept against each view's rows
+        view_offset = r * b
+    elif V > 2:  # rank k's rows: its instances k b .. k b + b - 1, view-major
         key_ids = (torch.arange(b, device=rows.device).repeat(W * V)
                    + (torch.arange(W, device=rows.device) * b).repeat_interleave(V * b))
     per = _mv_infonce_rows(rows, b, V, s, be, exact, sweep=_sweeper(mode, group),
-                           offset=r * V * b, key_ids=key_ids)
+                           offset=r * V * b, key_ids=key_ids, view_offset=view_offset)
     return _global_reduce(per, W * b, reduction, group)
 
 

@@ -1041,11 +1041,15 @@ def mv_infonce(features: Tensor, temperature: Scalar = 0.1, *, normalize: bool =
 
 
 def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
-                     sweep=None, offset: int = 0, key_ids: Optional[Tensor] = None) -> Tensor:
+                     sweep=None, offset: int = 0, key_ids: Optional[Tensor] = None,
+                     view_offset: Optional[int] = None) -> Tensor:
     """Per-instance MV-InfoNCE losses (B,) of the rows Z (V*B, D), view-major; ``sweep`` and
     ``offset`` as :func:`_hcl_rows`. V > 2: ``key_ids`` every key's instance id (default: Z's,
     ``arange(B).repeat(V)``); Z's instances are ``offset // V + arange(B)``, so each rank's
-    block holds its instances' V views view-major."""
+    block holds its instances' V views view-major. ``view_offset`` (V > 2, with ``sweep``):
+    each view's rows against every rank's rows of each view instead (:func:`_view_negatives`),
+    Z's rows of a view at ``view_offset`` among that view's; else one sweep of Z against
+    every rank's rows with the instances as labels."""
     gram = sweep is None
     stats = sweep or engine_statistics
     if V == 2:  # the pair's logit S_(0,i),(1,i), each row's target (its half of the gradient)
@@ -1061,12 +1065,12 @@ def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
         return hi + torch.log1p(torch.expm1(lo - hi) / 2)
     # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
     # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
-    if gram and B > 1:
+    if (gram and B > 1) or view_offset is not None:
         # the negatives from the views' sweeps against themselves and each other, each leaving
         # out its band j = i only (lean tiles); the targets, V - 1 per row, from the views'
         # row products: O(B V^2 D)
         views = list(Z.view(V, B, -1))
-        neg_hi, neg_lo = _view_negatives(views, s, be, exact)
+        neg_hi, neg_lo = _view_negatives(views, s, be, exact, sweep, view_offset or 0)
         dt = neg_hi.dtype
         negatives = (neg_hi.double() + neg_lo.double()).view(V, B)
         pairs = {(v, w): s.to(dt) * _row_dots(views[v], views[w]).to(dt)

@@ -271,6 +271,17 @@ def _worker_family(r, W):
         fdist.all_gather_with_grad = real
     if calls != [(n, d), (n, d)]:
         raise AssertionError(f"dcl gathers {calls}")
+    # and MV-InfoNCE's V^2 sweeps with three views each view once (the lean sweeps, not one
+    # of the V n rows against all)
+    calls = []
+    fdist.all_gather_with_grad = lambda x, group=None: (calls.append(x.shape), real(x, group))[1]
+    try:
+        (f,) = _slices(r, W, torch.randn(N, 3, d, generator=gen, dtype=torch.float64).requires_grad_())
+        fdist.mv_infonce(f, 0.3, backend="torch").backward()
+    finally:
+        fdist.all_gather_with_grad = real
+    if calls != [(n, d)] * 3:
+        raise AssertionError(f"mv_infonce gathers {calls}")
     for mode, (beta, tau_plus, reduction) in itertools.product(
             fdist.MODES, ((1.0, 0.1, "mean"), (0.0, 0.0, "sum"), (2.0, 0.05, "mean"))):
         ref = reference.hcl(Z1, Z2, 0.4, beta=beta, tau_plus=tau_plus, reduction=reduction)
