@@ -1065,10 +1065,11 @@ def _mv_infonce_rows(Z: Tensor, B: int, V: int, s: Tensor, be: str, exact: bool,
         return hi + torch.log1p(torch.expm1(lo - hi) / 2)
     # row (v, i): the LSE over the negatives (c not an (w, i)) and over the targets (w, i),
     # w != v; L_i = softplus(LSE_v(negatives) - LSE_v(targets)), as in supcon's L_in
-    if (gram and B > 1) or view_offset is not None:
+    if (gram and B > 1 and be == "triton") or view_offset is not None:
         # the negatives from the views' sweeps against themselves and each other, each leaving
         # out its band j = i only (lean tiles); the targets, V - 1 per row, from the views'
-        # row products: O(B V^2 D)
+        # row products: O(B V^2 D). (The Triton kernels' lean path; the torch engine takes the
+        # one sweep, a graph torch.compile builds V (V + 1) / 2 times faster.)
         views = list(Z.view(V, B, -1))
         neg_hi, neg_lo = _view_negatives(views, s, be, exact, sweep, view_offset or 0)
         dt = neg_hi.dtype
