@@ -1,6 +1,9 @@
 """The C++ extension backends ("cpu" kernels here, "cuda" kernels on a GPU) against the float64
 reference: public losses, the engine contract directly, low precision, and the op registrations."""
 import math
+import platform
+import re
+import shutil
 
 import pytest
 import torch
@@ -576,3 +579,44 @@ def test_cuda_opcheck_and_determinism():
     second = torch.ops.fastcl.engine_backward(*bwd)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def _setup_constant(name):
+    import ast
+    import pathlib
+
+    tree = ast.parse((pathlib.Path(__file__).parents[1] / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py defines no {name}")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64",
+                    reason="reads GCC's vectorisation report of the x86-64-v3 clones")
+def test_tile_loops_vectorise(tmp_path):
+    """Every tile loop that takes an exponential compiles to vector code with the build's flags
+    (GCC's report): a scalar exp costs the CPU forward about as much as its matrix products."""
+    import pathlib
+    import subprocess
+    import sysconfig
+
+    import torch.utils.cpp_extension as cpp_ext
+
+    root = pathlib.Path(__file__).parents[1]
+    src = root / "csrc" / "cpu" / "engine_cpu.cpp"
+    flags = _setup_constant("CXX_OPT_FLAGS")
+    cmake = (root / "CMakeLists.txt").read_text()
+    assert all(f"<COMPILE_LANGUAGE:CXX>:{f}>" in cmake for f in flags), "CMake's C++ flags differ"
+    std = "-std=c++20" if "C++20" in (pathlib.Path(cpp_ext.include_paths()[0]) / "ATen" / "ATen.h").read_text() \
+        else "-std=c++17"
+    cmd = (["g++", *flags, std, "-fopenmp", "-fPIC", "-c", str(src), "-o", str(tmp_path / "e.o"),
+            "-fopt-info-vec-optimized", f"-I{root / 'csrc'}", f"-I{sysconfig.get_paths()['include']}"]
+           + [f"-I{p}" for p in cpp_ext.include_paths()])
+    report = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    lines = src.read_text().splitlines()
+    exp_loops = [n for n, text in enumerate(lines, 1) if "exp_fast(" in text and "for (" in text]
+    assert len(exp_loops) >= 4, "the tile loops moved: update this test"
+    scalar = [lines[n - 1].strip() for n in exp_loops
+              if not re.search(rf"engine_cpu\.cpp:{n}:\d+: optimized: loop vectorized using 32 byte", report)]
+    assert not scalar, f"scalar exp loops: {scalar}"
