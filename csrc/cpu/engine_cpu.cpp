@@ -81,7 +81,9 @@ inline float log1p_unit(float u) {
 #if defined(__GNUC__)
 __attribute__((always_inline))
 #endif
-inline float softplus_fast(float x) { return std::max(x, 0.f) + log1p_unit(exp_fast(-std::fabs(x))); }
+inline float softplus_fast(float x) {
+  return std::max(x, 0.f) + log1p_unit(exp_fast(-std::fabs(x)));
+}
 #if defined(__GNUC__)
 __attribute__((always_inline))
 #endif
@@ -192,13 +194,13 @@ FASTCL_TILE_FN void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, 
       } else {  // the one target: left out of the vector loop, then added
         const int64_t j = t.pos_of_row(i);
         const bool here = j >= c0 && j < c0 + nc && t.valid(i, j);
-        const float st_ = here ? S[j - c0] : 0.f;
+        const float target = here ? S[j - c0] : 0.f;
         if (here) S[j - c0] = kNegInf;
 #pragma omp simd reduction(+ : acc)
         for (int64_t c = 0; c < nc; ++c) acc += softplus_fast(S[c]);
         if (here) {
-          S[j - c0] = st_;
-          acc += softplus_fast(-st_);
+          S[j - c0] = target;
+          acc += softplus_fast(-target);
         }
       }
       st.m[r] += acc;  // the sigmoid closure keeps its running row loss in m
@@ -369,7 +371,7 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
   // column part, each as formed, before the two parts are added.
   const TargetMeta& t = p.t;
   const float s = p.s, b = p.b;
-  if (p.kind == kSigmoid) {  // dS = -g_i z sigmoid(-z S) (grad_logit_parts), 0 on the entry left out
+  if (p.kind == kSigmoid) {  // dS = -g_i z sigmoid(-z S) (grad_logit_parts); 0 where left out
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t i = r0 + r;
       const float* Cr = C + r * nc;
