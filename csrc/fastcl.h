@@ -94,13 +94,6 @@ FASTCL_HD void grad_logit_parts(const TargetMeta& t, const GradMeta& g, int64_t 
     col = g.grad_col[j] * (expf(S - g.col_lse[j]) - (t.col_target(i, j) ? 1.f : 0.f));
 }
 
-FASTCL_HD float grad_logit(const TargetMeta& t, const GradMeta& g, int64_t i, int64_t j, float c, float s,
-                           float b) {
-  float row, col;
-  grad_logit_parts(t, g, i, j, c, s, b, row, col);
-  return row + col;
-}
-
 // ---------------------------------------------------------------------------------------------
 // op signatures (schemas in ops.cpp)
 // ---------------------------------------------------------------------------------------------

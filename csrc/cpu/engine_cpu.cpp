@@ -89,6 +89,19 @@ __attribute__((always_inline))
 #endif
 inline float sigmoid_fast(float x) { return 1.f / (1.f + exp_fast(std::min(-x, 88.f))); }
 
+// Row i's targets among the columns c0 .. c0 + nc as a float mask (1: a target), for the vector
+// loops: 64-bit label or index compares beside 32-bit floats keep a loop scalar.
+inline void row_target_mask(const TargetMeta& t, int64_t i, int64_t c0, int64_t nc, float* hit) {
+  if (t.label_mode()) {
+    const int64_t li = t.row_labels[i];
+    const int64_t* cl = t.col_labels + c0;
+    for (int64_t c = 0; c < nc; ++c) hit[c] = cl[c] == li ? 1.f : 0.f;
+  } else {
+    const int64_t jt = t.pos_of_row(i) - c0;
+    for (int64_t c = 0; c < nc; ++c) hit[c] = c == jt ? 1.f : 0.f;
+  }
+}
+
 // The tile loops are compiled twice, for AVX2/FMA (x86-64-v3) and for the baseline ISA, and the
 // right one is picked at load time.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -180,28 +193,13 @@ FASTCL_TILE_FN void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, 
       if (j >= c0 && j < c0 + nc) S[j - c0] = kNegInf;
     }
     if (p.kind == kSigmoid) {  // sum of softplus(-z S): z = +1 on targets, -1 elsewhere
+      float hit[kCols];
+      row_target_mask(t, i, c0, nc, hit);
       float acc = 0.f;
-      if (t.label_mode()) {
-        float hit[kCols];  // (64-bit compares beside 32-bit floats would keep the loop scalar)
-        const int64_t li = t.row_labels[i];
-        const int64_t* cl = t.col_labels + c0;
-        for (int64_t c = 0; c < nc; ++c) hit[c] = cl[c] == li ? 1.f : 0.f;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < nc; ++c) {
-          const float v = softplus_fast(hit[c] != 0.f ? -S[c] : S[c]);
-          acc += S[c] == kNegInf ? 0.f : v;  // (-inf: the entry left out)
-        }
-      } else {  // the one target: left out of the vector loop, then added
-        const int64_t j = t.pos_of_row(i);
-        const bool here = j >= c0 && j < c0 + nc && t.valid(i, j);
-        const float target = here ? S[j - c0] : 0.f;
-        if (here) S[j - c0] = kNegInf;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < nc; ++c) acc += softplus_fast(S[c]);
-        if (here) {
-          S[j - c0] = target;
-          acc += softplus_fast(-target);
-        }
+      for (int64_t c = 0; c < nc; ++c) {
+        const float v = softplus_fast(hit[c] != 0.f ? -S[c] : S[c]);
+        acc += S[c] == kNegInf ? 0.f : v;  // (-inf: the entry left out)
       }
       st.m[r] += acc;  // the sigmoid closure keeps its running row loss in m
       continue;
@@ -377,22 +375,12 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
       const float* Cr = C + r * nc;
       float* Gr = Gt + r * nc;
       const float g = gm.grad_row[i];
-      // in-tile columns as 32-bit integers (64-bit compares beside 32-bit floats keep a loop
-      // scalar): the entry left out and the index target, -1 when not in the tile
-      const auto in_tile = [&](int64_t j) {
-        return static_cast<int32_t>(j >= c0 && j < c0 + nc ? j - c0 : -1);
-      };
-      const int32_t out = t.exclude_self ? in_tile(i + t.offset) : -1;
+      // the entry left out as a 32-bit in-tile column (-1: not in the tile)
+      const int64_t jx = i + t.offset - c0;
+      const int32_t out = t.exclude_self && jx >= 0 && jx < nc ? static_cast<int32_t>(jx) : -1;
       const int32_t n = static_cast<int32_t>(nc);
       float hit[kCols];
-      if (t.label_mode()) {
-        const int64_t li = t.row_labels[i];
-        const int64_t* cl = t.col_labels + c0;
-        for (int32_t c = 0; c < n; ++c) hit[c] = cl[c] == li ? 1.f : 0.f;
-      } else {
-        const int32_t jt = in_tile(t.pos_of_row(i));
-        for (int32_t c = 0; c < n; ++c) hit[c] = c == jt ? 1.f : 0.f;
-      }
+      row_target_mask(t, i, c0, nc, hit);
       float ts = 0.f, tb = 0.f;
 #pragma omp simd reduction(+ : ts, tb)
       for (int32_t c = 0; c < n; ++c) {
