@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "fastcl.h"
@@ -118,6 +119,13 @@ inline void group_range(int64_t g, int64_t ngroups, int64_t nblocks, int64_t& b0
 
 inline int64_t num_groups(int64_t nblocks) {
   return std::max<int64_t>(1, std::min<int64_t>(nblocks, at::get_num_threads()));
+}
+
+// Uninitialised float scratch of n entries. A tile's buffers are sized by the tile the problem
+// really has (min(N, kRows) x min(M, kCols)): full-size ones would be allocated (and, as
+// vectors, zeroed) on every call, which at small N costs more than the sweep.
+inline std::unique_ptr<float[]> scratch_floats(int64_t n) {
+  return std::unique_ptr<float[]>(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]);
 }
 
 at::Tensor as_f32(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
@@ -298,7 +306,7 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
   float* colpos_p = symmetric ? col_pos.data_ptr<float>() : nullptr;
 
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<float> C(kRows * kCols);
+    const auto C = scratch_floats(std::min(N, kRows) * std::min(M, kCols));
     std::vector<double> scratch(kCols);
     RowState st;
     for (int64_t g = g0; g < g1; ++g) {
@@ -315,10 +323,10 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
         }
         for (int64_t c0 = 0; c0 < M; c0 += kCols) {
           const int64_t nc = std::min(kCols, M - c0);
-          tile_dot(p, r0, nr, c0, nc, C.data());
-          forward_tile_rows(p, r0, nr, c0, nc, C.data(), st);
+          tile_dot(p, r0, nr, c0, nc, C.get());
+          forward_tile_rows(p, r0, nr, c0, nc, C.get(), st);
           if (symmetric)
-            forward_tile_cols(p, r0, nr, c0, nc, C.data(), gmax, gsum, colpos_p, scratch.data());
+            forward_tile_cols(p, r0, nr, c0, nc, C.get(), gmax, gsum, colpos_p, scratch.data());
         }
         for (int64_t r = 0; r < nr; ++r) {
           if (kind == kSigmoid)
@@ -520,6 +528,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   const bool col_lines = line_sums && has_gc;
   const bool row_sweep = need_q || (need_sb && !need_k) || line_sums;
   const int64_t nrb = (N + kRows - 1) / kRows, ncb = (M + kCols - 1) / kCols;
+  const int64_t tile = std::min(N, kRows) * std::min(M, kCols);
   double sum_s = 0.0, sum_b = 0.0;
   std::vector<double> row_acc(line_sums ? N : 0, 0.0), col_acc(col_lines ? M : 0, 0.0);
 
@@ -536,7 +545,8 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
     const int64_t G = G_rows;
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), Gc(kRows * kCols), acc(need_q ? kRows * D : 0);
+      const auto C = scratch_floats(tile), Gt = scratch_floats(tile), Gc = scratch_floats(tile),
+                 acc = scratch_floats(need_q ? std::min(N, kRows) * D : 0);
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0, b1;
         group_range(g, G, nrb, b0, b1);
@@ -544,20 +554,20 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
           const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
           at::Tensor dq_acc;
           if (need_q) {
-            dq_acc = at::from_blob(acc.data(), {nr, D}, f32);
+            dq_acc = at::from_blob(acc.get(), {nr, D}, f32);
             dq_acc.zero_();
           }
           for (int64_t c0 = 0; c0 < M; c0 += kCols) {
             const int64_t nc = std::min(kCols, M - c0);
-            tile_dot(p, r0, nr, c0, nc, C.data());
-            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g],
+            tile_dot(p, r0, nr, c0, nc, C.get());
+            grad_tile(p, gm, r0, nr, c0, nc, C.get(), Gt.get(), Gc.get(), ps[g], pb[g],
                       line_sums ? row_acc.data() + r0 : nullptr,
                       col_lines && fused ? col_parts.data() + g * M + c0 : nullptr);
             if (need_q)
-              dq_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32), p.k.narrow(0, c0, nc));
+              dq_acc.addmm_(at::from_blob(Gt.get(), {nr, nc}, f32), p.k.narrow(0, c0, nc));
             if (fused)
               dk_parts.select(0, g).narrow(0, c0, nc).addmm_(
-                  at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
+                  at::from_blob(Gt.get(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
           }
           if (need_q) {
             at::Tensor rows = dq.narrow(0, r0, nr);
@@ -577,8 +587,8 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
     const int64_t G = num_groups(ncb);
     std::vector<double> ps(G, 0.0), pb(G, 0.0);
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> C(kRows * kCols), Gt(kRows * kCols), Gc(kRows * kCols),
-          acc(need_k ? kCols * D : 0);
+      const auto C = scratch_floats(tile), Gt = scratch_floats(tile), Gc = scratch_floats(tile),
+                 acc = scratch_floats(need_k ? std::min(M, kCols) * D : 0);
       for (int64_t g = g0; g < g1; ++g) {
         int64_t b0, b1;
         group_range(g, G, ncb, b0, b1);
@@ -586,16 +596,16 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
           const int64_t c0 = cb * kCols, nc = std::min(kCols, M - c0);
           at::Tensor dk_acc;
           if (need_k) {
-            dk_acc = at::from_blob(acc.data(), {nc, D}, f32);
+            dk_acc = at::from_blob(acc.get(), {nc, D}, f32);
             dk_acc.zero_();
           }
           for (int64_t r0 = 0; r0 < N; r0 += kRows) {
             const int64_t nr = std::min(kRows, N - r0);
-            tile_dot(p, r0, nr, c0, nc, C.data());
-            grad_tile(p, gm, r0, nr, c0, nc, C.data(), Gt.data(), Gc.data(), ps[g], pb[g], nullptr,
+            tile_dot(p, r0, nr, c0, nc, C.get());
+            grad_tile(p, gm, r0, nr, c0, nc, C.get(), Gt.get(), Gc.get(), ps[g], pb[g], nullptr,
                       col_lines ? col_acc.data() + c0 : nullptr);
             if (need_k)
-              dk_acc.addmm_(at::from_blob(Gt.data(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
+              dk_acc.addmm_(at::from_blob(Gt.get(), {nr, nc}, f32).t(), p.q.narrow(0, r0, nr));
           }
           if (need_k) {
             at::Tensor cols = dk.narrow(0, c0, nc);
@@ -630,6 +640,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   };
   return {out_q, out_k, out_s, out_b, sums_of(row_acc), sums_of(col_acc)};
 }
+
 
 }  // namespace
 }  // namespace fastcl
