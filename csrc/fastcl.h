@@ -113,6 +113,14 @@ void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bo
                            const at::Tensor& row_lse, const at::Tensor& row_npos, const OptT& col_lse,
                            const at::Tensor& grad_row, const OptT& grad_col);
 
+// Checks the inputs of correct_index_lines_.
+void check_line_correction_inputs(const at::Tensor& d_queries, const at::Tensor& d_keys,
+                                  const at::Tensor& queries, const at::Tensor& keys,
+                                  const at::Tensor& row_lse, const at::Tensor& row_npos,
+                                  const OptT& col_lse, const at::Tensor& grad_row,
+                                  const OptT& grad_col, const at::Tensor& row_sums,
+                                  const OptT& col_sums);
+
 // Centres of the scale sums of a softmax closure's lines (rows, or columns) with LSE `lse`, each
 // of `count` entries: (lse - b) / s, or (lse - b - log count) / s when s < log count (the line's
 // log-mean-exp, within the range of c = <q, k>); 0 for lines without entries or s = 0. Float32,

@@ -14,6 +14,9 @@
 //    kernels formed them (fastcl.ops.correct_line_totals compares them with the exact totals);
 //    otherwise both are (0,).
 //  * grad_col is None unless the column term of a symmetric loss receives a gradient.
+//  * correct_index_lines_ applies fastcl.ops.correct_line_totals to the float32 gradients of a
+//    tied softmax closure with index targets (no labels), in place, from engine_backward's line
+//    sums; d_queries / d_keys may be empty (0,) tensors (not asked for). CPU only.
 #include <torch/library.h>
 
 #include "fastcl.h"
@@ -110,6 +113,31 @@ void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bo
   }
 }
 
+void check_line_correction_inputs(const at::Tensor& d_queries, const at::Tensor& d_keys,
+                                  const at::Tensor& queries, const at::Tensor& keys,
+                                  const at::Tensor& row_lse, const at::Tensor& row_npos,
+                                  const OptT& col_lse, const at::Tensor& grad_row,
+                                  const OptT& grad_col, const at::Tensor& row_sums,
+                                  const OptT& col_sums) {
+  const int64_t N = queries.size(0), M = keys.size(0);
+  for (const auto& [g, name, like] : {std::make_tuple(&d_queries, "d_queries", &queries),
+                                      std::make_tuple(&d_keys, "d_keys", &keys)}) {
+    if (g->numel() == 0 && g->dim() == 1) continue;  // not asked for
+    TORCH_CHECK_VALUE(g->sizes() == like->sizes(), name, " must have shape ", like->sizes(),
+                      " (or (0,) when not asked for), got ", g->sizes());
+    TORCH_CHECK_TYPE(g->scalar_type() == at::kFloat, name, " must be float32, got ", g->scalar_type());
+    TORCH_CHECK_VALUE(g->is_contiguous() && g->device() == queries.device(), name,
+                      " must be contiguous and on the device of the features");
+  }
+  check_backward_inputs(queries, keys, grad_col.has_value() && grad_col->defined(), row_lse,
+                        row_npos, col_lse, grad_row, grad_col);
+  check_vec(row_sums, "row_sums", N, queries);
+  const bool has_gc = grad_col.has_value() && grad_col->defined();
+  TORCH_CHECK_VALUE(has_gc == (col_sums.has_value() && col_sums->defined()),
+                    "col_sums must be given exactly when grad_col is");
+  if (has_gc) check_vec(*col_sums, "col_sums", M, queries);
+}
+
 at::Tensor index_or_empty(const OptT& x) {
   if (!x.has_value() || !x->defined()) return at::Tensor();
   return x->to(at::kLong).contiguous();
@@ -160,6 +188,11 @@ TORCH_LIBRARY(fastcl, m) {
       "Tensor grad_row, Tensor? grad_col, bool need_queries, bool need_keys, bool need_scale, "
       "bool need_bias, bool line_sums) -> (Tensor d_queries, Tensor d_keys, Tensor d_scale, "
       "Tensor d_bias, Tensor row_sums, Tensor col_sums)");
+  m.def(
+      "correct_index_lines_(Tensor(a!) d_queries, Tensor(b!) d_keys, Tensor queries, Tensor keys, "
+      "Tensor scale, Tensor? positives, Tensor? col_positives, int offset, bool exclude_self, "
+      "Tensor row_lse, Tensor row_npos, Tensor? col_lse, Tensor grad_row, Tensor? grad_col, "
+      "Tensor row_sums, Tensor? col_sums) -> ()");
 }
 
 #ifdef TORCH_EXTENSION_NAME
