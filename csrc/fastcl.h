@@ -113,9 +113,11 @@ void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bo
                            const at::Tensor& row_lse, const at::Tensor& row_npos, const OptT& col_lse,
                            const at::Tensor& grad_row, const OptT& grad_col);
 
-// Checks the inputs of correct_index_lines_.
+// Checks the inputs of correct_line_totals_.
 void check_line_correction_inputs(const at::Tensor& d_queries, const at::Tensor& d_keys,
                                   const at::Tensor& queries, const at::Tensor& keys,
+                                  const OptT& positives, const OptT& col_positives,
+                                  const OptT& row_labels, const OptT& col_labels,
                                   const at::Tensor& row_lse, const at::Tensor& row_npos,
                                   const OptT& col_lse, const at::Tensor& grad_row,
                                   const OptT& grad_col, const at::Tensor& row_sums,

@@ -14,8 +14,8 @@
 //    kernels formed them (fastcl.ops.correct_line_totals compares them with the exact totals);
 //    otherwise both are (0,).
 //  * grad_col is None unless the column term of a symmetric loss receives a gradient.
-//  * correct_index_lines_ applies fastcl.ops.correct_line_totals to the float32 gradients of a
-//    tied softmax closure with index targets (no labels), in place, from engine_backward's line
+//  * correct_line_totals_ applies fastcl.ops.correct_line_totals to the float32 gradients of a
+//    tied softmax closure with index or label targets, in place, from engine_backward's line
 //    sums; d_queries / d_keys may be empty (0,) tensors (not asked for). CPU only.
 #include <torch/library.h>
 
@@ -115,6 +115,8 @@ void check_backward_inputs(const at::Tensor& queries, const at::Tensor& keys, bo
 
 void check_line_correction_inputs(const at::Tensor& d_queries, const at::Tensor& d_keys,
                                   const at::Tensor& queries, const at::Tensor& keys,
+                                  const OptT& positives, const OptT& col_positives,
+                                  const OptT& row_labels, const OptT& col_labels,
                                   const at::Tensor& row_lse, const at::Tensor& row_npos,
                                   const OptT& col_lse, const at::Tensor& grad_row,
                                   const OptT& grad_col, const at::Tensor& row_sums,
@@ -129,10 +131,17 @@ void check_line_correction_inputs(const at::Tensor& d_queries, const at::Tensor&
     TORCH_CHECK_VALUE(g->is_contiguous() && g->device() == queries.device(), name,
                       " must be contiguous and on the device of the features");
   }
-  check_backward_inputs(queries, keys, grad_col.has_value() && grad_col->defined(), row_lse,
-                        row_npos, col_lse, grad_row, grad_col);
-  check_vec(row_sums, "row_sums", N, queries);
   const bool has_gc = grad_col.has_value() && grad_col->defined();
+  check_index(positives, "positives", N, queries);
+  check_index(col_positives, "col_positives", M, queries);
+  check_index(row_labels, "row_labels", N, queries);
+  check_index(col_labels, "col_labels", M, queries);
+  const bool has_rl = row_labels.has_value() && row_labels->defined();
+  TORCH_CHECK_VALUE(has_rl == (col_labels.has_value() && col_labels->defined()),
+                    "row_labels and col_labels must be given together");
+  TORCH_CHECK_VALUE(!(has_rl && has_gc), "label targets have no column term (grad_col)");
+  check_backward_inputs(queries, keys, has_gc, row_lse, row_npos, col_lse, grad_row, grad_col);
+  check_vec(row_sums, "row_sums", N, queries);
   TORCH_CHECK_VALUE(has_gc == (col_sums.has_value() && col_sums->defined()),
                     "col_sums must be given exactly when grad_col is");
   if (has_gc) check_vec(*col_sums, "col_sums", M, queries);
@@ -189,8 +198,9 @@ TORCH_LIBRARY(fastcl, m) {
       "bool need_bias, bool line_sums) -> (Tensor d_queries, Tensor d_keys, Tensor d_scale, "
       "Tensor d_bias, Tensor row_sums, Tensor col_sums)");
   m.def(
-      "correct_index_lines_(Tensor(a!) d_queries, Tensor(b!) d_keys, Tensor queries, Tensor keys, "
-      "Tensor scale, Tensor? positives, Tensor? col_positives, int offset, bool exclude_self, "
+      "correct_line_totals_(Tensor(a!) d_queries, Tensor(b!) d_keys, Tensor queries, Tensor keys, "
+      "Tensor scale, Tensor? positives, Tensor? col_positives, Tensor? row_labels, "
+      "Tensor? col_labels, int offset, bool exclude_self, "
       "Tensor row_lse, Tensor row_npos, Tensor? col_lse, Tensor grad_row, Tensor? grad_col, "
       "Tensor row_sums, Tensor? col_sums) -> ()");
 }

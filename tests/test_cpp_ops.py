@@ -417,76 +417,94 @@ def test_line_sums_are_the_lines_sums_of_dS():
         torch.testing.assert_close(cs.double(), col_part.sum(0), rtol=0, atol=1e-5)
 
 
-def _index_lines_case(seed, *, symmetric, positives, offset, exclude_self, needs):
-    """Arguments of correct_index_lines_ with every kind of line: rows whose LSE is -inf or that
-    have no target (npos 0, positive out of range or excluded), columns likewise."""
+def _line_totals_case(seed, *, symmetric, targets, offset, exclude_self, needs):
+    """Arguments of correct_line_totals_ with every kind of line: rows whose LSE is -inf or that
+    have no target (npos 0: a positive out of range or excluded, a class of one), columns
+    likewise. ``targets``: "diagonal" (j = i + offset), "index" (positives) or "labels"."""
     gen = torch.Generator().manual_seed(seed)
     n, m = N, (N if symmetric else M)
     q, k = torch.randn(n, D, generator=gen), torch.randn(m, D, generator=gen)
     rows = torch.arange(n)
-    pos = torch.randint(-2, m + 2, (n,), generator=gen) if positives else None
-    p = pos if positives else rows + offset
-    npos = ((p >= 0) & (p < m) & ~(exclude_self & (p == rows + offset))).float()
+    pos = torch.randint(-2, m + 2, (n,), generator=gen) if targets == "index" else None
+    rl = torch.randint(0, 6, (n,), generator=gen) if targets == "labels" else None
+    cl = torch.randint(0, 5, (m,), generator=gen) if targets == "labels" else None
+    if targets == "labels":  # (labels 5 in the rows only: rows without targets)
+        hit = rl[:, None] == cl[None, :]
+        if exclude_self:
+            hit &= torch.arange(m)[None, :] != rows[:, None] + offset
+        npos = hit.sum(1).float()
+    else:
+        p = pos if pos is not None else rows + offset
+        npos = ((p >= 0) & (p < m) & ~(exclude_self & (p == rows + offset))).float()
     lse = torch.randn(n, generator=gen) * 5
     lse[::7] = -math.inf
-    cpos = torch.randint(-2, n + 2, (m,), generator=gen) if symmetric and positives else None
+    cpos = torch.randint(-2, n + 2, (m,), generator=gen) if symmetric and pos is not None else None
     col = (lambda x: x if symmetric else None)
     clse = torch.randn(m, generator=gen) * 5
     clse[::5] = -math.inf
     dq = torch.randn(n, D, generator=gen) if needs[0] else torch.empty(0)
     dk = torch.randn(m, D, generator=gen) if needs[1] else torch.empty(0)
-    return (dq, dk, q, k, torch.tensor([7.5]), pos, cpos, offset, exclude_self, lse, npos,
+    return (dq, dk, q, k, torch.tensor([7.5]), pos, cpos, rl, cl, offset, exclude_self, lse, npos,
             col(clse), torch.randn(n, generator=gen), col(torch.randn(m, generator=gen)),
             torch.randn(n, generator=gen) * 1e-4, col(torch.randn(m, generator=gen) * 1e-4))
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("positives", [False, True])
+@pytest.mark.parametrize("symmetric,targets", [(False, "diagonal"), (True, "diagonal"),
+                                               (False, "index"), (True, "index"),
+                                               (False, "labels")])
 @pytest.mark.parametrize("offset,exclude_self", [(0, False), (0, True), (3, True), (-2, False)])
 @pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
-def test_correct_index_lines_matches_python_form(symmetric, positives, offset, exclude_self, needs):
-    """The CPU op applies fastcl.ops.correct_line_totals (index targets) in place: the same
-    gradients as the Python form on the same line sums, to float32 rounding."""
+def test_correct_line_totals_op_matches_python_form(symmetric, targets, offset, exclude_self, needs):
+    """The CPU op applies fastcl.ops.correct_line_totals in place: the same gradients as the
+    Python form on the same line sums, to float32 rounding."""
     from fastcl.ops import EngineStats, closure_weights, correct_line_totals
 
-    args = _index_lines_case(11 + offset, symmetric=symmetric, positives=positives, offset=offset,
+    args = _line_totals_case(11 + offset, symmetric=symmetric, targets=targets, offset=offset,
                              exclude_self=exclude_self, needs=needs)
-    (dq, dk, q, k, s, pos, cpos, offset, exclude_self, lse, npos, clse, g, gc, rs, cs) = args
+    (dq, dk, q, k, s, pos, cpos, rl, cl, offset, exclude_self, lse, npos, clse, g, gc, rs,
+     cs) = args
     spec = LossSpec(symmetric=symmetric, exclude_self=exclude_self, offset=offset)
-    targets = Targets(positives=pos, col_positives=cpos)
     stats = EngineStats(lse, torch.zeros_like(lse), npos, clse, None)
     want = [x.clone() if x.numel() else None for x in (dq, dk)]
-    correct_line_totals(*want, q, k, s, spec, targets, stats,
+    correct_line_totals(*want, q, k, s, spec, Targets(pos, cpos, rl, cl), stats,
                         closure_weights(spec, stats, g, grad_col=gc), rs, cs)
     before = [x.clone() for x in (dq, dk)]
-    torch.ops.fastcl.correct_index_lines_(*args)
+    torch.ops.fastcl.correct_line_totals_(*args)
     for got, ref, old in zip((dq, dk), want, before):
         if ref is None:
             assert got.numel() == 0
             continue
         # (every case corrects something, but the default targets j = i + offset all excluded)
-        assert (got != old).any() == (positives or not exclude_self)
+        assert (got != old).any() == (targets != "diagonal" or not exclude_self)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_opcheck_correct_index_lines():
-    args = _index_lines_case(5, symmetric=True, positives=True, offset=0, exclude_self=True,
+@pytest.mark.parametrize("symmetric,targets", [(True, "index"), (False, "labels")])
+def test_opcheck_correct_line_totals(symmetric, targets):
+    args = _line_totals_case(5, symmetric=symmetric, targets=targets, offset=0, exclude_self=True,
                              needs=(True, True))
-    torch.library.opcheck(torch.ops.fastcl.correct_index_lines_.default, args)
+    torch.library.opcheck(torch.ops.fastcl.correct_line_totals_.default, args)
 
 
-def test_correct_index_lines_validates():
-    args = list(_index_lines_case(6, symmetric=True, positives=False, offset=0, exclude_self=False,
-                                  needs=(True, True)))
-    bad = {0: torch.randn(N, D + 1), 1: torch.randn(N, D).double(), 14: torch.randn(N + 1),
-           15: None}
-    for i, value in bad.items():
+def test_correct_line_totals_op_validates():
+    args = list(_line_totals_case(6, symmetric=True, targets="diagonal", offset=0,
+                                  exclude_self=False, needs=(True, True)))
+    labels = torch.zeros(N, dtype=torch.long)
+    bad = {0: (torch.randn(N, D + 1), ValueError, "d_queries"),
+           1: (torch.randn(N, D).double(), TypeError, "d_keys"),
+           5: (torch.zeros(N + 1, dtype=torch.long), ValueError, "positives"),
+           7: (labels, ValueError, "together"),
+           17: (None, ValueError, "col_sums"),
+           16: (torch.randn(N + 1), ValueError, "row_sums")}
+    for i, (value, err, match) in bad.items():
         a = list(args)
         a[i] = value
-        err = TypeError if i == 1 else ValueError
-        match = {0: "d_queries", 1: "d_keys", 14: "row_sums", 15: "col_sums"}[i]
         with pytest.raises(err, match=match):
-            torch.ops.fastcl.correct_index_lines_(*a)
+            torch.ops.fastcl.correct_line_totals_(*a)
+    a = list(args)
+    a[7], a[8] = labels, labels
+    with pytest.raises(ValueError, match="no column term"):
+        torch.ops.fastcl.correct_line_totals_(*a)
 
 
 def test_compile_fullgraph_traces_through_ops():

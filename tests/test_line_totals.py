@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("position_independent_interpreter_dots")
 
 
 CASES = ["info_nce", "info_nce_positives", "info_nce_bias", "clip", "clip_queries_only",
-         "clip_keys_only", "clip_label_smoothing", "nt_xent", "supcon", "soft_info_nce",
+         "clip_keys_only", "clip_label_smoothing", "nt_xent", "supcon", "supcon_pairs",
+         "soft_info_nce",
          "info_nce_hard_negatives", "info_nce_guide", "distill", "distill_keys_only", "softclip",
          "hcl", "mv_infonce"]
 # (not in the compiled extension)
@@ -39,6 +40,7 @@ def _case(case, gen):
     """(ours(a, b, backend), PyTorch's materialised loss(a, b), which inputs need a gradient)."""
     perm = (torch.arange(N) + 3) % N
     labels = (torch.arange(N) % (N // 2)).repeat(2)  # the two views, classes of 4
+    pairs = torch.arange(N).repeat(2)
     idx = torch.stack([torch.arange(N), perm], 1)
     w = torch.tensor([0.8, 0.2], dtype=torch.float64).expand(N, 2)
     T = torch.zeros(N, N, dtype=torch.float64).scatter_add_(1, idx, w)
@@ -76,6 +78,11 @@ def _case(case, gen):
             lambda a, b, be: fastcl.supcon(torch.cat([a, b]), labels.to(a.device), 1 / SCALE,
                                            backend=be, **ex),
             lambda a, b: R.supcon(torch.cat([a, b]), labels, 1 / SCALE, **kw)[0]),
+        # classes of the two views alone: each row's one target dominates its softmax
+        "supcon_pairs": (
+            lambda a, b, be: fastcl.supcon(torch.cat([a, b]), pairs.to(a.device), 1 / SCALE,
+                                           backend=be, **ex),
+            lambda a, b: R.supcon(torch.cat([a, b]), pairs, 1 / SCALE, **kw)[0]),
         # K = 2 weighted index targets
         "soft_info_nce": (
             lambda a, b, be: fastcl.soft_info_nce(a, b, (idx.to(a.device), w.to(a.device, torch.float32)),

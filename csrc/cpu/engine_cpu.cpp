@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "fastcl.h"
@@ -642,30 +643,35 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
 }
 
 
-// Line-total correction of a tied softmax closure with index targets, in place on the float32
-// gradients (fastcl.ops.correct_line_totals, whose index branch this follows step by step; the
-// Python form stays the reference and covers label targets and the CUDA kernels).
+// Line-total correction of a tied softmax closure with index or label targets, in place on the
+// float32 gradients (fastcl.ops.correct_line_totals, whose steps this follows; the Python form
+// stays the reference and serves the CUDA kernels).
 //  1. Each line's exact total of dS: row i's part sums to a_i [row has entries] - a_i [npos_i > 0]
 //     with a_i = g_i where npos_i > 0 (else 0); column j's to gc_j ([column has entries] -
 //     [its positive counts]).
-//  2. err = measured sum - exact total, per row and per column.
-//  3. dQ_i -= s err_i / npos_i K_t(i) and dK_t(i) -= s err_i / npos_i Q_i for row i's target
-//     t(i); dQ_pc(j) -= s errc_j K_j and dK_j -= s errc_j Q_pc(j) for column j's positive row.
-void correct_index_lines_cpu(const at::Tensor& d_queries, const at::Tensor& d_keys,
+//  2. err = measured sum - exact total, per row and per column; w_i = err_i / npos_i.
+//  3. Index targets: dQ_i -= s w_i K_t(i) and dK_t(i) -= s w_i Q_i for row i's target t(i).
+//     Label targets, T(i) the keys of row i's class but the excluded self: dQ_i -= s w_i
+//     (sum_{j in T(i)} K_j), and dK_j -= sum_{i: j in T(i)} s w_i Q_i, from per-class sums.
+//  4. Columns: dQ_pc(j) -= s errc_j K_j and dK_j -= s errc_j Q_pc(j), pc(j) column j's positive.
+void correct_line_totals_cpu(const at::Tensor& d_queries, const at::Tensor& d_keys,
                              const at::Tensor& queries, const at::Tensor& keys,
                              const at::Tensor& scale, const OptT& positives,
-                             const OptT& col_positives, int64_t offset, bool exclude_self,
+                             const OptT& col_positives, const OptT& row_labels,
+                             const OptT& col_labels, int64_t offset, bool exclude_self,
                              const at::Tensor& row_lse, const at::Tensor& row_npos,
                              const OptT& col_lse, const at::Tensor& grad_row, const OptT& grad_col,
                              const at::Tensor& row_sums, const OptT& col_sums) {
-  check_line_correction_inputs(d_queries, d_keys, queries, keys, row_lse, row_npos, col_lse,
-                               grad_row, grad_col, row_sums, col_sums);
-  TORCH_CHECK_TYPE(scale.numel() == 1, "scale must have one element, got shape ", scale.sizes());
+  check_line_correction_inputs(d_queries, d_keys, queries, keys, positives, col_positives,
+                               row_labels, col_labels, row_lse, row_npos, col_lse, grad_row,
+                               grad_col, row_sums, col_sums);
+  TORCH_CHECK_VALUE(scale.numel() == 1, "scale must have one element, got shape ", scale.sizes());
   const int64_t N = queries.size(0), M = keys.size(0), D = queries.size(1);
   const bool need_q = d_queries.numel() > 0, need_k = d_keys.numel() > 0;
   if (!(need_q || need_k) || N == 0 || M == 0) return;
   const at::Tensor q = as_f32(queries), k = as_f32(keys);
   const at::Tensor pos = index_or_empty(positives), cpos = index_or_empty(col_positives);
+  const at::Tensor rl = index_or_empty(row_labels), cl = index_or_empty(col_labels);
   const at::Tensor lse = as_f32(row_lse), npos = as_f32(row_npos), g = as_f32(grad_row);
   const at::Tensor rs = as_f32(row_sums);
   const float s = scale.detach().to(at::kFloat).reshape({}).item<float>();
@@ -673,9 +679,9 @@ void correct_index_lines_cpu(const at::Tensor& d_queries, const at::Tensor& d_ke
   const float* kp = k.data_ptr<float>();
   float* dq = need_q ? d_queries.data_ptr<float>() : nullptr;
   float* dk = need_k ? d_keys.data_ptr<float>() : nullptr;
-  const TargetMeta t{ptr_or_null(pos), ptr_or_null(cpos), nullptr, nullptr, offset, exclude_self};
-  // x_a -= c y_b over the D features
-  const auto sub_row = [D](float* x, const float* y, float c) {
+  const TargetMeta t{ptr_or_null(pos), ptr_or_null(cpos), ptr_or_null(rl), ptr_or_null(cl), offset,
+                     exclude_self};
+  const auto sub_row = [D](float* x, const float* y, float c) {  // x -= c y
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) x[d] -= c * y[d];
   };
@@ -683,21 +689,60 @@ void correct_index_lines_cpu(const at::Tensor& d_queries, const at::Tensor& d_ke
   const float* np = npos.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   const float* rp = rs.data_ptr<float>();
+  std::vector<float> w(N, 0.f);  // steps 1-2: s w_i, 0 for rows without targets
   for (int64_t i = 0; i < N; ++i) {
-    const int64_t j = t.pos_of_row(i);
-    if (!(np[i] > 0.f) || j < 0 || j >= M || !t.valid(i, j)) continue;
+    if (!(np[i] > 0.f)) continue;
     const float a = gp[i];
     const float total = (lp[i] > kNegInf ? a : 0.f) - a;
-    const float c = s * ((rp[i] - total) * (1.f / np[i]));
-    if (dq) sub_row(dq + i * D, kp + j * D, c);
-    if (dk) sub_row(dk + j * D, qp + i * D, c);
+    const float err = rp[i] - total;  // (divided as the Python form divides)
+    w[i] = s * (t.label_mode() ? err / np[i] : err * (1.f / np[i]));
+  }
+  if (t.label_mode()) {  // step 3, label targets
+    std::unordered_map<int64_t, int64_t> ids;  // dense class ids of the labels
+    std::vector<int64_t> row_cls(N), col_cls(M);
+    for (int64_t j = 0; j < M; ++j) col_cls[j] = ids.emplace(t.col_labels[j], ids.size()).first->second;
+    for (int64_t i = 0; i < N; ++i) row_cls[i] = ids.emplace(t.row_labels[i], ids.size()).first->second;
+    const int64_t n_cls = static_cast<int64_t>(ids.size());
+    // the excluded self of row i, when it is in the row's class: column i + offset
+    const auto self_of = [&](int64_t i) -> int64_t {
+      const int64_t j = i + offset;
+      return exclude_self && j >= 0 && j < M && col_cls[j] == row_cls[i] ? j : -1;
+    };
+    std::vector<float> sums(n_cls * D, 0.f), centre(D);
+    if (dq) {
+      for (int64_t j = 0; j < M; ++j) sub_row(sums.data() + col_cls[j] * D, kp + j * D, -1.f);
+      for (int64_t i = 0; i < N; ++i) {
+        if (w[i] == 0.f) continue;
+        const float* cs = sums.data() + row_cls[i] * D;
+        const int64_t j = self_of(i);
+        for (int64_t d = 0; d < D; ++d) centre[d] = j >= 0 ? cs[d] - kp[j * D + d] : cs[d];
+        sub_row(dq + i * D, centre.data(), w[i]);
+      }
+    }
+    if (dk) {
+      std::fill(sums.begin(), sums.end(), 0.f);
+      for (int64_t i = 0; i < N; ++i)
+        if (w[i] != 0.f) sub_row(sums.data() + row_cls[i] * D, qp + i * D, -w[i]);
+      for (int64_t j = 0; j < M; ++j) sub_row(dk + j * D, sums.data() + col_cls[j] * D, 1.f);
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t j = self_of(i);
+        if (j >= 0 && w[i] != 0.f) sub_row(dk + j * D, qp + i * D, -w[i]);
+      }
+    }
+  } else {  // step 3, index targets
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t j = t.pos_of_row(i);
+      if (w[i] == 0.f || j < 0 || j >= M || !t.valid(i, j)) continue;
+      if (dq) sub_row(dq + i * D, kp + j * D, w[i]);
+      if (dk) sub_row(dk + j * D, qp + i * D, w[i]);
+    }
   }
   if (!(grad_col.has_value() && grad_col->defined())) return;
-  const at::Tensor clse = as_f32(*col_lse), gc = as_f32(*grad_col), cs = as_f32(*col_sums);
+  const at::Tensor clse = as_f32(*col_lse), gc = as_f32(*grad_col), csum = as_f32(*col_sums);
   const float* clp = clse.data_ptr<float>();
   const float* gcp = gc.data_ptr<float>();
-  const float* csp = cs.data_ptr<float>();
-  for (int64_t j = 0; j < M; ++j) {
+  const float* csp = csum.data_ptr<float>();
+  for (int64_t j = 0; j < M; ++j) {  // step 4
     const int64_t i = t.pos_of_col(j);
     if (i < 0 || i >= N || !t.valid(i, j)) continue;
     const float total = (clp[j] > kNegInf ? gcp[j] : 0.f) - gcp[j];
@@ -713,5 +758,5 @@ void correct_index_lines_cpu(const at::Tensor& d_queries, const at::Tensor& d_ke
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("engine_forward", &fastcl::engine_forward_cpu);
   m.impl("engine_backward", &fastcl::engine_backward_cpu);
-  m.impl("correct_index_lines_", &fastcl::correct_index_lines_cpu);
+  m.impl("correct_line_totals_", &fastcl::correct_line_totals_cpu);
 }

@@ -10,8 +10,8 @@ returns (row_lse, row_pos, row_npos, col_lse, col_pos, row_lse_lo, col_lse_lo) i
 ``engine_backward`` returns (d_queries, d_keys, d_scale, d_bias, row_sums, col_sums) with an
 empty (0,) tensor for every gradient that was not asked for, and the lines' sums of dS's row /
 column parts (float32 (N,) / (M,)) when ``line_sums`` is set, else (0,); on the CPU,
-``correct_index_lines_`` applies :func:`fastcl.ops.correct_line_totals` to index targets from
-those sums in one call (label targets, and CUDA, take the Python form).
+``correct_line_totals_`` applies :func:`fastcl.ops.correct_line_totals` from those sums in one
+call (CUDA takes the Python form).
 """
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ def _engine_backward_fake(queries, keys, scale, bias, positives, col_positives, 
             queries.new_empty((keys.shape[0] if col_lines else 0,), **f32))
 
 
-@_register_fake("fastcl::correct_index_lines_")
-def _correct_index_lines_fake(d_queries, d_keys, queries, keys, scale, positives, col_positives,
-                              offset, exclude_self, row_lse, row_npos, col_lse, grad_row, grad_col,
-                              row_sums, col_sums):
+@_register_fake("fastcl::correct_line_totals_")
+def _correct_line_totals_fake(d_queries, d_keys, queries, keys, scale, positives, col_positives,
+                              row_labels, col_labels, offset, exclude_self, row_lse, row_npos,
+                              col_lse, grad_row, grad_col, row_sums, col_sums):
     return None
 
 
@@ -134,11 +134,11 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
     extra = ()
     if return_line_sums:
         extra = (row_sums, col_sums) if lines else (None, None)
-    elif lines and targets.row_labels is None and queries.device.type == "cpu":
-        torch.ops.fastcl.correct_index_lines_(
-            dq, dk, queries, keys, scale, targets.positives, targets.col_positives, spec.offset,
-            spec.exclude_self, stats.row_lse, stats.row_npos, col_lse, grad_row, grad_col,
-            row_sums, col_sums)
+    elif lines and queries.device.type == "cpu":
+        torch.ops.fastcl.correct_line_totals_(
+            dq, dk, queries, keys, scale, targets.positives, targets.col_positives,
+            targets.row_labels, targets.col_labels, spec.offset, spec.exclude_self, stats.row_lse,
+            stats.row_npos, col_lse, grad_row, grad_col, row_sums, col_sums)
     elif lines:
         correct_line_totals(dq if need_q else None, dk if need_k else None, queries, keys, scale,
                             spec, targets, stats, closure_weights(spec, stats, grad_row,
