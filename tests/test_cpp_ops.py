@@ -227,6 +227,29 @@ def test_engine_symmetric_row_term_only():
     _close(got[1], want[1], what="d_keys")
 
 
+@pytest.mark.parametrize("loss", ["info_nce", "clip"])
+@pytest.mark.parametrize("scale", [0.01, 0.1])
+def test_scale_gradient_at_high_temperature(loss, scale):
+    """At s < log M the lines' centres are shifted by log(M) / s (fastcl.ops.scale_centres): the
+    LSE's own offset lies far outside the similarities, and centred on it the float32 sums would
+    lose ~1e-3 of a gradient that cancels to ~1e-4 of its terms."""
+    gen = torch.Generator().manual_seed(0)
+    n, m = (70, 150) if loss == "info_nce" else (150, 150)
+    q, k = (torch.nn.functional.normalize(torch.randn(r, 24, generator=gen), dim=1) for r in (n, m))
+    fn = {"info_nce": lambda q, k, s, **kw: fastcl.info_nce(q, k, scale=s, **kw),
+          "clip": lambda q, k, s, **kw: fastcl.clip_loss(q, k, s, **kw)}[loss]
+    ref = {"info_nce": lambda q, k, s: reference.info_nce(q, k, None, s),
+           "clip": lambda q, k, s: reference.clip_loss(q, k, s)}[loss]
+    s64 = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+    want, = torch.autograd.grad(ref(q.double(), k.double(), s64), s64)
+    s32 = torch.tensor(scale, requires_grad=True)
+    naive, = torch.autograd.grad(ref(q, k, s32), s32)  # PyTorch float32
+    st = torch.tensor(scale, requires_grad=True)
+    got, = torch.autograd.grad(fn(q, k, st, backend="cpu"), st)
+    err, naive_err = abs(got.item() - want.item()), abs(naive.item() - want.item())
+    assert err <= max(1e-5 * abs(want.item()), 2 * naive_err), (got.item(), want.item(), naive.item())
+
+
 @pytest.mark.parametrize("case", ["info_nce", "clip", "clip_offset", "labels"])
 def test_engine_scale_gradient_at_low_temperature(case):
     """Near-duplicate pairs at tau = 0.05: d_scale sums N M terms that cancel to ~1e-3 of their

@@ -17,6 +17,7 @@
 #include <limits>
 #include <memory>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "fastcl.h"
@@ -493,6 +494,38 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
   }
 }
 
+// scale_centres (ops.cpp) of a float32 LSE vector as one loop with the same float32 steps (its
+// dozen tensor operators cost more than a small problem's sweep).
+std::vector<float> line_centres(const at::Tensor& lse32, float s, float b, bool has_bias,
+                                int64_t count) {
+  const float log_n = static_cast<float>(std::log(static_cast<double>(std::max<int64_t>(count, 1))));
+  const float shift = s < log_n ? log_n : 0.f;
+  const float safe = s != 0.f ? s : 1.f;
+  const float* l = lse32.data_ptr<float>();
+  std::vector<float> out(lse32.numel());
+  for (size_t e = 0; e < out.size(); ++e) {
+    float m = l[e] - shift;
+    if (has_bias) m = m - b;
+    out[e] = l[e] > kNegInf && s != 0.f ? m / safe : 0.f;
+  }
+  return out;
+}
+
+// scale_sum_totals (ops.cpp) as one loop, summed in double: {sum_j n_j C_j, sum_j C_j} with
+// C_j = gc_j ([column has entries] - [its positive counts]).
+std::pair<double, double> col_sum_totals(const Problem& p, const float* col_centre,
+                                         const float* col_lse, const float* grad_col) {
+  double sc = 0.0, c = 0.0;
+  for (int64_t j = 0; j < p.M; ++j) {
+    const int64_t i = p.t.pos_of_col(j);
+    const bool ok = i >= 0 && i < p.N && p.t.valid(i, j);
+    const float C = grad_col[j] * ((col_lse[j] > kNegInf ? 1.f : 0.f) - (ok ? 1.f : 0.f));
+    sc += static_cast<double>(col_centre[j] * C);
+    c += C;
+  }
+  return {sc, c};
+}
+
 BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                 const at::Tensor& scale, const OptT& bias, const OptT& positives,
                                 const OptT& col_positives, const OptT& row_labels,
@@ -515,11 +548,14 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   at::Tensor gc32 = has_gc ? as_f32(*grad_col) : at::Tensor();
   const bool softmax = kind == kSoftmax;
   const int64_t N_ = queries.size(0), M_ = keys.size(0);
-  const at::Tensor rc = softmax ? scale_centres(lse32, scale, bias, M_) : at::Tensor();
-  const at::Tensor cc = softmax && has_gc ? scale_centres(clse32, scale, bias, N_) : at::Tensor();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const std::vector<float> rc = softmax ? line_centres(lse32, p.s, p.b, has_bias, M_) : std::vector<float>();
+  const std::vector<float> cc =
+      softmax && has_gc ? line_centres(clse32, p.s, p.b, has_bias, N_) : std::vector<float>();
   const auto fp = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
+  const auto vp = [](const std::vector<float>& x) { return x.empty() ? nullptr : x.data(); };
   const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(), fp(clse32), g32.data_ptr<float>(),
-                    fp(gc32), kind, fp(rc), fp(cc)};
+                    fp(gc32), kind, softmax ? rc.data() : nullptr, vp(cc)};
 
   at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::Tensor();
   at::Tensor dk = need_k ? at::empty({M, D}, f32) : at::Tensor();
@@ -625,11 +661,10 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   at::Tensor out_q = need_q ? dq.to(queries.scalar_type()) : empty_like_dtype(queries);
   at::Tensor out_k = need_k ? dk.to(keys.scalar_type()) : empty_like_dtype(keys);
   if (softmax && need_sb) {  // the centred sums' known totals (exact: the row part's are 0)
-    const at::Tensor tot = scale_sum_totals(cc.defined() ? cc : at::zeros({M_}, f32),
-                                            has_gc ? OptT(clse32) : OptT(), has_gc ? OptT(gc32) : OptT(),
-                                            col_positives, N_, M_, offset, exclude_self, queries);
-    sum_s += tot[0].item<double>();
-    sum_b = tot[1].item<double>();
+    const auto tot = has_gc ? col_sum_totals(p, cc.data(), clse32.data_ptr<float>(), gc32.data_ptr<float>())
+                            : std::pair<double, double>(0.0, 0.0);
+    sum_s += tot.first;
+    sum_b = tot.second;
   }
   at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
   at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
