@@ -533,10 +533,15 @@ def test_sentence_transformers_gist(cols, kw):
 
 
 class DimToy(ModuleListToy):
-    """ModuleListToy with the embedding width a SentenceTransformer reports (MatryoshkaLoss asks)."""
+    """ModuleListToy with the embedding width a SentenceTransformer reports (MatryoshkaLoss asks:
+    sentence-transformers 6.2 through ``get_embedding_dimension``, 6.3 through the model's
+    ``_get_untruncated_embedding_dimension``)."""
 
     def get_embedding_dimension(self):
         return self.proj.out_features
+
+    def _get_untruncated_embedding_dimension(self):
+        return self.get_embedding_dimension()
 
 
 @pytest.mark.parametrize("kind", ["mnrl", "symmetric", "gist"])
