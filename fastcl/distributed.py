@@ -14,7 +14,8 @@ Memory per rank: O(N * D) features.
 The self-similarity losses (:func:`nt_xent`, :func:`supcon`, :func:`dcl`, :func:`hcl`,
 :func:`mv_infonce`, :func:`mv_dhel`, :func:`uniformity_loss`) take each rank's rows against the
 rows of every rank, its own left out, in either mode (gather by default): in the ring a rank's
-rows are its queries and the blocks that travel are the other ranks' rows.
+rows are its queries and the blocks that travel are the other ranks' rows (NT-Xent's ring sweeps
+each pair of ranks' tile once, :func:`_mirror_steps`).
 
 ``mode="ring"``: no rank ever holds more than two key blocks. Key blocks travel around the ring
 (``batch_isend_irecv`` to rank + 1, posted before the tile's compute so the transfer overlaps it);
@@ -202,11 +203,17 @@ class _Ring:
         self.next = _global_rank(group, (r + 1) % W)
         self.prev = _global_rank(group, (r - 1) % W)
 
-    def exchange(self, send: Sequence[Tensor], recv: Sequence[Tensor]) -> Tuple[List, tuple]:
-        """Posts the transfers; returns (requests, tensors) - the tensors stay referenced until
-        :meth:`wait` so that no buffer in flight is freed and reused."""
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in recv]
+    def exchange(self, send: Sequence[Tensor], recv: Sequence[Tensor], hops: int = 1
+                 ) -> Tuple[List, tuple]:
+        """Posts the transfers to rank + ``hops`` and from rank - ``hops``; returns (requests,
+        tensors) - the tensors stay referenced until :meth:`wait` so that no buffer in flight is
+        freed and reused."""
+        to, frm = self.next, self.prev
+        if hops != 1:
+            to = _global_rank(self.group, (self.rank + hops) % self.world)
+            frm = _global_rank(self.group, (self.rank - hops) % self.world)
+        ops = [dist.P2POp(dist.isend, t, to, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, frm, self.group) for t in recv]
         return dist.batch_isend_irecv(ops), (tuple(send), tuple(recv))
 
     @staticmethod
@@ -246,14 +253,15 @@ def _travel(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
     return pending, [None if t is None else next(it) for t in tensors]
 
 
-def _around(ring: "_Ring", tensors: Sequence[Optional[Tensor]]):
+def _around(ring: "_Ring", tensors: Sequence[Optional[Tensor]], steps: Optional[int] = None):
     """The ring's steps: yields (t, o, blocks), the blocks of ``tensors`` (None kept) that this
     rank holds at step t, rank o = rank - t's; the next step's are in flight while the caller
-    computes, and arrive before the next yield."""
+    computes, and arrive before the next yield. ``steps``: the first so many (default: all W)."""
     blocks = list(tensors)
-    for t in range(ring.world):
+    steps = ring.world if steps is None else steps
+    for t in range(steps):
         pending, nxt = None, blocks
-        if t < ring.world - 1:
+        if t < steps - 1:
             pending, nxt = _travel(ring, blocks)
         yield t, (ring.rank - t) % ring.world, blocks
         ring.wait(pending)
@@ -280,6 +288,41 @@ def _arrived(ring: "_Ring", state: list) -> List[Tensor]:
     return state[1]
 
 
+def _mirror_steps(world: int) -> int:
+    """The steps of a ring over a Gram matrix that uses its symmetry: tile (r, o) is tile
+    (o, r) transposed, so rank r sweeps blocks o = r - t for t = 0 .. W // 2 only, those with
+    0 < t < W - t symmetric, for both ranks' rows (:func:`_mirrored`); W even, the tiles of
+    t = W / 2 pair the ranks two by two and each sweeps its own rows' tile."""
+    return world // 2 + 1
+
+
+def _mirrored(ring: "_Ring", t: int) -> bool:
+    """Whether step t's tile of a Gram ring also gives its columns' lines (:func:`_mirror_steps`)."""
+    return 0 < t < ring.world - t
+
+
+def _to_owner(ring: "_Ring", t: int, part: List[Tensor], state: list, merge=None) -> None:
+    """Sends ``part``, computed at step t on block o = rank - t, straight to rank o, and posts
+    the receipt of this rank's own from rank + t, which holds this rank's block at step t; what
+    arrived at the previous call is merged into the total ``state[2]`` (``merge(acc, part)``; by
+    default added) first, so that one receipt is in flight at a time. ``state``: [pending, received,
+    accumulated]; :func:`_owned` gives the total."""
+    _owned(ring, state, merge)
+    recv = [torch.empty_like(x) for x in part]
+    state[0], state[1] = ring.exchange(part, recv, hops=-t), recv
+
+
+def _owned(ring: "_Ring", state: list, merge=None) -> Optional[List[Tensor]]:
+    """What :func:`_to_owner` received so far, merged (None if nothing arrived)."""
+    if state[0] is not None:
+        ring.wait(state[0])
+        acc = state[2]
+        state[2] = state[1] if acc is None else [
+            a + b if merge is None else merge(a, b) for a, b in zip(acc, state[1])]
+        state[0] = state[1] = None
+    return state[2]
+
+
 class _RingLoss(torch.autograd.Function):
     """Per-row losses (n,) of the local queries against every rank's keys, and (symmetric) the
     per-column losses (m,) of the local keys against every rank's queries, with exact global
@@ -287,16 +330,20 @@ class _RingLoss(torch.autograd.Function):
     of each rank's weighted outputs (scale and bias: this rank's share; the caller all-reduces
     them).
 
-    cfg = (spec, gap, backend, group): ``spec`` the closure (its offset set per block), ``gap``
-    the rows' loss ``softplus(LSE_negatives - LSE_targets) + log npos`` (SupCon L_in:
+    cfg = (spec, gap, backend, group, mirror): ``spec`` the closure (its offset set per block),
+    ``gap`` the rows' loss ``softplus(LSE_negatives - LSE_targets) + log npos`` (SupCon L_in:
     ``spec.exclude_targets`` and ``spec.target_lse``) instead of ``lse - target``. ``labels``
-    (n,) travel with the key blocks (the self-similarities: the keys are the queries)."""
+    (n,) travel with the key blocks (the self-similarities: the keys are the queries).
+    ``mirror``: the keys are the queries and every row's targets lie in its own block (NT-Xent):
+    the ring uses the Gram matrix's symmetry (:func:`_mirror_steps`), each tile of two ranks'
+    blocks swept once, symmetric, its columns' statistics and gradients sent to their owner."""
 
     @staticmethod
     def forward(ctx, queries, keys, scale, bias, positives, labels, cfg):
-        spec0, gap, backend, group = cfg
+        spec0, gap, backend, group, mirror = cfg
         kind, symmetric, tlse = spec0.kind, spec0.symmetric, spec0.target_lse
         ring = _Ring(group)
+        steps = _mirror_steps(ring.world) if mirror else None
         r = ring.rank
         eng = _backend.engine(backend)
         s32, b32 = _scalar32(scale, queries), _scalar32(bias, queries)
@@ -311,9 +358,13 @@ class _RingLoss(torch.autograd.Function):
                    else torch.zeros(n, dtype=sdt, device=dev))
         row_npos = torch.zeros(n, dtype=sdt, device=dev)
         home = [None, None]  # the column statistics of the block held, on their way home
+        owed = [None, None, None]  # mirror: the own rows' LSEs from other ranks' tiles
         with torch.autocast(dev.type, enabled=False):
-            for t, o, (kb, lb) in _around(ring, [keys.contiguous(), labels]):
+            for t, o, (kb, lb) in _around(ring, [keys.contiguous(), labels], steps):
                 spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
+                mirrored = mirror and _mirrored(ring, t)
+                if mirrored:  # (off the own block: no targets, no self)
+                    spec = replace(spec, symmetric=True, exclude_self=False)
                 st = eng.forward(queries, kb, s32, b32, targets, spec)
                 if kind == "sigmoid":
                     row_lse = row_lse + st.row_lse.to(sdt)
@@ -329,7 +380,15 @@ class _RingLoss(torch.autograd.Function):
                     lo = st.col_lse_lo if st.col_lse_lo is not None else torch.zeros_like(st.col_lse)
                     part = torch.stack([st.col_lse.to(sdt), st.col_pos.to(sdt), lo.to(sdt)])
                     _home(ring, t, [part], home, merge=_merge_col)
+                if mirrored:  # block o's rows' LSEs over this rank's rows, to rank o
+                    col = st.col_lse.double()
+                    if st.col_lse_lo is not None:
+                        col = col + st.col_lse_lo.double()
+                    _to_owner(ring, t, [col], owed, merge=torch.logaddexp)
             own_col = _arrived(ring, home)[0] if symmetric else None
+            owed = _owned(ring, owed, merge=torch.logaddexp)
+            if owed is not None:
+                row_lse = torch.logaddexp(row_lse, owed[0])
         row_lo, sig = None, None
         if gap:  # L_in from the float64 LSEs; its gradient weight sigmoid(gap) on the tied closure
             valid = row_npos > 0
@@ -356,11 +415,12 @@ class _RingLoss(torch.autograd.Function):
     def backward(ctx, grad_rows, grad_cols, _grad_npos=None):
         (queries, keys, s32, b32, row_lse, row_pos, row_npos, col_lse, positives, labels,
          sig) = ctx.saved_tensors
-        spec0, gap, backend, group = ctx.cfg
+        spec0, gap, backend, group, mirror = ctx.cfg
         kind, symmetric = spec0.kind, spec0.symmetric
         need_q, need_k, need_s, need_b = ctx.needs_input_grad[:4]
         ring = _Ring(group)
         W, r = ring.world, ring.rank
+        steps = _mirror_steps(W) if mirror else None
         eng = _backend.engine(backend)
         n, m = queries.shape[0], keys.shape[0]
         sdt = row_lse.dtype
@@ -377,18 +437,25 @@ class _RingLoss(torch.autograd.Function):
         if symmetric:
             gc = grad_cols if grad_cols is not None else torch.zeros(m, device=dev)
             cinfo = torch.stack([col_lse, gc.to(sdt)])
+        elif mirror:  # the block's rows, the columns of a mirrored tile: their LSEs and weights
+            cinfo = torch.stack([row_lse, g])
         # what travels home with block o: its dK accumulator and (float32, IEEE products) its
         # columns' sums of dS's column part; the rows' sums of the local queries stay here. With
         # them the whole lines' sums are known after the ring (fastcl.ops.correct_line_totals).
-        home = [None, None]
+        # (mirror: sent from the tile's rank straight to block o's; the own block's kept here)
+        home, owed, own = [None, None], [None, None, None], []
         row_sums = None
         needs = (bool(need_q), bool(need_k), bool(need_s), bool(need_b))
         with torch.autocast(dev.type, enabled=False):
-            for t, o, (kb, cinfo, lb) in _around(ring, [keys.contiguous(), cinfo, labels]):
+            for t, o, (kb, cinfo, lb) in _around(ring, [keys.contiguous(), cinfo, labels], steps):
                 spec, targets = _tile_args(spec0, positives, labels, lb, r, o, m)
+                mirrored = mirror and _mirrored(ring, t)
+                if mirrored:  # (off the own block: no targets, no self)
+                    spec = replace(spec, symmetric=True, exclude_self=False)
+                columns = symmetric or mirrored
                 stats = EngineStats(row_lse, row_pos, row_npos,
-                                    cinfo[0].contiguous() if symmetric else None, None)
-                gcol = cinfo[1].contiguous() if symmetric else None
+                                    cinfo[0].contiguous() if columns else None, None)
+                gcol = cinfo[1].contiguous() if columns else None
                 # (a block is not its lines' whole: its lines' sums are added up over the ring)
                 out = eng.backward(queries, kb, s32, b32, targets, spec, stats, g, gcol, needs,
                                    whole_lines=W == 1, return_line_sums=W > 1)
@@ -409,11 +476,23 @@ class _RingLoss(torch.autograd.Function):
                     ds += ds_t.to(sdt)
                 if need_b:
                     db += db_t.to(sdt)
+                if mirror and cs_t is None and rs_t is not None:  # (every step's the same parts)
+                    cs_t = torch.zeros(m, dtype=sdt, device=dev)
                 part = ([dk_t.to(stats_dt)] if need_k else []) + (
                     [cs_t.to(sdt)] if cs_t is not None else [])
-                if part:
+                if part and not mirror:
                     _home(ring, t, part, home)
-            travel_own = _arrived(ring, home)
+                elif part and t == 0:
+                    own = part
+                elif part:
+                    _to_owner(ring, t, part, owed)
+            if mirror:  # this rank's block's dK and its rows' sums as other ranks' columns
+                owed = _owned(ring, owed)
+                travel_own = own if owed is None else [a + b for a, b in zip(own, owed)]
+                if row_sums is not None:
+                    row_sums = row_sums + travel_own[-1]
+            else:
+                travel_own = _arrived(ring, home)
             dk_own = travel_own[0] if need_k else None
             if row_sums is not None:  # the whole lines' sums against their exact totals
                 col_sums = travel_own[-1] if symmetric else None
@@ -586,14 +665,15 @@ def _ring_sweep(group):
 
 
 def _ring(queries, keys, scale, bias, positives, *, kind="softmax", symmetric=False, exact,
-          backend, group, labels=None, exclude_self=False, variant_in=False):
+          backend, group, labels=None, exclude_self=False, variant_in=False, mirror=False):
     """Rows (n,), columns (m,) (empty unless symmetric) and targets per row (n,) of the ring;
-    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE)."""
+    ``variant_in``: SupCon L_in's closure (targets out of the LSE, their own LSE); ``mirror``:
+    the keys are the queries, each row's targets in its own block (:class:`_RingLoss`)."""
     spec = LossSpec(kind=kind, symmetric=symmetric, exact=exact, exclude_self=exclude_self,
                     exclude_targets=variant_in, target_lse=variant_in)
     _, backend = _engine(backend, spec, Targets())
     return _RingLoss.apply(queries, keys, scale, bias, positives, labels,
-                           (spec, variant_in, backend, group))
+                           (spec, variant_in, backend, group, mirror))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,7 +823,8 @@ def _self_similarity_rows(rows: Tensor, labels: Optional[Tensor], positives: Opt
         s = _sync_scalar(_temperature_scale(temperature, rows), group)
         per, _, npos = _ring(rows, rows, s, None, positives,
                              labels=None if positives is not None else labels, exact=exact,
-                             backend=be, group=group, exclude_self=True, variant_in=variant == "in")
+                             backend=be, group=group, exclude_self=True, variant_in=variant == "in",
+                             mirror=positives is not None and variant == "out")
         valid = npos > 0
     else:
         from .losses import supcon as _supcon
@@ -773,6 +854,8 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature=0.5, *, normalize: bool = True,
     are all-gathered with their gradient (SupCon L_out with instance labels, one fused sweep).
     Ring mode: the row blocks travel round the ring as :func:`clip_loss`'s key blocks do (the
     positive lies in the own block), so no rank holds more than two blocks: O(n D) per rank.
+    The ring uses the Gram matrix's symmetry: each tile of two ranks' blocks is swept once,
+    symmetric, by one of them (W // 2 + 1 tiles per rank instead of W, forward and backward).
 
     Args:
         z1, z2: (n, D) the local pairs' two views (the same n on every rank).

@@ -354,12 +354,13 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def _worker_dominant(r, W):
+def _worker_dominant(r, W, only=None, modes=("ring", "gather")):
     """Float32 near-duplicate rows at tau = 0.05 (1 - P ~ 1e-3 on the target): the ring's blocks
     are not whole lines, so it adds up each line's sums of dS over the ring and corrects once at
     the end (gather mode sweeps whole lines on each rank); the loss value keeps the LSEs' lo
     parts. SupCon's label targets lie in other ranks' blocks: each sample's near-duplicate, its
-    only positive, is on the next rank, so the ring takes its blocks round again to correct."""
+    only positive, is on the next rank, so the ring takes its blocks round again to correct.
+    ``only``: the names of the cases to run (default: all), in ``modes``."""
     gen = torch.Generator().manual_seed(77)
     n, d, scale = 35, 24, 20.0
     N = W * n
@@ -402,6 +403,8 @@ def _worker_dominant(r, W):
     if importlib.util.find_spec("fastcl._C") is not None:
         engines.append("cpu")
     for name, (ours, ref, inputs) in cases.items():
+        if only is not None and name not in only:
+            continue
         want, torch32 = [], []
         for dt, out in ((torch.float64, want), (torch.float32, torch32)):
             xs = [x.to(dt).requires_grad_(True) for x in inputs]
@@ -411,7 +414,7 @@ def _worker_dominant(r, W):
         for be in engines:
             if name in ("dclw", "mv_infonce") and be == "cpu":  # (split closures: no C++ kernels)
                 continue
-            for mode in ("ring", "gather"):
+            for mode in modes:
                 xs = [x.float().requires_grad_(True) for x in _slices(r, W, *inputs)]
                 loss = ours(*xs, be, mode)
                 # the loss value: the blocks' LSEs merged with their lo parts (EngineStats)
@@ -430,6 +433,63 @@ def _worker_dominant(r, W):
 
 def test_ring_corrects_whole_lines_float32():
     run_gloo(_worker_dominant, 2)
+
+
+class _CountingEngine:
+    """An engine module's forward and backward, each call's spec recorded."""
+
+    def __init__(self, eng, calls):
+        self.eng, self.calls = eng, calls
+
+    def __getattr__(self, name):
+        return getattr(self.eng, name)
+
+    def forward(self, *args):
+        self.calls.append(("forward", args[5].symmetric))
+        return self.eng.forward(*args)
+
+    def backward(self, *args, **kwargs):
+        self.calls.append(("backward", args[5].symmetric))
+        return self.eng.backward(*args, **kwargs)
+
+
+def _worker_mirror(r, W):
+    """NT-Xent's ring sweeps each tile of two ranks' row blocks once: rank r the blocks of ranks
+    r - t, t = 0 .. W // 2, those with 0 < t < W - t symmetric (their columns' LSEs and
+    gradients sent to their owner). Float64 against the reference (odd and even W), then the
+    float32 near-duplicates of :func:`_worker_dominant` through every engine."""
+    from fastcl import _backend
+    gen = torch.Generator().manual_seed(5 + W)
+    n, d = 4, 6
+    N = W * n
+    Z1 = torch.randn(N, d, generator=gen, dtype=torch.float64).requires_grad_()
+    Z2 = (Z1.detach() + 0.4 * torch.randn(N, d, generator=gen, dtype=torch.float64)).requires_grad_()
+    calls, engine = [], _backend.engine
+    _backend.engine = lambda name: _CountingEngine(engine(name), calls)
+    try:
+        for reduction, g in (("mean", 0.9), ("sum", -0.6)):
+            t = _leaf(0.2)
+            ref = reference.nt_xent(Z1, Z2, t, reduction=reduction)
+            z1, z2 = _slices(r, W, Z1, Z2)
+            tl = _leaf(0.2)
+            calls.clear()
+            loss = fdist.nt_xent(z1, z2, tl, mode="ring", reduction=reduction, backend="torch")
+            _check(f"nt_xent/mirror/{reduction}", W, r, loss, ref, [z1, z2, tl], [Z1, Z2, t], g,
+                   [n, n])
+            steps, mirrored = W // 2 + 1, (W - 1) // 2
+            for phase in ("forward", "backward"):
+                got = [sym for p, sym in calls if p == phase]
+                if len(got) != steps or sum(got) != mirrored:
+                    raise AssertionError(f"{phase}: {len(got)} tiles, {sum(got)} symmetric; want "
+                                         f"{steps} and {mirrored}")
+    finally:
+        _backend.engine = engine
+    _worker_dominant(r, W, only=("nt_xent",), modes=("ring",))
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_ring_mirrors_gram_tiles(world):
+    run_gloo(_worker_mirror, world)
 
 
 def test_single_process_fallback():
