@@ -596,3 +596,17 @@ def test_gpu_script_configurations_parse(monkeypatch):
     for spec in specs:
         P.add_triton_variant(spec)
     assert len(P.TRITON_VARIANTS) == len(set(s.partition("=")[0] for s in specs))
+
+
+def test_ring_bench_writes_both_rings(tmp_path):
+    """python -m bench.ring over three gloo processes: the full and the mirrored ring, their
+    tiles per rank (3 and 3 // 2 + 1), positive times and the provenance in both files."""
+    from bench import ring
+    assert ring.main(["--world", "3", "--n", "4", "--D", "8", "--repeats", "2", "--warmup", "0",
+                      "--backend", "torch", "--out", str(tmp_path)]) == 0
+    rows = report.read_csv(str(tmp_path / "ring.csv"))
+    assert [(r["ring"], int(r["tiles"])) for r in rows] == [("full", 3), ("mirrored", 2)]
+    assert all(float(r["ms"]) > 0 and r["backend"] == "torch" for r in rows)
+    data = json.load(open(tmp_path / "ring.json"))
+    assert data["provenance"]["command"].startswith("python -m bench.ring --world 3")
+    assert [r["tiles"] for r in data["rows"]] == [3, 2]

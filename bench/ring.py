@@ -1,0 +1,165 @@
+"""``python -m bench.ring``: NT-Xent's ring in ``fastcl.distributed`` over W processes, the
+Gram-symmetric ring (each tile of two ranks' row blocks swept once: W // 2 + 1 tiles per rank)
+against the full one (W tiles per rank), forward + backward.
+
+Each of W spawned processes holds n pairs (2n rows of width D). A step is one ``nt_xent`` ring
+(forward and backward) with the ranks released together by a barrier; its time is the slowest
+rank's (an all-reduce of the per-rank times, MAX). Median, p20 and p80 over the repeats.
+CPU: gloo, one thread per process (``--threads``); CUDA: NCCL, one GPU per process (needs W of
+them). Results: ``ring.csv`` / ``ring.json`` under ``--out`` with the provenance of
+:func:`bench.report.provenance`.
+
+    python -m bench.ring --world 4 --n 512 --D 128 --out bench/results/cpu-ring
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLUMNS = ("world", "n", "rows", "D", "dtype", "backend", "ring", "tiles", "ms", "p20", "p80",
+           "speedup")
+RINGS = ("full", "mirrored")
+
+
+def _port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step(rows: torch.Tensor, positives: torch.Tensor, backend: str, mirror: bool) -> None:
+    from fastcl import distributed as fdist
+    x = rows.detach().requires_grad_(True)
+    backend = _concrete(backend, x)
+    s = torch.tensor(1 / 0.1, dtype=torch.float32, device=x.device)
+    per, _, _ = fdist._ring(x, x, s, None, positives, exact=False, backend=backend, group=None,
+                            exclude_self=True, mirror=mirror)
+    per.sum().backward()
+
+
+def _concrete(backend: str, x: torch.Tensor) -> str:
+    from fastcl import _backend
+    return _backend.resolve(backend, x.device, x.dtype)
+
+
+def _worker(rank: int, args, port: int, out: str) -> None:
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(args.threads)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=args.world,
+                            timeout=datetime.timedelta(seconds=600))
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    gen = torch.Generator().manual_seed(rank)
+    rows = torch.nn.functional.normalize(
+        torch.randn(2 * args.n, args.D, generator=gen), dim=1).to(dev)
+    positives = torch.arange(2 * args.n, device=dev).add_(args.n).remainder_(2 * args.n)
+    results: Dict[str, List[float]] = {}
+    for name in RINGS:
+        times = []
+        for i in range(args.warmup + args.repeats):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _step(rows, positives, args.backend, name == "mirrored")
+            if cuda:
+                torch.cuda.synchronize()
+            ms = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64, device=dev)
+            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+            if i >= args.warmup:
+                times.append(ms.item())
+        results[name] = times
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"backend": _concrete(args.backend, rows), **results}, f)
+    dist.barrier()
+    # exit without tearing the group down: torch < 2.5's gloo group can hang in its destructor
+    # (see tests/_gloo.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ring", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", type=int, default=4, help="processes (ranks)")
+    ap.add_argument("--n", type=int, default=512, help="pairs per rank (2n rows)")
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--backend", default="auto", help="fastcl backend of the tiles")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=None, help="directory for ring.csv / ring.json")
+    args = ap.parse_args(argv)
+    if args.world < 1 or args.n < 1 or args.D < 1 or args.repeats < 1:
+        ap.error("--world, --n, --D and --repeats must be positive")
+    if args.device == "cuda" and torch.cuda.device_count() < args.world:
+        ap.error(f"--device cuda needs --world GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "times.json")
+        mp.start_processes(_worker, args=(args, _port(), path), nprocs=args.world,
+                           start_method="spawn")
+        with open(path) as f:
+            times = json.load(f)
+    tiles = {"full": args.world, "mirrored": args.world // 2 + 1}
+    rows = []
+    for name in RINGS:
+        ms = _quantile(times[name], 0.5)
+        rows.append(dict(world=args.world, n=args.n, rows=2 * args.n, D=args.D, dtype="float32",
+                         backend=times["backend"], ring=name, tiles=tiles[name], ms=ms,
+                         p20=_quantile(times[name], 0.2), p80=_quantile(times[name], 0.8)))
+    for r in rows:
+        r["speedup"] = rows[0]["ms"] / r["ms"]
+    print(" ".join(f"{c:>9}" for c in COLUMNS))
+    for r in rows:
+        print(" ".join(f"{r[c]:>9.3f}" if isinstance(r[c], float) else f"{r[c]!s:>9}"
+                       for c in COLUMNS))
+    if args.out:
+        from . import report
+        given = list(sys.argv[1:] if argv is None else argv)
+        prov = report.provenance(torch.device(args.device), argv=["bench"] + given)
+        prov["command"] = "python -m bench.ring " + " ".join(shlex.quote(a) for a in given)
+        for key in ("flops", "ratios", "memory", "host"):  # (the single-process sweep's columns)
+            prov.pop(key, None)
+        prov["timing"] = ("wall clock of one forward + backward per step, the ranks released by a "
+                          "barrier, the slowest rank's time; median (p20, p80) over the repeats")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ring.csv"), "w", newline="") as f:
+            for k, v in prov.items():
+                f.write(f"# {k}: {v}\n")
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            for r in rows:
+                w.writerow([f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in COLUMNS])
+        with open(os.path.join(args.out, "ring.json"), "w") as f:
+            json.dump({"provenance": prov, "columns": list(COLUMNS), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
