@@ -6,7 +6,7 @@ Each of W spawned processes holds n pairs (2n rows of width D). A step is one ``
 (forward and backward) with the ranks released together by a barrier; its time is the slowest
 rank's (an all-reduce of the per-rank times, MAX). Median, p20 and p80 over the repeats.
 CPU: gloo, one thread per process (``--threads``); CUDA: NCCL, one GPU per process (needs W of
-them). Results: ``ring.csv`` / ``ring.json`` under ``--out`` with the provenance of
+them). Results: ``ring.csv`` / ``ring.json`` / ``ring.png`` under ``--out`` with the provenance of
 :func:`bench.report.provenance`.
 
     python -m bench.ring --world 4 --n 512 --D 128 --out bench/results/cpu-ring
@@ -104,6 +104,30 @@ def _quantile(xs: List[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def _plot(path: str, rows: List[Dict], prov: Dict[str, str]) -> None:
+    """Each ring's median step time, p20 - p80 as the error bar (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ms = [r["ms"] for r in rows]
+    err = [[r["ms"] - r["p20"] for r in rows], [r["p80"] - r["ms"] for r in rows]]
+    ax.bar([f"{r['ring']}\n{r['tiles']} tiles / rank" for r in rows], ms, yerr=err, capsize=4,
+           color=["#999999", "#1f77b4"])
+    r0 = rows[0]
+    ax.set_ylabel("ms per forward + backward")
+    ax.set_title(f"NT-Xent ring, W = {r0['world']}, {r0['rows']} rows x D = {r0['D']} per rank, "
+                 f"{r0['backend']}", fontsize=8)
+    fig.text(0.01, 0.01, f"{prov['device']} | torch {prov['torch']} | {prov['git_sha'][:10]}",
+             fontsize=6)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ring", description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", type=int, default=4, help="processes (ranks)")
@@ -158,6 +182,7 @@ def main(argv=None) -> int:
                 w.writerow([f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in COLUMNS])
         with open(os.path.join(args.out, "ring.json"), "w") as f:
             json.dump({"provenance": prov, "columns": list(COLUMNS), "rows": rows}, f, indent=1)
+        _plot(os.path.join(args.out, "ring.png"), rows, prov)
     return 0
 
 

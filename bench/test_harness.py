@@ -610,3 +610,4 @@ def test_ring_bench_writes_both_rings(tmp_path):
     data = json.load(open(tmp_path / "ring.json"))
     assert data["provenance"]["command"].startswith("python -m bench.ring --world 3")
     assert [r["tiles"] for r in data["rows"]] == [3, 2]
+    assert (tmp_path / "ring.png").stat().st_size > 0
