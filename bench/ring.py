@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .timing import percentile
+
 COLUMNS = ("world", "n", "rows", "D", "dtype", "backend", "ring", "tiles", "ms", "p20", "p80",
            "speedup")
 RINGS = ("full", "mirrored")
@@ -41,9 +43,9 @@ def _port() -> int:
 
 
 def _step(rows: torch.Tensor, positives: torch.Tensor, backend: str, mirror: bool) -> None:
+    """One ring forward + backward; ``backend`` concrete (:func:`_concrete`)."""
     from fastcl import distributed as fdist
     x = rows.detach().requires_grad_(True)
-    backend = _concrete(backend, x)
     s = torch.tensor(1 / 0.1, dtype=torch.float32, device=x.device)
     per, _, _ = fdist._ring(x, x, s, None, positives, exact=False, backend=backend, group=None,
                             exclude_self=True, mirror=mirror)
@@ -69,6 +71,7 @@ def _worker(rank: int, args, port: int, out: str) -> None:
     rows = torch.nn.functional.normalize(
         torch.randn(2 * args.n, args.D, generator=gen), dim=1).to(dev)
     positives = torch.arange(2 * args.n, device=dev).add_(args.n).remainder_(2 * args.n)
+    backend = _concrete(args.backend, rows)
     results: Dict[str, List[float]] = {}
     for name in RINGS:
         times = []
@@ -77,7 +80,7 @@ def _worker(rank: int, args, port: int, out: str) -> None:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            _step(rows, positives, args.backend, name == "mirrored")
+            _step(rows, positives, backend, name == "mirrored")
             if cuda:
                 torch.cuda.synchronize()
             ms = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64, device=dev)
@@ -87,21 +90,13 @@ def _worker(rank: int, args, port: int, out: str) -> None:
         results[name] = times
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"backend": _concrete(args.backend, rows), **results}, f)
+            json.dump({"backend": backend, **results}, f)
     dist.barrier()
     # exit without tearing the group down: torch < 2.5's gloo group can hang in its destructor
     # (see tests/_gloo.py)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def _quantile(xs: List[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _plot(path: str, rows: List[Dict], prov: Dict[str, str]) -> None:
@@ -153,10 +148,10 @@ def main(argv=None) -> int:
     tiles = {"full": args.world, "mirrored": args.world // 2 + 1}
     rows = []
     for name in RINGS:
-        ms = _quantile(times[name], 0.5)
+        ms = percentile(times[name], 50)
         rows.append(dict(world=args.world, n=args.n, rows=2 * args.n, D=args.D, dtype="float32",
                          backend=times["backend"], ring=name, tiles=tiles[name], ms=ms,
-                         p20=_quantile(times[name], 0.2), p80=_quantile(times[name], 0.8)))
+                         p20=percentile(times[name], 20), p80=percentile(times[name], 80)))
     for r in rows:
         r["speedup"] = rows[0]["ms"] / r["ms"]
     print(" ".join(f"{c:>9}" for c in COLUMNS))
