@@ -314,6 +314,27 @@ def test_engine_multiple_tiles():
                  torch.tensor([2.0]), rtol=1e-3, atol=1e-3)
 
 
+def test_engine_line_maximum_anywhere_in_a_tile():
+    """Logits spread far beyond exp's float32 range (scale 300: each line's largest logit ~300,
+    the rest below ~200), every line's largest entry at another place of its tile: the first
+    and the last of a vector's lanes, the columns past the tile's last full vector, the last tile
+    (M = 600: tiles of 256, 256 and 88 columns). An online LSE shifted by less than the line's
+    maximum overflows to inf."""
+    m, d = 600, 40
+    k = _feats(m, d, seed=75)
+    where = [0, 15, 16, 31, 250, 255, 256, 300, 511, 512, 591, 592, 595, 599]
+    perm = torch.randperm(m, generator=torch.Generator().manual_seed(76))
+    cols = torch.tensor(where + [int(j) for j in perm if int(j) not in where][:50])
+    q = k[cols]  # row i's largest logit at column cols[i]
+    stats, _ = _engine_case(LossSpec(), Targets(positives=cols.flip(0)), q, k, torch.tensor([300.0]),
+                            None, rtol=1e-3, atol=1e-3)
+    assert torch.all(stats.row_lse > 299.0)
+    # symmetric: the rows are a permutation of the keys, so every column's maximum is placed too
+    stats, _ = _engine_case(LossSpec(symmetric=True), Targets(), k[perm], k, torch.tensor([300.0]),
+                            None, rtol=1e-3, atol=1e-3)
+    assert torch.all(stats.row_lse > 299.0) and torch.all(stats.col_lse > 299.0)
+
+
 def test_engine_single_column_fully_excluded():
     """M = 1 with self-exclusion: every entry invalid, LSE -inf, no gradient, no NaN."""
     q, k = _feats(1, 8, seed=73), _feats(1, 8, seed=74)
