@@ -573,7 +573,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   const auto fp = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   const auto vp = [](const std::vector<float>& x) { return x.empty() ? nullptr : x.data(); };
   const GradMeta gm{lse32.data_ptr<float>(), npos32.data_ptr<float>(), fp(clse32), g32.data_ptr<float>(),
-                    fp(gc32), kind, softmax ? rc.data() : nullptr, vp(cc)};
+                    fp(gc32), kind, vp(rc), vp(cc)};
 
   at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::Tensor();
   at::Tensor dk = need_k ? at::empty({M, D}, f32) : at::Tensor();
@@ -694,7 +694,6 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   };
   return {out_q, out_k, out_s, out_b, sums_of(row_acc), sums_of(col_acc)};
 }
-
 
 // Line-total correction of a tied softmax closure with index or label targets, in place on the
 // float32 gradients (fastcl.ops.correct_line_totals, whose steps this follows; the Python form
