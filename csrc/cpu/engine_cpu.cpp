@@ -235,14 +235,18 @@ FASTCL_TILE_FN void forward_tile_rows(const Problem& p, int64_t r0, int64_t nr, 
       st.m[r] += acc;  // the sigmoid closure keeps its running row loss in m
       continue;
     }
-    if (t.label_mode()) {
-      const int64_t li = t.row_labels[i];
-      const int64_t* cl = t.col_labels + c0;
+    if (t.label_mode()) {  // (the targets as a float mask: vector loops; the self left out)
+      float hit[kCols];
+      row_target_mask(t, i, c0, nc, hit);
+      if (t.exclude_self) {
+        const int64_t j = i + t.offset;
+        if (j >= c0 && j < c0 + nc) hit[j - c0] = 0.f;
+      }
       float pos = 0.f, cnt = 0.f;
+#pragma omp simd reduction(+ : pos, cnt)
       for (int64_t c = 0; c < nc; ++c) {
-        const bool hit = cl[c] == li && t.valid(i, c0 + c);
-        pos += hit ? S[c] : 0.f;
-        cnt += hit ? 1.f : 0.f;
+        pos += hit[c] != 0.f ? S[c] : 0.f;
+        cnt += hit[c];
       }
       st.pos[r] += pos;
       st.npos[r] += cnt;
