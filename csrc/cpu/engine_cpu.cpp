@@ -452,8 +452,9 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
       if (t.label_mode()) {
         const int64_t li = t.row_labels[i];
         const int64_t* cl = t.col_labels + c0;
-        for (int64_t c = 0; c < nc; ++c)
-          Gr[c] -= (cl[c] == li && t.valid(i, c0 + c)) ? gt : 0.f;
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c)  // (the excluded self's entry is zeroed below)
+          Gr[c] -= cl[c] == li ? gt : 0.f;
       } else {
         const int64_t j = t.pos_of_row(i);
         if (j >= c0 && j < c0 + nc && t.valid(i, j)) Gr[j - c0] -= gt;
