@@ -94,7 +94,7 @@ inline float sigmoid_fast(float x) { return 1.f / (1.f + exp_fast(std::min(-x, 8
 
 // max(x[0 .. n)) (-inf for n = 0; NaNs skipped, as by std::max), vectorised: a running maximum
 // per lane, each step x > m ? x : m (one vmaxps). (A reduction(max) over std::max stays a
-// scalar chain of maxss without -ffinite-math-only: half the forward tile's time at D = 128.)
+// scalar chain of maxss without -ffinite-math-only: 60% of the forward tile epilogue at D = 128.)
 #if defined(__GNUC__)
 __attribute__((always_inline))
 #endif
