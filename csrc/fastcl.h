@@ -103,6 +103,8 @@ using ForwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
                               at::Tensor, at::Tensor>;
 using BackwardOut =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using StepOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                           at::Tensor, at::Tensor, at::Tensor>;
 
 // Checks shapes, dtypes and devices of the engine inputs (ValueError / TypeError on bad input).
 void check_engine_inputs(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& scale,

@@ -17,6 +17,12 @@
 //  * correct_line_totals_ applies fastcl.ops.correct_line_totals to the float32 gradients of a
 //    tied softmax closure with index or label targets, in place, from engine_backward's line
 //    sums; d_queries / d_keys may be empty (0,) tensors (not asked for). CPU only.
+//  * engine_step (CPU only) is engine_forward and engine_backward of a row-only closure (no
+//    column term) in one sweep, with grad_row = 1 on every row: it returns (row_lse, row_pos,
+//    row_npos, row_lse_lo, d_queries, d_keys, d_scale, d_bias, row_sums), the statistics as
+//    engine_forward's and the gradients of sum_i L_i as engine_backward's, except that d_queries /
+//    d_keys are float32 whatever the features' dtype (the caller scales them by the total's
+//    gradient before rounding once).
 #include <torch/library.h>
 
 #include "fastcl.h"
@@ -203,6 +209,12 @@ TORCH_LIBRARY(fastcl, m) {
       "Tensor? col_labels, int offset, bool exclude_self, "
       "Tensor row_lse, Tensor row_npos, Tensor? col_lse, Tensor grad_row, Tensor? grad_col, "
       "Tensor row_sums, Tensor? col_sums) -> ()");
+  m.def(
+      "engine_step(Tensor queries, Tensor keys, Tensor scale, Tensor? bias, Tensor? positives, "
+      "Tensor? row_labels, Tensor? col_labels, int kind, bool exclude_self, int offset, "
+      "bool need_queries, bool need_keys, bool need_scale, bool need_bias, bool line_sums) -> "
+      "(Tensor row_lse, Tensor row_pos, Tensor row_npos, Tensor row_lse_lo, Tensor d_queries, "
+      "Tensor d_keys, Tensor d_scale, Tensor d_bias, Tensor row_sums)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import _backend
-from .autograd import engine_loss, engine_statistics, row_bilinear, row_dots, unit_rows
+from .autograd import (engine_loss, engine_row_total, engine_statistics, row_bilinear, row_dots,
+                       unit_rows)
 from .ops import LossSpec, Targets, compiling, merge_lse
 
 Tensor = torch.Tensor
@@ -271,6 +272,17 @@ def _two_views(z1: Tensor, z2: Tensor, normalize: bool, backend: str, min_batch:
     return Z, torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2), be
 
 
+def _sums_rows(x: Tensor, reduction: str) -> bool:
+    """Whether a row-only loss is reduced by :func:`fastcl.autograd.engine_row_total` (CPU
+    tensors, "sum" or "mean"): the C++ backend then forms the gradients in the forward's sweep."""
+    return reduction != "none" and x.device.type == "cpu"
+
+
+def _reduce_total(total: Tensor, count, reduction: str) -> Tensor:
+    """"mean" (``total / count``) or "sum" of a row total."""
+    return total / count if reduction == "mean" else total
+
+
 def _reduce(per: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return per.mean()
@@ -426,6 +438,11 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
                       col_ids=key_ids if row_ids is not None else None, guide_queries=gu,
                       guide_keys=gv)
     extra_sum = None
+    if hard_negatives is None and not gamma and _sums_rows(queries, reduction):
+        total, _ = engine_row_total(queries, keys, s, b, targets, spec, be)
+        if eps:
+            total = total + eps * _smoothing_term(queries, keys, positives, s).sum()
+        return _reduce_total(total, N, reduction)
     if hard_negatives is None:
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
     else:
@@ -520,7 +537,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     s = _scalar_param("logit_scale", logit_scale, image_features.device, optional=False, dtype=dt)
     b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
-    rows, _, _ = engine_loss(q, k, s, b, targets, LossSpec(kind="sigmoid", exact=exact), be)
+    spec = LossSpec(kind="sigmoid", exact=exact)
+    if _sums_rows(q, reduction):
+        return _reduce_total(engine_row_total(q, k, s, b, targets, spec, be)[0], N, reduction)
+    rows, _, _ = engine_loss(q, k, s, b, targets, spec, be)
     return _reduce(rows, reduction)
 
 
@@ -537,6 +557,9 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: Scalar = 0.5, *, normalize: boo
     Z, positives, be = _two_views(z1, z2, normalize, backend)
     s = _temperature_scale(temperature, Z)
     spec = LossSpec(kind="softmax", exclude_self=True, gram=True, exact=exact)
+    if _sums_rows(Z, reduction):
+        total, _ = engine_row_total(Z, Z, s, None, Targets(positives=positives), spec, be)
+        return _reduce_total(total, Z.shape[0], reduction)
     rows, _, _ = engine_loss(Z, Z, s, None, Targets(positives=positives), spec, be)
     return _reduce(rows, reduction)
 
@@ -620,6 +643,11 @@ def supcon(features: Tensor, labels: Tensor, temperature: Scalar = 0.1, *, varia
     spec = LossSpec(kind="softmax", exclude_self=keys is None or self_offset is not None,
                     offset=self_offset or 0, exclude_targets=variant == "in",
                     target_lse=variant == "in", gram=keys is None, exact=exact)
+    if variant == "out" and _sums_rows(rows_x, reduction):
+        total, npos = engine_row_total(rows_x, cols_x, s, None, targets, spec, be)
+        valid = npos > 0
+        loss = _reduce_total(total, valid.sum().clamp(min=1), reduction)
+        return (loss, valid) if return_valid else loss
     if variant == "out":
         per, _, npos = engine_loss(rows_x, cols_x, s, None, targets, spec, be)
         valid = npos > 0

@@ -466,7 +466,7 @@ def test_auto_backend_on_cpu_takes_the_extension_where_it_can(monkeypatch):
     from fastcl.ops import cpp, torch_engine
     seen = []
     for mod, name in ((cpp, "cpu"), (torch_engine, "torch")):
-        for fn in ("forward", "backward"):
+        for fn in ("forward", "backward", "step")[:3 if mod is cpp else 2]:
             real = getattr(mod, fn)
             monkeypatch.setattr(mod, fn, lambda *a, _r=real, _n=name, **kw: (seen.append(_n), _r(*a, **kw))[1])
     gen = torch.Generator().manual_seed(13)
@@ -474,8 +474,9 @@ def test_auto_backend_on_cpu_takes_the_extension_where_it_can(monkeypatch):
             for _ in range(2))
     labels = torch.randint(0, 5, (40,), generator=gen)
     cases = [("clip", lambda be: fastcl.clip_loss(q, k, 14.0, backend=be), "cpu"),
-             ("siglip", lambda be: fastcl.siglip_loss(q, k, 10.0, -10.0, backend=be), "cpu"),
-             ("supcon_out", lambda be: fastcl.supcon(q, labels, 0.1, backend=be), "cpu"),
+             # (a row-only loss reduced to its total: forward and gradients in one step)
+             ("siglip", lambda be: fastcl.siglip_loss(q, k, 10.0, -10.0, backend=be), "cpu", 1),
+             ("supcon_out", lambda be: fastcl.supcon(q, labels, 0.1, backend=be), "cpu", 1),
              ("supcon_in", lambda be: fastcl.supcon(q, labels, 0.1, variant="in", backend=be), "torch"),
              # (three sweeps: each view against itself, the views against each other)
              ("dcl", lambda be: fastcl.dcl(q, k, 0.1, backend=be), "torch", 6),

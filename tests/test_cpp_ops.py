@@ -530,6 +530,186 @@ def test_opcheck_correct_line_totals(symmetric, targets):
     torch.library.opcheck(torch.ops.fastcl.correct_line_totals_.default, args)
 
 
+# ----------------------------------------------------------------------------------------------
+# one-sweep step of row-only closures (engine_step): forward and the gradients of sum_i L_i
+# ----------------------------------------------------------------------------------------------
+
+_STEP_CASES = {  # (kind, targets, exclude_self, offset, bias, n, m, d)
+    "diagonal": (0, "diagonal", False, 0, True, N, M, D),
+    "positives": (0, "positives", False, 0, False, N, M, D),
+    "labels_self": (0, "labels", True, 0, False, N, N, D),
+    "labels_offset": (0, "labels", True, 5, False, N, M, D),
+    "positives_self_offset": (0, "positives", True, 3, True, N, M, D),
+    "sigmoid": (1, "labels", False, 0, True, N, N, D),
+    "sigmoid_self": (1, "diagonal", True, 2, True, N, M, D),
+    # several row blocks and column tiles, the last of each partial
+    "tiles": (0, "labels", True, 0, True, 300, 600, 19),
+    "sigmoid_tiles": (1, "diagonal", False, 0, True, 300, 600, 19),
+    # targets that dominate their rows (the float32 line-total correction at work)
+    "dominant": (0, "diagonal", False, 0, False, 150, 150, D),
+}
+
+
+def _step_case(name, dtype=torch.float32):
+    kind, targets, exclude_self, offset, bias, n, m, d = _STEP_CASES[name]
+    q, k = _feats(n, d, seed=110, dtype=dtype), _feats(m, d, seed=111, dtype=dtype)
+    t = Targets()
+    if targets == "positives":
+        t = Targets(positives=torch.randperm(m, generator=torch.Generator().manual_seed(112))[:n])
+    elif targets == "labels":  # (some rows of a class of their own: no targets)
+        t = Targets(row_labels=_labels(n, n // 3, 113), col_labels=_labels(m, n // 3, 114))
+        if m == n:
+            t = Targets(row_labels=t.row_labels, col_labels=t.row_labels)
+    spec = LossSpec(kind=("softmax", "sigmoid")[kind], exclude_self=exclude_self, offset=offset)
+    s = torch.tensor([6.0])
+    if name == "dominant":
+        k = torch.nn.functional.normalize(q + 0.05 * _feats(n, d, seed=115, dtype=dtype), dim=1)
+        s = torch.tensor([60.0])
+    return (q, k, s, torch.tensor([-0.3]) if bias else None, t, spec)
+
+
+@pytest.mark.parametrize("name", list(_STEP_CASES))
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False),
+                                   (True, False, False, True), (False, False, True, False)])
+def test_engine_step_matches_forward_and_backward(name, needs):
+    """cpp.step: the forward's statistics bit for bit, and the backward's gradients with every
+    row's weight 1 (float32 line-total correction included), from one sweep."""
+    q, k, s, b, t, spec = _step_case(name)
+    stats, grads = cpp.step(q, k, s, b, t, spec, needs)
+    ref = cpp.forward(q, k, s, b, t, spec)
+    for field in ("row_lse", "row_pos", "row_npos", "row_lse_lo"):
+        got, want = getattr(stats, field), getattr(ref, field)
+        assert (got is None) == (want is None), field
+        if got is not None:
+            assert torch.equal(got, want), field
+    assert stats.col_lse is None and stats.col_pos is None
+    want = cpp.backward(q, k, s, b, t, spec, ref, torch.ones(q.shape[0]), None, needs)
+    assert spec.kind == "sigmoid" or stats.row_npos.max() > 0
+    for i, (g, w) in enumerate(zip(grads, want)):
+        assert (g is None) == (w is None), i
+        if g is not None:
+            assert g.dtype == torch.float32 and g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["labels_self", "sigmoid", "tiles"])
+def test_engine_step_low_precision_keeps_float32_gradients(name, dtype):
+    """16-bit features: the step's gradients stay float32 (rounded once, after the total's
+    gradient scales them) and match the backward's within its single rounding."""
+    q, k, s, b, t, spec = _step_case(name, dtype)
+    needs = (True, True, True, b is not None)
+    stats, grads = cpp.step(q, k, s, b, t, spec, needs)
+    ref = cpp.forward(q, k, s, b, t, spec)
+    assert torch.equal(stats.row_lse, ref.row_lse) and torch.equal(stats.row_pos, ref.row_pos)
+    want = cpp.backward(q, k, s, b, t, spec, ref, torch.ones(q.shape[0]), None, needs)
+    for g, w in zip(grads[:2], want[:2]):
+        assert g.dtype == torch.float32 and w.dtype == dtype
+        torch.testing.assert_close(g.to(dtype), w, rtol=1e-2, atol=1e-2 * w.abs().max().item())
+    torch.testing.assert_close(grads[2], want[2], rtol=1e-5, atol=1e-6)
+
+
+def test_engine_step_past_its_scratch_budget_takes_two_sweeps():
+    """Where the dK partials would pass their budget (64 MiB of float32: here M D > 2^24) the
+    step runs the forward and backward sweeps; the same numbers either way."""
+    q, k = _feats(5, 4100, seed=115), _feats(4100, 4100, seed=116)
+    t = Targets(positives=torch.tensor([7, 0, 4099, 2, 1000]))
+    s = torch.tensor([9.0])
+    needs = (True, True, True, False)
+    stats, grads = cpp.step(q, k, s, None, t, LossSpec(), needs)
+    ref = cpp.forward(q, k, s, None, t, LossSpec())
+    assert torch.equal(stats.row_lse, ref.row_lse)
+    want = cpp.backward(q, k, s, None, t, LossSpec(), ref, torch.ones(5), None, needs)
+    for g, w in zip(grads[:3], want[:3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def _step_args(name, needs, line_sums):
+    q, k, s, b, t, spec = _step_case(name)
+    return (q, k, s, b, t.positives, t.row_labels, t.col_labels, cpp.KINDS[spec.kind],
+            spec.exclude_self, spec.offset, *needs, line_sums)
+
+
+@pytest.mark.parametrize("name,line_sums", [("diagonal", True), ("labels_offset", True),
+                                            ("sigmoid", False)])
+@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False)])
+def test_opcheck_engine_step(name, needs, line_sums):
+    torch.library.opcheck(torch.ops.fastcl.engine_step.default, _step_args(name, needs, line_sums))
+
+
+def test_engine_step_validates():
+    args = list(_step_args("sigmoid", (True, True, False, False), False))
+    args[-1] = True
+    with pytest.raises(ValueError, match="line_sums is only for softmax"):
+        torch.ops.fastcl.engine_step(*args)
+    args = list(_step_args("diagonal", (True, True, False, False), False))
+    args[1] = args[1][:, :-1]
+    with pytest.raises(ValueError, match="share the feature dimension"):
+        torch.ops.fastcl.engine_step(*args)
+    q, k, s, b, t, _ = _step_case("diagonal")
+    with pytest.raises(ValueError, match="row-only"):
+        cpp.step(q, k, s, b, t, LossSpec(symmetric=True), (True, True, False, False))
+
+
+_ROW_TOTAL_LOSSES = {
+    "info_nce": lambda q, k, s, b, labels, red: fastcl.info_nce(
+        q, k, positives=torch.arange(q.shape[0]).flip(0), scale=s, bias=b, reduction=red,
+        label_smoothing=0.1, backend="cpu"),
+    "siglip": lambda q, k, s, b, labels, red: fastcl.siglip_loss(
+        q, k[: q.shape[0]], s, b, labels=labels, reduction=red, backend="cpu"),
+    "nt_xent": lambda q, k, s, b, labels, red: fastcl.nt_xent(
+        q, k[: q.shape[0]], 1 / s, reduction=red, backend="cpu"),
+    "supcon": lambda q, k, s, b, labels, red: fastcl.supcon(
+        q, labels, 1 / s, reduction=red, backend="cpu"),
+}
+_ROW_TOTAL_REFS = {
+    "info_nce": lambda q, k, s, b, labels, red: reference.info_nce(
+        q, k, positives=torch.arange(q.shape[0]).flip(0), scale=s, bias=b, reduction=red,
+        label_smoothing=0.1),
+    "siglip": lambda q, k, s, b, labels, red: reference.siglip_loss(
+        q, k[: q.shape[0]], s, b, labels=labels, reduction=red),
+    "nt_xent": lambda q, k, s, b, labels, red: reference.nt_xent(
+        q, k[: q.shape[0]], 1 / s, reduction=red),
+    "supcon": lambda q, k, s, b, labels, red: reference.supcon(q, labels, 1 / s, reduction=red)[0],
+}
+
+
+@pytest.mark.parametrize("loss", list(_ROW_TOTAL_LOSSES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("trained", ["all", "scale", "keys"])
+def test_row_total_losses_take_the_step_and_match_reference(monkeypatch, loss, reduction, trained):
+    """The row-only losses reduced by sum / mean on the C++ CPU backend: one step call (no
+    backward sweep), loss and every gradient asked for against float64, grad_output != 1."""
+    calls = []
+    for fn in ("step", "backward"):
+        real = getattr(cpp, fn)
+        monkeypatch.setattr(cpp, fn, lambda *a, _r=real, _n=fn, **kw: (calls.append(_n), _r(*a, **kw))[1])
+    n, m, d = 300, 340, 24  # several row blocks, partial tiles
+    q, k = _feats(n, d, seed=117), _feats(m, d, seed=118)
+    labels = _labels(n, 40, 119)
+    labels[:3] = 1000 + torch.arange(3)  # rows without positives (SupCon: out of the mean)
+    vals = {"q": q, "k": k, "s": torch.tensor(9.0), "b": torch.tensor(-2.0)}
+    train = {"all": "qksb", "scale": "s", "keys": "k"}[trained]
+    if loss in ("nt_xent", "supcon"):  # (no bias; SupCon: one set of features)
+        train = train.replace("b", "")
+        train = train.replace("k", "") or "q" if loss == "supcon" else train
+    leaves = {x: v.clone().requires_grad_(x in train) for x, v in vals.items()}
+    refs = {x: v.double().requires_grad_(x in train) for x, v in vals.items()}
+    args = lambda t: (t["q"], t["k"], t["s"], t["b"], labels, reduction)  # noqa: E731
+    out = _ROW_TOTAL_LOSSES[loss](*args(leaves))
+    want = _ROW_TOTAL_REFS[loss](*args(refs))
+    grads = torch.autograd.grad(out * 0.7, [leaves[x] for x in train])
+    ref_grads = torch.autograd.grad(want * 0.7, [refs[x] for x in train])
+    assert calls == ["step"], calls
+    _close(out, want, rtol=1e-5, atol=1e-6, what="loss")
+    for x, g, r in zip(train, grads, ref_grads):
+        # (a softmax loss's bias gradient is 0: float64's is rounding noise)
+        _close(g, r, rtol=1e-4, atol=1e-6 + 1e-5 * r.abs().max().item(), what=f"d_{x}")
+    with torch.no_grad():
+        again = _ROW_TOTAL_LOSSES[loss](*args(leaves))
+    assert calls == ["step"] and torch.equal(again, out.detach())
+
+
 def test_correct_line_totals_op_validates():
     args = list(_line_totals_case(6, symmetric=True, targets="diagonal", offset=0,
                                   exclude_self=False, needs=(True, True)))

@@ -518,19 +518,25 @@ FASTCL_TILE_FN void grad_tile(const Problem& p, const GradMeta& gm, int64_t r0, 
 }
 
 // scale_centres (ops.cpp) of a float32 LSE vector as one loop with the same float32 steps (its
-// dozen tensor operators cost more than a small problem's sweep).
+// dozen tensor operators cost more than a small problem's sweep): line_centre of each entry, with
+// centre_shift of the lines' entry count.
+inline float centre_shift(float s, int64_t count) {
+  const float log_n = static_cast<float>(std::log(static_cast<double>(std::max<int64_t>(count, 1))));
+  return s < log_n ? log_n : 0.f;
+}
+
+inline float line_centre(float lse, float s, float b, bool has_bias, float shift) {
+  float m = lse - shift;
+  if (has_bias) m = m - b;
+  return lse > kNegInf && s != 0.f ? m / (s != 0.f ? s : 1.f) : 0.f;
+}
+
 std::vector<float> line_centres(const at::Tensor& lse32, float s, float b, bool has_bias,
                                 int64_t count) {
-  const float log_n = static_cast<float>(std::log(static_cast<double>(std::max<int64_t>(count, 1))));
-  const float shift = s < log_n ? log_n : 0.f;
-  const float safe = s != 0.f ? s : 1.f;
+  const float shift = centre_shift(s, count);
   const float* l = lse32.data_ptr<float>();
   std::vector<float> out(lse32.numel());
-  for (size_t e = 0; e < out.size(); ++e) {
-    float m = l[e] - shift;
-    if (has_bias) m = m - b;
-    out[e] = l[e] > kNegInf && s != 0.f ? m / safe : 0.f;
-  }
+  for (size_t e = 0; e < out.size(); ++e) out[e] = line_centre(l[e], s, b, has_bias, shift);
   return out;
 }
 
@@ -700,6 +706,144 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
   return {out_q, out_k, out_s, out_b, sums_of(row_acc), sums_of(col_acc)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// one-sweep step: forward statistics and the gradients of sum_i L_i (row-only closures)
+// ---------------------------------------------------------------------------------------------
+
+// The loss L = sum_i L_i of a row-only closure and its gradients in one sweep, for a total whose
+// gradient is one number (sum / mean reductions): every row's weight is 1, and the caller scales
+// the gradients by the total's gradient in its backward.
+//   softmax: L_i = lse_i - (1 / npos_i) sum_{j in T(i)} S_ij  (0 for rows without targets)
+//            dS_ij = [npos_i > 0] (P_ij - [j in T(i)] / npos_i),  P_ij = exp(S_ij - lse_i)
+//   sigmoid: L_i = sum_j softplus(-z_ij S_ij),  dS_ij = -z_ij sigmoid(-z_ij S_ij)
+//   dQ = s dS K,  dK = s dS^T Q,  d_scale = sum dS C (centred),  d_bias = sum dS
+// Per row block of kRows rows (threads over contiguous groups of blocks):
+//   1. C = Q_blk K^T tile by tile into the block's panel (kRows x M float32; softmax only, the
+//      sigmoid closure needs no LSE and takes each tile's gradient at once).
+//   2. Each tile's copy gets the forward's masking and online row statistics; after the last
+//      tile the rows' LSE, target sums and counts are final (the forward's numbers, bit for bit).
+//   3. The panel's tiles give dS (grad_tile, as the backward forms it from the saved LSE);
+//      dQ_blk += dS K_tile and the group's dK partial += dS^T Q_blk.
+// So each tile's products are formed once (the two-pass forward + backward forms them twice:
+// 4 GEMMs against 3). Falls back to engine_forward_cpu + engine_backward_cpu where the panels or
+// the dK partials would exceed their scratch budgets.
+constexpr int64_t kPanelBytes = int64_t{64} << 20;  // all threads' panels
+
+StepOut engine_step_cpu(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& scale,
+                        const OptT& bias, const OptT& positives, const OptT& row_labels,
+                        const OptT& col_labels, int64_t kind, bool exclude_self, int64_t offset,
+                        bool need_q, bool need_k, bool need_scale, bool need_bias, bool line_sums) {
+  TORCH_CHECK_VALUE(!line_sums || kind == kSoftmax, "line_sums is only for softmax closures (kind=0)");
+  const Problem p = make_problem(queries, keys, scale, bias, positives, OptT(), row_labels,
+                                 col_labels, kind, false, exclude_self, offset);
+  const int64_t N = p.N, M = p.M, D = p.D;
+  const auto f32 = queries.options().dtype(at::kFloat);
+  const bool softmax = kind == kSoftmax;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const int64_t nrb = (N + kRows - 1) / kRows;
+  const int64_t G = num_groups(nrb);
+  const int64_t panel = softmax ? std::min(N, kRows) * M : std::min(N, kRows) * std::min(M, kCols);
+  const auto bytes = [](int64_t n) { return n * static_cast<int64_t>(sizeof(float)); };
+  const bool fits = N > 0 && M > 0 && bytes(G * panel) <= kPanelBytes &&
+                    (!need_k || bytes(G * M * D) <= kFusedScratchBytes);
+  if (!fits) {  // the two sweeps, float32 gradients
+    auto [lse, pos, npos, cl, cp, lo, clo] = engine_forward_cpu(
+        queries, keys, scale, bias, positives, OptT(), row_labels, col_labels, kind, false,
+        exclude_self, offset, false);
+    auto [dq, dk, ds, db, rs, cs] = engine_backward_cpu(
+        queries.to(at::kFloat), keys.to(at::kFloat), scale, bias, positives, OptT(), row_labels,
+        col_labels, kind, false, exclude_self, offset, false, lse, npos, OptT(),
+        at::ones({N}, f32), OptT(), need_q, need_k, need_scale, need_bias, line_sums);
+    return {lse, pos, npos, lo, dq, dk, ds, db, rs};
+  }
+  at::Tensor row_lse = at::empty({N}, f32), row_pos = at::zeros({N}, f32);
+  at::Tensor row_npos = at::zeros({N}, f32), row_lo = at::zeros({N}, f32);
+  float* lse_p = row_lse.data_ptr<float>();
+  float* pos_p = row_pos.data_ptr<float>();
+  float* npos_p = row_npos.data_ptr<float>();
+  float* lo_p = row_lo.data_ptr<float>();
+  const std::vector<float> ones(N, 1.f);
+  std::vector<float> rc(softmax ? N : 0, 0.f);  // the rows' scale centres, set per block
+  const float shift = centre_shift(p.s, M);
+  const GradMeta gm{lse_p, npos_p, nullptr, ones.data(), nullptr, kind,
+                    softmax ? rc.data() : nullptr, nullptr};
+  at::Tensor dq = need_q ? at::empty({N, D}, f32) : at::empty({0}, f32);
+  at::Tensor dk_parts = need_k ? at::zeros({G, M, D}, f32) : at::Tensor();
+  std::vector<double> row_acc(line_sums ? N : 0, 0.0), ps(G, 0.0), pb(G, 0.0);
+  const int64_t tile = std::min(N, kRows) * std::min(M, kCols);
+
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    const auto P = scratch_floats(panel), C = scratch_floats(tile), Gt = scratch_floats(tile),
+               acc = scratch_floats(need_q ? std::min(N, kRows) * D : 0);
+    RowState st;
+    for (int64_t g = g0; g < g1; ++g) {
+      int64_t b0, b1;
+      group_range(g, G, nrb, b0, b1);
+      for (int64_t rb = b0; rb < b1; ++rb) {
+        const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
+        at::Tensor dq_acc;
+        if (need_q) {
+          dq_acc = at::from_blob(acc.get(), {nr, D}, f32);
+          dq_acc.zero_();
+        }
+        // dS of the tile at c0 (raw products in Ct) into Gt, then its products into dQ, dK
+        const auto grad_products = [&](int64_t c0, int64_t nc, const float* Ct) {
+          grad_tile(p, gm, r0, nr, c0, nc, Ct, Gt.get(), nullptr, ps[g], pb[g],
+                    line_sums ? row_acc.data() + r0 : nullptr, nullptr);
+          const at::Tensor dS = at::from_blob(Gt.get(), {nr, nc}, f32);
+          if (need_q) dq_acc.addmm_(dS, p.k.narrow(0, c0, nc));
+          if (need_k) dk_parts.select(0, g).narrow(0, c0, nc).addmm_(dS.t(), p.q.narrow(0, r0, nr));
+        };
+        for (int64_t r = 0; r < kRows; ++r) {  // step 1-2
+          st.m[r] = softmax ? kNegInf : 0.f;
+          st.l[r] = 0.0;
+          st.pos[r] = st.npos[r] = 0.f;
+        }
+        for (int64_t c0 = 0; c0 < M; c0 += kCols) {
+          const int64_t nc = std::min(kCols, M - c0);
+          float* raw = softmax ? P.get() + nr * c0 : P.get();
+          tile_dot(p, r0, nr, c0, nc, raw);
+          std::copy(raw, raw + nr * nc, C.get());
+          forward_tile_rows(p, r0, nr, c0, nc, C.get(), st);
+          if (!softmax) grad_products(c0, nc, raw);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = r0 + r;
+          if (softmax) {
+            lse_parts(st.m[r], st.l[r], lse_p[i], lo_p[i]);
+            rc[i] = line_centre(lse_p[i], p.s, p.b, has_bias, shift);
+          } else {
+            lse_p[i] = st.m[r];
+          }
+          pos_p[i] = st.pos[r];
+          npos_p[i] = st.npos[r];
+        }
+        if (softmax)  // step 3
+          for (int64_t c0 = 0; c0 < M; c0 += kCols)
+            grad_products(c0, std::min(kCols, M - c0), P.get() + nr * c0);
+        if (need_q) {
+          at::Tensor rows = dq.narrow(0, r0, nr);
+          at::mul_out(rows, dq_acc, p.s);
+        }
+      }
+    }
+  });
+
+  double sum_s = 0.0, sum_b = 0.0;
+  for (int64_t g = 0; g < G; ++g) sum_s += ps[g], sum_b += pb[g];
+  if (softmax) sum_b = 0.0;  // (a row's dS sums to 0 exactly: the bias has no gradient)
+  at::Tensor dk = at::empty({0}, f32);
+  if (need_k) {
+    dk = at::sum(dk_parts, {0});
+    dk.mul_(p.s);
+  }
+  at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
+  at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
+  at::Tensor sums = at::empty({static_cast<int64_t>(row_acc.size())}, f32);
+  for (size_t e = 0; e < row_acc.size(); ++e) sums.data_ptr<float>()[e] = static_cast<float>(row_acc[e]);
+  return {row_lse, row_pos, row_npos, row_lo, dq, dk, out_s, out_b, sums};
+}
+
 // Line-total correction of a tied softmax closure with index or label targets, in place on the
 // float32 gradients (fastcl.ops.correct_line_totals, whose steps this follows; the Python form
 // stays the reference and serves the CUDA kernels).
@@ -816,4 +960,5 @@ TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("engine_forward", &fastcl::engine_forward_cpu);
   m.impl("engine_backward", &fastcl::engine_backward_cpu);
   m.impl("correct_line_totals_", &fastcl::correct_line_totals_cpu);
+  m.impl("engine_step", &fastcl::engine_step_cpu);
 }

@@ -11,7 +11,8 @@ returns (row_lse, row_pos, row_npos, col_lse, col_pos, row_lse_lo, col_lse_lo) i
 empty (0,) tensor for every gradient that was not asked for, and the lines' sums of dS's row /
 column parts (float32 (N,) / (M,)) when ``line_sums`` is set, else (0,); on the CPU,
 ``correct_line_totals_`` applies :func:`fastcl.ops.correct_line_totals` from those sums in one
-call (CUDA takes the Python form).
+call (CUDA takes the Python form). On the CPU, ``engine_step`` is both of a row-only closure in
+one sweep, with every row's gradient weight 1 (:func:`step`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
 
 Tensor = torch.Tensor
 
-__all__ = ["forward", "backward", "KINDS"]
+__all__ = ["forward", "backward", "step", "KINDS"]
 
 KINDS = {"softmax": 0, "sigmoid": 1}
 
@@ -67,6 +68,20 @@ def _engine_backward_fake(queries, keys, scale, bias, positives, col_positives, 
             queries.new_empty((1,) if need_bias else (0,), **f32),
             queries.new_empty((queries.shape[0] if line_sums else 0,), **f32),
             queries.new_empty((keys.shape[0] if col_lines else 0,), **f32))
+
+
+@_register_fake("fastcl::engine_step")
+def _engine_step_fake(queries, keys, scale, bias, positives, row_labels, col_labels, kind,
+                      exclude_self, offset, need_queries, need_keys, need_scale, need_bias,
+                      line_sums):
+    N = queries.shape[0]
+    f32 = dict(dtype=torch.float32, device=queries.device)
+    return (*(queries.new_empty((N,), **f32) for _ in range(4)),
+            queries.new_empty(queries.shape if need_queries else (0,), **f32),
+            queries.new_empty(keys.shape if need_keys else (0,), **f32),
+            queries.new_empty((1,) if need_scale else (0,), **f32),
+            queries.new_empty((1,) if need_bias else (0,), **f32),
+            queries.new_empty((N if line_sums else 0,), **f32))
 
 
 @_register_fake("fastcl::correct_line_totals_")
@@ -146,3 +161,30 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
                             row_sums, col_sums)
     return (dq if need_q else None, dk if need_k else None, ds if need_s else None,
             db if need_b else None, *extra)
+
+
+def step(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], targets: Targets,
+         spec: LossSpec, needs: Sequence[bool]):
+    """:func:`forward` and the gradients of ``sum_i L_i`` (every row's weight 1) of a row-only
+    closure (``spec.symmetric`` false) in one sweep of CPU tensors, each tile's products formed
+    once: (EngineStats, (d_queries, d_keys, d_scale, d_bias)), the gradients float32 (N, D) /
+    (M, D) / (1,) / (1,), None where ``needs`` (queries, keys, scale, bias) is false, with the
+    float32 line-total correction :func:`backward` applies."""
+    if spec.symmetric:
+        raise ValueError("step serves row-only closures (spec.symmetric must be False)")
+    need_q, need_k, need_s, need_b = (bool(x) for x in needs)
+    need_b = need_b and bias is not None
+    lines = measures_line_sums(spec, targets, queries, (need_q, need_k), True)
+    (row_lse, row_pos, row_npos, row_lo, dq, dk, ds, db,
+     row_sums) = torch.ops.fastcl.engine_step(
+        queries, keys, scale, bias, targets.positives, targets.row_labels, targets.col_labels,
+        _kind(spec), spec.exclude_self, spec.offset, need_q, need_k, need_s, need_b, lines)
+    if lines:
+        torch.ops.fastcl.correct_line_totals_(
+            dq, dk, queries, keys, scale, targets.positives, None, targets.row_labels,
+            targets.col_labels, spec.offset, spec.exclude_self, row_lse, row_npos, None,
+            row_lse.new_ones(row_lse.shape), None, row_sums, None)
+    stats = EngineStats(row_lse, row_pos, row_npos, None, None,
+                        row_lse_lo=row_lo if spec.kind == "softmax" else None)
+    return stats, (dq if need_q else None, dk if need_k else None, ds if need_s else None,
+                   db if need_b else None)
