@@ -764,6 +764,32 @@ def test_compile_fullgraph_clip_loss_cpu_forward_backward():
         torch.testing.assert_close(c, e)
 
 
+@pytest.mark.parametrize("loss", ["info_nce", "supcon"])
+def test_compile_fullgraph_row_total_step(loss):
+    """A row-only loss whose forward takes the one-sweep step traces as one graph (the step
+    op's fake kernel) and gives the eager loss and gradients."""
+    img, txt = _feats(N, D, seed=100), _feats(N, D, seed=101)
+    labels = _labels(N, 6, 102)
+
+    def fn(a, b, s):
+        if loss == "supcon":
+            return fastcl.supcon(a, labels, 1 / s, backend="cpu")
+        return fastcl.info_nce(a, b, scale=s, backend="cpu")
+
+    def run(f):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(12.0, requires_grad=True)
+        out = f(a, b, s)
+        ins = (a, s) if loss == "supcon" else (a, b, s)
+        return (out, *torch.autograd.grad(out * 0.7, ins))
+
+    eager = run(fn)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
+
+
 def test_op_input_errors():
     q, k = _feats(N, D, seed=96), _feats(M, D, seed=97)
     s = torch.tensor([1.0])
