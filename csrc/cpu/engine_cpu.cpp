@@ -144,11 +144,28 @@ inline int64_t num_groups(int64_t nblocks) {
   return std::max<int64_t>(1, std::min<int64_t>(nblocks, at::get_num_threads()));
 }
 
+// fn(start, size) for each block of group g (of ngroups, group_range) when `count` lines are cut
+// into blocks of `size`.
+template <typename Fn>
+inline void for_blocks_of_group(int64_t g, int64_t ngroups, int64_t count, int64_t size, Fn&& fn) {
+  int64_t b0, b1;
+  group_range(g, ngroups, (count + size - 1) / size, b0, b1);
+  for (int64_t b = b0; b < b1; ++b) fn(b * size, std::min(size, count - b * size));
+}
+
 // Uninitialised float scratch of n entries. A tile's buffers are sized by the tile the problem
 // really has (min(N, kRows) x min(M, kCols)): full-size ones would be allocated (and, as
 // vectors, zeroed) on every call, which at small N costs more than the sweep.
 inline std::unique_ptr<float[]> scratch_floats(int64_t n) {
   return std::unique_ptr<float[]>(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+// A zeroed float32 (n, D) accumulator over scratch `buf`; undefined when not `wanted`.
+inline at::Tensor zeroed_acc(bool wanted, float* buf, int64_t n, int64_t D) {
+  if (!wanted) return at::Tensor();
+  at::Tensor acc = at::from_blob(buf, {n, D}, at::TensorOptions().dtype(at::kFloat));
+  acc.zero_();
+  return acc;
 }
 
 at::Tensor as_f32(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
@@ -207,6 +224,28 @@ inline void tile_dot(const Problem& p, int64_t r0, int64_t nr, int64_t c0, int64
 struct RowState {
   float m[kRows], pos[kRows], npos[kRows];
   double l[kRows];
+
+  void reset(int64_t kind) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      m[r] = kind == kSigmoid ? 0.f : kNegInf;  // (the sigmoid closure's running row loss)
+      l[r] = 0.0;
+      pos[r] = npos[r] = 0.f;
+    }
+  }
+
+  // The statistics of rows r0 .. r0 + nr once their last tile is in (row_lse: the sigmoid
+  // closure's row loss).
+  void store(int64_t kind, int64_t r0, int64_t nr, float* lse, float* lo, float* pos_out,
+             float* npos_out) const {
+    for (int64_t r = 0; r < nr; ++r) {
+      if (kind == kSigmoid)
+        lse[r0 + r] = m[r];
+      else
+        lse_parts(m[r], l[r], lse[r0 + r], lo[r0 + r]);
+      pos_out[r0 + r] = pos[r];
+      npos_out[r0 + r] = npos[r];
+    }
+  }
 };
 
 // Turns raw C into masked logits S in place (-inf on invalid entries) and updates row statistics.
@@ -334,17 +373,10 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
     std::vector<double> scratch(kCols);
     RowState st;
     for (int64_t g = g0; g < g1; ++g) {
-      int64_t b0, b1;
-      group_range(g, G, nrb, b0, b1);
       float* gmax = symmetric ? cmax.data_ptr<float>() + g * M : nullptr;
       double* gsum = symmetric ? csum.data_ptr<double>() + g * M : nullptr;
-      for (int64_t rb = b0; rb < b1; ++rb) {
-        const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
-        for (int64_t r = 0; r < kRows; ++r) {
-          st.m[r] = kind == kSigmoid ? 0.f : kNegInf;
-          st.l[r] = 0.0;
-          st.pos[r] = st.npos[r] = 0.f;
-        }
+      for_blocks_of_group(g, G, N, kRows, [&](int64_t r0, int64_t nr) {
+        st.reset(kind);
         for (int64_t c0 = 0; c0 < M; c0 += kCols) {
           const int64_t nc = std::min(kCols, M - c0);
           tile_dot(p, r0, nr, c0, nc, C.get());
@@ -352,15 +384,8 @@ ForwardOut engine_forward_cpu(const at::Tensor& queries, const at::Tensor& keys,
           if (symmetric)
             forward_tile_cols(p, r0, nr, c0, nc, C.get(), gmax, gsum, colpos_p, scratch.data());
         }
-        for (int64_t r = 0; r < nr; ++r) {
-          if (kind == kSigmoid)
-            lse_p[r0 + r] = st.m[r];
-          else
-            lse_parts(st.m[r], st.l[r], lse_p[r0 + r], lo_p[r0 + r]);
-          pos_p[r0 + r] = st.pos[r];
-          npos_p[r0 + r] = st.npos[r];
-        }
-      }
+        st.store(kind, r0, nr, lse_p, lo_p, pos_p, npos_p);
+      });
     }
   });
 
@@ -614,15 +639,8 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
       const auto C = scratch_floats(tile), Gt = scratch_floats(tile), Gc = scratch_floats(tile),
                  acc = scratch_floats(need_q ? std::min(N, kRows) * D : 0);
       for (int64_t g = g0; g < g1; ++g) {
-        int64_t b0, b1;
-        group_range(g, G, nrb, b0, b1);
-        for (int64_t rb = b0; rb < b1; ++rb) {
-          const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
-          at::Tensor dq_acc;
-          if (need_q) {
-            dq_acc = at::from_blob(acc.get(), {nr, D}, f32);
-            dq_acc.zero_();
-          }
+        for_blocks_of_group(g, G, N, kRows, [&](int64_t r0, int64_t nr) {
+          at::Tensor dq_acc = zeroed_acc(need_q, acc.get(), nr, D);
           for (int64_t c0 = 0; c0 < M; c0 += kCols) {
             const int64_t nc = std::min(kCols, M - c0);
             tile_dot(p, r0, nr, c0, nc, C.get());
@@ -639,7 +657,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
             at::Tensor rows = dq.narrow(0, r0, nr);
             at::mul_out(rows, dq_acc, p.s);
           }
-        }
+        });
       }
     });
     for (int64_t g = 0; g < G; ++g) sum_s += ps[g], sum_b += pb[g];
@@ -656,15 +674,8 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
       const auto C = scratch_floats(tile), Gt = scratch_floats(tile), Gc = scratch_floats(tile),
                  acc = scratch_floats(need_k ? std::min(M, kCols) * D : 0);
       for (int64_t g = g0; g < g1; ++g) {
-        int64_t b0, b1;
-        group_range(g, G, ncb, b0, b1);
-        for (int64_t cb = b0; cb < b1; ++cb) {
-          const int64_t c0 = cb * kCols, nc = std::min(kCols, M - c0);
-          at::Tensor dk_acc;
-          if (need_k) {
-            dk_acc = at::from_blob(acc.get(), {nc, D}, f32);
-            dk_acc.zero_();
-          }
+        for_blocks_of_group(g, G, M, kCols, [&](int64_t c0, int64_t nc) {
+          at::Tensor dk_acc = zeroed_acc(need_k, acc.get(), nc, D);
           for (int64_t r0 = 0; r0 < N; r0 += kRows) {
             const int64_t nr = std::min(kRows, N - r0);
             tile_dot(p, r0, nr, c0, nc, C.get());
@@ -677,7 +688,7 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
             at::Tensor cols = dk.narrow(0, c0, nc);
             at::mul_out(cols, dk_acc, p.s);
           }
-        }
+        });
       }
     });
     if (!row_sweep)
@@ -777,15 +788,8 @@ StepOut engine_step_cpu(const at::Tensor& queries, const at::Tensor& keys, const
                acc = scratch_floats(need_q ? std::min(N, kRows) * D : 0);
     RowState st;
     for (int64_t g = g0; g < g1; ++g) {
-      int64_t b0, b1;
-      group_range(g, G, nrb, b0, b1);
-      for (int64_t rb = b0; rb < b1; ++rb) {
-        const int64_t r0 = rb * kRows, nr = std::min(kRows, N - r0);
-        at::Tensor dq_acc;
-        if (need_q) {
-          dq_acc = at::from_blob(acc.get(), {nr, D}, f32);
-          dq_acc.zero_();
-        }
+      for_blocks_of_group(g, G, N, kRows, [&](int64_t r0, int64_t nr) {
+        at::Tensor dq_acc = zeroed_acc(need_q, acc.get(), nr, D);
         // dS of the tile at c0 (raw products in Ct) into Gt, then its products into dQ, dK
         const auto grad_products = [&](int64_t c0, int64_t nc, const float* Ct) {
           grad_tile(p, gm, r0, nr, c0, nc, Ct, Gt.get(), nullptr, ps[g], pb[g],
@@ -794,11 +798,7 @@ StepOut engine_step_cpu(const at::Tensor& queries, const at::Tensor& keys, const
           if (need_q) dq_acc.addmm_(dS, p.k.narrow(0, c0, nc));
           if (need_k) dk_parts.select(0, g).narrow(0, c0, nc).addmm_(dS.t(), p.q.narrow(0, r0, nr));
         };
-        for (int64_t r = 0; r < kRows; ++r) {  // step 1-2
-          st.m[r] = softmax ? kNegInf : 0.f;
-          st.l[r] = 0.0;
-          st.pos[r] = st.npos[r] = 0.f;
-        }
+        st.reset(kind);  // steps 1-2
         for (int64_t c0 = 0; c0 < M; c0 += kCols) {
           const int64_t nc = std::min(kCols, M - c0);
           float* raw = softmax ? P.get() + nr * c0 : P.get();
@@ -807,25 +807,17 @@ StepOut engine_step_cpu(const at::Tensor& queries, const at::Tensor& keys, const
           forward_tile_rows(p, r0, nr, c0, nc, C.get(), st);
           if (!softmax) grad_products(c0, nc, raw);
         }
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = r0 + r;
-          if (softmax) {
-            lse_parts(st.m[r], st.l[r], lse_p[i], lo_p[i]);
-            rc[i] = line_centre(lse_p[i], p.s, p.b, has_bias, shift);
-          } else {
-            lse_p[i] = st.m[r];
-          }
-          pos_p[i] = st.pos[r];
-          npos_p[i] = st.npos[r];
-        }
-        if (softmax)  // step 3
+        st.store(kind, r0, nr, lse_p, lo_p, pos_p, npos_p);
+        if (softmax) {  // step 3
+          for (int64_t i = r0; i < r0 + nr; ++i) rc[i] = line_centre(lse_p[i], p.s, p.b, has_bias, shift);
           for (int64_t c0 = 0; c0 < M; c0 += kCols)
             grad_products(c0, std::min(kCols, M - c0), P.get() + nr * c0);
+        }
         if (need_q) {
           at::Tensor rows = dq.narrow(0, r0, nr);
           at::mul_out(rows, dq_acc, p.s);
         }
-      }
+      });
     }
   });
 
