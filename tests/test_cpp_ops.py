@@ -708,6 +708,12 @@ def test_row_total_losses_take_the_step_and_match_reference(monkeypatch, loss, r
     with torch.no_grad():
         again = _ROW_TOTAL_LOSSES[loss](*args(leaves))
     assert calls == ["step"] and torch.equal(again, out.detach())
+    # a retained graph's second backward scales the same saved gradients by its own weight
+    out = _ROW_TOTAL_LOSSES[loss](*args(leaves))
+    first = torch.autograd.grad(out, [leaves[x] for x in train], retain_graph=True)
+    second = torch.autograd.grad(out * -2.5, [leaves[x] for x in train])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, -2.5 * a)
 
 
 def test_correct_line_totals_op_validates():
