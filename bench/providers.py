@@ -382,7 +382,7 @@ def default_providers(device: torch.device):
         if extension_available():
             out.append("fastcl-cuda")
         return out
-    out = ["naive", "fastcl-torch"]
+    out = ["naive", "compiled", "fastcl-torch"]
     if extension_available():
         out.append("fastcl-cpu")
     return out

@@ -312,7 +312,7 @@ def test_cli_defaults_on_cpu(tmp_path):
     a = cli.parse_args(["--device", "cpu"])
     assert a.loss == ["clip"] and a.mode == ["fwd", "bwd", "fwdbwd"]
     assert a.N == [512, 1024] and a.D == [128] and a.dtype == [torch.float32]
-    assert a.provider[:2] == ["naive", "fastcl-torch"] and "fastcl-triton" not in a.provider
+    assert a.provider[:3] == ["naive", "compiled", "fastcl-torch"] and "fastcl-triton" not in a.provider
     assert a.out.endswith(os.path.join("bench", "results", "cpu-" + a.out.split("cpu-")[-1]))
     q = cli.parse_args(["--device", "cpu", "--quick"])
     assert max(q.N) <= 256 and q.repeats <= 3
