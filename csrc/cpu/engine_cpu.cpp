@@ -168,6 +168,19 @@ inline at::Tensor zeroed_acc(bool wanted, float* buf, int64_t n, int64_t D) {
   return acc;
 }
 
+// A float32 (1,) tensor of `value`, or (0,) when not `wanted` (a gradient not asked for).
+inline at::Tensor scalar_or_empty(bool wanted, double value, const at::TensorOptions& f32) {
+  return wanted ? at::full({1}, static_cast<float>(value), f32) : at::empty({0}, f32);
+}
+
+// Float32 copy of double sums (the line sums).
+inline at::Tensor float_sums(const std::vector<double>& acc, const at::TensorOptions& f32) {
+  at::Tensor out = at::empty({static_cast<int64_t>(acc.size())}, f32);
+  float* o = out.data_ptr<float>();
+  for (size_t e = 0; e < acc.size(); ++e) o[e] = static_cast<float>(acc[e]);
+  return out;
+}
+
 at::Tensor as_f32(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
 
 float scalar_of(const OptT& x, float dflt) {
@@ -706,15 +719,8 @@ BackwardOut engine_backward_cpu(const at::Tensor& queries, const at::Tensor& key
     sum_s += tot.first;
     sum_b = tot.second;
   }
-  at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
-  at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
-  const auto sums_of = [&](const std::vector<double>& acc) {
-    at::Tensor out = at::empty({static_cast<int64_t>(acc.size())}, f32);
-    float* o = out.data_ptr<float>();
-    for (size_t e = 0; e < acc.size(); ++e) o[e] = static_cast<float>(acc[e]);
-    return out;
-  };
-  return {out_q, out_k, out_s, out_b, sums_of(row_acc), sums_of(col_acc)};
+  return {out_q, out_k, scalar_or_empty(need_scale, sum_s, f32), scalar_or_empty(need_bias, sum_b, f32),
+          float_sums(row_acc, f32), float_sums(col_acc, f32)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -829,11 +835,8 @@ StepOut engine_step_cpu(const at::Tensor& queries, const at::Tensor& keys, const
     dk = at::sum(dk_parts, {0});
     dk.mul_(p.s);
   }
-  at::Tensor out_s = need_scale ? at::full({1}, static_cast<float>(sum_s), f32) : at::empty({0}, f32);
-  at::Tensor out_b = need_bias ? at::full({1}, static_cast<float>(sum_b), f32) : at::empty({0}, f32);
-  at::Tensor sums = at::empty({static_cast<int64_t>(row_acc.size())}, f32);
-  for (size_t e = 0; e < row_acc.size(); ++e) sums.data_ptr<float>()[e] = static_cast<float>(row_acc[e]);
-  return {row_lse, row_pos, row_npos, row_lo, dq, dk, out_s, out_b, sums};
+  return {row_lse, row_pos, row_npos, row_lo, dq, dk, scalar_or_empty(need_scale, sum_s, f32),
+          scalar_or_empty(need_bias, sum_b, f32), float_sums(row_acc, f32)};
 }
 
 // Line-total correction of a tied softmax closure with index or label targets, in place on the
