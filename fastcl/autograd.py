@@ -337,8 +337,10 @@ class EngineRowTotal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
                 targets: Targets, spec: LossSpec, backend: str, step: bool):
-        eng, backend = _engine(backend, spec, targets)
-        run_step = getattr(eng, "step", None) if step and queries.device.type == "cpu" else None
+        run_step = None
+        if step and queries.device.type == "cpu":
+            eng, backend = _engine(backend, spec, targets)
+            run_step = getattr(eng, "step", None)
         if run_step is None:
             ctx.grads = False
             stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend)
