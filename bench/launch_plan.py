@@ -108,7 +108,8 @@ def _engine_nodes(out: torch.Tensor) -> list:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ in ("EngineLossBackward", "EngineStatisticsBackward"):
+        if type(node).__name__ in ("EngineLossBackward", "EngineStatisticsBackward",
+                                   "EngineRowTotalBackward"):
             nodes.append(node)
         stack.extend(f for f, _ in node.next_functions)
     return nodes
@@ -117,6 +118,8 @@ def _engine_nodes(out: torch.Tensor) -> list:
 def _node_grads(node, device) -> tuple:
     """Gradients for each output of an engine node (the autograd engine itself needs a real CUDA
     device, so the nodes' backward is called directly)."""
+    if type(node).__name__ == "EngineRowTotalBackward":  # (a step's: its gradients scaled)
+        return torch.ones((), device=device), None
     q, k = node.saved_tensors[:2]
     N, M = q.shape[0], k.shape[0]
     sym = node.spec.symmetric

@@ -422,6 +422,18 @@ def test_self_similarity_block_variant(tmp_path, monkeypatch, loss):
                        ("bwd", 320): "ok"}, by
 
 
+def test_siglip_step_variant(tmp_path, monkeypatch):
+    """SigLIP's forward and backward sweeps (``STEP`` false) against its step (the default):
+    the same forward under no_grad, different launches wherever gradients are formed."""
+    res = _planned_run(tmp_path, monkeypatch, "--loss", "siglip", "--D", "64", "320", "--mode",
+                       "fwd", "bwd", "fwdbwd", "--triton-config", 'two_sweeps={"STEP": false}')
+    by = {(r["provider"], r["mode"], r["D"]): r["status"] for r in res["rows"]}
+    same = "same launches as fastcl-triton"
+    variant = {k[1:]: v for k, v in by.items() if k[0] == "fastcl-triton@two_sweeps"}
+    assert variant == {(m, D): same if m == "fwd" else "ok" for m in ("fwd", "bwd", "fwdbwd")
+                       for D in (64, 320)}, by
+
+
 def test_no_launch_plans_under_autotuning(monkeypatch):
     """With FASTCL_AUTOTUNE=1 no plan is made (the tuner would time launches that do not run
     and keep a winner): every case is timed."""
@@ -442,7 +454,7 @@ def test_no_launch_plans_under_autotuning(monkeypatch):
     ('x={"BLOCK_Q": 64}', "unknown key"), ('x={"bwd2.BLOCK_M": 64}', "unknown key"),
     ('x={"BLOCK_M": 0}', "positive integer"), ('x={"num_warps": true}', "positive integer"),
     ('x={"DENSE": 1}', "true or false"), ('x={"DENSE_ROWS": 1}', "true or false"),
-    ('x={"fwd.TMA": 1}', "true or false")])
+    ('x={"STEP": 0}', "true or false"), ('x={"fwd.TMA": 1}', "true or false")])
 def test_triton_config_rejects_bad_specs(spec, match, monkeypatch, capsys):
     monkeypatch.setattr(P, "TRITON_VARIANTS", {})
     with pytest.raises(ValueError, match=match):

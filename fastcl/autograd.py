@@ -3,8 +3,9 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
 
 * :class:`EngineLoss` returns per-row (and per-column) losses ``lse - target``: the closures every
   backend implements.
-* :class:`EngineRowTotal` returns their sum for a row-only closure, and on the CPU's C++ backend
-  computes its gradients in the forward's sweep.
+* :class:`EngineRowTotal` returns their (weighted) sum for a row-only closure, and where the
+  engine takes a step for it (the CPU's C++ backend; Triton's sigmoid closure) computes its
+  gradients in the forward, from one sweep.
 * :class:`EngineStatistics` returns the statistics themselves (row LSE, target statistic, column
   LSE and target logit) as differentiable outputs, so a loss can be any function of them (plus
   O((N + M) D) terms) and autograd supplies separate weights for each; this needs a backend with
@@ -323,24 +324,30 @@ class EngineLoss(torch.autograd.Function):
 
 
 class EngineRowTotal(torch.autograd.Function):
-    """``sum_i L_i`` (0-d) of a row-only closure (``spec.symmetric`` false) and the number of
-    targets of each row (N,) (not differentiable): the sum and mean reductions, whose rows all
-    get the total's gradient.
+    """``weight * sum_i L_i`` (0-d) of a row-only closure (``spec.symmetric`` false) and the
+    number of targets of each row (N,) (not differentiable): the sum and mean reductions, whose
+    rows all get the total's gradient.
 
     Inputs as :class:`EngineLoss`, plus ``step``: gradients will be asked for (grad mode on and an
-    input that requires grad). On CPU tensors of the C++ backend the forward then computes the
-    gradients too, in the same sweep (:func:`fastcl.ops.cpp.step`: each tile's products formed
-    once, 3 GEMMs against the 4 of a forward and a backward sweep), and the backward scales them
-    by the total's gradient; elsewhere this is :class:`EngineLoss` summed.
+    input that requires grad), and ``weight`` (a float: 1/N for a mean). Where the engine takes
+    a step for the closure, the forward then computes the gradients too, from one sweep
+    (:func:`fastcl.ops.cpp.step` on CPU tensors: each tile's products formed once, 3 GEMMs
+    against the 4 of a forward and a backward sweep; :func:`fastcl.ops.triton.engine.step` for
+    the sigmoid closure: the loss from the backward's sweep, no forward sweep), and the backward
+    scales them by the total's gradient (exact for a gradient of 1 or a power of two, as loss
+    scaling gives it); elsewhere this is :class:`EngineLoss` summed.
     """
 
     @staticmethod
     def forward(ctx, queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
-                targets: Targets, spec: LossSpec, backend: str, step: bool):
+                targets: Targets, spec: LossSpec, backend: str, step: bool, weight: float = 1.0):
         run_step = None
-        if step and queries.device.type == "cpu":
+        ctx.weight = weight
+        if step:
             eng, backend = _engine(backend, spec, targets)
-            run_step = getattr(eng, "step", None)
+            takes = getattr(eng, "takes_step", None)
+            if takes is not None and takes(queries, spec, targets):
+                run_step = eng.step
         if run_step is None:
             ctx.grads = False
             stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend)
@@ -350,7 +357,8 @@ class EngineRowTotal(torch.autograd.Function):
                 needs[0] = needs[1] = needs[0] or needs[1]
             scale32, bias32 = _scalar32(scale, queries), _scalar32(bias, queries)
             with torch.autocast(queries.device.type, enabled=False):
-                stats, grads = run_step(queries, keys, scale32, bias32, targets, spec, needs)
+                stats, grads = run_step(queries, keys, scale32, bias32, targets, spec, needs,
+                                        weight)
             dq, dk, ds, db = grads
             if spec.gram and dq is not None:
                 dq, dk = dq + dk, None
@@ -360,6 +368,8 @@ class EngineRowTotal(torch.autograd.Function):
             ctx.metas = (queries.dtype, keys.dtype, (scale.shape, scale.dtype),
                          None if bias is None else (bias.shape, bias.dtype))
         total = row_losses(stats, spec).sum()
+        if weight != 1.0:
+            total = total * weight
         ctx.mark_non_differentiable(stats.row_npos)
         return total, stats.row_npos
 
@@ -368,8 +378,8 @@ class EngineRowTotal(torch.autograd.Function):
     def backward(ctx, grad_total: Tensor, _grad_npos=None):
         if ctx.grads is False:
             N = ctx.saved_tensors[0].shape[0]
-            grad_rows = grad_total.reshape(1).to(ctx.saved_tensors[4].dtype).expand(N)
-            return (*_backward(ctx, grad_rows, None), None, None, None, None)
+            grad_rows = (grad_total.reshape(1) * ctx.weight).to(ctx.saved_tensors[4].dtype).expand(N)
+            return (*_backward(ctx, grad_rows, None), None, None, None, None, None)
         saved = iter(ctx.saved_tensors[2:])
         grads = [next(saved) if has else None for has in ctx.grads]
         q_dt, k_dt, s_meta, b_meta = ctx.metas
@@ -379,16 +389,17 @@ class EngineRowTotal(torch.autograd.Function):
             out.append(None if x is None else (x * g).to(dt))
         for x, meta in zip(grads[2:], (s_meta, b_meta)):
             out.append(None if x is None else (x * g).reshape(meta[0]).to(meta[1]))
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def engine_row_total(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
-                     targets: Targets, spec: LossSpec, backend: str) -> Tuple[Tensor, Tensor]:
-    """Functional form of :class:`EngineRowTotal`: (sum_i L_i, row_npos)."""
+                     targets: Targets, spec: LossSpec, backend: str,
+                     weight: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """Functional form of :class:`EngineRowTotal`: (weight * sum_i L_i, row_npos)."""
     step = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (queries, keys, scale, bias))
     return EngineRowTotal.apply(queries, _gram_keys(queries, keys, spec), scale, bias, targets,
-                                spec, backend, step)
+                                spec, backend, step, float(weight))
 
 
 class EngineStatistics(torch.autograd.Function):

@@ -272,10 +272,12 @@ def _two_views(z1: Tensor, z2: Tensor, normalize: bool, backend: str, min_batch:
     return Z, torch.arange(n2, device=Z.device).add_(n2 // 2).remainder_(n2), be
 
 
-def _sums_rows(x: Tensor, reduction: str) -> bool:
-    """Whether a row-only loss is reduced by :func:`fastcl.autograd.engine_row_total` (CPU
-    tensors, "sum" or "mean"): the C++ backend then forms the gradients in the forward's sweep."""
-    return reduction != "none" and x.device.type == "cpu"
+def _sums_rows(x: Tensor, reduction: str, any_device: bool = False) -> bool:
+    """Whether a row-only loss is reduced by :func:`fastcl.autograd.engine_row_total` ("sum" or
+    "mean"; CPU tensors, or any with ``any_device``): where the engine takes a step for the
+    closure (the C++ backend on the CPU, Triton's for the sigmoid closure) the gradients are
+    then formed with the loss."""
+    return reduction != "none" and (any_device or x.device.type == "cpu")
 
 
 def _reduce_total(total: Tensor, count, reduction: str) -> Tensor:
@@ -538,8 +540,9 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scal
     b = _scalar_param("logit_bias", logit_bias, image_features.device, optional=True, dtype=dt)
     q, k, be = _prepare(image_features, text_features, backend)
     spec = LossSpec(kind="sigmoid", exact=exact)
-    if _sums_rows(q, reduction):
-        return _reduce_total(engine_row_total(q, k, s, b, targets, spec, be)[0], N, reduction)
+    if _sums_rows(q, reduction, any_device=True):  # (the mean's 1/N in each row's gradient weight)
+        return engine_row_total(q, k, s, b, targets, spec, be,
+                                weight=1.0 / N if reduction == "mean" else 1.0)[0]
     rows, _, _ = engine_loss(q, k, s, b, targets, spec, be)
     return _reduce(rows, reduction)
 

@@ -47,7 +47,9 @@
 # SupCon forward with the lean path off (variants_general/bench.csv); phases "variants_siglip"
 # and "variants_targets" time SigLIP's and SupCon's forward and backward on the lean path (the
 # default; SupCon's targets summed beside the forward sweep and compared in the backward's
-# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv). Phase
+# tiles) against the masked path everywhere (variants_siglip/, variants_targets/bench.csv), and
+# SigLIP's fwd+bwd with its step (the loss from the backward's sweep, the default) against the
+# forward and backward sweeps (two_sweeps: STEP false). Phase
 # "variants_self" times the self-similarities' wide-feature backward (SupCon L_out and L_in,
 # D = 768) with the dS block alone (DENSE_ROWS false: dK's slab sums; L_in both GEMMs) against
 # the default, dS + dS^T in the block and one GEMM into the rows' float32 sums
@@ -275,9 +277,10 @@ fi
 if want variants_siglip; then
   SLIMIT=$(min 240 $(( $(left) - 20 )))
   phase variants_siglip "$SLIMIT" "$PY" -m bench --out "$OUT/variants_siglip" --provider fastcl-triton \
-    --loss siglip --N 32768 --D 256 768 --dtype bf16 --mode fwd bwd --no-plots \
+    --loss siglip --N 32768 --D 256 768 --dtype bf16 --mode fwd fwdbwd --no-plots \
     --budget-s $(( SLIMIT > 90 ? SLIMIT - 60 : SLIMIT / 2 )) \
-    --triton-config 'masked={"PLAIN": false}' --triton-config 'fwd_tma={"TMA": true}'
+    --triton-config 'masked={"PLAIN": false}' --triton-config 'fwd_tma={"TMA": true}' \
+    --triton-config 'two_sweeps={"STEP": false}'
 fi
 if want variants_targets; then
   TLIMIT=$(min 240 $(( $(left) - 20 )))

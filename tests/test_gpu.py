@@ -34,6 +34,33 @@ def test_torch_compile_training_step(backend, fullgraph):
         assert err < 2e-2, (name, err)  # bf16 projections, fused or not
 
 
+@pytest.mark.parametrize("D", [256, 512])
+def test_siglip_step_matches_the_two_sweeps(monkeypatch, D):
+    """SigLIP reduced by mean with gradients (its step: the loss from the backward's sweep, the
+    fused backward at D = 256 and the wide-feature one at 512 on Hopper) against the forward and
+    backward sweeps (``STEP`` false): the same loss and gradients, bf16, N = 4096."""
+    from fastcl.ops.triton import engine as E
+
+    q, k = features(4096, D, torch.bfloat16, CUDA), features(4096, D, torch.bfloat16, CUDA)
+    s = torch.tensor(10.0, device=CUDA, requires_grad=True)
+    b = torch.tensor(-10.0, device=CUDA, requires_grad=True)
+
+    def run():
+        for x in (q, k, s, b):
+            x.grad = None
+        loss = fastcl.siglip_loss(q, k, s, b, backend="triton")
+        loss.backward()
+        return [loss.detach().float()] + [x.grad.float() for x in (q, k, s, b)]
+
+    step = run()
+    monkeypatch.setattr(E, "config_override", {"STEP": False})
+    sweeps = run()
+    for name, x, y, tol in zip(("loss", "dq", "dk", "ds", "db"), step, sweeps,
+                               (1e-5, 1e-2, 1e-2, 1e-4, 1e-4)):
+        err = ((x - y).norm() / y.norm()).item()
+        assert err < tol, (name, err)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,D", [(1000, 256), (2048, 512), (777, 1024)])
 def test_clip_large_low_precision(dtype, N, D):

@@ -12,7 +12,7 @@ import fastcl
 from fastcl import reference as R
 from fastcl.ops.triton import engine as E
 
-from ._utils import as64, assert_close, features, grads, lowp
+from ._utils import as64, assert_close, features, grads, lowp, rel
 
 from .conftest import DEVICE
 
@@ -274,6 +274,98 @@ def test_siglip_softplus_products(monkeypatch, block_n, scale):
     err = ((out.double() - ref).norm() / ref.norm()).item()
     torch_err = ((torch_f32.double() - ref).norm() / ref.norm()).item()
     assert err <= max(2 * torch_err, 2e-7), (err, torch_err)
+
+
+# the sigmoid closure's step: "mean" and "sum" take the loss from the backward's sweep (E.step)
+STEP_PATHS = {"fused": {}, "split": {"SPLIT": True}, "wide": {"DENSE": True},
+              "wide_split": {"DENSE": True, "SPLIT": True}}
+
+
+def _engine_calls(monkeypatch):
+    """Counts of E.forward / E.backward / E.step calls (E.step's own backward counted)."""
+    calls = {"forward": 0, "backward": 0, "step": 0}
+    for name in calls:
+        def spy(*args, _real=getattr(E, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(E, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+@pytest.mark.parametrize("case,dtype", [("mean", F32), ("mean", torch.bfloat16), ("sum-labels", F32),
+                                        ("sum-labels", torch.bfloat16), ("mean-no-bias", F32),
+                                        ("saturated", F32), ("converged", F32)])
+def test_siglip_step(monkeypatch, path, case, dtype):
+    """siglip_loss with reduction "mean" / "sum" and gradients asked for runs one step and no
+    forward sweep, on every backward path (the wide one over several row chunks and column
+    slabs): the loss and every gradient against float64 (16-bit: within 2x PyTorch's own error),
+    grad_output != 1, and the loss equal to the forward's sums. "converged": matched pairs far
+    above every negative, whose terms e^-|S| lie below float32's 2^-24 next to 1 (the softplus
+    sums' series)."""
+    monkeypatch.setattr(E, "config_override", dict(STEP_PATHS[path]))
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    N, M, D = (100, 100, 20) if case == "sum-labels" else (100, 130, 20)
+    scale, bias = {"saturated": (60.0, 20.0), "converged": (100.0, -80.0)}.get(case, (10.0, -10.0))
+    labels = torch.randint(0, 7, (N,), device=DEVICE) if case == "sum-labels" else None
+    reduction = "sum" if case == "sum-labels" else "mean"
+    q, k = features(N, D, dtype, DEVICE), features(M, D, dtype, DEVICE)
+    if case == "converged":  # each query's key close to it (cos ~0.98)
+        with torch.no_grad():
+            k[:N] = torch.nn.functional.normalize(q + 0.02 * torch.randn_like(q), dim=1)
+    inputs = [q, k, _scalar(scale)] + ([] if case == "mean-no-bias" else [_scalar(bias)])
+
+    def fn(q, k, s, b=None):
+        return fastcl.siglip_loss(q, k, s, b, labels=labels, reduction=reduction, backend=BACKEND)
+
+    def ref(q, k, s, b=None):
+        return R.siglip_loss(q, k, s.to(q.dtype), None if b is None else b.to(q.dtype),
+                             None if labels is None else labels.to(q.device), reduction)
+
+    calls = _engine_calls(monkeypatch)
+    out = _check(f"siglip-step-{path}", fn, ref, inputs, dtype=dtype,
+                 rtol=2e-5 if dtype == F32 else 1e-3)
+    assert (calls["step"], calls["forward"], calls["backward"]) == (1, 0, 1), calls
+    with torch.no_grad():  # the forward's sweep
+        swept = fn(*inputs)
+    assert calls["forward"] == 1
+    assert abs(out.item() - swept.item()) <= 2e-6 * abs(swept.item()), (out.item(), swept.item())
+    if case == "converged":  # a total of ~1e-5: relative to PyTorch's float32 error, not absolute
+        ref64 = ref(*(as64(x) for x in inputs))
+        torch32 = ref(*(x.detach() for x in inputs))
+        assert rel(out, ref64) <= max(2 * rel(torch32, ref64), 5e-6), (rel(out, ref64), rel(torch32, ref64))
+
+
+@pytest.mark.parametrize("pattern", ["keys", "scale", "bias", "queries+scale"])
+def test_siglip_step_partial_grads_on_the_wide_path(monkeypatch, pattern):
+    """Only the gradients asked for, on the wide path too (where the dS tiles alone give the
+    loss when no feature gradient is needed)."""
+    monkeypatch.setattr(E, "config_override", {"DENSE": True})
+    flags = PATTERNS[pattern]
+    q = features(40, 24, F32, DEVICE, requires_grad=bool(flags[0]))
+    k = features(70, 24, F32, DEVICE, requires_grad=bool(flags[1]))
+    s, b = _scalar(10.0, bool(flags[2])), _scalar(-8.0, bool(flags[3]))
+    calls = _engine_calls(monkeypatch)
+    _check(f"siglip-step-{pattern}", lambda q, k, s, b: fastcl.siglip_loss(q, k, s, b, backend=BACKEND),
+           lambda q, k, s, b: R.siglip_loss(q, k, s, b), [q, k, s, b])
+    assert calls["step"] == 1 and calls["forward"] == 0, calls
+
+
+def test_siglip_step_off(monkeypatch):
+    """config_override["STEP"] = False: the forward sweep and the backward, the same loss; the
+    step serves the sigmoid closure alone."""
+    q, k = features(40, 24, F32, DEVICE), features(50, 24, F32, DEVICE)
+    s, b = _scalar(10.0), _scalar(-10.0)
+    calls = _engine_calls(monkeypatch)
+    with_step = fastcl.siglip_loss(q, k, s, b, backend=BACKEND)
+    monkeypatch.setattr(E, "config_override", {"STEP": False})
+    without = fastcl.siglip_loss(q, k, s, b, backend=BACKEND)
+    assert (calls["step"], calls["forward"]) == (1, 1), calls
+    assert abs(with_step.item() - without.item()) <= 2e-6 * abs(without.item())
+    spec = fastcl.ops.LossSpec(kind="softmax")
+    assert not E.takes_step(q, spec, fastcl.ops.Targets())
+    with pytest.raises(ValueError, match="sigmoid"):
+        E.step(q, k, s.detach().reshape(1), None, fastcl.ops.Targets(), spec, (True,) * 4)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

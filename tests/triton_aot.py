@@ -121,6 +121,15 @@ KERNELS = {
     "grad_tiles_gram_lines": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True, GRAM=True, LINE_SUMS=True,
                                                                PRECISION="ieee")),
     "topk": (E._top_negatives_kernel, "fwd", dict(K=10, KP=16, BLOCK_M=64, num_stages=2)),
+    # the sigmoid closure's step (E.step): the row kernel (its band and interior launches) and the
+    # dS tiles (band and plain spans) also sum each row's loss
+    "bwd_rows_loss": (E._backward_rows_kernel, "bwd", dict(COMPUTE_DQ=True, COMPUTE_SB=True,
+                                                         GRAM=False, ROW_LOSS=True)),
+    "bwd_rows_in_loss": (E._backward_rows_kernel, "bwd_rows_plain",
+                         dict(COMPUTE_DQ=True, COMPUTE_SB=True, GRAM=False, TILES=2, ROW_LOSS=True)),
+    "grad_tiles_loss": (E._grad_tiles_kernel, "fwd", dict(COMPUTE_SB=True, ROW_LOSS=True)),
+    "grad_tiles_in_loss": (E._grad_tiles_kernel, "dense_plain", dict(COMPUTE_SB=True, TILES=2,
+                                                                     ROW_LOSS=True)),
 }
 
 
@@ -162,8 +171,10 @@ def _compile(kernel_name, closure, dtype, D=512, cc=90, aligned=True):
         E.config_override = saved
     cfg.update({k: v for k, v in extra.items() if k in cfg})  # the launcher's own block sizes
     consts = dict(flags, UPCAST=False, PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                  LINE_SUMS=False, COMPUTE_DK=True, LSE_LO=False, GRAM=False)
+                  LINE_SUMS=False, COMPUTE_DK=True, LSE_LO=False, GRAM=False, ROW_LOSS=False)
     consts.update(extra)
+    if fn is not E._forward_kernel:  # as the launchers: the series with the step's float32 loss
+        consts["SP_SERIES"] = consts["ROW_LOSS"] and dtype == torch.float32
     # as the launcher: a symmetric closure's scale sums in two centred parts for float32 features
     if fn is E._backward_rows_kernel or fn is E._grad_tiles_kernel:
         consts.setdefault("COMPUTE_SBC", bool(consts["COMPUTE_SB"] and flags["SYMMETRIC"]
@@ -265,8 +276,10 @@ VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines")
              and (c in _GRAM_LINE_CLOSURES if k == "grad_tiles_gram_lines" else c in _LINE_CLOSURES)]
             + [(k, c, "float32", 90) for k in KERNELS if k.endswith("_lo") for c in _LINE_CLOSURES
                if (k == "fwd_lo" or CLOSURES[c]["PLAIN"]) and (k != "fwd_fixup_lo" or CLOSURES[c]["SYMMETRIC"])]
+            + [(k, "siglip", d, 90) for d in ("bfloat16", "float32") for k in KERNELS
+               if k.endswith("_loss") and (not k.startswith("bwd_rows_in") or d != "float32")]
             + [(k, c, d, 90) for d in ("bfloat16", "float16", "float32") for k in KERNELS for c in CLOSURES
-             if not k.endswith(("_lines", "_lo"))
+             if not k.endswith(("_lines", "_lo", "_loss"))
              and (k not in ("bwd_gram", "grad_tiles_gram") or c in _GRAM_CLOSURES)
              and (k not in ("count", "topk") or c == "info_nce")
              and k in _ONLY.get(c, (k,))
@@ -279,14 +292,14 @@ VARIANTS = ([(k, c, "float32", 90) for k in KERNELS if k.endswith("_lines")
                                              and (k == "fwd_tma" or c == "clip") and d != "float16"))]
             + [(k, "clip", "bfloat16", 80) for k in KERNELS
                if k not in ("bwd_gram", "grad_tiles_gram", "count", "topk")
-               and not k.endswith(("_split", "_in", "_tma", "_sb", "_lines", "_lo"))])
+               and not k.endswith(("_split", "_in", "_tma", "_sb", "_lines", "_lo", "_loss"))])
 
 
 def variant_D(kernel):
     """The feature dim each kernel is compiled at: the fused backward and the resident forward
     where they are the default (D <= 256), the rest at 512."""
     return 256 if kernel in ("bwd_rows", "bwd_gram", "bwd_cols", "bwd_rows_in", "bwd_cols_in",
-                             "bwd_cols_sb", "fwd_resident") else 128 if kernel.startswith("bwd_") and (
+                             "bwd_cols_sb", "fwd_resident", "bwd_rows_loss", "bwd_rows_in_loss") else 128 if kernel.startswith("bwd_") and (
         kernel.endswith("_lines")) else 512
 
 
@@ -370,28 +383,32 @@ def cost_report(path, D=256, loss="clip"):
     tiles ("plain": the branch
     predicates are pinned so that only that path is compiled; call in a fresh process, since
     Triton memoises a kernel's dependencies). issue_clk = instructions per thread x warps / 4
-    schedulers; tensor_clk = the tile's MMA FLOPs / 4096 per clock (dense bf16 per SM)."""
+    schedulers; tensor_clk = the tile's MMA FLOPs / 4096 per clock (dense bf16 per SM). SigLIP
+    also gets the step's row kernel and dS tiles (``bwd_rows_loss``, ``ds_tiles_loss``: the loss
+    summed in the same tiles, E.step)."""
     if path == "plain":
         E._plain_tile, E._lses_close, E._any_underflow = _always_tile, _always_close, _never_underflow
     closure = CLOSURES[loss] if path == "plain" else dict(CLOSURES[loss], PLAIN=False)
     report = {}
-    for kernel in ("fwd", "bwd_rows", "bwd_cols"):
+    step = ("_loss",) if loss == "siglip" else ()
+    for kernel in ("fwd", "bwd_rows", "bwd_cols") + tuple("bwd_rows" + x for x in step):
+        base = kernel[:-len("_loss")] if kernel.endswith("_loss") else kernel
         # the lean path is the interior tiles' launches, with their own tile shapes (the backward
         # splits its launches for D <= 256)
         name, pass_ = {"fwd": ("fwd", "fwd"), "bwd_rows": ("bwd_rows", "bwd"),
-                       "bwd_cols": ("bwd_cols", "bwd")}[kernel]
+                       "bwd_cols": ("bwd_cols", "bwd")}[base]
         if path == "plain":
             name, pass_ = {"fwd": ("fwd_plain", "fwd_plain"),
                            "bwd_rows": ("bwd_rows_in", "bwd_rows_plain") if D <= 256 else
                                        ("bwd_rows", "bwd"),
                            "bwd_cols": ("bwd_cols_in", "bwd_cols_plain") if D <= 256 else
-                                       ("bwd_cols", "bwd")}[kernel]
-        compiled = _compile(name, closure, torch.bfloat16, D=D)
+                                       ("bwd_cols", "bwd")}[base]
+        compiled = _compile(name + kernel[len(base):], closure, torch.bfloat16, D=D)
         body, chunk, mix = _per_tile(compiled)
         cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=closure["PLAIN"])
         chunks = -(-D // cfg["BLOCK_D"])
         flops = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D
-        if kernel != "fwd":
+        if base != "fwd":
             flops += 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * min(D, cfg["BLOCK_DV"])
         issue = (body + chunks * chunk) * cfg["num_warps"] / 4
         report[kernel] = dict(body=body, entries=cfg["BLOCK_M"] * cfg["BLOCK_N"],
@@ -403,17 +420,18 @@ def cost_report(path, D=256, loss="clip"):
     # the wide-feature backward's dS tiles: one tile per program, so everything outside the D
     # loop (statistics and weights, the epilogue, the store) is paid per tile
     name, pass_ = ("grad_tiles_in", "dense_plain") if path == "plain" else ("grad_tiles", "fwd")
-    compiled = _compile(name, closure, torch.bfloat16, D=D)
-    ins = _sass(compiled)
-    lo, hi = _loops(ins)[0]
-    loop = sum(1 for a, _, _ in ins if lo <= a <= hi)
-    cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=closure["PLAIN"])
-    chunks = -(-D // cfg["BLOCK_D"])
-    issue = (len(ins) - loop + chunks * loop) * cfg["num_warps"] / 4
-    tensor = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D / 4096
-    report["ds_tiles"] = dict(outside=len(ins) - loop, per_chunk=loop, chunks=chunks,
-                              issue_clk=issue, tensor_clk=tensor, ratio=issue / tensor,
-                              tile=f'{cfg["BLOCK_M"]}x{cfg["BLOCK_N"]}x{cfg["BLOCK_D"]}')
+    for suffix in ("",) + step:
+        compiled = _compile(name + suffix, closure, torch.bfloat16, D=D)
+        ins = _sass(compiled)
+        lo, hi = _loops(ins)[0]
+        loop = sum(1 for a, _, _ in ins if lo <= a <= hi)
+        cfg = E.config_for("cuda", torch.bfloat16, D, pass_, lean=closure["PLAIN"])
+        chunks = -(-D // cfg["BLOCK_D"])
+        issue = (len(ins) - loop + chunks * loop) * cfg["num_warps"] / 4
+        tensor = 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] * D / 4096
+        report["ds_tiles" + suffix] = dict(outside=len(ins) - loop, per_chunk=loop, chunks=chunks,
+                                           issue_clk=issue, tensor_clk=tensor, ratio=issue / tensor,
+                                           tile=f'{cfg["BLOCK_M"]}x{cfg["BLOCK_N"]}x{cfg["BLOCK_D"]}')
     return report
 
 

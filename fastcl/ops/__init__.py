@@ -91,6 +91,15 @@ the call's sums after the gradients, (row_sums (N,), col_sums (M,) | None), or (
 where the backend does not measure them (its products are not IEEE float32, or the closure is
 not one :func:`corrects_line_totals` covers): a caller sweeping blocks of each line adds them up
 over the blocks and corrects once.
+
+A step (optional: ``takes_step(queries, spec, targets) -> bool`` says where it serves) is the
+forward and the gradients of ``weight * sum_i L_i`` of a row-only closure at once:
+
+    step(queries, keys, scale, bias, targets, spec, needs, weight=1.0)
+        -> (EngineStats, (d_queries | None, d_keys | None, d_scale | None, d_bias | None))
+
+(the C++ backend on CPU tensors: each tile's products formed once; the Triton backend for the
+sigmoid closure: the loss from the backward's sweep).
 """
 from __future__ import annotations
 

@@ -163,13 +163,18 @@ def backward(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor
             db if need_b else None, *extra)
 
 
+def takes_step(queries: Tensor, spec: LossSpec, targets: Targets) -> bool:
+    """Whether :func:`step` serves the call: CPU tensors (the op has a CPU kernel only)."""
+    return queries.device.type == "cpu"
+
+
 def step(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], targets: Targets,
-         spec: LossSpec, needs: Sequence[bool]):
-    """:func:`forward` and the gradients of ``sum_i L_i`` (every row's weight 1) of a row-only
-    closure (``spec.symmetric`` false) in one sweep of CPU tensors, each tile's products formed
-    once: (EngineStats, (d_queries, d_keys, d_scale, d_bias)), the gradients float32 (N, D) /
-    (M, D) / (1,) / (1,), None where ``needs`` (queries, keys, scale, bias) is false, with the
-    float32 line-total correction :func:`backward` applies."""
+         spec: LossSpec, needs: Sequence[bool], weight: float = 1.0):
+    """:func:`forward` and the gradients of ``weight * sum_i L_i`` of a row-only closure
+    (``spec.symmetric`` false) in one sweep of CPU tensors, each tile's products formed once:
+    (EngineStats, (d_queries, d_keys, d_scale, d_bias)), the gradients float32 (N, D) / (M, D) /
+    (1,) / (1,), None where ``needs`` (queries, keys, scale, bias) is false, with the float32
+    line-total correction :func:`backward` applies."""
     if spec.symmetric:
         raise ValueError("step serves row-only closures (spec.symmetric must be False)")
     need_q, need_k, need_s, need_b = (bool(x) for x in needs)
@@ -186,5 +191,9 @@ def step(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor], t
             row_lse.new_ones(row_lse.shape), None, row_sums, None)
     stats = EngineStats(row_lse, row_pos, row_npos, None, None,
                         row_lse_lo=row_lo if spec.kind == "softmax" else None)
+    if weight != 1.0:  # (float32: the one rounding to the features' dtype comes later)
+        for g in (dq, dk, ds, db):
+            if g is not None:
+                g.mul_(weight)
     return stats, (dq if need_q else None, dk if need_k else None, ds if need_s else None,
                    db if need_b else None)
