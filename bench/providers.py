@@ -86,14 +86,15 @@ def add_triton_variant(spec: str) -> str:
         raise ValueError(f"--triton-config {name}: expected a JSON object, got {text!r}")
     for key, value in cfg.items():
         pass_, dot, param = key.rpartition(".")
-        if key in ("DENSE", "PLAIN", "SPLIT", "DENSE_ROWS", "STEP") or (param == "RESIDENT" and pass_ in (
+        if key in E.POLICY_KEYS or (param == "RESIDENT" and pass_ in (
                 "", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram")) or (
                 param in ("TMA", "COLSUM_MMA") and pass_ in ("", "fwd", "fwd_plain")):
             if not isinstance(value, bool):
                 raise ValueError(f"--triton-config {name}: {key} must be true or false, got {value!r}")
         elif param not in E.CONFIG_KEYS or (dot and pass_ not in E.PASSES):
-            raise ValueError(f"--triton-config {name}: unknown key {key!r} (keys: DENSE, PLAIN, "
-                             f"SPLIT, DENSE_ROWS, STEP, [PASS.]{'|'.join(E.CONFIG_KEYS)} with PASS in {E.PASSES})")
+            raise ValueError(f"--triton-config {name}: unknown key {key!r} (keys: "
+                             f"{', '.join(E.POLICY_KEYS)}, [PASS.]{'|'.join(E.CONFIG_KEYS)} "
+                             f"with PASS in {E.PASSES})")
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--triton-config {name}: {key} must be a positive integer, got {value!r}")
     provider = f"fastcl-triton@{name}"

@@ -62,9 +62,10 @@ _MERGE_BLOCK = 256
 # backward on or off), "PLAIN" (False: every tile takes the general, masked path), "SPLIT" (the
 # backward's interior tiles in launches of their own: the fused kernels', and the wide-feature
 # backward's dS tiles), "DENSE_ROWS" (False: a self-similarity's wide-feature dS block without
-# its transposed half, and dK's slab sums beside it; see _backward_dense).
+# its transposed half, and dK's slab sums beside it; see _backward_dense), "STEP" (False: the
+# sigmoid closure's forward and backward sweeps instead of its step; see takes_step).
 config_override: dict = {}
-_POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT", "DENSE_ROWS", "STEP")
+POLICY_KEYS = ("DENSE", "PLAIN", "SPLIT", "DENSE_ROWS", "STEP")
 PASSES = ("fwd", "fwd_plain", "bwd", "bwd_rows_plain", "bwd_cols_plain", "bwd_gram", "dense_plain")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "num_warps", "num_stages", "RESIDENT",
                "TMA", "COLSUM_MMA")
@@ -687,14 +688,13 @@ def _tile_grad(c, row0, col0, rows, cols, N, M, offset, s, b, row_meta, lse_r, a
         plain = False
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if plain and KIND == 1:  # every entry a valid negative (z = -1): dS = a_i sigmoid(S_ij)
+        S = c * s + b
         if ROW_LOSS:  # one exponential y = e^-|S| for both: sigmoid(S) = (1 or y) / (1 + y)
-            S = c * s + b
             y = tl.exp2(tl.abs(S) * -LOG2E)
             dS = a_r[:, None] * tl.where(S >= 0.0, 1.0, y) / (1.0 + y)
             loss = _softplus_sums(S, y, BLOCK_N, SP_SERIES)
         else:
             dS = a_r[:, None] / (1.0 + tl.exp2(-(c * (s * LOG2E) + b * LOG2E)))
-            S = c * s + b
         valid = (rows < N)[:, None] & (cols < M)[None, :]
         target = valid & (cols < 0)[None, :]
         rs = tl.sum(dS * cm, 1)
@@ -1604,7 +1604,7 @@ def config_for(device_type: str, dtype: torch.dtype, D: int, pass_: str, arch: i
             # the two warpgroups of a resident program); the dQ program's 128 x 256 float32 sums
             # leave room for 32-column tiles without spilling. See bench/ANALYSIS.md.
             cfg.update(BLOCK_M=128, BLOCK_N=32 if pass_ == "bwd_rows_plain" else 64)
-    pinned = {k: v for k, v in config_override.items() if k not in _POLICY_KEYS and "." not in k}
+    pinned = {k: v for k, v in config_override.items() if k not in POLICY_KEYS and "." not in k}
     pinned.update({k.partition(".")[2]: v for k, v in config_override.items()
                    if k.partition(".")[0] == pass_})
     cfg.update(pinned)
@@ -2641,7 +2641,7 @@ def top_negatives(queries, keys, targets, spec, k: int):
     cfg = dict(config_for(queries.device.type, queries.dtype, D, "fwd", _arch(queries.device)))
     if queries.device.type == "cuda":  # the (BLOCK_M, KP) running lists live in registers
         cfg.update(BLOCK_M=64, num_stages=2)
-    cfg.update({k: v for k, v in config_override.items() if k not in _POLICY_KEYS})
+    cfg.update({k: v for k, v in config_override.items() if k not in POLICY_KEYS})
     grid = (triton.cdiv(N, cfg["BLOCK_M"]),)
     _top_negatives_kernel[grid](
         queries, keys, _ptr(targets.positives, vals), _ptr(targets.row_labels, vals),
