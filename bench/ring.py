@@ -1,15 +1,19 @@
-"""``python -m bench.ring``: NT-Xent's ring in ``fastcl.distributed`` over W processes, the
-Gram-symmetric ring (each tile of two ranks' row blocks swept once: W // 2 + 1 tiles per rank)
-against the full one (W tiles per rank), forward + backward.
+"""``python -m bench.ring``: the rings of ``fastcl.distributed`` over W processes, forward +
+backward. ``--loss nt_xent``: NT-Xent's Gram-symmetric ring (each tile of two ranks' row blocks
+swept once: W // 2 + 1 tiles per rank) against the full one (W tiles per rank); ``--loss
+siglip``: SigLIP's ring of steps (one ring, each text block swept once, its dK travelling home
+in the forward) against the forward ring and the backward ring (each block swept twice).
 
-Each of W spawned processes holds n pairs (2n rows of width D). A step is one ``nt_xent`` ring
-(forward and backward) with the ranks released together by a barrier; its time is the slowest
-rank's (an all-reduce of the per-rank times, MAX). Median, p20 and p80 over the repeats.
+Each of W spawned processes holds n pairs (NT-Xent: 2n rows of width D; SigLIP: n images and
+n texts). A step is one ring loss forward and backward with the ranks released together by a
+barrier; its time is the slowest rank's (an all-reduce of the per-rank times, MAX). Median, p20
+and p80 over the repeats.
 CPU: gloo, one thread per process (``--threads``); CUDA: NCCL, one GPU per process (needs W of
 them). Results: ``ring.csv`` / ``ring.json`` / ``ring.png`` under ``--out`` with the provenance of
 :func:`bench.report.provenance`.
 
     python -m bench.ring --world 4 --n 512 --D 128 --out bench/results/cpu-ring
+    python -m bench.ring --loss siglip --world 4 --n 1024 --D 128 --out bench/results/cpu-ring/siglip-world4
 """
 from __future__ import annotations
 
@@ -31,9 +35,9 @@ import torch.multiprocessing as mp
 
 from .timing import percentile
 
-COLUMNS = ("world", "n", "rows", "D", "dtype", "backend", "ring", "tiles", "ms", "p20", "p80",
-           "speedup")
-RINGS = ("full", "mirrored")
+COLUMNS = ("loss", "world", "n", "rows", "D", "dtype", "backend", "ring", "tiles", "ms", "p20",
+           "p80", "speedup")
+RINGS = {"nt_xent": ("full", "mirrored"), "siglip": ("two_rings", "step")}
 
 
 def _port() -> int:
@@ -43,7 +47,7 @@ def _port() -> int:
 
 
 def _step(rows: torch.Tensor, positives: torch.Tensor, backend: str, mirror: bool) -> None:
-    """One ring forward + backward; ``backend`` concrete (:func:`_concrete`)."""
+    """One NT-Xent ring forward + backward; ``backend`` concrete (:func:`_concrete`)."""
     from fastcl import distributed as fdist
     x = rows.detach().requires_grad_(True)
     s = torch.tensor(1 / 0.1, dtype=torch.float32, device=x.device)
@@ -52,9 +56,27 @@ def _step(rows: torch.Tensor, positives: torch.Tensor, backend: str, mirror: boo
     per.sum().backward()
 
 
+def _siglip_step(images: torch.Tensor, texts: torch.Tensor, backend: str, ring: str) -> None:
+    """One SigLIP ring forward + backward (the mean over the global batch, a learnable scale and
+    bias): ``ring`` "step" (:class:`fastcl.distributed._RingStep`) or "two_rings"."""
+    from fastcl import distributed as fdist
+    from fastcl.ops import LossSpec
+    q, k = images.detach().requires_grad_(True), texts.detach().requires_grad_(True)
+    s = torch.tensor(10.0, device=q.device, requires_grad=True)
+    b = torch.tensor(-10.0, device=q.device, requires_grad=True)
+    weight = 1.0 / (fdist._world(None)[0] * q.shape[0])
+    if ring == "step":
+        total = fdist._RingStep.apply(q, k, s, b, (LossSpec(kind="sigmoid"), backend, None, weight))
+    else:
+        rows, _, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", exact=False, backend=backend,
+                                 group=None)
+        total = rows.sum() * weight
+    total.backward()
+
+
 def _concrete(backend: str, x: torch.Tensor) -> str:
     from fastcl import _backend
-    return _backend.resolve(backend, x.device, x.dtype)
+    return _backend.concrete(_backend.resolve(backend, x.device, x.dtype), False)
 
 
 def _worker(rank: int, args, port: int, out: str) -> None:
@@ -73,14 +95,17 @@ def _worker(rank: int, args, port: int, out: str) -> None:
     positives = torch.arange(2 * args.n, device=dev).add_(args.n).remainder_(2 * args.n)
     backend = _concrete(args.backend, rows)
     results: Dict[str, List[float]] = {}
-    for name in RINGS:
+    for name in RINGS[args.loss]:
         times = []
         for i in range(args.warmup + args.repeats):
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            _step(rows, positives, backend, name == "mirrored")
+            if args.loss == "siglip":  # (n images, n texts)
+                _siglip_step(rows[:args.n], rows[args.n:], backend, name)
+            else:
+                _step(rows, positives, backend, name == "mirrored")
             if cuda:
                 torch.cuda.synchronize()
             ms = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64, device=dev)
@@ -99,6 +124,9 @@ def _worker(rank: int, args, port: int, out: str) -> None:
     os._exit(0)
 
 
+_TITLES = {"nt_xent": "NT-Xent", "siglip": "SigLIP"}
+
+
 def _plot(path: str, rows: List[Dict], prov: Dict[str, str]) -> None:
     """Each ring's median step time, p20 - p80 as the error bar (skipped without matplotlib)."""
     try:
@@ -114,8 +142,8 @@ def _plot(path: str, rows: List[Dict], prov: Dict[str, str]) -> None:
            color=["#999999", "#1f77b4"])
     r0 = rows[0]
     ax.set_ylabel("ms per forward + backward")
-    ax.set_title(f"NT-Xent ring, W = {r0['world']}, {r0['rows']} rows x D = {r0['D']} per rank, "
-                 f"{r0['backend']}", fontsize=8)
+    ax.set_title(f"{_TITLES[r0['loss']]} ring, W = {r0['world']}, {r0['rows']} rows x D = {r0['D']} "
+                 f"per rank, {r0['backend']}", fontsize=8)
     fig.text(0.01, 0.01, f"{prov['device']} | torch {prov['torch']} | {prov['git_sha'][:10]}",
              fontsize=6)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -125,6 +153,8 @@ def _plot(path: str, rows: List[Dict], prov: Dict[str, str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ring", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--loss", choices=sorted(RINGS), default="nt_xent",
+                    help="nt_xent: full vs mirrored ring; siglip: two rings vs the ring of steps")
     ap.add_argument("--world", type=int, default=4, help="processes (ranks)")
     ap.add_argument("--n", type=int, default=512, help="pairs per rank (2n rows)")
     ap.add_argument("--D", type=int, default=128)
@@ -145,11 +175,13 @@ def main(argv=None) -> int:
                            start_method="spawn")
         with open(path) as f:
             times = json.load(f)
-    tiles = {"full": args.world, "mirrored": args.world // 2 + 1}
+    tiles = {"full": args.world, "mirrored": args.world // 2 + 1, "two_rings": 2 * args.world,
+             "step": args.world}  # (tiles swept per rank: SigLIP's two rings sweep each twice)
     rows = []
-    for name in RINGS:
+    for name in RINGS[args.loss]:
         ms = percentile(times[name], 50)
-        rows.append(dict(world=args.world, n=args.n, rows=2 * args.n, D=args.D, dtype="float32",
+        rows.append(dict(loss=args.loss, world=args.world, n=args.n,
+                         rows=args.n if args.loss == "siglip" else 2 * args.n, D=args.D, dtype="float32",
                          backend=times["backend"], ring=name, tiles=tiles[name], ms=ms,
                          p20=percentile(times[name], 20), p80=percentile(times[name], 80)))
     for r in rows:

@@ -623,3 +623,16 @@ def test_ring_bench_writes_both_rings(tmp_path):
     assert data["provenance"]["command"].startswith("python -m bench.ring --world 3")
     assert [r["tiles"] for r in data["rows"]] == [3, 2]
     assert (tmp_path / "ring.png").stat().st_size > 0
+
+
+def test_ring_bench_times_siglip_step(tmp_path):
+    """python -m bench.ring --loss siglip over two gloo processes (the C++ kernels' step): the two
+    rings and the ring of steps, the tiles each sweeps per rank (2 W and W)."""
+    from bench import ring
+    pytest.importorskip("fastcl._C")
+    assert ring.main(["--loss", "siglip", "--world", "2", "--n", "4", "--D", "8", "--repeats", "2",
+                      "--warmup", "0", "--backend", "cpu", "--out", str(tmp_path)]) == 0
+    rows = report.read_csv(str(tmp_path / "ring.csv"))
+    assert [(r["loss"], r["ring"], int(r["tiles"]), int(r["rows"])) for r in rows] == [
+        ("siglip", "two_rings", 4, 4), ("siglip", "step", 2, 4)]
+    assert all(float(r["ms"]) > 0 and r["backend"] == "cpu" for r in rows)

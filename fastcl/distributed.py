@@ -23,7 +23,8 @@ each rank merges the row statistics of its queries over all blocks (log-sum-exp 
 positive terms summed), while the column statistics of a block travel with it and are merged on the
 way, then sent home. The backward runs the same ring: a key block travels with its column
 statistics and column gradient weights, and its dK accumulator follows it, so each rank ends with
-the exact dQ of its queries and dK of its keys. Memory per rank: O((n + m) * D).
+the exact dQ of its queries and dK of its keys. Memory per rank: O((n + m) * D). SigLIP, whose rows
+need no global statistic, takes one ring when gradients are asked for (:class:`_RingStep`).
 
 Gradient convention (both modes): data-parallel *averaging*, as ``DistributedDataParallel`` does.
 * The returned loss is the global single-process loss, the same value on every rank.
@@ -50,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from .autograd import (Statistics, _engine, _scalar32, engine_loss, engine_statistics,
+from .autograd import (Statistics, _engine, _scalar32, engine_row_total, engine_statistics,
                        first_order_only)
 from .losses import (_cast_dtype, _check_features, _check_index, _check_multi_view, _check_pair,
                      _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
@@ -531,6 +532,68 @@ def _correct_labels_ring(ring, dq, dk, queries, keys, labels, s32, spec0, stats,
         dk += _arrived(ring, home)[0]
 
 
+class _RingStep(torch.autograd.Function):
+    """``weight * sum_i L_i`` (0-d) of the local queries' rows against every rank's keys, for a
+    row-only closure the engine takes a step for (``takes_step``: SigLIP on the Triton engine,
+    any on CPU tensors) and whose rows need no global statistic (the sigmoid closure): each
+    block's step (``eng.step``) gives the rows' losses over it and the gradients, so the
+    forward's ring is the only one. A block's dK accumulator travels home with it (as in
+    :class:`_RingLoss`'s backward); the backward scales the gradients by the total's. Per rank:
+    one sweep of each block instead of a forward and a backward sweep, and one ring instead of
+    two. Gradients as :class:`_RingLoss`'s (scale and bias: this rank's share).
+
+    cfg = (spec, backend, group, weight); ``weight`` (1 / N for a mean) goes into the kernels
+    before the 16-bit gradients' rounding."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, cfg):
+        spec0, backend, group, weight = cfg
+        ring = _Ring(group)
+        r, m = ring.rank, keys.shape[0]
+        eng = _backend.engine(backend)
+        s32, b32 = _scalar32(scale, queries), _scalar32(bias, queries)
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[:4])
+        gdt = torch.float64 if queries.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(queries.shape, dtype=gdt, device=queries.device) if needs[0] else None
+        ds = torch.zeros(1, dtype=gdt, device=queries.device)
+        db = torch.zeros(1, dtype=gdt, device=queries.device)
+        total = torch.zeros((), dtype=gdt, device=queries.device)
+        home = [None, None]  # the dK of the block held, on its way home
+        with torch.autocast(queries.device.type, enabled=False):
+            for t, o, (kb,) in _around(ring, [keys.contiguous()]):
+                spec, targets = _tile_args(spec0, None, None, None, r, o, m)
+                stats, (dq_t, dk_t, ds_t, db_t) = eng.step(queries, kb, s32, b32, targets, spec,
+                                                           needs, weight)
+                total = total + row_losses(stats, spec).to(gdt).sum()
+                if dq_t is not None:
+                    dq += dq_t.to(gdt)
+                if ds_t is not None:
+                    ds += ds_t.to(gdt).reshape(1)
+                if db_t is not None:
+                    db += db_t.to(gdt).reshape(1)
+                if dk_t is not None:
+                    _home(ring, t, [dk_t.to(gdt)], home)
+            dk = _arrived(ring, home)[0] if needs[1] else None
+        grads = (dq, dk, ds if needs[2] else None, db if needs[3] and bias is not None else None)
+        ctx.has = tuple(x is not None for x in grads)
+        ctx.save_for_backward(*(x for x in grads if x is not None))
+        ctx.metas = (queries.dtype, keys.dtype, (scale.shape, scale.dtype),
+                     None if bias is None else (bias.shape, bias.dtype))
+        return total * weight
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if has else None for has in ctx.has]
+        q_dt, k_dt, s_meta, b_meta = ctx.metas
+        g = grad_total.reshape(())
+        out = [None if x is None else (x * g.to(x.dtype)).to(dt) for x, dt in zip(grads, (q_dt, k_dt))]
+        out += [None if x is None else (x * g.to(x.dtype)).reshape(meta[0]).to(meta[1])
+                for x, meta in zip(grads[2:], (s_meta, b_meta))]
+        return (*out, None)
+
+
 class _RingStatistics(torch.autograd.Function):
     """The global row statistics of the local queries against every rank's keys, over the ring:
     what :class:`fastcl.autograd.EngineStatistics` gives for rows against the concatenated keys
@@ -780,23 +843,43 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
                 exact: bool = False, check_sizes: bool = True) -> Tensor:
     """SigLIP pairwise sigmoid loss of the global batch ``-(1/N) sum_ij log sigmoid(z_ij S_ij)``
     (z = +1 on the global diagonal). No statistics to merge: each rank sums its images' rows over
-    every text block. Arguments as :func:`clip_loss`; "mean" divides by N = W * n."""
+    every text block. Arguments as :func:`clip_loss`; "mean" divides by N = W * n.
+
+    With gradients asked for and an engine that takes a step for the closure (Triton; the C++
+    kernels on CPU tensors), the forward forms the gradients too (:class:`_RingStep` in the
+    ring: one sweep per text block and one ring, each block's dK travelling home with it; in
+    gather mode :class:`fastcl.autograd.EngineRowTotal`'s step), and the backward only scales
+    them."""
     q, k, s, b, be = _setup("image_features", image_features, "text_features", text_features,
                             "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
                             reduction=reduction, group=group, check_sizes=check_sizes, backend=backend,
                             paired=True)
-    W, r = _world(group)
-    n = q.shape[0]
-    norm = 1.0 / (W * n) if reduction == "mean" else 1.0
+    W, _ = _world(group)
+    norm = 1.0 / (W * q.shape[0]) if reduction == "mean" else 1.0
+    return _global_value(_siglip_total(q, k, s, b, mode=mode, exact=exact, backend=be,
+                                       group=group, weight=norm), group)
+
+
+def _siglip_total(q: Tensor, k: Tensor, s: Tensor, b: Optional[Tensor], *, mode: str, exact: bool,
+                  backend: str, group, weight: float) -> Tensor:
+    """``weight * sum_i L_i`` (0-d) of this rank's images (n, D) against every rank's texts
+    (paired, the positive on the global diagonal) in ``mode``; gradients as :class:`_RingLoss`'s.
+    With gradients asked for, a step where the engine takes one (:class:`_RingStep`; in gather
+    mode :class:`fastcl.autograd.EngineRowTotal`'s)."""
+    spec = LossSpec(kind="sigmoid", exact=exact)
     if mode == "gather":
         all_k = all_gather_with_grad(k, group)
-        pos = torch.arange(n, device=q.device) + r * n
-        rows, _, _ = engine_loss(q, all_k, s, b, Targets(positives=pos),
-                                 LossSpec(kind="sigmoid", exact=exact), be)
-    else:
-        rows, _, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
-                           backend=be, group=group)
-    return _global_value(rows.sum() * norm, group)
+        pos = torch.arange(q.shape[0], device=q.device) + _world(group)[1] * q.shape[0]
+        return engine_row_total(q, all_k, s, b, Targets(positives=pos), spec, backend,
+                                weight=weight)[0]
+    eng, backend = _engine(backend, spec, Targets())
+    takes = getattr(eng, "takes_step", None)
+    if (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, s, b))
+            and takes is not None and takes(q, spec, Targets())):
+        return _RingStep.apply(q, k, s, b, (spec, backend, group, weight))
+    rows, _, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
+                       backend=backend, group=group)
+    return rows.sum() * weight
 
 
 def _gather_plain(x: Tensor, group) -> Tensor:

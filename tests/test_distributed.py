@@ -35,9 +35,9 @@ def _grads(loss, inputs, g):
     return [next(got) if x is not None and x.requires_grad else None for x in inputs]
 
 
-def _check(tag, W, r, loss, ref_loss, local, ref_global, grad_out, sizes, zero_ok=()):
+def _check(tag, W, r, loss, ref_loss, local, ref_global, grad_out, sizes, zero_ok=(), tol=TOL):
     """local: [local features..., scale, bias]; ref_global: the same for the whole batch."""
-    _close(f"{tag} loss", loss, ref_loss)
+    _close(f"{tag} loss", loss, ref_loss, tol)
     got = _grads(loss, local, grad_out)
     want = _grads(ref_loss, ref_global, grad_out)
     for i, (a, b) in enumerate(zip(got, want)):
@@ -54,7 +54,7 @@ def _check(tag, W, r, loss, ref_loss, local, ref_global, grad_out, sizes, zero_o
             continue
         if b.abs().max() == 0:
             raise AssertionError(f"{tag} input {i}: zero reference gradient (vacuous check)")
-        _close(f"{tag} grad {i}", a, b)
+        _close(f"{tag} grad {i}", a, b, tol)
 
 
 def _slices(r, W, *xs):
@@ -452,6 +452,10 @@ class _CountingEngine:
         self.calls.append(("backward", args[5].symmetric))
         return self.eng.backward(*args, **kwargs)
 
+    def step(self, *args, **kwargs):
+        self.calls.append(("step", args[5].symmetric))
+        return self.eng.step(*args, **kwargs)
+
 
 def _worker_mirror(r, W):
     """NT-Xent's ring sweeps each tile of two ranks' row blocks once: rank r the blocks of ranks
@@ -492,6 +496,62 @@ def test_ring_mirrors_gram_tiles(world):
     run_gloo(_worker_mirror, world)
 
 
+def _worker_siglip_step(r, W):
+    """SigLIP with gradients asked for takes the engine's step (Triton, interpreted; the C++
+    kernels on CPU tensors): in the ring one step per key block and no other sweep (each
+    block's dK travels home in the forward), in gather mode one step over the gathered texts.
+    The loss and every gradient against float64 (mean and sum, grad_output != 1, frozen texts
+    with a float scale and bias), and under no_grad the forward sweeps' value."""
+    from fastcl import _backend
+    gen = torch.Generator().manual_seed(31 + W)
+    n, d = 5, 8
+    N = W * n
+    I, T = _feats(gen, N, d), _feats(gen, N, d)
+    engines = ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+    if importlib.util.find_spec("fastcl._C") is not None:
+        engines.append("cpu")
+    calls, engine = [], _backend.engine
+    _backend.engine = lambda name: _CountingEngine(engine(name), calls)
+    try:
+        for be, mode, (reduction, g), frozen in itertools.product(
+                engines, fdist.MODES, (("mean", 0.6), ("sum", -1.3)), (False, True)):
+            tag = f"siglip-step/{be}/{mode}/{reduction}" + ("/frozen" if frozen else "")
+            Tt = T.detach() if frozen else T
+            if frozen:
+                s = b = sl = bl = None
+                ref = reference.siglip_loss(I, Tt, 10.0, -10.0, reduction=reduction)
+            else:
+                s, b = _leaf(10.0), _leaf(-10.0)
+                sl, bl = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+                ref = reference.siglip_loss(I, Tt, s, b, reduction=reduction)
+            i, t = (x.float().requires_grad_(x.requires_grad) for x in _slices(r, W, I, Tt))
+
+            def loss_fn():
+                return fdist.siglip_loss(i, t, 10.0 if frozen else sl, -10.0 if frozen else bl,
+                                         mode=mode, reduction=reduction, backend=be, exact=True)
+            calls.clear()
+            loss = loss_fn()
+            want = [("step", False)] * (W if mode == "ring" else 1)
+            if calls != want:
+                raise AssertionError(f"{tag}: engine calls {calls}, want {want}")
+            local, glob = ([i, t], [I, Tt]) if frozen else ([i, t, sl, bl], [I, Tt, s, b])
+            _check(tag, W, r, loss, ref, local, glob, g, [n, n], tol=1e-5)
+            if calls != want:
+                raise AssertionError(f"{tag}: the backward swept again: {calls}")
+            with torch.no_grad():
+                swept = loss_fn()
+            if [p for p, _ in calls[len(want):]] != ["forward"] * len(want):
+                raise AssertionError(f"{tag}: no_grad calls {calls[len(want):]}")
+            _close(f"{tag} no_grad", swept, loss, tol=1e-6)
+    finally:
+        _backend.engine = engine
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_siglip_takes_a_step(world):
+    run_gloo(_worker_siglip_step, world)
+
+
 def test_single_process_fallback():
     """Without an initialised process group the functions are the ordinary losses."""
     gen = torch.Generator().manual_seed(0)
@@ -503,6 +563,18 @@ def test_single_process_fallback():
         _close("clip", loss, ref)
         for a, b in zip(torch.autograd.grad(loss, [I, T, s]), torch.autograd.grad(ref, [I, T, s])):
             _close("clip grad", a, b)
+    # SigLIP's step over a ring of one (the C++ kernels' step on CPU tensors)
+    if importlib.util.find_spec("fastcl._C") is not None:
+        for mode in fdist.MODES:
+            i, t = (x.detach().float().requires_grad_() for x in (I, T))
+            sl, bl = torch.tensor(3.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)
+            s64, b64 = _leaf(3.0), _leaf(-2.0)
+            loss = fdist.siglip_loss(i, t, sl, bl, mode=mode, backend="cpu")
+            ref = reference.siglip_loss(I, T, s64, b64)
+            _close("siglip", loss.double(), ref, tol=1e-6)
+            for a, b in zip(torch.autograd.grad(loss * 1.5, [i, t, sl, bl]),
+                            torch.autograd.grad(ref * 1.5, [I, T, s64, b64])):
+                _close("siglip grad", a.double(), b, tol=1e-5)
     with pytest.raises(ValueError, match="mode"):
         fdist.clip_loss(I, T, 3.0, mode="allreduce")
     with pytest.raises(ValueError, match="reduction"):

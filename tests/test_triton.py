@@ -336,6 +336,32 @@ def test_siglip_step(monkeypatch, path, case, dtype):
         assert rel(out, ref64) <= max(2 * rel(torch32, ref64), 5e-6), (rel(out, ref64), rel(torch32, ref64))
 
 
+@pytest.mark.parametrize("path", ["fused", "wide"])
+@pytest.mark.parametrize("offset", [37, 130, -100])
+def test_siglip_step_at_an_offset(monkeypatch, path, offset):
+    """E.step of a block whose positives j = i + offset are shifted off the tile grid (37), or
+    out of range altogether (a ring's off-diagonal blocks): the rows' losses and the weighted
+    gradients against float64."""
+    monkeypatch.setattr(E, "config_override", dict(STEP_PATHS[path]))
+    monkeypatch.setattr(E, "_DENSE_BYTES_MIN", 1)
+    N, M, D, w = 100, 130, 20, 0.3
+    q, k = features(N, D, F32, DEVICE, requires_grad=False), features(M, D, F32, DEVICE, requires_grad=False)
+    s, b = torch.tensor([10.0], device=DEVICE), torch.tensor([-10.0], device=DEVICE)
+    spec = fastcl.ops.LossSpec(kind="sigmoid", offset=offset)
+    stats, grads = E.step(q, k, s, b, fastcl.ops.Targets(), spec, (True,) * 4, weight=w)
+    q64, k64, s64, b64 = (x.detach().double().requires_grad_() for x in (q, k, s, b))
+    logits = s64 * q64 @ k64.T + b64
+    z = -torch.ones_like(logits)
+    i = torch.arange(N, device=DEVICE)
+    inside = (i + offset >= 0) & (i + offset < M)
+    z[i[inside], (i + offset)[inside]] = 1.0
+    rows = torch.nn.functional.softplus(-z * logits).sum(1)
+    want = torch.autograd.grad(w * rows.sum(), [q64, k64, s64, b64])
+    assert rel(stats.row_lse, rows) <= 2e-6, rel(stats.row_lse, rows)
+    for name, got, ref in zip(("queries", "keys", "scale", "bias"), grads, want):
+        assert rel(got.reshape(ref.shape), ref) <= 2e-5, (name, rel(got.reshape(ref.shape), ref))
+
+
 @pytest.mark.parametrize("pattern", ["keys", "scale", "bias", "queries+scale"])
 def test_siglip_step_partial_grads_on_the_wide_path(monkeypatch, pattern):
     """Only the gradients asked for, on the wide path too (where the dS tiles alone give the

@@ -39,9 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed as fdist
-from ..autograd import engine_loss
 from ..losses import _check_pair, _prepare, _scalar_param, clip_loss, distill, info_nce, siglip_loss
-from ..ops import LossSpec, Targets
 from ._common import exact_products
 
 Tensor = torch.Tensor
@@ -220,13 +218,6 @@ class SigLipLoss(nn.Module):
             s = _scalar_param("logit_scale", logit_scale, dev, optional=False, dtype=_sdt(image_features))
             b = _scalar_param("logit_bias", logit_bias, dev, optional=True, dtype=_sdt(image_features))
             q, k, be = _prepare(image_features, text_features, self.backend)
-            if self.dist_impl == "gather":
-                all_t = fdist.all_gather_with_grad(k)
-                pos = torch.arange(n, device=dev) + n * self.rank
-                rows, _, _ = engine_loss(q, all_t, s, b, Targets(positives=pos),
-                                         LossSpec(kind="sigmoid", exact=ex), be)
-            else:
-                rows, _, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=ex,
-                                         backend=be, group=None)
-            loss = rows.sum() / n
+            loss = fdist._siglip_total(q, k, s, b, mode="gather" if self.dist_impl == "gather" else "ring",
+                                       exact=ex, backend=be, group=None, weight=1.0 / n)
         return {"contrastive_loss": loss} if output_dict else loss
