@@ -6,8 +6,8 @@ in the forward) against the forward ring and the backward ring (each block swept
 
 Each of W spawned processes holds n pairs (NT-Xent: 2n rows of width D; SigLIP: n images and
 n texts). A step is one ring loss forward and backward with the ranks released together by a
-barrier; its time is the slowest rank's (an all-reduce of the per-rank times, MAX). Median, p20
-and p80 over the repeats.
+barrier; its time is the slowest rank's (an all-reduce of the per-rank times, MAX); the rings take turns within each repeat.
+Median, p20 and p80 over the repeats.
 CPU: gloo, one thread per process (``--threads``); CUDA: NCCL, one GPU per process (needs W of
 them). Results: ``ring.csv`` / ``ring.json`` / ``ring.png`` under ``--out`` with the provenance of
 :func:`bench.report.provenance`.
@@ -94,10 +94,11 @@ def _worker(rank: int, args, port: int, out: str) -> None:
         torch.randn(2 * args.n, args.D, generator=gen), dim=1).to(dev)
     positives = torch.arange(2 * args.n, device=dev).add_(args.n).remainder_(2 * args.n)
     backend = _concrete(args.backend, rows)
-    results: Dict[str, List[float]] = {}
-    for name in RINGS[args.loss]:
-        times = []
-        for i in range(args.warmup + args.repeats):
+    results: Dict[str, List[float]] = {name: [] for name in RINGS[args.loss]}
+    # the rings take turns within each repeat, so that a drift of the machine's speed (a shared
+    # or throttled CPU) reaches both alike
+    for i in range(args.warmup + args.repeats):
+        for name in RINGS[args.loss]:
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -111,8 +112,7 @@ def _worker(rank: int, args, port: int, out: str) -> None:
             ms = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64, device=dev)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
             if i >= args.warmup:
-                times.append(ms.item())
-        results[name] = times
+                results[name].append(ms.item())
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"backend": backend, **results}, f)
@@ -198,7 +198,8 @@ def main(argv=None) -> int:
         for key in ("flops", "ratios", "memory", "host"):  # (the single-process sweep's columns)
             prov.pop(key, None)
         prov["timing"] = ("wall clock of one forward + backward per step, the ranks released by a "
-                          "barrier, the slowest rank's time; median (p20, p80) over the repeats")
+                          "barrier, the slowest rank's time; the rings take turns within each "
+                          "repeat; median (p20, p80) over the repeats")
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ring.csv"), "w", newline="") as f:
             for k, v in prov.items():
