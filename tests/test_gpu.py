@@ -61,6 +61,57 @@ def test_siglip_step_matches_the_two_sweeps(monkeypatch, D):
         assert err < tol, (name, err)
 
 
+@pytest.mark.parametrize("offset", [4096, -4096, 1000])
+def test_siglip_step_at_an_offset(offset):
+    """The Triton step of a ring's off-diagonal block (positives out of range, offset +-N) and
+    of a shifted diagonal, bf16, N = 4096, D = 256: the rows' losses and the weighted gradients
+    against float64 (within 2x the error of PyTorch's bf16 loss)."""
+    from fastcl.ops import LossSpec, Targets
+    from fastcl.ops.triton import engine as E
+
+    N, D, w = 4096, 256, 1.0 / 4096
+    q = features(N, D, torch.bfloat16, CUDA, requires_grad=False)
+    k = features(N, D, torch.bfloat16, CUDA, requires_grad=False)
+    s, b = torch.tensor([10.0], device=CUDA), torch.tensor([-10.0], device=CUDA)
+    stats, got = E.step(q, k, s, b, Targets(), LossSpec(kind="sigmoid", offset=offset),
+                        (True,) * 4, weight=w)
+
+    def rows_and_grads(dtype):
+        q_, k_, s_, b_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, s, b))
+        logits = s_ * q_ @ k_.T + b_
+        z = -torch.ones_like(logits)
+        i = torch.arange(N, device=CUDA)
+        inside = (i + offset >= 0) & (i + offset < N)
+        z[i[inside], (i + offset)[inside]] = 1.0
+        rows = torch.nn.functional.softplus(-z * logits).sum(1)
+        return rows, torch.autograd.grad(w * rows.float().sum(), [q_, k_, s_, b_])
+
+    rows64, want = rows_and_grads(torch.float64)
+    rows16, torch16 = rows_and_grads(torch.bfloat16)
+    rel = lambda x, y: ((x.double() - y).norm() / y.norm()).item()  # noqa: E731
+    assert rel(stats.row_lse, rows64) <= max(2 * rel(rows16, rows64), 1e-5)
+    for name, x, ref, base in zip(("dq", "dk", "ds", "db"), got, want, torch16):
+        x = x.reshape(ref.shape)
+        assert rel(x, ref) <= max(2 * rel(base.reshape(ref.shape), ref), 1e-4), (name, rel(x, ref))
+
+
+def test_distributed_siglip_ring_of_one_takes_the_step():
+    """fastcl.distributed.siglip_loss on one process (a ring of one: _RingStep on CUDA tensors,
+    the Triton step) gives fastcl.siglip_loss's loss and gradients, bf16, N = 4096, D = 512."""
+    from fastcl import distributed as fdist
+
+    q, k = features(4096, 512, torch.bfloat16, CUDA), features(4096, 512, torch.bfloat16, CUDA)
+    s = torch.tensor(10.0, device=CUDA, requires_grad=True)
+    b = torch.tensor(-10.0, device=CUDA, requires_grad=True)
+    out = []
+    for fn in (lambda: fdist.siglip_loss(q, k, s, b, mode="ring", backend="triton"),
+               lambda: fastcl.siglip_loss(q, k, s, b, backend="triton")):
+        loss = fn()
+        out.append([loss.detach().float()] + [g.float() for g in torch.autograd.grad(loss * 0.5, [q, k, s, b])])
+    for name, x, y in zip(("loss", "dq", "dk", "ds", "db"), *out):
+        assert ((x - y).norm() / y.norm()).item() < 1e-2, name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("N,D", [(1000, 256), (2048, 512), (777, 1024)])
 def test_clip_large_low_precision(dtype, N, D):
