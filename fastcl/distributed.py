@@ -543,7 +543,10 @@ class _RingStep(torch.autograd.Function):
     two. Gradients as :class:`_RingLoss`'s (scale and bias: this rank's share).
 
     cfg = (spec, backend, group, weight); ``weight`` (1 / N for a mean) goes into the kernels
-    before the 16-bit gradients' rounding."""
+    before the 16-bit gradients' rounding. The blocks' gradients are summed and held in float32
+    until the backward, which rounds them once after scaling ((n + m) D floats: held in the
+    features' dtype, a gradient that is not a power of two would round them twice, past twice
+    PyTorch's bf16 error)."""
 
     @staticmethod
     def forward(ctx, queries, keys, scale, bias, cfg):
@@ -587,9 +590,10 @@ class _RingStep(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if has else None for has in ctx.has]
         q_dt, k_dt, s_meta, b_meta = ctx.metas
-        g = grad_total.reshape(())
-        out = [None if x is None else (x * g.to(x.dtype)).to(dt) for x, dt in zip(grads, (q_dt, k_dt))]
-        out += [None if x is None else (x * g.to(x.dtype)).reshape(meta[0]).to(meta[1])
+        # (the float32 sums scaled, then rounded once to the features' dtype)
+        g = grad_total.reshape(()).to(torch.float64 if q_dt == torch.float64 else torch.float32)
+        out = [None if x is None else (x * g).to(dt) for x, dt in zip(grads, (q_dt, k_dt))]
+        out += [None if x is None else (x * g).reshape(meta[0]).to(meta[1])
                 for x, meta in zip(grads[2:], (s_meta, b_meta))]
         return (*out, None)
 

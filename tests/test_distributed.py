@@ -543,6 +543,29 @@ def _worker_siglip_step(r, W):
             if [p for p, _ in calls[len(want):]] != ["forward"] * len(want):
                 raise AssertionError(f"{tag}: no_grad calls {calls[len(want):]}")
             _close(f"{tag} no_grad", swept, loss, tol=1e-6)
+        # bf16: the gradients held in the features' dtype from the forward, scaled in the
+        # backward; within 2x the error of PyTorch's bf16 loss of the global batch
+        s, b = _leaf(10.0), _leaf(-10.0)
+        ref = reference.siglip_loss(I, T, s, b)
+        want = torch.autograd.grad(ref * 0.6, [I, T, s, b])
+        Ib, Tb = (x.detach().bfloat16().requires_grad_() for x in (I, T))
+        sb, bb = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+        torch16 = torch.autograd.grad(reference.siglip_loss(Ib, Tb, sb, bb) * 0.6, [Ib, Tb, sb, bb])
+        for be, mode in itertools.product(engines, fdist.MODES):
+            i, t = (x.detach().bfloat16().requires_grad_() for x in _slices(r, W, I, T))
+            sl, bl = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+            calls.clear()
+            loss = fdist.siglip_loss(i, t, sl, bl, mode=mode, backend=be)
+            got = torch.autograd.grad(loss * 0.6, [i, t, sl, bl])
+            if [p for p, _ in calls] != ["step"] * (W if mode == "ring" else 1):
+                raise AssertionError(f"siglip-step/bf16/{be}/{mode}: engine calls {calls}")
+            for k, (a, w, base) in enumerate(zip(got, want, torch16)):
+                if k < 2:
+                    w, base = (W * x[r * n:(r + 1) * n] for x in (w, base))
+                e, e16 = ((x.double() - w).norm().item() / w.norm().item() for x in (a, base))
+                if not e <= max(2 * e16, 1e-6):
+                    raise AssertionError(f"siglip-step/bf16/{be}/{mode} grad {k}: {e:.2e} "
+                                         f"(PyTorch bf16: {e16:.2e})")
     finally:
         _backend.engine = engine
 
