@@ -66,7 +66,8 @@ def _siglip_step(images: torch.Tensor, texts: torch.Tensor, backend: str, ring: 
     b = torch.tensor(-10.0, device=q.device, requires_grad=True)
     weight = 1.0 / (fdist._world(None)[0] * q.shape[0])
     if ring == "step":
-        total = fdist._RingStep.apply(q, k, s, b, (LossSpec(kind="sigmoid"), backend, None, weight))
+        total = fdist._RingStep.apply(q, k, s, b, (LossSpec(kind="sigmoid"), backend, None, weight,
+                                                   None))
     else:
         rows, _, _ = fdist._ring(q, k, s, b, None, kind="sigmoid", exact=False, backend=backend,
                                  group=None)

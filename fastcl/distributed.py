@@ -53,8 +53,8 @@ import torch.distributed as dist
 from . import _backend
 from .autograd import (Statistics, _engine, _scalar32, engine_row_total, engine_statistics,
                        first_order_only)
-from .losses import (_cast_dtype, _check_features, _check_index, _check_multi_view, _check_pair,
-                     _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
+from .losses import (_cast_dtype, _check_features, _check_index, _check_labels, _check_multi_view,
+                     _check_pair, _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
                      _mv_infonce_rows, _prepare, _real,
                      _row_dots, _scalar_param, _stack_rows, _temperature_scale, _two_views,
                      _uniformity_terms, _views_flat)
@@ -542,15 +542,16 @@ class _RingStep(torch.autograd.Function):
     one sweep of each block instead of a forward and a backward sweep, and one ring instead of
     two. Gradients as :class:`_RingLoss`'s (scale and bias: this rank's share).
 
-    cfg = (spec, backend, group, weight); ``weight`` (1 / N for a mean) goes into the kernels
-    before the 16-bit gradients' rounding. The blocks' gradients are summed and held in float32
+    cfg = (spec, backend, group, weight, labels); ``weight`` (1 / N for a mean) goes into the
+    kernels before the 16-bit gradients' rounding; ``labels`` (n,) | None, the pairs' classes
+    (positives: the keys of the row's class), travel with the key blocks. The blocks' gradients are summed and held in float32
     until the backward, which rounds them once after scaling ((n + m) D floats: held in the
     features' dtype, a gradient that is not a power of two would round them twice, past twice
     PyTorch's bf16 error)."""
 
     @staticmethod
     def forward(ctx, queries, keys, scale, bias, cfg):
-        spec0, backend, group, weight = cfg
+        spec0, backend, group, weight, labels = cfg
         ring = _Ring(group)
         r, m = ring.rank, keys.shape[0]
         eng = _backend.engine(backend)
@@ -563,8 +564,8 @@ class _RingStep(torch.autograd.Function):
         total = torch.zeros((), dtype=gdt, device=queries.device)
         home = [None, None]  # the dK of the block held, on its way home
         with torch.autocast(queries.device.type, enabled=False):
-            for t, o, (kb,) in _around(ring, [keys.contiguous()]):
-                spec, targets = _tile_args(spec0, None, None, None, r, o, m)
+            for t, o, (kb, lb) in _around(ring, [keys.contiguous(), labels]):
+                spec, targets = _tile_args(spec0, None, labels, lb, r, o, m)
                 stats, (dq_t, dk_t, ds_t, db_t) = eng.step(queries, kb, s32, b32, targets, spec,
                                                            needs, weight)
                 total = total + row_losses(stats, spec).to(gdt).sum()
@@ -843,11 +844,14 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
-                mode: str = "ring", group=None, reduction: str = "mean", backend: str = "auto",
-                exact: bool = False, check_sizes: bool = True) -> Tensor:
+                labels: Optional[Tensor] = None, mode: str = "ring", group=None,
+                reduction: str = "mean", backend: str = "auto", exact: bool = False,
+                check_sizes: bool = True) -> Tensor:
     """SigLIP pairwise sigmoid loss of the global batch ``-(1/N) sum_ij log sigmoid(z_ij S_ij)``
-    (z = +1 on the global diagonal). No statistics to merge: each rank sums its images' rows over
-    every text block. Arguments as :func:`clip_loss`; "mean" divides by N = W * n.
+    (z = +1 on the global diagonal, or with ``labels`` wherever the classes match, on any rank).
+    No statistics to merge: each rank sums its images' rows over every text block. ``labels``:
+    (n,) class ids of this rank's pairs (gathered in gather mode, travelling with the text blocks
+    in the ring); other arguments as :func:`clip_loss`; "mean" divides by N = W * n.
 
     With gradients asked for and an engine that takes a step for the closure (Triton; the C++
     kernels on CPU tensors), the forward forms the gradients too (:class:`_RingStep` in the
@@ -858,31 +862,38 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
                             "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
                             reduction=reduction, group=group, check_sizes=check_sizes, backend=backend,
                             paired=True)
+    if labels is not None:
+        labels = _check_labels("labels", labels, q.shape[0], q.device)
     W, _ = _world(group)
     norm = 1.0 / (W * q.shape[0]) if reduction == "mean" else 1.0
     return _global_value(_siglip_total(q, k, s, b, mode=mode, exact=exact, backend=be,
-                                       group=group, weight=norm), group)
+                                       group=group, weight=norm, labels=labels), group)
 
 
 def _siglip_total(q: Tensor, k: Tensor, s: Tensor, b: Optional[Tensor], *, mode: str, exact: bool,
-                  backend: str, group, weight: float) -> Tensor:
+                  backend: str, group, weight: float, labels: Optional[Tensor] = None) -> Tensor:
     """``weight * sum_i L_i`` (0-d) of this rank's images (n, D) against every rank's texts
-    (paired, the positive on the global diagonal) in ``mode``; gradients as :class:`_RingLoss`'s.
-    With gradients asked for, a step where the engine takes one (:class:`_RingStep`; in gather
-    mode :class:`fastcl.autograd.EngineRowTotal`'s)."""
+    (paired: the positive on the global diagonal, or the texts of the image's class with
+    ``labels`` (n,)) in ``mode``; gradients as :class:`_RingLoss`'s. With gradients asked for, a
+    step where the engine takes one (:class:`_RingStep`; in gather mode
+    :class:`fastcl.autograd.EngineRowTotal`'s)."""
     spec = LossSpec(kind="sigmoid", exact=exact)
     if mode == "gather":
         all_k = all_gather_with_grad(k, group)
-        pos = torch.arange(q.shape[0], device=q.device) + _world(group)[1] * q.shape[0]
-        return engine_row_total(q, all_k, s, b, Targets(positives=pos), spec, backend,
-                                weight=weight)[0]
-    eng, backend = _engine(backend, spec, Targets())
+        if labels is not None:
+            targets = Targets(row_labels=labels, col_labels=_gather_plain(labels, group))
+        else:
+            targets = Targets(positives=torch.arange(q.shape[0], device=q.device)
+                              + _world(group)[1] * q.shape[0])
+        return engine_row_total(q, all_k, s, b, targets, spec, backend, weight=weight)[0]
+    block = Targets() if labels is None else Targets(row_labels=labels, col_labels=labels)
+    eng, backend = _engine(backend, spec, block)
     takes = getattr(eng, "takes_step", None)
     if (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, s, b))
-            and takes is not None and takes(q, spec, Targets())):
-        return _RingStep.apply(q, k, s, b, (spec, backend, group, weight))
+            and takes is not None and takes(q, spec, block)):
+        return _RingStep.apply(q, k, s, b, (spec, backend, group, weight, labels))
     rows, _, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
-                       backend=backend, group=group)
+                       backend=backend, group=group, labels=labels)
     return rows.sum() * weight
 
 

@@ -127,6 +127,15 @@ def _worker(r, W):
         sl, bl = _leaf(10.0), _leaf(-10.0)
         loss = fdist.siglip_loss(i, t, sl, bl, mode=mode, backend="torch")
         _check(f"siglip/{mode}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], 2.0, [n, n])
+        # class labels: positives wherever the classes match, on any rank (sum)
+        Y = torch.randint(0, 4, (N,), generator=gen)
+        s, b = _leaf(10.0), _leaf(-10.0)
+        ref = reference.siglip_loss(I, T, s, b, Y, "sum")
+        i, t = _slices(r, W, I, T)
+        sl, bl = _leaf(10.0), _leaf(-10.0)
+        loss = fdist.siglip_loss(i, t, sl, bl, labels=Y[r * n:(r + 1) * n], mode=mode,
+                                 reduction="sum", backend="torch")
+        _check(f"siglip-labels/{mode}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], -0.7, [n, n])
 
     # --- float32 through the Triton engine (interpreted on CPU) and the C++ CPU kernels: the
     # offset trick on a real kernel, merged statistics within float32 error of the float64
@@ -513,9 +522,12 @@ def _worker_siglip_step(r, W):
     calls, engine = [], _backend.engine
     _backend.engine = lambda name: _CountingEngine(engine(name), calls)
     try:
-        for be, mode, (reduction, g), frozen in itertools.product(
-                engines, fdist.MODES, (("mean", 0.6), ("sum", -1.3)), (False, True)):
-            tag = f"siglip-step/{be}/{mode}/{reduction}" + ("/frozen" if frozen else "")
+        Y = torch.randint(0, 3, (N,), generator=gen)  # (classes across the ranks)
+        for be, mode, (reduction, g), case in itertools.product(
+                engines, fdist.MODES, (("mean", 0.6), ("sum", -1.3)), ("", "frozen", "labels")):
+            tag = f"siglip-step/{be}/{mode}/{reduction}/{case}"
+            frozen = case == "frozen"
+            Y_ = Y if case == "labels" else None
             Tt = T.detach() if frozen else T
             if frozen:
                 s = b = sl = bl = None
@@ -523,11 +535,12 @@ def _worker_siglip_step(r, W):
             else:
                 s, b = _leaf(10.0), _leaf(-10.0)
                 sl, bl = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
-                ref = reference.siglip_loss(I, Tt, s, b, reduction=reduction)
+                ref = reference.siglip_loss(I, Tt, s, b, Y_, reduction=reduction)
             i, t = (x.float().requires_grad_(x.requires_grad) for x in _slices(r, W, I, Tt))
 
             def loss_fn():
                 return fdist.siglip_loss(i, t, 10.0 if frozen else sl, -10.0 if frozen else bl,
+                                         labels=None if Y_ is None else Y_[r * n:(r + 1) * n],
                                          mode=mode, reduction=reduction, backend=be, exact=True)
             calls.clear()
             loss = loss_fn()
@@ -598,6 +611,10 @@ def test_single_process_fallback():
             for a, b in zip(torch.autograd.grad(loss * 1.5, [i, t, sl, bl]),
                             torch.autograd.grad(ref * 1.5, [I, T, s64, b64])):
                 _close("siglip grad", a.double(), b, tol=1e-5)
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\)"):
+        fdist.siglip_loss(I, T, 3.0, -2.0, labels=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fdist.siglip_loss(I, T, 3.0, -2.0, labels=torch.zeros(6))
     with pytest.raises(ValueError, match="mode"):
         fdist.clip_loss(I, T, 3.0, mode="allreduce")
     with pytest.raises(ValueError, match="reduction"):
