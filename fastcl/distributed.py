@@ -54,9 +54,9 @@ from . import _backend
 from .autograd import (Statistics, _engine, _scalar32, engine_row_total, engine_statistics,
                        first_order_only)
 from .losses import (_cast_dtype, _check_features, _check_index, _check_labels, _check_multi_view,
-                     _check_pair, _dcl_rows, _dclw_weights, _hcl_params, _hcl_rows, _mv_dhel_rows,
-                     _mv_infonce_rows, _prepare, _real,
-                     _row_dots, _scalar_param, _stack_rows, _temperature_scale, _two_views,
+                     _check_pair, _check_unit, _dcl_rows, _dclw_weights, _focal, _hcl_params,
+                     _hcl_rows, _mv_dhel_rows, _mv_infonce_rows, _prepare, _real, _row_dots,
+                     _scalar_param, _stack_rows, _stat_dtype, _temperature_scale, _two_views,
                      _uniformity_terms, _views_flat)
 from .ops import (EngineStats, LossSpec, Targets, centred_scale_sums, closure_weights,
                   correct_line_totals, merge_lse, row_losses, row_target_logit, split_lse,
@@ -769,7 +769,8 @@ def _setup(qname, q, kname, k, scale_name, scale, bias_name, bias, *, mode, redu
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
               mode: str = "ring", group=None, reduction: str = "mean", backend: str = "auto",
-              exact: bool = False, check_sizes: bool = True) -> Tensor:
+              exact: bool = False, check_sizes: bool = True, label_smoothing: float = 0.0,
+              focal_gamma: float = 0.0) -> Tensor:
     """Symmetric CLIP loss of the global batch, from each rank's local pairs.
 
     Args:
@@ -779,10 +780,14 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         group: the process group (default: the world).
         reduction: "mean" (open_clip's value over the global batch) | "sum".
         check_sizes: verify equal n on every rank (ValueError otherwise); one tiny all-gather.
+        label_smoothing, focal_gamma: as :func:`fastcl.clip_loss`, over the global batch (the
+            smoothing's uniform part over every rank's columns: their mean, one all-gather of
+            (D,) sums).
     Returns:
         the global loss (same value on every rank); gradients follow the averaging convention of
         this module's docstring.
     """
+    eps, gamma = _shaping(label_smoothing, focal_gamma)
     q, k, s, b, be = _setup("image_features", image_features, "text_features", text_features,
                             "logit_scale", logit_scale, "logit_bias", logit_bias, mode=mode,
                             reduction=reduction, group=group, check_sizes=check_sizes, backend=backend,
@@ -794,19 +799,50 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         from .losses import info_nce as _info_nce
         all_q, all_k = all_gather_with_grad(q, group), all_gather_with_grad(k, group)
         pos = torch.arange(n, device=q.device) + r * n
-        rows = _info_nce(q, all_k, positives=pos, scale=s, bias=b, reduction="sum", backend=be, exact=exact)
-        cols = _info_nce(k, all_q, positives=pos, scale=s, bias=b, reduction="sum", backend=be, exact=exact)
+        shaping = dict(label_smoothing=eps, focal_gamma=gamma)
+        rows = _info_nce(q, all_k, positives=pos, scale=s, bias=b, reduction="sum", backend=be,
+                         exact=exact, **shaping)
+        cols = _info_nce(k, all_q, positives=pos, scale=s, bias=b, reduction="sum", backend=be,
+                         exact=exact, **shaping)
         contribution = (rows + cols) * norm
     else:
         rows, cols, _ = _ring(q, k, s, b, None, kind="softmax", symmetric=True, exact=exact,
                               backend=be, group=group)
+        rows = _shaped(rows, q, k, None, s, eps, gamma, group)
+        cols = _shaped(cols, k, q, None, s, eps, gamma, group)
         contribution = (rows.sum() + cols.sum()) * norm
     return _global_value(contribution, group)
 
 
+def _shaping(label_smoothing, focal_gamma) -> Tuple[float, float]:
+    """The checked (label_smoothing, focal_gamma) of :func:`fastcl.info_nce`."""
+    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
+    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
+    if eps and gamma:
+        raise ValueError("label_smoothing and focal_gamma cannot be combined")
+    return eps, gamma
+
+
+def _shaped(rows: Tensor, q: Tensor, k: Tensor, positives: Optional[Tensor], s: Tensor,
+            eps: float, gamma: float, group) -> Tensor:
+    """The ring's rows (n,) (global LSEs) with label smoothing or focal weighting: the smoothing
+    term ``S_{i,p(i)} - mean_j S_ij`` over every rank's keys, s <q_i, k_p(i) - k_mean>, the mean
+    from the ranks' key sums (all-gathered with their gradient)."""
+    if eps:
+        dt = _stat_dtype(q)
+        sums = all_gather_with_grad(k.sum(0, dtype=dt)[None], group)
+        mean = sums.sum(0) / (sums.shape[0] * k.shape[0])
+        kp = k[: q.shape[0]] if positives is None else k.index_select(0, positives)
+        rows = rows + eps * (s.to(dt) * (_row_dots(q, kp) - _row_dots(q, mean)))
+    if gamma:
+        rows = _focal(rows, gamma)
+    return rows
+
+
 def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = None,
              scale=1.0 / 0.07, bias=None, mode: str = "ring", group=None, reduction: str = "mean",
-             backend: str = "auto", exact: bool = False, check_sizes: bool = True) -> Tensor:
+             backend: str = "auto", exact: bool = False, check_sizes: bool = True,
+             label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> Tensor:
     """One-way InfoNCE of the global batch: every local query against the keys of every rank.
 
     Args:
@@ -814,9 +850,11 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
             negatives), the same n and m on every rank.
         positives: (n,) index of each query's positive in its own rank's key block; default
             ``arange(n)`` (needs m >= n). Keys of other ranks are negatives.
-        scale, bias: as :func:`fastcl.info_nce`; mode, group, reduction, check_sizes: as
+        scale, bias, label_smoothing, focal_gamma: as :func:`fastcl.info_nce` (the smoothing's
+            uniform part over every rank's keys); mode, group, reduction, check_sizes: as
             :func:`clip_loss`. "mean" divides the global sum by N = W * n.
     """
+    eps, gamma = _shaping(label_smoothing, focal_gamma)
     q, k, s, b, be = _setup("queries", queries, "keys", keys, "scale", scale, "bias", bias,
                             mode=mode, reduction=reduction, group=group, check_sizes=check_sizes,
                             backend=backend)
@@ -834,12 +872,12 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         all_k = all_gather_with_grad(k, group)
         local = positives if positives is not None else torch.arange(n, device=q.device)
         rows = _info_nce(q, all_k, positives=local + r * m, scale=s, bias=b, reduction="sum",
-                         backend=be, exact=exact)
+                         backend=be, exact=exact, label_smoothing=eps, focal_gamma=gamma)
         contribution = rows * norm
     else:
         rows, _, _ = _ring(q, k, s, b, positives, kind="softmax", symmetric=False, exact=exact,
                            backend=be, group=group)
-        contribution = rows.sum() * norm
+        contribution = _shaped(rows, q, k, positives, s, eps, gamma, group).sum() * norm
     return _global_value(contribution, group)
 
 

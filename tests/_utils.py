@@ -153,3 +153,14 @@ METRICS = {
     "retrieval": lambda x: fastcl.metrics.retrieval(x["q"], x["k"], x["pos"])["MRR"],
     "hard_negatives": lambda x: fastcl.metrics.hard_negatives(x["q"], x["k"], k=8)[0],
 }
+
+
+def shifted_siglip_rows(q, k, s, b, offset):
+    """Per-row SigLIP losses sum_j softplus(-z_ij S_ij) of S = s q k^T + b with the positives
+    at j = i + offset (those in range; a ring's off-diagonal blocks have none), in q's dtype."""
+    logits = s * q @ k.T + b
+    z = -torch.ones_like(logits)
+    i = torch.arange(q.shape[0], device=q.device)
+    inside = (i + offset >= 0) & (i + offset < k.shape[0])
+    z[i[inside], (i + offset)[inside]] = 1.0
+    return torch.nn.functional.softplus(-z * logits).sum(1)

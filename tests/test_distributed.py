@@ -87,6 +87,20 @@ def _worker(r, W):
             _check(f"clip/{mode}/{reduction}", W, r, loss, ref, [i, t, sl, bl], [I, T, s, b], g,
                    [n, n], zero_ok=(3,))
 
+    # label smoothing and focal weighting over the global batch (the smoothing's uniform part
+    # over every rank's columns), learnable scale, frozen texts for one of them
+    for mode, (kw, frozen) in itertools.product(
+            ("ring", "gather"), (({"label_smoothing": 0.2}, False), ({"focal_gamma": 2.0}, False),
+                                 ({"label_smoothing": 0.1}, True))):
+        Tt = T.detach() if frozen else T
+        s = _leaf(6.0)
+        ref = reference.clip_loss(I, Tt, s, **kw)
+        i, t = _slices(r, W, I, Tt)
+        sl = _leaf(6.0)
+        loss = fdist.clip_loss(i, t, sl, mode=mode, backend="torch", **kw)
+        _check(f"clip-{kw}/{mode}" + ("/frozen" if frozen else ""), W, r, loss, ref, [i, t, sl],
+               [I, Tt, s], 0.9, [n, n])
+
     # texts frozen (partial requires_grad), float scale
     It, Tt = I.detach().requires_grad_(True), T.detach()
     for mode in ("ring", "gather"):
@@ -107,6 +121,14 @@ def _worker(r, W):
         sl = _leaf(12.0)
         loss = fdist.info_nce(q, k, positives=local_pos.clone(), scale=sl, mode=mode, backend="torch")
         _check(f"infonce/{mode}", W, r, loss, ref, [q, k, sl], [Q, K, s], 1.7, [n, n + h])
+        for kw in ({"label_smoothing": 0.15}, {"focal_gamma": 1.5}):
+            s = _leaf(12.0)
+            ref = reference.info_nce(Q, K, glob_pos, scale=s, **kw)
+            q, k = _slices(r, W, Q, K)
+            sl = _leaf(12.0)
+            loss = fdist.info_nce(q, k, positives=local_pos.clone(), scale=sl, mode=mode,
+                                  backend="torch", **kw)
+            _check(f"infonce-{kw}/{mode}", W, r, loss, ref, [q, k, sl], [Q, K, s], -0.8, [n, n + h])
         # default positives, bias, no-grad keys (a queue / teacher), reduction sum; a bias shared
         # by every logit of a row cancels in its softmax: its gradient vanishes
         Kd = K.detach()
@@ -615,6 +637,14 @@ def test_single_process_fallback():
         fdist.siglip_loss(I, T, 3.0, -2.0, labels=torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         fdist.siglip_loss(I, T, 3.0, -2.0, labels=torch.zeros(6))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        fdist.clip_loss(I, T, 3.0, label_smoothing=0.1, focal_gamma=1.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fdist.info_nce(I, T, label_smoothing=1.5)
+    for mode in fdist.MODES:  # (one process: the single-process losses')
+        for kw in ({"label_smoothing": 0.2}, {"focal_gamma": 2.0}):
+            loss, ref = fdist.clip_loss(I, T, s, mode=mode, backend="torch", **kw), reference.clip_loss(I, T, s, **kw)
+            _close(f"clip {kw}", loss, ref)
     with pytest.raises(ValueError, match="mode"):
         fdist.clip_loss(I, T, 3.0, mode="allreduce")
     with pytest.raises(ValueError, match="reduction"):

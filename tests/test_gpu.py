@@ -11,7 +11,7 @@ import torch
 import fastcl
 from fastcl import reference as R
 
-from ._utils import as64, assert_close, compiled_step, features, grads, lowp
+from ._utils import as64, assert_close, compiled_step, features, grads, lowp, shifted_siglip_rows
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -78,12 +78,7 @@ def test_siglip_step_at_an_offset(offset):
 
     def rows_and_grads(dtype):
         q_, k_, s_, b_ = (x.detach().to(dtype).requires_grad_() for x in (q, k, s, b))
-        logits = s_ * q_ @ k_.T + b_
-        z = -torch.ones_like(logits)
-        i = torch.arange(N, device=CUDA)
-        inside = (i + offset >= 0) & (i + offset < N)
-        z[i[inside], (i + offset)[inside]] = 1.0
-        rows = torch.nn.functional.softplus(-z * logits).sum(1)
+        rows = shifted_siglip_rows(q_, k_, s_, b_, offset)
         return rows, torch.autograd.grad(w * rows.float().sum(), [q_, k_, s_, b_])
 
     rows64, want = rows_and_grads(torch.float64)

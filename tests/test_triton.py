@@ -12,7 +12,7 @@ import fastcl
 from fastcl import reference as R
 from fastcl.ops.triton import engine as E
 
-from ._utils import as64, assert_close, features, grads, lowp, rel
+from ._utils import as64, assert_close, features, grads, lowp, rel, shifted_siglip_rows
 
 from .conftest import DEVICE
 
@@ -350,12 +350,7 @@ def test_siglip_step_at_an_offset(monkeypatch, path, offset):
     spec = fastcl.ops.LossSpec(kind="sigmoid", offset=offset)
     stats, grads = E.step(q, k, s, b, fastcl.ops.Targets(), spec, (True,) * 4, weight=w)
     q64, k64, s64, b64 = (x.detach().double().requires_grad_() for x in (q, k, s, b))
-    logits = s64 * q64 @ k64.T + b64
-    z = -torch.ones_like(logits)
-    i = torch.arange(N, device=DEVICE)
-    inside = (i + offset >= 0) & (i + offset < M)
-    z[i[inside], (i + offset)[inside]] = 1.0
-    rows = torch.nn.functional.softplus(-z * logits).sum(1)
+    rows = shifted_siglip_rows(q64, k64, s64, b64, offset)
     want = torch.autograd.grad(w * rows.sum(), [q64, k64, s64, b64])
     assert rel(stats.row_lse, rows) <= 2e-6, rel(stats.row_lse, rows)
     for name, got, ref in zip(("queries", "keys", "scale", "bias"), grads, want):
