@@ -544,10 +544,10 @@ class _RingStep(torch.autograd.Function):
 
     cfg = (spec, backend, group, weight, labels); ``weight`` (1 / N for a mean) goes into the
     kernels before the 16-bit gradients' rounding; ``labels`` (n,) | None, the pairs' classes
-    (positives: the keys of the row's class), travel with the key blocks. The blocks' gradients are summed and held in float32
-    until the backward, which rounds them once after scaling ((n + m) D floats: held in the
-    features' dtype, a gradient that is not a power of two would round them twice, past twice
-    PyTorch's bf16 error)."""
+    (positives: the keys of the row's class), travel with the key blocks. The blocks' gradients
+    are summed and held in float32 until the backward, which rounds them once after scaling
+    ((n + m) D floats: held in the features' dtype, a gradient that is not a power of two would
+    round them twice, past twice PyTorch's bf16 error)."""
 
     @staticmethod
     def forward(ctx, queries, keys, scale, bias, cfg):
