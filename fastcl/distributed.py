@@ -53,11 +53,12 @@ import torch.distributed as dist
 from . import _backend
 from .autograd import (Statistics, _engine, _scalar32, engine_row_total, engine_statistics,
                        first_order_only)
-from .losses import (_cast_dtype, _check_features, _check_index, _check_labels, _check_multi_view,
-                     _check_pair, _check_unit, _dcl_rows, _dclw_weights, _focal, _hcl_params,
-                     _hcl_rows, _mv_dhel_rows, _mv_infonce_rows, _prepare, _real, _row_dots,
-                     _scalar_param, _stack_rows, _stat_dtype, _temperature_scale, _two_views,
-                     _uniformity_terms, _views_flat)
+from .losses import (_cast_dtype, _check_features, _check_hard_negatives, _check_index,
+                     _check_labels, _check_multi_view, _check_pair, _check_unit, _dcl_rows,
+                     _dclw_weights, _focal, _hcl_params, _hcl_rows, _mv_dhel_rows,
+                     _mv_infonce_rows, _prepare, _real, _row_dots, _scalar_param, _stack_rows,
+                     _stat_dtype, _temperature_scale, _two_views, _uniformity_terms, _views_flat,
+                     _with_hard_negatives)
 from .ops import (EngineStats, LossSpec, Targets, centred_scale_sums, closure_weights,
                   correct_line_totals, merge_lse, row_losses, row_target_logit, split_lse,
                   tied_scale_totals)
@@ -824,14 +825,17 @@ def _shaping(label_smoothing, focal_gamma) -> Tuple[float, float]:
 
 
 def _shaped(rows: Tensor, q: Tensor, k: Tensor, positives: Optional[Tensor], s: Tensor,
-            eps: float, gamma: float, group) -> Tensor:
+            eps: float, gamma: float, group, extra_sum: Optional[Tensor] = None,
+            extra_count: int = 0) -> Tensor:
     """The ring's rows (n,) (global LSEs) with label smoothing or focal weighting: the smoothing
     term ``S_{i,p(i)} - mean_j S_ij`` over every rank's keys, s <q_i, k_p(i) - k_mean>, the mean
-    from the ranks' key sums (all-gathered with their gradient)."""
+    from the ranks' key sums (all-gathered with their gradient); ``extra_sum`` (n, D) /
+    ``extra_count``: each row's private negatives in its mean too."""
     if eps:
         dt = _stat_dtype(q)
         sums = all_gather_with_grad(k.sum(0, dtype=dt)[None], group)
-        mean = sums.sum(0) / (sums.shape[0] * k.shape[0])
+        total, count = sums.sum(0), sums.shape[0] * k.shape[0]
+        mean = total / count if extra_sum is None else (total + extra_sum) / (count + extra_count)
         kp = k[: q.shape[0]] if positives is None else k.index_select(0, positives)
         rows = rows + eps * (s.to(dt) * (_row_dots(q, kp) - _row_dots(q, mean)))
     if gamma:
@@ -842,7 +846,8 @@ def _shaped(rows: Tensor, q: Tensor, k: Tensor, positives: Optional[Tensor], s: 
 def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = None,
              scale=1.0 / 0.07, bias=None, mode: str = "ring", group=None, reduction: str = "mean",
              backend: str = "auto", exact: bool = False, check_sizes: bool = True,
-             label_smoothing: float = 0.0, focal_gamma: float = 0.0) -> Tensor:
+             label_smoothing: float = 0.0, focal_gamma: float = 0.0,
+             hard_negatives: Optional[Tensor] = None) -> Tensor:
     """One-way InfoNCE of the global batch: every local query against the keys of every rank.
 
     Args:
@@ -853,11 +858,16 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         scale, bias, label_smoothing, focal_gamma: as :func:`fastcl.info_nce` (the smoothing's
             uniform part over every rank's keys); mode, group, reduction, check_sizes: as
             :func:`clip_loss`. "mean" divides the global sum by N = W * n.
+        hard_negatives: optional (n, h, D) private negatives of each local query, merged into
+            its global LSE (the ring: from the rows' statistics over every rank's keys,
+            :func:`_ring_sweep`, on the engines with separate gradients of the statistics).
     """
     eps, gamma = _shaping(label_smoothing, focal_gamma)
     q, k, s, b, be = _setup("queries", queries, "keys", keys, "scale", scale, "bias", bias,
                             mode=mode, reduction=reduction, group=group, check_sizes=check_sizes,
                             backend=backend)
+    if hard_negatives is not None:
+        _check_hard_negatives(hard_negatives, queries)
     W, r = _world(group)
     n, m = q.shape[0], k.shape[0]
     if positives is None:
@@ -872,12 +882,22 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
         all_k = all_gather_with_grad(k, group)
         local = positives if positives is not None else torch.arange(n, device=q.device)
         rows = _info_nce(q, all_k, positives=local + r * m, scale=s, bias=b, reduction="sum",
-                         backend=be, exact=exact, label_smoothing=eps, focal_gamma=gamma)
+                         backend=be, exact=exact, label_smoothing=eps, focal_gamma=gamma,
+                         hard_negatives=hard_negatives)
         contribution = rows * norm
     else:
-        rows, _, _ = _ring(q, k, s, b, positives, kind="softmax", symmetric=False, exact=exact,
-                           backend=be, group=group)
-        contribution = _shaped(rows, q, k, positives, s, eps, gamma, group).sum() * norm
+        extra = None
+        if hard_negatives is None:
+            rows, _, _ = _ring(q, k, s, b, positives, kind="softmax", symmetric=False,
+                               exact=exact, backend=be, group=group)
+        else:  # the rows' global statistics, differentiable, then their private negatives
+            local = positives if positives is not None else torch.arange(n, device=q.device)
+            st = _ring_sweep(group)(q, k, s, b, Targets(positives=local + r * m),
+                                    LossSpec(kind="softmax", exact=exact, offset=r * m), be)
+            rows, extra = _with_hard_negatives(st, q, hard_negatives, s, b)
+        rows = _shaped(rows, q, k, positives, s, eps, gamma, group, extra,
+                       0 if hard_negatives is None else hard_negatives.shape[1])
+        contribution = rows.sum() * norm
     return _global_value(contribution, group)
 
 

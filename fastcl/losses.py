@@ -319,6 +319,47 @@ def _smoothing_term(q: Tensor, k: Tensor, pos: Optional[Tensor], s: Tensor, extr
     return s.to(dt) * (_row_dots(q, kp) - _row_dots(q, mean))
 
 
+def _check_hard_negatives(hard_negatives, queries: Tensor) -> None:
+    """(N, h, D) private negatives of each query, in the queries' dtype (or any under autocast)
+    and on their device."""
+    N, D = queries.shape
+    if not isinstance(hard_negatives, Tensor) or hard_negatives.dim() != 3 or \
+            hard_negatives.shape[0] != N or hard_negatives.shape[2] != D:
+        raise ValueError(f"hard_negatives must have shape (N={N}, h, D={D}), got "
+                         f"{tuple(hard_negatives.shape) if isinstance(hard_negatives, Tensor) else type(hard_negatives).__name__}")
+    if not hard_negatives.is_floating_point():
+        raise TypeError(f"hard_negatives must be a floating-point tensor, got {hard_negatives.dtype}")
+    if hard_negatives.dtype != queries.dtype and not _autocast_dtype(queries.device):
+        raise TypeError(f"hard_negatives must have the queries' dtype {queries.dtype}, got {hard_negatives.dtype}")
+    if hard_negatives.device != queries.device:
+        raise ValueError(f"hard_negatives is on {hard_negatives.device} but queries are on {queries.device}")
+
+
+def _with_hard_negatives(st, queries: Tensor, hard_negatives: Tensor, s: Tensor,
+                         b: Optional[Tensor], threshold: Optional[Tensor] = None,
+                         fn_space: int = 0) -> Tuple[Tensor, Tensor]:
+    """(rows (N,), the negatives' sums (N, D)): each row's loss from the keys' statistics ``st``
+    (:class:`fastcl.autograd.Statistics`) with its private negatives (N, h, D) merged into its
+    LSE; ``threshold`` / ``fn_space``: the keys' false-negative rule, applied to them too."""
+    dt = _stat_dtype(queries)
+    hn = hard_negatives.to(queries.dtype)
+    dots_h = torch.stack([_row_dots(queries, hn[:, j]) for j in range(hn.shape[1])], 1)
+    logits_h = s.to(dt) * dots_h
+    if b is not None:
+        logits_h = logits_h + b.to(dt)
+    if threshold is not None:  # the same false-negative rule as the keys' in the tiles
+        above = (logits_h if fn_space == 1 else dots_h).detach() > threshold.to(dt)[:, None]
+        logits_h = logits_h.masked_fill(above, -math.inf)
+    # merged with the row LSE (finite: the positive stays in it; fully masked rows add 0) as
+    # LSE - target + softplus(LSE_h - LSE): the row LSE's weight 1 - sigmoid(LSE_h - LSE)
+    # then sums with the target's to -sigmoid(LSE_h - LSE), the negatives' share, to float32
+    # accuracy; through logsumexp's exp(LSE - merged) it carried an ulp of the merged LSE
+    # (~2e-6 next to shares of ~1e-5 on converged rows), which the scale gradient multiplies
+    lse_h = torch.logsumexp(logits_h, dim=1)
+    rows = st.row_gap() + nn.functional.softplus(lse_h - st.row_lse)
+    return rows, hn.sum(1, dtype=dt)
+
+
 def _focal(loss: Tensor, gamma: float) -> Tensor:
     """(1 - p)^gamma * loss with p = exp(-loss) the positive's probability."""
     return (-torch.expm1(-loss)).clamp(min=0).pow(gamma) * loss
@@ -384,16 +425,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     else:
         positives = _check_index("positives", positives, N, M, "key indices", queries.device)
     if hard_negatives is not None:
-        if not isinstance(hard_negatives, Tensor) or hard_negatives.dim() != 3 or \
-                hard_negatives.shape[0] != N or hard_negatives.shape[2] != queries.shape[1]:
-            raise ValueError(f"hard_negatives must have shape (N={N}, h, D={queries.shape[1]}), got "
-                             f"{tuple(hard_negatives.shape) if isinstance(hard_negatives, Tensor) else type(hard_negatives).__name__}")
-        if not hard_negatives.is_floating_point():
-            raise TypeError(f"hard_negatives must be a floating-point tensor, got {hard_negatives.dtype}")
-        if hard_negatives.dtype != queries.dtype and not _autocast_dtype(queries.device):
-            raise TypeError(f"hard_negatives must have the queries' dtype {queries.dtype}, got {hard_negatives.dtype}")
-        if hard_negatives.device != queries.device:
-            raise ValueError(f"hard_negatives is on {hard_negatives.device} but queries are on {queries.device}")
+        _check_hard_negatives(hard_negatives, queries)
     dt = _stat_dtype(queries)
     s = _scalar_param("scale", scale, queries.device, optional=False, dtype=dt)
     b = _scalar_param("bias", bias, queries.device, optional=True, dtype=dt)
@@ -448,24 +480,9 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     if hard_negatives is None:
         rows, _, _ = engine_loss(queries, keys, s, b, targets, spec, be)
     else:
-        hn = hard_negatives.to(queries.dtype)
         st = engine_statistics(queries, keys, s, b, targets, spec, be)
-        lse = st.row_lse
-        dots_h = torch.stack([_row_dots(queries, hn[:, j]) for j in range(hn.shape[1])], 1)
-        logits_h = s.to(dt) * dots_h
-        if b is not None:
-            logits_h = logits_h + b.to(dt)
-        if threshold is not None:  # the same false-negative rule as the keys' in the tiles
-            above = (logits_h if fn_space == 1 else dots_h).detach() > threshold.to(dt)[:, None]
-            logits_h = logits_h.masked_fill(above, -math.inf)
-        # merged with the row LSE (finite: the positive stays in it; fully masked rows add 0) as
-        # LSE - target + softplus(LSE_h - LSE): the row LSE's weight 1 - sigmoid(LSE_h - LSE)
-        # then sums with the target's to -sigmoid(LSE_h - LSE), the negatives' share, to float32
-        # accuracy; through logsumexp's exp(LSE - merged) it carried an ulp of the merged LSE
-        # (~2e-6 next to shares of ~1e-5 on converged rows), which the scale gradient multiplies
-        lse_h = torch.logsumexp(logits_h, dim=1)
-        rows = st.row_gap() + nn.functional.softplus(lse_h - lse)
-        extra_sum = hn.sum(1, dtype=dt)
+        rows, extra_sum = _with_hard_negatives(st, queries, hard_negatives, s, b, threshold,
+                                               fn_space)
     if eps:
         rows = rows + eps * _smoothing_term(queries, keys, positives, s, extra_sum,
                                             0 if hard_negatives is None else hard_negatives.shape[1])

@@ -129,6 +129,18 @@ def _worker(r, W):
             loss = fdist.info_nce(q, k, positives=local_pos.clone(), scale=sl, mode=mode,
                                   backend="torch", **kw)
             _check(f"infonce-{kw}/{mode}", W, r, loss, ref, [q, k, sl], [Q, K, s], -0.8, [n, n + h])
+        # private hard negatives of each query (learnable), alone and in the smoothing's mean
+        HN = torch.nn.functional.normalize(torch.randn(N, 3, d, generator=gen, dtype=torch.float64),
+                                           dim=2).requires_grad_()
+        for kw in ({}, {"label_smoothing": 0.15}, {"focal_gamma": 1.5}):
+            s = _leaf(12.0)
+            ref = reference.info_nce(Q, K, glob_pos, scale=s, hard_negatives=HN, **kw)
+            q, k, hn = _slices(r, W, Q, K, HN)
+            sl = _leaf(12.0)
+            loss = fdist.info_nce(q, k, positives=local_pos.clone(), scale=sl, mode=mode,
+                                  backend="torch", hard_negatives=hn, **kw)
+            _check(f"infonce-hard-negatives{kw}/{mode}", W, r, loss, ref, [q, k, hn, sl],
+                   [Q, K, HN, s], 1.1, [n, n + h, n])
         # default positives, bias, no-grad keys (a queue / teacher), reduction sum; a bias shared
         # by every logit of a row cancels in its softmax: its gradient vanishes
         Kd = K.detach()
@@ -641,6 +653,8 @@ def test_single_process_fallback():
         fdist.clip_loss(I, T, 3.0, label_smoothing=0.1, focal_gamma=1.0)
     with pytest.raises(ValueError, match="label_smoothing"):
         fdist.info_nce(I, T, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="hard_negatives must have shape"):
+        fdist.info_nce(I, T, hard_negatives=torch.zeros(5, 2, 4, dtype=torch.float64))
     for mode in fdist.MODES:  # (one process: the single-process losses')
         for kw in ({"label_smoothing": 0.2}, {"focal_gamma": 2.0}):
             loss, ref = fdist.clip_loss(I, T, s, mode=mode, backend="torch", **kw), reference.clip_loss(I, T, s, **kw)
