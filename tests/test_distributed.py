@@ -619,6 +619,8 @@ def _worker_siglip_step(r, W):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_siglip_takes_a_step(world):
+    if os.environ.get("TRITON_INTERPRET") != "1" and importlib.util.find_spec("fastcl._C") is None:
+        pytest.skip("no engine with a step on CPU tensors here (Triton interpreted, the C++ kernels)")
     run_gloo(_worker_siglip_step, world)
 
 
