@@ -18,7 +18,7 @@ backend's fused gradient sweep. Every backend (triton, torch, cuda, cpu) goes th
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -344,10 +344,7 @@ class EngineRowTotal(torch.autograd.Function):
         run_step = None
         ctx.weight = weight
         if step:
-            eng, backend = _engine(backend, spec, targets)
-            takes = getattr(eng, "takes_step", None)
-            if takes is not None and takes(queries, spec, targets):
-                run_step = eng.step
+            run_step = step_of(_engine(backend, spec, targets)[0], queries, spec, targets)
         if run_step is None:
             ctx.grads = False
             stats = _forward(ctx, queries, keys, scale, bias, targets, spec, backend)
@@ -380,26 +377,43 @@ class EngineRowTotal(torch.autograd.Function):
             N = ctx.saved_tensors[0].shape[0]
             grad_rows = (grad_total.reshape(1) * ctx.weight).to(ctx.saved_tensors[4].dtype).expand(N)
             return (*_backward(ctx, grad_rows, None), None, None, None, None, None)
-        saved = iter(ctx.saved_tensors[2:])
-        grads = [next(saved) if has else None for has in ctx.grads]
-        q_dt, k_dt, s_meta, b_meta = ctx.metas
-        g = grad_total.reshape(()).to(torch.float32)
-        out = []
-        for x, dt in zip(grads, (q_dt, k_dt)):
-            out.append(None if x is None else (x * g).to(dt))
-        for x, meta in zip(grads[2:], (s_meta, b_meta)):
-            out.append(None if x is None else (x * g).reshape(meta[0]).to(meta[1]))
-        return (*out, None, None, None, None, None)
+        return (*scaled_step_grads(ctx.saved_tensors[2:], ctx.grads, ctx.metas, grad_total),
+                None, None, None, None, None)
+
+
+def grads_asked(*inputs: Optional[Tensor]) -> bool:
+    """Whether gradients will be asked for: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+
+
+def step_of(eng, queries: Tensor, spec: LossSpec, targets: Targets):
+    """The engine module's ``step`` where it takes one for the closure (``takes_step``), else
+    None."""
+    takes = getattr(eng, "takes_step", None)
+    return eng.step if takes is not None and takes(queries, spec, targets) else None
+
+
+def scaled_step_grads(saved: Sequence[Tensor], has: Sequence[bool], metas, grad_total: Tensor):
+    """A step's saved gradients (``saved``: those of (queries, keys, scale, bias) that ``has``
+    marks) times the loss's gradient, in the inputs' dtypes (``metas``: queries' and keys'
+    dtypes, the scale's and bias's (shape, dtype) | None): 4 tensors | None."""
+    it = iter(saved)
+    grads = [next(it) if h else None for h in has]
+    q_dt, k_dt, s_meta, b_meta = metas
+    g = grad_total.reshape(()).to(torch.float64 if q_dt == torch.float64 else torch.float32)
+    out = [None if x is None else (x * g).to(dt) for x, dt in zip(grads, (q_dt, k_dt))]
+    out += [None if x is None else (x * g).reshape(meta[0]).to(meta[1])
+            for x, meta in zip(grads[2:], (s_meta, b_meta))]
+    return out
 
 
 def engine_row_total(queries: Tensor, keys: Tensor, scale: Tensor, bias: Optional[Tensor],
                      targets: Targets, spec: LossSpec, backend: str,
                      weight: float = 1.0) -> Tuple[Tensor, Tensor]:
     """Functional form of :class:`EngineRowTotal`: (weight * sum_i L_i, row_npos)."""
-    step = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (queries, keys, scale, bias))
     return EngineRowTotal.apply(queries, _gram_keys(queries, keys, spec), scale, bias, targets,
-                                spec, backend, step, float(weight))
+                                spec, backend, grads_asked(queries, keys, scale, bias),
+                                float(weight))
 
 
 class EngineStatistics(torch.autograd.Function):

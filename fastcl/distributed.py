@@ -52,11 +52,11 @@ import torch.distributed as dist
 
 from . import _backend
 from .autograd import (Statistics, _engine, _scalar32, engine_row_total, engine_statistics,
-                       first_order_only)
+                       first_order_only, grads_asked, scaled_step_grads, step_of)
 from .losses import (_cast_dtype, _check_features, _check_hard_negatives, _check_index,
-                     _check_labels, _check_multi_view, _check_pair, _check_unit, _dcl_rows,
-                     _dclw_weights, _focal, _hcl_params, _hcl_rows, _mv_dhel_rows,
-                     _mv_infonce_rows, _prepare, _real, _row_dots, _scalar_param, _stack_rows,
+                     _check_labels, _check_multi_view, _check_pair, _dcl_rows, _dclw_weights,
+                     _focal, _hcl_params, _hcl_rows, _mv_dhel_rows, _mv_infonce_rows, _prepare,
+                     _real, _row_dots, _scalar_param, _shaping, _smoothing_term, _stack_rows,
                      _stat_dtype, _temperature_scale, _two_views, _uniformity_terms, _views_flat,
                      _with_hard_negatives)
 from .ops import (EngineStats, LossSpec, Targets, centred_scale_sums, closure_weights,
@@ -580,7 +580,7 @@ class _RingStep(torch.autograd.Function):
                     _home(ring, t, [dk_t.to(gdt)], home)
             dk = _arrived(ring, home)[0] if needs[1] else None
         grads = (dq, dk, ds if needs[2] else None, db if needs[3] and bias is not None else None)
-        ctx.has = tuple(x is not None for x in grads)
+        ctx.grads = tuple(x is not None for x in grads)
         ctx.save_for_backward(*(x for x in grads if x is not None))
         ctx.metas = (queries.dtype, keys.dtype, (scale.shape, scale.dtype),
                      None if bias is None else (bias.shape, bias.dtype))
@@ -589,15 +589,8 @@ class _RingStep(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_total):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if has else None for has in ctx.has]
-        q_dt, k_dt, s_meta, b_meta = ctx.metas
         # (the float32 sums scaled, then rounded once to the features' dtype)
-        g = grad_total.reshape(()).to(torch.float64 if q_dt == torch.float64 else torch.float32)
-        out = [None if x is None else (x * g).to(dt) for x, dt in zip(grads, (q_dt, k_dt))]
-        out += [None if x is None else (x * g).reshape(meta[0]).to(meta[1])
-                for x, meta in zip(grads[2:], (s_meta, b_meta))]
-        return (*out, None)
+        return (*scaled_step_grads(ctx.saved_tensors, ctx.grads, ctx.metas, grad_total), None)
 
 
 class _RingStatistics(torch.autograd.Function):
@@ -815,15 +808,6 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     return _global_value(contribution, group)
 
 
-def _shaping(label_smoothing, focal_gamma) -> Tuple[float, float]:
-    """The checked (label_smoothing, focal_gamma) of :func:`fastcl.info_nce`."""
-    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
-    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
-    if eps and gamma:
-        raise ValueError("label_smoothing and focal_gamma cannot be combined")
-    return eps, gamma
-
-
 def _shaped(rows: Tensor, q: Tensor, k: Tensor, positives: Optional[Tensor], s: Tensor,
             eps: float, gamma: float, group, extra_sum: Optional[Tensor] = None,
             extra_count: int = 0) -> Tensor:
@@ -832,12 +816,9 @@ def _shaped(rows: Tensor, q: Tensor, k: Tensor, positives: Optional[Tensor], s: 
     from the ranks' key sums (all-gathered with their gradient); ``extra_sum`` (n, D) /
     ``extra_count``: each row's private negatives in its mean too."""
     if eps:
-        dt = _stat_dtype(q)
-        sums = all_gather_with_grad(k.sum(0, dtype=dt)[None], group)
-        total, count = sums.sum(0), sums.shape[0] * k.shape[0]
-        mean = total / count if extra_sum is None else (total + extra_sum) / (count + extra_count)
-        kp = k[: q.shape[0]] if positives is None else k.index_select(0, positives)
-        rows = rows + eps * (s.to(dt) * (_row_dots(q, kp) - _row_dots(q, mean)))
+        sums = all_gather_with_grad(k.sum(0, dtype=_stat_dtype(q))[None], group)
+        rows = rows + eps * _smoothing_term(q, k, positives, s, extra_sum, extra_count,
+                                            totals=(sums.sum(0), sums.shape[0] * k.shape[0]))
     if gamma:
         rows = _focal(rows, gamma)
     return rows
@@ -946,9 +927,7 @@ def _siglip_total(q: Tensor, k: Tensor, s: Tensor, b: Optional[Tensor], *, mode:
         return engine_row_total(q, all_k, s, b, targets, spec, backend, weight=weight)[0]
     block = Targets() if labels is None else Targets(row_labels=labels, col_labels=labels)
     eng, backend = _engine(backend, spec, block)
-    takes = getattr(eng, "takes_step", None)
-    if (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, s, b))
-            and takes is not None and takes(q, spec, block)):
+    if grads_asked(q, k, s, b) and step_of(eng, q, spec, block) is not None:
         return _RingStep.apply(q, k, s, b, (spec, backend, group, weight, labels))
     rows, _, _ = _ring(q, k, s, b, None, kind="sigmoid", symmetric=False, exact=exact,
                        backend=backend, group=group, labels=labels)

@@ -305,18 +305,28 @@ def _row_dots(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _smoothing_term(q: Tensor, k: Tensor, pos: Optional[Tensor], s: Tensor, extra_sum=None,
-                    extra_count: int = 0) -> Tensor:
+                    extra_count: int = 0, totals=None) -> Tensor:
     """S_{i,p(i)} - mean_j S_ij = s <q_i, k_{p(i)} - mean_j k_j> (the bias cancels), O(N D).
 
-    ``extra_sum`` (N, D) / ``extra_count`` add private columns to the mean (hard negatives)."""
+    ``extra_sum`` (N, D) / ``extra_count`` add private columns to the mean (hard negatives);
+    ``totals``: (sum_j k_j (D,), count) over more keys than ``k`` (every rank's), else k's own."""
     kp = k[: q.shape[0]] if pos is None else k.index_select(0, pos)
     dt = _stat_dtype(q)
-    total = k.sum(0, dtype=dt)
+    total, count = totals if totals is not None else (k.sum(0, dtype=dt), k.shape[0])
     if extra_sum is None:
-        mean = total / k.shape[0]
+        mean = total / count
     else:
-        mean = (total + extra_sum.to(dt)) / (k.shape[0] + extra_count)
+        mean = (total + extra_sum.to(dt)) / (count + extra_count)
     return s.to(dt) * (_row_dots(q, kp) - _row_dots(q, mean))
+
+
+def _shaping(label_smoothing, focal_gamma) -> Tuple[float, float]:
+    """The checked (label_smoothing, focal_gamma) of :func:`info_nce` and :func:`clip_loss`."""
+    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
+    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
+    if eps and gamma:
+        raise ValueError("label_smoothing and focal_gamma cannot be combined")
+    return eps, gamma
 
 
 def _check_hard_negatives(hard_negatives, queries: Tensor) -> None:
@@ -413,10 +423,7 @@ def info_nce(queries: Tensor, keys: Tensor, *, positives: Optional[Tensor] = Non
     """
     _check_pair("queries", queries, "keys", keys)
     _check_reduction(reduction)
-    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
-    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
-    if eps and gamma:
-        raise ValueError("label_smoothing and focal_gamma cannot be combined")
+    eps, gamma = _shaping(label_smoothing, focal_gamma)
     N, M = queries.shape[0], keys.shape[0]
     if positives is None:
         if M < N:
@@ -509,10 +516,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Scalar
     """
     _check_pair("image_features", image_features, "text_features", text_features)
     _check_reduction(reduction)
-    eps = _check_unit("label_smoothing", label_smoothing, high_open=False)
-    gamma = _real("focal_gamma", focal_gamma, low=0.0, low_open=False)
-    if eps and gamma:
-        raise ValueError("label_smoothing and focal_gamma cannot be combined")
+    eps, gamma = _shaping(label_smoothing, focal_gamma)
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError("image_features and text_features must have the same batch size N, got "
                          f"{image_features.shape[0]} and {text_features.shape[0]}")
